@@ -1,0 +1,61 @@
+# The two commands a user needs: `make demo` and `make test`.
+# Both create the virtualenv, install the package and install the system
+# programs (redis-server, haproxy) from the distribution when missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SYSTEM_PROGRAMS := redis-server haproxy
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck unit integration bench sysdeps venv clean
+
+demo: sysdeps $(BIN)/meshkit
+	$(BIN)/meshkit up
+
+test: sysdeps $(BIN)/meshkit lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(BIN)/meshkit
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: sysdeps $(BIN)/meshkit
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(BIN)/meshkit
+	$(BIN)/ruff check meshkit services tests bench
+
+typecheck: $(BIN)/meshkit
+	$(BIN)/mypy
+
+bench: sysdeps $(BIN)/meshkit
+	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/restarts.py
+
+venv: $(BIN)/meshkit
+
+$(BIN)/meshkit: setup.cfg pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing python3-venv"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+	    $(PYTHON) -m venv $(VENV); \
+	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv package" >&2; exit 1; fi; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Installs what is missing from Debian's packages when we are root; otherwise
+# names what to install and stops.
+sysdeps:
+	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
+	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || [ -x /usr/bin/$$p ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing from the distribution's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing; \
+	  else echo "error: missing$$missing; install them (Debian: sudo apt-get install$$missing) and run make again" >&2; exit 1; fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""meshkit: a brokerless ZeroMQ service mesh.
+
+The public surface is :data:`__all__` (pinned by ``tests/unit/test_public_api.py``);
+everything else is internal. The test kit is :mod:`meshkit.testing`.
+"""
+
+from .client import AsyncClient
+from .config import Settings
+from .context import CallContext, current_call
+from .errors import (
+    BadArgumentsError,
+    BadRequestError,
+    CallError,
+    CallTimeoutError,
+    ClientClosedError,
+    ConfigError,
+    HandlerError,
+    LostPeerError,
+    MeshError,
+    MessageTooLargeError,
+    NoInstanceError,
+    ProtocolError,
+    RemoteError,
+    UnknownMethodError,
+    UnknownServiceError,
+    UnsupportedVersionError,
+)
+from .handlers import periodic, rpc, subscribe
+from .record import InstanceRecord
+from .service import Service
+from .sync import Client
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "BadArgumentsError",
+    "BadRequestError",
+    "CallContext",
+    "CallError",
+    "CallTimeoutError",
+    "Client",
+    "ClientClosedError",
+    "ConfigError",
+    "HandlerError",
+    "InstanceRecord",
+    "LostPeerError",
+    "MeshError",
+    "MessageTooLargeError",
+    "NoInstanceError",
+    "ProtocolError",
+    "RemoteError",
+    "Service",
+    "Settings",
+    "UnknownMethodError",
+    "UnknownServiceError",
+    "UnsupportedVersionError",
+    "__version__",
+    "current_call",
+    "periodic",
+    "rpc",
+    "subscribe",
+]

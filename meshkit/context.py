@@ -1,0 +1,66 @@
+"""The context of the call or push being served, carried in a contextvar.
+
+While a handler runs, :func:`current_call` returns its :class:`CallContext`:
+the deadline, the span, and the caller's metadata (for example the gateway's
+connection id). Calls and publishes made from inside a handler read it to
+carry the deadline, the trace and the metadata to the next hop, so user code
+never passes them by hand. Plain handlers running in the thread pool see the
+same context (it is copied into the worker thread).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .trace import TraceContext
+
+_EMPTY: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a handler knows about the message it is serving.
+
+    ``deadline`` is a :func:`time.monotonic` instant or ``None`` for none;
+    ``meta`` is the caller's string metadata, passed on to nested calls.
+    """
+
+    service: str
+    name: str
+    trace: TraceContext
+    deadline: float | None = None
+    meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def remaining(self, now: float | None = None) -> float | None:
+        """Seconds left before the deadline (never negative), or ``None``."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
+
+    @property
+    def connection_id(self) -> str | None:
+        """The gateway connection this call came from, if any."""
+        return self.meta.get("conn")
+
+
+_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "meshkit_call", default=None
+)
+
+
+def current_call() -> CallContext | None:
+    """The context of the call being served by this task or thread, if any."""
+    return _current.get()
+
+
+def set_current(ctx: CallContext | None) -> contextvars.Token[CallContext | None]:
+    """Make ``ctx`` current; return the token that :func:`reset_current` takes."""
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[CallContext | None]) -> None:
+    """Restore the context that was current before :func:`set_current`."""
+    _current.reset(token)

@@ -1,0 +1,213 @@
+"""Every exception meshkit raises, rooted at :class:`MeshError`.
+
+The tree says whose fault a failure is::
+
+    MeshError
+    ├── ConfigError              your settings are wrong (raised before anything runs)
+    ├── ClientClosedError        you used a client or service after closing it
+    ├── ProtocolError            bytes that are not valid meshkit frames (local decode)
+    └── CallError                a call or publish did not produce a result
+        ├── NoInstanceError      no live instance of the service is known  [no_instance]
+        ├── CallTimeoutError     the deadline passed before a reply      [timeout]
+        ├── LostPeerError        the instance died with the call in flight [lost_peer]
+        ├── MessageTooLargeError the request exceeded the size limit      [too_large]
+        └── RemoteError          the instance answered with an error
+            ├── UnknownServiceError   the instance is not that service  [unknown_service]
+            ├── UnknownMethodError    no such @rpc method               [unknown_method]
+            ├── BadArgumentsError     arguments do not fit the method   [bad_arguments]
+            ├── BadRequestError       the instance could not decode it  [bad_request]
+            ├── UnsupportedVersionError  protocol version not spoken    [unsupported_version]
+            └── HandlerError          the handler raised                [handler_error]
+
+Errors cross the wire as the stable string codes in brackets (see
+:mod:`meshkit.wire`), never as pickles or import paths. ``draining`` and
+``deadline_exceeded`` are codes the client consumes itself: the first makes it
+retry on another instance, the second becomes :class:`CallTimeoutError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MeshError(Exception):
+    """Root of every meshkit exception."""
+
+
+class ConfigError(MeshError):
+    """A setting is missing or malformed."""
+
+
+class ClientClosedError(MeshError):
+    """The client or service was closed by its owner and cannot be used."""
+
+
+class ProtocolError(MeshError):
+    """Bytes received do not form a valid meshkit message."""
+
+    def __init__(self, code: str, message: str, id: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.id = id  # the request id, when the header was readable; else 0
+
+
+class CallError(MeshError):
+    """A call or publish failed; ``code`` is the stable wire code."""
+
+    code = "call_error"
+
+    def __init__(self, message: str = "", *, service: str = "", method: str = "") -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.service = service
+        self.method = method
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.service, self.method))
+
+
+def _rebuild(cls: type[CallError], message: str, service: str, method: str) -> CallError:
+    return cls(message, service=service, method=method)
+
+
+class NoInstanceError(CallError):
+    """No live instance of the service is registered (or none came up in time)."""
+
+    code = "no_instance"
+
+
+class CallTimeoutError(CallError):
+    """The call's deadline passed before a reply arrived."""
+
+    code = "timeout"
+
+
+class LostPeerError(CallError):
+    """The instance stopped answering while a non-idempotent call was in flight.
+
+    The call may or may not have run; meshkit only retries it automatically
+    when the method is declared ``idempotent``.
+    """
+
+    code = "lost_peer"
+
+
+class MessageTooLargeError(CallError):
+    """The encoded message exceeds the configured maximum message size."""
+
+    code = "too_large"
+
+
+class RemoteError(CallError):
+    """The remote instance answered with an error."""
+
+    code = "remote_error"
+
+
+class UnknownServiceError(RemoteError):
+    """The instance reached is not the service that was asked for."""
+
+    code = "unknown_service"
+
+
+class UnknownMethodError(RemoteError):
+    """The service has no ``@rpc`` method of that name."""
+
+    code = "unknown_method"
+
+
+class BadArgumentsError(RemoteError):
+    """The arguments do not match the method's signature."""
+
+    code = "bad_arguments"
+
+
+class BadRequestError(RemoteError):
+    """The instance could not decode the request (bad frames, header or payload)."""
+
+    code = "bad_request"
+
+
+class UnsupportedVersionError(RemoteError):
+    """The instance does not speak the protocol version the request used."""
+
+    code = "unsupported_version"
+
+
+class HandlerError(RemoteError):
+    """The remote handler raised.
+
+    ``remote_type`` is the exception's class name (not an import path) and
+    ``remote_traceback`` is only filled when the remote runs in debug mode.
+    """
+
+    code = "handler_error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        service: str = "",
+        method: str = "",
+        remote_type: str = "",
+        remote_traceback: str | None = None,
+    ) -> None:
+        super().__init__(message, service=service, method=method)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {self.message}" if self.remote_type else self.message
+
+
+# Codes the server may send that the client handles itself.
+DRAINING = "draining"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+REPLY_TOO_LARGE = "reply_too_large"
+
+_BY_CODE: dict[str, type[CallError]] = {
+    cls.code: cls
+    for cls in (
+        NoInstanceError,
+        CallTimeoutError,
+        LostPeerError,
+        MessageTooLargeError,
+        RemoteError,
+        UnknownServiceError,
+        UnknownMethodError,
+        BadArgumentsError,
+        BadRequestError,
+        UnsupportedVersionError,
+        HandlerError,
+    )
+}
+_BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError
+_BY_CODE[REPLY_TOO_LARGE] = MessageTooLargeError
+
+
+def error_from_wire(
+    code: str,
+    message: str,
+    *,
+    service: str = "",
+    method: str = "",
+    remote_type: str = "",
+    remote_traceback: str | None = None,
+) -> CallError:
+    """Build the exception for an error code received from the wire.
+
+    Unknown codes (from a newer peer) become a plain :class:`RemoteError`
+    whose message keeps the code, so nothing is silently reclassified.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(f"[{code}] {message}", service=service, method=method)
+    if cls is HandlerError:
+        return HandlerError(
+            message,
+            service=service,
+            method=method,
+            remote_type=remote_type,
+            remote_traceback=remote_traceback,
+        )
+    return cls(message, service=service, method=method)

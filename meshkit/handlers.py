@@ -1,0 +1,136 @@
+"""The decorators that mark a service's entry points, and the table built from them.
+
+``@rpc`` marks a method callers can call; ``@rpc(idempotent=True)`` also
+allows meshkit to retry it on another instance when the first one is lost
+mid-call. ``@subscribe("topic")`` marks a handler for pushed messages
+(``"prefix.*"`` matches every topic under ``prefix.``). ``@periodic(seconds)``
+marks a background task run every ``seconds`` while the instance is up.
+
+Handlers may be ``async def`` (run on the event loop) or plain functions (run
+in the service's thread pool, so they can never stall heartbeats or other
+calls).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RPC = "__meshkit_rpc__"
+_SUBSCRIBE = "__meshkit_subscribe__"
+_PERIODIC = "__meshkit_periodic__"
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One entry point, bound to a service instance."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    idempotent: bool = False
+
+    def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        """Why ``args``/``kwargs`` do not fit the signature, or ``None`` if they do."""
+        try:
+            inspect.signature(self.fn).bind(*args, **kwargs)
+        except TypeError as exc:
+            return str(exc)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    name: str
+    fn: Callable[..., Any]
+    interval: float
+    is_async: bool
+
+
+@overload
+def rpc(fn: F) -> F: ...
+@overload
+def rpc(*, idempotent: bool = False, name: str | None = None) -> Callable[[F], F]: ...
+
+
+def rpc(fn: Any = None, *, idempotent: bool = False, name: str | None = None) -> Any:
+    """Mark a method as callable over the mesh (``@rpc`` or ``@rpc(idempotent=True)``)."""
+
+    def mark(f: F) -> F:
+        setattr(f, _RPC, {"name": name or f.__name__, "idempotent": idempotent})
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+def subscribe(*topics: str) -> Callable[[F], F]:
+    """Mark a method as the handler of pushes to ``topics``; it gets the payload."""
+    if not topics or not all(isinstance(t, str) and t for t in topics):
+        raise TypeError("subscribe() needs one or more non-empty topic strings")
+
+    def mark(f: F) -> F:
+        setattr(f, _SUBSCRIBE, tuple(topics))
+        return f
+
+    return mark
+
+
+def periodic(interval: float) -> Callable[[F], F]:
+    """Mark a method to run every ``interval`` seconds while the instance runs."""
+    if interval <= 0:
+        raise ValueError("periodic interval must be positive")
+
+    def mark(f: F) -> F:
+        setattr(f, _PERIODIC, float(interval))
+        return f
+
+    return mark
+
+
+@dataclass(slots=True)
+class HandlerTable:
+    """Everything an instance serves, found on the instance's class."""
+
+    methods: dict[str, Handler]
+    topics: dict[str, list[Handler]]
+    periodic: list[Periodic]
+
+    @classmethod
+    def collect(cls, instance: object) -> HandlerTable:
+        methods: dict[str, Handler] = {}
+        topics: dict[str, list[Handler]] = {}
+        periodic_tasks: list[Periodic] = []
+        seen: set[str] = set()
+        for klass in type(instance).__mro__:
+            for attr, value in vars(klass).items():
+                if attr in seen:
+                    continue
+                seen.add(attr)
+                marks = [getattr(value, m, None) for m in (_RPC, _SUBSCRIBE, _PERIODIC)]
+                if not any(m is not None for m in marks):
+                    continue
+                bound = getattr(instance, attr)
+                is_async = inspect.iscoroutinefunction(value)
+                rpc_mark, topic_mark, every = marks
+                if rpc_mark is not None:
+                    methods[rpc_mark["name"]] = Handler(
+                        rpc_mark["name"], bound, is_async, rpc_mark["idempotent"]
+                    )
+                if topic_mark is not None:
+                    for topic in topic_mark:
+                        topics.setdefault(topic, []).append(Handler(topic, bound, is_async))
+                if every is not None:
+                    periodic_tasks.append(Periodic(attr, bound, every, is_async))
+        return cls(methods, topics, periodic_tasks)
+
+    def topic_handlers(self, topic: str) -> list[Handler]:
+        """Handlers for ``topic``: exact ones, then ``prefix.*`` patterns that match it."""
+        found = list(self.topics.get(topic, ()))
+        for pattern, handlers in self.topics.items():
+            if pattern.endswith(".*") and pattern != topic and topic.startswith(pattern[:-1]):
+                found.extend(handlers)
+        return found

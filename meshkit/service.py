@@ -1,0 +1,260 @@
+"""``meshkit.Service``: the base class of every component.
+
+A subclass names itself and marks its entry points::
+
+    class Echo(meshkit.Service):
+        name = "echo"
+
+        @meshkit.rpc
+        async def echo(self, value):
+            return value
+
+Lifecycle (each verb's promise):
+
+``start()``
+    Binds the router, loads the registry view, runs :meth:`on_start`, then
+    registers the instance as ``up`` (so nobody calls it before it is
+    ready) and starts the ``@periodic`` tasks.
+``stop(grace)``
+    Marks the instance ``draining`` in the registry at once, stops the
+    periodic tasks, answers new calls with ``draining`` (callers retry
+    elsewhere), finishes work in flight within ``grace`` seconds, removes
+    the record, runs :meth:`on_stop`, and closes every socket. No caller
+    sees an error caused by a graceful stop.
+``kill()``
+    Closes everything at once without draining (tests; last resort).
+
+From a handler: ``await self.service("other").method(x)`` or
+``await self.call("other", "method", [x])`` call another service;
+``await self.publish(topic, payload)`` publishes. The deadline, the trace and
+the caller's metadata travel on automatically. Plain (thread-pool) handlers use
+:meth:`call_blocking` and :meth:`publish_blocking`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import zmq
+
+from .client import AsyncClient, ServiceProxy
+from .config import Settings
+from .context import current_call
+from .errors import ClientClosedError, ConfigError
+from .handlers import HandlerTable, Periodic
+from .metrics import Metrics
+from .record import DRAINING, UP, InstanceRecord
+from .registry import Registration, Registry
+from .server import Server
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class Service:
+    """Base class for a mesh component. Subclasses set :attr:`name`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        if not self.name or not set(self.name) <= _NAME_OK:
+            raise ConfigError(
+                f"{type(self).__name__}.name must be lower-case letters, digits, '_' or '-'; "
+                f"got {self.name!r}")
+        self.settings = (settings or Settings.load()).for_service(self.name)
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.log = logging.getLogger(f"meshkit.service.{self.name}")
+        self.metrics = Metrics.from_settings(self.settings, self.name)
+        self._table = HandlerTable.collect(self)
+        self._listeners: dict[str, str] = {}
+        self._zmq = zmq.Context()
+        self._executor = ThreadPoolExecutor(self.settings.handler_threads,
+                                            thread_name_prefix=f"{self.name}-handler")
+        self.registry = Registry(self.settings)
+        self.client = AsyncClient(self.settings, registry=self.registry,
+                                  zmq_context=self._zmq, metrics=self.metrics)
+        self._server: Server | None = None
+        self._registration: Registration | None = None
+        self._periodic: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()
+        self.started_at = 0.0
+        self.state = "new"
+
+    # -- hooks for subclasses ---------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Run after the router is bound and before the instance is registered."""
+
+    async def on_stop(self) -> None:
+        """Run after work in flight finished and the record was removed."""
+
+    # -- for handlers -------------------------------------------------------------
+
+    def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
+        """A proxy for calling another service: ``await self.service("x").method(...)``."""
+        return self.client.service(name, timeout=timeout, wait=wait)
+
+    async def call(self, service: str, method: str, args: Sequence[Any] = (),
+                   kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+                   wait: bool = False) -> Any:
+        """Call another service (see :meth:`AsyncClient.call`)."""
+        return await self.client.call(service, method, args, kwargs, timeout=timeout, wait=wait)
+
+    async def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
+        """Push to every subscriber of ``topic``; returns how many acknowledged."""
+        return await self.client.publish(topic, payload, timeout=timeout)
+
+    def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
+                      kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+                      wait: bool = False) -> Any:
+        """:meth:`call` for plain handlers running in the thread pool."""
+        return self._from_thread(self.client.call(service, method, args, kwargs,
+                                                  timeout=timeout, wait=wait))
+
+    def publish_blocking(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
+        """:meth:`publish` for plain handlers running in the thread pool."""
+        return int(self._from_thread(self.client.publish(topic, payload, timeout=timeout)))
+
+    def _from_thread(self, coro: Any) -> Any:
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise ClientClosedError("service is not running")
+        ctx = current_call()
+
+        async def with_context() -> Any:
+            # The worker thread's call context must follow the call into the loop.
+            from .context import set_current
+
+            set_current(ctx)
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(with_context(), loop).result()
+
+    def advertise_listener(self, name: str, address: str) -> None:
+        """Publish a client-facing listener (``host:port``) in this instance's record.
+
+        Call it from :meth:`on_start` (or later: the record is rewritten).
+        HAProxy routes the public frontend named ``name`` here.
+        """
+        self._listeners[name] = address
+        if self._registration is not None and self._loop is not None:
+            record = self._record(self._registration.record.state)
+            self._loop.create_task(self._registration.update(record))
+
+    @property
+    def endpoint(self) -> str:
+        return self._server.endpoint if self._server else ""
+
+    @property
+    def record(self) -> InstanceRecord:
+        """What this instance registers (or would register) about itself."""
+        return self._record(UP if self.state == "up" else DRAINING)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.started_at = time.time()
+        self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics)
+        self._server.bind()
+        self._server.start()
+        await self.client.start()
+        await self.registry.start()
+        await self.on_start()
+        self.state = "up"
+        self._registration = Registration(self.settings, self._record(UP), self.metrics.registry_error)
+        await self._registration.start()
+        self._periodic = [asyncio.create_task(self._run_periodic(p), name=f"periodic-{p.name}")
+                          for p in self._table.periodic]
+        self.log.info("started %s at %s", self.instance_id, self.endpoint,
+                      extra={"endpoint": self.endpoint, "pid": os.getpid()})
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.state in ("stopping", "stopped"):
+            await self._stopped.wait()
+            return
+        grace = self.settings.drain_grace if grace is None else grace
+        self.state = "stopping"
+        self.log.info("draining (grace %.1fs)", grace)
+        if self._server is not None:
+            self._server.state = DRAINING
+        if self._registration is not None:
+            await self._registration.set_state(DRAINING)
+        for task in self._periodic:
+            task.cancel()
+        clean = True
+        if self._server is not None:
+            clean = await self._server.drain(grace)
+        if self._registration is not None:
+            await self._registration.stop()
+        try:
+            await self.on_stop()
+        except Exception:
+            self.log.exception("on_stop failed")
+        await self._close()
+        self.log.info("stopped%s", "" if clean else " (grace period ran out)")
+
+    async def kill(self) -> None:
+        """Close at once, without draining or deregistering."""
+        self.state = "stopping"
+        for task in self._periodic:
+            task.cancel()
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.client.close()
+        await self.registry.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+        self._zmq.term()
+        self.state = "stopped"
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _record(self, state: str) -> InstanceRecord:
+        return InstanceRecord(
+            service=self.name,
+            instance_id=self.instance_id,
+            endpoint=self.endpoint,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=self.version,
+            methods=tuple(sorted(self._table.methods)),
+            idempotent=tuple(sorted(n for n, h in self._table.methods.items() if h.idempotent)),
+            topics=tuple(sorted(self._table.topics)),
+            state=state,
+            started_at=self.started_at,
+            listeners=dict(self._listeners),
+        )
+
+    async def _run_periodic(self, job: Periodic) -> None:
+        loop = asyncio.get_running_loop()
+        next_run = loop.time() + job.interval
+        while True:
+            await asyncio.sleep(max(0.0, next_run - loop.time()))
+            next_run += job.interval
+            try:
+                if job.is_async:
+                    await job.fn()
+                else:
+                    await loop.run_in_executor(self._executor, job.fn)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("periodic task %s failed", job.name)
+            if loop.time() > next_run:
+                next_run = loop.time() + job.interval  # do not stack up missed runs

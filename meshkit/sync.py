@@ -1,0 +1,95 @@
+"""``meshkit.Client``: the mesh for blocking code (scripts, web apps, the CLI).
+
+It runs an :class:`AsyncClient` on an event loop in a background thread and
+blocks the calling thread on each call, so the caller writes no asyncio. It
+is safe to share between threads. Results and errors are exactly those of
+:class:`AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
+
+from .client import AsyncClient, ServiceProxy
+from .config import Settings
+from .errors import ClientClosedError
+from .record import InstanceRecord
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking mesh client. ``Client(settings)`` or ``Client(redis_url=..., namespace=...)``."""
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        self.settings = settings.replace(**overrides) if settings else Settings.load(**overrides)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="meshkit-client", daemon=True)
+        self._thread.start()
+        self._async: AsyncClient | None = None
+        self._closed = False
+        try:
+            self._async = self._run(self._make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    async def _make(self) -> AsyncClient:
+        client = AsyncClient(self.settings)
+        await client.start()
+        return client
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coro.close()
+            raise ClientClosedError("client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def _client(self) -> AsyncClient:
+        if self._async is None:
+            raise ClientClosedError("client is closed")
+        return self._async
+
+    def call(self, service: str, method: str, args: Sequence[Any] = (),
+             kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+             wait: bool = False, meta: Mapping[str, str] | None = None) -> Any:
+        """Call ``service.method(*args, **kwargs)``; see :meth:`AsyncClient.call`."""
+        return self._run(self._client.call(service, method, args, kwargs, timeout=timeout,
+                                           wait=wait, meta=meta))
+
+    def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
+        """Push to every subscriber of ``topic``; see :meth:`AsyncClient.publish`."""
+        return self._run(self._client.publish(topic, payload, timeout=timeout))
+
+    def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
+        """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
+        return ServiceProxy(self.call, name, timeout, wait)
+
+    def instances(self, service: str | None = None) -> list[InstanceRecord]:
+        """The cached registry view (no Redis round trip)."""
+        return list(self._client.registry.instances(service))
+
+    def close(self) -> None:
+        """Close connections and stop the background loop. Idempotent."""
+        if self._closed:
+            return
+        if self._async is not None:
+            self._run(self._async.close(), timeout=10)
+            self._async = None
+        self._closed = True
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,245 @@
+"""Real processes for tests: a private ``redis-server`` and service subprocesses.
+
+Nothing here picks a port: Redis listens on a unix socket in a temporary
+directory, services bind port 0 and advertise what they got. Readiness is a
+positive signal (Redis answers PING; the service's record is in the registry)
+waited for with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import redis
+
+from ..config import Settings
+from ..record import InstanceRecord
+from ..registry import read_records
+
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
+
+
+class MissingProgramError(RuntimeError):
+    """A system program the tests need is not installed (run ``make test`` to install it)."""
+
+
+def find_program(name: str) -> str:
+    """Full path of a system program, looking in the sbin directories too.
+
+    Debian installs ``haproxy`` and ``redis-server`` under ``/usr/sbin`` and
+    ``/usr/bin``; a non-root PATH may lack the former. A missing program is an
+    error, never a skip.
+    """
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in _SBIN_DIRS:
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise MissingProgramError(f"{name} is not installed; `make test` installs it (apt-get install {name})")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is truthy; raise ``TimeoutError`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private ``redis-server`` on a unix socket, with nothing kept on disk.
+
+    :meth:`kill` and :meth:`start` may be called repeatedly; the socket path
+    (and so :attr:`url`) stays the same, which is how tests simulate an outage.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._own_dir = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="meshkit-redis-")
+        self.socket_path = os.path.join(self.directory, "redis.sock")
+        self.url = f"unix://{self.socket_path}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = subprocess.Popen(
+            [
+                find_program("redis-server"),
+                "--port", "0",
+                "--unixsocket", self.socket_path,
+                "--unixsocketperm", "700",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self.directory,
+                "--loglevel", "warning",
+                "--maxclients", "4000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, timeout, "redis-server to answer PING")
+        return self
+
+    def ping(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            if self.process is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            return False
+        client = redis.Redis(unix_socket_path=self.socket_path, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    def client(self) -> redis.Redis:
+        """A synchronous client for inspecting the server."""
+        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=2.0)
+
+    def kill(self) -> None:
+        """SIGKILL the server (an outage; all data is lost)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+
+    def stop(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``MESHKIT_*`` variables that give a child process the same settings."""
+    names = (
+        "redis_url", "namespace", "bind_host", "heartbeat_interval", "ttl", "resync_interval",
+        "call_timeout", "publish_timeout", "max_message_size", "drain_grace", "ping_after",
+        "dead_after", "debug", "statsd_address", "statsd_prefix", "log_format", "log_level",
+        "run_dir",
+    )
+    return {f"MESHKIT_{n.upper()}": str(getattr(settings, n)) for n in names}
+
+
+class ServiceProcess:
+    """A service in a child process (``python -m meshkit run TARGET``).
+
+    :meth:`start` returns once the instance's record is in the registry with
+    state ``up``. Its log goes to :attr:`log_path`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        settings: Settings,
+        env: Mapping[str, str] | None = None,
+        log_dir: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.target = target
+        self.settings = settings
+        self.extra_env = dict(env or {})
+        self.args = args
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="meshkit-svc-")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = ""
+        self.record: InstanceRecord | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 15.0) -> ServiceProcess:
+        env = dict(os.environ)
+        env.update(settings_env(self.settings))
+        env.update(self.extra_env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.log_path = os.path.join(self.log_dir, f"{self.target.replace(':', '.')}-{time.time_ns()}.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "meshkit", "run", self.target, *self.args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def registered() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.target} exited with {self.process.returncode}: {self.tail()}")
+            for rec in read_records(self.settings):
+                if rec.pid == self.process.pid and rec.is_up:
+                    self.record = rec
+                    return True
+            return False
+
+        try:
+            wait_until(registered, timeout, f"{self.target} to register", interval=0.05)
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"{self.target} did not register within {timeout}s: {self.tail()}") from None
+        return self
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        return self.signal_and_wait(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL (no clean-up at all)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def signal_and_wait(self, sig: int, timeout: float) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def tcp_listener(host: str = "127.0.0.1") -> socket.socket:
+    """A listening TCP socket on a kernel-chosen port (read it with ``getsockname``)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    return sock

@@ -1,0 +1,61 @@
+"""Trace context: W3C ``traceparent``-compatible ids carried by every message.
+
+A :class:`TraceContext` names one span: the trace it belongs to, its own span
+id and its parent's. Serving a call opens a child span of the caller's; every
+call and publish made while serving it carries ``traceparent`` =
+``00-<trace_id>-<span_id>-<flags>`` so the next hop's span is its child.
+Logs carry ``trace_id`` and ``span_id`` so one request can be followed across
+processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_VERSION = "00"
+
+
+def _new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """One span: ``trace_id`` (32 hex), ``span_id`` (16 hex), optional parent."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None = None
+    sampled: bool = True
+
+    @classmethod
+    def new_root(cls) -> TraceContext:
+        """Start a new trace (used when a call is made outside any span)."""
+        return cls(os.urandom(16).hex(), _new_span_id())
+
+    @classmethod
+    def from_traceparent(cls, value: str | None) -> TraceContext:
+        """Open a child span of the span named by ``value``.
+
+        A missing or malformed header starts a new trace rather than failing:
+        tracing must never turn a good request into a bad one.
+        """
+        if value and len(value) == 55 and value[2] == "-" and value[35] == "-":
+            trace_id, parent_id, flags = value[3:35], value[36:52], value[53:55]
+            if _is_hex(trace_id) and _is_hex(parent_id) and _is_hex(flags):
+                if trace_id != "0" * 32 and parent_id != "0" * 16:
+                    return cls(trace_id, _new_span_id(), parent_id, int(flags, 16) & 1 == 1)
+        return cls.new_root()
+
+    def traceparent(self) -> str:
+        """The header value that makes the receiver's span a child of this one."""
+        return f"{_VERSION}-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return text == text.lower()
