@@ -18,7 +18,8 @@ Lifecycle (each verb's promise):
 ``stop(grace)``
     Marks the instance ``draining`` in the registry at once, stops the
     periodic tasks, answers new calls with ``draining`` (callers retry
-    elsewhere), finishes work in flight within ``grace`` seconds, removes
+    elsewhere), runs :meth:`on_drain`, finishes work in flight within
+    ``grace`` seconds, removes
     the record, runs :meth:`on_stop`, and closes every socket. No caller
     sees an error caused by a graceful stop.
 ``kill()``
@@ -93,6 +94,14 @@ class Service:
 
     async def on_start(self) -> None:
         """Run after the router is bound and before the instance is registered."""
+
+    async def on_drain(self, grace: float) -> None:
+        """Run when a graceful stop begins, after the record says ``draining``.
+
+        The record is removed only after this returns, so a gateway can keep
+        its clients' connections here (HAProxy sends it no new ones) for up to
+        ``grace`` seconds.
+        """
 
     async def on_stop(self) -> None:
         """Run after work in flight finished and the record was removed."""
@@ -192,6 +201,10 @@ class Service:
             await self._registration.set_state(DRAINING)
         for task in self._periodic:
             task.cancel()
+        try:
+            await self.on_drain(grace)
+        except Exception:
+            self.log.exception("on_drain failed")
         clean = True
         if self._server is not None:
             clean = await self._server.drain(grace)
