@@ -5,6 +5,7 @@
 ``meshkit call SERVICE METHOD [ARG..]`` each ARG is a JSON value; prints the result as JSON
 ``meshkit publish TOPIC JSON``          push to every subscriber; prints how many acknowledged
 ``meshkit haproxy render|sync``         HAProxy in front of the gateways (docs/haproxy.md)
+``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Errors print one line to stderr and
@@ -79,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Any]:
     from .haproxy.command import add_commands as haproxy_commands
+    from .stack.commands import add_commands as stack_commands
 
-    return [haproxy_commands]
+    return [haproxy_commands, stack_commands]
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

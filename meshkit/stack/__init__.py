@@ -1,0 +1,1 @@
+"""The process stack: Circus control, operator commands and flap control."""

@@ -1,0 +1,303 @@
+"""Operator commands for the Circus stack: ``meshkit up|down|status|scale|start|stop``.
+
+``up``      starts ``circusd`` on ``circus.ini`` with the run directory and
+            variables the file expects, waits until the stack answers, and
+            either stays in the foreground (Ctrl-C stops everything) or, with
+            ``--daemon``, returns.
+``down``    asks circusd to quit (every watcher stops gracefully) and waits.
+``status``  one table: Circus's processes joined with the registry's
+            instances by pid, plus flap-control stops and public sockets.
+``scale``   sets a watcher's number of processes.
+``start`` / ``stop``  a watcher (``start`` also clears a flap-control stop).
+
+Every command goes through :class:`CircusControl`, so they serialise with
+each other and retry while circusd is busy instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..registry import read_records
+from .control import CircusControl, StackError
+from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
+
+DEFAULT_STRATUM_PORT = "3333"
+
+
+def add_commands(sub: Any) -> None:
+    """Register the stack commands on the ``meshkit`` argument parser."""
+    up = sub.add_parser("up", help="start the stack from circus.ini")
+    up.add_argument("--circus-ini", default="circus.ini")
+    up.add_argument("--daemon", action="store_true", help="return once the stack is up")
+    up.add_argument("--run-dir", help="default: $MESHKIT_RUN_DIR or .run")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stack")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop the stack gracefully")
+    down.add_argument("--run-dir")
+    down.add_argument("--timeout", type=float, default=120.0)
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="Circus processes joined with registry instances")
+    status.add_argument("--run-dir")
+    status.set_defaults(func=cmd_status)
+
+    scale = sub.add_parser("scale", help="set a watcher's number of processes")
+    scale.add_argument("service")
+    scale.add_argument("count", type=int)
+    scale.add_argument("--run-dir")
+    scale.set_defaults(func=cmd_scale)
+
+    for verb in ("start", "stop"):
+        p = sub.add_parser(verb, help=f"{verb} a watcher")
+        p.add_argument("service")
+        p.add_argument("--run-dir")
+        p.set_defaults(func=cmd_start if verb == "start" else cmd_stop)
+
+    guard = sub.add_parser("flapguard", help="(run by circus.ini) stop crash-looping watchers")
+    guard.add_argument("--run-dir")
+    guard.add_argument("--max-restarts", type=int, default=5)
+    guard.add_argument("--window", type=float, default=10.0)
+    guard.set_defaults(func=cmd_flapguard)
+
+
+class Stack:
+    """Paths and the control client of one run directory."""
+
+    def __init__(self, settings: Settings, run_dir: str | None = None) -> None:
+        self.settings = settings
+        self.run_dir = os.path.abspath(run_dir or settings.run_dir)
+        self.endpoint = f"ipc://{self.run_dir}/circus.sock"
+        self.pidfile = os.path.join(self.run_dir, "circusd.pid")
+        self.control = CircusControl(self.endpoint, os.path.join(self.run_dir, "control.lock"))
+
+    def circusd_pid(self) -> int | None:
+        try:
+            pid = int(Path(self.pidfile).read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(getattr(args, "config", None))
+
+
+def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, str]) -> dict[str, str]:
+    """The environment ``circus.ini`` expects (see its header)."""
+    env = dict(environ)
+    env["MESHKIT_RUN_DIR"] = run_dir
+    env["MESHKIT_HOME"] = home
+    env["MESHKIT_PYTHON"] = sys.executable
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", ""),
+                                   "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    if environ.get("MESHKIT_REDIS_URL"):
+        env["MESHKIT_EMBEDDED_REDIS"] = "false"
+    else:
+        env["MESHKIT_EMBEDDED_REDIS"] = "true"
+        env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
+    env.setdefault("MESHKIT_NAMESPACE", settings.namespace)
+    env.setdefault("MESHKIT_STRATUM_HOST", "0.0.0.0")
+    env.setdefault("MESHKIT_STRATUM_PORT", DEFAULT_STRATUM_PORT)
+    host, _, port = settings.statsd_address.rpartition(":")
+    env.setdefault("MESHKIT_STATSD_HOST", host or "127.0.0.1")
+    env.setdefault("MESHKIT_STATSD_PORT", port or "8125")
+    env.setdefault("MESHKIT_LOG_FORMAT", settings.log_format)
+    # Parent's run dir and config are only meaningful here; children read them from env.
+    return env
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    ini = os.path.abspath(args.circus_ini)
+    if not os.path.exists(ini):
+        raise StackError(f"{ini} not found (run from the project directory or pass --circus-ini)")
+    run_dir = os.path.abspath(args.run_dir or os.environ.get("MESHKIT_RUN_DIR") or ".run")
+    os.makedirs(run_dir, exist_ok=True)
+    env = stack_env(_settings(args), run_dir, os.path.dirname(ini), dict(os.environ))
+    settings = Settings.load(getattr(args, "config", None), env=env)
+    stack = Stack(settings, run_dir)
+    if stack.circusd_pid() is not None:
+        raise StackError(f"a stack is already running from {run_dir} (pid {stack.circusd_pid()})")
+    command = [sys.executable, "-c", "from circus.circusd import main; main()", ini]
+    if args.daemon:
+        command.append("--daemon")
+    proc = subprocess.Popen(command, env=env, cwd=os.path.dirname(ini), start_new_session=args.daemon)
+    try:
+        _wait_ready(stack, settings, proc if not args.daemon else None, args.timeout)
+    except BaseException:
+        if not args.daemon:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        raise
+    _print_welcome(stack, settings)
+    if args.daemon:
+        return 0
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("\nstopping the stack (graceful; Ctrl-C again to force)...", file=sys.stderr)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+        return 0
+
+
+def _wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes] | None,
+                timeout: float) -> None:
+    """Wait until circusd answers and every active watcher's processes registered."""
+    deadline = time.monotonic() + timeout
+    last = "circusd to answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"circusd exited with {proc.returncode}; see {stack.run_dir}/circusd.log")
+        if stack.control.reachable():
+            try:
+                missing = _unregistered(stack, settings)
+            except Exception as exc:  # Redis not up yet
+                missing = [f"registry ({exc})"]
+            if not missing:
+                return
+            last = "registration of " + ", ".join(missing)
+        time.sleep(0.2)
+    raise StackError(f"stack not ready after {timeout:.0f}s: waiting for {last}")
+
+
+def _unregistered(stack: Stack, settings: Settings) -> list[str]:
+    records = read_records(settings)
+    registered = {r.pid for r in records}
+    missing = []
+    statuses = stack.control.status()
+    for watcher in statuses:
+        if statuses[watcher] != "active" or watcher not in _service_watchers(stack):
+            continue
+        pids = stack.control.pids(watcher)
+        if not pids or any(p not in registered for p in pids):
+            missing.append(watcher)
+    return missing
+
+
+def _service_watchers(stack: Stack) -> set[str]:
+    """Watchers whose processes are meshkit services (they run ``meshkit run``)."""
+    result = set()
+    for watcher in stack.control.watchers():
+        options = stack.control.call("get", name=watcher, keys=["cmd"]).get("options", {})
+        if "meshkit run " in str(options.get("cmd", "")):
+            result.add(watcher)
+    return result
+
+
+def _print_welcome(stack: Stack, settings: Settings) -> None:
+    sockets = stack.control.sockets()
+    stratum = sockets.get("stratum", "?")
+    port = stratum.rsplit(":", 1)[-1]
+    print(
+        f"\nmeshkit stack is up (run dir {stack.run_dir}).\n"
+        f"  Stratum-style clients connect to port {port}, for example:\n"
+        f"    nc 127.0.0.1 {port}\n"
+        '    {"id":1,"method":"mesh.subscribe","params":["jobs.notify"]}\n'
+        '    {"id":2,"method":"shares.submit","params":["<job_id from a notification>","00ff"]}\n'
+        '    {"id":3,"method":"shares.stats","params":[]}\n'
+        f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | down\n"
+        f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
+        flush=True,
+    )
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stack = Stack(_settings(args), args.run_dir)
+    pid = stack.circusd_pid()
+    if pid is None:
+        print("no stack running", file=sys.stderr)
+        return 0
+    stack.control.timeout = args.timeout
+    try:
+        stack.control.quit()
+    except StackError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while stack.circusd_pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if stack.circusd_pid() is not None:
+        raise StackError(f"circusd (pid {pid}) still running after {args.timeout:.0f}s")
+    print("stack stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..cli import format_table
+
+    settings = _settings(args)
+    stack = Stack(settings, args.run_dir)
+    try:
+        records = {r.pid: r for r in read_records(settings)}
+    except Exception as exc:
+        print(f"registry unreachable: {exc}", file=sys.stderr)
+        records = {}
+    flapped = read_flapped(stack.run_dir)
+    rows = [("WATCHER", "STATUS", "PID", "SERVICE", "INSTANCE", "ENDPOINT", "STATE", "LISTENERS")]
+    now = time.time()
+    for watcher, state in sorted(stack.control.status().items()):
+        if watcher in flapped:
+            state = f"stopped (flapping, {now - float(flapped[watcher]['at']):.0f}s ago)"
+        pids = stack.control.pids(watcher) if state == "active" else []
+        if not pids:
+            rows.append((watcher, state, "-", "-", "-", "-", "-", "-"))
+        for pid in pids:
+            rec = records.get(pid)
+            if rec is None:
+                rows.append((watcher, state, str(pid), "-", "-", "-", "-", "-"))
+            else:
+                listeners = ",".join(f"{k}={v}" for k, v in rec.listeners.items()) or "-"
+                rows.append((watcher, state, str(pid), rec.service, rec.instance_id, rec.endpoint,
+                             rec.state, listeners))
+    print(format_table(rows))
+    sockets = stack.control.sockets()
+    if sockets:
+        print("\npublic sockets: " + ", ".join(f"{k}={v}" for k, v in sorted(sockets.items())))
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if args.count < 0:
+        raise StackError("count must be >= 0")
+    stack = Stack(_settings(args), args.run_dir)
+    stack.control.scale(args.service, args.count)
+    print(f"{args.service}: {stack.control.numprocesses(args.service)} processes")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    Stack(_settings(args), args.run_dir).control.start(args.service)
+    print(f"{args.service} started")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    Stack(_settings(args), args.run_dir).control.stop(args.service)
+    print(f"{args.service} stopped")
+    return 0
+
+
+def cmd_flapguard(args: argparse.Namespace) -> int:
+    from ..logs import configure_logging
+    from ..metrics import Metrics
+
+    settings = _settings(args)
+    stack = Stack(settings, args.run_dir)
+    configure_logging(settings, "flapguard", str(os.getpid()))
+    policy = FlapPolicy.from_settings(settings, FlapLimit(args.max_restarts, args.window))
+    guard = FlapGuard(stack.control, f"ipc://{stack.run_dir}/circus-pubsub.sock", policy,
+                      stack.run_dir, Metrics.from_settings(settings, "flapguard"))
+    guard.run()
+    return 0
