@@ -106,6 +106,9 @@ def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, st
     else:
         env["MESHKIT_EMBEDDED_REDIS"] = "true"
         env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
+    config = os.path.join(home, "configs", "meshkit.toml")
+    if os.path.exists(config):
+        env.setdefault("MESHKIT_CONFIG", config)
     env.setdefault("MESHKIT_NAMESPACE", settings.namespace)
     env.setdefault("MESHKIT_STRATUM_HOST", "0.0.0.0")
     env.setdefault("MESHKIT_STRATUM_PORT", DEFAULT_STRATUM_PORT)
@@ -113,7 +116,6 @@ def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, st
     env.setdefault("MESHKIT_STATSD_HOST", host or "127.0.0.1")
     env.setdefault("MESHKIT_STATSD_PORT", port or "8125")
     env.setdefault("MESHKIT_LOG_FORMAT", settings.log_format)
-    # Parent's run dir and config are only meaningful here; children read them from env.
     return env
 
 
