@@ -1,0 +1,196 @@
+"""The whole stack from circus.ini: up, calls through HAProxy and a gateway, scaling,
+a killed backend, flap control, down — with kernel-chosen public ports and an
+embedded Redis in a temporary run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from meshkit.config import Settings
+from meshkit.registry import read_records
+from meshkit.stack.control import CircusControl
+from meshkit.testing import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CRASHER = """
+[watcher:crasher]
+cmd = $(circus.env.MESHKIT_PYTHON) -c "import sys; sys.exit(3)"
+numprocesses = 1
+priority = 10
+copy_env = True
+"""
+
+
+def meshkit(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshkit", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class JsonRpcClient:
+    """A newline-delimited JSON-RPC client connection (to HAProxy's public port)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=10)
+        self.file = self.sock.makefile("rwb")
+        self.next_id = 0
+
+    def request(self, method: str, params: list[object]) -> dict[str, object]:
+        self.next_id += 1
+        line = json.dumps({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        self.file.write(line.encode() + b"\n")
+        self.file.flush()
+        while True:
+            raw = self.file.readline()
+            assert raw, "connection closed by the server"
+            message = json.loads(raw)
+            if message.get("id") == self.next_id:
+                return dict(message)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ini = tmp_path / "circus.ini"
+    ini.write_text((ROOT / "circus.ini").read_text() + CRASHER)
+    config = tmp_path / "meshkit.toml"
+    config.write_text((ROOT / "configs" / "meshkit.toml").read_text()
+                      + "\n[services.crasher]\nflap_max_restarts = 3\nflap_window = 30.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
+    env.update({
+        "MESHKIT_RUN_DIR": str(run_dir),
+        "MESHKIT_CONFIG": str(config),
+        "MESHKIT_NAMESPACE": "stack" + uuid.uuid4().hex[:8],
+        "MESHKIT_STRATUM_HOST": "127.0.0.1",
+        "MESHKIT_STRATUM_PORT": "0",
+        "MESHKIT_HEARTBEAT_INTERVAL": "0.3",
+        "MESHKIT_TTL": "2",
+        "MESHKIT_RESYNC_INTERVAL": "0.5",
+        "MESHKIT_DRAIN_GRACE": "3",
+    })
+    result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
+    pid_file = run_dir / "circusd.pid"
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
+        circusd = psutil.Process(int(pid_file.read_text()))
+        yield {"env": env, "run_dir": run_dir, "circusd": circusd}
+    finally:
+        if pid_file.exists():
+            descendants: list[psutil.Process] = []
+            try:
+                root = psutil.Process(int(pid_file.read_text()))
+                descendants = [root, *root.children(recursive=True)]
+            except (psutil.NoSuchProcess, ValueError):
+                pass
+            down = meshkit("down", "--run-dir", str(run_dir), env=env)
+            for proc in descendants:
+                try:
+                    proc.wait(30)
+                except psutil.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+            assert down.returncode == 0, down.stderr
+
+
+def test_stack_lifecycle(stack: dict[str, object]) -> None:
+    env = stack["env"]
+    run_dir = stack["run_dir"]
+    circusd = stack["circusd"]
+    assert isinstance(env, dict) and isinstance(run_dir, Path) and isinstance(circusd, psutil.Process)
+    settings = Settings.load(env=env)
+    control = CircusControl(f"ipc://{run_dir}/circus.sock", str(run_dir / "control.lock"))
+
+    # Public port chosen by the kernel, read back from Circus.
+    host, port = control.sockets()["stratum"].rsplit(":", 1)
+    assert int(port) > 0
+
+    status = meshkit("status", "--run-dir", str(run_dir), env=env)
+    assert status.returncode == 0, status.stderr
+    assert "gateway" in status.stdout and "shares" in status.stdout and "up" in status.stdout
+
+    client = JsonRpcClient((host, int(port)))
+    try:
+        reply = client.request("shares.stats", [])
+        assert "result" in reply, reply
+
+        # Scale the backends up: the mesh follows within a second of registration.
+        assert meshkit("scale", "shares", "4", "--run-dir", str(run_dir), env=env).returncode == 0
+        wait_until(lambda: len(read_records(settings, "shares")) == 4, 15, "4 shares instances")
+        # Scale gateways up: HAProxy gets the new server within a second.
+        assert meshkit("scale", "gateway", "3", "--run-dir", str(run_dir), env=env).returncode == 0
+        wait_until(lambda: len(read_records(settings, "gateway")) == 3, 15, "3 gateways")
+        registered = time.monotonic()
+        wait_until(lambda: _haproxy_servers_up(run_dir) >= 3, 5, "HAProxy to have 3 gateway servers")
+        assert time.monotonic() - registered < 1.5
+
+        # Scale back down; calls keep working.
+        assert meshkit("scale", "shares", "2", "--run-dir", str(run_dir), env=env).returncode == 0
+        wait_until(lambda: len(read_records(settings, "shares")) == 2, 20, "2 shares instances")
+        assert meshkit("scale", "gateway", "2", "--run-dir", str(run_dir), env=env).returncode == 0
+        for _ in range(20):
+            assert "result" in client.request("shares.stats", [])
+
+        # Kill a backend: calls are routed around it, Circus replaces it.
+        victim = control.pids("shares")[0]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(50):
+            assert "result" in client.request("shares.stats", [])
+        wait_until(lambda: victim not in control.pids("shares") and len(control.pids("shares")) == 2,
+                   10, "Circus to replace the killed backend")
+        wait_until(lambda: len(read_records(settings, "shares")) == 2
+                   and all(r.pid != victim for r in read_records(settings, "shares")),
+                   10, "the replacement to register")
+    finally:
+        client.close()
+
+    # Flap control stopped the crashing watcher and said so.
+    wait_until(lambda: control.status().get("crasher") == "stopped", 30, "flap control to stop crasher")
+    assert "crasher" in json.loads((run_dir / "flapped.json").read_text())
+    assert "FLAPPING" in (run_dir / "flapguard.log").read_text()
+    status = meshkit("status", "--run-dir", str(run_dir), env=env)
+    assert "flapping" in status.stdout
+
+    # Everything the stack started stops with it.
+    children = circusd.children(recursive=True)
+    assert meshkit("down", "--run-dir", str(run_dir), env=env).returncode == 0
+    gone, alive = psutil.wait_procs([circusd, *children], timeout=60)
+    assert not alive, f"still running after down: {alive}"
+
+
+def _haproxy_servers_up(run_dir: Path) -> int:
+    """Servers of the gateway backend that HAProxy reports as UP, via its stats socket."""
+    sockets = list(run_dir.glob("haproxy*.sock"))
+    stats = [s for s in sockets if "master" not in s.name]
+    if not stats:
+        return 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect(str(stats[0]))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    count = 0
+    for line in data.decode().splitlines():
+        fields = line.split(",")
+        if len(fields) > 17 and fields[1] not in ("FRONTEND", "BACKEND") and fields[17].startswith("UP"):
+            count += 1
+    return count
