@@ -14,6 +14,7 @@ differ by service (``log_level``, ``flap_max_restarts``, ...); read them with
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -66,6 +67,11 @@ class Settings:
             raise ConfigError(f"redis_url must be redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not self.namespace or ":" in self.namespace:
             raise ConfigError(f"namespace must be non-empty and contain no ':', got {self.namespace!r}")
+        for name in ("heartbeat_interval", "ttl", "resync_interval", "call_timeout",
+                     "publish_timeout", "drain_grace", "ping_after", "dead_after"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.heartbeat_interval <= 0 or self.ttl <= self.heartbeat_interval:
             raise ConfigError("need 0 < heartbeat_interval < ttl")
         if (self.port_min, self.port_max) != (0, 0) and not 0 < self.port_min <= self.port_max < 65536:
@@ -159,6 +165,8 @@ def _coerce(name: str, value: Any, type_name: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             return int(value)
         if type_name == "float":
             return float(value)

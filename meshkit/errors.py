@@ -50,6 +50,9 @@ class ProtocolError(MeshError):
         self.code = code
         self.id = id  # the request id, when the header was readable; else 0
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ProtocolError, (self.code, str(self), self.id))
+
 
 class CallError(MeshError):
     """A call or publish failed; ``code`` is the stable wire code."""
@@ -158,6 +161,16 @@ class HandlerError(RemoteError):
 
     def __str__(self) -> str:
         return f"{self.remote_type}: {self.message}" if self.remote_type else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handler_error, (self.message, self.service, self.method,
+                                         self.remote_type, self.remote_traceback))
+
+
+def _rebuild_handler_error(message: str, service: str, method: str, remote_type: str,
+                           remote_traceback: str | None) -> HandlerError:
+    return HandlerError(message, service=service, method=method, remote_type=remote_type,
+                        remote_traceback=remote_traceback)
 
 
 # Codes the server may send that the client handles itself.

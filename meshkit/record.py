@@ -74,6 +74,9 @@ class InstanceRecord:
         """Parse a stored record; raise ``ValueError`` if it is malformed."""
         try:
             raw: Any = json.loads(text)
+            for name in ("methods", "idempotent", "topics"):
+                if not isinstance(raw.get(name, []), list):
+                    raise TypeError(f"{name} must be a list")
             return cls(
                 service=str(raw["service"]),
                 instance_id=str(raw["instance_id"]),
@@ -88,5 +91,5 @@ class InstanceRecord:
                 started_at=float(raw.get("started_at", 0.0)),
                 listeners={str(k): str(v) for k, v in dict(raw.get("listeners", {})).items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed instance record: {exc}") from None

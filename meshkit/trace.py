@@ -41,7 +41,7 @@ class TraceContext:
         A missing or malformed header starts a new trace rather than failing:
         tracing must never turn a good request into a bad one.
         """
-        if value and len(value) == 55 and value[2] == "-" and value[35] == "-":
+        if value and len(value) == 55 and value[:3] == "00-" and value[35] == "-" and value[52] == "-":
             trace_id, parent_id, flags = value[3:35], value[36:52], value[53:55]
             if _is_hex(trace_id) and _is_hex(parent_id) and _is_hex(flags):
                 if trace_id != "0" * 32 and parent_id != "0" * 16:
@@ -53,9 +53,9 @@ class TraceContext:
         return f"{_VERSION}-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _is_hex(text: str) -> bool:
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return text == text.lower()
+    # Not int(text, 16): that also accepts "_", signs and spaces.
+    return bool(text) and set(text) <= _HEX

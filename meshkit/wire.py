@@ -250,12 +250,14 @@ def decode_header(frame: bytes) -> Header:
     version, kind, id = raw[0], raw[1], raw[2]
     if type(id) is not int or not 0 <= id <= _MAX_ID:
         raise ProtocolError("bad_request", "header id must be an unsigned 64-bit integer")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             "unsupported_version",
             f"protocol version {version!r} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
             id,
         )
+    if type(kind) is not int:
+        raise _bad(id, f"message kind must be an integer, got {kind!r}")
     if kind in _ANSWER_KINDS:
         if len(raw) != 3:
             raise _bad(id, f"{KIND_NAMES[kind]} header must have 3 items")

@@ -1,0 +1,207 @@
+"""The exception tree and the mapping from wire error codes to exceptions."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import meshkit
+from meshkit import errors
+from meshkit.errors import (
+    BadArgumentsError,
+    BadRequestError,
+    CallError,
+    CallTimeoutError,
+    ClientClosedError,
+    ConfigError,
+    HandlerError,
+    LostPeerError,
+    MeshError,
+    MessageTooLargeError,
+    NoInstanceError,
+    ProtocolError,
+    RemoteError,
+    UnknownMethodError,
+    UnknownServiceError,
+    UnsupportedVersionError,
+    error_from_wire,
+)
+
+CALL_ERRORS: list[type[CallError]] = [
+    NoInstanceError,
+    CallTimeoutError,
+    LostPeerError,
+    MessageTooLargeError,
+    RemoteError,
+    UnknownServiceError,
+    UnknownMethodError,
+    BadArgumentsError,
+    BadRequestError,
+    UnsupportedVersionError,
+    HandlerError,
+]
+
+# The tree drawn in the errors module's docstring: class -> parent.
+TREE: dict[type[Exception], type[Exception]] = {
+    MeshError: Exception,
+    ConfigError: MeshError,
+    ClientClosedError: MeshError,
+    ProtocolError: MeshError,
+    CallError: MeshError,
+    NoInstanceError: CallError,
+    CallTimeoutError: CallError,
+    LostPeerError: CallError,
+    MessageTooLargeError: CallError,
+    RemoteError: CallError,
+    UnknownServiceError: RemoteError,
+    UnknownMethodError: RemoteError,
+    BadArgumentsError: RemoteError,
+    BadRequestError: RemoteError,
+    UnsupportedVersionError: RemoteError,
+    HandlerError: RemoteError,
+}
+
+CODES = {
+    NoInstanceError: "no_instance",
+    CallTimeoutError: "timeout",
+    LostPeerError: "lost_peer",
+    MessageTooLargeError: "too_large",
+    RemoteError: "remote_error",
+    UnknownServiceError: "unknown_service",
+    UnknownMethodError: "unknown_method",
+    BadArgumentsError: "bad_arguments",
+    BadRequestError: "bad_request",
+    UnsupportedVersionError: "unsupported_version",
+    HandlerError: "handler_error",
+}
+
+
+def test_tree_matches_the_docstring() -> None:
+    for cls, parent in TREE.items():
+        assert cls.__bases__ == (parent,), cls
+        assert cls.__doc__, f"{cls.__name__} needs a one-line docstring"
+        assert cls.__name__ in (errors.__doc__ or ""), cls
+
+
+def test_every_exception_in_the_module_is_in_the_tree() -> None:
+    defined = {
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == errors.__name__
+    }
+    assert defined == set(TREE)
+    assert all(issubclass(cls, MeshError) for cls in defined)
+
+
+def test_every_public_exception_is_a_mesh_error() -> None:
+    exported = [getattr(meshkit, name) for name in meshkit.__all__]
+    exceptions = [o for o in exported if isinstance(o, type) and issubclass(o, BaseException)]
+    assert set(exceptions) == set(TREE)
+
+
+def test_call_error_codes_are_distinct_and_stable() -> None:
+    assert {cls: cls.code for cls in CALL_ERRORS} == CODES
+    assert len(set(CODES.values())) == len(CODES)
+    assert CallError.code == "call_error"
+
+
+@pytest.mark.parametrize("cls", CALL_ERRORS, ids=lambda c: c.__name__)
+def test_error_from_wire_maps_every_code(cls: type[CallError]) -> None:
+    exc = error_from_wire(cls.code, "it failed", service="cart", method="add")
+    assert type(exc) is cls
+    assert exc.message == "it failed"
+    assert str(exc) == "it failed"
+    assert (exc.service, exc.method) == ("cart", "add")
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [("deadline_exceeded", CallTimeoutError), ("reply_too_large", MessageTooLargeError)],
+)
+def test_server_side_codes_the_client_translates(code: str, cls: type[CallError]) -> None:
+    exc = error_from_wire(code, "late")
+    assert type(exc) is cls
+    assert exc.message == "late"
+
+
+def test_client_handled_code_constants() -> None:
+    assert errors.DRAINING == "draining"
+    assert errors.DEADLINE_EXCEEDED == "deadline_exceeded"
+    assert errors.REPLY_TOO_LARGE == "reply_too_large"
+
+
+@pytest.mark.parametrize("code", ["quota_exceeded", "draining", "", "call_error"])
+def test_unknown_code_becomes_remote_error_keeping_the_code(code: str) -> None:
+    exc = error_from_wire(code, "slow down", service="s", method="m")
+    assert type(exc) is RemoteError
+    assert str(exc) == f"[{code}] slow down"
+    assert (exc.service, exc.method) == ("s", "m")
+
+
+def test_handler_error_fields() -> None:
+    exc = error_from_wire(
+        "handler_error", "boom", service="s", method="m",
+        remote_type="ValueError", remote_traceback="Traceback ...",
+    )
+    assert isinstance(exc, HandlerError)
+    assert exc.remote_type == "ValueError"
+    assert exc.remote_traceback == "Traceback ..."
+    assert exc.message == "boom"
+    assert str(exc) == "ValueError: boom"
+
+
+def test_handler_error_without_type() -> None:
+    exc = HandlerError("boom")
+    assert exc.remote_type == ""
+    assert exc.remote_traceback is None
+    assert str(exc) == "boom"
+
+
+def test_remote_type_is_ignored_for_other_codes() -> None:
+    exc = error_from_wire("bad_arguments", "missing x", remote_type="TypeError")
+    assert type(exc) is BadArgumentsError
+    assert str(exc) == "missing x"
+
+
+@pytest.mark.parametrize("cls", CALL_ERRORS, ids=lambda c: c.__name__)
+def test_empty_message_defaults_to_the_code(cls: type[CallError]) -> None:
+    exc = cls()
+    assert exc.message == cls.code
+    assert str(exc) == cls.code
+
+
+@pytest.mark.parametrize("cls", CALL_ERRORS, ids=lambda c: c.__name__)
+def test_pickle_round_trip(cls: type[CallError]) -> None:
+    exc = cls("went wrong", service="cart", method="add")
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is cls
+    assert (copy.message, copy.service, copy.method) == ("went wrong", "cart", "add")
+    assert str(copy) == str(exc)
+
+
+def test_handler_error_pickle_keeps_remote_fields() -> None:
+    exc = HandlerError("boom", service="s", method="m",
+                       remote_type="ValueError", remote_traceback="tb")
+    copy = pickle.loads(pickle.dumps(exc))
+    assert (copy.remote_type, copy.remote_traceback) == ("ValueError", "tb")
+    assert str(copy) == "ValueError: boom"
+
+
+def test_protocol_error_fields() -> None:
+    exc = ProtocolError("bad_request", "not msgpack", 42)
+    assert (exc.code, exc.id, str(exc)) == ("bad_request", 42, "not msgpack")
+    assert ProtocolError("bad_request", "x").id == 0
+
+
+def test_protocol_error_pickle_round_trip() -> None:
+    copy = pickle.loads(pickle.dumps(ProtocolError("bad_request", "not msgpack", 42)))
+    assert (copy.code, copy.id, str(copy)) == ("bad_request", 42, "not msgpack")
+
+
+@pytest.mark.parametrize("cls", [ConfigError, ClientClosedError, MeshError])
+def test_plain_errors_pickle(cls: type[MeshError]) -> None:
+    copy = pickle.loads(pickle.dumps(cls("why")))
+    assert type(copy) is cls and str(copy) == "why"

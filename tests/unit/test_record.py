@@ -1,0 +1,108 @@
+"""The instance record: its key, its states and its JSON form in Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from meshkit.record import DRAINING, STATES, UP, InstanceRecord
+
+FULL = InstanceRecord(
+    service="stratum",
+    instance_id="a1b2c3",
+    endpoint="tcp://10.0.0.7:41234",
+    host="node-7",
+    pid=4242,
+    version="1.2.0",
+    methods=("submit", "subscribe"),
+    idempotent=("subscribe",),
+    topics=("jobs.new", "blocks.*"),
+    state=DRAINING,
+    started_at=1700000000.25,
+    listeners={"stratum": "10.0.0.7:3333"},
+)
+
+FULL_JSON = (
+    '{"service":"stratum","instance_id":"a1b2c3","endpoint":"tcp://10.0.0.7:41234",'
+    '"host":"node-7","pid":4242,"version":"1.2.0","methods":["submit","subscribe"],'
+    '"idempotent":["subscribe"],"topics":["jobs.new","blocks.*"],"state":"draining",'
+    '"started_at":1700000000.25,"listeners":{"stratum":"10.0.0.7:3333"}}'
+)
+
+MINIMAL = {"service": "s", "instance_id": "i", "endpoint": "tcp://h:1", "host": "h", "pid": 1}
+
+
+def test_states() -> None:
+    assert (UP, DRAINING) == ("up", "draining")
+    assert STATES == (UP, DRAINING)
+
+
+def test_key_and_state() -> None:
+    assert FULL.key == "stratum:a1b2c3"
+    assert not FULL.is_up
+    up = FULL.with_state(UP)
+    assert up.is_up and up.state == "up"
+    assert up.key == FULL.key and up.methods == FULL.methods
+    assert FULL.state == DRAINING  # records are immutable
+
+
+def test_to_json_is_compact_and_stable() -> None:
+    assert FULL.to_json() == FULL_JSON
+
+
+def test_json_round_trip() -> None:
+    assert InstanceRecord.from_json(FULL.to_json()) == FULL
+    assert InstanceRecord.from_json(FULL.to_json().encode()) == FULL
+
+
+def test_defaults_round_trip() -> None:
+    rec = InstanceRecord("s", "i", "tcp://h:1", "h", 1)
+    assert InstanceRecord.from_json(rec.to_json()) == rec
+
+
+def test_optional_fields_may_be_missing() -> None:
+    rec = InstanceRecord.from_json(json.dumps(MINIMAL))
+    assert rec == InstanceRecord("s", "i", "tcp://h:1", "h", 1)
+    assert rec.state == UP and rec.methods == () and rec.listeners == {}
+
+
+def test_unknown_fields_are_ignored() -> None:
+    rec = InstanceRecord.from_json(json.dumps({**MINIMAL, "from_the_future": [1, 2]}))
+    assert rec.key == "s:i"
+
+
+def test_values_are_normalised() -> None:
+    raw = {**MINIMAL, "pid": "17", "started_at": 3, "methods": [1]}
+    rec = InstanceRecord.from_json(json.dumps(raw))
+    assert rec.pid == 17
+    assert rec.started_at == 3.0 and isinstance(rec.started_at, float)
+    assert rec.methods == ("1",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "{",
+        b"\xff\xfe",
+        "null",
+        "[]",
+        "42",
+        '"record"',
+        "{}",
+        *(json.dumps({k: v for k, v in MINIMAL.items() if k != missing}) for missing in MINIMAL),
+        json.dumps({**MINIMAL, "pid": "many"}),
+        json.dumps({**MINIMAL, "pid": None}),
+        json.dumps({**MINIMAL, "started_at": "noon"}),
+        json.dumps({**MINIMAL, "methods": 5}),
+        json.dumps({**MINIMAL, "listeners": 5}),
+        json.dumps({**MINIMAL, "listeners": ["a"]}),
+    ],
+    ids=repr,
+)
+def test_malformed_records_raise_value_error(text: Any) -> None:
+    with pytest.raises(ValueError, match="malformed instance record"):
+        InstanceRecord.from_json(text)
