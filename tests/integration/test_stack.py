@@ -171,7 +171,7 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
     # Everything the stack started stops with it.
     children = circusd.children(recursive=True)
     assert meshkit("down", "--run-dir", str(run_dir), env=env).returncode == 0
-    gone, alive = psutil.wait_procs([circusd, *children], timeout=60)
+    _, alive = psutil.wait_procs([circusd, *children], timeout=60)
     assert not alive, f"still running after down: {alive}"
 
 
