@@ -1,0 +1,16 @@
+"""HAProxy in front of the gateways: configuration rendered from the registry, servers kept in step.
+
+The layers, lowest first (each imports only those before it):
+
+* :mod:`~meshkit.haproxy.errors` — ``HAProxyError`` and its subclasses
+* :mod:`~meshkit.haproxy.config` — ``configs/haproxy.toml`` as a ``ProxyConfig``
+* :mod:`~meshkit.haproxy.model` — frontends, backends and servers from config and records
+* :mod:`~meshkit.haproxy.process` — the HAProxy master process the sync process owns
+* :mod:`~meshkit.haproxy.render` — the Jinja2 templates in ``haproxy/``, and ``haproxy -c``
+* :mod:`~meshkit.haproxy.runtime` — runtime API and master CLI clients
+* :mod:`~meshkit.haproxy.reconcile` — the commands that make HAProxy's servers match a model
+* :mod:`~meshkit.haproxy.sync` — the long-running sync process
+* :mod:`~meshkit.haproxy.command` — ``meshkit haproxy render|sync``
+
+See ``docs/haproxy.md``. Importing this package imports none of them.
+"""

@@ -1,0 +1,173 @@
+"""The ``meshkit haproxy`` command: ``render`` and ``sync``.
+
+``meshkit haproxy render [--config FILE] [--bind NAME=ADDR]... [--run-dir DIR] [--check] [-o FILE]``
+    Print (or write to FILE) the HAProxy configuration for the registry as it
+    is now; ``--check`` also runs ``haproxy -c`` on it (exit 1 if rejected).
+    An unreachable Redis is reported and the configuration rendered without
+    servers.
+
+``meshkit haproxy sync [--config FILE] [--bind NAME=ADDR]... [--run-dir DIR] [--attach
+[--stats-socket PATH] [--master-socket PATH]] [--haproxy PATH]``
+    Run the sync process (:mod:`meshkit.haproxy.sync`). Without ``--attach``
+    it owns HAProxy: ``haproxy -W -S DIR/haproxy-master.sock -f
+    DIR/haproxy.cfg``, inheriting every ``fd@N`` a frontend binds. With
+    ``--attach`` it drives an HAProxy already running from ``DIR/haproxy.cfg``
+    through the given sockets. SIGTERM/SIGINT stop it (an owned HAProxy
+    softly) with exit status 0; SIGHUP re-reads ``--config``.
+
+``--bind stratum=fd@5`` overrides the ``bind`` of frontend ``stratum``: this
+is how a listening socket inherited from Circus (``$(circus.sockets.stratum)``)
+reaches HAProxy. Settings (Redis, namespace, ``run_dir``) come from
+``MESHKIT_*`` variables and the top-level ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..errors import ConfigError, MeshError
+from .config import DEFAULT_CONFIG, ProxyConfig, load_proxy_config
+from .errors import ConfigCheckError
+from .model import build_model
+from .render import RuntimePaths, check_config, render, write_config
+
+log = logging.getLogger("meshkit.haproxy.command")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``haproxy render`` and ``haproxy sync`` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser("haproxy", help="HAProxy in front of the gateways (render, sync)")
+    parser.set_defaults(func=lambda args: _usage(parser))
+    actions = parser.add_subparsers(metavar="ACTION")
+
+    render_cmd = actions.add_parser("render", help="print the HAProxy configuration for the current registry")
+    _common(render_cmd)
+    render_cmd.add_argument("--check", action="store_true", help="validate it with haproxy -c")
+    render_cmd.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (atomically) instead")
+    render_cmd.set_defaults(func=cmd_render)
+
+    sync_cmd = actions.add_parser("sync", help="own (or --attach to) HAProxy and keep its servers in step")
+    _common(sync_cmd)
+    sync_cmd.add_argument("--attach", action="store_true", help="drive a running HAProxy instead of owning one")
+    sync_cmd.add_argument("--stats-socket", metavar="PATH", help="runtime API socket (default: RUN_DIR/haproxy.sock)")
+    sync_cmd.add_argument("--master-socket", metavar="PATH",
+                          help="master CLI socket (default: RUN_DIR/haproxy-master.sock)")
+    sync_cmd.set_defaults(func=cmd_sync)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", dest="haproxy_config", metavar="FILE", default=DEFAULT_CONFIG,
+                        help=f"public listeners and HAProxy settings (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
+                        help="bind frontend NAME to ADDR instead (host:port or fd@N); repeatable")
+    parser.add_argument("--run-dir", metavar="DIR", help="configuration and sockets (default: settings run_dir)")
+    parser.add_argument("--haproxy", metavar="PATH", help="the haproxy program (default: found on PATH or sbin)")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def parse_binds(values: list[str]) -> dict[str, str]:
+    """``["stratum=fd@5"]`` → ``{"stratum": "fd@5"}``; raise :class:`ConfigError` if malformed."""
+    binds = {}
+    for value in values:
+        name, sep, address = value.partition("=")
+        if not sep or not name or not address:
+            raise ConfigError(f"--bind expects NAME=ADDR (like stratum=fd@5), got {value!r}")
+        binds[name] = address
+    return binds
+
+
+def load(args: argparse.Namespace) -> tuple[Settings, ProxyConfig, RuntimePaths]:
+    """Settings, HAProxy config (with ``--bind`` applied) and paths named by the arguments."""
+    settings = Settings.load(getattr(args, "config", None))
+    config = load_proxy_config(args.haproxy_config).with_binds(parse_binds(args.bind))
+    paths = RuntimePaths.in_dir(args.run_dir or settings.run_dir)
+    if getattr(args, "stats_socket", None):
+        paths = replace(paths, stats_socket=Path(args.stats_socket).absolute())
+    if getattr(args, "master_socket", None):
+        paths = replace(paths, master_socket=Path(args.master_socket).absolute())
+    return settings, config, paths
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from ..registry import read_records
+
+    settings, config, paths = load(args)
+    try:
+        records = read_records(settings)
+    except (RedisError, OSError) as exc:
+        print(f"warning: cannot read the registry ({exc}); rendering without servers", file=sys.stderr)
+        records = []
+    model = build_model(config, records)
+    for problem in model.problems:
+        print(f"warning: cannot route to {problem}", file=sys.stderr)
+    text = render(model, paths, args.haproxy_config)
+    if args.check:
+        try:
+            check_config(text, model, args.haproxy)
+        except ConfigCheckError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.output:
+        write_config(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ..logs import configure_logging
+
+    settings, config, paths = load(args)
+    configure_logging(settings, "haproxy-sync", str(os.getpid()))
+    paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run_sync(settings, config, paths, attach=args.attach, haproxy=args.haproxy,
+                         source=args.haproxy_config, binds=parse_binds(args.bind)))
+    return 0
+
+
+async def run_sync(
+    settings: Settings,
+    config: ProxyConfig,
+    paths: RuntimePaths,
+    *,
+    attach: bool = False,
+    haproxy: str | None = None,
+    source: str = DEFAULT_CONFIG,
+    binds: dict[str, str] | None = None,
+) -> None:
+    """Run :class:`~meshkit.haproxy.sync.HAProxySync` until SIGTERM or SIGINT; SIGHUP re-reads ``source``."""
+    from .sync import HAProxySync
+
+    sync = HAProxySync(settings, config, paths, attach=attach, haproxy=haproxy, source=source)
+    loop = asyncio.get_running_loop()
+
+    def reread() -> None:
+        try:
+            sync.set_config(load_proxy_config(source).with_binds(binds or {}))
+            log.info("re-read %s", source)
+        except MeshError as exc:
+            log.error("keeping the current HAProxy config: %s", exc)
+
+    loop.add_signal_handler(signal.SIGTERM, sync.request_stop)
+    loop.add_signal_handler(signal.SIGINT, sync.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, reread)
+    try:
+        await sync.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

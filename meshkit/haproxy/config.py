@@ -1,0 +1,294 @@
+"""The HAProxy configuration file (``configs/haproxy.toml``): public listeners and tunables.
+
+Format (every key but ``[[frontend]]`` is optional; defaults shown)::
+
+    [haproxy]
+    templates = "../haproxy"        # Jinja2 templates, relative to this file
+    hard_stop_after = "1h"          # old workers keep client connections this long after a reload
+    maxconn = 0                     # global connection limit; 0: derived from ulimit -n
+    stop_timeout = 15.0             # seconds a soft stop may take before HAProxy is stopped hard
+    reconcile_interval = 1.0        # seconds between full comparisons with HAProxy's servers
+    log = ""                        # a "log" target for connection logs, e.g. "stderr format short daemon info";
+                                    # empty: none (HAProxy's own warnings still go to its stderr)
+
+    [haproxy.timeouts]              # HAProxy time strings ("500ms", "2s", "1h")
+    connect = "2s"
+    client = "1h"                   # long-lived Stratum-style connections
+    server = "1h"
+    tunnel = "1h"
+    client_fin = "30s"
+    server_fin = "30s"
+    queue = "5s"
+    check = "1s"
+    http_request = "10s"
+    http_keep_alive = "10s"
+
+    [haproxy.check]                 # health checks of every server, static or added at run time
+    inter = "500ms"
+    fall = 2
+    rise = 1
+
+    [haproxy.retries]
+    count = 2                       # connection retries (tcp and http)
+    http_retry_on = "conn-failure empty-response response-timeout 503"
+
+    [[frontend]]                    # one per public listener
+    name = "stratum"                # HAProxy identifier
+    bind = "*:3333"                 # host:port, or fd@N for an inherited listening socket
+    mode = "tcp"                    # "tcp" or "http"
+    service = "gateway"             # instances of this service ...
+    listener = "stratum"            # ... that advertise this listener in their record
+    balance = "leastconn"           # or roundrobin, first, random
+    maxconn = 10000                 # optional
+    http_check = "GET /health"      # optional, http only: else a TCP connect check
+
+Frontends naming the same ``service`` and ``listener`` share one backend.
+Nothing here is read at import time; :func:`load_proxy_config` reads a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG = "configs/haproxy.toml"
+MODES = ("tcp", "http")
+# Algorithms that HAProxy 2.6 accepts in a backend whose servers are added at
+# run time (``add server`` refuses static ones, like map-based ``source``).
+BALANCES = ("leastconn", "roundrobin", "first", "random")
+_IDENT = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_DURATION = re.compile(r"^\d+(us|ms|s|m|h|d)?$")
+_BIND = re.compile(r"^(fd@\d+|(ipv4@|ipv6@)?(\*|[A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]):\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """One public listener as declared in the file."""
+
+    name: str
+    bind: str
+    service: str
+    listener: str
+    mode: str = "tcp"
+    balance: str = "leastconn"
+    maxconn: int = 0  # 0: HAProxy's default
+    http_check: str = ""  # "METHOD /path" for an HTTP health check; empty: TCP connect
+
+    @property
+    def inherited_fd(self) -> int | None:
+        """The file descriptor number when ``bind`` is ``fd@N``, else None."""
+        return int(self.bind[3:]) if self.bind.startswith("fd@") else None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: str = "2s"
+    client: str = "1h"
+    server: str = "1h"
+    tunnel: str = "1h"
+    client_fin: str = "30s"
+    server_fin: str = "30s"
+    queue: str = "5s"
+    check: str = "1s"
+    http_request: str = "10s"
+    http_keep_alive: str = "10s"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    inter: str = "500ms"
+    fall: int = 2
+    rise: int = 1
+
+    @property
+    def server_options(self) -> str:
+        """Options for a ``server`` line and for ``add server`` alike.
+
+        They are spelled out on every server: ``default-server`` does not
+        apply to servers added at run time.
+        """
+        return f"check inter {self.inter} fall {self.fall} rise {self.rise}"
+
+
+@dataclass(frozen=True)
+class Retries:
+    count: int = 2
+    http_retry_on: str = "conn-failure empty-response response-timeout 503"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything ``configs/haproxy.toml`` declares (see the module doc for the format)."""
+
+    frontends: tuple[FrontendSpec, ...]
+    templates: Path
+    hard_stop_after: str = "1h"
+    maxconn: int = 0  # 0: HAProxy derives it from the file-descriptor limit
+    stop_timeout: float = 15.0
+    reconcile_interval: float = 1.0
+    log: str = ""  # HAProxy "log" target for connection logs; empty: none
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    check: HealthCheck = field(default_factory=HealthCheck)
+    retries: Retries = field(default_factory=Retries)
+
+    def with_binds(self, binds: Mapping[str, str]) -> ProxyConfig:
+        """A copy with some frontends bound elsewhere (``{"stratum": "fd@5"}``)."""
+        known = {f.name for f in self.frontends}
+        unknown = sorted(set(binds) - known)
+        if unknown:
+            raise ConfigError(f"--bind names unknown frontends {unknown}; known: {sorted(known)}")
+        for name, bind in binds.items():
+            _check_bind(name, bind)
+        frontends = tuple(replace(f, bind=binds.get(f.name, f.bind)) for f in self.frontends)
+        return replace(self, frontends=frontends)
+
+    @property
+    def inherited_fds(self) -> tuple[int, ...]:
+        """File descriptors the frontends bind with ``fd@N`` (HAProxy must inherit them)."""
+        return tuple(sorted({fd for f in self.frontends if (fd := f.inherited_fd) is not None}))
+
+
+def default_templates() -> Path:
+    """The ``haproxy/`` directory of the meshkit checkout this package runs from."""
+    return Path(__file__).resolve().parents[2] / "haproxy"
+
+
+def load_proxy_config(path: str | Path = DEFAULT_CONFIG) -> ProxyConfig:
+    """Read and validate a ``haproxy.toml``; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read HAProxy config {path}: {exc}") from None
+    return parse_proxy_config(data, base=path.parent, source=str(path))
+
+
+def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<haproxy config>") -> ProxyConfig:
+    """Build a :class:`ProxyConfig` from parsed TOML; relative paths are taken from ``base``."""
+    unknown = set(data) - {"haproxy", "frontend"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown tables {sorted(unknown)}")
+    top = _table(data.get("haproxy", {}), f"{source} [haproxy]")
+    sections = {"timeouts": Timeouts, "check": HealthCheck, "retries": Retries}
+    scalars = {"templates", "hard_stop_after", "maxconn", "stop_timeout", "reconcile_interval", "log"}
+    unknown = set(top) - scalars - set(sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys in [haproxy]: {sorted(unknown)}")
+
+    timeouts = Timeouts(**_fields(top.get("timeouts", {}), Timeouts, f"{source} [haproxy.timeouts]"))
+    for name, value in vars(timeouts).items():
+        _check_duration(f"{source}: timeouts.{name}", value)
+    check = HealthCheck(**_fields(top.get("check", {}), HealthCheck, f"{source} [haproxy.check]"))
+    _check_duration(f"{source}: check.inter", check.inter)
+    retries = Retries(**_fields(top.get("retries", {}), Retries, f"{source} [haproxy.retries]"))
+
+    raw_frontends = data.get("frontend", [])
+    if not isinstance(raw_frontends, list) or not raw_frontends:
+        raise ConfigError(f"{source}: declare at least one [[frontend]]")
+    frontends = tuple(_frontend(raw, f"{source} [[frontend]] #{i + 1}") for i, raw in enumerate(raw_frontends))
+    names = [f.name for f in frontends]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: frontend names must be unique, got {names}")
+    modes: dict[tuple[str, str], str] = {}
+    for f in frontends:
+        if modes.setdefault((f.service, f.listener), f.mode) != f.mode:
+            raise ConfigError(f"{source}: frontends of {f.service}/{f.listener} disagree on mode")
+
+    templates = Path(str(top["templates"])) if "templates" in top else default_templates()
+    config = ProxyConfig(
+        frontends=frontends,
+        templates=templates if templates.is_absolute() else (base / templates).resolve(),
+        hard_stop_after=str(top.get("hard_stop_after", "1h")),
+        maxconn=_int(top.get("maxconn", 0), f"{source}: maxconn"),
+        stop_timeout=_float(top.get("stop_timeout", 15.0), f"{source}: stop_timeout"),
+        reconcile_interval=_float(top.get("reconcile_interval", 1.0), f"{source}: reconcile_interval"),
+        log=str(top.get("log", "")),
+        timeouts=timeouts,
+        check=check,
+        retries=retries,
+    )
+    if not (config.templates / "haproxy.cfg.j2").is_file():
+        raise ConfigError(f"{source}: no haproxy.cfg.j2 in the templates directory {config.templates}")
+    _check_duration(f"{source}: hard_stop_after", config.hard_stop_after)
+    if config.reconcile_interval <= 0 or config.stop_timeout < 0:
+        raise ConfigError(f"{source}: reconcile_interval must be > 0 and stop_timeout >= 0")
+    return config
+
+
+def _frontend(raw: Any, where: str) -> FrontendSpec:
+    table = _table(raw, where)
+    values = _fields(table, FrontendSpec, where)
+    for key in ("name", "bind", "service", "listener"):
+        if not values.get(key):
+            raise ConfigError(f"{where}: {key!r} is required")
+    spec = FrontendSpec(**values)
+    if not _IDENT.match(spec.name):
+        raise ConfigError(f"{where}: name {spec.name!r} is not a valid HAProxy identifier")
+    if spec.mode not in MODES:
+        raise ConfigError(f"{where}: mode must be one of {MODES}, got {spec.mode!r}")
+    if spec.balance not in BALANCES:
+        raise ConfigError(f"{where}: balance must be one of {BALANCES}, got {spec.balance!r}")
+    if spec.http_check and spec.mode != "http":
+        raise ConfigError(f"{where}: http_check needs mode = \"http\"")
+    if spec.http_check and not re.match(r"^[A-Z]+ /\S*$", spec.http_check):
+        raise ConfigError(f"{where}: http_check must look like \"GET /health\", got {spec.http_check!r}")
+    _check_bind(spec.name, spec.bind)
+    return spec
+
+
+def _check_bind(name: str, bind: str) -> None:
+    if not _BIND.match(bind):
+        raise ConfigError(f"frontend {name}: bind must be host:port or fd@N, got {bind!r}")
+
+
+def _check_duration(where: str, value: str) -> None:
+    if not _DURATION.match(value):
+        raise ConfigError(f"{where}: {value!r} is not an HAProxy duration (like 500ms, 2s, 1h)")
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    return value
+
+
+def _fields(value: Any, cls: Any, where: str) -> dict[str, Any]:
+    """Keys of a table checked against the fields of dataclass ``cls``, coerced to their types."""
+    table = _table(value, where)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = set(table) - set(types)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for key, raw in table.items():
+        if types[key] == "int":
+            out[key] = _int(raw, f"{where}: {key}")
+        elif isinstance(raw, (dict, list)):
+            raise ConfigError(f"{where}: {key} must be a single value")
+        else:
+            out[key] = str(raw)
+    return out
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,185 @@
+"""What HAProxy should look like: frontends, backends and servers, from config plus registry.
+
+:func:`build_model` is pure: the same :class:`ProxyConfig` and records give
+the same :class:`Model`, so it is tested without HAProxy or Redis. A record
+becomes a server of a backend when its ``service`` and one of its
+``listeners`` match a frontend's; the listener's ``host:port`` is where
+HAProxy connects.
+
+The *structure* of a model (frontends, backends and every setting, but no
+servers) decides whether HAProxy must be reloaded; servers alone are changed
+at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from ..record import InstanceRecord
+from .config import ProxyConfig
+
+Resolver = Callable[[str], str]
+"""Turns a host name into the IP address HAProxy should use (raises ``OSError``)."""
+
+_NOT_IDENT = re.compile(r"[^A-Za-z0-9_.:-]")
+MAX_NAME = 48
+
+
+@dataclass(frozen=True, order=True)
+class Server:
+    """One gateway instance as a server of a backend.
+
+    ``host`` is an IP address once a resolver ran (HAProxy reports addresses,
+    and comparing them with names would never match).
+    """
+
+    name: str
+    host: str
+    port: int
+    draining: bool = False
+    instance: str = ""  # the record's key, for log messages
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as HAProxy spells it (IPv6 in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The servers behind one ``(service, listener)`` pair."""
+
+    name: str
+    mode: str
+    service: str
+    listener: str
+    balance: str
+    http_check: str = ""
+    servers: tuple[Server, ...] = ()
+
+    def server(self, name: str) -> Server | None:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        return None
+
+
+@dataclass(frozen=True)
+class Frontend:
+    name: str
+    bind: str
+    mode: str
+    backend: str
+    maxconn: int = 0
+
+
+@dataclass(frozen=True)
+class Model:
+    """The desired HAProxy: rendered into a configuration, or applied at run time."""
+
+    config: ProxyConfig
+    frontends: tuple[Frontend, ...]
+    backends: tuple[Backend, ...]
+    problems: tuple[str, ...] = ()  # records that could not become servers, and why
+
+    @property
+    def server_options(self) -> str:
+        """Options given to every server, in the config file and on ``add server``."""
+        return self.config.check.server_options
+
+    def backend(self, name: str) -> Backend | None:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        return None
+
+    def without_servers(self) -> Model:
+        """The structure alone: what must not change without a reload."""
+        return replace(self, backends=tuple(replace(b, servers=()) for b in self.backends), problems=())
+
+
+def backend_name(service: str, listener: str) -> str:
+    """The backend of a ``(service, listener)`` pair: ``<service>.<listener>``, as an identifier."""
+    return identifier(f"{service}.{listener}")
+
+
+def server_name(instance_id: str) -> str:
+    """A stable, valid HAProxy server name for an instance id.
+
+    Ids that are already identifiers of at most :data:`MAX_NAME` characters
+    are used as they are (meshkit's are 12 hex digits); others are cleaned
+    and suffixed with a hash of the original, so two ids never collide.
+    """
+    return identifier(instance_id)
+
+
+def identifier(text: str) -> str:
+    """``text`` made a valid HAProxy identifier (letters, digits, ``_.:-``), stable and unique."""
+    clean = _NOT_IDENT.sub("_", text)
+    if clean == text and 0 < len(text) <= MAX_NAME:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{clean[: MAX_NAME - 9]}-{digest}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into its parts; raise ``ValueError`` if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"not host:port: {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {address!r}")
+    return host, port
+
+
+def build_model(
+    config: ProxyConfig,
+    records: Iterable[InstanceRecord],
+    resolve: Resolver | None = None,
+) -> Model:
+    """The model for ``config`` with the servers that ``records`` describe.
+
+    Draining instances stay servers (marked ``draining``: no new connections,
+    existing ones kept). Records whose listener address is malformed or does
+    not resolve are left out and described in :attr:`Model.problems`.
+    """
+    backends: dict[str, Backend] = {}
+    frontends = []
+    for spec in config.frontends:
+        name = backend_name(spec.service, spec.listener)
+        backends.setdefault(
+            name,
+            Backend(name=name, mode=spec.mode, service=spec.service, listener=spec.listener,
+                    balance=spec.balance, http_check=spec.http_check),
+        )
+        frontends.append(Frontend(name=spec.name, bind=spec.bind, mode=spec.mode, backend=name, maxconn=spec.maxconn))
+
+    problems: list[str] = []
+    servers: dict[str, dict[str, Server]] = {name: {} for name in backends}
+    for record in sorted(records, key=lambda r: r.key):
+        for backend in backends.values():
+            if record.service != backend.service or backend.listener not in record.listeners:
+                continue
+            address = record.listeners[backend.listener]
+            try:
+                host, port = split_address(address)
+                if resolve is not None:
+                    host = resolve(host)
+            except (ValueError, OSError) as exc:
+                problems.append(f"{record.key}: listener {backend.listener!r} at {address!r}: {exc}")
+                continue
+            server = Server(server_name(record.instance_id), host, port, not record.is_up, record.key)
+            servers[backend.name].setdefault(server.name, server)
+
+    return Model(
+        config=config,
+        frontends=tuple(frontends),
+        backends=tuple(replace(b, servers=tuple(sorted(servers[b.name].values()))) for b in backends.values()),
+        problems=tuple(problems),
+    )

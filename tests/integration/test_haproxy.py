@@ -1,0 +1,443 @@
+"""HAProxy and the sync process against the real ``haproxy`` binary and a real Redis.
+
+The public frontend is a listening socket this test binds on port 0 and hands
+down (``--bind stratum=fd@N``); behind it, "gateways" are plain TCP servers
+that greet every connection with their name, registered as fake ``gateway``
+records. Nothing uses a fixed port, and every wait is for a positive signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from meshkit import Settings
+from meshkit.haproxy.render import RuntimePaths
+from meshkit.haproxy.runtime import MasterCLI, RuntimeAPI, ServerState
+from meshkit.record import DRAINING, UP, InstanceRecord
+from meshkit.registry import Keys
+from meshkit.testing import ProcessExitedError, RedisServer, find_program, settings_env, tcp_listener, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+BACKEND = "gateway.stratum"
+WAIT = 10.0
+
+
+class Gateway:
+    """A TCP server on a kernel-chosen port: says its name on connect, then echoes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.listener = tcp_listener()
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted = 0
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        try:
+            conn.sendall(self.name.encode() + b"\n")
+            while data := conn.recv(4096):
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self._conns:
+            conn.close()
+
+    def record(self, state: str = UP) -> InstanceRecord:
+        return InstanceRecord(
+            service="gateway", instance_id=self.name, endpoint="tcp://127.0.0.1:1", host="127.0.0.1",
+            pid=os.getpid(), state=state, started_at=time.time(), listeners={"stratum": self.address},
+        )
+
+
+class FakeRegistry:
+    """Writes and deletes records the way :class:`~meshkit.registry.Registration` does, without a heartbeat."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.keys = Keys(settings.namespace)
+        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+
+    def put(self, record: InstanceRecord) -> None:
+        data = record.to_json()
+        self.client.set(self.keys.instance(record.key), data, px=600_000)
+        self.client.publish(self.keys.changes, '{"op":"set","record":' + data + "}")
+
+    def delete(self, record: InstanceRecord) -> None:
+        self.client.delete(self.keys.instance(record.key))
+        self.client.publish(self.keys.changes, json.dumps({"op": "del", "key": record.key}))
+
+
+class Sync:
+    """``python -m meshkit haproxy sync`` in a child process, with its HAProxy."""
+
+    def __init__(self, settings: Settings, directory: Path, public: socket.socket, extra: str = "") -> None:
+        self.settings = settings
+        self.directory = directory
+        self.public = public
+        self.port = public.getsockname()[1]
+        self.paths = RuntimePaths.in_dir(directory / "run")
+        self.toml = directory / "haproxy.toml"
+        self.write_config(extra)
+        self.log_path = directory / "sync.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.attached = False
+
+    def write_config(self, extra: str = "") -> None:
+        self.toml.write_text(f"""
+[haproxy]
+templates = "{REPO / 'haproxy'}"
+hard_stop_after = "5s"
+stop_timeout = 5.0
+reconcile_interval = 0.5
+{extra}
+
+[[frontend]]
+name = "stratum"
+bind = "127.0.0.1:1"
+service = "gateway"
+listener = "stratum"
+""")
+
+    def meshkit_haproxy(self, action: str, *args: str) -> list[str]:
+        """The command line of ``meshkit haproxy ACTION`` for this test's config and run directory."""
+        return [sys.executable, "-m", "meshkit", "haproxy", action, "--config", str(self.toml),
+                "--run-dir", str(self.paths.config_file.parent), "--bind", f"stratum=fd@{self.public.fileno()}",
+                "--haproxy", find_program("haproxy"), *args]
+
+    def start(self, *args: str) -> Sync:
+        """Start sync (owning HAProxy unless ``--attach`` is in ``args``) and wait for HAProxy to answer."""
+        env = {**os.environ, **settings_env(self.settings), "MESHKIT_LOG_FORMAT": "text", "MESHKIT_LOG_LEVEL": "DEBUG"}
+        self.attached = "--attach" in args
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.meshkit_haproxy("sync", *args),
+                env=env, pass_fds=(self.public.fileno(),), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
+        wait_until(lambda: self.alive() and self.master_pid() and self.servers() is not None, WAIT,
+                   "the sync process and haproxy to answer")
+        return self
+
+    def alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise ProcessExitedError(f"sync exited with {self.process.returncode}:\n{self.log()}")
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int(self.paths.pid_file.read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid
+
+    def servers(self) -> dict[str, ServerState]:
+        states = asyncio.run(RuntimeAPI(self.paths.stats_socket).servers())
+        return {s.name: s for s in states if s.backend == BACKEND}
+
+    def reloads(self) -> int:
+        return asyncio.run(MasterCLI(self.paths.master_socket).processes()).reloads
+
+    def stop(self) -> int | None:
+        """SIGTERM; return the exit status (killing it if it hangs, and the HAProxy it owned if left)."""
+        if self.process is None:
+            return None
+        master = None if self.attached else self.master_pid()
+        code: int | None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            code = None
+        if master is not None and _alive(master):
+            os.kill(master, signal.SIGKILL)
+        return code
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (an exited child of a reparented worker) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def greeting(port: int, timeout: float = 3.0) -> str:
+    """Connect through HAProxy and return the name of the gateway that answered ("" if none did)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().strip()
+
+
+def held(port: int, timeout: float = 3.0) -> tuple[socket.socket, str]:
+    """An open connection through HAProxy and the name of the gateway holding it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return sock, data.decode().strip()
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[[str], Gateway]]:
+    made: list[Gateway] = []
+
+    def make(name: str) -> Gateway:
+        made.append(Gateway(name))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+@pytest.fixture
+def registry(mesh_settings: Settings) -> Iterator[FakeRegistry]:
+    fake = FakeRegistry(mesh_settings)
+    yield fake
+    fake.client.close()
+
+
+@pytest.fixture
+def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
+    public = tcp_listener()
+    runner = Sync(mesh_settings, tmp_path, public)
+    yield runner
+    runner.stop()
+    public.close()
+
+
+def test_render_check_passes_with_servers(
+    mesh_settings: Settings, registry: FakeRegistry, gateways: Callable[[str], Gateway], tmp_path: Path
+) -> None:
+    gw = gateways("gwrender1")
+    registry.put(gw.record())
+    runner = Sync(mesh_settings, tmp_path, tcp_listener())
+    out = subprocess.run(
+        [sys.executable, "-m", "meshkit", "haproxy", "render", "--check", "--config", str(runner.toml),
+         "--run-dir", str(tmp_path / "run"), "--bind", "stratum=fd@99", "--haproxy", find_program("haproxy")],
+        env=dict(os.environ, **settings_env(mesh_settings)), capture_output=True, text=True, cwd=REPO, timeout=30,
+    )
+    runner.public.close()
+    assert out.returncode == 0, out.stderr
+    assert "bind fd@99" in out.stdout
+    assert f"server gwrender1 {gw.address} check inter 500ms fall 2 rise 1" in out.stdout
+
+
+def test_servers_follow_the_registry(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    gw1, gw2 = gateways("gwone"), gateways("gwtwo")
+    registry.put(gw1.record())
+    sync.start()
+    wait_until(lambda: greeting(sync.port) == "gwone", WAIT, "a connection through haproxy to reach gwone")
+
+    # A second instance takes connections within about a second (leastconn:
+    # with one connection held on gwone, the next goes to gwtwo).
+    first, name = held(sync.port)
+    assert name == "gwone"
+    registry.put(gw2.record())
+    started = time.monotonic()
+    wait_until(lambda: "gwtwo" in sync.servers() and sync.servers()["gwtwo"].up, WAIT, "gwtwo to be added")
+    assert greeting(sync.port) == "gwtwo"
+    assert time.monotonic() - started < 2.0
+    assert sync.servers()["gwtwo"].health_enabled
+
+    # Draining: no new connections, the existing one goes on.
+    registry.put(gw1.record(DRAINING))
+    wait_until(lambda: sync.servers()["gwone"].draining, WAIT, "gwone to be draining")
+    assert {greeting(sync.port) for _ in range(6)} == {"gwtwo"}
+    first.sendall(b"still here")
+    assert first.recv(100) == b"still here"
+
+    # Gone: the server is removed (its remaining sessions are shut down first).
+    registry.delete(gw1.record())
+    wait_until(lambda: "gwone" not in sync.servers(), WAIT, "gwone to be deleted from haproxy")
+    first.settimeout(3.0)
+    assert first.recv(100) == b""
+    first.close()
+    assert {greeting(sync.port) for _ in range(4)} == {"gwtwo"}
+
+
+def test_killed_master_is_restarted_with_its_servers(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    gw1, gw2, gw3 = gateways("gwkill1"), gateways("gwkill2"), gateways("gwkill3")
+    sync.start()
+    registry.put(gw1.record())
+    registry.put(gw2.record())
+    registry.put(gw3.record(DRAINING))
+    wait_until(lambda: set(sync.servers()) == {"gwkill1", "gwkill2", "gwkill3"}, WAIT, "the servers to be added")
+    old = sync.master_pid()
+    assert old is not None
+
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: sync.master_pid() not in (None, old), WAIT, "sync to start a new haproxy master")
+
+    def restored() -> bool:
+        servers = sync.servers()
+        taking = {n for n, s in servers.items() if s.up and not s.in_maintenance and not s.draining}
+        return taking == {"gwkill1", "gwkill2"} and servers["gwkill3"].draining
+    # The new master starts from a configuration listing every server (the
+    # draining one in maintenance at first, then set to drain).
+    wait_until(restored, WAIT, "the new haproxy to have its servers back in their states")
+    conns = [held(sync.port) for _ in range(4)]
+    assert {name for _, name in conns} == {"gwkill1", "gwkill2"}
+    for conn, _ in conns:
+        conn.close()
+    assert sync.alive()
+
+
+def test_reload_refuses_no_connection(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    gw1, gw2 = gateways("gwreload1"), gateways("gwreload2")
+    registry.put(gw1.record())
+    registry.put(gw2.record())
+    sync.start()
+    wait_until(lambda: len([s for s in sync.servers().values() if s.up and not s.in_maintenance]) == 2,
+               WAIT, "both servers up")
+
+    ok: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                name = greeting(sync.port)
+                (ok if name else failures).append(name or "closed without a greeting")
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        wait_until(lambda: len(ok) > 50, WAIT, "connections to flow")
+        # A structural change (a timeout) makes sync render, check and reload.
+        sync.write_config('[haproxy.timeouts]\nqueue = "6s"')
+        assert sync.process is not None
+        sync.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: sync.reloads() >= 1, WAIT, "haproxy to reload")
+        after = len(ok)
+        wait_until(lambda: len(ok) > after + 200, WAIT, "connections to flow after the reload")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert failures == []
+    assert set(ok) == {"gwreload1", "gwreload2"}
+    assert "queue 6s" in sync.paths.config_file.read_text()
+    # The servers were in the rendered configuration, and are still there.
+    assert set(sync.servers()) == {"gwreload1", "gwreload2"}
+
+
+def test_sigterm_stops_haproxy_softly_and_exits_zero(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    gw = gateways("gwterm")
+    registry.put(gw.record())
+    sync.start()
+    wait_until(lambda: greeting(sync.port) == "gwterm", WAIT, "a connection to reach gwterm")
+    master = sync.master_pid()
+    assert master is not None
+    assert sync.stop() == 0
+    assert not _alive(master)
+
+
+def test_redis_outage_keeps_servers_and_converges_after(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway], redis_server: RedisServer
+) -> None:
+    gw1, gw2 = gateways("gwredis1"), gateways("gwredis2")
+    registry.put(gw1.record())
+    sync.start()
+    wait_until(lambda: greeting(sync.port) == "gwredis1", WAIT, "a connection to reach gwredis1")
+    try:
+        redis_server.kill()
+        wait_until(lambda: "registry watch lost its connection" in sync.log(), WAIT, "sync to notice the outage")
+        assert {greeting(sync.port) for _ in range(4)} == {"gwredis1"}
+        assert set(sync.servers()) == {"gwredis1"}
+    finally:
+        redis_server.start()
+    # The restarted Redis is empty: owners write their records again (here by
+    # hand), and a new instance shows up as usual.
+    registry.put(gw1.record())
+    registry.put(gw2.record())
+    wait_until(lambda: set(sync.servers()) == {"gwredis1", "gwredis2"}, WAIT, "sync to converge after the outage")
+    assert sync.alive()
+
+
+def test_attach_drives_a_running_haproxy(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    gw = gateways("gwattach")
+    paths = sync.paths
+    rendered = subprocess.run(sync.meshkit_haproxy("render", "-o", str(paths.config_file)),
+                              env={**os.environ, **settings_env(sync.settings)}, cwd=REPO, timeout=30,
+                              capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    fd = sync.public.fileno()
+    haproxy = subprocess.Popen(
+        [find_program("haproxy"), "-W", "-S", str(paths.master_socket), "-p", str(paths.pid_file),
+         "-f", str(paths.config_file)],
+        pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        sync.start("--attach")
+        registry.put(gw.record())
+        wait_until(lambda: greeting(sync.port) == "gwattach", WAIT, "a connection to reach gwattach")
+        assert sync.master_pid() == haproxy.pid
+        assert sync.reloads() == 0  # the structure it found was already right
+        assert sync.stop() == 0
+        assert haproxy.poll() is None  # not ours to stop
+        assert greeting(sync.port) == "gwattach"
+    finally:
+        haproxy.kill()
+        haproxy.wait(10)

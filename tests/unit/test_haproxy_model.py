@@ -1,0 +1,290 @@
+"""The HAProxy model, rendering, reconciliation plan and CLI parsers, without HAProxy or Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshkit.errors import ConfigError
+from meshkit.haproxy.config import ProxyConfig, default_templates, load_proxy_config, parse_proxy_config
+from meshkit.haproxy.model import backend_name, build_model, identifier, server_name, split_address
+from meshkit.haproxy.reconcile import ADD, REMOVE, UPDATE, plan
+from meshkit.haproxy.render import RuntimePaths, fingerprint_of, render, structure_fingerprint
+from meshkit.haproxy.runtime import ServerState, parse_servers_state, parse_show_proc
+from meshkit.record import DRAINING, InstanceRecord
+
+REPO = Path(__file__).resolve().parents[2]
+PATHS = RuntimePaths.in_dir("/run/meshkit")
+
+
+def config(**haproxy: Any) -> ProxyConfig:
+    data: dict[str, Any] = {
+        "haproxy": haproxy,
+        "frontend": [
+            {"name": "stratum", "bind": "fd@5", "service": "gateway", "listener": "stratum"},
+            {"name": "stratum-alt", "bind": "127.0.0.1:3334", "service": "gateway", "listener": "stratum"},
+            {"name": "api", "bind": "*:8080", "mode": "http", "service": "gateway", "listener": "http",
+             "balance": "roundrobin", "http_check": "GET /health"},
+        ],
+    }
+    return parse_proxy_config(data, base=REPO / "configs")
+
+
+def gateway(instance: str, stratum: str = "10.0.0.1:4000", state: str = "up", **listeners: str) -> InstanceRecord:
+    return InstanceRecord(service="gateway", instance_id=instance, endpoint="tcp://10.0.0.1:5000", host="h",
+                          pid=1, state=state, listeners={"stratum": stratum, **listeners})
+
+
+# -- configuration file -----------------------------------------------------------
+
+
+def test_shipped_config_loads() -> None:
+    loaded = load_proxy_config(REPO / "configs" / "haproxy.toml")
+    assert [f.name for f in loaded.frontends] == ["stratum"]
+    assert loaded.frontends[0].service == "gateway"
+    assert loaded.templates == default_templates() == REPO / "haproxy"
+    assert loaded.timeouts.client == "1h"
+
+
+def test_bind_override_and_inherited_fds() -> None:
+    cfg = config().with_binds({"stratum-alt": "fd@7"})
+    assert [f.bind for f in cfg.frontends] == ["fd@5", "fd@7", "*:8080"]
+    assert cfg.inherited_fds == (5, 7)
+    with pytest.raises(ConfigError, match="unknown frontends"):
+        cfg.with_binds({"nope": "fd@3"})
+    with pytest.raises(ConfigError, match="bind must be"):
+        cfg.with_binds({"api": "fd@x"})
+
+
+@pytest.mark.parametrize(
+    ("frontend", "message"),
+    [
+        ({"name": "a b", "bind": "*:1", "service": "s", "listener": "l"}, "identifier"),
+        ({"name": "a", "bind": "*:1", "service": "s"}, "'listener' is required"),
+        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "mode": "udp"}, "mode"),
+        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "balance": "source"}, "balance"),
+        ({"name": "a", "bind": "nowhere", "service": "s", "listener": "l"}, "bind must be"),
+        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "http_check": "GET /"}, "mode"),
+        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "colour": "red"}, "unknown keys"),
+    ],
+)
+def test_bad_frontends_are_config_errors(frontend: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_proxy_config({"frontend": [frontend]}, base=Path("."))
+
+
+def test_other_config_errors() -> None:
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_proxy_config({}, base=Path("."))
+    with pytest.raises(ConfigError, match="duration"):
+        config(timeouts={"client": "forever"})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config(timeout={"client": "1h"})
+    with pytest.raises(ConfigError, match="templates directory"):
+        config(templates="/nonexistent")
+    with pytest.raises(ConfigError, match="unique"):
+        parse_proxy_config({"frontend": [{"name": "a", "bind": "*:1", "service": "s", "listener": "l"}] * 2},
+                           base=Path("."))
+    mixed = [
+        {"name": "a", "bind": "*:1", "service": "s", "listener": "l"},
+        {"name": "b", "bind": "*:2", "service": "s", "listener": "l", "mode": "http"},
+    ]
+    with pytest.raises(ConfigError, match="disagree on mode"):
+        parse_proxy_config({"frontend": mixed}, base=Path("."))
+
+
+# -- names -------------------------------------------------------------------------
+
+
+def test_server_names_are_stable_valid_identifiers() -> None:
+    assert server_name("3f2a9c01d4e5") == "3f2a9c01d4e5"
+    odd = server_name("host/with spaces;and#more")
+    assert odd == server_name("host/with spaces;and#more")
+    assert odd.startswith("host_with_spaces_and_more-")
+    assert all(c.isalnum() or c in "_.:-" for c in odd)
+    assert server_name("a/b") != server_name("a_b")  # cleaning never makes two ids collide
+    assert len(server_name("x" * 200)) <= 48
+    assert identifier("") != ""
+    assert backend_name("gateway", "stratum") == "gateway.stratum"
+
+
+def test_split_address() -> None:
+    assert split_address("10.0.0.1:4000") == ("10.0.0.1", 4000)
+    assert split_address("[::1]:4000") == ("::1", 4000)
+    assert split_address("gw.local:1") == ("gw.local", 1)
+    for bad in ("10.0.0.1", ":4000", "h:0", "h:70000", "h:port"):
+        with pytest.raises(ValueError):
+            split_address(bad)
+
+
+# -- model ---------------------------------------------------------------------------
+
+
+def test_model_from_config_and_records() -> None:
+    records = [
+        gateway("gw2", "10.0.0.2:4000", http="10.0.0.2:8000"),
+        gateway("gw1", "10.0.0.1:4000", state=DRAINING),
+        gateway("gw3", "not-an-address"),
+        InstanceRecord(service="shares", instance_id="sh1", endpoint="tcp://x:1", host="h", pid=1,
+                       listeners={"stratum": "10.0.0.9:1"}),
+    ]
+    model = build_model(config(), records)
+    assert [(f.name, f.backend) for f in model.frontends] == [
+        ("stratum", "gateway.stratum"), ("stratum-alt", "gateway.stratum"), ("api", "gateway.http")]
+    assert [b.name for b in model.backends] == ["gateway.stratum", "gateway.http"]
+    stratum = model.backend("gateway.stratum")
+    assert stratum is not None
+    assert [(s.name, s.address, s.draining) for s in stratum.servers] == [
+        ("gw1", "10.0.0.1:4000", True), ("gw2", "10.0.0.2:4000", False)]
+    http = model.backend("gateway.http")
+    assert http is not None and [s.name for s in http.servers] == ["gw2"]
+    assert len(model.problems) == 1 and "gateway:gw3" in model.problems[0]
+
+
+def test_model_resolves_host_names() -> None:
+    model = build_model(config(), [gateway("gw1", "gw1.local:4000")], resolve={"gw1.local": "10.1.1.1"}.__getitem__)
+    stratum = model.backend("gateway.stratum")
+    assert stratum is not None and stratum.servers[0].host == "10.1.1.1"
+
+    def fail(host: str) -> str:
+        raise OSError("no such host")
+
+    model = build_model(config(), [gateway("gw1", "gw1.local:4000")], resolve=fail)
+    assert "no such host" in model.problems[0]
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def test_render_contents() -> None:
+    model = build_model(config(), [gateway("gw1"), gateway("gw2", "[::1]:4001", state=DRAINING)])
+    text = render(model, PATHS)
+    assert "stats socket /run/meshkit/haproxy.sock mode 600 level admin expose-fd listeners" in text
+    assert "hard-stop-after 1h" in text
+    assert "timeout client 1h" in text and "timeout connect 2s" in text
+    assert "    bind fd@5\n" in text and "    bind 127.0.0.1:3334\n" in text
+    assert text.count("default_backend gateway.stratum") == 2
+    assert "balance leastconn" in text and "balance roundrobin" in text
+    assert "server gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1\n" in text
+    assert "server gw2 [::1]:4001 check inter 500ms fall 2 rise 1 disabled\n" in text
+    assert "retry-on conn-failure empty-response response-timeout 503" in text
+    assert "option redispatch 1" in text
+    assert "http-check send meth GET uri /health" in text
+    assert "\n\n\n" not in text and text.endswith("\n")
+    assert "log " not in text  # no connection logs unless configured
+    assert "    log stderr format short daemon info\n" in render(build_model(config(log="stderr format short "
+                                                                                     "daemon info"), []), PATHS)
+
+
+def test_fingerprint_ignores_servers_but_not_structure() -> None:
+    empty = build_model(config(), [])
+    full = build_model(config(), [gateway("gw1"), gateway("gw2", "10.0.0.2:4000")])
+    assert structure_fingerprint(empty, PATHS) == structure_fingerprint(full, PATHS)
+    assert fingerprint_of(render(full, PATHS)) == structure_fingerprint(full, PATHS)
+    changed = build_model(config(timeouts={"queue": "6s"}), [])
+    assert structure_fingerprint(changed, PATHS) != structure_fingerprint(empty, PATHS)
+    rebound = build_model(config().with_binds({"stratum": "fd@9"}), [])
+    assert structure_fingerprint(rebound, PATHS) != structure_fingerprint(empty, PATHS)
+    assert fingerprint_of("global\n") is None
+
+
+def test_check_options_come_from_config() -> None:
+    model = build_model(config(check={"inter": "1s", "fall": 3, "rise": 2}), [gateway("gw1")])
+    assert model.server_options == "check inter 1s fall 3 rise 2"
+    assert "server gw1 10.0.0.1:4000 check inter 1s fall 3 rise 2\n" in render(model, PATHS)
+
+
+# -- reconciliation plan -----------------------------------------------------------------
+
+
+def state(name: str, host: str = "10.0.0.1", port: int = 4000, admin: int = 0, check: int = 6,
+          backend: str = "gateway.stratum") -> ServerState:
+    return ServerState(backend=backend, name=name, host=host, port=port, op_state=2, admin_state=admin,
+                       check_state=check)
+
+
+def commands(steps: list[Any]) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(s.action, s.server, s.commands) for s in steps if s.backend == "gateway.stratum"]
+
+
+def test_plan_adds_missing_servers_health_first() -> None:
+    model = build_model(config(), [gateway("gw1"), gateway("gw2", "10.0.0.2:4000", state=DRAINING)])
+    assert commands(plan(model, [])) == [
+        (ADD, "gw1", ("add server gateway.stratum/gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1",
+                      "enable health gateway.stratum/gw1", "set server gateway.stratum/gw1 state ready")),
+        (ADD, "gw2", ("add server gateway.stratum/gw2 10.0.0.2:4000 check inter 500ms fall 2 rise 1",
+                      "enable health gateway.stratum/gw2", "set server gateway.stratum/gw2 state drain")),
+    ]
+
+
+def test_plan_leaves_matching_servers_alone() -> None:
+    model = build_model(config(), [gateway("gw1"), gateway("gw2", "10.0.0.2:4000", state=DRAINING)])
+    actual = [state("gw1"), state("gw2", "10.0.0.2", admin=0x08)]
+    assert commands(plan(model, actual)) == []
+    # A server rendered "disabled" keeps the config-maintenance bit (0x04) once
+    # it left maintenance: that is not maintenance.
+    actual = [state("gw1", admin=0x04), state("gw2", "10.0.0.2", admin=0x0C)]
+    assert commands(plan(model, actual)) == []
+
+
+def test_plan_updates_state_address_and_health() -> None:
+    model = build_model(config(), [gateway("gw1"), gateway("gw2", "10.0.0.2:4000", state=DRAINING)])
+    actual = [state("gw1", "10.0.0.9", 4009, admin=0x05, check=2), state("gw2", "10.0.0.2", admin=0x01)]
+    assert commands(plan(model, actual)) == [
+        (UPDATE, "gw1", ("set server gateway.stratum/gw1 addr 10.0.0.1 port 4000",
+                         "enable health gateway.stratum/gw1", "set server gateway.stratum/gw1 state ready")),
+        (UPDATE, "gw2", ("set server gateway.stratum/gw2 state drain",)),
+    ]
+
+
+def test_plan_removes_servers_of_vanished_instances() -> None:
+    model = build_model(config(), [gateway("gw1")])
+    actual = [state("gw1"), state("old"), state("older", admin=0x01), state("x", backend="someone.elses")]
+    assert commands(plan(model, actual)) == [
+        (REMOVE, "old", ("set server gateway.stratum/old state maint",
+                         "shutdown sessions server gateway.stratum/old", "del server gateway.stratum/old")),
+        (REMOVE, "older", ("shutdown sessions server gateway.stratum/older", "del server gateway.stratum/older")),
+    ]
+    assert all(s.backend != "someone.elses" for s in plan(model, actual))
+    assert commands(plan(model, actual, remove=False)) == []
+
+
+# -- runtime API and master CLI replies -------------------------------------------------------
+
+
+SERVERS_STATE = """1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight \
+srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state \
+bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr \
+srv_agent_addr srv_agent_port
+3 gateway.stratum 1 gw1 127.0.0.1 2 0 1 1 4 6 3 2 6 0 0 0 - 40045 - 0 0 - - 0
+3 gateway.stratum 2 gw2 127.0.0.1 0 1 1 1 0 1 0 0 2 0 0 0 - 40046 - 0 0 - - 0
+3 gateway.stratum 3 gw3 127.0.0.1 2 8 1 1 0 1 0 0 6 0 0 0 - 40047 - 0 0 - - 0
+
+"""
+
+
+def test_parse_servers_state() -> None:
+    gw1, gw2, gw3 = parse_servers_state(SERVERS_STATE)
+    assert (gw1.backend, gw1.name, gw1.host, gw1.port) == ("gateway.stratum", "gw1", "127.0.0.1", 40045)
+    assert gw1.up and gw1.health_enabled and not gw1.in_maintenance and not gw1.draining
+    assert gw2.in_maintenance and not gw2.health_enabled and not gw2.up  # just added
+    assert gw3.draining and not gw3.in_maintenance
+    assert parse_servers_state("1\n# be_id be_name srv_id\n\n") == []
+
+
+def test_parse_show_proc() -> None:
+    text = """#<PID>          <type>          <reloads>       <uptime>        <version>
+6928            master          2 [failed: 1]   0d00h10m23s     2.6.12-1+deb12u4
+# workers
+19895           worker          0               0d00h00m01s     2.6.12-1+deb12u4
+# old workers
+6930            worker          2               0d00h10m23s     2.6.12-1+deb12u4
+# programs
+
+"""
+    table = parse_show_proc(text)
+    assert (table.master_pid, table.reloads, table.failed_reloads) == (6928, 2, 1)
+    assert table.workers == (19895,) and table.old_workers == (6930,)
