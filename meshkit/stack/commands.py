@@ -125,7 +125,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise StackError(f"{ini} not found (run from the project directory or pass --circus-ini)")
     run_dir = os.path.abspath(args.run_dir or os.environ.get("MESHKIT_RUN_DIR") or ".run")
     os.makedirs(run_dir, exist_ok=True)
-    env = stack_env(_settings(args), run_dir, os.path.dirname(ini), dict(os.environ))
+    # The project directory (services/, configs/, haproxy/) is the ini's own,
+    # unless MESHKIT_HOME says otherwise (a test running a modified copy).
+    home = os.environ.get("MESHKIT_HOME") or os.path.dirname(ini)
+    env = stack_env(_settings(args), run_dir, home, dict(os.environ))
     settings = Settings.load(getattr(args, "config", None), env=env)
     stack = Stack(settings, run_dir)
     if stack.circusd_pid() is not None:
@@ -133,7 +136,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     command = [sys.executable, "-c", "from circus.circusd import main; main()", ini]
     if args.daemon:
         command.append("--daemon")
-    proc = subprocess.Popen(command, env=env, cwd=os.path.dirname(ini), start_new_session=args.daemon)
+    proc = subprocess.Popen(command, env=env, cwd=home, start_new_session=args.daemon)
     try:
         _wait_ready(stack, settings, proc if not args.daemon else None, args.timeout)
     except BaseException:
@@ -207,9 +210,9 @@ def _print_welcome(stack: Stack, settings: Settings) -> None:
         f"\nmeshkit stack is up (run dir {stack.run_dir}).\n"
         f"  Stratum-style clients connect to port {port}, for example:\n"
         f"    nc 127.0.0.1 {port}\n"
-        '    {"id":1,"method":"mesh.subscribe","params":["jobs.notify"]}\n'
-        '    {"id":2,"method":"shares.submit","params":["<job_id from a notification>","00ff"]}\n'
-        '    {"id":3,"method":"shares.stats","params":[]}\n'
+        '    {"jsonrpc":"2.0","id":1,"method":"mesh.subscribe","params":["jobs.notify"]}\n'
+        '    {"jsonrpc":"2.0","id":2,"method":"shares.submit","params":["<job_id>","00ff"]}\n'
+        '    {"jsonrpc":"2.0","id":3,"method":"shares.stats","params":[]}\n'
         f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | down\n"
         f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
         flush=True,

@@ -77,6 +77,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
     env.update({
         "MESHKIT_RUN_DIR": str(run_dir),
+        "MESHKIT_HOME": str(ROOT),
         "MESHKIT_CONFIG": str(config),
         "MESHKIT_NAMESPACE": "stack" + uuid.uuid4().hex[:8],
         "MESHKIT_STRATUM_HOST": "127.0.0.1",
