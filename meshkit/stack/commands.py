@@ -210,9 +210,10 @@ def _print_welcome(stack: Stack, settings: Settings) -> None:
         f"\nmeshkit stack is up (run dir {stack.run_dir}).\n"
         f"  Stratum-style clients connect to port {port}, for example:\n"
         f"    nc 127.0.0.1 {port}\n"
-        '    {"jsonrpc":"2.0","id":1,"method":"mesh.subscribe","params":["jobs.notify"]}\n'
-        '    {"jsonrpc":"2.0","id":2,"method":"shares.submit","params":["<job_id>","00ff"]}\n'
-        '    {"jsonrpc":"2.0","id":3,"method":"shares.stats","params":[]}\n'
+        '    {"id":1,"method":"shares.login","params":["alice"]}\n'
+        '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
+        '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
+        '    {"id":4,"method":"shares.stats"}\n'
         f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | down\n"
         f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
         flush=True,

@@ -1,0 +1,310 @@
+"""The restart proof: client connections survive everything done to the services behind them.
+
+Usage (from the project root)::
+
+    .venv/bin/python bench/restarts.py            # a table
+    .venv/bin/python bench/restarts.py --json     # one JSON object on stdout
+
+It starts a private ``redis-server``, 3 ``shares`` backends, the ``jobs``
+announcer, 2 gateways and ``meshkit haproxy sync`` (which runs HAProxy) on a
+public socket this process binds on ``127.0.0.1:0`` and hands over as a file
+descriptor (:mod:`proofstack`). Then ``--clients`` miners (:mod:`loadclients`) connect through
+HAProxy; each submits ``--rate`` shares per second and receives a job push
+every ``--job-interval`` seconds, while these scenarios run one after the
+other:
+
+``a_rolling_restart``   every backend (shares, then jobs) stopped with SIGTERM and
+                        started again, one at a time
+``b_kill_all``          every backend killed with SIGKILL at once, ``--gap`` seconds
+                        with none, then all started again
+``c_scale``             shares scaled 3 -> 6 -> 2 (SIGTERM). ``first_traffic_s`` is the
+                        longest time from when this process saw a new instance
+                        registered (polling every 50 ms) to the first request it
+                        served (0 if it served one first); it must be <= 1 s
+``d_haproxy_reload``    ``--reloads`` HAProxy reloads, with new connections opening
+                        throughout (``--churn`` per second)
+``e_gateway_drain``     one gateway stopped with SIGTERM: new connections must go to
+                        the other; its clients keep working until its drain grace
+                        ends, then are told ``shutting_down`` and closed cleanly
+
+Per scenario it counts requests sent, answered, failed, hung and timed out,
+client disconnects, refused connections, clean closes and pushes, and the
+latency p50/p99 of answered requests. A request counts under the scenario in
+which it was sent. Timeouts are failures except in ``b_kill_all``, where a
+request sent during the gap may time out, but only at its deadline.
+The run passes when ``client_disconnects``, ``failed_requests``,
+``hung_requests`` and ``refused_connections`` are all 0 and every
+scenario-specific check holds (``checks`` in the JSON). Exit status 0 on
+pass, 1 on fail. ``tests/integration/test_restarts.py`` runs the same code,
+scaled down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from loadclients import HANG_SLACK, Churn, Miner, Tally
+from proofstack import JOBS, SHARES, ProofConfig, Stack
+
+SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain")
+
+
+class Proof:
+    """Runs the load and the scenarios against a started :class:`Stack`."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.config = stack.config
+        self.tally = Tally(self.config.request_timeout)
+        host, port = stack.address
+        self.miners = [Miner(n, host, port, self.tally, self.config.rate)
+                       for n in range(self.config.clients)]
+        self.extra: dict[str, dict[str, Any]] = {name: {} for name in SCENARIOS}
+        self.checks: dict[str, bool] = {}
+        self.started = 0.0
+        self.loadavg_start = os.getloadavg()
+
+    async def run(self) -> dict[str, Any]:
+        cfg = self.config
+        stop = asyncio.Event()
+        self.tally.scenario = "baseline"
+        miners = [asyncio.create_task(m.run(stop)) for m in self.miners]
+        watchdog = asyncio.create_task(self._watch_hung())
+        try:
+            await self._wait_connected()
+            self.started = time.monotonic()
+            await asyncio.sleep(cfg.settle)
+            for name in SCENARIOS:
+                self.tally.scenario = name
+                await getattr(self, name)()
+                await asyncio.sleep(cfg.settle)
+            self.tally.scenario = "teardown"
+        finally:
+            stop.set()
+            await asyncio.gather(*miners, return_exceptions=True)
+            watchdog.cancel()
+        for miner in self.miners:
+            miner.sweep_hung(time.monotonic() + 3600)  # anything still unanswered is hung
+        return self.report()
+
+    async def _wait_connected(self) -> None:
+        deadline = time.monotonic() + 30
+        while sum(c.connects for c in self.tally.by_scenario.values()) < len(self.miners):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the miners did not all connect within 30 s")
+            await asyncio.sleep(0.1)
+
+    async def _watch_hung(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for miner in self.miners:
+                miner.sweep_hung(now)
+
+    # -- the scenarios ----------------------------------------------------------------
+
+    async def a_rolling_restart(self) -> None:
+        stack = self.stack
+        exits = []
+        for i, old in enumerate(list(stack.shares)):
+            exits.append(await asyncio.to_thread(old.terminate))
+            stack.shares[i] = await asyncio.to_thread(lambda: stack.start_many(SHARES, 1)[0])
+        assert stack.jobs is not None
+        exits.append(await asyncio.to_thread(stack.jobs.terminate))
+        stack.jobs = await asyncio.to_thread(lambda: stack.start_many(JOBS, 1)[0])
+        self.extra["a_rolling_restart"]["restarted"] = len(exits)
+        self.checks["a_backends_exit_0"] = all(code == 0 for code in exits)
+
+    async def b_kill_all(self) -> None:
+        stack, cfg = self.stack, self.config
+        self.tally.gap_scenarios.add("b_kill_all")
+        assert stack.jobs is not None
+        victims = [*stack.shares, stack.jobs]
+        for proc in victims:
+            proc.kill()
+        await asyncio.sleep(cfg.gap)
+        count = len(stack.shares)
+        restarted_at = time.monotonic()
+        stack.jobs, *stack.shares = await asyncio.to_thread(
+            lambda: [stack.spawn(JOBS), *[stack.spawn(SHARES) for _ in range(count)]])
+        for proc in [stack.jobs, *stack.shares]:
+            await asyncio.to_thread(proc.wait_registered, 30)
+        back_at = time.monotonic()
+        # Pushes resume: every connected miner hears of a new job.
+        deadline = back_at + 3 * cfg.job_interval + 5
+        while time.monotonic() < deadline and not self._all_pushed_since(back_at):
+            await asyncio.sleep(0.1)
+        resumed = self._all_pushed_since(back_at)
+        info = self.extra["b_kill_all"]
+        info["gap_s"] = round(back_at - restarted_at + cfg.gap, 2)
+        info["pushes_resumed_s"] = round(time.monotonic() - back_at, 2) if resumed else None
+        self.checks["b_pushes_resumed"] = resumed
+        # Every request of the gap is resolved by now or counts as hung.
+        await asyncio.sleep(cfg.request_timeout + HANG_SLACK)
+
+    def _all_pushed_since(self, since: float) -> bool:
+        return all(self.tally.last_push_at.get(m.number, 0.0) > since for m in self.miners)
+
+    async def c_scale(self) -> None:
+        stack, cfg = self.stack, self.config
+        added = await asyncio.to_thread(stack.start_many, SHARES, cfg.scale_up_to - len(stack.shares))
+        registered = {p.record.instance_id: time.monotonic() for p in added if p.record is not None}
+        stack.shares.extend(added)
+        await asyncio.sleep(max(1.5, cfg.settle))
+        delays = {iid: self.tally.first_served.get(iid, float("inf")) - at
+                  for iid, at in registered.items()}
+        worst = max(delays.values())
+        info = self.extra["c_scale"]
+        info["scaled_up_to"] = len(stack.shares)
+        info["first_traffic_s"] = round(max(0.0, worst), 3) if worst != float("inf") else None
+        self.checks["c_new_instances_take_traffic_within_1s"] = worst <= 1.0
+        # Scale down: the oldest go, with SIGTERM, all at once.
+        leaving = stack.shares[:len(stack.shares) - cfg.scale_down_to]
+        stack.shares = stack.shares[len(leaving):]
+        exits = await asyncio.gather(*(asyncio.to_thread(p.terminate) for p in leaving))
+        info["scaled_down_to"] = len(stack.shares)
+        self.checks["c_removed_exit_0"] = all(code == 0 for code in exits)
+
+    async def d_haproxy_reload(self) -> None:
+        cfg = self.config
+        churn = Churn(*self.stack.address, self.tally, cfg.churn)
+        stop = asyncio.Event()
+        running = asyncio.create_task(churn.run(stop))
+        await asyncio.sleep(0.5)
+        for _ in range(cfg.reloads):
+            await asyncio.to_thread(self.stack.reload_haproxy)
+            await asyncio.sleep(1.0)
+        stop.set()
+        await running
+        self.extra["d_haproxy_reload"].update(reloads=cfg.reloads, new_connections=len(churn.landed))
+
+    async def e_gateway_drain(self) -> None:
+        stack, cfg = self.stack, self.config
+        leaving = stack.gateways[0]
+        assert leaving.record is not None and leaving.process is not None
+        gone_id = leaving.record.instance_id
+        held = sum(1 for m in self.miners for s in m.sessions if s.gateway == gone_id)
+        churn = Churn(*stack.address, self.tally, cfg.churn)
+        stop = asyncio.Event()
+        running = asyncio.create_task(churn.run(stop))
+        signalled = time.monotonic()
+        leaving.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(leaving.process.wait, cfg.gateway_grace + 30)
+        stack.gateways.remove(leaving)
+        stop.set()
+        await running
+        # HAProxy hears of the drain through the registry within milliseconds;
+        # 0.5 s is the allowance for that, not for the gateway.
+        misrouted = [g for at, g in churn.landed if g == gone_id and at > signalled + 0.5]
+        counts = self.tally.at("e_gateway_drain")
+        info = self.extra["e_gateway_drain"]
+        info.update(exit_code=code, clients_on_stopped_gateway=held,
+                    drain_s=round(time.monotonic() - signalled, 2),
+                    new_connections=len(churn.landed), misrouted_new_connections=len(misrouted))
+        self.checks["e_gateway_exit_0"] = code == 0
+        self.checks["e_no_new_connections_to_draining_gateway"] = not misrouted
+        self.checks["e_clients_closed_cleanly"] = counts.clean_closes >= held and held > 0
+
+    # -- the report -----------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        by = self.tally.by_scenario
+        totals = {k: sum(getattr(c, k) for c in by.values())
+                  for k in ("sent", "ok", "timeouts", "failed", "hung", "disconnects", "refused",
+                            "clean_closes", "pushes")}
+        baseline = by.get("baseline")
+        scenarios: dict[str, Any] = {}
+        for name in ("baseline", *SCENARIOS, "teardown"):
+            if name in by:
+                scenarios[name] = {**by[name].summary(), **self.extra.get(name, {})}
+        for name in SCENARIOS:
+            c = by.get(name)
+            self.checks[f"{name}_zero_counts"] = c is not None and c.sent > 0 and not (
+                c.disconnects or c.failed or c.hung or c.refused)
+        elapsed = time.monotonic() - self.started if self.started else 0.0
+        result = {
+            "config": asdict(self.config),
+            "client_disconnects": totals["disconnects"],
+            "failed_requests": totals["failed"],
+            "hung_requests": totals["hung"],
+            "refused_connections": totals["refused"],
+            "requests": totals["sent"],
+            "answered": totals["ok"],
+            "gap_timeouts": totals["timeouts"],
+            "pushes": totals["pushes"],
+            "request_rate_per_s": round(totals["sent"] / elapsed, 1) if elapsed else None,
+            "baseline_p50_ms": baseline.percentile(0.5) if baseline else None,
+            "baseline_p99_ms": baseline.percentile(0.99) if baseline else None,
+            "scenarios": scenarios,
+            "checks": self.checks,
+            "machine": {"cpus": os.cpu_count(), "loadavg_start": self.loadavg_start[0],
+                        "loadavg_end": os.getloadavg()[0]},
+        }
+        result["passed"] = (not (totals["disconnects"] or totals["failed"] or totals["hung"]
+                                 or totals["refused"]) and all(self.checks.values()))
+        return result
+
+
+def run_proof(config: ProofConfig, workdir: str | None = None) -> dict[str, Any]:
+    """Start the stack, run every scenario under load, tear down; return the report."""
+    with contextlib.ExitStack() as cleanup:
+        if workdir is None:
+            workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="meshkit-proof-"))
+        stack = Stack(config, Path(workdir))
+        cleanup.callback(stack.stop)
+        stack.start()
+        return asyncio.run(Proof(stack).run())
+
+
+def format_table(report: dict[str, Any]) -> str:
+    columns = ("sent", "ok", "failed", "hung", "timeouts", "disconnects", "refused",
+               "clean_closes", "pushes", "p50_ms", "p99_ms")
+    rows = [("scenario", *columns)]
+    for name, s in report["scenarios"].items():
+        rows.append((name, *(str(s[c]) if s[c] is not None else "-" for c in columns)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) if i else v.ljust(w)
+                       for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.append("")
+    for key in ("client_disconnects", "failed_requests", "hung_requests", "refused_connections",
+                "requests", "request_rate_per_s", "gap_timeouts", "machine"):
+        lines.append(f"{key:22} {report[key]}")
+    for name in SCENARIOS:
+        extra = {k: v for k, v in report["scenarios"].get(name, {}).items()
+                 if k not in columns and k not in ("errors", "connects")}
+        if extra:
+            lines.append(f"{name:22} {json.dumps(extra)}")
+    for check, ok in report["checks"].items():
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {check}")
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = ProofConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
+    for name, value in asdict(defaults).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = parser.parse_args(argv)
+    config = ProofConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    report = run_proof(config, args.workdir)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

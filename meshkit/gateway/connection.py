@@ -1,0 +1,357 @@
+"""One client connection to a gateway: read lines, run requests, write answers and pushes.
+
+Contracts of :class:`Connection`:
+
+* **Lines are bounded.** A line longer than ``max_line`` bytes is answered
+  with ``line_too_long`` (once) and skipped up to its newline; the next line
+  is read normally.
+* **Requests run concurrently**, at most ``max_inflight`` per connection;
+  one over the limit is answered ``too_many_in_flight`` and not run. Answers
+  go out in completion order.
+* **Backpressure.** Writes never block the gateway. While more than
+  ``_HIGH_WATER`` bytes wait to be sent, no further requests are read (the
+  client's own sends back up). A client that lets ``max_output`` bytes pile
+  up (it stopped reading pushes) is dropped as a ``slow_consumer``.
+* **Built-in methods** ``mesh.hello``, ``mesh.subscribe`` and
+  ``mesh.unsubscribe`` are answered here; everything else goes to the
+  ``call`` function given by the gateway.
+* **Ending.** On the client's EOF, requests in flight finish and are
+  answered, then the connection closes. :meth:`finish` does the same from
+  the gateway's side and sends a closing error first; :meth:`close` closes at
+  once (after flushing what was written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from ..metrics import Metrics
+from ..registry import topic_matches
+from . import jsonrpc
+from .jsonrpc import Invalid, Request
+from .options import GatewayOptions
+
+log = logging.getLogger("meshkit.gateway.connection")
+
+_READ_SIZE = 64 * 1024
+# Output queued beyond this pauses reading requests from the client.
+_HIGH_WATER = 256 * 1024
+
+
+class RpcError(Exception):
+    """Raised by a call function: the request fails with this JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+CallFunction = Callable[["Connection", Request], Awaitable[Any]]
+Doc = dict[str, Any] | None  # a response object, or None for a notification
+
+
+def covered(allowed: Iterable[str], wanted: str) -> bool:
+    """Whether topic or ``prefix.*`` pattern ``wanted`` lies inside the ``allowed`` patterns."""
+    if not wanted.endswith(".*"):
+        return topic_matches(allowed, wanted)
+    prefix = wanted[:-1]
+    return any(p == wanted or (p.endswith(".*") and prefix.startswith(p[:-1])) for p in allowed)
+
+
+class Connection:
+    """A client connection, from accept to close. Run it with :meth:`serve`."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        options: GatewayOptions,
+        call: CallFunction,
+        metrics: Metrics,
+        gateway_id: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = conn_id
+        self.options = options
+        self.gateway_id = gateway_id
+        self.subscriptions: set[str] = set()
+        self.inflight = 0
+        self._reader = reader
+        self._writer = writer
+        self._call = call
+        self._metrics = metrics
+        self._clock = clock
+        self.last_active = clock()
+        self.closed = False
+        self.done = asyncio.Event()
+        self._quiet = asyncio.Event()  # set while nothing is in flight
+        self._quiet.set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._read_task: asyncio.Task[None] | None = None
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Read and serve until the client closes (or :meth:`finish`/:meth:`close`)."""
+        self._read_task = asyncio.create_task(self._read_loop(), name=f"gateway-read-{self.id}")
+        try:
+            await self._read_task
+        except asyncio.CancelledError:
+            if not self._read_task.cancelled():
+                raise  # serve() itself was cancelled
+        finally:
+            if not self.closed:
+                # EOF from the client: answer what it already asked, then close.
+                await self._wait_quiet(self.options.request_timeout + 1.0)
+                self.close()
+            self.done.set()
+
+    async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
+        """Close from the gateway's side without losing a request; return once closed.
+
+        The client first gets an error with ``id`` null and ``code`` (for
+        example ``shutting_down``): its cue to stop sending here and
+        reconnect. Requests that were already on their way are still read for
+        ``linger`` seconds (or until the client closes), and everything read
+        is answered (waiting up to ``wait`` s); then the connection closes.
+        """
+        if self.closed:
+            await self.done.wait()
+            return
+        self.send(jsonrpc.error_line(None, code, message))
+        read_task = self._read_task
+        if read_task is not None and not read_task.done():
+            await asyncio.wait({read_task}, timeout=linger)
+            read_task.cancel()
+        await self._wait_quiet(wait)
+        self.close()
+        await self.done.wait()
+
+    def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
+        """Close now; with ``code``, send that error (``id`` null) first.
+
+        Written data is flushed before the socket closes, unless ``abort``.
+        """
+        if self.closed:
+            return
+        if code is not None and not abort:
+            self.send(jsonrpc.error_line(None, code, message))
+        self.closed = True
+        if self._read_task is not None:
+            self._read_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if abort:
+            self._writer.transport.abort()
+        else:
+            self._writer.close()
+
+    def idle(self, now: float) -> bool:
+        """Whether nothing was received for ``idle_timeout`` s and nothing is in flight."""
+        timeout = self.options.idle_timeout
+        return timeout > 0 and not self.inflight and now - self.last_active >= timeout
+
+    # -- output ---------------------------------------------------------------
+
+    def send(self, line: bytes) -> bool:
+        """Queue one line for the client; False if the connection is closed."""
+        if self.closed:
+            return False
+        self._writer.write(line)
+        self._metrics.gateway_message("out")
+        if self._writer.transport.get_write_buffer_size() > self.options.max_output:
+            log.warning("dropping slow consumer %s (%s): more than %d bytes unread",
+                        self.id, self.peer, self.options.max_output)
+            self._metrics.gateway_rejected("slow_consumer")
+            self.close(abort=True)
+            return False
+        return True
+
+    def push(self, topic: str, line: bytes) -> bool:
+        """Send a pushed notification if the client subscribed to ``topic``."""
+        if self.closed or not topic_matches(self.subscriptions, topic):
+            return False
+        return self.send(line)
+
+    # -- input ----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        buf = bytearray()
+        skipping = False  # inside an over-long line, discarding up to its newline
+        max_line = self.options.max_line
+        try:
+            while not self.closed:
+                await self._writer.drain()  # pauses here while the client does not read
+                chunk = await self._reader.read(_READ_SIZE)
+                if not chunk:
+                    return
+                self.last_active = self._clock()
+                start = len(buf)
+                buf += chunk
+                while not self.closed:
+                    newline = buf.find(b"\n", start)
+                    if newline < 0:
+                        if len(buf) > max_line:
+                            if not skipping:
+                                self._line_too_long()
+                                skipping = True
+                            buf.clear()
+                        break
+                    line = bytes(buf[:newline])
+                    del buf[:newline + 1]
+                    start = 0
+                    if skipping:
+                        skipping = False  # the tail of the over-long line
+                    elif len(line) > max_line:
+                        self._line_too_long()
+                    else:
+                        self._on_line(line)
+        except (ConnectionError, OSError):
+            return  # the client reset the connection
+
+    def _line_too_long(self) -> None:
+        self._metrics.gateway_message("in")
+        self._metrics.gateway_rejected("line_too_long")
+        self.send(jsonrpc.error_line(
+            None, jsonrpc.LINE_TOO_LONG,
+            f"line longer than {self.options.max_line} bytes; skipped up to its newline"))
+
+    def _on_line(self, line: bytes) -> None:
+        self._metrics.gateway_message("in")
+        parsed = jsonrpc.parse_line(line)
+        if parsed is None:
+            return
+        immediate: list[dict[str, Any] | None] = []
+        running: list[Awaitable[dict[str, Any] | None]] = []
+        for item in parsed.items:
+            outcome = self._prepare(item)
+            if isinstance(outcome, dict) or outcome is None:
+                immediate.append(outcome)
+            else:
+                running.append(outcome)
+        if not running:
+            self._answer(parsed.batch, immediate)
+            return
+        # Tasks at once (not coroutines for later) so every request starts now
+        # and each is cancelled on close even if the answer is never sent.
+        calls = [self._track(asyncio.ensure_future(c)) for c in running]
+        self._track(asyncio.ensure_future(self._complete(parsed.batch, immediate, calls)))
+
+    def _track(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _prepare(self, item: jsonrpc.Item) -> dict[str, Any] | Awaitable[Doc] | None:
+        """An answer now (or None: a notification), or an awaitable that produces it."""
+        if isinstance(item, Invalid):
+            self._metrics.gateway_rejected(jsonrpc.REASONS[item.code])
+            return jsonrpc.error_doc(item.id, item.code, item.message)
+        if item.method.startswith("mesh."):
+            try:
+                result = self._builtin(item)
+            except RpcError as exc:
+                self._metrics.gateway_rejected(jsonrpc.REASONS.get(exc.code, "error"))
+                doc = jsonrpc.error_doc(item.id, exc.code, exc.message, exc.data)
+            else:
+                doc = jsonrpc.result_doc(item.id, result)
+            return None if item.notification else doc
+        if self.inflight >= self.options.max_inflight:
+            self._metrics.gateway_rejected("too_many_in_flight")
+            if item.notification:
+                return None
+            return jsonrpc.error_doc(item.id, jsonrpc.TOO_MANY_IN_FLIGHT,
+                                     f"more than {self.options.max_inflight} requests in flight "
+                                     "on this connection; not run")
+        # Counted now, not when the coroutine starts, so later items of the
+        # same line (a batch) see it.
+        self.inflight += 1
+        self._quiet.clear()
+        return self._run(item)
+
+    async def _run(self, request: Request) -> dict[str, Any] | None:
+        try:
+            result = await self._call(self, request)
+            doc = jsonrpc.result_doc(request.id, result)
+        except RpcError as exc:
+            doc = jsonrpc.error_doc(request.id, exc.code, exc.message, exc.data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("request %s on %s failed", request.method, self.id)
+            doc = jsonrpc.error_doc(request.id, jsonrpc.INTERNAL_ERROR,
+                                    f"internal error: {type(exc).__name__}")
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.last_active = self._clock()
+                self._quiet.set()
+        return None if request.notification else doc
+
+    async def _complete(self, batch: bool, immediate: list[dict[str, Any] | None],
+                        calls: list[asyncio.Future[Any]]) -> None:
+        done = await asyncio.gather(*calls)
+        self._answer(batch, [*immediate, *done])
+
+    def _answer(self, batch: bool, docs: list[dict[str, Any] | None]) -> None:
+        answers = [d for d in docs if d is not None]
+        if not answers:
+            return
+        try:
+            line = jsonrpc.batch_line(answers) if batch else jsonrpc.doc_line(answers[0])
+        except (TypeError, ValueError) as exc:
+            log.warning("answer on %s cannot be encoded as JSON: %s", self.id, exc)
+            line = jsonrpc.error_line(answers[0].get("id") if not batch else None,
+                                      jsonrpc.INTERNAL_ERROR, "result cannot be encoded as JSON")
+        self.send(line)
+
+    async def _wait_quiet(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._quiet.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("closing %s with %d requests still in flight", self.id, self.inflight)
+
+    # -- built-in methods -------------------------------------------------------
+
+    def _builtin(self, request: Request) -> Any:
+        name = request.method
+        if name == "mesh.hello":
+            return {"connection": self.id, "gateway": self.gateway_id,
+                    "topics": list(self.options.topics)}
+        if name in ("mesh.subscribe", "mesh.unsubscribe"):
+            topics = _topics_param(request.params)
+            if name == "mesh.unsubscribe":
+                self.subscriptions.difference_update(topics or self.subscriptions.copy())
+                return sorted(self.subscriptions)
+            refused = [t for t in topics if not covered(self.options.topics, t)]
+            if refused or not topics:
+                raise RpcError(jsonrpc.INVALID_PARAMS,
+                               "topics not forwarded by this gateway: " + ", ".join(refused)
+                               if refused else "mesh.subscribe needs at least one topic",
+                               {"forwarded": list(self.options.topics)})
+            self.subscriptions.update(topics)
+            return sorted(self.subscriptions)
+        raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"no built-in method {name!r}",
+                       {"builtins": ["mesh.hello", "mesh.subscribe", "mesh.unsubscribe"]})
+
+
+def _topics_param(params: list[Any] | dict[str, Any] | None) -> list[str]:
+    """Topics from ``["a", "b"]``, ``[["a", "b"]]`` or ``{"topics": [...]}``."""
+    if isinstance(params, dict):
+        params = params.get("topics", [])
+    items: Any = params or []
+    if len(items) == 1 and isinstance(items[0], list):
+        items = items[0]
+    if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
+        raise RpcError(jsonrpc.INVALID_PARAMS, "topics must be non-empty strings")
+    return list(items)

@@ -1,0 +1,267 @@
+"""JSON-RPC 2.0 over newline-delimited JSON: what a gateway client speaks.
+
+One UTF-8 JSON text per line (``\\n``; a trailing ``\\r`` is ignored, blank
+lines are skipped). A line holds one request object or a batch (an array of
+them). A request is::
+
+    {"jsonrpc": "2.0", "method": "SERVICE.METHOD", "params": [...] | {...}, "id": 1}
+
+``params`` is optional; an array becomes positional arguments, an object
+keyword arguments. Without ``id`` the request is a notification: it runs but
+gets no answer. Answers are ``{"jsonrpc": "2.0", "id": ..., "result": ...}``
+or ``{"jsonrpc": "2.0", "id": ..., "error": {"code", "message", "data"}}``,
+in completion order, not request order (match them by ``id``). Pushed
+messages are notifications whose ``method`` is the topic.
+
+Error codes
+-----------
+``data`` is always an object whose ``"code"`` is a stable string: the mesh
+error code when a backend answered (``unknown_method``, ``bad_arguments``,
+...), else the name below. For ``handler_error`` it also carries ``"type"``,
+the exception's class name. Codes marked *closes* are sent with
+``id`` null right before the gateway closes the connection; every other error
+leaves the connection open.
+
+======  ====================  =====================================================
+-32700  parse_error           the line is not valid JSON (``id`` null)
+-32600  invalid_request       not a JSON-RPC 2.0 request object (empty batch, no
+                              ``method``, ``params`` not an array or object, ...)
+-32601  method_not_found      ``method`` is not ``SERVICE.METHOD``, the service is
+                              unknown to the gateway, or has no such method
+-32602  invalid_params        the arguments do not fit the method (or a topic is
+                              not forwarded by this gateway)
+-32603  internal_error        anything else that went wrong inside the mesh
+-32000  timeout               no answer before the request's deadline (including
+                              waiting for a backend instance to come up)
+-32001  no_instance           no backend instance of the service is available
+-32002  lost_peer             the backend died with the request in flight; it may
+                              or may not have run (only non-idempotent methods)
+-32003  too_many_in_flight    the connection already has the maximum number of
+                              requests in flight; this one was not run
+-32004  line_too_long         the line exceeded the maximum length and was skipped
+                              up to its newline (``id`` null)
+-32005  handler_error         the backend's handler raised; ``message`` is
+                              ``"<Type>: <text>"``
+-32006  too_many_connections  the gateway is full (*closes*)
+-32007  idle_timeout          nothing received for too long (*closes*)
+-32008  shutting_down         the gateway is stopping; reconnect (*closes*)
+-32009  slow_consumer         the client stopped reading; it is dropped without
+                              this error (it would not read it), which names
+                              the reason in metrics and logs
+======  ====================  =====================================================
+
+This module only parses and formats; it does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CallError, HandlerError
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+TIMEOUT = -32000
+NO_INSTANCE = -32001
+LOST_PEER = -32002
+TOO_MANY_IN_FLIGHT = -32003
+LINE_TOO_LONG = -32004
+HANDLER_ERROR = -32005
+TOO_MANY_CONNECTIONS = -32006
+IDLE_TIMEOUT = -32007
+SHUTTING_DOWN = -32008
+SLOW_CONSUMER = -32009
+
+#: The stable string for each numeric code (``error.data.code``).
+REASONS: Mapping[int, str] = {
+    PARSE_ERROR: "parse_error",
+    INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found",
+    INVALID_PARAMS: "invalid_params",
+    INTERNAL_ERROR: "internal_error",
+    TIMEOUT: "timeout",
+    NO_INSTANCE: "no_instance",
+    LOST_PEER: "lost_peer",
+    TOO_MANY_IN_FLIGHT: "too_many_in_flight",
+    LINE_TOO_LONG: "line_too_long",
+    HANDLER_ERROR: "handler_error",
+    TOO_MANY_CONNECTIONS: "too_many_connections",
+    IDLE_TIMEOUT: "idle_timeout",
+    SHUTTING_DOWN: "shutting_down",
+    SLOW_CONSUMER: "slow_consumer",
+}
+
+# Mesh error codes (meshkit.errors) and the JSON-RPC code each becomes.
+_FROM_MESH: Mapping[str, int] = {
+    "timeout": TIMEOUT,
+    "no_instance": NO_INSTANCE,
+    "lost_peer": LOST_PEER,
+    "unknown_service": METHOD_NOT_FOUND,
+    "unknown_method": METHOD_NOT_FOUND,
+    "bad_arguments": INVALID_PARAMS,
+    "handler_error": HANDLER_ERROR,
+}
+
+RequestId = str | int | float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed request. ``notification`` is True when it carried no ``id``."""
+
+    id: RequestId
+    method: str
+    params: list[Any] | dict[str, Any] | None
+    notification: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A batch item (or the whole line) that is not a valid request: answer with this error."""
+
+    id: RequestId
+    code: int
+    message: str
+
+
+Item = Request | Invalid
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """What one line held: its items, and whether they came as a batch (an array)."""
+
+    items: list[Item]
+    batch: bool = False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_line(line: bytes) -> Line | None:
+    """Parse one line (without its ``\\n``); ``None`` for a blank line.
+
+    Never raises: what cannot be parsed becomes an :class:`Invalid` item.
+    """
+    text = line.rstrip(b"\r")
+    if not text.strip():
+        return None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        # UnicodeDecodeError is a ValueError; RecursionError is deep nesting.
+        return Line([Invalid(None, PARSE_ERROR, f"invalid JSON: {_short(exc)}")])
+    if isinstance(doc, list):
+        if not doc:
+            return Line([Invalid(None, INVALID_REQUEST, "empty batch")])
+        return Line([parse_request(item) for item in doc], batch=True)
+    return Line([parse_request(doc)])
+
+
+def parse_request(doc: Any) -> Item:
+    """Validate one decoded JSON value as a JSON-RPC 2.0 request."""
+    if not isinstance(doc, dict):
+        return Invalid(None, INVALID_REQUEST, "a request must be a JSON object")
+    has_id = "id" in doc
+    rid = doc.get("id")
+    if has_id and not _valid_id(rid):
+        return Invalid(None, INVALID_REQUEST, "id must be a string, a number or null")
+    # Stratum v1 clients send JSON-RPC 1.0-style objects without "jsonrpc";
+    # they are the first users, so a missing member is accepted. A wrong one is not.
+    if "jsonrpc" in doc and doc["jsonrpc"] != "2.0":
+        return Invalid(rid, INVALID_REQUEST, 'jsonrpc must be "2.0" (or absent)')
+    method = doc.get("method")
+    if not isinstance(method, str) or not method:
+        return Invalid(rid, INVALID_REQUEST, "method must be a non-empty string")
+    params = doc.get("params")
+    if "params" in doc and not isinstance(params, (list, dict)):
+        return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
+    return Request(rid, method, params, notification=not has_id)
+
+
+def _valid_id(value: Any) -> bool:
+    # bool is an int in Python but not a JSON-RPC id.
+    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+
+
+def split_method(method: str) -> tuple[str, str] | None:
+    """``"SERVICE.METHOD"`` as ``(service, method)``; ``None`` if it has no such shape."""
+    service, dot, name = method.partition(".")
+    if not dot or not service or not name:
+        return None
+    return service, name
+
+
+def error_for(exc: CallError) -> tuple[int, str, dict[str, Any]]:
+    """The JSON-RPC ``(code, message, data)`` for a failed mesh call."""
+    code = _FROM_MESH.get(exc.code, INTERNAL_ERROR)
+    data: dict[str, Any] = {"code": exc.code}
+    if isinstance(exc, HandlerError) and exc.remote_type:
+        data["type"] = exc.remote_type
+    return code, str(exc), data
+
+
+def _json_default(value: Any) -> Any:
+    # Mesh replies are MessagePack, which has types JSON lacks.
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), default=_json_default,
+                      allow_nan=False).encode() + b"\n"
+
+
+def error_object(code: int, message: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``error`` member; ``data.code`` defaults to the code's stable string."""
+    full = {"code": REASONS.get(code, "error")}
+    full.update(data or {})
+    return {"code": code, "message": message, "data": full}
+
+
+def error_line(rid: RequestId, code: int, message: str,
+               data: Mapping[str, Any] | None = None) -> bytes:
+    """An error response, newline included."""
+    return _dump({"jsonrpc": "2.0", "id": rid, "error": error_object(code, message, data)})
+
+
+def result_doc(rid: RequestId, result: Any) -> dict[str, Any]:
+    """A success response as an object (for batches)."""
+    return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+
+def error_doc(rid: RequestId, code: int, message: str,
+              data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An error response as an object (for batches)."""
+    return {"jsonrpc": "2.0", "id": rid, "error": error_object(code, message, data)}
+
+
+def batch_line(docs: list[dict[str, Any]]) -> bytes:
+    """A batch answer (an array of responses), newline included."""
+    return json.dumps(docs, separators=(",", ":"), default=_json_default,
+                      allow_nan=False).encode() + b"\n"
+
+
+def doc_line(doc: dict[str, Any]) -> bytes:
+    """One response object as a line."""
+    return _dump(doc)
+
+
+def notification_line(method: str, params: Any) -> bytes:
+    """A server-to-client notification (a pushed message), newline included."""
+    return _dump({"jsonrpc": "2.0", "method": method, "params": params})
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

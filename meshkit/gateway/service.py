@@ -1,0 +1,305 @@
+"""``Gateway``: the built-in service that holds client connections behind HAProxy.
+
+Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
+
+* listens for clients on ``bind_host`` and a port the kernel picks (or one in
+  ``port_min..port_max``), and advertises ``host:port`` in its registry record
+  under the listener name (``stratum`` by default), which is how HAProxy finds
+  it;
+* speaks newline-delimited JSON-RPC 2.0 (:mod:`meshkit.gateway.jsonrpc`): a
+  request for ``SERVICE.METHOD`` becomes a mesh call with the configured
+  deadline, carrying the connection id as metadata ``conn`` (backends read it
+  with ``meshkit.current_call().connection_id``). While no instance of a known
+  service is up, the call waits for one up to its deadline;
+* subscribes to the configured topics (the record lists them, so publishers
+  push here) and forwards each push to the clients subscribed to it;
+* keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), deleted
+  when the connection closes, and sweeps the state of dead gateways;
+* enforces the limits in :class:`~meshkit.gateway.options.GatewayOptions`.
+
+Draining (SIGTERM): the record says ``draining``, so HAProxy sends no new
+connections; the listener closes a second later. Existing clients keep
+working until they disconnect or ``drain_grace`` ends; then each gets a
+``shutting_down`` error (its cue to reconnect), every request it had already
+sent is answered, and the connection is closed
+(:meth:`~meshkit.gateway.connection.Connection.finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+from typing import Any
+
+from ..config import Settings
+from ..context import current_call
+from ..errors import CallError, ClientClosedError
+from ..handlers import Handler
+from ..service import Service
+from . import jsonrpc
+from .connection import Connection, RpcError
+from .jsonrpc import Request
+from .options import GatewayOptions
+from .state import ConnectionStore
+
+log = logging.getLogger("meshkit.gateway")
+
+# After the record says "draining", HAProxy needs a moment (the sync
+# process's reaction time) before it stops sending new connections here.
+# Closing the listener earlier would reset connections HAProxy already sent.
+_LISTEN_LINGER = 1.0
+
+
+class Gateway(Service):
+    """Client connections in, mesh calls out, pushes back (see the module doc)."""
+
+    name = "gateway"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__(settings)
+        self.options = GatewayOptions.from_settings(self.settings, self.name)
+        # Topics come from configuration, not from a decorator, so they are
+        # added to the handler table before the record is first written.
+        for pattern in self.options.topics:
+            self._table.topics.setdefault(pattern, []).append(Handler(pattern, self._on_push, True))
+        self.store = ConnectionStore(self.settings)
+        self.connections: dict[str, Connection] = {}
+        self.address = ""
+        self._listener: asyncio.Server | None = None
+        self._ids = itertools.count(1)
+        self._known_services: set[str] = set(self.options.services)
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
+        self._background: list[asyncio.Task[None]] = []
+        self._state_tasks: set[asyncio.Task[None]] = set()
+        self._state_opening: dict[str, asyncio.Task[None]] = {}
+        self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
+
+    # -- lifecycle hooks ----------------------------------------------------------
+
+    async def on_start(self) -> None:
+        self._listener = await self._listen()
+        port = self._listener.sockets[0].getsockname()[1]
+        self.address = f"{self.settings.advertised_host}:{port}"
+        self.advertise_listener(self.options.listener, self.address)
+        self.registry.add_listener(self._note_services)
+        self._note_services()
+        self._background = [
+            asyncio.create_task(self._expire_idle(), name="gateway-idle"),
+            asyncio.create_task(self._sweep_state(), name="gateway-state-sweep"),
+        ]
+        log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
+
+    async def on_drain(self, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.options.drain_grace
+        log.info("draining %d client connections (grace %.1fs)",
+                 len(self.connections), self.options.drain_grace)
+        await asyncio.sleep(min(_LISTEN_LINGER, self.options.drain_grace))
+        if self._listener is not None:
+            self._listener.close()  # existing connections stay open
+        try:
+            await asyncio.wait_for(self._no_connections.wait(), max(0.0, end - loop.time()))
+        except asyncio.TimeoutError:
+            pass
+        if self.connections:
+            log.info("drain grace over: closing %d client connections", len(self.connections))
+        await asyncio.gather(*(
+            conn.finish(jsonrpc.SHUTTING_DOWN, "gateway is shutting down; reconnect",
+                        self.options.request_timeout)
+            for conn in list(self.connections.values())))
+
+    async def on_stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for conn in list(self.connections.values()):
+            conn.close(abort=True)
+        if self._state_tasks:
+            await asyncio.wait(self._state_tasks, timeout=2.0)
+        if self._listener is not None:
+            self._listener.close()
+        await self.store.aclose()
+
+    # -- accepting clients ------------------------------------------------------------
+
+    async def _listen(self) -> asyncio.Server:
+        host = self.settings.bind_host
+        if host in ("", "*"):
+            host = "0.0.0.0"
+        low, high = self.settings.port_min, self.settings.port_max
+        ports = random.sample(range(low, high + 1), min(200, high - low + 1)) if low else [0]
+        for port in ports:
+            try:
+                return await asyncio.start_server(self._on_client, host, port,
+                                                  family=socket.AF_INET if ":" not in host else 0,
+                                                  backlog=1024, reuse_address=True)
+            except OSError:
+                if port == ports[-1]:
+                    raise
+        raise OSError("no port to listen on")  # unreachable: ports is never empty
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_id = f"{self.instance_id}-{next(self._ids):x}"
+        conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
+                          metrics=self.metrics, gateway_id=self.instance_id)
+        if len(self.connections) >= self.options.max_connections:
+            self.metrics.gateway_rejected("too_many_connections")
+            log.warning("refusing %s: already %d connections", conn.peer, len(self.connections))
+            conn.close(jsonrpc.TOO_MANY_CONNECTIONS,
+                       f"gateway full ({self.options.max_connections} connections); retry later")
+            return
+        self.connections[conn_id] = conn
+        self._no_connections.clear()
+        self.metrics.gateway_clients(len(self.connections))
+        try:
+            await conn.serve()
+        finally:
+            del self.connections[conn_id]
+            if not self.connections:
+                self._no_connections.set()
+            self.metrics.gateway_clients(len(self.connections))
+            opening = self._state_opening.pop(conn_id, None)
+            if opening is not None:
+                self._spawn_state_task(self._close_state(conn_id, opening))
+
+    async def _ensure_state(self, conn: Connection) -> None:
+        """Create the connection's Redis state before its first mesh call.
+
+        Not at accept: HAProxy's health checks connect every half second and
+        never send a request, and they should cost no Redis writes.
+        """
+        opening = self._state_opening.get(conn.id)
+        if opening is None:
+            if conn.closed:
+                return  # its state would outlive it
+            # Bounded: with Redis away, the first request waits at most this long.
+            opening = asyncio.create_task(_logged(
+                self.store.open(conn.id, self.instance_id, conn.peer), "creating connection state",
+                timeout=1.0))
+            self._state_opening[conn.id] = opening
+        if not opening.done():
+            await asyncio.shield(opening)  # a cancelled request must not cancel the write
+
+    async def _close_state(self, conn_id: str, opening: asyncio.Task[None]) -> None:
+        await opening  # never deletes before the create landed
+        await self.store.close(conn_id, self.instance_id)
+
+    def _spawn_state_task(self, coro: Any) -> None:
+        task = asyncio.create_task(_logged(coro, "deleting connection state"))
+        self._state_tasks.add(task)
+        task.add_done_callback(self._state_tasks.discard)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _note_services(self) -> None:
+        if not self.options.services:
+            self._known_services.update(self.registry.services())
+
+    def _callable(self, service: str) -> bool:
+        if service == self.name:
+            return False
+        if self.options.services:
+            return service in self._known_services
+        # Remembering every service ever seen is what lets a request wait
+        # through a gap in which no instance of it is up.
+        return service in self._known_services or bool(self.registry.instances(service))
+
+    async def _route(self, conn: Connection, request: Request) -> Any:
+        """Run one client request as a mesh call; raise :class:`RpcError` on failure."""
+        target = jsonrpc.split_method(request.method)
+        if target is None:
+            self.metrics.gateway_rejected("method_not_found")
+            raise RpcError(jsonrpc.METHOD_NOT_FOUND,
+                           f"method must be SERVICE.METHOD, got {request.method!r}")
+        service, method = target
+        if not self._callable(service):
+            self.metrics.gateway_rejected("method_not_found")
+            raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {service!r}")
+        await self._ensure_state(conn)
+        params = request.params
+        args = params if isinstance(params, list) else []
+        kwargs = params if isinstance(params, dict) else {}
+        try:
+            return await self.client.call(service, method, args, kwargs,
+                                          timeout=self.options.request_timeout, wait=True,
+                                          meta={"conn": conn.id})
+        except CallError as exc:
+            code, message, data = jsonrpc.error_for(exc)
+            raise RpcError(code, message, data) from None
+        except ClientClosedError:
+            raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            # The mesh encodes with MessagePack, which refuses e.g. integers over 64 bits.
+            raise RpcError(jsonrpc.INVALID_PARAMS, f"params cannot be sent: {exc}") from None
+
+    # -- pushes -------------------------------------------------------------------------
+
+    async def _on_push(self, payload: Any) -> None:
+        ctx = current_call()
+        topic = ctx.name if ctx is not None else ""
+        try:
+            line = jsonrpc.notification_line(topic, payload)
+        except (TypeError, ValueError) as exc:
+            log.warning("push to %s cannot be sent as JSON: %s", topic, exc)
+            return
+        for conn in list(self.connections.values()):
+            conn.push(topic, line)
+
+    # -- background ---------------------------------------------------------------------
+
+    async def _expire_idle(self) -> None:
+        timeout = self.options.idle_timeout
+        if timeout <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, timeout / 4)))
+            now = loop.time()
+            for conn in list(self.connections.values()):
+                if conn.idle(now):
+                    self.metrics.gateway_rejected("idle_timeout")
+                    log.info("closing idle connection %s (%s)", conn.id, conn.peer)
+                    conn.close(jsonrpc.IDLE_TIMEOUT, f"nothing received for {timeout:g}s")
+
+    async def _sweep_state(self) -> None:
+        while True:
+            try:
+                await self.sweep_state()
+            except Exception as exc:
+                log.warning("connection state sweep failed: %s", exc)
+            await asyncio.sleep(self.settings.ttl)
+
+    async def sweep_state(self) -> int:
+        """One sweep: delete state of dead gateways and of our own closed connections.
+
+        A gateway counts as dead when it is missing from the registry on two
+        sweeps in a row (see :mod:`meshkit.gateway.state`). Returns how many
+        connections' state was deleted.
+        """
+        live = {r.instance_id for r in await self.registry.scan()}
+        live.add(self.instance_id)
+        removed = 0
+        missing = await self.store.gateways() - live
+        for gateway_id in missing & self._suspects:
+            count = await self.store.drop_gateway(gateway_id)
+            removed += count
+            log.info("removed state of %d connections of dead gateway %s", count, gateway_id)
+        self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
+        removed += await self.store.reconcile(self.instance_id, self.connections)
+        return removed
+
+
+async def _logged(coro: Any, what: str, timeout: float = 2.0) -> None:
+    """Await a Redis state operation, bounded; failures are logged, never raised.
+
+    A gateway keeps serving while Redis is away: only the state is missing
+    (backends get ``ConnectionGoneError``), and the sweep deletes leftovers.
+    """
+    try:
+        await asyncio.wait_for(coro, timeout)
+    except Exception as exc:
+        log.warning("%s failed: %s", what, exc)

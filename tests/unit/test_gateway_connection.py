@@ -1,0 +1,301 @@
+"""One gateway connection, driven over an in-process socket pair (no network, no Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from meshkit.config import Settings
+from meshkit.errors import ConfigError
+from meshkit.gateway import GatewayOptions, jsonrpc
+from meshkit.gateway.connection import Connection, RpcError, covered
+from meshkit.gateway.jsonrpc import Request
+from meshkit.metrics import Metrics
+
+_WAIT = 5.0  # bound on every wait for something that must happen
+
+
+class Client:
+    """The client's end of the pair: write lines, read JSON lines."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, data: bytes | dict[str, Any]) -> None:
+        self.writer.write(data if isinstance(data, bytes) else json.dumps(data).encode() + b"\n")
+        await self.writer.drain()
+
+    async def recv(self) -> Any:
+        line = await asyncio.wait_for(self.reader.readline(), _WAIT)
+        assert line, "connection closed"
+        return json.loads(line)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+    async def eof(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), _WAIT) == b""
+
+
+Call = Callable[[Connection, Request], Awaitable[Any]]
+
+
+async def echo_call(conn: Connection, request: Request) -> Any:
+    if request.method == "x.fail":
+        raise RpcError(jsonrpc.TIMEOUT, "too late", {"code": "timeout"})
+    return {"method": request.method, "params": request.params, "conn": conn.id}
+
+
+async def pair(call: Call = echo_call, clock: Callable[[], float] | None = None,
+               **options: Any) -> tuple[Connection, Client, asyncio.Task[None]]:
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    client = Client(*await asyncio.open_connection(sock=b))
+    kwargs: dict[str, Any] = {"clock": clock} if clock else {}
+    conn = Connection("gw1-1", reader, writer, options=GatewayOptions(**options), call=call,
+                      metrics=Metrics("", "", "gateway"), gateway_id="gw1", **kwargs)
+    return conn, client, asyncio.create_task(conn.serve())
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def req(rid: Any, method: str = "svc.m", params: Any = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
+    if params is not None:
+        doc["params"] = params
+    return doc
+
+
+def test_requests_are_routed_and_answered_by_id() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        await client.send(req(1, "shares.submit", ["ab", "00ff00ff"]))
+        answer = await client.recv()
+        assert answer == {"jsonrpc": "2.0", "id": 1, "result": {
+            "method": "shares.submit", "params": ["ab", "00ff00ff"], "conn": "gw1-1"}}
+        await client.send(req("e", "x.fail"))
+        error = (await client.recv())["error"]
+        assert error == {"code": -32000, "message": "too late", "data": {"code": "timeout"}}
+        await client.close()
+        await task
+    run(main())
+
+
+def test_bad_lines_get_errors_and_the_connection_keeps_working() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair(max_line=100)
+        await client.send(b"this is not json\n")
+        assert (await client.recv())["error"]["code"] == jsonrpc.PARSE_ERROR
+        await client.send(b'{"jsonrpc":"2.0","id":3}\n')
+        assert (await client.recv())["error"]["code"] == jsonrpc.INVALID_REQUEST
+        # An over-long line, sent in pieces: one error as soon as it passes
+        # the limit, the rest skipped up to the newline.
+        await client.send(b"x" * 150)
+        too_long = await client.recv()
+        assert too_long["id"] is None and too_long["error"]["code"] == jsonrpc.LINE_TOO_LONG
+        await client.send(b"y" * 500)
+        await client.send(b'z"}\n' + json.dumps(req(4)).encode() + b"\n")
+        assert (await client.recv())["id"] == 4
+        # An over-long line arriving whole is rejected the same way.
+        await client.send(b"q" * 300 + b"\n" + json.dumps(req(5)).encode() + b"\n")
+        assert (await client.recv())["error"]["code"] == jsonrpc.LINE_TOO_LONG
+        assert (await client.recv())["id"] == 5
+        await client.close()
+        await task
+    run(main())
+
+
+def test_in_flight_limit_rejects_the_extra_request_only() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(conn: Connection, request: Request) -> Any:
+            await release.wait()
+            return request.id
+
+        conn, client, task = await pair(slow, max_inflight=3)
+        for rid in range(4):
+            await client.send(req(rid))
+        rejected = await client.recv()
+        assert rejected["id"] == 3 and rejected["error"]["code"] == jsonrpc.TOO_MANY_IN_FLIGHT
+        assert conn.inflight == 3
+        release.set()
+        assert sorted([(await client.recv())["result"] for _ in range(3)]) == [0, 1, 2]
+        await client.send(req(9))
+        assert (await client.recv())["result"] == 9
+        await client.close()
+        await task
+    run(main())
+
+
+def test_batches_answer_in_one_array_without_notifications() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        batch = [req(1), {"jsonrpc": "2.0", "method": "svc.n"}, {"bad": True}, req(2, "mesh.hello")]
+        await client.send(json.dumps(batch).encode() + b"\n")
+        answers = await client.recv()
+        assert [a.get("id") for a in answers] == [None, 2, 1]  # immediate ones first
+        assert answers[0]["error"]["code"] == jsonrpc.INVALID_REQUEST
+        assert answers[1]["result"]["connection"] == "gw1-1"
+        await client.close()
+        await task
+    run(main())
+
+
+def test_subscriptions_filter_pushes_and_are_limited_to_forwarded_topics() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(topics=("jobs.*", "news"))
+        line = jsonrpc.notification_line("jobs.notify", {"job_id": "a1"})
+        assert not conn.push("jobs.notify", line)  # not subscribed yet
+        await client.send(req(1, "mesh.subscribe", ["jobs.notify"]))
+        assert (await client.recv())["result"] == ["jobs.notify"]
+        await client.send(req(2, "mesh.subscribe", ["other.topic", "news"]))
+        refused = await client.recv()
+        assert refused["error"]["code"] == jsonrpc.INVALID_PARAMS
+        assert "other.topic" in refused["error"]["message"]
+        assert conn.push("jobs.notify", line)
+        assert await client.recv() == {"jsonrpc": "2.0", "method": "jobs.notify",
+                                       "params": {"job_id": "a1"}}
+        assert not conn.push("jobs.other", jsonrpc.notification_line("jobs.other", 1))
+        await client.send(req(3, "mesh.unsubscribe", {"topics": ["jobs.notify"]}))
+        assert (await client.recv())["result"] == []
+        await client.send(req(4, "mesh.nothing"))
+        assert (await client.recv())["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
+        await client.close()
+        await task
+    run(main())
+
+
+def test_eof_answers_requests_in_flight_before_closing() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(conn: Connection, request: Request) -> Any:
+            await release.wait()
+            return "done"
+
+        conn, client, task = await pair(slow)
+        await client.send(req(1))
+        client.writer.write_eof()
+        await asyncio.sleep(0)
+        assert not conn.closed
+        release.set()
+        assert (await client.recv())["result"] == "done"
+        assert await client.eof()
+        await task
+        assert conn.closed and conn.done.is_set()
+        await client.close()
+    run(main())
+
+
+def test_finish_warns_then_answers_everything_already_sent_then_closes() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def slow(conn: Connection, request: Request) -> Any:
+            started.set()
+            if request.id == 1:
+                await release.wait()
+            return f"answer {request.id}"
+
+        conn, client, task = await pair(slow)
+        await client.send(req(1))
+        await asyncio.wait_for(started.wait(), _WAIT)
+        finishing = asyncio.create_task(conn.finish(jsonrpc.SHUTTING_DOWN, "bye", wait=_WAIT,
+                                                    linger=_WAIT))
+        notice = await client.recv()
+        assert notice["id"] is None and notice["error"]["code"] == jsonrpc.SHUTTING_DOWN
+        # Sent before the client acted on the notice: still answered.
+        await client.send(req(2))
+        assert (await client.recv())["result"] == "answer 2"
+        client.writer.write_eof()  # the client's reaction: it closes its side
+        release.set()
+        assert (await client.recv())["result"] == "answer 1"
+        assert await client.eof()
+        await finishing
+        await task
+        await client.close()
+    run(main())
+
+
+def test_finish_stops_reading_after_the_linger() -> None:
+    async def main() -> None:
+        conn, client, task = await pair()
+        await conn.finish(jsonrpc.SHUTTING_DOWN, "bye", wait=_WAIT, linger=0.0)
+        assert (await client.recv())["error"]["code"] == jsonrpc.SHUTTING_DOWN
+        assert await client.eof()
+        await task
+        await client.close()
+    run(main())
+
+
+def test_idle_uses_the_injected_clock_and_ignores_busy_connections() -> None:
+    async def main() -> None:
+        now = [100.0]
+        conn, client, task = await pair(clock=lambda: now[0], idle_timeout=30.0)
+        assert not conn.idle(129.9) and conn.idle(130.0)
+        now[0] = 200.0
+        await client.send(req(1, "mesh.hello"))
+        await client.recv()
+        assert not conn.idle(229.0) and conn.idle(230.0)
+        conn.inflight = 1
+        assert not conn.idle(1000.0)
+        conn.inflight = 0
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_client_that_does_not_read_is_dropped_as_a_slow_consumer() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(max_output=64 * 1024)
+        conn.subscriptions.add("jobs.big")
+        line = jsonrpc.notification_line("jobs.big", "x" * 8192)
+        sent = 0
+        while conn.push("jobs.big", line):
+            sent += 1
+            assert sent < 10_000
+        assert conn.closed
+        await task
+        await client.close()
+    run(main())
+
+
+def test_covered_topics() -> None:
+    allowed = ["jobs.*", "news"]
+    assert covered(allowed, "jobs.notify") and covered(allowed, "jobs.*")
+    assert covered(allowed, "jobs.a.*") and covered(allowed, "news")
+    assert not covered(allowed, "news.*") and not covered(allowed, "job")
+    assert not covered(allowed, "*") and not covered(allowed, "other.*")
+
+
+def test_options_from_table_and_environment() -> None:
+    settings = Settings.load(env={}, service_overrides={"gateway": {
+        "topics": ["jobs.*", "news"], "max_line": 2048, "idle_timeout": 5}})
+    options = GatewayOptions.from_settings(settings, env={
+        "MESHKIT_GATEWAY_MAX_LINE": "4096", "MESHKIT_GATEWAY_SERVICES": "shares, jobs"})
+    assert options.topics == ("jobs.*", "news")
+    assert options.max_line == 4096 and options.idle_timeout == 5.0
+    assert options.services == ("shares", "jobs") and options.listener == "stratum"
+    with pytest.raises(ConfigError):
+        GatewayOptions.from_settings(settings, env={"MESHKIT_GATEWAY_MAX_INFLIGHT": "lots"})
+    with pytest.raises(ConfigError):
+        GatewayOptions(max_inflight=0)
+
+
+def test_the_gateway_package_surface_is_pinned() -> None:
+    import meshkit.gateway
+
+    assert sorted(meshkit.gateway.__all__) == [
+        "ConnectionGoneError", "ConnectionState", "ConnectionStore", "Gateway", "GatewayOptions",
+        "NoConnectionError", "pooled_redis"]

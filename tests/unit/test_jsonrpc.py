@@ -1,0 +1,158 @@
+"""The gateway's JSON-RPC 2.0 layer: parsing lines, formatting answers, mapping mesh errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from meshkit.errors import (
+    BadArgumentsError,
+    CallTimeoutError,
+    HandlerError,
+    LostPeerError,
+    MessageTooLargeError,
+    NoInstanceError,
+    RemoteError,
+    UnknownMethodError,
+)
+from meshkit.gateway import jsonrpc
+from meshkit.gateway.jsonrpc import Invalid, Request, parse_line, parse_request
+
+
+def one(line: bytes) -> jsonrpc.Item:
+    parsed = parse_line(line)
+    assert parsed is not None and not parsed.batch and len(parsed.items) == 1
+    return parsed.items[0]
+
+
+def test_codes_are_the_documented_ones() -> None:
+    assert (jsonrpc.PARSE_ERROR, jsonrpc.INVALID_REQUEST, jsonrpc.METHOD_NOT_FOUND,
+            jsonrpc.INVALID_PARAMS, jsonrpc.INTERNAL_ERROR) == (-32700, -32600, -32601, -32602, -32603)
+    server_codes = [jsonrpc.TIMEOUT, jsonrpc.NO_INSTANCE, jsonrpc.LOST_PEER,
+                    jsonrpc.TOO_MANY_IN_FLIGHT, jsonrpc.LINE_TOO_LONG, jsonrpc.HANDLER_ERROR,
+                    jsonrpc.TOO_MANY_CONNECTIONS, jsonrpc.IDLE_TIMEOUT, jsonrpc.SHUTTING_DOWN,
+                    jsonrpc.SLOW_CONSUMER]
+    assert server_codes == list(range(-32000, -32010, -1))
+    assert set(jsonrpc.REASONS) == {-32700, -32600, -32601, -32602, -32603, *server_codes}
+    for code, reason in jsonrpc.REASONS.items():
+        assert f"{code}  {reason}" in (jsonrpc.__doc__ or ""), reason
+
+
+def test_a_request_with_positional_params() -> None:
+    item = one(b'{"jsonrpc":"2.0","method":"shares.submit","params":["ab","0000ffff"],"id":7}')
+    assert item == Request(7, "shares.submit", ["ab", "0000ffff"])
+
+
+def test_named_params_string_id_and_crlf() -> None:
+    item = one(b'{"jsonrpc":"2.0","method":"a.b","params":{"x":1},"id":"q1"}\r')
+    assert item == Request("q1", "a.b", {"x": 1})
+
+
+def test_no_id_is_a_notification_and_null_id_is_not() -> None:
+    assert one(b'{"jsonrpc":"2.0","method":"a.b"}') == Request(None, "a.b", None, notification=True)
+    assert one(b'{"jsonrpc":"2.0","method":"a.b","id":null}') == Request(None, "a.b", None)
+
+
+@pytest.mark.parametrize("line", [b"", b"   ", b"\r", b"\t \r"])
+def test_blank_lines_are_skipped(line: bytes) -> None:
+    assert parse_line(line) is None
+
+
+@pytest.mark.parametrize("line", [b"{", b"not json", b'{"a":NaN}', b"\xff\xfe", b"[" * 100_000])
+def test_bad_json_is_a_parse_error_with_null_id(line: bytes) -> None:
+    item = one(line)
+    assert isinstance(item, Invalid) and item.code == jsonrpc.PARSE_ERROR and item.id is None
+
+
+def test_stratum_style_request_without_jsonrpc_member_is_accepted() -> None:
+    assert one(b'{"id":1,"method":"mining.subscribe","params":[]}') == Request(1, "mining.subscribe", [])
+
+
+@pytest.mark.parametrize("doc, rid", [
+    ({"jsonrpc": "1.0", "method": "a.b", "id": 2}, 2),
+    ({"jsonrpc": "2.0", "id": 3}, 3),                            # no method
+    ({"jsonrpc": "2.0", "method": "", "id": 4}, 4),
+    ({"jsonrpc": "2.0", "method": 5, "id": 5}, 5),
+    ({"jsonrpc": "2.0", "method": "a.b", "params": "x", "id": 6}, 6),
+    ({"jsonrpc": "2.0", "method": "a.b", "params": None, "id": 7}, 7),
+    ({"jsonrpc": "2.0", "method": "a.b", "id": {"x": 1}}, None),  # id of a bad type
+    ({"jsonrpc": "2.0", "method": "a.b", "id": True}, None),
+    ("a string", None),
+    (42, None),
+])
+def test_invalid_requests_keep_their_id_where_it_is_usable(doc: Any, rid: Any) -> None:
+    item = parse_request(doc)
+    assert isinstance(item, Invalid)
+    assert item.code == jsonrpc.INVALID_REQUEST and item.id == rid
+
+
+def test_batches_hold_each_item_separately() -> None:
+    parsed = parse_line(b'[{"jsonrpc":"2.0","method":"a.b","id":1}, 5, '
+                        b'{"jsonrpc":"2.0","method":"c.d"}]')
+    assert parsed is not None and parsed.batch
+    first, second, third = parsed.items
+    assert first == Request(1, "a.b", None)
+    assert isinstance(second, Invalid) and second.code == jsonrpc.INVALID_REQUEST
+    assert third == Request(None, "c.d", None, notification=True)
+
+
+def test_an_empty_batch_is_invalid() -> None:
+    item = one(b"[]")
+    assert isinstance(item, Invalid) and item.code == jsonrpc.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("shares.submit", ("shares", "submit")),
+    ("a.b.c", ("a", "b.c")),
+    ("noservice", None),
+    (".x", None),
+    ("x.", None),
+])
+def test_split_method(method: str, expected: tuple[str, str] | None) -> None:
+    assert jsonrpc.split_method(method) == expected
+
+
+@pytest.mark.parametrize("exc, code", [
+    (CallTimeoutError("t"), jsonrpc.TIMEOUT),
+    (NoInstanceError("n"), jsonrpc.NO_INSTANCE),
+    (LostPeerError("l"), jsonrpc.LOST_PEER),
+    (UnknownMethodError("u"), jsonrpc.METHOD_NOT_FOUND),
+    (BadArgumentsError("b"), jsonrpc.INVALID_PARAMS),
+    (MessageTooLargeError("m"), jsonrpc.INTERNAL_ERROR),
+    (RemoteError("r"), jsonrpc.INTERNAL_ERROR),
+])
+def test_mesh_errors_map_to_json_rpc_codes_and_keep_the_mesh_code(exc: Any, code: int) -> None:
+    got, message, data = jsonrpc.error_for(exc)
+    assert got == code and message == str(exc) and data == {"code": exc.code}
+
+
+def test_handler_errors_name_the_exception_type() -> None:
+    exc = HandlerError("nonce must be 8 hex digits", remote_type="InvalidShare")
+    code, message, data = jsonrpc.error_for(exc)
+    assert code == jsonrpc.HANDLER_ERROR
+    assert message == "InvalidShare: nonce must be 8 hex digits"
+    assert data == {"code": "handler_error", "type": "InvalidShare"}
+
+
+def test_answers_are_single_json_lines() -> None:
+    line = jsonrpc.doc_line(jsonrpc.result_doc(1, {"ok": b"bytes", "t": (1, 2)}))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"jsonrpc": "2.0", "id": 1, "result": {"ok": "bytes", "t": [1, 2]}}
+    err = json.loads(jsonrpc.error_line(None, jsonrpc.LINE_TOO_LONG, "too long"))
+    assert err == {"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32004, "message": "too long", "data": {"code": "line_too_long"}}}
+    batch = json.loads(jsonrpc.batch_line([jsonrpc.result_doc(1, 2), jsonrpc.error_doc(
+        2, jsonrpc.TIMEOUT, "late", {"code": "timeout"})]))
+    assert [a["id"] for a in batch] == [1, 2] and batch[1]["error"]["code"] == -32000
+
+
+def test_notifications_carry_the_topic_as_method() -> None:
+    note = json.loads(jsonrpc.notification_line("jobs.notify", {"job_id": "ab"}))
+    assert note == {"jsonrpc": "2.0", "method": "jobs.notify", "params": {"job_id": "ab"}}
+
+
+def test_nan_results_are_refused_rather_than_sent_as_invalid_json() -> None:
+    with pytest.raises(ValueError):
+        jsonrpc.doc_line(jsonrpc.result_doc(1, float("nan")))
