@@ -6,6 +6,8 @@ them). A request is::
 
     {"jsonrpc": "2.0", "method": "SERVICE.METHOD", "params": [...] | {...}, "id": 1}
 
+(``"jsonrpc"`` may be absent, as Stratum v1 clients send it; any other value is invalid.)
+
 ``params`` is optional; an array becomes positional arguments, an object
 keyword arguments. Without ``id`` the request is a notification: it runs but
 gets no answer. Answers are ``{"jsonrpc": "2.0", "id": ..., "result": ...}``
