@@ -49,9 +49,9 @@ from .errors import (
     error_from_wire,
 )
 from .metrics import Metrics
-from .peer import CONNECTED, FAILED, Pending, Peer
+from .peer import CONNECTED, FAILED, Peer, Pending
 from .record import InstanceRecord
-from .registry import Registry
+from .registry import Registry, wait_event
 from .trace import TraceContext
 
 log = logging.getLogger("meshkit.client")
@@ -260,9 +260,7 @@ class AsyncClient:
             raise CallTimeoutError(f"no instance of {service!r} answered {method} within its deadline",
                                    service=service, method=method)
         self._available.clear()
-        try:
-            await asyncio.wait_for(self._available.wait(), remaining)
-        except asyncio.TimeoutError:
+        if not await wait_event(self._available, remaining):
             if not wait and self._pick(service, set()) is None:
                 raise NoInstanceError(f"no live instance of service {service!r}",
                                       service=service, method=method) from None

@@ -15,7 +15,9 @@ safety net (missed messages, expired records of killed instances). Lookups
 never touches Redis**; when Redis is unreachable the copy is kept as it is
 and traffic between known instances goes on. When Redis comes back, the
 watcher resubscribes and rescans, and every :class:`Registration` writes its
-record again at its next heartbeat.
+record again at its next heartbeat; for one TTL after such a reconnection a
+scan adds and updates records but removes none (a restarted Redis is empty
+until those heartbeats), while deletions announced on the channel still apply.
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Registry:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._resync_now = asyncio.Event()
+        self._keep_until = 0.0  # until then, a scan adds and updates records but removes none
+        # redis-py may swallow a cancellation on Python < 3.12 (it wraps socket
+        # writes in asyncio.wait_for), so the loops also stop on this flag.
+        self._closing = False
         self.synced = False  # True once a full scan has succeeded
         self.connected = False  # whether the last Redis operation succeeded
 
@@ -110,13 +116,11 @@ class Registry:
 
     async def close(self) -> None:
         """Stop the background tasks and close the Redis connection."""
+        self._closing = True
+        self._resync_now.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._redis is not None:
             await self._redis.aclose()
@@ -152,11 +156,7 @@ class Registry:
         """Wait until the view changes; False if ``timeout`` passed first."""
         if timeout is not None and timeout <= 0:
             return False
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_event(self._changed, timeout)
 
     def apply(self, record: InstanceRecord | None, key: str | None = None) -> None:
         """Apply one change to the view (a record set, or ``key`` deleted)."""
@@ -173,6 +173,12 @@ class Registry:
 
     def _replace_all(self, records: Iterable[InstanceRecord], scan_started: float) -> None:
         fresh = {r.key: r for r in records}
+        if scan_started < self._keep_until:
+            # Redis just came back, maybe empty (restarted): the records it
+            # lacks are rewritten by their owners' next heartbeats. Dropping
+            # them now would fail calls between live instances for nothing.
+            for key, record in self._records.items():
+                fresh.setdefault(key, record)
         # A change announced while the scan ran is newer than what the scan
         # read, so it wins (otherwise a "draining" could be undone for a cycle).
         for key, at in self._pushed_at.items():
@@ -208,7 +214,7 @@ class Registry:
             return []
         values = await self.redis.mget(keys)
         records = []
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, values, strict=True):
             if value is None:
                 continue  # expired between SCAN and MGET
             try:
@@ -221,6 +227,8 @@ class Registry:
         """Replace the view with a full scan of Redis (raises ``RedisError``)."""
         started = time.monotonic()
         records = await self.scan()
+        if not self.connected and self.synced:
+            self._keep_until = started + self.settings.ttl
         self._replace_all(records, started)
         self.connected = True
         if not self.synced:
@@ -228,22 +236,19 @@ class Registry:
             self._rebuild()
 
     async def _resync_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.resync()
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("registry resync failed, keeping cached view: %s", exc)
                 self.connected = False
-            try:
-                await asyncio.wait_for(self._resync_now.wait(), self.settings.resync_interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._resync_now, self.settings.resync_interval)
             self._resync_now.clear()
 
     async def _watch(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.changes)
@@ -251,7 +256,7 @@ class Registry:
                 # caught by a scan made after it.
                 self._resync_now.set()
                 backoff = 0.05
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._on_message(message.get("data"))
@@ -259,9 +264,12 @@ class Registry:
                 raise
             except (RedisError, OSError) as exc:
                 log.debug("registry watch lost its connection: %s", exc)
+                # A restarted Redis may have lost every record: the next
+                # successful scan must not take that emptiness at face value.
+                self.connected = False
             finally:
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 except (RedisError, OSError):
                     pass
             await asyncio.sleep(backoff)
@@ -276,6 +284,23 @@ class Registry:
                 self.apply(None, str(message["key"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring malformed registry change: %s", exc)
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; return whether it is set.
+
+    Unlike ``asyncio.wait_for(event.wait(), timeout)`` before Python 3.12, a
+    cancellation that arrives just as the event fires is never swallowed: a
+    background loop built on that would ignore ``cancel()`` and never end.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()
 
 
 def topic_matches(patterns: Iterable[str], topic: str) -> bool:
@@ -302,6 +327,7 @@ class Registration:
         self._redis = redis_client(settings)
         self._task: asyncio.Task[None] | None = None
         self._on_error = on_error
+        self._stopping = False  # see Registry._closing: a cancel alone may not stop the heartbeat
         self.healthy = False  # whether the last write succeeded
 
     async def start(self) -> None:
@@ -321,6 +347,7 @@ class Registration:
 
     async def stop(self) -> None:
         """Stop the heartbeat and delete the record (best effort, bounded)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -339,8 +366,10 @@ class Registration:
         await self._redis.aclose()
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.settings.heartbeat_interval)
+            if self._stopping:
+                break
             # After a failure, announce again: a restarted Redis lost the
             # record, and watchers should see it come back at once.
             await self._write(announce=not self.healthy)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
 from .config import Settings
 from .errors import ConfigError
@@ -40,9 +43,33 @@ def load_class(target: str) -> type[Service]:
 
 
 def run(cls: type[Service], settings: Settings | None = None) -> int:
-    """Run one instance of ``cls`` until SIGTERM/SIGINT; return the exit code."""
+    """Run one instance of ``cls`` until SIGTERM/SIGINT; return the exit code.
+
+    If plain handlers are still running in their threads once the instance
+    has stopped (the grace period ran out), the process exits at once with
+    that code instead of returning: Python cannot stop a thread, and waiting
+    for them at interpreter exit would stretch the grace period without end.
+    """
     settings = settings or Settings.load()
-    return asyncio.run(_serve(cls, settings))
+    code = asyncio.run(_serve(cls, settings))
+    _exit_if_threads_remain(code)
+    return code
+
+
+def _exit_if_threads_remain(code: int, wait: float = 0.5) -> None:
+    deadline = time.monotonic() + wait
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            # Idle pool workers exit by themselves within moments of shutdown.
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon
+             and t is not threading.current_thread()]
+    if stuck:
+        log.warning("exiting with %d handler threads still running: %s", len(stuck), ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 async def _serve(cls: type[Service], settings: Settings) -> int:

@@ -41,6 +41,7 @@ from .handlers import Handler, HandlerTable
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
 from .record import UP
+from .registry import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 
@@ -70,7 +71,10 @@ class Server:
         self.metrics = metrics
         self.state = UP
         self.inflight = 0
-        self.last_request = 0.0  # monotonic time of the last CALL or PUSH received
+        # Monotonic time of the last CALL received. Pushes do not count: they
+        # are served while draining, so a steady publisher must not be able
+        # to hold a stopping instance for its whole grace period.
+        self.last_call = 0.0
         self._push_queues: dict[bytes, deque[tuple[wire.Header, bytes, float]]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,9 +112,10 @@ class Server:
     async def drain(self, grace: float, quiet: float = 0.3) -> bool:
         """Stop taking new calls; wait for work in flight, up to ``grace`` seconds.
 
-        Then wait until no request has arrived for ``quiet`` seconds (callers
+        Then wait until no call has arrived for ``quiet`` seconds (callers
         learn of the drain from the registry and from ``draining`` answers),
-        still within ``grace``. Returns False if work was still running when
+        still within ``grace``. Pushes keep being served meanwhile and do not
+        extend the wait. Returns False if work was still running when
         the grace period ended.
         """
         self.state = STATE_DRAINING
@@ -121,12 +126,10 @@ class Server:
                 break
             if self.inflight or self._push_queues:
                 self._idle.clear()
-                try:
-                    await asyncio.wait_for(self._idle.wait(), left)
-                except asyncio.TimeoutError:
+                if not await wait_event(self._idle, left):
                     break
                 continue
-            since = time.monotonic() - self.last_request
+            since = time.monotonic() - self.last_call
             if since >= quiet:
                 return True
             await asyncio.sleep(min(quiet - since, left))
@@ -178,7 +181,7 @@ class Server:
         return time.monotonic() + header.timeout_ms / 1000.0
 
     def _on_call(self, identity: bytes, header: wire.Header, body: bytes) -> None:
-        self.last_request = time.monotonic()
+        self.last_call = time.monotonic()
         if header.target != self.service:
             self._reject(identity, header.id, "unknown_service",
                          f"this instance serves {self.service!r}, not {header.target!r}")
@@ -284,7 +287,6 @@ class Server:
     # -- pushes ---------------------------------------------------------------
 
     def _on_push(self, identity: bytes, header: wire.Header, body: bytes) -> None:
-        self.last_request = time.monotonic()
         handlers = self.table.topic_handlers(header.name)
         if not handlers:
             self._reject(identity, header.id, "unknown_method",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import zmq
 
@@ -45,7 +46,7 @@ class SocketPump:
     def start(self) -> None:
         """Begin delivering messages (call from the loop's thread)."""
         self._loop = asyncio.get_running_loop()
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self._fd = self.sock.fileno()
         self._loop.add_reader(self._fd, self._on_readable)
         self.kick()
 
@@ -77,7 +78,7 @@ class SocketPump:
         if self._fd < 0 or sock.closed:
             return
         for _ in range(_BATCH):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -87,4 +88,6 @@ class SocketPump:
                 self.on_message(frames)
             except Exception:
                 log.exception("message handler failed; message dropped")
+            if self._fd < 0 or sock.closed:
+                return  # the handler stopped the pump or closed the socket
         self.kick()

@@ -15,9 +15,10 @@ Fixtures:
     :class:`~meshkit.Settings` pointing at it, with a fresh namespace per test
     and short timings (heartbeat 0.3 s, TTL 2 s) so tests run quickly.
 ``start_service``
-    ``start_service(target, count=1, env=None) -> list[ServiceProcess]``:
+    ``start_service(target, count=1, env=None, settings=None) -> list[ServiceProcess]``:
     starts ``python -m meshkit run TARGET`` instances and returns once each
-    is registered; every one still running is killed after the test.
+    is registered (and, if the test uses ``mesh_client``, once that client
+    knows of them); every one still running is killed after the test.
 ``mesh_client``
     A blocking :class:`~meshkit.Client` on ``mesh_settings``.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -34,6 +35,7 @@ from ..config import Settings
 from ..registry import read_records
 from .processes import (
     MissingProgramError,
+    ProcessExitedError,
     RedisServer,
     ServiceProcess,
     find_program,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MissingProgramError",
+    "ProcessExitedError",
     "RedisServer",
     "ServiceProcess",
     "find_program",
@@ -62,7 +65,7 @@ StartService = Callable[..., list[ServiceProcess]]
 
 def test_settings(redis_url: str, **overrides: object) -> Settings:
     """Settings for a test: a fresh namespace and short timings."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "redis_url": redis_url,
         "namespace": "t" + uuid.uuid4().hex[:10],
         "heartbeat_interval": 0.3,
@@ -72,7 +75,7 @@ def test_settings(redis_url: str, **overrides: object) -> Settings:
         "log_format": "json",
     }
     values.update(overrides)
-    return Settings.load(env={}, **values)
+    return Settings.load(None, {}, **values)
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]  # not a test despite its name
@@ -92,7 +95,15 @@ def mesh_settings(redis_server: RedisServer) -> Settings:
 
 
 @pytest.fixture
-def start_service(mesh_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartService]:
+def _mesh_clients() -> list[Client]:
+    """The ``mesh_client`` of this test, if it asked for one (``start_service`` waits for it)."""
+    return []
+
+
+@pytest.fixture
+def start_service(
+    mesh_settings: Settings, tmp_path_factory: pytest.TempPathFactory, _mesh_clients: list[Client]
+) -> Iterator[StartService]:
     started: list[ServiceProcess] = []
     log_dir = str(tmp_path_factory.mktemp("services"))
 
@@ -107,9 +118,20 @@ def start_service(mesh_settings: Settings, tmp_path_factory: pytest.TempPathFact
             ServiceProcess(target, settings or mesh_settings, env=env, log_dir=log_dir, args=args)
             for _ in range(count)
         ]
+        # Launch them all before waiting for any: interpreter start-up is most
+        # of the cost, and the instances do not depend on each other.
         for proc in procs:
             started.append(proc)
-            proc.start()
+            proc.spawn()
+        for proc in procs:
+            proc.wait_registered()
+        # The records are in Redis, but a client learns of them a moment later
+        # (pub/sub); a test calling at once must not get NoInstanceError.
+        keys = {proc.record.key for proc in procs if proc.record is not None}
+        namespace = (settings or mesh_settings).namespace
+        for client in _mesh_clients:
+            if client.settings.namespace == namespace:
+                _wait_until_known(client, keys)
         return procs
 
     yield start
@@ -117,10 +139,16 @@ def start_service(mesh_settings: Settings, tmp_path_factory: pytest.TempPathFact
         proc.kill()
 
 
+def _wait_until_known(client: Client, keys: set[str]) -> None:
+    wait_until(lambda: keys <= {r.key for r in client.instances()}, 5.0,
+               "mesh_client to see the new instances")
+
+
 @pytest.fixture
-def mesh_client(mesh_settings: Settings) -> Iterator[Client]:
+def mesh_client(mesh_settings: Settings, _mesh_clients: list[Client]) -> Iterator[Client]:
     from ..sync import Client
 
     client = Client(mesh_settings)
+    _mesh_clients.append(client)
     yield client
     client.close()

@@ -49,13 +49,24 @@ def find_program(name: str) -> str:
     raise MissingProgramError(f"{name} is not installed; `make test` installs it (apt-get install {name})")
 
 
+class ProcessExitedError(RuntimeError):
+    """A process a test waits for exited: waiting longer cannot help."""
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll ``predicate`` until it is truthy; raise ``TimeoutError`` naming ``what``."""
+    """Poll ``predicate`` until it is truthy; raise ``TimeoutError`` naming ``what``.
+
+    Exceptions from ``predicate`` count as "not yet" (a server still starting
+    refuses connections), except :class:`ProcessExitedError`, which ends the
+    wait at once.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             if predicate():
                 return
+        except ProcessExitedError:
+            raise
         except Exception:
             pass
         if time.monotonic() > deadline:
@@ -101,7 +112,7 @@ class RedisServer:
     def ping(self) -> bool:
         if self.process is None or self.process.poll() is not None:
             if self.process is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+                raise ProcessExitedError(f"redis-server exited with {self.process.returncode}")
             return False
         client = redis.Redis(unix_socket_path=self.socket_path, socket_timeout=0.5)
         try:
@@ -175,6 +186,12 @@ class ServiceProcess:
         return self.process.pid
 
     def start(self, timeout: float = 15.0) -> ServiceProcess:
+        """Launch the process and return once it is registered (see :meth:`wait_registered`)."""
+        self.spawn()
+        return self.wait_registered(timeout)
+
+    def spawn(self) -> None:
+        """Launch the process without waiting for it (start several, then wait for each)."""
         env = dict(os.environ)
         env.update(settings_env(self.settings))
         env.update(self.extra_env)
@@ -188,10 +205,18 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
             )
 
+    def wait_registered(self, timeout: float = 15.0) -> ServiceProcess:
+        """Wait until the record of this process is in the registry with state ``up``.
+
+        Raises ``TimeoutError`` (after killing the process) if it does not
+        register within ``timeout`` seconds, :class:`ProcessExitedError` if it exits.
+        """
+
         def registered() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.target} exited with {self.process.returncode}: {self.tail()}")
+                raise ProcessExitedError(
+                    f"{self.target} exited with {self.process.returncode}: {self.tail()}")
             for rec in read_records(self.settings):
                 if rec.pid == self.process.pid and rec.is_up:
                     self.record = rec
