@@ -19,6 +19,7 @@ through its :class:`Pending` so the client can retry or report.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ class Peer:
         self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(record.endpoint)
         self.sock = sock
-        self.pump = SocketPump(sock, lambda frames: on_message(self, frames))
+        self.pump = SocketPump(sock, functools.partial(on_message, self))
         self._monitor_pump = SocketPump(self._monitor, self._on_monitor)
         self.pump.start()
         self._monitor_pump.start()
@@ -145,6 +146,10 @@ class Peer:
 
     def _connect_timeout(self) -> None:
         self._connect_timer = None
+        # A handshake may have finished just now with its event still queued:
+        # read it first, so a request that did reach the peer is not retried
+        # elsewhere as "never delivered".
+        self._monitor_pump.drain()
         if self.state == CONNECTING:
             self.fail(lost=False, reason=f"not reachable within {self.settings.dead_after:.2f}s")
 

@@ -340,15 +340,37 @@ class _BadArguments(Exception):
     pass
 
 
+class _Expiry:
+    """Cancels a task at its deadline and remembers that it was the one who did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 async def _with_deadline(coro: Any, deadline: float) -> Any:
-    """Await ``coro``; cancel it at ``deadline`` (monotonic) and raise ``_DeadlineCancel``."""
+    """Await ``coro`` in the current task; at ``deadline`` (monotonic) cancel it and raise ``_DeadlineCancel``.
+
+    The serving task itself is cancelled rather than a task made for the
+    handler: one task and two loop iterations less per call (profiled).
+    """
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(coro)
-    timer = loop.call_at(loop.time() + (deadline - time.monotonic()), task.cancel)
+    task = asyncio.current_task()
+    assert task is not None
+    expiry = _Expiry(task)
+    timer = loop.call_at(loop.time() + (deadline - time.monotonic()), expiry)
     try:
-        return await task
+        return await coro
     except asyncio.CancelledError:
-        if task.cancelled() and time.monotonic() >= deadline - 0.001:
+        if expiry.fired:
+            if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
+                task.uncancel()
             raise _DeadlineCancel() from None
         raise
     finally:

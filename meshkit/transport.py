@@ -28,6 +28,18 @@ MessageHandler = Callable[[list[bytes]], None]
 # one socket cannot starve heartbeats and handlers.
 _BATCH = 256
 
+# pyzmq sends frames above its copy threshold (64 KiB) without copying, but
+# each such frame then costs a round trip through pyzmq's garbage-collector
+# thread, which needs the GIL; profiling showed a memcpy is far cheaper below
+# about a megabyte.
+_ZERO_COPY_MIN = 1 << 20
+
+# Plain ints: pyzmq's enum members cost a conversion on every call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
 
 class SocketPump:
     """Feeds every message arriving on ``sock`` to ``on_message`` in the loop.
@@ -58,13 +70,24 @@ class SocketPump:
 
     def send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False if ZeroMQ would block (peer unreachable or full)."""
+        sock = self.sock
+        last = len(frames) - 1
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            for i, frame in enumerate(frames):
+                sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=len(frame) < _ZERO_COPY_MIN)
         except zmq.Again:
+            # Only the first frame can be refused: ZeroMQ takes a multipart
+            # message whole or not at all.
+            self._after_send()
             return False
-        finally:
-            self.kick()
+        self._after_send()
         return True
+
+    def _after_send(self) -> None:
+        # The send may have consumed the FD's edge: if input is already
+        # waiting, read it now; otherwise the FD will signal the next arrival.
+        if not self._scheduled and self._fd >= 0 and cast(int, self.sock.getsockopt(_EVENTS)) & _POLLIN:
+            self.kick()
 
     def kick(self) -> None:
         """Schedule a read pass (needed after any send: see the module doc)."""
@@ -72,16 +95,20 @@ class SocketPump:
             self._scheduled = True
             self._loop.call_soon(self._on_readable)
 
+    def drain(self) -> None:
+        """Deliver every message already waiting, now (not from the loop)."""
+        self._on_readable()
+
     def _on_readable(self) -> None:
         self._scheduled = False
         sock = self.sock
         if self._fd < 0 or sock.closed:
             return
         for _ in range(_BATCH):
-            if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             try:
