@@ -198,8 +198,7 @@ class AsyncClient:
         if remaining <= 0:
             raise CallTimeoutError(f"{service}.{method} timed out", service=service, method=method)
         request_id = next(self._ids)
-        header = wire.pack([wire.VERSION, wire.CALL, request_id, service, method,
-                            int(remaining * 1000), traceparent, meta or None])
+        header = wire.encode_call_header(request_id, service, method, int(remaining * 1000), traceparent, meta)
         future: asyncio.Future[Any] = loop.create_future()
 
         def on_answer(kind: int, frame: bytes) -> None:
@@ -385,8 +384,7 @@ class AsyncClient:
             if peer is None or peer.state == FAILED:
                 continue
             request_id = next(self._ids)
-            header = wire.pack([wire.VERSION, wire.PUSH, request_id, "", topic, timeout_ms,
-                                traceparent, meta or None])
+            header = wire.encode_push_header(request_id, topic, timeout_ms, traceparent, meta)
             if not peer.send([header, body]):
                 continue
             future: asyncio.Future[bool] = loop.create_future()

@@ -229,20 +229,26 @@ class Registry:
         records = await self.scan()
         if not self.connected and self.synced:
             self._keep_until = started + self.settings.ttl
+            log.info("registry reachable again; resynced %d records", len(records))
         self._replace_all(records, started)
         self.connected = True
         if not self.synced:
             self.synced = True
             self._rebuild()
 
+    def _note_outage(self, why: str) -> None:
+        # Said once per outage, by whichever task notices first.
+        if self.connected:
+            log.warning("registry unreachable, keeping the cached view of %d instances (%s)",
+                        len(self._records), why)
+        self.connected = False
+
     async def _resync_loop(self) -> None:
         while not self._closing:
             try:
                 await self.resync()
             except (RedisError, OSError) as exc:
-                if self.connected:
-                    log.warning("registry resync failed, keeping cached view: %s", exc)
-                self.connected = False
+                self._note_outage(f"resync failed: {exc}")
             await wait_event(self._resync_now, self.settings.resync_interval)
             self._resync_now.clear()
 
@@ -263,10 +269,9 @@ class Registry:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.debug("registry watch lost its connection: %s", exc)
                 # A restarted Redis may have lost every record: the next
                 # successful scan must not take that emptiness at face value.
-                self.connected = False
+                self._note_outage(f"watch lost its connection: {exc}")
             finally:
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated

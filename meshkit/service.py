@@ -35,12 +35,13 @@ the caller's metadata travel on automatically. Plain (thread-pool) handlers use
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -50,7 +51,7 @@ from .client import AsyncClient, ServiceProxy
 from .config import Settings
 from .context import current_call
 from .errors import ClientClosedError, ConfigError
-from .handlers import HandlerTable, Periodic
+from .handlers import Handler, HandlerTable, Periodic
 from .metrics import Metrics
 from .record import DRAINING, UP, InstanceRecord
 from .registry import Registration, Registry
@@ -148,6 +149,18 @@ class Service:
             return await coro
 
         return asyncio.run_coroutine_threadsafe(with_context(), loop).result()
+
+    def add_subscription(self, topic: str, handler: Callable[[Any], Any]) -> None:
+        """Handle pushes to ``topic`` (or a ``prefix.*`` pattern) with ``handler``.
+
+        For topics known only at run time (from configuration); ``@subscribe``
+        is the usual way. Call it before :meth:`start`, so the first record
+        already lists the topic. ``handler`` takes the payload and may be async.
+        """
+        if self.state != "new":
+            raise ConfigError("add_subscription() must be called before start()")
+        handler_entry = Handler(topic, handler, inspect.iscoroutinefunction(handler))
+        self._table.topics.setdefault(topic, []).append(handler_entry)
 
     def advertise_listener(self, name: str, address: str) -> None:
         """Publish a client-facing listener (``host:port``) in this instance's record.

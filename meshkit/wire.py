@@ -171,8 +171,16 @@ def encode_call(
     meta: Mapping[str, str] | None,
 ) -> list[bytes]:
     """Frames of a CALL."""
-    header = pack([VERSION, CALL, id, service, method, timeout_ms, traceparent, meta or None])
-    return [header, pack([list(args), dict(kwargs)])]
+    return [encode_call_header(id, service, method, timeout_ms, traceparent, meta),
+            pack([list(args), dict(kwargs)])]
+
+
+def encode_call_header(
+    id: int, service: str, method: str, timeout_ms: int | None, traceparent: str | None,
+    meta: Mapping[str, str] | None,
+) -> bytes:
+    """Encode a CALL header (the client encodes the body once, before any retry)."""
+    return pack([VERSION, CALL, id, service, method, timeout_ms, traceparent, meta or None])
 
 
 def encode_push(
@@ -184,8 +192,7 @@ def encode_push(
     meta: Mapping[str, str] | None,
 ) -> list[bytes]:
     """Frames of a PUSH."""
-    header = pack([VERSION, PUSH, id, "", topic, timeout_ms, traceparent, meta or None])
-    return [header, pack(payload)]
+    return [encode_push_header(id, topic, timeout_ms, traceparent, meta), pack(payload)]
 
 
 def encode_push_body(payload: Any) -> bytes:

@@ -37,7 +37,6 @@ from typing import Any
 from ..config import Settings
 from ..context import current_call
 from ..errors import CallError, ClientClosedError
-from ..handlers import Handler
 from ..service import Service
 from . import jsonrpc
 from .connection import Connection, RpcError
@@ -61,10 +60,9 @@ class Gateway(Service):
     def __init__(self, settings: Settings | None = None) -> None:
         super().__init__(settings)
         self.options = GatewayOptions.from_settings(self.settings, self.name)
-        # Topics come from configuration, not from a decorator, so they are
-        # added to the handler table before the record is first written.
+        # Topics come from configuration, not from a decorator.
         for pattern in self.options.topics:
-            self._table.topics.setdefault(pattern, []).append(Handler(pattern, self._on_push, True))
+            self.add_subscription(pattern, self._on_push)
         self.store = ConnectionStore(self.settings)
         self.connections: dict[str, Connection] = {}
         self.address = ""
