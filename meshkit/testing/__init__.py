@@ -52,6 +52,7 @@ __all__ = [
     "ProcessExitedError",
     "RedisServer",
     "ServiceProcess",
+    "StartService",
     "find_program",
     "read_records",
     "settings_env",
