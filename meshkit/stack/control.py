@@ -36,7 +36,7 @@ class CircusControl:
     process on this host; ``timeout`` bounds each command, retries included.
     """
 
-    def __init__(self, endpoint: str, lock_path: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, endpoint: str, lock_path: str | None = None, timeout: float = 90.0) -> None:
         self.endpoint = endpoint
         self.lock_path = lock_path
         self.timeout = timeout
@@ -53,7 +53,9 @@ class CircusControl:
         deadline = time.monotonic() + self.timeout
         backoff = 0.05
         with self._lock():
-            client = CircusClient(endpoint=self.endpoint, timeout=min(self.timeout, 10.0))
+            # A waiting command (stop, scale down) lasts as long as the
+            # processes' graceful stop, so the answer may take the whole budget.
+            client = CircusClient(endpoint=self.endpoint, timeout=self.timeout)
             try:
                 while True:
                     try:

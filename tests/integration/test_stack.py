@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,14 @@ CRASHER = """
 cmd = $(circus.env.MESHKIT_PYTHON) -c "import sys; sys.exit(3)"
 numprocesses = 1
 priority = 10
+copy_env = True
+
+# Ignores SIGTERM, so stopping it keeps circusd busy for graceful_timeout.
+[watcher:stubborn]
+cmd = $(circus.env.MESHKIT_PYTHON) -c "import signal as s, time; s.signal(s.SIGTERM, s.SIG_IGN); time.sleep(3600)"
+numprocesses = 1
+priority = 10
+graceful_timeout = 3
 copy_env = True
 """
 
@@ -86,6 +95,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
         "MESHKIT_TTL": "2",
         "MESHKIT_RESYNC_INTERVAL": "0.5",
         "MESHKIT_DRAIN_GRACE": "3",
+        "MESHKIT_GATEWAY_DRAIN_GRACE": "2",
     })
     result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
     pid_file = run_dir / "circusd.pid"
@@ -169,11 +179,39 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
     status = meshkit("status", "--run-dir", str(run_dir), env=env)
     assert "flapping" in status.stdout
 
+    # By hand, a flap-stopped watcher starts again (and, still broken, trips again).
+    assert meshkit("start", "crasher", "--run-dir", str(run_dir), env=env).returncode == 0
+    wait_until(lambda: "crasher" not in json.loads((run_dir / "flapped.json").read_text()), 10,
+               "the flap record to clear on a manual start")
+    wait_until(lambda: control.status().get("crasher") == "stopped", 30, "flap control to trip again")
+
+    # Circus 0.19 refuses a command while an exclusive one runs (this is what
+    # drops the stock flapping plugin's fire-and-forget stop); meshkit retries.
+    from circus.client import CircusClient
+
+    busy = threading.Thread(target=control.stop, args=("stubborn",))
+    busy.start()
+    try:
+        raw = CircusClient(endpoint=control.endpoint, timeout=5)
+        wait_until(lambda: _refused(raw.call({"command": "stop", "properties": {"name": "jobs"}})), 5,
+                   "circusd to refuse a command while stopping 'stubborn'")
+        raw.stop()
+        started = time.monotonic()
+        control.stop("jobs")  # the same command through meshkit: retried until circusd is free
+        assert control.status()["jobs"] == "stopped"
+        assert time.monotonic() - started > 0.2
+    finally:
+        busy.join(30)
+
     # Everything the stack started stops with it.
     children = circusd.children(recursive=True)
     assert meshkit("down", "--run-dir", str(run_dir), env=env).returncode == 0
     _, alive = psutil.wait_procs([circusd, *children], timeout=60)
     assert not alive, f"still running after down: {alive}"
+
+
+def _refused(reply: dict[str, object]) -> bool:
+    return reply.get("status") == "error" and "already running" in str(reply.get("reason"))
 
 
 def _haproxy_servers_up(run_dir: Path) -> int:
