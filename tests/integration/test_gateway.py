@@ -201,7 +201,10 @@ def test_a_request_waits_for_a_backend_that_starts_later(
     _, address = start_gateway(start_service, services="gwprobe", request_timeout=15)
     client = clients(address)
     waiting = client.request("gwprobe.echo", ["patience"])
-    time.sleep(0.5)  # the request is now waiting in the gateway
+    # Lines on a connection are read in order: once a later built-in request is
+    # answered, the first one is in the gateway, waiting for a backend.
+    assert "result" in client.call("mesh.hello")
+    assert waiting not in client.answers, "answered before any backend existed"
     start_service(PROBE)
     assert client.answer(waiting, timeout=15)["result"] == "patience"
 
@@ -235,7 +238,7 @@ def test_a_draining_gateway_keeps_its_clients_for_the_grace_then_closes_them(
     # Still served during the grace, with its state intact...
     for _ in range(3):
         assert client.call("gwprobe.remember", ["worker", "w2"])["result"]["worker"] == "w2"
-        time.sleep(0.5)
+        time.sleep(0.5)  # the client's pace across the grace period
     # ... new connections are refused once the listener closed (HAProxy stopped sending them) ...
     def refused() -> bool:
         try:

@@ -156,6 +156,10 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         assert meshkit("scale", "shares", "2", "--run-dir", str(run_dir), env=env).returncode == 0
         wait_until(lambda: len(read_records(settings, "shares")) == 2, 20, "2 shares instances")
         assert meshkit("scale", "gateway", "2", "--run-dir", str(run_dir), env=env).returncode == 0
+        # Our connection may have been on the gateway that left: it was closed
+        # at the end of that gateway's grace period, so connect again.
+        client.close()
+        client = JsonRpcClient((host, int(port)))
         for _ in range(20):
             assert "result" in client.request("shares.stats", [])
 
