@@ -177,6 +177,7 @@ def _rebuild_handler_error(message: str, service: str, method: str, remote_type:
 DRAINING = "draining"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 REPLY_TOO_LARGE = "reply_too_large"
+OVERLOADED = "overloaded"
 
 _BY_CODE: dict[str, type[CallError]] = {
     cls.code: cls

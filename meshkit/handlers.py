@@ -14,8 +14,8 @@ calls).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,11 +33,18 @@ class Handler:
     fn: Callable[..., Any]
     is_async: bool
     idempotent: bool = False
+    signature: inspect.Signature | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: inspect.signature costs several times the bind itself.
+        if self.signature is None:
+            object.__setattr__(self, "signature", inspect.signature(self.fn))
 
     def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Why ``args``/``kwargs`` do not fit the signature, or ``None`` if they do."""
+        assert self.signature is not None
         try:
-            inspect.signature(self.fn).bind(*args, **kwargs)
+            self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             return str(exc)
         return None
@@ -98,6 +105,7 @@ class HandlerTable:
     methods: dict[str, Handler]
     topics: dict[str, list[Handler]]
     periodic: list[Periodic]
+    _by_topic: dict[str, list[Handler]] = field(default_factory=dict)
 
     @classmethod
     def collect(cls, instance: object) -> HandlerTable:
@@ -127,10 +135,31 @@ class HandlerTable:
                     periodic_tasks.append(Periodic(attr, bound, every, is_async))
         return cls(methods, topics, periodic_tasks)
 
+    def add(self, topic: str, handler: Handler) -> None:
+        """Add a handler for ``topic`` (or a ``prefix.*`` pattern)."""
+        self.topics.setdefault(topic, []).append(handler)
+        self._by_topic.clear()
+
     def topic_handlers(self, topic: str) -> list[Handler]:
-        """Handlers for ``topic``: exact ones, then ``prefix.*`` patterns that match it."""
-        found = list(self.topics.get(topic, ()))
-        for pattern, handlers in self.topics.items():
-            if pattern.endswith(".*") and pattern != topic and topic.startswith(pattern[:-1]):
-                found.extend(handlers)
+        """Handlers for ``topic``: exact ones, then ``prefix.*`` patterns that match it.
+
+        Looked up once per topic and remembered (a push pays a dict lookup);
+        topics that match nothing are not remembered, so garbage cannot grow it.
+        """
+        found = self._by_topic.get(topic)
+        if found is None:
+            found = list(self.topics.get(topic, ()))
+            for pattern, handlers in self.topics.items():
+                if pattern != topic and topic_matches((pattern,), topic):
+                    found.extend(handlers)
+            if found and len(self._by_topic) < 10_000:
+                self._by_topic[topic] = found
         return found
+
+
+def topic_matches(patterns: Iterable[str], topic: str) -> bool:
+    """Whether ``topic`` matches one of ``patterns`` (exact, or ``prefix.*``)."""
+    for pattern in patterns:
+        if pattern == topic or (pattern.endswith(".*") and topic.startswith(pattern[:-1])):
+            return True
+    return False

@@ -77,7 +77,6 @@ class Peer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, int(settings.ping_after * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(100, int(settings.dead_after * 1000)))

@@ -37,6 +37,7 @@ class InstanceRecord:
     state: str = UP
     started_at: float = 0.0
     listeners: Mapping[str, str] = field(default_factory=dict)
+    max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
 
     @property
     def key(self) -> str:
@@ -65,6 +66,7 @@ class InstanceRecord:
                 "state": self.state,
                 "started_at": self.started_at,
                 "listeners": dict(self.listeners),
+                "max_message_size": self.max_message_size,
             },
             separators=(",", ":"),
         )
@@ -90,6 +92,7 @@ class InstanceRecord:
                 state=str(raw.get("state", UP)),
                 started_at=float(raw.get("started_at", 0.0)),
                 listeners={str(k): str(v) for k, v in dict(raw.get("listeners", {})).items()},
+                max_message_size=int(raw.get("max_message_size", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed instance record: {exc}") from None

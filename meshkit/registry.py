@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import Settings
+from .handlers import topic_matches
 from .record import InstanceRecord
 
 log = logging.getLogger("meshkit.registry")
@@ -308,14 +309,6 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     return event.is_set()
 
 
-def topic_matches(patterns: Iterable[str], topic: str) -> bool:
-    """Whether ``topic`` matches one of ``patterns`` (exact, or ``prefix.*``)."""
-    for pattern in patterns:
-        if pattern == topic or (pattern.endswith(".*") and topic.startswith(pattern[:-1])):
-            return True
-    return False
-
-
 class Registration:
     """One instance's own record: written with a TTL and kept alive by a heartbeat.
 
@@ -352,14 +345,7 @@ class Registration:
 
     async def stop(self) -> None:
         """Stop the heartbeat and delete the record (best effort, bounded)."""
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._stop_heartbeat()
         try:
             key = self.record.key
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -369,6 +355,21 @@ class Registration:
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("could not remove registry record (it will expire): %s", exc)
         await self._redis.aclose()
+
+    async def abandon(self) -> None:
+        """Stop the heartbeat without deleting the record: it expires after its TTL."""
+        await self._stop_heartbeat()
+        await self._redis.aclose()
+
+    async def _stop_heartbeat(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
 
     async def _heartbeat(self) -> None:
         while not self._stopping:

@@ -36,7 +36,7 @@ import zmq
 from . import wire
 from .config import Settings
 from .context import CallContext, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, REPLY_TOO_LARGE, ProtocolError
+from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError
 from .handlers import Handler, HandlerTable
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
@@ -46,6 +46,10 @@ from .trace import TraceContext
 from .transport import SocketPump
 
 log = logging.getLogger("meshkit.server")
+
+
+# Pushes from one publisher waiting for their handler; beyond this they are refused.
+MAX_QUEUED_PUSHES = 10_000
 
 
 class _DeadlineCancel(Exception):
@@ -114,9 +118,9 @@ class Server:
 
         Then wait until no call has arrived for ``quiet`` seconds (callers
         learn of the drain from the registry and from ``draining`` answers),
-        still within ``grace``. Pushes keep being served meanwhile and do not
-        extend the wait. Returns False if work was still running when
-        the grace period ended.
+        still within ``grace``. Pushes keep being served meanwhile; new ones
+        do not restart the quiet period, queued ones are finished like calls.
+        Returns False if work was still running when the grace period ended.
         """
         self.state = STATE_DRAINING
         deadline = time.monotonic() + grace
@@ -149,7 +153,7 @@ class Server:
     def _on_message(self, frames: list[bytes]) -> None:
         identity = frames[0]
         if len(frames) != 3:
-            self._reject(identity, 0, "bad_request", f"expected 2 frames, got {len(frames) - 1}")
+            self._reject(identity, _readable_id(frames), "bad_request", f"expected 2 frames, got {len(frames) - 1}")
             return
         try:
             header = wire.decode_header(frames[1])
@@ -234,11 +238,17 @@ class Server:
         code: str | None = None
         try:
             result = await self._invoke(handler, args, kwargs, deadline)
-            frames = wire.encode_reply(header.id, result)
-            if len(frames[1]) > self.settings.max_message_size:
-                code = REPLY_TOO_LARGE
-                frames = wire.encode_error(header.id, code, f"result of {len(frames[1])} bytes exceeds "
-                                           f"max_message_size {self.settings.max_message_size}")
+            try:
+                frames = wire.encode_reply(header.id, result)
+            except (TypeError, ValueError, OverflowError) as exc:
+                code = "handler_error"
+                log.error("%s returned a value MessagePack cannot encode: %s", header.name, exc)
+                frames = wire.encode_error(header.id, code, f"result cannot be encoded: {exc}", type(exc).__name__)
+            else:
+                if len(frames[1]) > self.settings.max_message_size:
+                    code = REPLY_TOO_LARGE
+                    frames = wire.encode_error(header.id, code, f"result of {len(frames[1])} bytes exceeds "
+                                               f"max_message_size {self.settings.max_message_size}")
         except _BadArguments as exc:
             code = "bad_arguments"
             log.warning("bad arguments for %s: %s", header.name, exc)
@@ -247,12 +257,6 @@ class Server:
             code = DEADLINE_EXCEEDED
             log.info("%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
-        except TypeError as exc:
-            if "serializ" in str(exc) or "can not" in str(exc):
-                code = "handler_error"
-                frames = wire.encode_error(header.id, code, f"result cannot be encoded: {exc}", "TypeError")
-            else:
-                code, frames = self._handler_failed(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, exc)
         self.metrics.call_served(header.name, (time.monotonic() - started) * 1000, code)
@@ -294,6 +298,15 @@ class Server:
             return
         queue = self._push_queues.get(identity)
         if queue is not None:
+            if len(queue) >= MAX_QUEUED_PUSHES:
+                # Unbounded, a fast publisher and a slow handler would eat the
+                # memory; refused, the publisher counts it undelivered.
+                if len(queue) == MAX_QUEUED_PUSHES:
+                    log.warning("push queue of one publisher is full (%d); refusing %s until it drains",
+                                MAX_QUEUED_PUSHES, header.name)
+                self.metrics.incr(f"rejected.{OVERLOADED}")
+                self._send(identity, wire.encode_error(header.id, OVERLOADED, "too many pushes queued"))
+                return
             queue.append((header, body, time.monotonic()))
             return
         queue = deque([(header, body, time.monotonic())])
@@ -334,6 +347,16 @@ class Server:
             reset_current(token)
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
+
+
+def _readable_id(frames: list[bytes]) -> int:
+    """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
+    if len(frames) < 2:
+        return 0
+    try:
+        return wire.decode_header(frames[1]).id
+    except ProtocolError as exc:
+        return exc.id
 
 
 class _BadArguments(Exception):

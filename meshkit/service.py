@@ -159,8 +159,7 @@ class Service:
         """
         if self.state != "new":
             raise ConfigError("add_subscription() must be called before start()")
-        handler_entry = Handler(topic, handler, inspect.iscoroutinefunction(handler))
-        self._table.topics.setdefault(topic, []).append(handler_entry)
+        self._table.add(topic, Handler(topic, handler, inspect.iscoroutinefunction(handler)))
 
     def advertise_listener(self, name: str, address: str) -> None:
         """Publish a client-facing listener (``host:port``) in this instance's record.
@@ -231,10 +230,12 @@ class Service:
         self.log.info("stopped%s", "" if clean else " (grace period ran out)")
 
     async def kill(self) -> None:
-        """Close at once, without draining or deregistering."""
+        """Close at once, without draining or deleting the record (it expires after its TTL)."""
         self.state = "stopping"
         for task in self._periodic:
             task.cancel()
+        if self._registration is not None:
+            await self._registration.abandon()
         await self._close()
 
     async def _close(self) -> None:
@@ -265,6 +266,7 @@ class Service:
             state=state,
             started_at=self.started_at,
             listeners=dict(self._listeners),
+            max_message_size=self.settings.max_message_size,
         )
 
     async def _run_periodic(self, job: Periodic) -> None:

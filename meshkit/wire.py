@@ -52,7 +52,9 @@ kind  name   body
 4     PUSH   the published payload: any MessagePack value. Answered by ACK once
              the subscriber's handler has run (or ERROR if it raised).
 5     ACK    nil.
-6     PING   nil. Answered by PONG; used to tell a live peer from a dead one.
+6     PING   nil. Answered by PONG: a cheap "are you there, and how busy?" for
+             tools and other clients (meshkit's own client relies on the
+             connection's state and ZMTP heartbeats instead).
 7     PONG   ``[state, inflight]``: the instance's state (``"up"`` or
              ``"draining"``) and how many requests it is serving.
 ====  =====  ===============================================================
@@ -74,6 +76,8 @@ deadline_exceeded      the deadline passed before the work started; not run
 draining               the instance is shutting down and did not start the work;
                        the caller should send it to another instance
 reply_too_large        the result exceeded the server's maximum message size
+overloaded             too many pushes from this sender are waiting for their handler;
+                       this one was not queued (the publisher counts it undelivered)
 ====================================================================================
 
 A server answers every request it can attribute to a sender, including

@@ -29,8 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ..handlers import topic_matches
 from ..metrics import Metrics
-from ..registry import topic_matches
 from . import jsonrpc
 from .jsonrpc import Invalid, Request
 from .options import GatewayOptions

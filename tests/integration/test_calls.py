@@ -254,3 +254,32 @@ def test_cli(start_service, mesh_settings: Settings, mesh_client: Client) -> Non
     assert published.returncode == 0, published.stderr
     assert json.loads(published.stdout) == {"delivered": 1}
     assert mesh_client.call("echo", "events") == [{"x": 1}]
+
+
+def test_a_smaller_limit_on_the_receiver_is_respected_without_hurting_other_calls(
+        start_service, mesh_client: Client) -> None:
+    # The instance accepts 4 KiB; the caller's own limit is the 8 MiB default.
+    start_service(ECHO, env={"MESHKIT_MAX_MESSAGE_SIZE": "4096"})
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(mesh_client.call, "echo", "sleep", [0.5])
+        with pytest.raises(meshkit.MessageTooLargeError, match="4096"):
+            mesh_client.call("echo", "echo", [b"x" * 20_000])
+        # Nothing was sent, so the connection (and the other call on it) is intact.
+        assert isinstance(in_flight.result(5), str)
+    assert mesh_client.call("echo", "echo", [b"x" * 2000]) == b"x" * 2000
+
+
+def test_a_call_in_flight_when_its_client_closes_fails_with_client_closed(
+        start_service, mesh_settings: Settings) -> None:
+    start_service(ECHO)
+    client = Client(mesh_settings)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.call, "echo", "sleep", [3.0])
+        wait_until(lambda: any(p.pending for p in client._client.pool._peers.values()), 5,
+                   "the call to be in flight")
+        client.close()
+        # Not LostPeerError (the instance is fine) and not a retry on a closed client.
+        with pytest.raises(meshkit.ClientClosedError):
+            waiting.result(5)
+    with pytest.raises(meshkit.ClientClosedError):
+        client.call("echo", "echo", [1])

@@ -1,8 +1,8 @@
 """How the client chooses an instance, without sockets.
 
 The client's registry view is filled by hand with ``Registry.apply`` and its
-``_connect`` is replaced by a factory of fake peers, so nothing touches the
-network. The last tests drive one call end to end against a fake peer to
+pool's ``peer_for`` is replaced by a factory of fake peers, so nothing touches
+the network. The last tests drive one call end to end against a fake peer to
 check what the chosen instance is sent and how its answers are handled.
 """
 
@@ -17,18 +17,19 @@ from typing import Any
 import pytest
 import zmq
 
-from meshkit import client as client_module
+from meshkit import pool as pool_module
 from meshkit import wire
 from meshkit.client import AsyncClient
 from meshkit.config import Settings
 from meshkit.errors import LostPeerError, NoInstanceError, UnknownMethodError
 from meshkit.peer import CONNECTED, CONNECTING, FAILED
+from meshkit.pool import PeerPool
 from meshkit.record import DRAINING, InstanceRecord
 from meshkit.registry import Registry
 
 
 class FakePeer:
-    """Stands in for :class:`meshkit.peer.Peer`: the attributes ``_pick`` reads."""
+    """Stands in for :class:`meshkit.peer.Peer`: the attributes ``PeerPool.pick`` reads."""
 
     def __init__(self, record: InstanceRecord, state: str = CONNECTED, draining: bool = False,
                  load: int = 0) -> None:
@@ -67,7 +68,8 @@ class Mesh:
         self.specs: dict[str, dict[str, Any]] = {}
         self.refused: set[str] = set()
         self.connects: list[str] = []
-        self.client._connect = self._connect  # type: ignore[method-assign, assignment]
+        self.pool = self.client.pool
+        self.pool.peer_for = self._peer_for  # type: ignore[method-assign, assignment]
 
     def add(self, iid: str, *, service: str = "cart", up: bool = True,
             idempotent: tuple[str, ...] = (), **peer: Any) -> str:
@@ -78,19 +80,22 @@ class Mesh:
         self.specs[record.key] = peer
         return record.key
 
-    def _connect(self, record: InstanceRecord) -> FakePeer | None:
+    def _peer_for(self, record: InstanceRecord) -> FakePeer | None:
+        existing = self.pool._peers.get(record.key)
+        if existing is not None:
+            return existing  # type: ignore[return-value]
         self.connects.append(record.key)
         if record.key in self.refused:
-            return None  # what the real _connect does for a recently failed instance
+            return None  # what the real peer_for does for a recently failed instance
         peer = FakePeer(record, **self.specs.get(record.key, {}))
-        self.client._peers[record.key] = peer  # type: ignore[assignment]
+        self.pool._peers[record.key] = peer  # type: ignore[assignment]
         return peer
 
     def peer(self, key: str) -> FakePeer:
-        return self.client._peers[key]  # type: ignore[return-value]
+        return self.pool._peers[key]  # type: ignore[return-value]
 
     def pick(self, service: str = "cart", exclude: set[str] | None = None) -> str | None:
-        peer = self.client._pick(service, exclude or set())
+        peer = self.pool.pick(service, exclude or set())
         return None if peer is None else peer.key
 
 
@@ -107,7 +112,7 @@ def mesh() -> Iterator[Mesh]:
 def rng(monkeypatch: pytest.MonkeyPatch) -> random.Random:
     """A seeded ``random`` for the client module (power-of-two draws)."""
     seeded = random.Random(20240601)
-    monkeypatch.setattr(client_module, "random", seeded)
+    monkeypatch.setattr(pool_module, "random", seeded)
     return seeded
 
 
@@ -228,13 +233,13 @@ def test_excluded_instances_are_not_connected(mesh: Mesh) -> None:
 
 
 def test_real_connect_waits_after_a_failure(mesh: Mesh) -> None:
-    # The real _connect, for an instance that failed just now: no peer, no socket.
+    # The real peer_for, for an instance that failed just now: no peer, no socket.
     key = mesh.add("a")
     record = mesh.registry.get(key)
     assert record is not None
-    mesh.client._failed_at[key] = time.monotonic()
-    assert AsyncClient._connect(mesh.client, record) is None
-    assert mesh.client._peers == {}
+    mesh.pool._failed_at[key] = time.monotonic()
+    assert PeerPool.peer_for(mesh.pool, record) is None
+    assert mesh.pool._peers == {}
 
 
 # -- one call against fake peers ---------------------------------------------------
@@ -251,7 +256,7 @@ def test_the_chosen_peer_gets_a_spec_conformant_call(mesh: Mesh) -> None:
     key = mesh.add("a")
 
     async def main() -> Any:
-        mesh.client._connect(mesh.registry.get(key))  # type: ignore[arg-type]
+        mesh.pool.peer_for(mesh.registry.get(key))  # type: ignore[arg-type]
         mesh.peer(key).on_send = _answer(wire.REPLY, wire.pack({"total": 3}))
         return await mesh.client.call("cart", "add", [1, 2], {"qty": 1}, timeout=2.0,
                                       meta={"conn": "c1"})

@@ -22,13 +22,14 @@ FULL = InstanceRecord(
     state=DRAINING,
     started_at=1700000000.25,
     listeners={"stratum": "10.0.0.7:3333"},
+    max_message_size=1048576,
 )
 
 FULL_JSON = (
     '{"service":"stratum","instance_id":"a1b2c3","endpoint":"tcp://10.0.0.7:41234",'
     '"host":"node-7","pid":4242,"version":"1.2.0","methods":["submit","subscribe"],'
     '"idempotent":["subscribe"],"topics":["jobs.new","blocks.*"],"state":"draining",'
-    '"started_at":1700000000.25,"listeners":{"stratum":"10.0.0.7:3333"}}'
+    '"started_at":1700000000.25,"listeners":{"stratum":"10.0.0.7:3333"},"max_message_size":1048576}'
 )
 
 MINIMAL = {"service": "s", "instance_id": "i", "endpoint": "tcp://h:1", "host": "h", "pid": 1}

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from meshkit.config import Settings
+from meshkit.handlers import topic_matches
 from meshkit.record import DRAINING, InstanceRecord
-from meshkit.registry import Keys, Registry, topic_matches
+from meshkit.registry import Keys, Registry
 
 
 def _rec(service: str, iid: str, *topics: str, state: str = "up") -> InstanceRecord:
