@@ -19,16 +19,21 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from ..config import Settings
 from ..registry import read_records
 from .control import CircusControl, StackError
 from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
+from .processes import stack_processes, terminate
 
 DEFAULT_STRATUM_PORT = "3333"
 
@@ -110,7 +115,8 @@ def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, st
     if os.path.exists(config):
         env.setdefault("MESHKIT_CONFIG", config)
     env.setdefault("MESHKIT_NAMESPACE", settings.namespace)
-    env.setdefault("MESHKIT_STRATUM_HOST", "0.0.0.0")
+    # Loopback unless told otherwise: a demo should not listen on every interface.
+    env.setdefault("MESHKIT_STRATUM_HOST", "127.0.0.1")
     env.setdefault("MESHKIT_STRATUM_PORT", DEFAULT_STRATUM_PORT)
     host, _, port = settings.statsd_address.rpartition(":")
     env.setdefault("MESHKIT_STATSD_HOST", host or "127.0.0.1")
@@ -136,34 +142,75 @@ def cmd_up(args: argparse.Namespace) -> int:
     command = [sys.executable, "-c", "from circus.circusd import main; main()", ini]
     if args.daemon:
         command.append("--daemon")
-    proc = subprocess.Popen(command, env=env, cwd=home, start_new_session=args.daemon)
+    # A session of its own: Ctrl-C reaches this process only, which stops the
+    # stack through circusd's control socket (retried while circusd is busy,
+    # unlike circusd's own SIGINT handling, whose quit can be refused).
+    proc = subprocess.Popen(command, env=env, cwd=home, start_new_session=True)
+    stops: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: stops.append(signum))
     try:
-        _wait_ready(stack, settings, proc if not args.daemon else None, args.timeout)
+        _wait_ready(stack, settings, proc if not args.daemon else None, args.timeout, stops)
     except BaseException:
-        if not args.daemon:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        _stop(stack, proc.pid if not args.daemon else stack.circusd_pid(), stops, graceful=not stops)
         raise
     _print_welcome(stack, settings)
     if args.daemon:
         return 0
+    while proc.poll() is None and not stops:
+        time.sleep(0.2)
+    if proc.poll() is None:
+        print("\nstopping the stack gracefully (Ctrl-C again to force)...", file=sys.stderr, flush=True)
+        _stop(stack, proc.pid, stops, graceful=True)
+    return 0
+
+
+def _stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0) -> None:
+    """Stop the stack: ``quit`` through circusd, or (forced, or if that fails) kill every process of it.
+
+    A signal arriving in ``stops`` after the graceful stop began forces it.
+    """
+    tree = stack_processes(stack.run_dir, circusd_pid)
+    if graceful and circusd_pid is not None:
+        seen = len(stops)
+        quitting = threading.Thread(target=_quit_quietly, args=(stack,), daemon=True)
+        quitting.start()
+        deadline = time.monotonic() + timeout
+        while _running(circusd_pid) and len(stops) == seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # Whatever is left (all of it when forced): including anything Circus
+    # started meanwhile, and processes orphaned if circusd itself died.
+    alive = circusd_pid is not None and _running(circusd_pid)
+    current = {p.pid: p for p in stack_processes(stack.run_dir, circusd_pid if alive else None)}
+    tree = [p for p in [*tree, *current.values()] if p.is_running()]
+    survivors = terminate(list({p.pid: p for p in tree}.values()), grace=5.0)
+    if survivors:
+        raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
+
+
+def _quit_quietly(stack: Stack) -> None:
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        print("\nstopping the stack (graceful; Ctrl-C again to force)...", file=sys.stderr)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.kill()
-        return 0
+        stack.control.quit()
+    except StackError as exc:
+        print(f"circusd did not take the quit command: {exc}", file=sys.stderr)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (circusd is our child in the foreground: it stays a zombie until reaped)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes] | None,
-                timeout: float) -> None:
-    """Wait until circusd answers and every active watcher's processes registered."""
+                timeout: float, stops: list[int]) -> None:
+    """Wait until circusd answers, HAProxy answers, and every active watcher's processes registered."""
     deadline = time.monotonic() + timeout
     last = "circusd to answer"
     while time.monotonic() < deadline:
+        if stops:
+            raise StackError("interrupted while starting")
         if proc is not None and proc.poll() is not None:
             raise StackError(f"circusd exited with {proc.returncode}; see {stack.run_dir}/circusd.log")
         if stack.control.reachable():
@@ -171,11 +218,26 @@ def _wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes] 
                 missing = _unregistered(stack, settings)
             except Exception as exc:  # Redis not up yet
                 missing = [f"registry ({exc})"]
+            if not missing and stack.control.status().get("haproxy") == "active" and not _haproxy_answers(stack):
+                missing = [f"HAProxy (see {stack.run_dir}/haproxy-sync.log)"]
             if not missing:
                 return
             last = "registration of " + ", ".join(missing)
         time.sleep(0.2)
     raise StackError(f"stack not ready after {timeout:.0f}s: waiting for {last}")
+
+
+def _haproxy_answers(stack: Stack) -> bool:
+    """Whether HAProxy's stats socket in the run directory answers ``show info``."""
+    path = os.path.join(stack.run_dir, "haproxy.sock")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(path)
+            sock.sendall(b"show info\n")
+            return bool(b"Name: HAProxy" in sock.recv(4096))
+    except OSError:
+        return False
 
 
 def _unregistered(stack: Stack, settings: Settings) -> list[str]:
@@ -224,18 +286,18 @@ def cmd_down(args: argparse.Namespace) -> int:
     stack = Stack(_settings(args), args.run_dir)
     pid = stack.circusd_pid()
     if pid is None:
-        print("no stack running", file=sys.stderr)
+        # circusd is gone; its processes may not be (they run in their own sessions).
+        leftovers = stack_processes(stack.run_dir)
+        if not leftovers:
+            print("no stack running", file=sys.stderr)
+            return 0
+        survivors = terminate(leftovers, grace=10.0)
+        if survivors:
+            raise StackError(f"could not stop {[p.pid for p in survivors]}")
+        print(f"circusd was not running; stopped {len(leftovers)} leftover processes")
         return 0
     stack.control.timeout = args.timeout
-    try:
-        stack.control.quit()
-    except StackError:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while stack.circusd_pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if stack.circusd_pid() is not None:
-        raise StackError(f"circusd (pid {pid}) still running after {args.timeout:.0f}s")
+    _stop(stack, pid, [], graceful=True, timeout=args.timeout)
     print("stack stopped")
     return 0
 

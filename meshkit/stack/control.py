@@ -23,6 +23,9 @@ from typing import Any
 from ..errors import MeshError
 
 _CONFLICT_MARKERS = ("already running", "arbiter is restarting")
+# Commands that only read: they never conflict in circusd, so they skip the lock.
+_READ_ONLY = frozenset({"list", "status", "listsockets", "numprocesses", "numwatchers", "get",
+                        "options", "stats", "dstats", "globaloptions"})
 
 
 class StackError(MeshError):
@@ -52,7 +55,7 @@ class CircusControl:
 
         deadline = time.monotonic() + self.timeout
         backoff = 0.05
-        with self._lock():
+        with self._lock(command, deadline):
             # A waiting command (stop, scale down) lasts as long as the
             # processes' graceful stop, so the answer may take the whole budget.
             client = CircusClient(endpoint=self.endpoint, timeout=self.timeout)
@@ -119,13 +122,22 @@ class CircusControl:
         return result
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        if self.lock_path is None:
+    def _lock(self, command: str, deadline: float) -> Iterator[None]:
+        """Hold the lock file for commands that change the stack (reads need not wait)."""
+        if self.lock_path is None or command in _READ_ONLY:
             yield
             return
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StackError(f"another meshkit command held {self.lock_path} "
+                                         f"for {self.timeout:.0f}s") from None
+                    time.sleep(0.05)
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

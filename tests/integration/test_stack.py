@@ -23,6 +23,7 @@ import pytest
 from meshkit.config import Settings
 from meshkit.registry import read_records
 from meshkit.stack.control import CircusControl
+from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,12 +75,12 @@ class JsonRpcClient:
         self.sock.close()
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
+def stack_files(tmp_path: Path, extra: str = "") -> tuple[dict[str, str], Path, Path]:
+    """Environment, run directory and ini for a stack in ``tmp_path`` (kernel-chosen public port)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ini = tmp_path / "circus.ini"
-    ini.write_text((ROOT / "circus.ini").read_text() + CRASHER)
+    ini.write_text((ROOT / "circus.ini").read_text() + extra)
     config = tmp_path / "meshkit.toml"
     config.write_text((ROOT / "configs" / "meshkit.toml").read_text()
                       + "\n[services.crasher]\nflap_max_restarts = 3\nflap_window = 30.0\n")
@@ -97,6 +98,12 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
         "MESHKIT_DRAIN_GRACE": "3",
         "MESHKIT_GATEWAY_DRAIN_GRACE": "2",
     })
+    return env, run_dir, ini
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
+    env, run_dir, ini = stack_files(tmp_path, CRASHER)
     result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
     pid_file = run_dir / "circusd.pid"
     try:
@@ -183,11 +190,12 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
     status = meshkit("status", "--run-dir", str(run_dir), env=env)
     assert "flapping" in status.stdout
 
-    # By hand, a flap-stopped watcher starts again (and, still broken, trips again).
+    # By hand, a flap-stopped watcher starts again with a fresh budget (and,
+    # still broken, trips again: a new record, newer than the first).
+    first_trip = json.loads((run_dir / "flapped.json").read_text())["crasher"]["at"]
     assert meshkit("start", "crasher", "--run-dir", str(run_dir), env=env).returncode == 0
-    wait_until(lambda: "crasher" not in json.loads((run_dir / "flapped.json").read_text()), 10,
-               "the flap record to clear on a manual start")
-    wait_until(lambda: control.status().get("crasher") == "stopped", 30, "flap control to trip again")
+    wait_until(lambda: json.loads((run_dir / "flapped.json").read_text()).get("crasher", {}).get("at", 0)
+               > first_trip and control.status().get("crasher") == "stopped", 30, "flap control to trip again")
 
     # Circus 0.19 refuses a command while an exclusive one runs (this is what
     # drops the stock flapping plugin's fire-and-forget stop); meshkit retries.
@@ -237,3 +245,49 @@ def _haproxy_servers_up(run_dir: Path) -> int:
         if len(fields) > 17 and fields[1] not in ("FRONTEND", "BACKEND") and fields[17].startswith("UP"):
             count += 1
     return count
+
+
+def test_foreground_up_stops_the_whole_stack_on_ctrl_c(tmp_path: Path) -> None:
+    env, run_dir, ini = stack_files(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "meshkit", "up", "--circus-ini", str(ini), "--run-dir",
+                           str(run_dir)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+    try:
+        assert up.stdout is not None
+        lines: list[str] = []
+        for line in up.stdout:  # the welcome text is the readiness signal
+            lines.append(line)
+            if "stack is up" in line:
+                break
+        assert any("stack is up" in line for line in lines), "".join(lines)
+        processes = stack_processes(str(run_dir), int((run_dir / "circusd.pid").read_text()))
+        assert len(processes) >= 8, processes  # circusd, redis, haproxy + sync, gateways, backends, ...
+        up.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert up.wait(60) == 0
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert not alive, f"still running after Ctrl-C: {alive}"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        if up.stdout is not None:
+            up.stdout.close()
+        terminate(stack_processes(str(run_dir)), grace=5)
+
+
+def test_down_stops_the_processes_of_a_dead_circusd(tmp_path: Path) -> None:
+    env, run_dir, ini = stack_files(tmp_path)
+    try:
+        result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        circusd = int((run_dir / "circusd.pid").read_text())
+        orphans = [p for p in stack_processes(str(run_dir), circusd) if p.pid != circusd]
+        os.kill(circusd, signal.SIGKILL)  # its processes live on in their own sessions
+        psutil.wait_procs([psutil.Process(circusd)], timeout=10)
+        assert all(p.is_running() for p in orphans)
+        down = meshkit("down", "--run-dir", str(run_dir), env=env)
+        assert down.returncode == 0 and "leftover" in down.stdout, down.stdout + down.stderr
+        _, alive = psutil.wait_procs(orphans, timeout=10)
+        assert not alive, f"still running after down: {alive}"
+    finally:
+        terminate(stack_processes(str(run_dir)), grace=5)
