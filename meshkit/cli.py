@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from . import __version__
 from .config import Settings
 from .errors import CallError, MeshError
@@ -98,7 +100,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from .registry import read_records
 
-    records = read_records(settings_from(args), args.service)
+    settings = settings_from(args)
+    try:
+        records = read_records(settings, args.service)
+    except RedisError as exc:
+        raise MeshError(f"registry at {settings.redis_url} unreachable: {exc}") from None
     if args.json:
         print(json.dumps([json.loads(r.to_json()) for r in records], indent=2))
         return 0

@@ -86,6 +86,7 @@ class Service:
         self._server: Server | None = None
         self._registration: Registration | None = None
         self._periodic: list[asyncio.Task[None]] = []
+        self._record_updates: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
         self.started_at = 0.0
@@ -139,6 +140,15 @@ class Service:
         if loop is None:
             coro.close()
             raise ClientClosedError("service is not running")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            # Blocking the loop's own thread on the loop would never return.
+            coro.close()
+            raise RuntimeError("call_blocking/publish_blocking are for plain handlers; "
+                               "an async handler should await self.call/self.publish")
         ctx = current_call()
 
         async def with_context() -> Any:
@@ -168,9 +178,12 @@ class Service:
         HAProxy routes the public frontend named ``name`` here.
         """
         self._listeners[name] = address
-        if self._registration is not None and self._loop is not None:
+        if self._registration is not None and self._loop is not None and self.state == "up":
             record = self._record(self._registration.record.state)
-            self._loop.create_task(self._registration.update(record))
+            task = self._loop.create_task(self._registration.update(record))
+            # Keep a reference until it is done (the loop holds tasks only weakly).
+            self._record_updates.add(task)
+            task.add_done_callback(self._record_updates.discard)
 
     @property
     def endpoint(self) -> str:
