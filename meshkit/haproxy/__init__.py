@@ -5,7 +5,8 @@ The layers, lowest first (each imports only those before it):
 * :mod:`~meshkit.haproxy.errors` — ``HAProxyError`` and its subclasses
 * :mod:`~meshkit.haproxy.config` — ``configs/haproxy.toml`` as a ``ProxyConfig``
 * :mod:`~meshkit.haproxy.model` — frontends, backends and servers from config and records
-* :mod:`~meshkit.haproxy.process` — the HAProxy master process the sync process owns
+* :mod:`~meshkit.haproxy.hosts` — host names in records resolved off the event loop, last good answer kept
+* :mod:`~meshkit.haproxy.process` — the HAProxy master process the sync process owns; ``find_program``
 * :mod:`~meshkit.haproxy.render` — the Jinja2 templates in ``haproxy/``, and ``haproxy -c``
 * :mod:`~meshkit.haproxy.runtime` — runtime API and master CLI clients
 * :mod:`~meshkit.haproxy.reconcile` — the commands that make HAProxy's servers match a model

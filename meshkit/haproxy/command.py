@@ -12,8 +12,9 @@
     it owns HAProxy: ``haproxy -W -S DIR/haproxy-master.sock -f
     DIR/haproxy.cfg``, inheriting every ``fd@N`` a frontend binds. With
     ``--attach`` it drives an HAProxy already running from ``DIR/haproxy.cfg``
-    through the given sockets. SIGTERM/SIGINT stop it (an owned HAProxy
-    softly) with exit status 0; SIGHUP re-reads ``--config``.
+    through the given sockets. SIGTERM/SIGINT stop it with exit status 0
+    within ``stop_timeout`` + 2 s (an owned HAProxy softly if it can, else
+    hard; see :mod:`meshkit.haproxy.sync`); SIGHUP re-reads ``--config``.
 
 ``--bind stratum=fd@5`` overrides the ``bind`` of frontend ``stratum``: this
 is how a listening socket inherited from Circus (``$(circus.sockets.stratum)``)

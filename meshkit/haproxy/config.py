@@ -6,7 +6,8 @@ Format (every key but ``[[frontend]]`` is optional; defaults shown)::
     templates = "../haproxy"        # Jinja2 templates, relative to this file
     hard_stop_after = "1h"          # old workers keep client connections this long after a reload
     maxconn = 0                     # global connection limit; 0: derived from ulimit -n
-    stop_timeout = 15.0             # seconds a soft stop may take before HAProxy is stopped hard
+    stop_timeout = 10.0             # seconds stopping an owned HAProxy may take in all: a soft stop,
+                                    # then a hard stop in the last 2 s (the sync exits within ~2 s more)
     reconcile_interval = 1.0        # seconds between full comparisons with HAProxy's servers
     log = ""                        # a "log" target for connection logs, e.g. "stderr format short daemon info";
                                     # empty: none (HAProxy's own warnings still go to its stderr)
@@ -136,7 +137,7 @@ class ProxyConfig:
     templates: Path
     hard_stop_after: str = "1h"
     maxconn: int = 0  # 0: HAProxy derives it from the file-descriptor limit
-    stop_timeout: float = 15.0
+    stop_timeout: float = 10.0  # the whole stop of an owned HAProxy, soft then hard
     reconcile_interval: float = 1.0
     log: str = ""  # HAProxy "log" target for connection logs; empty: none
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -212,7 +213,7 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
         templates=templates if templates.is_absolute() else (base / templates).resolve(),
         hard_stop_after=str(top.get("hard_stop_after", "1h")),
         maxconn=_int(top.get("maxconn", 0), f"{source}: maxconn"),
-        stop_timeout=_float(top.get("stop_timeout", 15.0), f"{source}: stop_timeout"),
+        stop_timeout=_float(top.get("stop_timeout", 10.0), f"{source}: stop_timeout"),
         reconcile_interval=_float(top.get("reconcile_interval", 1.0), f"{source}: reconcile_interval"),
         log=str(top.get("log", "")),
         timeouts=timeouts,

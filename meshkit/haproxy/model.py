@@ -22,7 +22,12 @@ from ..record import InstanceRecord
 from .config import ProxyConfig
 
 Resolver = Callable[[str], str]
-"""Turns a host name into the IP address HAProxy should use (raises ``OSError``)."""
+"""Turns a host name into the IP address HAProxy should use (raises ``OSError``).
+
+Called while the model is built, so it should answer from memory: the sync
+process resolves names beforehand (:mod:`meshkit.haproxy.hosts`), for the
+hosts :func:`listener_hosts` lists.
+"""
 
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9_.:-]")
 MAX_NAME = 48
@@ -183,3 +188,8 @@ def build_model(
         backends=tuple(replace(b, servers=tuple(sorted(servers[b.name].values()))) for b in backends.values()),
         problems=tuple(problems),
     )
+
+
+def listener_hosts(config: ProxyConfig, records: Iterable[InstanceRecord]) -> set[str]:
+    """The hosts (names and IP addresses alike) of every listener address :func:`build_model` routes to."""
+    return {server.host for backend in build_model(config, records).backends for server in backend.servers}

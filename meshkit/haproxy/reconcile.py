@@ -9,12 +9,29 @@ the runtime commands that close the gap, one :class:`Step` per server:
   so that a server never takes traffic before its health check runs.
 * present server → whatever differs: address, disabled health check, state
   (``ready`` for an ``up`` instance, ``drain`` for a ``draining`` one).
-* server whose instance is gone → ``set server ... state maint``, ``shutdown
-  sessions server``, ``del server``. HAProxy refuses the last while
-  connections are still attached; the next round tries again.
+* server whose instance is gone → ``set server ... state maint`` (no new
+  connections; the established ones go on), then ``del server``, always the
+  last command of the step. HAProxy refuses the delete while connections are
+  still attached; every later round sends it again, so the server goes once
+  its last client has left.
 
-Only backends of the model are touched: other backends of an HAProxy the sync
-process is attached to are left alone.
+Sessions are never shut down: a record also disappears when a healthy
+gateway merely lost Redis (its record expired) or its host name failed to
+resolve, and cutting its clients would be the only harm done. A gateway that
+really stopped has closed its clients itself, and a dead one's connections
+are dead already.
+
+HAProxy 2.6 facts the commands rely on (see docs/haproxy.md):
+
+* ``add server`` creates a server in maintenance with its health check
+  disabled, and ignores ``default-server``: options are spelled out, and the
+  server needs ``enable health`` and ``set server ... state ready``.
+* ``del server`` refuses a server that is not in maintenance or still has
+  connections attached.
+
+This is the one place that writes these commands. Only backends of the model
+are touched: other backends of an HAProxy the sync process is attached to are
+left alone.
 """
 
 from __future__ import annotations
@@ -30,7 +47,11 @@ ADD, UPDATE, REMOVE = "add", "update", "remove"
 
 @dataclass(frozen=True)
 class Step:
-    """The commands for one server, to run in order (stop at the first failure)."""
+    """The commands for one server, to run in order (stop at the first failure).
+
+    A ``REMOVE`` step ends with its ``del server``, which HAProxy refuses
+    while connections are attached: that refusal means "not yet", not failure.
+    """
 
     action: str  # ADD, UPDATE or REMOVE
     backend: str
@@ -87,6 +108,6 @@ def plan(model: Model, actual: Iterable[ServerState], remove: bool = True) -> li
                 continue
             target = f"{backend.name}/{name}"
             commands = [] if have.in_maintenance else [f"set server {target} state maint"]
-            commands += [f"shutdown sessions server {target}", f"del server {target}"]
+            commands.append(f"del server {target}")
             removals.append(Step(REMOVE, backend.name, name, tuple(commands)))
     return adds + updates + removals

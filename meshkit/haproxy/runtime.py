@@ -10,15 +10,12 @@ turns on ``set severity-output number`` for the same connection: messages then
 start with a syslog level (``[3]: No such server.``), and a level of 3 (error)
 or below raises :class:`RuntimeCommandError`. An empty reply means success.
 
-HAProxy 2.6 facts this relies on (see docs/haproxy.md):
+The commands that change servers are written in one place,
+:func:`meshkit.haproxy.reconcile.plan` (with the HAProxy facts they rely on);
+this module sends them and parses what HAProxy reports.
 
-* ``add server`` creates a server in maintenance with its health check
-  disabled, and ignores ``default-server``: options must be given explicitly,
-  and the server needs ``enable health`` and ``set server ... state ready``.
-* ``del server`` refuses a server that is not in maintenance or still has
-  connections attached; ``shutdown sessions server`` ends them first.
-* The master CLI ``reload`` answers nothing: :meth:`MasterCLI.reload` watches
-  ``show proc`` for the master's reload counter instead.
+The master CLI ``reload`` answers nothing: :meth:`MasterCLI.reload` watches
+``show proc`` for the master's reload counter instead (see docs/haproxy.md).
 """
 
 from __future__ import annotations
@@ -150,25 +147,10 @@ class RuntimeAPI:
         """Every server of every backend (``show servers state``)."""
         return parse_servers_state(await self.execute("show servers state"))
 
-    async def add_server(self, backend: str, server: str, address: str, options: str) -> None:
-        await self.command(f"add server {backend}/{server} {address} {options}")
-
-    async def enable_health(self, backend: str, server: str) -> None:
-        await self.command(f"enable health {backend}/{server}")
-
-    async def set_state(self, backend: str, server: str, state: str) -> None:
-        """``state`` is ``ready``, ``drain`` or ``maint``."""
-        await self.command(f"set server {backend}/{server} state {state}")
-
-    async def set_address(self, backend: str, server: str, host: str, port: int) -> None:
-        await self.command(f"set server {backend}/{server} addr {host} port {port}")
-
-    async def shutdown_sessions(self, backend: str, server: str) -> None:
-        await self.command(f"shutdown sessions server {backend}/{server}")
-
-    async def delete_server(self, backend: str, server: str) -> None:
-        """Delete a server; HAProxy refuses unless it is in maintenance with no connection left."""
-        await self.command(f"del server {backend}/{server}")
+    async def backends(self) -> set[str]:
+        """Names of every backend HAProxy runs (``show backend``)."""
+        lines = (await self.execute("show backend")).splitlines()
+        return {line.strip() for line in lines if line.strip() and not line.startswith("#")}  # "# name" heads it
 
 
 class MasterCLI:

@@ -22,26 +22,40 @@ A round runs shortly after every registry change and every
 HAProxy restarted behind our back, a command that failed, a server still
 holding connections. A dead owned master is restarted with every server. A
 Redis outage leaves the registry's cached view, hence the servers, as they
-are; nothing is removed before the registry has been read once.
+are; nothing is removed before the registry has been read once. A server
+whose record is gone is put in maintenance and deleted once its last
+connection has closed; its sessions are never shut down.
+
+**Stopping** is bounded: :meth:`HAProxySync.request_stop` abandons the
+current round at once (a reload, a start, a lookup: none is waited for), then
+the registry is closed and an owned HAProxy stopped side by side. The whole
+stop takes at most :data:`CANCEL_WAIT` + max(``stop_timeout`` +
+:data:`~meshkit.haproxy.process.REAP_TIMEOUT`, :data:`REGISTRY_CLOSE_TIMEOUT`)
+seconds: 12 s with the default ``stop_timeout`` of 10 s, 3 s when attached.
+An owned HAProxy still running at the end of its budget is SIGKILLed,
+workers included (see :meth:`~meshkit.haproxy.process.HAProxyProcess.stop`),
+on every way out of :meth:`HAProxySync.run`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import functools
 import logging
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from ..config import Settings
+from ..record import InstanceRecord
 from ..registry import Registry, wait_event
 from .config import ProxyConfig
 from .errors import ConfigCheckError, HAProxyError, HAProxyUnreachableError, ReloadError, RuntimeCommandError
-from .model import Model, build_model
+from .hosts import HostCache, detached
+from .model import Model, build_model, listener_hosts
 from .process import HAProxyProcess, find_haproxy
-from .reconcile import REMOVE, plan
+from .reconcile import REMOVE, Step, plan
 from .render import RuntimePaths, check_config, fingerprint_of, render, structure_fingerprint, write_config
 from .runtime import MasterCLI, RuntimeAPI
 
@@ -49,15 +63,17 @@ log = logging.getLogger("meshkit.haproxy.sync")
 
 DEBOUNCE = 0.05  # seconds to gather a burst of registry changes into one round
 READY_TIMEOUT = 10.0  # seconds a new worker may take to answer on the stats socket
-RESOLVE_TTL = 30.0  # seconds a resolved host name is trusted
+CANCEL_WAIT = 1.0  # seconds a cancelled round may take to end before the stop goes on without it
+REGISTRY_CLOSE_TIMEOUT = 2.0  # seconds closing the registry may take at stop (alongside stopping HAProxy)
 
 
 class HAProxySync:
     """Keeps one HAProxy's frontends, backends and servers in step with the registry.
 
-    ``run`` returns after :meth:`request_stop`; an owned HAProxy is then stopped
-    softly. ``config`` may be replaced while running with :meth:`set_config`
-    (the next round reloads HAProxy if the structure changed).
+    ``run`` returns soon after :meth:`request_stop` (see the module doc for
+    the bound); an owned HAProxy is then stopped, softly if it allows.
+    ``config`` may be replaced while running with :meth:`set_config` (the next
+    round reloads HAProxy if the structure changed).
     """
 
     def __init__(
@@ -86,6 +102,7 @@ class HAProxySync:
             self.process = HAProxyProcess(paths.config_file, paths.master_socket, paths.pid_file,
                                           self.haproxy, config.inherited_fds)
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._stopping = False
         self._loaded: str | None = None  # structure fingerprint of the configuration HAProxy runs
         self._rejected: str | None = None  # structure fingerprint haproxy -c refused (not retried)
@@ -94,37 +111,75 @@ class HAProxySync:
         self._problems: set[str] = set()
         self._failing: dict[str, str] = {}  # step -> HAProxy's last refusal, to log each refusal once
         self._unreachable_since: float | None = None
-        self._resolved: dict[str, tuple[str, float]] = {}
+        self.hosts = HostCache(clock)
         self.rounds = 0  # completed rounds (for tests and status)
 
     # -- lifecycle ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the registry and keep HAProxy in step until :meth:`request_stop`."""
-        if self.attach:
-            try:
-                self._loaded = fingerprint_of(self.paths.config_file.read_text())
-            except OSError:
-                self._loaded = None
-        await self.registry.start()
-        self.registry.add_listener(self.wake)
+        """Follow the registry and keep HAProxy in step until :meth:`request_stop`.
+
+        However it ends (a stop, an error, a cancellation), the registry is
+        closed and an owned HAProxy stopped before it returns.
+        """
         try:
+            if self.attach:
+                try:
+                    self._loaded = fingerprint_of(self.paths.config_file.read_text())
+                except OSError:
+                    self._loaded = None
+            await self._unless_stopped(self.registry.start())
+            self.registry.add_listener(self.wake)
             while not self._stopping:
-                await self.round()
+                await self._unless_stopped(self.round())
                 await wait_event(self._wake, self.config.reconcile_interval)
                 if self._wake.is_set() and not self._stopping:
                     await asyncio.sleep(DEBOUNCE)
                 self._wake.clear()
         finally:
             self.registry.remove_listener(self.wake)
-            await self.registry.close()
-            if self.process is not None:
-                await self.process.stop(self.config.stop_timeout)
+            await self._shutdown()
 
     def request_stop(self) -> None:
-        """Make :meth:`run` return after the current round (safe from a signal handler)."""
+        """Make :meth:`run` return, abandoning the current round (safe from a signal handler)."""
         self._stopping = True
+        self._stop.set()
         self._wake.set()
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` until it ends or a stop is requested; then cancel it and go on.
+
+        A cancelled ``work`` is given :data:`CANCEL_WAIT` seconds to end (a
+        cancellation can be swallowed by a library), then left behind: a stop
+        never waits for a reload, a start or a lookup to finish.
+        """
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=CANCEL_WAIT)
+        if task.done() and not task.cancelled():
+            task.result()  # raises what the work raised
+
+    async def _shutdown(self) -> None:
+        """Close the registry and stop an owned HAProxy side by side, each within its budget."""
+        loop = asyncio.get_running_loop()
+        closing = asyncio.ensure_future(self.registry.close())
+        close_deadline = loop.time() + REGISTRY_CLOSE_TIMEOUT
+        try:
+            if self.process is not None:
+                await self.process.stop(self.config.stop_timeout)
+            await asyncio.wait({closing}, timeout=max(0.0, close_deadline - loop.time()))
+        finally:
+            if not closing.done():
+                log.warning("registry not closed in %.0fs; exiting anyway", REGISTRY_CLOSE_TIMEOUT)
+                closing.cancel()
+            elif not closing.cancelled() and closing.exception() is not None:
+                log.warning("closing the registry failed: %s", closing.exception())
 
     def wake(self) -> None:
         """Run a round soon (registry listener)."""
@@ -142,8 +197,10 @@ class HAProxySync:
 
     async def round(self) -> None:
         """Bring HAProxy in line with the registry once; errors are logged, never raised."""
-        model = self.model()
         try:
+            records = self.registry.instances()
+            await self.hosts.refresh(listener_hosts(self.config, records))
+            model = self.model(records)
             if self.process is not None and not self.process.running():
                 await self._launch(model)
                 if not self.process.running():
@@ -165,9 +222,15 @@ class HAProxySync:
         finally:
             self.rounds += 1
 
-    def model(self) -> Model:
-        """The model for the registry's current view (logs records that cannot become servers)."""
-        model = build_model(self.config, self.registry.instances(), self._resolve)
+    def model(self, records: Sequence[InstanceRecord] | None = None) -> Model:
+        """The model for ``records`` (default: the registry's view); logs records that cannot become servers.
+
+        Host names resolve from :attr:`hosts` only (never blocking): a name
+        not looked up yet is reported as a problem until a round has.
+        """
+        if records is None:
+            records = self.registry.instances()
+        model = build_model(self.config, records, self.hosts.lookup)
         for problem in set(model.problems) - self._problems:
             log.warning("cannot route to %s", problem)
         self._problems = set(model.problems)
@@ -175,7 +238,7 @@ class HAProxySync:
 
     async def _launch(self, model: Model) -> None:
         assert self.process is not None
-        if self.clock() < self._retry_after:
+        if self._stopping or self.clock() < self._retry_after:
             return
         if self.process.returncode is not None:
             log.error("haproxy master exited with %s; starting it again", self.process.returncode)
@@ -209,7 +272,8 @@ class HAProxySync:
         text = render(model, self.paths, self.source)
         fingerprint = fingerprint_of(text) or ""
         try:
-            await asyncio.to_thread(check_config, text, model, self.haproxy)
+            # Detached: a stop cancels this round without waiting for haproxy -c.
+            await detached(functools.partial(check_config, text, model, self.haproxy))
         except ConfigCheckError:
             self._rejected = fingerprint
             raise
@@ -239,7 +303,7 @@ class HAProxySync:
 
     async def _reconcile(self, model: Model) -> None:
         actual = await self.runtime.servers()
-        backends = set((await self.runtime.execute("show backend")).split())
+        backends = await self.runtime.backends()
         # Only backends HAProxy has: a structure haproxy -c refused is not loaded.
         live = [b for b in model.backends if b.name in backends]
         steps = plan(replace(model, backends=tuple(live)), actual, remove=self.registry.synced)
@@ -248,20 +312,24 @@ class HAProxySync:
                 try:
                     await self.runtime.command(command)
                 except RuntimeCommandError as exc:
-                    if step.action == REMOVE and command.startswith("del server"):
-                        # Its sessions are being shut down; try again shortly.
-                        log.debug("cannot delete %s yet: %s", step, exc.reply)
-                        asyncio.get_running_loop().call_later(0.2, self.wake)
-                    elif self._failing.get(str(step)) != exc.reply:
-                        # Logged once; the same failure every round stays at debug level.
-                        self._failing[str(step)] = exc.reply
-                        log.warning("%s failed at %r: %s", step, command, exc.reply)
-                    else:
-                        log.debug("%s still fails at %r: %s", step, command, exc.reply)
+                    self._refused(step, command, exc.reply)
                     break
             else:
                 self._failing.pop(str(step), None)
                 log.info("%s%s", step, f" ({step.instance})" if step.instance else "")
+
+    def _refused(self, step: Step, command: str, reply: str) -> None:
+        """Log that HAProxy refused ``command`` of ``step``: once per new reply, at debug level after."""
+        if self._failing.get(str(step)) == reply:
+            log.debug("%s still refused at %r: %s", step, command, reply)
+            return
+        self._failing[str(step)] = reply
+        if step.action == REMOVE and command == step.commands[-1]:
+            # The delete of a server in maintenance: refused while clients are
+            # still connected, which is the point. Every round tries again.
+            log.info("%s waits for its connections to close (%s)", step, reply)
+        else:
+            log.warning("%s failed at %r: %s", step, command, reply)
 
     def _note_unreachable(self, exc: HAProxyUnreachableError) -> None:
         if self._unreachable_since is None:
@@ -269,22 +337,3 @@ class HAProxySync:
             log.warning("haproxy does not answer (retrying): %s", exc)
         else:
             log.debug("haproxy still does not answer: %s", exc)
-
-    def _resolve(self, host: str) -> str:
-        """``host`` as an IP address (HAProxy reports addresses; names would never compare equal)."""
-        try:
-            ipaddress.ip_address(host)
-            return host
-        except ValueError:
-            pass
-        now = self.clock()
-        cached = self._resolved.get(host)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        # IPv4 first: "localhost" often lists ::1 first, where a gateway bound
-        # to 127.0.0.1 does not listen.
-        infos.sort(key=lambda info: info[0] != socket.AF_INET)
-        address = str(infos[0][4][0])
-        self._resolved[host] = (address, now + RESOLVE_TTL)
-        return address

@@ -8,6 +8,7 @@ waited for with a deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -22,10 +23,10 @@ from pathlib import Path
 import redis
 
 from ..config import Settings
+from ..errors import ConfigError
+from ..haproxy.process import find_program as find_system_program
 from ..record import InstanceRecord
 from ..registry import read_records
-
-_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
 
 
 class MissingProgramError(RuntimeError):
@@ -36,17 +37,15 @@ def find_program(name: str) -> str:
     """Full path of a system program, looking in the sbin directories too.
 
     Debian installs ``haproxy`` and ``redis-server`` under ``/usr/sbin`` and
-    ``/usr/bin``; a non-root PATH may lack the former. A missing program is an
-    error, never a skip.
+    ``/usr/bin``; a non-root PATH may lack the former. The search is meshkit's
+    own (:func:`meshkit.haproxy.process.find_program`). A missing program
+    raises :class:`MissingProgramError`: an error, never a skip.
     """
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in _SBIN_DIRS:
-        candidate = os.path.join(directory, name)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise MissingProgramError(f"{name} is not installed; `make test` installs it (apt-get install {name})")
+    try:
+        return find_system_program(name)
+    except ConfigError:
+        raise MissingProgramError(
+            f"{name} is not installed; `make test` installs it (apt-get install {name})") from None
 
 
 class ProcessExitedError(RuntimeError):
@@ -146,14 +145,13 @@ class RedisServer:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """``MESHKIT_*`` variables that give a child process the same settings."""
-    names = (
-        "redis_url", "namespace", "bind_host", "heartbeat_interval", "ttl", "resync_interval",
-        "call_timeout", "publish_timeout", "max_message_size", "drain_grace", "ping_after",
-        "dead_after", "debug", "statsd_address", "statsd_prefix", "log_format", "log_level",
-        "run_dir",
-    )
-    return {f"MESHKIT_{n.upper()}": str(getattr(settings, n)) for n in names}
+    """``MESHKIT_*`` variables that give a child process the same settings.
+
+    Every field but ``service_overrides`` (tables do not fit in a variable;
+    pass a config file through ``MESHKIT_CONFIG`` for those).
+    """
+    return {f"MESHKIT_{f.name.upper()}": str(getattr(settings, f.name))
+            for f in dataclasses.fields(settings) if f.name != "service_overrides"}
 
 
 class ServiceProcess:

@@ -106,6 +106,8 @@ class Sync:
         self.port = public.getsockname()[1]
         self.paths = RuntimePaths.in_dir(directory / "run")
         self.toml = directory / "haproxy.toml"
+        self.stop_timeout = 5.0
+        self.hard_stop_after = "5s"
         self.write_config(extra)
         self.log_path = directory / "sync.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -115,8 +117,8 @@ class Sync:
         self.toml.write_text(f"""
 [haproxy]
 templates = "{REPO / 'haproxy'}"
-hard_stop_after = "5s"
-stop_timeout = 5.0
+hard_stop_after = "{self.hard_stop_after}"
+stop_timeout = {self.stop_timeout}
 reconcile_interval = 0.5
 {extra}
 
@@ -169,6 +171,17 @@ listener = "stratum"
 
     def reloads(self) -> int:
         return asyncio.run(MasterCLI(self.paths.master_socket).processes()).reloads
+
+    def workers(self) -> tuple[int, ...]:
+        return asyncio.run(MasterCLI(self.paths.master_socket).processes()).workers
+
+    def terminate(self) -> tuple[int, float]:
+        """SIGTERM; wait for the exit and return its status and how long the stop took."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        return code, time.monotonic() - started
 
     def stop(self) -> int | None:
         """SIGTERM; return the exit status (killing it if it hangs, and the HAProxy it owned if left)."""
@@ -298,13 +311,46 @@ def test_servers_follow_the_registry(
     first.sendall(b"still here")
     assert first.recv(100) == b"still here"
 
-    # Gone: the server is removed (its remaining sessions are shut down first).
+    # Gone: in maintenance while its connection lasts, deleted once it closed.
     registry.delete(gw1.record())
-    wait_until(lambda: "gwone" not in sync.servers(), WAIT, "gwone to be deleted from haproxy")
-    first.settimeout(3.0)
-    assert first.recv(100) == b""
+    wait_until(lambda: sync.servers()["gwone"].in_maintenance, WAIT, "gwone to be in maintenance")
+    first.sendall(b"still open")
+    assert first.recv(100) == b"still open"
     first.close()
+    wait_until(lambda: "gwone" not in sync.servers(), WAIT, "gwone to be deleted from haproxy")
     assert {greeting(sync.port) for _ in range(4)} == {"gwtwo"}
+
+
+def test_removed_record_keeps_live_connections_until_they_close(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    # A record also disappears when a healthy gateway merely lost Redis: its
+    # clients must not be cut.
+    kept, other = gateways("gwkeep1"), gateways("gwkeep2")
+    registry.put(kept.record())
+    sync.start()
+    wait_until(lambda: greeting(sync.port) == "gwkeep1", WAIT, "a connection to reach gwkeep1")
+    conn, name = held(sync.port)
+    assert name == "gwkeep1"
+    registry.put(other.record())
+    wait_until(lambda: "gwkeep2" in sync.servers() and sync.servers()["gwkeep2"].up, WAIT, "gwkeep2 to be added")
+
+    registry.delete(kept.record())
+    wait_until(lambda: sync.servers()["gwkeep1"].in_maintenance, WAIT, "gwkeep1 to be in maintenance")
+    # Refused at least twice (two rounds) while the client stays connected.
+    wait_until(lambda: "remove gateway.stratum/gwkeep1 still refused" in sync.log(), WAIT,
+               "sync to retry deleting gwkeep1")
+    conn.settimeout(3.0)
+    for n in range(3):
+        conn.sendall(b"ping %d" % n)
+        assert conn.recv(100) == b"ping %d" % n
+    assert "gwkeep1" in sync.servers()
+    assert {greeting(sync.port) for _ in range(4)} == {"gwkeep2"}  # no new connections
+
+    conn.close()
+    wait_until(lambda: "gwkeep1" not in sync.servers(), WAIT, "gwkeep1 to be deleted once its client left")
+    assert "shutdown sessions" not in sync.log()
+    assert sync.alive()
 
 
 def test_killed_master_is_restarted_with_its_servers(
@@ -390,6 +436,63 @@ def test_sigterm_stops_haproxy_softly_and_exits_zero(
     assert master is not None
     assert sync.stop() == 0
     assert not _alive(master)
+
+
+def test_sigterm_with_clients_connected_stops_within_stop_timeout(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    # A soft stop cannot finish while a client stays connected (hard-stop-after
+    # is longer than the budget): HAProxy is stopped hard within stop_timeout.
+    sync.stop_timeout, sync.hard_stop_after = 3.0, "1h"
+    sync.write_config()
+    gw = gateways("gwbudget")
+    registry.put(gw.record())
+    sync.start()
+    wait_until(sync.workers, WAIT, "the master CLI to list the worker")
+    conn, name = held(sync.port)
+    assert name == "gwbudget"
+    master, workers = sync.master_pid(), sync.workers()
+    assert master is not None
+
+    code, took = sync.terminate()
+    assert code == 0
+    assert took < sync.stop_timeout + 2.0, sync.log()
+    assert not _alive(master) and not any(_alive(pid) for pid in workers)
+    conn.settimeout(3.0)
+    try:
+        assert conn.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    conn.close()
+
+
+def test_sigterm_during_a_stuck_reload_kills_haproxy_within_the_budget(
+    sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
+) -> None:
+    sync.stop_timeout = 3.0
+    sync.write_config()
+    gw = gateways("gwstuck")
+    registry.put(gw.record())
+    sync.start()
+    wait_until(lambda: greeting(sync.port) == "gwstuck", WAIT, "a connection to reach gwstuck")
+    wait_until(lambda: "haproxy is up" in sync.log(), WAIT, "sync to see haproxy up")
+    wait_until(sync.workers, WAIT, "the master CLI to list the worker")
+    master, workers = sync.master_pid(), sync.workers()
+    assert master is not None
+    assert sync.process is not None
+
+    # A master that does not answer: the reload hangs, and it ignores the
+    # soft and the hard stop (both signals stay pending while it is stopped).
+    os.kill(master, signal.SIGSTOP)
+    sync.write_config('[haproxy.timeouts]\nqueue = "6s"')
+    sync.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading haproxy" in sync.log(), WAIT, "sync to start reloading")
+
+    code, took = sync.terminate()
+    assert code == 0
+    assert took < sync.stop_timeout + 2.0, sync.log()
+    assert "killing it" in sync.log()
+    assert not _alive(master) and not any(_alive(pid) for pid in workers)
 
 
 def test_redis_outage_keeps_servers_and_converges_after(

@@ -1,7 +1,9 @@
-"""The HAProxy model, rendering, reconciliation plan and CLI parsers, without HAProxy or Redis."""
+"""The HAProxy model, host names, rendering, reconciliation plan and CLI parsers, without HAProxy or Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,8 @@ import pytest
 
 from meshkit.errors import ConfigError
 from meshkit.haproxy.config import ProxyConfig, default_templates, load_proxy_config, parse_proxy_config
-from meshkit.haproxy.model import backend_name, build_model, identifier, server_name, split_address
+from meshkit.haproxy.hosts import HostCache, detached
+from meshkit.haproxy.model import backend_name, build_model, identifier, listener_hosts, server_name, split_address
 from meshkit.haproxy.reconcile import ADD, REMOVE, UPDATE, plan
 from meshkit.haproxy.render import RuntimePaths, fingerprint_of, render, structure_fingerprint
 from meshkit.haproxy.runtime import ServerState, parse_servers_state, parse_show_proc
@@ -155,6 +158,113 @@ def test_model_resolves_host_names() -> None:
     assert "no such host" in model.problems[0]
 
 
+# -- host names ------------------------------------------------------------------------
+
+
+class Names:
+    """A resolver driven by the test: answers from ``table``, raises for names not in it."""
+
+    def __init__(self, **table: str) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    def __call__(self, host: str) -> str:
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"no such host {host}")
+        return self.table[host]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_listener_hosts_lists_names_and_addresses_of_routed_records() -> None:
+    records = [gateway("gw1", "gw1.local:4000"), gateway("gw2", "10.0.0.2:4000", http="gw2.local:80"),
+               gateway("gw3", "not-an-address"),
+               InstanceRecord(service="shares", instance_id="sh1", endpoint="tcp://x:1", host="h", pid=1,
+                              listeners={"stratum": "other.local:1"})]
+    assert listener_hosts(config(), records) == {"gw1.local", "10.0.0.2", "gw2.local"}
+
+
+def test_host_cache_resolves_before_the_model_and_keeps_the_last_good_address() -> None:
+    clock, names = Clock(), Names(**{"gw1.local": "10.1.1.1"})
+    hosts = HostCache(clock, names, ttl=30.0, timeout=5.0)
+    assert hosts.lookup("10.0.0.7") == "10.0.0.7" and hosts.lookup("::1") == "::1"
+    with pytest.raises(OSError, match="not resolved yet"):
+        hosts.lookup("gw1.local")
+
+    asyncio.run(hosts.refresh({"gw1.local", "10.0.0.7"}))
+    assert names.asked == ["gw1.local"]  # addresses are never looked up
+    model = build_model(config(), [gateway("gw1", "gw1.local:4000")], hosts.lookup)
+    stratum = model.backend("gateway.stratum")
+    assert stratum is not None and stratum.servers[0].host == "10.1.1.1" and not model.problems
+
+    # Within the TTL nothing is looked up again.
+    clock.now += 29.0
+    asyncio.run(hosts.refresh({"gw1.local"}))
+    assert names.asked == ["gw1.local"]
+
+    # The TTL passed and the name no longer resolves: the last good address
+    # stays, so the server (and its clients) stay too.
+    clock.now += 2.0
+    del names.table["gw1.local"]
+    asyncio.run(hosts.refresh({"gw1.local"}))
+    assert names.asked == ["gw1.local"] * 2
+    assert hosts.lookup("gw1.local") == "10.1.1.1"
+    stratum = build_model(config(), [gateway("gw1", "gw1.local:4000")], hosts.lookup).backend("gateway.stratum")
+    assert stratum is not None and [s.host for s in stratum.servers] == ["10.1.1.1"]
+
+    # A new answer replaces it; a name never resolved is a problem of the model.
+    clock.now += 31.0
+    names.table["gw1.local"] = "10.1.1.2"
+    asyncio.run(hosts.refresh({"gw1.local", "gw9.local"}))
+    assert hosts.lookup("gw1.local") == "10.1.1.2"
+    model = build_model(config(), [gateway("gw9", "gw9.local:4000")], hosts.lookup)
+    assert "no such host gw9.local" in model.problems[0]
+
+    # Names no record uses any more are forgotten.
+    asyncio.run(hosts.refresh(set()))
+    with pytest.raises(OSError, match="not resolved yet"):
+        hosts.lookup("gw1.local")
+
+
+def test_host_cache_does_not_wait_for_a_hanging_resolver() -> None:
+    release = threading.Event()
+    answered = {"gw1.local": "10.1.1.1"}
+
+    def resolve(host: str) -> str:
+        if host in answered:
+            return answered.pop(host)
+        release.wait(30.0)  # a resolver that hangs (until the test ends)
+        raise OSError("gave up")
+
+    clock = Clock()
+    hosts = HostCache(clock, resolve, ttl=30.0, timeout=0.05)
+    try:
+        asyncio.run(hosts.refresh({"gw1.local"}))
+        clock.now += 31.0
+        asyncio.run(hosts.refresh({"gw1.local", "gw2.local"}))  # returns after its timeout
+        assert hosts.lookup("gw1.local") == "10.1.1.1"  # the last good answer
+        with pytest.raises(OSError, match="no answer"):
+            hosts.lookup("gw2.local")
+    finally:
+        release.set()
+
+
+def test_detached_returns_results_and_raises_errors() -> None:
+    def fail() -> str:
+        raise OSError("boom")
+
+    assert asyncio.run(detached(lambda: 42)) == 42
+    with pytest.raises(OSError, match="boom"):
+        asyncio.run(detached(fail))
+
+
 # -- rendering -------------------------------------------------------------------------
 
 
@@ -239,14 +349,16 @@ def test_plan_updates_state_address_and_health() -> None:
     ]
 
 
-def test_plan_removes_servers_of_vanished_instances() -> None:
+def test_plan_removes_servers_of_vanished_instances_without_cutting_sessions() -> None:
     model = build_model(config(), [gateway("gw1")])
     actual = [state("gw1"), state("old"), state("older", admin=0x01), state("x", backend="someone.elses")]
+    # Maintenance (no new connections), then the delete HAProxy refuses while
+    # connections are attached; never "shutdown sessions".
     assert commands(plan(model, actual)) == [
-        (REMOVE, "old", ("set server gateway.stratum/old state maint",
-                         "shutdown sessions server gateway.stratum/old", "del server gateway.stratum/old")),
-        (REMOVE, "older", ("shutdown sessions server gateway.stratum/older", "del server gateway.stratum/older")),
+        (REMOVE, "old", ("set server gateway.stratum/old state maint", "del server gateway.stratum/old")),
+        (REMOVE, "older", ("del server gateway.stratum/older",)),
     ]
+    assert not any("shutdown" in c for step in plan(model, actual) for c in step.commands)
     assert all(s.backend != "someone.elses" for s in plan(model, actual))
     assert commands(plan(model, actual, remove=False)) == []
 
