@@ -22,10 +22,26 @@ from typing import Any
 import redis.asyncio as aioredis
 
 import meshkit
-from meshkit.registry import redis_client
+from meshkit.gateway import pooled_redis
 
 TOPIC = "jobs.notify"
 MAX_TARGET = 2**256 - 1
+SERVICE = "jobs"  # the name of the [services.<name>] table the options below live in
+
+
+def job_interval(settings: meshkit.Settings) -> float:
+    """Seconds between two jobs: ``job_interval`` of ``[services.jobs]`` (default 5)."""
+    return float(settings.service_option(SERVICE, "job_interval", 5.0))
+
+
+def job_keep(settings: meshkit.Settings) -> float:
+    """Seconds a job (and the record of the nonces submitted for it) is kept after it was posted.
+
+    Ten intervals, at least a minute: long enough that a submission for a
+    job just replaced is judged ``stale`` rather than unknown. Every service
+    reading the :class:`JobBoard` takes it from here, so they agree.
+    """
+    return max(60.0, 10 * job_interval(settings))
 
 
 class JobBoard:
@@ -89,16 +105,15 @@ def make_job(difficulty: int) -> dict[str, Any]:
 class JobAnnouncer(meshkit.Service):
     """Posts a new job every ``job_interval`` seconds and pushes it to ``jobs.notify``."""
 
-    name = "jobs"
+    name = SERVICE
     version = "1"
 
     def __init__(self, settings: meshkit.Settings | None = None) -> None:
         super().__init__(settings)
-        self.interval = float(self.settings.service_option(self.name, "job_interval", 5.0))
+        self.interval = job_interval(self.settings)
         self.difficulty = int(self.settings.service_option(self.name, "difficulty", 4))
-        self.redis = redis_client(self.settings)
-        keep = max(60.0, 10 * self.interval)
-        self.board = JobBoard(self.redis, self.settings.namespace, keep=keep)
+        self.redis = pooled_redis(self.settings)
+        self.board = JobBoard(self.redis, self.settings.namespace, keep=job_keep(self.settings))
         self._loop_task: asyncio.Task[None] | None = None
 
     async def on_start(self) -> None:

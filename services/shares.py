@@ -21,7 +21,11 @@ the client sees as a JSON-RPC ``handler_error`` naming the problem.
 
 ``submit`` is idempotent: the same connection submitting the same nonce again
 gets the first verdict back and nothing is counted twice. That is what lets
-the gateway retry it safely when a backend dies with it in flight.
+the gateway retry it safely when a backend dies with it in flight: recording
+the nonce and counting the verdict are one atomic step in Redis, so there is
+no moment at which a submission is recorded but not counted.
+Submitted nonces are remembered as long as their job
+(:func:`services.jobs.job_keep`).
 """
 
 from __future__ import annotations
@@ -32,12 +36,37 @@ import re
 from typing import Any
 
 import meshkit
-from meshkit.gateway import ConnectionStore
+from meshkit.gateway import ConnectionGoneError, ConnectionStore
 
-from .jobs import JobBoard
+from .jobs import JobBoard, job_keep
 
 _NONCE = re.compile(r"[0-9a-f]{8}")
 _WORKER = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+# Records a submission and counts its verdict for the connection, atomically:
+# a backend dying mid-submit leaves both done or neither, and the gateway's
+# retry then gets the first verdict back.
+# KEYS[1]: the job's shares hash (nonce -> "<conn> <verdict>", plus
+#          "<nonce>/<conn>" for a connection's duplicate of another's nonce)
+# KEYS[2]: the connection's state hash
+# ARGV: nonce, connection id, verdict as judged now, keep (ms)
+# Returns the verdict, or nil if the connection's state is gone.
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+local nonce, conn, verdict = ARGV[1], ARGV[2], ARGV[3]
+local recorded = redis.call('HGET', KEYS[1], nonce)
+if recorded then
+  local owner, earlier = string.match(recorded, '^(%S+) (%S+)$')
+  if owner == conn then return earlier end
+  verdict = 'duplicate'
+  if redis.call('HSETNX', KEYS[1], nonce .. '/' .. conn, verdict) == 0 then return verdict end
+else
+  redis.call('HSET', KEYS[1], nonce, conn .. ' ' .. verdict)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[2], verdict == 'accepted' and 'accepted' or 'rejected', 1)
+return verdict
+"""
 
 
 class InvalidShare(Exception):
@@ -67,7 +96,8 @@ class ShareLogger(meshkit.Service):
         super().__init__(settings)
         self.connections = ConnectionStore(self.settings)
         self.redis = self.connections.redis  # one pool for everything this instance asks Redis
-        self.board = JobBoard(self.redis, self.settings.namespace)
+        self.board = JobBoard(self.redis, self.settings.namespace, keep=job_keep(self.settings))
+        self._submit = self.redis.register_script(_SUBMIT)
 
     async def on_stop(self) -> None:
         await self.connections.aclose()
@@ -96,19 +126,13 @@ class ShareLogger(meshkit.Service):
         if job is None:
             raise InvalidShare(f"unknown job {job_id!r}")
         verdict, digest = judge(job, current_id, nonce)
-        # One HSETNX both records the nonce and tells a first submission
-        # from a repeat; a repeat by the same connection is a retry.
-        key = self.board.shares_key(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(key, nonce, f"{state.conn_id} {verdict}")
-            pipe.hget(key, nonce)
-            pipe.pexpire(key, int(self.board.keep * 1000))
-            first, recorded, _ = await pipe.execute()
-        if not first:
-            owner, _, earlier = recorded.decode().partition(" ")
-            verdict = earlier if owner == state.conn_id else "duplicate"
-        if first or verdict == "duplicate":
-            await state.incr("accepted" if verdict == "accepted" else "rejected")
+        recorded = await self._submit(
+            keys=[self.board.shares_key(job_id), self.connections.key(state.conn_id)],
+            args=[nonce, state.conn_id, verdict, int(self.board.keep * 1000)])
+        if recorded is None:
+            raise ConnectionGoneError(f"connection {state.conn_id} is closed")
+        # A repeat by the same connection (a retry) gets its first verdict back.
+        verdict = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
         return {"job_id": job_id, "nonce": nonce, "accepted": verdict == "accepted",
                 "verdict": verdict, "hash": digest, "served_by": self.instance_id}
 

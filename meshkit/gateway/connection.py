@@ -9,12 +9,23 @@ Contracts of :class:`Connection`:
   one over the limit is answered ``too_many_in_flight`` and not run. Answers
   go out in completion order.
 * **Backpressure.** Writes never block the gateway. While more than
-  ``_HIGH_WATER`` bytes wait to be sent, no further requests are read (the
-  client's own sends back up). A client that lets ``max_output`` bytes pile
-  up (it stopped reading pushes) is dropped as a ``slow_consumer``.
+  ``_HIGH_WATER`` bytes (or half of ``max_output``, if that is less) wait to
+  be sent, no further requests are read, not even the rest of a chunk
+  already received (the client's own sends back up). A client that lets
+  more than ``max_output`` bytes pile up (it stopped reading pushes) is
+  dropped as a ``slow_consumer``. One answer larger than ``max_output`` on
+  its own still goes out: the limit counts what piles up besides the
+  largest line waiting.
+* **Fairness.** Every ``_LINES_PER_TURN`` lines, the connection lets the
+  event loop run other work, whatever the lines were (built-in requests and
+  invalid lines cost no mesh call but still cost time).
+* **Bad input costs one answer, never the connection.** Invalid lines and
+  params get a JSON-RPC error; an answer JSON cannot hold becomes an
+  ``internal_error`` for that request alone.
 * **Built-in methods** ``mesh.hello``, ``mesh.subscribe`` and
-  ``mesh.unsubscribe`` are answered here; everything else goes to the
-  ``call`` function given by the gateway.
+  ``mesh.unsubscribe`` are answered here (at most ``max_subscriptions``
+  subscriptions per connection); everything else goes to the ``call``
+  function given by the gateway.
 * **Ending.** On the client's EOF, requests in flight finish and are
   answered, then the connection closes. :meth:`finish` does the same from
   the gateway's side and sends a closing error first; :meth:`close` closes at
@@ -40,6 +51,9 @@ log = logging.getLogger("meshkit.gateway.connection")
 _READ_SIZE = 64 * 1024
 # Output queued beyond this pauses reading requests from the client.
 _HIGH_WATER = 256 * 1024
+# Lines handled before letting other connections run: one 64 KiB read of
+# short lines is ~1,600 of them, tens of milliseconds with no other client served.
+_LINES_PER_TURN = 64
 
 
 class RpcError(Exception):
@@ -96,6 +110,10 @@ class Connection:
         self._quiet.set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._read_task: asyncio.Task[None] | None = None
+        self._oversize = 0  # the largest line over max_output that may still be waiting to go out
+        # Pausing reads must start well before the slow-consumer limit, or a
+        # client that pipelines requests would be dropped instead of slowed.
+        writer.transport.set_write_buffer_limits(high=min(_HIGH_WATER, options.max_output // 2))
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
@@ -164,14 +182,27 @@ class Connection:
     # -- output ---------------------------------------------------------------
 
     def send(self, line: bytes) -> bool:
-        """Queue one line for the client; False if the connection is closed."""
+        """Queue one line for the client; False if the connection is (now) closed.
+
+        Drops the client as a slow consumer when more than ``max_output``
+        bytes wait to be sent, not counting the largest line over
+        ``max_output`` still waiting (so one big answer reaches a client
+        that reads).
+        """
         if self.closed:
             return False
         self._writer.write(line)
         self._metrics.gateway_message("out")
-        if self._writer.transport.get_write_buffer_size() > self.options.max_output:
+        limit = self.options.max_output
+        backlog = self._writer.transport.get_write_buffer_size()
+        if backlog <= limit:
+            self._oversize = 0  # caught up: no big line is waiting any more
+            return True
+        if len(line) > limit:
+            self._oversize = max(self._oversize, len(line))
+        if backlog > limit + self._oversize:
             log.warning("dropping slow consumer %s (%s): more than %d bytes unread",
-                        self.id, self.peer, self.options.max_output)
+                        self.id, self.peer, limit)
             self._metrics.gateway_rejected("slow_consumer")
             self.close(abort=True)
             return False
@@ -189,6 +220,7 @@ class Connection:
         buf = bytearray()
         skipping = False  # inside an over-long line, discarding up to its newline
         max_line = self.options.max_line
+        handled = 0  # lines, over the connection's life: turns do not restart per chunk
         try:
             while not self.closed:
                 await self._writer.drain()  # pauses here while the client does not read
@@ -216,6 +248,10 @@ class Connection:
                         self._line_too_long()
                     else:
                         self._on_line(line)
+                    handled += 1
+                    if handled % _LINES_PER_TURN == 0:
+                        await asyncio.sleep(0)  # let other clients' work run
+                        await self._writer.drain()  # and stop here while our answers pile up
         except (ConnectionError, OSError):
             return  # the client reset the connection
 
@@ -263,6 +299,13 @@ class Connection:
             except RpcError as exc:
                 self._metrics.gateway_rejected(jsonrpc.REASONS.get(exc.code, "error"))
                 doc = jsonrpc.error_doc(item.id, exc.code, exc.message, exc.data)
+            except Exception as exc:
+                # A bug in a built-in must cost its answer, not the connection
+                # (raised here, it would end the read loop).
+                log.exception("built-in %s on %s failed", item.method, self.id)
+                self._metrics.gateway_rejected("internal_error")
+                doc = jsonrpc.error_doc(item.id, jsonrpc.INTERNAL_ERROR,
+                                        f"internal error: {type(exc).__name__}")
             else:
                 doc = jsonrpc.result_doc(item.id, result)
             return None if item.notification else doc
@@ -307,12 +350,9 @@ class Connection:
         answers = [d for d in docs if d is not None]
         if not answers:
             return
-        try:
-            line = jsonrpc.batch_line(answers) if batch else jsonrpc.doc_line(answers[0])
-        except (TypeError, ValueError) as exc:
-            log.warning("answer on %s cannot be encoded as JSON: %s", self.id, exc)
-            line = jsonrpc.error_line(answers[0].get("id") if not batch else None,
-                                      jsonrpc.INTERNAL_ERROR, "result cannot be encoded as JSON")
+        line, problems = jsonrpc.answer_line(answers, batch)
+        for problem in problems:
+            log.warning("on %s: %s", self.id, problem)
         self.send(line)
 
     async def _wait_quiet(self, timeout: float) -> None:
@@ -339,6 +379,14 @@ class Connection:
                                "topics not forwarded by this gateway: " + ", ".join(refused)
                                if refused else "mesh.subscribe needs at least one topic",
                                {"forwarded": list(self.options.topics)})
+            # Every push is matched against every subscription of every
+            # connection: one client must not make that cost unbounded.
+            limit = self.options.max_subscriptions
+            if len(self.subscriptions | set(topics)) > limit:
+                raise RpcError(jsonrpc.INVALID_PARAMS,
+                               f"at most {limit} subscriptions per connection "
+                               f"(this one has {len(self.subscriptions)}); none added",
+                               {"max_subscriptions": limit})
             self.subscriptions.update(topics)
             return sorted(self.subscriptions)
         raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"no built-in method {name!r}",
@@ -346,12 +394,22 @@ class Connection:
 
 
 def _topics_param(params: list[Any] | dict[str, Any] | None) -> list[str]:
-    """Topics from ``["a", "b"]``, ``[["a", "b"]]`` or ``{"topics": [...]}``."""
+    """Topics from no params, ``["a", "b"]``, ``[["a", "b"]]`` or ``{"topics": [...]}``.
+
+    Anything else (``{"topics": 5}``, ``{"other": 1}``, ``[1]``, ...) raises
+    :class:`RpcError` ``invalid_params``.
+    """
+    items: Any = params
     if isinstance(params, dict):
-        params = params.get("topics", [])
-    items: Any = params or []
-    if len(items) == 1 and isinstance(items[0], list):
+        unknown = sorted(set(params) - {"topics"})
+        if unknown:
+            raise RpcError(jsonrpc.INVALID_PARAMS,
+                           f"unknown params {unknown}; the only one is \"topics\"")
+        items = params.get("topics", [])
+    if items is None:
+        items = []
+    if isinstance(items, list) and len(items) == 1 and isinstance(items[0], list):
         items = items[0]
     if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
-        raise RpcError(jsonrpc.INVALID_PARAMS, "topics must be non-empty strings")
+        raise RpcError(jsonrpc.INVALID_PARAMS, "topics must be a list of non-empty strings")
     return list(items)

@@ -9,7 +9,9 @@ them). A request is::
 (``"jsonrpc"`` may be absent, as Stratum v1 clients send it; any other value is invalid.)
 
 ``params`` is optional; an array becomes positional arguments, an object
-keyword arguments. Without ``id`` the request is a notification: it runs but
+keyword arguments. ``id`` is a string, a finite number or null (a number
+too large for a double, like ``1e400``, is an invalid request: no answer
+could carry it back). Without ``id`` the request is a notification: it runs but
 gets no answer. Answers are ``{"jsonrpc": "2.0", "id": ..., "result": ...}``
 or ``{"jsonrpc": "2.0", "id": ..., "error": {"code", "message", "data"}}``,
 in completion order, not request order (match them by ``id``). Pushed
@@ -27,11 +29,13 @@ leaves the connection open.
 ======  ====================  =====================================================
 -32700  parse_error           the line is not valid JSON (``id`` null)
 -32600  invalid_request       not a JSON-RPC 2.0 request object (empty batch, no
-                              ``method``, ``params`` not an array or object, ...)
+                              ``method``, ``params`` not an array or object, an
+                              ``id`` that is not a string, a finite number or null)
 -32601  method_not_found      ``method`` is not ``SERVICE.METHOD``, the service is
                               unknown to the gateway, or has no such method
--32602  invalid_params        the arguments do not fit the method (or a topic is
-                              not forwarded by this gateway)
+-32602  invalid_params        the arguments do not fit the method (or, for the
+                              ``mesh.*`` methods, a topic is not forwarded by this
+                              gateway, or one subscription too many)
 -32603  internal_error        anything else that went wrong inside the mesh
 -32000  timeout               no answer before the request's deadline (including
                               waiting for a backend instance to come up)
@@ -58,7 +62,8 @@ This module only parses and formats; it does no I/O.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +179,7 @@ def parse_request(doc: Any) -> Item:
     has_id = "id" in doc
     rid = doc.get("id")
     if has_id and not _valid_id(rid):
-        return Invalid(None, INVALID_REQUEST, "id must be a string, a number or null")
+        return Invalid(None, INVALID_REQUEST, "id must be a string, a finite number or null")
     # Stratum v1 clients send JSON-RPC 1.0-style objects without "jsonrpc";
     # they are the first users, so a missing member is accepted. A wrong one is not.
     if "jsonrpc" in doc and doc["jsonrpc"] != "2.0":
@@ -189,8 +194,11 @@ def parse_request(doc: Any) -> Item:
 
 
 def _valid_id(value: Any) -> bool:
-    # bool is an int in Python but not a JSON-RPC id.
-    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    # bool is an int in Python but not a JSON-RPC id. A number too large for a
+    # double (1e400) parses as infinity, which no answer could carry back.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or (isinstance(value, (str, int)) and not isinstance(value, bool))
 
 
 def split_method(method: str) -> tuple[str, str] | None:
@@ -219,9 +227,18 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# What json.dumps raises for a value JSON cannot hold: NaN or infinity
+# (ValueError), a reference cycle (ValueError), nesting too deep (RecursionError).
+UNENCODABLE = (TypeError, ValueError, RecursionError)
+
+
+def _encode(value: Any) -> bytes:
+    """``value`` as compact JSON text, without a newline; raises one of :data:`UNENCODABLE`."""
+    return json.dumps(value, separators=(",", ":"), default=_json_default, allow_nan=False).encode()
+
+
 def _dump(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), default=_json_default,
-                      allow_nan=False).encode() + b"\n"
+    return _encode(doc) + b"\n"
 
 
 def error_object(code: int, message: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -248,19 +265,41 @@ def error_doc(rid: RequestId, code: int, message: str,
     return {"jsonrpc": "2.0", "id": rid, "error": error_object(code, message, data)}
 
 
-def batch_line(docs: list[dict[str, Any]]) -> bytes:
-    """A batch answer (an array of responses), newline included."""
-    return json.dumps(docs, separators=(",", ":"), default=_json_default,
-                      allow_nan=False).encode() + b"\n"
+def answer_line(docs: Sequence[dict[str, Any]], batch: bool) -> tuple[bytes, list[str]]:
+    """The line answering one request line, newline included, and what went wrong encoding it.
+
+    ``docs`` are the response objects (at least one); with ``batch`` they go
+    out as an array, else ``docs[0]`` alone. Each is encoded on its own, so
+    one that JSON cannot hold (a NaN in a result, ...) spoils only itself: it
+    becomes an ``internal_error`` with the same ``id`` (``id`` null should the
+    id be what cannot be encoded). The list describes each such replacement,
+    for the log; it is empty when all went well.
+    """
+    problems: list[str] = []
+    parts = [_encode_answer(doc, problems) for doc in (docs if batch else docs[:1])]
+    if batch:
+        return b"[" + b",".join(parts) + b"]\n", problems
+    return parts[0] + b"\n", problems
 
 
-def doc_line(doc: dict[str, Any]) -> bytes:
-    """One response object as a line."""
-    return _dump(doc)
+def _encode_answer(doc: dict[str, Any], problems: list[str]) -> bytes:
+    try:
+        return _encode(doc)
+    except UNENCODABLE as exc:
+        problems.append(f"answer to id {doc.get('id')!r} cannot be encoded as JSON: {_short(exc)}")
+    fallback = error_doc(doc.get("id"), INTERNAL_ERROR, "the answer cannot be encoded as JSON")
+    try:
+        return _encode(fallback)
+    except UNENCODABLE:
+        # The id itself cannot be encoded (parse_request lets no such id through).
+        return _encode({**fallback, "id": None})
 
 
 def notification_line(method: str, params: Any) -> bytes:
-    """A server-to-client notification (a pushed message), newline included."""
+    """A server-to-client notification (a pushed message), newline included.
+
+    Raises one of :data:`UNENCODABLE` if ``params`` cannot be sent as JSON.
+    """
     return _dump({"jsonrpc": "2.0", "method": method, "params": params})
 
 

@@ -17,7 +17,9 @@ max_line           16384       longest request line in bytes, newline excluded
 max_inflight       32          requests in flight per connection
 max_connections    10000       client connections per gateway instance
 max_output         1048576     bytes queued for a client before it is dropped as
-                               a slow consumer
+                               a slow consumer (one larger answer on its own is
+                               still sent)
+max_subscriptions  64          topics and patterns one connection may subscribe to
 idle_timeout       300         close a connection that sent nothing for this long
 request_timeout    10          deadline of each mesh call made for a client
 drain_grace        30          how long a stopping gateway keeps its clients
@@ -46,6 +48,7 @@ class GatewayOptions:
     max_inflight: int = 32
     max_connections: int = 10000
     max_output: int = 1024 * 1024
+    max_subscriptions: int = 64
     idle_timeout: float = 300.0
     request_timeout: float = 10.0
     drain_grace: float = 30.0
@@ -56,7 +59,8 @@ class GatewayOptions:
         if any(not t or t == "*" for t in self.topics):
             raise ConfigError(f"gateway topics must be non-empty topics or prefix.* patterns, "
                               f"got {list(self.topics)}")
-        for name in ("max_line", "max_inflight", "max_connections", "max_output"):
+        for name in ("max_line", "max_inflight", "max_connections", "max_output",
+                     "max_subscriptions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gateway {name} must be at least 1")
         if self.idle_timeout < 0 or self.request_timeout <= 0 or self.drain_grace < 0:

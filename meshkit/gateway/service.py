@@ -13,8 +13,11 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   service is up, the call waits for one up to its deadline;
 * subscribes to the configured topics (the record lists them, so publishers
   push here) and forwards each push to the clients subscribed to it;
-* keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), deleted
-  when the connection closes, and sweeps the state of dead gateways;
+* keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), created
+  before a connection's first mesh call (again on a later call if that
+  failed), restored if Redis loses it while the connection is open (a
+  restarted Redis keeps nothing), deleted when the connection closes; and
+  sweeps the state of dead gateways;
 * enforces the limits in :class:`~meshkit.gateway.options.GatewayOptions`.
 
 Draining (SIGTERM): the record says ``draining``, so HAProxy sends no new
@@ -36,13 +39,13 @@ from typing import Any
 
 from ..config import Settings
 from ..context import current_call
-from ..errors import CallError, ClientClosedError
+from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
 from . import jsonrpc
 from .connection import Connection, RpcError
 from .jsonrpc import Request
 from .options import GatewayOptions
-from .state import ConnectionStore
+from .state import ConnectionGoneError, ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
 
@@ -73,7 +76,10 @@ class Gateway(Service):
         self._no_connections.set()
         self._background: list[asyncio.Task[None]] = []
         self._state_tasks: set[asyncio.Task[None]] = set()
-        self._state_opening: dict[str, asyncio.Task[None]] = {}
+        # conn id -> the latest task creating its state (True once created).
+        # An entry means "this connection has state": closing deletes it, the
+        # sweep restores it. Connections that never made a mesh call have none.
+        self._state_opening: dict[str, asyncio.Task[bool]] = {}
         self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
 
     # -- lifecycle hooks ----------------------------------------------------------
@@ -165,24 +171,54 @@ class Gateway(Service):
                 self._spawn_state_task(self._close_state(conn_id, opening))
 
     async def _ensure_state(self, conn: Connection) -> None:
-        """Create the connection's Redis state before its first mesh call.
+        """Create the connection's Redis state before its mesh call, unless it was created.
 
         Not at accept: HAProxy's health checks connect every half second and
-        never send a request, and they should cost no Redis writes.
+        never send a request, and they should cost no Redis writes. A create
+        that failed (Redis away) is not remembered as done: the connection's
+        next request tries again. Never raises: the call goes ahead without
+        state, and a backend that needs it gets ``ConnectionGoneError``.
         """
         opening = self._state_opening.get(conn.id)
-        if opening is None:
+        if opening is None or _failed(opening):
             if conn.closed:
                 return  # its state would outlive it
-            # Bounded: with Redis away, the first request waits at most this long.
-            opening = asyncio.create_task(_logged(
-                self.store.open(conn.id, self.instance_id, conn.peer), "creating connection state",
-                timeout=1.0))
-            self._state_opening[conn.id] = opening
+            opening = self._open_state(conn)
         if not opening.done():
             await asyncio.shield(opening)  # a cancelled request must not cancel the write
 
-    async def _close_state(self, conn_id: str, opening: asyncio.Task[None]) -> None:
+    def _open_state(self, conn: Connection) -> asyncio.Task[bool]:
+        """Start creating ``conn``'s state (idempotent) and make that its latest task."""
+        task = asyncio.create_task(self._create_state(conn.id, conn.peer),
+                                   name=f"gateway-state-{conn.id}")
+        self._state_opening[conn.id] = task
+        return task
+
+    async def _create_state(self, conn_id: str, peer: str) -> bool:
+        try:
+            # Bounded: with Redis away, a request waits at most this long for it.
+            await asyncio.wait_for(self.store.open(conn_id, self.instance_id, peer), 1.0)
+        except Exception as exc:
+            log.warning("creating the state of connection %s failed (tried again on its next "
+                        "request): %s", conn_id, exc)
+            return False
+        return True
+
+    def _state_lost(self, conn: Connection) -> None:
+        """A backend found no state for ``conn``, which is open: create it again now.
+
+        Redis lost it (a restart) or a sweep took this gateway for dead. The
+        failed request is not retried (it may not be idempotent); the next one
+        finds the state back, without waiting for the periodic sweep.
+        """
+        opening = self._state_opening.get(conn.id)
+        if conn.closed or (opening is not None and not opening.done()):
+            return  # closing, or being created already
+        log.warning("connection %s lost its state; creating it again", conn.id)
+        self._open_state(conn)
+
+    async def _close_state(self, conn_id: str, opening: asyncio.Task[bool]) -> None:
+        # Even after a failed create: a create that timed out may still have landed.
         await opening  # never deletes before the create landed
         await self.store.close(conn_id, self.instance_id)
 
@@ -226,6 +262,8 @@ class Gateway(Service):
                                           timeout=self.options.request_timeout, wait=True,
                                           meta={"conn": conn.id})
         except CallError as exc:
+            if isinstance(exc, HandlerError) and exc.remote_type == ConnectionGoneError.__name__:
+                self._state_lost(conn)
             code, message, data = jsonrpc.error_for(exc)
             raise RpcError(code, message, data) from None
         except ClientClosedError:
@@ -241,7 +279,7 @@ class Gateway(Service):
         topic = ctx.name if ctx is not None else ""
         try:
             line = jsonrpc.notification_line(topic, payload)
-        except (TypeError, ValueError) as exc:
+        except jsonrpc.UNENCODABLE as exc:
             log.warning("push to %s cannot be sent as JSON: %s", topic, exc)
             return
         for conn in list(self.connections.values()):
@@ -272,12 +310,17 @@ class Gateway(Service):
             await asyncio.sleep(self.settings.ttl)
 
     async def sweep_state(self) -> int:
-        """One sweep: delete state of dead gateways and of our own closed connections.
+        """One sweep: restore our open connections' lost state; delete the state of dead
+        gateways and of our own closed connections.
 
-        A gateway counts as dead when it is missing from the registry on two
-        sweeps in a row (see :mod:`meshkit.gateway.state`). Returns how many
-        connections' state was deleted.
+        Restoring recreates the state of each open connection that has state
+        (it made a mesh call) but whose hash is missing, as after a Redis
+        restart; the application's fields are gone with it. A gateway counts
+        as dead when it is missing from the registry on two sweeps in a row
+        (see :mod:`meshkit.gateway.state`). Returns how many connections'
+        state was deleted.
         """
+        await self._restore_state()
         live = {r.instance_id for r in await self.registry.scan()}
         live.add(self.instance_id)
         removed = 0
@@ -287,8 +330,29 @@ class Gateway(Service):
             removed += count
             log.info("removed state of %d connections of dead gateway %s", count, gateway_id)
         self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
+        # After the restore: a connection that closed meanwhile may have had
+        # its state restored after its delete; this removes it again.
         removed += await self.store.reconcile(self.instance_id, self.connections)
         return removed
+
+    async def _restore_state(self) -> None:
+        peers: dict[str, str] = {}
+        for conn_id, opening in self._state_opening.items():
+            conn = self.connections.get(conn_id)
+            # A create in progress will land by itself.
+            if opening.done() and conn is not None and not conn.closed:
+                peers[conn_id] = conn.peer
+        if not peers:
+            return
+        restored = await self.store.restore(self.instance_id, peers)
+        if restored:
+            log.warning("restored the state of %d open connections (Redis had lost it)",
+                        len(restored))
+
+
+def _failed(task: asyncio.Task[bool]) -> bool:
+    """Whether a state-creating task ended without creating the state."""
+    return task.done() and (task.cancelled() or not task.result())
 
 
 async def _logged(coro: Any, what: str, timeout: float = 2.0) -> None:

@@ -7,12 +7,13 @@ Each client connection a gateway holds has a hash and a membership::
                                  address) and ``_opened`` (unix time)
     <ns>:gwconns:<gateway_id>    set: the ids of the connections that gateway holds
 
-The gateway creates both when a client connects and deletes them when the
-connection closes. State of a gateway that died without cleaning up is
-removed by any other gateway: each one sweeps on start and every ``ttl``
-seconds, and deletes the connections of a gateway absent from the registry
-on two sweeps in a row (one sweep could race a gateway that is starting and
-not yet registered).
+The gateway creates both before a connection's first mesh call (and
+restores them should Redis lose them while the connection is open) and
+deletes them when the connection closes. State of a gateway that died
+without cleaning up is removed by any other gateway: each one sweeps on
+start and every ``ttl`` seconds, and deletes the connections of a gateway
+absent from the registry on two sweeps in a row (one sweep could race a
+gateway that is starting and not yet registered).
 
 Backends use it like this (the connection id comes with every call a
 gateway makes, see :func:`meshkit.current_call`)::
@@ -55,6 +56,21 @@ _HINCRBY_IF_OPEN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 """
+# KEYS[1]: the gateway's set, KEYS[2..]: connection hashes.
+# ARGV[1]: gateway id, ARGV[2]: time, then (conn id, peer) per hash.
+# Checked and recreated in one step, so a hash is never overwritten.
+_RESTORE = """
+local restored = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local conn_id = ARGV[2 * i - 1]
+    redis.call('HSET', KEYS[i], '_gateway', ARGV[1], '_peer', ARGV[2 * i], '_opened', ARGV[2])
+    redis.call('SADD', KEYS[1], conn_id)
+    restored[#restored + 1] = conn_id
+  end
+end
+return restored
+"""
 
 Value = str | int | float
 
@@ -96,6 +112,7 @@ class ConnectionStore:
         self._redis = redis
         self._hset_script: Any = None
         self._hincr_script: Any = None
+        self._restore_script: Any = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -158,6 +175,27 @@ class ConnectionStore:
                 "_gateway": gateway_id, "_peer": peer, "_opened": f"{time.time():.3f}"})
             pipe.sadd(self.gateway_key(gateway_id), conn_id)
             await pipe.execute()
+
+    async def restore(self, gateway_id: str, peers: Mapping[str, str]) -> list[str]:
+        """Create again the state of those connections of ``peers`` (id -> peer) that have none.
+
+        For open connections whose state Redis lost (a restart keeps
+        nothing): their ``_opened`` becomes now, application fields start
+        empty. State that exists is left alone. Returns the restored ids.
+        """
+        if self._restore_script is None:
+            self._restore_script = self.redis.register_script(_RESTORE)
+        now = f"{time.time():.3f}"
+        ids = sorted(peers)
+        restored: list[str] = []
+        for start in range(0, len(ids), 500):  # bounded work per script: Redis runs it alone
+            chunk = ids[start:start + 500]
+            args: list[str] = [gateway_id, now]
+            for conn_id in chunk:
+                args.extend((conn_id, peers[conn_id]))
+            keys = [self.gateway_key(gateway_id), *(self.key(c) for c in chunk)]
+            restored.extend(_str(c) for c in await self._restore_script(keys=keys, args=args))
+        return restored
 
     async def close(self, conn_id: str, gateway_id: str) -> None:
         """Delete the state of a connection that closed."""

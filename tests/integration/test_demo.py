@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import importlib
 import itertools
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from lineclient import LineClient, error_code, line_clients
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.client import Pipeline
 
+from meshkit import Service, Settings
+from meshkit.context import CallContext, reset_current, set_current
 from meshkit.gateway import jsonrpc
-from meshkit.testing import ServiceProcess
+from meshkit.testing import ServiceProcess, test_settings
+from meshkit.trace import TraceContext
 
 GATEWAY = "meshkit.gateway:Gateway"
 JOBS = "services.jobs:JobAnnouncer"
@@ -89,3 +98,120 @@ def test_a_miner_session(demo: str, clients: Callable[[str], LineClient]) -> Non
     assert other.call("shares.stats")["result"] == {"worker": "bob", "accepted": 0, "rejected": 1}
     current = miner.call("jobs.current")["result"]
     assert current["job_id"] != job["job_id"]
+
+
+# -- the services in this process, against the test's Redis ----------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+S = TypeVar("S", bound=Service)
+
+
+def demo_modules() -> tuple[Any, Any]:
+    """``services.jobs`` and ``services.shares`` (under pytest the project root is not on sys.path)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module("services.jobs"), importlib.import_module("services.shares")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@contextlib.asynccontextmanager
+async def in_process(cls: type[S], settings: Settings) -> AsyncIterator[S]:
+    """An instance of ``cls`` that is never started: its handlers are called directly."""
+    service = cls(settings)
+    try:
+        yield service
+    finally:
+        await service.on_stop()
+        await service.kill()
+
+
+@contextlib.contextmanager
+def serving(conn_id: str) -> Iterator[None]:
+    """Run the body as a call a gateway made for connection ``conn_id``."""
+    token = set_current(CallContext("shares", "submit", TraceContext.new_root(), meta={"conn": conn_id}))
+    try:
+        yield
+    finally:
+        reset_current(token)
+
+
+class Died(Exception):
+    """The backend died right after Redis did what it asked, before it heard back."""
+
+
+def test_a_submission_interrupted_anywhere_and_retried_is_counted_once(
+    mesh_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs, shares_module = demo_modules()
+
+    async def main() -> None:
+        async with in_process(shares_module.ShareLogger, mesh_settings) as shares:
+            job = jobs.make_job(4)
+            await shares.board.post(job)
+            # Each Redis round trip of one submit (a command or a pipeline) is
+            # counted; the ``crash_at``-th one reaches Redis, then the caller "dies".
+            trips = {"count": 0, "crash_at": 0}
+
+            def after(result: Any) -> Any:
+                trips["count"] += 1
+                if trips["count"] == trips["crash_at"]:
+                    raise Died(f"after round trip {trips['count']}")
+                return result
+
+            command, execute = shares.redis.execute_command, Pipeline.execute
+
+            async def counted_command(*args: Any, **options: Any) -> Any:
+                return after(await command(*args, **options))
+
+            async def counted_execute(self: Pipeline, raise_on_error: bool = True) -> Any:
+                return after(await execute(self, raise_on_error))
+
+            monkeypatch.setattr(shares.redis, "execute_command", counted_command)
+            monkeypatch.setattr(Pipeline, "execute", counted_execute)
+            for crash_at in itertools.count(1):
+                conn_id = f"gw1-{crash_at}"
+                await shares.connections.open(conn_id, "gw1", "127.0.0.1:1")
+                nonce = nonce_with(job, True, skip=crash_at)
+                with serving(conn_id):
+                    await shares.login("w")
+                    trips.update(count=0, crash_at=crash_at)
+                    try:
+                        first: Any = await shares.submit(job["job_id"], nonce)
+                    except Died:
+                        first = None
+                    trips["crash_at"] = 0
+                    # The gateway's retry, on this or another instance.
+                    retry = await shares.submit(job["job_id"], nonce)
+                    stats = await shares.stats()
+                assert retry["verdict"] == "accepted", crash_at
+                assert stats == {"worker": "w", "accepted": 1, "rejected": 0}, crash_at
+                if first is not None:  # every round trip of submit was interrupted once
+                    assert first["verdict"] == "accepted"
+                    break
+
+    asyncio.run(main())
+
+
+def test_nonces_are_remembered_as_long_as_their_job_and_both_services_pool_redis(
+    redis_server: Any,
+) -> None:
+    settings = test_settings(redis_server.url, service_overrides={"jobs": {"job_interval": 30}})
+    jobs_module, shares_module = demo_modules()
+
+    async def main() -> None:
+        async with in_process(jobs_module.JobAnnouncer, settings) as jobs, \
+                in_process(shares_module.ShareLogger, settings) as shares:
+            assert jobs.board.keep == shares.board.keep == 300.0
+            for service in (jobs, shares):
+                assert isinstance(service.redis.connection_pool, BlockingConnectionPool)
+            job = await jobs.announce()
+            await shares.connections.open("gw1-1", "gw1", "127.0.0.1:1")
+            with serving("gw1-1"):
+                await shares.login("w")
+                await shares.submit(job["job_id"], nonce_with(job, True))
+            # A duplicate must be recognised for as long as the job can be submitted to.
+            assert await shares.redis.pttl(shares.board.shares_key(job["job_id"])) > 290_000
+            assert await shares.redis.pttl(jobs.board.job_key(job["job_id"])) > 290_000
+
+    asyncio.run(main())

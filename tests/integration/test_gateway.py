@@ -14,7 +14,7 @@ from lineclient import LineClient, error_code, line_clients
 
 from meshkit import Client, Settings
 from meshkit.gateway import ConnectionGoneError, ConnectionStore, NoConnectionError, jsonrpc
-from meshkit.testing import RedisServer, ServiceProcess, read_records, wait_until
+from meshkit.testing import RedisServer, ServiceProcess, read_records, test_settings, wait_until
 
 GATEWAY = "meshkit.gateway:Gateway"
 PROBE = "tests.integration.services.gwprobe:GatewayProbe"
@@ -32,10 +32,19 @@ def gateway_env(**options: Any) -> dict[str, str]:
     return {f"MESHKIT_GATEWAY_{k.upper()}": str(v) for k, v in options.items()}
 
 
-def start_gateway(start_service: StartService, **options: Any) -> tuple[ServiceProcess, str]:
-    [gw] = start_service(GATEWAY, env=gateway_env(**options))
+def start_gateway(start_service: StartService, settings: Settings | None = None,
+                  **options: Any) -> tuple[ServiceProcess, str]:
+    [gw] = start_service(GATEWAY, env=gateway_env(**options), settings=settings)
     assert gw.record is not None
     return gw, gw.record.listeners["stratum"]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private redis-server this test may kill and restart (it keeps nothing on disk)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 def conn_key(settings: Settings, conn_id: str) -> str:
@@ -284,3 +293,54 @@ def test_the_connection_state_api(mesh_settings: Settings) -> None:
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_state_lost_in_a_redis_restart_is_restored_for_open_connections(
+    start_service: StartService, clients: Callable[[str], LineClient], own_redis: RedisServer,
+) -> None:
+    settings = test_settings(own_redis.url)
+    start_service(PROBE, settings=settings)
+    gw, address = start_gateway(start_service, settings)
+    assert gw.record is not None
+    client = clients(address)
+    conn_id = client.call("mesh.hello")["result"]["connection"]
+    assert client.call("gwprobe.remember", ["worker", "w1"])["result"] == {"worker": "w1", "calls": "1"}
+    bystander = clients(address)  # made no mesh call, so it has no state to restore
+    assert "result" in bystander.call("mesh.hello")
+    own_redis.kill()
+    own_redis.start()
+    db = own_redis.client()
+    # No request in between: the gateway's sweep (every ttl) brings the state back.
+    wait_until(lambda: db.exists(conn_key(settings, conn_id)), 3 * settings.ttl + 5,
+               "the gateway to restore the connection's state")
+    assert db.hget(conn_key(settings, conn_id), "_gateway") == gw.record.instance_id.encode()
+    assert db.smembers(f"{settings.namespace}:gwconns:{gw.record.instance_id}") == {conn_id.encode()}
+    # The same connection, not a new one: its calls that need state work again.
+    assert client.call("gwprobe.remember", ["worker", "w2"])["result"] == {"worker": "w2", "calls": "1"}
+    assert client.call("mesh.hello")["result"]["connection"] == conn_id
+    db.close()
+
+
+def test_state_is_created_again_by_the_next_request_after_a_failure_or_a_loss(
+    start_service: StartService, clients: Callable[[str], LineClient], own_redis: RedisServer,
+) -> None:
+    # Sweeps 60 s apart: none runs during the test, so only requests bring state back.
+    settings = test_settings(own_redis.url, ttl=60.0)
+    start_service(PROBE, settings=settings)
+    _, address = start_gateway(start_service, settings)
+    early, late = clients(address), clients(address)
+    assert early.call("gwprobe.remember", ["worker", "w1"])["result"] == {"worker": "w1", "calls": "1"}
+    own_redis.kill()
+    own_redis.start()
+    # The backend finds the state gone; the gateway hears it and creates it again.
+    lost = early.call("gwprobe.remember", ["worker", "w2"])
+    assert error_code(lost) == jsonrpc.HANDLER_ERROR
+    assert lost["error"]["data"]["type"] == "ConnectionGoneError"
+    assert early.call("gwprobe.remember", ["worker", "w3"])["result"] == {"worker": "w3", "calls": "1"}
+    # A first mesh call while Redis is away: creating the state fails (the
+    # call itself needs none) ...
+    own_redis.kill()
+    assert late.call("gwprobe.whoami")["result"]["connection"]
+    own_redis.start()
+    # ... and the next request tries again.
+    assert late.call("gwprobe.remember", ["worker", "w4"])["result"] == {"worker": "w4", "calls": "1"}

@@ -50,17 +50,37 @@ Call = Callable[[Connection, Request], Awaitable[Any]]
 async def echo_call(conn: Connection, request: Request) -> Any:
     if request.method == "x.fail":
         raise RpcError(jsonrpc.TIMEOUT, "too late", {"code": "timeout"})
+    if request.method == "x.nan":
+        return float("nan")
+    if request.method == "x.big":
+        assert isinstance(request.params, list)
+        return "x" * request.params[0]
     return {"method": request.method, "params": request.params, "conn": conn.id}
 
 
+class CountingMetrics(Metrics):
+    """Metrics that also count the lines a connection has read."""
+
+    def __init__(self) -> None:
+        super().__init__("", "", "gateway")
+        self.lines_in = 0
+
+    def gateway_message(self, direction: str) -> None:
+        if direction == "in":
+            self.lines_in += 1
+        super().gateway_message(direction)
+
+
 async def pair(call: Call = echo_call, clock: Callable[[], float] | None = None,
+               metrics: Metrics | None = None,
                **options: Any) -> tuple[Connection, Client, asyncio.Task[None]]:
     a, b = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=a)
-    client = Client(*await asyncio.open_connection(sock=b))
+    # The client reads lines up to 4 MiB (asyncio's default limit is 64 KiB).
+    client = Client(*await asyncio.open_connection(sock=b, limit=4 * 1024 * 1024))
     kwargs: dict[str, Any] = {"clock": clock} if clock else {}
     conn = Connection("gw1-1", reader, writer, options=GatewayOptions(**options), call=call,
-                      metrics=Metrics("", "", "gateway"), gateway_id="gw1", **kwargs)
+                      metrics=metrics or Metrics("", "", "gateway"), gateway_id="gw1", **kwargs)
     return conn, client, asyncio.create_task(conn.serve())
 
 
@@ -172,6 +192,170 @@ def test_subscriptions_filter_pushes_and_are_limited_to_forwarded_topics() -> No
         assert (await client.recv())["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
         await client.close()
         await task
+    run(main())
+
+
+@pytest.mark.parametrize("method", ["mesh.subscribe", "mesh.unsubscribe"])
+@pytest.mark.parametrize("params", [
+    {"topics": 5}, {"topics": True}, {"topics": {"a": 1}}, {"topics": "jobs.notify"},
+    {"other": ["jobs.notify"]}, [5], [[1]], ["jobs.notify", ""], [["jobs.notify"], "news"],
+])
+def test_topics_of_the_wrong_shape_are_invalid_params_and_the_connection_stays(
+    method: str, params: Any
+) -> None:
+    async def main() -> None:
+        conn, client, task = await pair()
+        await client.send(req(1, method, params))
+        answer = await client.recv()
+        assert answer["id"] == 1 and answer["error"]["code"] == jsonrpc.INVALID_PARAMS, answer
+        assert answer["error"]["data"]["code"] == "invalid_params"
+        await client.send(req(2, "mesh.subscribe", {"topics": ["jobs.notify"]}))
+        assert (await client.recv())["result"] == ["jobs.notify"]
+        assert not conn.closed
+        await client.close()
+        await task
+    run(main())
+
+
+def test_an_id_too_large_for_a_double_is_invalid_and_later_requests_are_answered() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        for method in ("svc.m", "mesh.hello"):
+            await client.send(b'{"jsonrpc":"2.0","method":"%s","id":1e400}\n' % method.encode())
+            invalid = await client.recv()
+            assert invalid["id"] is None and invalid["error"]["code"] == jsonrpc.INVALID_REQUEST
+        batch = [req(1), {"jsonrpc": "2.0", "method": "svc.m", "id": 1e400}, req(2, "mesh.hello")]
+        await client.send(json.dumps(batch).replace("Infinity", "1e400").encode() + b"\n")
+        answers = await client.recv()
+        assert sorted(map(str, (a["id"] for a in answers))) == ["1", "2", "None"]
+        await client.send(req(3))
+        assert (await client.recv())["id"] == 3
+        await client.close()
+        await task
+    run(main())
+
+
+def test_an_answer_json_cannot_hold_costs_only_that_answer() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        await client.send(req(1, "x.nan"))
+        alone = await client.recv()
+        assert alone["id"] == 1 and alone["error"]["code"] == jsonrpc.INTERNAL_ERROR
+        await client.send(json.dumps([req(2, "x.nan"), req(3), req(4, "mesh.hello")]).encode() + b"\n")
+        answers = {a["id"]: a for a in await client.recv()}
+        assert answers[2]["error"]["code"] == jsonrpc.INTERNAL_ERROR
+        assert answers[3]["result"]["method"] == "svc.m" and "result" in answers[4]
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_failing_built_in_is_answered_as_an_internal_error() -> None:
+    async def main() -> None:
+        conn, client, task = await pair()
+
+        def broken(request: Request) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        conn._builtin = broken  # type: ignore[method-assign]
+        await client.send(req(1, "mesh.hello"))
+        answer = await client.recv()
+        assert answer["id"] == 1 and answer["error"]["code"] == jsonrpc.INTERNAL_ERROR
+        await client.send(req(2))
+        assert (await client.recv())["id"] == 2
+        await client.close()
+        await task
+    run(main())
+
+
+def test_subscriptions_per_connection_are_capped() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(topics=("jobs.*",), max_subscriptions=3)
+        await client.send(req(1, "mesh.subscribe", ["jobs.a", "jobs.b"]))
+        assert (await client.recv())["result"] == ["jobs.a", "jobs.b"]
+        await client.send(req(2, "mesh.subscribe", ["jobs.c", "jobs.d"]))
+        refused = await client.recv()
+        assert refused["error"]["code"] == jsonrpc.INVALID_PARAMS
+        assert refused["error"]["data"] == {"code": "invalid_params", "max_subscriptions": 3}
+        assert conn.subscriptions == {"jobs.a", "jobs.b"}  # none of the refused call's added
+        await client.send(req(3, "mesh.subscribe", ["jobs.a", "jobs.c"]))  # one new: fits
+        assert (await client.recv())["result"] == ["jobs.a", "jobs.b", "jobs.c"]
+        await client.send(req(4, "mesh.unsubscribe", ["jobs.a"]))
+        await client.recv()
+        await client.send(req(5, "mesh.subscribe", ["jobs.d"]))
+        assert (await client.recv())["result"] == ["jobs.b", "jobs.c", "jobs.d"]
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_burst_of_lines_lets_other_work_run_in_between() -> None:
+    async def main() -> None:
+        metrics = CountingMetrics()
+        _conn, client, task = await pair(metrics=metrics)
+        lines = 2000  # ~96 KiB: more than one read's worth of short lines
+        seen: list[int] = []
+
+        async def other_work() -> None:
+            while metrics.lines_in < lines:
+                seen.append(metrics.lines_in)
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_work())
+        client.writer.write((json.dumps(req(1, "mesh.hello")) + "\n").encode() * lines)
+        for _ in range(lines):
+            assert (await client.recv())["id"] == 1
+        await asyncio.wait_for(other, _WAIT)
+        steps = [b - a for a, b in zip([0, *seen], [*seen, lines], strict=True)]
+        assert max(steps) <= 64, f"{max(steps)} lines handled without letting other work run"
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_client_that_pipelines_without_reading_is_slowed_not_dropped() -> None:
+    async def main() -> None:
+        # Reading pauses at half of max_output, well before the drop.
+        conn, client, task = await pair(max_output=32 * 1024)
+        lines = 3000  # answers: ~280 KiB, all sent before the client reads any
+        client.writer.write((json.dumps(req(1, "mesh.hello")) + "\n").encode() * lines)
+        for _ in range(lines):
+            assert (await client.recv())["id"] == 1
+        assert not conn.closed
+        await client.close()
+        await task
+    run(main())
+
+
+def test_one_answer_larger_than_max_output_reaches_a_client_that_reads() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(max_output=64 * 1024)
+        size = 1024 * 1024
+        await client.send(req(1, "x.big", [size]))
+        assert len((await client.recv())["result"]) == size
+        await client.send(req(2, "x.big", [size]))  # and again: nothing carried over
+        assert len((await client.recv())["result"]) == size
+        await client.send(req(3))
+        assert (await client.recv())["id"] == 3
+        assert not conn.closed
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_client_that_stops_reading_after_a_big_answer_is_still_dropped() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(max_output=64 * 1024)
+        conn.subscriptions.add("jobs.big")
+        assert conn.push("jobs.big", jsonrpc.notification_line("jobs.big", "x" * 1024 * 1024))
+        line = jsonrpc.notification_line("jobs.big", "x" * 8192)
+        sent = 0
+        while conn.push("jobs.big", line):
+            sent += 1
+            assert sent < 10_000
+        assert conn.closed
+        await task
+        await client.close()
     run(main())
 
 

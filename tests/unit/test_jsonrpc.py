@@ -79,6 +79,9 @@ def test_stratum_style_request_without_jsonrpc_member_is_accepted() -> None:
     ({"jsonrpc": "2.0", "method": "a.b", "params": None, "id": 7}, 7),
     ({"jsonrpc": "2.0", "method": "a.b", "id": {"x": 1}}, None),  # id of a bad type
     ({"jsonrpc": "2.0", "method": "a.b", "id": True}, None),
+    ({"jsonrpc": "2.0", "method": "a.b", "id": float("inf")}, None),  # no answer could carry it
+    ({"jsonrpc": "2.0", "method": "a.b", "id": float("-inf")}, None),
+    ({"jsonrpc": "2.0", "method": "a.b", "id": float("nan")}, None),
     ("a string", None),
     (42, None),
 ])
@@ -86,6 +89,15 @@ def test_invalid_requests_keep_their_id_where_it_is_usable(doc: Any, rid: Any) -
     item = parse_request(doc)
     assert isinstance(item, Invalid)
     assert item.code == jsonrpc.INVALID_REQUEST and item.id == rid
+
+
+@pytest.mark.parametrize("line", [b'{"jsonrpc":"2.0","method":"a.b","id":1e400}',
+                                  b'{"jsonrpc":"2.0","method":"a.b","id":-1e400}'])
+def test_an_id_too_large_for_a_double_is_an_invalid_request(line: bytes) -> None:
+    # Python parses it as infinity, which JSON cannot encode back.
+    item = one(line)
+    assert isinstance(item, Invalid) and item.code == jsonrpc.INVALID_REQUEST and item.id is None
+    assert one(b'{"jsonrpc":"2.0","method":"a.b","id":1e300}') == Request(1e300, "a.b", None)
 
 
 def test_batches_hold_each_item_separately() -> None:
@@ -137,15 +149,18 @@ def test_handler_errors_name_the_exception_type() -> None:
 
 
 def test_answers_are_single_json_lines() -> None:
-    line = jsonrpc.doc_line(jsonrpc.result_doc(1, {"ok": b"bytes", "t": (1, 2)}))
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    line, problems = jsonrpc.answer_line([jsonrpc.result_doc(1, {"ok": b"bytes", "t": (1, 2)})],
+                                         batch=False)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and problems == []
     assert json.loads(line) == {"jsonrpc": "2.0", "id": 1, "result": {"ok": "bytes", "t": [1, 2]}}
     err = json.loads(jsonrpc.error_line(None, jsonrpc.LINE_TOO_LONG, "too long"))
     assert err == {"jsonrpc": "2.0", "id": None, "error": {
         "code": -32004, "message": "too long", "data": {"code": "line_too_long"}}}
-    batch = json.loads(jsonrpc.batch_line([jsonrpc.result_doc(1, 2), jsonrpc.error_doc(
-        2, jsonrpc.TIMEOUT, "late", {"code": "timeout"})]))
+    line, problems = jsonrpc.answer_line([jsonrpc.result_doc(1, 2), jsonrpc.error_doc(
+        2, jsonrpc.TIMEOUT, "late", {"code": "timeout"})], batch=True)
+    batch = json.loads(line)
     assert [a["id"] for a in batch] == [1, 2] and batch[1]["error"]["code"] == -32000
+    assert line.count(b"\n") == 1 and problems == []
 
 
 def test_notifications_carry_the_topic_as_method() -> None:
@@ -153,6 +168,35 @@ def test_notifications_carry_the_topic_as_method() -> None:
     assert note == {"jsonrpc": "2.0", "method": "jobs.notify", "params": {"job_id": "ab"}}
 
 
-def test_nan_results_are_refused_rather_than_sent_as_invalid_json() -> None:
-    with pytest.raises(ValueError):
-        jsonrpc.doc_line(jsonrpc.result_doc(1, float("nan")))
+def test_an_answer_json_cannot_hold_becomes_an_error_with_its_id() -> None:
+    line, problems = jsonrpc.answer_line([jsonrpc.result_doc(7, float("nan"))], batch=False)
+    answer = json.loads(line)  # valid JSON: NaN is not sent
+    assert answer["id"] == 7 and answer["error"]["code"] == jsonrpc.INTERNAL_ERROR
+    assert len(problems) == 1 and "7" in problems[0]
+
+
+def test_in_a_batch_one_bad_answer_spoils_only_itself() -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    docs = [jsonrpc.result_doc(1, "fine"), jsonrpc.result_doc(2, float("inf")),
+            jsonrpc.result_doc(3, cycle), jsonrpc.error_doc(4, jsonrpc.TIMEOUT, "late")]
+    line, problems = jsonrpc.answer_line(docs, batch=True)
+    answers = json.loads(line)
+    assert [a["id"] for a in answers] == [1, 2, 3, 4]
+    assert answers[0]["result"] == "fine" and answers[3]["error"]["code"] == jsonrpc.TIMEOUT
+    assert [a["error"]["code"] for a in answers[1:3]] == [jsonrpc.INTERNAL_ERROR] * 2
+    assert len(problems) == 2
+
+
+def test_an_id_json_cannot_hold_falls_back_to_null() -> None:
+    # parse_request lets no such id through; the encoder copes anyway.
+    line, problems = jsonrpc.answer_line([jsonrpc.result_doc(float("inf"), 1),
+                                          jsonrpc.result_doc(2, 2)], batch=True)
+    answers = json.loads(line)
+    assert answers[0]["id"] is None and answers[0]["error"]["code"] == jsonrpc.INTERNAL_ERROR
+    assert answers[1] == {"jsonrpc": "2.0", "id": 2, "result": 2} and len(problems) == 1
+
+
+def test_pushes_json_cannot_hold_are_refused_rather_than_sent_as_invalid_json() -> None:
+    with pytest.raises(jsonrpc.UNENCODABLE):
+        jsonrpc.notification_line("jobs.notify", float("nan"))
