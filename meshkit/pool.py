@@ -28,7 +28,8 @@ from .config import Settings
 from .errors import ClientClosedError, ProtocolError
 from .peer import CONNECTED, FAILED, Peer
 from .record import InstanceRecord
-from .registry import Registry, wait_event
+from .registry import Registry
+from .timing import wait_event
 
 log = logging.getLogger("meshkit.pool")
 

@@ -14,7 +14,7 @@ safety net (missed messages, expired records of killed instances). Lookups
 (:meth:`Registry.instances`) read only the local copy, so **the request path
 never touches Redis**; when Redis is unreachable the copy is kept as it is
 and traffic between known instances goes on. When Redis comes back, the
-watcher resubscribes and rescans, and every :class:`Registration` writes its
+watcher resubscribes and rescans, and every :class:`~meshkit.registration.Registration` writes its
 record again at its next heartbeat; for one TTL after such a reconnection a
 scan adds and updates records but removes none (a restarted Redis is empty
 until those heartbeats), while deletions announced on the channel still apply.
@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from .config import Settings
 from .handlers import topic_matches
 from .record import InstanceRecord
+from .timing import wait_event
 
 log = logging.getLogger("meshkit.registry")
 
@@ -290,116 +291,6 @@ class Registry:
                 self.apply(None, str(message["key"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring malformed registry change: %s", exc)
-
-
-async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
-    """Wait until ``event`` is set or ``timeout`` seconds pass; return whether it is set.
-
-    Unlike ``asyncio.wait_for(event.wait(), timeout)`` before Python 3.12, a
-    cancellation that arrives just as the event fires is never swallowed: a
-    background loop built on that would ignore ``cancel()`` and never end.
-    """
-    if event.is_set():
-        return True
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait((waiter,), timeout=timeout)
-    finally:
-        waiter.cancel()
-    return event.is_set()
-
-
-class Registration:
-    """One instance's own record: written with a TTL and kept alive by a heartbeat.
-
-    ``start`` writes the record (retrying in the background if Redis is down);
-    ``set_state`` rewrites it at once; ``stop`` deletes it. Every write is
-    announced on the changes channel.
-    """
-
-    def __init__(self, settings: Settings, record: InstanceRecord,
-                 on_error: Callable[[], None] | None = None) -> None:
-        self.settings = settings
-        self.record = record
-        self.keys = Keys(settings.namespace)
-        self._redis = redis_client(settings)
-        self._task: asyncio.Task[None] | None = None
-        self._on_error = on_error
-        self._stopping = False  # see Registry._closing: a cancel alone may not stop the heartbeat
-        self.healthy = False  # whether the last write succeeded
-
-    async def start(self) -> None:
-        """Write the record now (if Redis answers) and start the heartbeat."""
-        await self._write(announce=True)
-        self._task = asyncio.create_task(self._heartbeat(), name="meshkit-heartbeat")
-
-    async def set_state(self, state: str) -> None:
-        """Change the record's state (``up``/``draining``) and announce it now."""
-        self.record = self.record.with_state(state)
-        await self._write(announce=True)
-
-    async def update(self, record: InstanceRecord) -> None:
-        """Replace the whole record (same key) and announce it now."""
-        self.record = record
-        await self._write(announce=True)
-
-    async def stop(self) -> None:
-        """Stop the heartbeat and delete the record (best effort, bounded)."""
-        await self._stop_heartbeat()
-        try:
-            key = self.record.key
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.instance(key))
-                pipe.publish(self.keys.changes, json.dumps({"op": "del", "key": key}))
-                await asyncio.wait_for(pipe.execute(), 1.5)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("could not remove registry record (it will expire): %s", exc)
-        await self._redis.aclose()
-
-    async def abandon(self) -> None:
-        """Stop the heartbeat without deleting the record: it expires after its TTL."""
-        await self._stop_heartbeat()
-        await self._redis.aclose()
-
-    async def _stop_heartbeat(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _heartbeat(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self.settings.heartbeat_interval)
-            if self._stopping:
-                break
-            # After a failure, announce again: a restarted Redis lost the
-            # record, and watchers should see it come back at once.
-            await self._write(announce=not self.healthy)
-
-    async def _write(self, announce: bool) -> None:
-        rec = self.record
-        data = rec.to_json()
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.instance(rec.key), data, px=int(self.settings.ttl * 1000))
-                if announce:
-                    message = '{"op":"set","record":' + data + "}"
-                    pipe.publish(self.keys.changes, message)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            if self.healthy:
-                log.warning("registry heartbeat failed, retrying: %s", exc)
-            self.healthy = False
-            if self._on_error is not None:
-                self._on_error()
-            return
-        if not self.healthy and announce:
-            log.info("registered %s at %s", rec.key, rec.endpoint)
-        self.healthy = True
 
 
 def read_records(settings: Settings, service: str | None = None) -> list[InstanceRecord]:

@@ -41,7 +41,7 @@ from .handlers import Handler, HandlerTable
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
 from .record import UP
-from .registry import wait_event
+from .timing import DeadlineCancel, run_with_deadline, wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 
@@ -50,10 +50,6 @@ log = logging.getLogger("meshkit.server")
 
 # Pushes from one publisher waiting for their handler; beyond this they are refused.
 MAX_QUEUED_PUSHES = 10_000
-
-
-class _DeadlineCancel(Exception):
-    """Internal marker: a handler was cancelled because its deadline passed."""
 
 
 class Server:
@@ -253,7 +249,7 @@ class Server:
             code = "bad_arguments"
             log.warning("bad arguments for %s: %s", header.name, exc)
             frames = wire.encode_error(header.id, code, str(exc))
-        except _DeadlineCancel:
+        except DeadlineCancel:
             code = DEADLINE_EXCEEDED
             log.info("%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
@@ -279,7 +275,7 @@ class Server:
                 raise _BadArguments(str(exc)) from None
             if deadline is None:
                 return await coro
-            return await _with_deadline(coro, deadline)
+            return await run_with_deadline(coro, deadline)
         problem = handler.check_arguments(args, kwargs)
         if problem is not None:
             raise _BadArguments(problem)
@@ -363,44 +359,7 @@ class _BadArguments(Exception):
     pass
 
 
-class _Expiry:
-    """Cancels a task at its deadline and remembers that it was the one who did."""
-
-    __slots__ = ("fired", "task")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.fired = False
-
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
-
-
-async def _with_deadline(coro: Any, deadline: float) -> Any:
-    """Await ``coro`` in the current task; at ``deadline`` (monotonic) cancel it and raise ``_DeadlineCancel``.
-
-    The serving task itself is cancelled rather than a task made for the
-    handler: one task and two loop iterations less per call (profiled).
-    """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    expiry = _Expiry(task)
-    timer = loop.call_at(loop.time() + (deadline - time.monotonic()), expiry)
-    try:
-        return await coro
-    except asyncio.CancelledError:
-        if expiry.fired:
-            if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
-                task.uncancel()
-            raise _DeadlineCancel() from None
-        raise
-    finally:
-        timer.cancel()
-
-
 def _run_plain(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], deadline: float | None) -> Any:
     if deadline is not None and time.monotonic() >= deadline:
-        raise _DeadlineCancel()
+        raise DeadlineCancel()
     return fn(*args, **kwargs)

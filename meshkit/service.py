@@ -54,7 +54,8 @@ from .errors import ClientClosedError, ConfigError
 from .handlers import Handler, HandlerTable, Periodic
 from .metrics import Metrics
 from .record import DRAINING, UP, InstanceRecord
-from .registry import Registration, Registry
+from .registration import Registration
+from .registry import Registry
 from .server import Server
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")

@@ -37,14 +37,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..handlers import topic_matches
 from ..metrics import Metrics
 from . import jsonrpc
-from .jsonrpc import Invalid, Request
+from .jsonrpc import Invalid, Request, RpcError
 from .options import GatewayOptions
+from .subscriptions import covered, topics_param
 
 log = logging.getLogger("meshkit.gateway.connection")
 
@@ -56,26 +57,8 @@ _HIGH_WATER = 256 * 1024
 _LINES_PER_TURN = 64
 
 
-class RpcError(Exception):
-    """Raised by a call function: the request fails with this JSON-RPC error."""
-
-    def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-
 CallFunction = Callable[["Connection", Request], Awaitable[Any]]
 Doc = dict[str, Any] | None  # a response object, or None for a notification
-
-
-def covered(allowed: Iterable[str], wanted: str) -> bool:
-    """Whether topic or ``prefix.*`` pattern ``wanted`` lies inside the ``allowed`` patterns."""
-    if not wanted.endswith(".*"):
-        return topic_matches(allowed, wanted)
-    prefix = wanted[:-1]
-    return any(p == wanted or (p.endswith(".*") and prefix.startswith(p[:-1])) for p in allowed)
 
 
 class Connection:
@@ -369,7 +352,7 @@ class Connection:
             return {"connection": self.id, "gateway": self.gateway_id,
                     "topics": list(self.options.topics)}
         if name in ("mesh.subscribe", "mesh.unsubscribe"):
-            topics = _topics_param(request.params)
+            topics = topics_param(request.params)
             if name == "mesh.unsubscribe":
                 self.subscriptions.difference_update(topics or self.subscriptions.copy())
                 return sorted(self.subscriptions)
@@ -391,25 +374,3 @@ class Connection:
             return sorted(self.subscriptions)
         raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"no built-in method {name!r}",
                        {"builtins": ["mesh.hello", "mesh.subscribe", "mesh.unsubscribe"]})
-
-
-def _topics_param(params: list[Any] | dict[str, Any] | None) -> list[str]:
-    """Topics from no params, ``["a", "b"]``, ``[["a", "b"]]`` or ``{"topics": [...]}``.
-
-    Anything else (``{"topics": 5}``, ``{"other": 1}``, ``[1]``, ...) raises
-    :class:`RpcError` ``invalid_params``.
-    """
-    items: Any = params
-    if isinstance(params, dict):
-        unknown = sorted(set(params) - {"topics"})
-        if unknown:
-            raise RpcError(jsonrpc.INVALID_PARAMS,
-                           f"unknown params {unknown}; the only one is \"topics\"")
-        items = params.get("topics", [])
-    if items is None:
-        items = []
-    if isinstance(items, list) and len(items) == 1 and isinstance(items[0], list):
-        items = items[0]
-    if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
-        raise RpcError(jsonrpc.INVALID_PARAMS, "topics must be a list of non-empty strings")
-    return list(items)

@@ -42,8 +42,8 @@ from ..context import current_call
 from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
 from . import jsonrpc
-from .connection import Connection, RpcError
-from .jsonrpc import Request
+from .connection import Connection
+from .jsonrpc import Request, RpcError
 from .options import GatewayOptions
 from .state import ConnectionGoneError, ConnectionStore
 

@@ -49,7 +49,8 @@ from typing import Any
 
 from ..config import Settings
 from ..record import InstanceRecord
-from ..registry import Registry, wait_event
+from ..registry import Registry
+from ..timing import wait_event
 from .config import ProxyConfig
 from .errors import ConfigCheckError, HAProxyError, HAProxyUnreachableError, ReloadError, RuntimeCommandError
 from .hosts import HostCache, detached

@@ -80,7 +80,7 @@ class Gateway:
 
 
 class FakeRegistry:
-    """Writes and deletes records the way :class:`~meshkit.registry.Registration` does, without a heartbeat."""
+    """Writes and deletes records the way :class:`~meshkit.registration.Registration` does, without a heartbeat."""
 
     def __init__(self, settings: Settings) -> None:
         self.keys = Keys(settings.namespace)

@@ -13,8 +13,9 @@ import pytest
 from meshkit.config import Settings
 from meshkit.errors import ConfigError
 from meshkit.gateway import GatewayOptions, jsonrpc
-from meshkit.gateway.connection import Connection, RpcError, covered
-from meshkit.gateway.jsonrpc import Request
+from meshkit.gateway.connection import Connection
+from meshkit.gateway.jsonrpc import Request, RpcError
+from meshkit.gateway.subscriptions import covered
 from meshkit.metrics import Metrics
 
 _WAIT = 5.0  # bound on every wait for something that must happen

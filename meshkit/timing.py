@@ -1,0 +1,71 @@
+"""Waiting with time limits, safely under cancellation.
+
+:func:`wait_event` waits for an :class:`asyncio.Event` with a timeout;
+:func:`run_with_deadline` awaits a handler in the current task and cancels it
+at its deadline. Both are built so a cancellation from outside is never
+mistaken for (or swallowed by) their own time-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+
+class DeadlineCancel(Exception):
+    """The work was cancelled because its deadline passed."""
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; return whether it is set.
+
+    Unlike ``asyncio.wait_for(event.wait(), timeout)`` before Python 3.12, a
+    cancellation that arrives just as the event fires is never swallowed: a
+    background loop built on that would ignore ``cancel()`` and never end.
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
+class _Expiry:
+    """Cancels a task at its deadline and remembers that it was the one who did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
+async def run_with_deadline(coro: Any, deadline: float) -> Any:
+    """Await ``coro`` in the current task; at ``deadline`` (monotonic) cancel it and raise ``DeadlineCancel``.
+
+    The serving task itself is cancelled rather than a task made for the
+    handler: one task and two loop iterations less per call (profiled).
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expiry = _Expiry(task)
+    timer = loop.call_at(loop.time() + (deadline - time.monotonic()), expiry)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if expiry.fired:
+            if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
+                task.uncancel()
+            raise DeadlineCancel() from None
+        raise
+    finally:
+        timer.cancel()
