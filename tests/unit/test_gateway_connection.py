@@ -89,6 +89,16 @@ def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))
 
 
+def push_until_dropped(conn: Connection) -> None:
+    """Push 8 KiB notifications nobody reads until the connection drops the client (bounded)."""
+    line = jsonrpc.notification_line("jobs.big", "x" * 8192)
+    sent = 0
+    while conn.push("jobs.big", line):
+        sent += 1
+        assert sent < 10_000, "never dropped as a slow consumer"
+    assert conn.closed
+
+
 def req(rid: Any, method: str = "svc.m", params: Any = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
     if params is not None:
@@ -349,12 +359,7 @@ def test_a_client_that_stops_reading_after_a_big_answer_is_still_dropped() -> No
         conn, client, task = await pair(max_output=64 * 1024)
         conn.subscriptions.add("jobs.big")
         assert conn.push("jobs.big", jsonrpc.notification_line("jobs.big", "x" * 1024 * 1024))
-        line = jsonrpc.notification_line("jobs.big", "x" * 8192)
-        sent = 0
-        while conn.push("jobs.big", line):
-            sent += 1
-            assert sent < 10_000
-        assert conn.closed
+        push_until_dropped(conn)
         await task
         await client.close()
     run(main())
@@ -445,12 +450,7 @@ def test_a_client_that_does_not_read_is_dropped_as_a_slow_consumer() -> None:
     async def main() -> None:
         conn, client, task = await pair(max_output=64 * 1024)
         conn.subscriptions.add("jobs.big")
-        line = jsonrpc.notification_line("jobs.big", "x" * 8192)
-        sent = 0
-        while conn.push("jobs.big", line):
-            sent += 1
-            assert sent < 10_000
-        assert conn.closed
+        push_until_dropped(conn)
         await task
         await client.close()
     run(main())
