@@ -52,8 +52,8 @@ class Settings:
     max_message_size: int = 8 * 1024 * 1024
     drain_grace: float = 10.0
     handler_threads: int = 16
-    ping_after: float = 0.25  # silence from a peer with work outstanding before we ping it
-    dead_after: float = 0.75  # unanswered ping time after which the peer counts as lost
+    ping_after: float = 0.25  # ZeroMQ heartbeat interval on each connection to a peer
+    dead_after: float = 0.75  # no heartbeat answer (or no handshake) for this long: the peer is lost
     debug: bool = False  # send handler tracebacks to callers
     statsd_address: str = ""  # host:port; empty disables metrics
     statsd_prefix: str = "meshkit"

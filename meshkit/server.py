@@ -35,7 +35,7 @@ import zmq
 
 from . import wire
 from .config import Settings
-from .context import CallContext, set_current
+from .context import CallContext, reset_current, set_current
 from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError
 from .handlers import Handler, HandlerTable
 from .metrics import Metrics
@@ -338,8 +338,6 @@ class Server:
         except Exception as exc:
             code, frames = self._handler_failed(header, exc)
         finally:
-            from .context import reset_current
-
             reset_current(token)
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)

@@ -49,7 +49,7 @@ import zmq
 
 from .client import AsyncClient, ServiceProxy
 from .config import Settings
-from .context import current_call
+from .context import current_call, set_current
 from .errors import ClientClosedError, ConfigError
 from .handlers import Handler, HandlerTable, Periodic
 from .metrics import Metrics
@@ -154,8 +154,6 @@ class Service:
 
         async def with_context() -> Any:
             # The worker thread's call context must follow the call into the loop.
-            from .context import set_current
-
             set_current(ctx)
             return await coro
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import meshkit
@@ -29,8 +30,6 @@ class Echo(meshkit.Service):
     @meshkit.rpc
     async def sleep(self, seconds: float) -> str:
         """Wait ``seconds`` and return this instance's id (for load and drain tests)."""
-        import asyncio
-
         await asyncio.sleep(seconds)
         return self.instance_id
 
