@@ -100,3 +100,12 @@ def test_steady_publisher_does_not_hold_a_stopping_subscriber(start_service, mes
         assert echo.terminate(15) == 0, echo.tail()
         took = time.monotonic() - started
     assert took < 1.5, took
+
+
+def test_a_configured_port_range_is_honoured(start_service, mesh_client) -> None:
+    # A wide range, so another process holding a port in it costs only a retry.
+    [echo] = start_service("services.echo:Echo", env={"MESHKIT_PORT_MIN": "40000", "MESHKIT_PORT_MAX": "59999"})
+    assert echo.record is not None
+    port = int(echo.record.endpoint.rsplit(":", 1)[1])
+    assert 40000 <= port <= 59999
+    assert mesh_client.call("echo", "echo", ["in range"]) == "in range"

@@ -273,6 +273,7 @@ def test_render_contents() -> None:
     text = render(model, PATHS)
     assert "stats socket /run/meshkit/haproxy.sock mode 600 level admin expose-fd listeners" in text
     assert "hard-stop-after 1h" in text
+    assert "\n    master-worker\n" in text
     assert "timeout client 1h" in text and "timeout connect 2s" in text
     assert "    bind fd@5\n" in text and "    bind 127.0.0.1:3334\n" in text
     assert text.count("default_backend gateway.stratum") == 2
