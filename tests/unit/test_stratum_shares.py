@@ -22,7 +22,7 @@ from services.stratum.shares import (
 from services.stratum.target import DIFF1_TARGET, dsha256, hash_value, share_target
 
 EN1 = bytes.fromhex("0001002a")
-DIFF = 2**-20  # a share in about a million-th of difficulty 1: ~4,000 hashes
+DIFF = 2**-20  # difficulty 1 is 2**32 hashes a share; this is 2**12 (~4,000)
 WORKER = "alice.rig1"
 
 
