@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from services.stratum import messages
 from services.stratum.messages import Method
 from services.stratum.shares import ShareResult, Verdict
+from services.stratum.work import stratum_prevhash
 
 
 def test_answers_always_carry_result_and_error() -> None:
@@ -46,3 +48,20 @@ def test_decode_refuses_what_is_not_one_message() -> None:
     with pytest.raises(ValueError) as caught:
         messages.decode(b"x" * (messages.MAX_LINE - 1))
     assert len(str(caught.value)) < 200  # the echoed line is clipped
+
+
+def test_docs_carry_every_method_verdict_and_vector() -> None:
+    """``docs/stratum.md`` cannot drift from the code: every method, verdict row and byte-order vector."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "stratum.md").read_text()
+    for method in Method:
+        assert f"`{method.value}`" in doc, method
+    for verdict in Verdict:
+        if verdict.code is None:
+            assert f"| `{verdict.word}` | — | — |" in doc, verdict
+        elif verdict is Verdict.MALFORMED:
+            assert f"| `{verdict.word}` | {verdict.code} | *(the detail)* |" in doc
+        else:
+            assert f"| `{verdict.word}` | {verdict.code} | {verdict.message} |" in doc, verdict
+    prev = bytes.fromhex("00000000000008a3a41b85b8b29ad444def299fee21793cd8b9e567eab02cd81")[::-1]
+    assert stratum_prevhash(prev) in doc
+    assert '"7c2bac1d"' in doc and "03 fc 79 03" in doc
