@@ -6,8 +6,10 @@ then searches nonces for the newest job at the difficulty the pool set,
 submits every share it finds and counts the answers. It follows
 ``mining.set_difficulty``, ``mining.notify`` (``clean_jobs`` or not, the
 newest job wins), ``mining.set_extranonce`` and ``client.reconnect``, and
-stops after ``N`` answered shares or ``T`` seconds, printing its counts as
-JSON.
+stops after ``N`` submitted shares (waiting a few seconds for their
+answers) or ``T`` seconds, or when the pool closes the connection, printing
+its counts as JSON. It does not retry a failed connection: an error to
+connect is raised (``OSError``), a refused session is :class:`MinerError`.
 
 The header is built from the wire strings by this module's own code
 (:class:`Work`), not by :mod:`.work`: a pool and this miner agreeing then
@@ -130,6 +132,7 @@ class MinerStats:
     reconnects: int = 0
     difficulty: float = 0.0
     bad_lines: int = 0
+    unanswered: int = 0  # submitted shares whose answer never came (connection closed or moved)
 
     @property
     def answered(self) -> int:
@@ -209,11 +212,14 @@ class StratumMiner:
             await self._handshake(s, deadline)
             await self._mine(s, deadline, reading)
             await self._drain_answers(deadline)
+            if reading.done() and not reading.cancelled() and reading.exception() is not None:
+                raise MinerError(f"reading from the pool failed: {clip(reading.exception(), 80)}")
             return s.reconnect
         finally:
             reading.cancel()
             for fut in s.pending.values():
                 fut.cancel()
+            s.pending.clear()
             writer.close()
             try:
                 await writer.wait_closed()
@@ -280,7 +286,16 @@ class StratumMiner:
         task.add_done_callback(self._answers.discard)
 
     async def _count(self, fut: asyncio.Future[tuple[Any, Any]]) -> None:
-        result, error = await fut
+        try:
+            result, error = await fut
+        except MinerError:
+            self.stats.unanswered += 1
+            return
+        except asyncio.CancelledError:
+            if not fut.cancelled():
+                raise  # this task itself is being cancelled
+            self.stats.unanswered += 1  # the session ended with the share unanswered
+            return
         if result is True and error is None:
             self.stats.accepted += 1
             return
@@ -294,12 +309,25 @@ class StratumMiner:
             await asyncio.wait(set(self._answers), timeout=min(ANSWER_GRACE, self._remaining(deadline) + 1.0))
 
     async def _read(self, reader: asyncio.StreamReader, s: _Session) -> None:
+        try:
+            await self._read_lines(reader, s)
+        finally:
+            # Nothing more will be answered: fail what waits, so that no one waits for the deadline.
+            for fut in s.pending.values():
+                if not fut.done():
+                    fut.set_exception(MinerError("the pool closed the connection before answering"))
+            s.pending.clear()
+            s.changed.set()
+
+    async def _read_lines(self, reader: asyncio.StreamReader, s: _Session) -> None:
         while True:
             try:
                 line = await reader.readline()
             except ValueError:  # over the line limit: asyncio dropped it; keep reading
                 self.stats.bad_lines += 1
                 continue
+            except (ConnectionError, OSError):
+                return  # the pool went away: as good as closed
             if not line:
                 return
             try:

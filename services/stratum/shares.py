@@ -175,7 +175,8 @@ def judge(
     ``lookup`` is what the caller found for the submission's job id (it may
     parse the id with :func:`parse_submission` first to look it up; ``None``
     is an unknown job). ``accepted`` holds the hashes of the shares accepted
-    so far for that job. Never raises for any ``params``.
+    so far for that job. ``now`` is the pool's wall clock in Unix seconds
+    (it bounds ``ntime``). Never raises for any ``params``.
     """
     if not ctx.subscribed:
         return ShareResult(Verdict.NOT_SUBSCRIBED, "mining.subscribe first")

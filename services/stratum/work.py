@@ -109,11 +109,13 @@ def coinbase_parts(
     paying ``value`` satoshis to ``payout_script``; lock time 0.
     ``coinb1 + extranonce1 + extranonce2 + coinb2`` is the whole transaction.
     """
+    if not 1 <= extranonce_size <= MAX_EXTRANONCE:
+        raise ValueError(f"extranonce1 + extranonce2 is 1..{MAX_EXTRANONCE} bytes, not {extranonce_size}")
     prefix = height_push(height) + bytes([extranonce_size])
     suffix = push(tag) if tag else b""
     script_len = len(prefix) + extranonce_size + len(suffix)
-    if not 1 <= extranonce_size <= MAX_EXTRANONCE or not 2 <= script_len <= MAX_SCRIPT_SIG:
-        raise ValueError(f"a coinbase scriptSig of {script_len} bytes is outside 2..100")
+    if not 2 <= script_len <= MAX_SCRIPT_SIG:
+        raise ValueError(f"a coinbase scriptSig of {script_len} bytes is outside 2..{MAX_SCRIPT_SIG}")
     coinb1 = (
         struct.pack("<i", 1)  # transaction version, little-endian
         + varint(1)  # one input

@@ -262,3 +262,37 @@ def test_the_miner_stops_after_its_time_without_work() -> None:
         assert stats.submitted == 0 and stats.jobs == 0
 
     run(main())
+
+
+def test_a_pool_that_hangs_up_mid_handshake_is_a_clear_error_at_once() -> None:
+    async def main() -> None:
+        async with FakePool() as pool:
+            async def hang_up(conn: Conn, msg: dict[str, Any]) -> None:
+                conn.writer.close()
+
+            pool._handle = hang_up  # type: ignore[method-assign]
+            started = time.monotonic()
+            with pytest.raises(MinerError, match="closed the connection before answering"):
+                await StratumMiner("127.0.0.1", pool.port, max_shares=2, max_seconds=50).run()
+            assert time.monotonic() - started < 10  # not the 50 s deadline
+
+    run(main())
+
+
+def test_shares_unanswered_when_the_pool_goes_away_are_counted() -> None:
+    async def main() -> None:
+        async with FakePool() as pool:
+            original = pool._handle
+
+            async def silent_then_gone(conn: Conn, msg: dict[str, Any]) -> None:
+                if msg["method"] != Method.SUBMIT.value:
+                    await original(conn, msg)
+                elif not pool.log:
+                    pool.log.append(("j1", Verdict.ACCEPTED))  # seen, never answered
+                    conn.writer.close()
+
+            pool._handle = silent_then_gone  # type: ignore[method-assign]
+            stats = await StratumMiner("127.0.0.1", pool.port, max_shares=50, max_seconds=50).run()
+        assert stats.answered == 0 and stats.unanswered == stats.submitted >= 1
+
+    run(main())
