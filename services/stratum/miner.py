@@ -160,6 +160,7 @@ class _Session:
     nonce: int = 0
     base: bytes = b""
     reconnect: tuple[str, int, float] | None = None
+    closed: bool = False  # a write failed: the pool is gone
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -230,8 +231,15 @@ class StratumMiner:
         id, s.next_id = s.next_id, s.next_id + 1
         fut: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
         s.pending[id] = fut
-        s.writer.write(messages.encode(messages.request(id, method, params)))
-        await s.writer.drain()
+        try:
+            s.writer.write(messages.encode(messages.request(id, method, params)))
+            await s.writer.drain()
+        except (ConnectionError, OSError):
+            # The pool went away: this call will not be answered, and no later one either.
+            s.closed = True
+            s.pending.pop(id, None)
+            if not fut.done():  # the reader may have failed it already
+                fut.set_exception(MinerError("the pool closed the connection before answering"))
         return fut
 
     async def _handshake(self, s: _Session, deadline: float) -> None:
@@ -249,11 +257,12 @@ class StratumMiner:
         if result is not True:
             raise MinerError(f"mining.authorize failed: {clip(error, 80)}")
         # Asked for, not awaited: a pool that does not know it answers an error, which is fine.
-        await self._call(s, Method.EXTRANONCE_SUBSCRIBE, [])
+        fut = await self._call(s, Method.EXTRANONCE_SUBSCRIBE, [])
+        fut.add_done_callback(_ignore_outcome)
 
     async def _mine(self, s: _Session, deadline: float, reading: asyncio.Task[None]) -> None:
         while self.stats.submitted < self.max_shares and self.clock() < deadline and s.reconnect is None:
-            if reading.done():
+            if reading.done() or s.closed:
                 return  # the pool closed the connection (or sent something fatal)
             if s.work is None or s.target is None:
                 s.changed.clear()
@@ -364,6 +373,11 @@ class StratumMiner:
         elif method == Method.RECONNECT.value:
             s.reconnect = _reconnect_target(s, params)
         s.changed.set()
+
+
+def _ignore_outcome(fut: asyncio.Future[tuple[Any, Any]]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved, so that asyncio does not log it as never retrieved
 
 
 def _reconnect_target(s: _Session, params: list[Any]) -> tuple[str, int, float]:

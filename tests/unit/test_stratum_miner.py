@@ -157,13 +157,14 @@ def test_the_miner_follows_a_clean_new_job() -> None:
             await pool.announce(work.make_job(template(840001), "j2", extranonce_size=8, clean_jobs=True))
 
     async def main() -> None:
+        # 40 shares: far more hashing than it takes the miner to read j2 at its next yield.
         async with FakePool(on_share=new_job_after_two) as pool:
-            stats = await StratumMiner("127.0.0.1", pool.port, max_shares=6, max_seconds=50).run()
+            stats = await StratumMiner("127.0.0.1", pool.port, max_shares=40, max_seconds=50).run()
         assert stats.jobs == 2
         # Shares for j1 submitted before the miner read j2 are stale; once it has, only j2 is mined.
         jobs = [job_id for job_id, _ in pool.log]
         first_j2 = jobs.index("j2")
-        assert set(jobs[first_j2:]) == {"j2"} and len(jobs) == 6
+        assert set(jobs[first_j2:]) == {"j2"} and len(jobs) == 40
         assert {v for job_id, v in pool.log if job_id == "j2"} == {Verdict.ACCEPTED}
         assert {v for job_id, v in pool.log[2:first_j2]} <= {Verdict.STALE}
         assert stats.accepted == pool.verdicts[Verdict.ACCEPTED]
@@ -214,7 +215,7 @@ def test_the_miner_uses_a_new_extranonce1() -> None:
                 await original(conn, msg)
 
             pool._handle = with_new_extranonce  # type: ignore[method-assign]
-            stats = await StratumMiner("127.0.0.1", pool.port, max_shares=6, max_seconds=50).run()
+            stats = await StratumMiner("127.0.0.1", pool.port, max_shares=20, max_seconds=50).run()
         # Shares found before the miner read set_extranonce are judged with the new extranonce1 and
         # fail; every one after it passes.
         verdicts = [v for _, v in pool.log]
