@@ -10,6 +10,7 @@ except the miner:
 * :mod:`~services.stratum.vardiff` — per-connection difficulty towards a share rate (clock passed in)
 * :mod:`~services.stratum.extranonce` — extranonce1 unique per live connection across instances
 * :mod:`~services.stratum.messages` — the JSON-RPC 1.0 style lines miners parse
+* :mod:`~services.stratum.mining` — the miner's own decoding of a job and its nonce search
 * :mod:`~services.stratum.miner` — a small CPU miner over TCP (asyncio streams)
 
 See ``docs/stratum.md``. Not wired into the gateway yet. Importing this

@@ -9,7 +9,7 @@ from test_stratum_work import GENESIS, GENESIS_COINBASE, GENESIS_HASH, SCRIPT, i
 
 from services.stratum import work
 from services.stratum.jobbook import JobBook
-from services.stratum.miner import search
+from services.stratum.mining import search
 from services.stratum.shares import (
     NTIME_FUTURE,
     JobLookup,
