@@ -9,6 +9,8 @@ A submission is ``params = [worker, job_id, extranonce2, ntime, nonce]``,
 all strings; the last three are hex: ``extranonce2`` exactly
 ``2 * extranonce2_size`` digits (the bytes as they go into the coinbase),
 ``ntime`` and ``nonce`` 8 digits each, the big-endian text of the number.
+Version rolling (BIP310, a sixth param) is not offered, so six params are
+malformed.
 
 The checks, in order (the first that fails decides):
 

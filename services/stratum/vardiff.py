@@ -24,8 +24,9 @@ The rule, checked at each share and at each :meth:`Vardiff.tick`:
   that went quiet (too high a difficulty) is brought down step by step.
 
 A new difficulty is announced with ``mining.set_difficulty`` and applies to
-the next job; shares at the previous difficulty are still in flight, so the
-caller judges them at the lower of the two until that job is sent.
+the next job; shares at the previous difficulty are still in flight, so
+:attr:`Vardiff.judged_difficulty` is the lower of the two until the caller
+says with :meth:`Vardiff.job_sent` that a job went out after the change.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Vardiff:
         self.config = config
         start = config.min_difficulty if difficulty is None else difficulty
         self._difficulty = self._clamp(start)
+        self._previous = self._difficulty  # what shares in flight may still be worked at
         self._window_start = now
         self._shares = 0
 
@@ -75,6 +77,15 @@ class Vardiff:
     def difficulty(self) -> float:
         """The difficulty currently asked of the connection."""
         return self._difficulty
+
+    @property
+    def judged_difficulty(self) -> float:
+        """The difficulty to judge the connection's shares at: the lower of the old and new until a job is sent."""
+        return min(self._previous, self._difficulty)
+
+    def job_sent(self) -> None:
+        """A job went to the connection after the last change: from now on only the new difficulty counts."""
+        self._previous = self._difficulty
 
     def record_share(self, now: float) -> float | None:
         """Count one accepted share at ``now``; retarget if the window is due."""
@@ -103,6 +114,7 @@ class Vardiff:
         new = self._clamp(self._difficulty * factor)
         if new == self._difficulty:
             return None
+        self._previous = min(self._previous, self._difficulty)  # two changes before a job: keep the lowest
         self._difficulty = new
         return new
 

@@ -75,6 +75,19 @@ def test_a_clock_that_steps_back_does_not_break_it() -> None:
     assert vd.difficulty == 10.0
 
 
+def test_shares_are_judged_at_the_lower_difficulty_until_a_job_is_sent() -> None:
+    vd = Vardiff(CFG, now=0.0, difficulty=10.0)
+    assert vd.judged_difficulty == 10.0
+    _, changes = feed(vd, 0.0, 0.01, 24)  # raised to 40
+    assert changes == [40.0] and vd.difficulty == 40.0 and vd.judged_difficulty == 10.0
+    _, changes = feed(vd, 1.0, 0.01, 24)  # raised again before any job: still the lowest in flight
+    assert changes == [160.0] and vd.judged_difficulty == 10.0
+    vd.job_sent()
+    assert vd.judged_difficulty == 160.0
+    assert vd.tick(100.0) == 40.0  # lowered: the new, lower one counts at once
+    assert vd.judged_difficulty == 40.0
+
+
 @pytest.mark.parametrize(
     "bad",
     [dict(share_interval=0), dict(min_difficulty=-1), dict(min_difficulty=10, max_difficulty=1),
