@@ -154,6 +154,7 @@ def test_ntime_out_of_range_is_malformed() -> None:
         (None, "takes [worker"),
         ("a1", "takes [worker"),
         ([WORKER, "a1", "00000007", "6553f100"], "takes [worker"),
+        ([WORKER, "a1", "00000007", "6553f100", "00000000", "1fffe000"], "takes [worker"),  # BIP310 not offered
         ([WORKER, "a1", "00000007", "6553f100", 17], "nonce must be a string"),
         ([WORKER, "a1", "0000007", "6553f100", "00000000"], "extranonce2 must be 8 hex digits"),
         ([WORKER, "a1", "0000000700", "6553f100", "00000000"], "extranonce2 must be 8 hex digits"),
