@@ -27,6 +27,8 @@ from meshkit.stack.control import CircusControl
 from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import wait_until
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CRASHER = """
