@@ -95,6 +95,8 @@ class RollingRestart:
         started = sorted(set(self.control.pids(w)) - before)
         began = self.clock()
         try:
+            if len(started) < count:  # gone before we could even list it
+                raise RestartFailed(f"{w}: a new process exited at once (see its log)")
             self._wait_registered(started, min(deadline, began + self.register_timeout))
         except RestartFailed as exc:
             raise RestartFailed(f"{exc}; {self._undo(started, before, deadline)}") from None
