@@ -21,7 +21,7 @@ logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL
 .PHONY: demo test lint typecheck unit integration bench sysdeps venv clean
 
 demo: sysdeps $(BIN)/meshkit
-	$(BIN)/meshkit up
+	@$(BIN)/meshkit up
 
 test: sysdeps $(BIN)/meshkit lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -35,7 +35,7 @@ from .console import say
 from .control import CircusControl, StackError
 from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
 from .lifecycle import down_leftovers, run_up, service_watchers, stop
-from .processes import STACK_MARKER
+from .processes import STACK_MARKER, stack_processes
 from .rolling import RollingRestart
 
 DEFAULT_STRATUM_PORT = "3333"
@@ -183,6 +183,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(settings, run_dir)
     if stack.circusd_pid() is not None:
         raise StackError(f"a stack is already running from {run_dir} (pid {stack.circusd_pid()})")
+    leftovers = stack_processes(run_dir)
+    if leftovers:
+        raise StackError(f"{len(leftovers)} processes of an earlier stack from {run_dir} still run "
+                         f"(pids {sorted(p.pid for p in leftovers)}); `meshkit down` stops them")
     return run_up(stack, settings, ini, env, home, args.daemon, args.timeout)
 
 

@@ -294,6 +294,8 @@ def test_down_stops_the_processes_of_a_dead_circusd(tmp_path: Path) -> None:
         bystander = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(600)", str(run_dir / "gateway.log")],
             env={**env, "MESHKIT_RUN_DIR": str(run_dir)})
+        again = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
+        assert again.returncode != 0 and "meshkit down" in again.stderr, again.stderr
         down = meshkit("down", "--run-dir", str(run_dir), env=env)
         assert down.returncode == 0 and "leftover" in down.stdout, down.stdout + down.stderr
         _, alive = psutil.wait_procs(orphans, timeout=10)
