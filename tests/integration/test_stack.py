@@ -5,13 +5,17 @@ embedded Redis in a temporary run directory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -172,6 +176,16 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         client = JsonRpcClient((host, int(port)))
         for _ in range(20):
             assert "result" in client.request("shares.stats", [])
+
+        # A rolling restart, two at a time: new processes, the same number, calls keep working.
+        before = set(control.pids("shares"))
+        restart = meshkit("restart", "shares", "--batch", "2", "--run-dir", str(run_dir), env=env)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        assert "registered after" in restart.stdout and "2 processes replaced in 1 steps" in restart.stdout
+        assert len(control.pids("shares")) == 2 and not before & set(control.pids("shares"))
+        assert "result" in client.request("shares.stats", [])
+        refused = meshkit("restart", "flapguard", "--run-dir", str(run_dir), env=env)
+        assert refused.returncode != 0 and "not a meshkit service" in refused.stderr, refused.stderr
 
         # Kill a backend: calls are routed around it, Circus replaces it.
         victim = control.pids("shares")[0]
@@ -339,6 +353,42 @@ def test_foreground_up_stops_everything_when_its_reader_has_gone(tmp_path: Path,
         assert not alive, f"still running after {sig.name} with no reader: {alive}"
         assert not stack_processes(str(run_dir))
     finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        terminate([p for p in tree if p.is_running()] + stack_processes(str(run_dir)), grace=5)
+
+
+def test_foreground_up_stops_everything_when_its_terminal_closes(tmp_path: Path) -> None:
+    """A real terminal hung up: the kernel sends SIGHUP and every later write fails with EIO."""
+    env, run_dir, ini = stack_files(tmp_path)
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # in the child: a session whose terminal is the pty
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    up = subprocess.Popen([sys.executable, "-m", "meshkit", "up", "--circus-ini", str(ini), "--run-dir",
+                           str(run_dir)], env=env, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                          preexec_fn=controlling_terminal)
+    os.close(slave)
+    tree: list[psutil.Process] = []
+    try:
+        seen = b""
+        deadline = time.monotonic() + 90
+        while b"stack is up" not in seen and time.monotonic() < deadline and up.poll() is None:
+            if select.select([master], [], [], 1.0)[0]:
+                seen += os.read(master, 65536)
+        assert b"stack is up" in seen, seen.decode(errors="replace")
+        tree = _tree(run_dir)
+        os.close(master)  # the terminal goes away
+        master = -1
+        assert up.wait(90) == 0
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, f"still running after the terminal closed: {alive}"
+    finally:
+        if master >= 0:
+            os.close(master)
         if up.poll() is None:
             up.kill()
             up.wait(10)
