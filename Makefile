@@ -1,17 +1,27 @@
 # The two commands a user needs: `make demo` and `make test`.
 # Both create the virtualenv, install the package and install the system
 # programs (redis-server, haproxy) from the distribution when missing.
+# What those installers print (apt/dpkg progress, debconf, pip and setuptools
+# notices) goes to $(INSTALL_LOG); the screen gets one line per step, and the
+# end of the log if a step fails.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 SYSTEM_PROGRAMS := redis-server haproxy
 PYTEST_ARGS ?=
+INSTALL_LOG ?= .run/install.log
+
+# $(call logged,WHAT): run the rest of the shell line with its output appended to
+# $(INSTALL_LOG); on failure show the end of the log and stop.
+logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL_LOG))"; \
+  if ! "$$@" >>$(INSTALL_LOG) 2>&1; then echo "error: $(1) failed; the end of $(INSTALL_LOG):" >&2; \
+  tail -n 25 $(INSTALL_LOG) >&2; exit 1; fi; }; run
 
 .PHONY: demo test lint typecheck unit integration bench sysdeps venv clean
 
 demo: sysdeps $(BIN)/meshkit
-	$(BIN)/meshkit up
+	@$(BIN)/meshkit up
 
 test: sysdeps $(BIN)/meshkit lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -37,12 +47,12 @@ venv: $(BIN)/meshkit
 $(BIN)/meshkit: setup.cfg pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing python3-venv"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+	    $(call logged,installing python3-venv from the distribution's packages) sh -c \
+	      'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv' && \
 	    $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv package" >&2; exit 1; fi; }
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(call logged,installing meshkit and its dependencies into $(VENV)) sh -c \
+	  '$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[dev]"'
 	@touch $@
 
 # Installs what is missing from Debian's packages when we are root; otherwise
@@ -52,8 +62,8 @@ sysdeps:
 	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || [ -x /usr/bin/$$p ] || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing$$missing from the distribution's packages"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing; \
+	    $(call logged,installing$$missing from the distribution's packages) sh -c \
+	      "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing"; \
 	  else echo "error: missing$$missing; install them (Debian: sudo apt-get install$$missing) and run make again" >&2; exit 1; fi; \
 	fi
 

@@ -3,6 +3,10 @@
 Nothing here picks a port: Redis listens on a unix socket, services and
 gateways bind port 0, and the public port is a socket bound on
 ``127.0.0.1:0`` here and handed to ``meshkit haproxy sync`` as ``fd@N``.
+
+For ``f_meshkit_restart`` the ``shares`` backends also run under a circusd of
+their own (:class:`CircusShares`, control sockets in ``<workdir>/circus``), so
+that ``meshkit restart shares`` is measured exactly as an operator runs it.
 """
 
 from __future__ import annotations
@@ -13,16 +17,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadclients import probe_connection
 
 from meshkit.config import Settings
+from meshkit.stack.control import CircusControl, StackError
+from meshkit.stack.processes import STACK_MARKER, stack_processes, terminate
 from meshkit.testing import (
     ProcessExitedError,
     RedisServer,
     ServiceProcess,
+    read_records,
     settings_env,
     test_settings,
     wait_until,
@@ -32,6 +40,79 @@ SHARES = "services.shares:ShareLogger"
 JOBS = "services.jobs:JobAnnouncer"
 GATEWAY = "meshkit.gateway:Gateway"
 LISTENER = "stratum"
+ROOT = Path(__file__).resolve().parents[1]
+
+CIRCUS_INI = """\
+[circus]
+endpoint = ipc://{run}/circus.sock
+pubsub_endpoint = ipc://{run}/circus-pubsub.sock
+multicast_endpoint =
+check_delay = 0.5
+pidfile = {run}/circusd.pid
+logoutput = {run}/circusd.log
+
+[watcher:shares]
+cmd = {python} -m meshkit run {target}
+working_dir = {root}
+numprocesses = {count}
+copy_env = True
+stop_signal = TERM
+graceful_timeout = 15
+stderr_stream.class = FileStream
+stderr_stream.filename = {run}/shares.log
+"""
+
+
+@dataclass
+class CircusShares:
+    """``shares`` backends under a circusd of their own, controlled like a real stack's."""
+
+    run_dir: Path
+    env: dict[str, str]
+    count: int
+    circusd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def control(self) -> CircusControl:
+        return CircusControl(f"ipc://{self.run_dir}/circus.sock", str(self.run_dir / "control.lock"))
+
+    def start(self, settings: Settings) -> None:
+        """Start circusd and return once its ``count`` processes are registered ``up``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ini = self.run_dir / "circus.ini"
+        ini.write_text(CIRCUS_INI.format(run=self.run_dir, python=sys.executable, target=SHARES,
+                                         root=ROOT, count=self.count))
+        env = {**self.env, "MESHKIT_RUN_DIR": str(self.run_dir), STACK_MARKER: str(self.run_dir)}
+        with open(self.run_dir / "circusd.out", "wb") as out:
+            self.circusd = subprocess.Popen([sys.executable, "-m", "meshkit.stack.circusd", str(ini)],
+                                            env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        control = self.control
+
+        def registered() -> bool:
+            assert self.circusd is not None
+            if self.circusd.poll() is not None:
+                raise ProcessExitedError(f"circusd exited with {self.circusd.returncode}")
+            if not control.reachable():
+                return False
+            pids = set(control.pids("shares"))
+            up = {r.pid for r in read_records(settings, "shares") if r.is_up}
+            return len(pids) == self.count and pids <= up
+
+        wait_until(registered, 30, "the Circus-run shares to register", interval=0.1)
+
+    def stop(self) -> None:
+        if self.circusd is None:
+            return
+        try:
+            self.control.quit(deadline=time.monotonic() + 30)
+            self.circusd.wait(30)
+        except (StackError, subprocess.TimeoutExpired):
+            pass
+        terminate(stack_processes(str(self.run_dir), self.circusd.pid), grace=5)
+        if self.circusd.poll() is None:
+            self.circusd.kill()
+        self.circusd.wait(10)
 
 
 @dataclass
@@ -69,6 +150,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     sync_log: Path = Path()
     reloads: int = 0
+    circus: CircusShares | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -105,6 +187,18 @@ class Stack:
         proc = ServiceProcess(target, self.settings, env=self.env, log_dir=str(self.workdir))
         proc.spawn()
         return proc
+
+    def child_env(self) -> dict[str, str]:
+        """The environment of a child that shares this stack's settings."""
+        assert self.settings is not None
+        return {**os.environ, **settings_env(self.settings), **self.env}
+
+    def start_circus_shares(self, count: int) -> CircusShares:
+        """``count`` shares backends under circusd (see :class:`CircusShares`); return once registered."""
+        assert self.settings is not None
+        self.circus = CircusShares(self.workdir / "circus", self.child_env(), count)
+        self.circus.start(self.settings)
+        return self.circus
 
     def start_many(self, target: str, count: int) -> list[ServiceProcess]:
         procs = [self.spawn(target) for _ in range(count)]
@@ -174,6 +268,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.haproxy.kill()
                 self.haproxy.wait(5)
+        if self.circus is not None:
+            self.circus.stop()
         for proc in [*self.gateways, *self.shares, *([self.jobs] if self.jobs else [])]:
             proc.kill()
         if self.public is not None:

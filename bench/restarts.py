@@ -27,6 +27,13 @@ other:
 ``e_gateway_drain``     one gateway stopped with SIGTERM: new connections must go to
                         the other; its clients keep working until its drain grace
                         ends, then are told ``shutting_down`` and closed cleanly
+``f_meshkit_restart``   the backends move under circusd (``--backends`` processes of a
+                        ``shares`` watcher; the proof's own leave with SIGTERM), then
+                        ``meshkit restart shares`` replaces them one at a time. The
+                        registry is polled every 50 ms throughout: every process must
+                        be replaced, the number of ``up`` shares instances must never
+                        drop below ``--backends``, and each old process must leave only
+                        after a replacement registered (``min_up``, ``order_ok``)
 
 Per scenario it counts requests sent, answered, failed, hung and timed out,
 client disconnects, refused connections, clean closes and pushes, and the
@@ -48,6 +55,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +68,8 @@ from proofstack import JOBS, SHARES, ProofConfig, Stack
 
 from meshkit.testing import ProcessExitedError, ServiceProcess, read_records
 
-SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain")
+SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain",
+             "f_meshkit_restart")
 
 
 class Proof:
@@ -254,6 +263,47 @@ class Proof:
         self.checks["e_no_new_connections_to_draining_gateway"] = not misrouted
         self.checks["e_clients_closed_cleanly"] = counts.clean_closes >= held and held > 0
 
+    async def f_meshkit_restart(self) -> None:
+        stack, cfg = self.stack, self.config
+        circus = await asyncio.to_thread(stack.start_circus_shares, cfg.backends)
+        leaving, stack.shares = stack.shares, []
+        await asyncio.gather(*(asyncio.to_thread(p.terminate) for p in leaving))
+        old = set(await asyncio.to_thread(circus.control.pids, "shares"))
+        timeline: list[tuple[float, set[int]]] = []
+        done = asyncio.Event()
+        polling = asyncio.create_task(self._poll_up_shares(timeline, done))
+        started = time.monotonic()
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "meshkit", "restart", "shares", "--run-dir",
+                             str(circus.run_dir)],
+            env=stack.child_env(), capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
+        done.set()
+        await polling
+        new = set(await asyncio.to_thread(circus.control.pids, "shares"))
+        up_counts = [len(pids) for _, pids in timeline]
+        info = self.extra["f_meshkit_restart"]
+        info.update(exit_code=result.returncode, replaced=len(old - new), restart_s=round(took, 2),
+                    min_up=min(up_counts) if up_counts else None, order_ok=_replaced_in_order(timeline, old))
+        if result.returncode != 0:
+            info["stderr"] = result.stderr[-500:]
+        self.checks["f_restart_exit_0"] = result.returncode == 0
+        self.checks["f_every_process_replaced"] = not (old & new) and len(new) == cfg.backends
+        self.checks["f_never_fewer_up"] = bool(up_counts) and min(up_counts) >= cfg.backends
+        self.checks["f_registered_before_stopped"] = bool(info["order_ok"])
+
+    async def _poll_up_shares(self, timeline: list[tuple[float, set[int]]], done: asyncio.Event) -> None:
+        """Append (time, pids of ``up`` shares records) every 50 ms until ``done`` (and once after)."""
+        settings = self.stack.settings
+        assert settings is not None
+        while True:
+            finished = done.is_set()
+            records = await asyncio.to_thread(read_records, settings, "shares")
+            timeline.append((time.monotonic(), {r.pid for r in records if r.is_up}))
+            if finished:
+                return
+            await asyncio.sleep(0.05)
+
     # -- the report -----------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
@@ -292,6 +342,17 @@ class Proof:
         result["passed"] = (not (totals["disconnects"] or totals["failed"] or totals["hung"]
                                  or totals["refused"]) and all(self.checks.values()))
         return result
+
+
+def _replaced_in_order(timeline: list[tuple[float, set[int]]], old: set[int]) -> bool:
+    """Whether, in the polled registry, every old process left only after more new ones had
+    registered than old ones had left (so each replacement came before its stop)."""
+    left: set[int] = set()
+    for _, pids in timeline:
+        left |= old - pids
+        if left and len(pids - old) < len(left):
+            return False
+    return left == old
 
 
 def run_proof(config: ProofConfig, workdir: str | None = None) -> dict[str, Any]:

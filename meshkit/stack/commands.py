@@ -1,28 +1,28 @@
-"""Operator commands for the Circus stack: ``meshkit up|down|status|scale|start|stop``.
+"""Operator commands for the Circus stack: ``meshkit up|down|status|scale|start|stop|restart``.
 
 ``up``      starts ``circusd`` on ``circus.ini`` with the run directory and
             variables the file expects, waits until the stack answers, and
             either stays in the foreground (Ctrl-C stops everything) or, with
-            ``--daemon``, returns.
-``down``    asks circusd to quit (every watcher stops gracefully) and waits.
+            ``--daemon``, returns (:mod:`.lifecycle`).
+``down``    stops every watcher in dependency order (:mod:`.order`), then
+            circusd, and waits.
 ``status``  one table: Circus's processes joined with the registry's
             instances by pid, plus flap-control stops and public sockets.
 ``scale``   sets a watcher's number of processes.
 ``start`` / ``stop``  a watcher (``start`` also clears a flap-control stop).
+``restart`` a rolling, graceful restart of a service watcher (:mod:`.rolling`).
 
 Every command goes through :class:`CircusControl`, so they serialise with
-each other and retry while circusd is busy instead of failing.
+each other and retry while circusd is busy instead of failing. Every command
+but ``up`` first checks that a stack runs from the run directory and says so
+plainly if none does.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,12 @@ import psutil
 
 from ..config import Settings
 from ..registry import read_records
+from .console import say
 from .control import CircusControl, StackError
 from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
-from .processes import stack_processes, terminate
+from .lifecycle import down_leftovers, run_up, service_watchers, stop
+from .processes import STACK_MARKER, stack_processes
+from .rolling import RollingRestart
 
 DEFAULT_STRATUM_PORT = "3333"
 
@@ -68,6 +71,15 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--run-dir")
         p.set_defaults(func=cmd_start if verb == "start" else cmd_stop)
 
+    restart = sub.add_parser("restart", help="rolling graceful restart of a service's processes")
+    restart.add_argument("service")
+    restart.add_argument("--batch", type=int, default=1, help="processes replaced at a time (default 1)")
+    restart.add_argument("--register-timeout", type=float, default=30.0,
+                         help="seconds a new process may take to register (default 30)")
+    restart.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole restart")
+    restart.add_argument("--run-dir")
+    restart.set_defaults(func=cmd_restart)
+
     guard = sub.add_parser("flapguard", help="(run by circus.ini) stop crash-looping watchers")
     guard.add_argument("--run-dir")
     guard.add_argument("--max-restarts", type=int, default=5)
@@ -88,20 +100,52 @@ class Stack:
     def circusd_pid(self) -> int | None:
         try:
             pid = int(Path(self.pidfile).read_text().strip())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return None
+        except (OSError, ValueError, psutil.Error):
             return None
         return pid
+
+    def require_running(self) -> int:
+        """circusd's pid; :class:`StackError` saying no stack runs here if there is none."""
+        pid = self.circusd_pid()
+        if pid is None:
+            raise StackError(f"no stack is running from {self.run_dir} (start one with `meshkit up`)")
+        return pid
+
+    def settings_of_stack(self) -> Settings:
+        """The settings the stack's processes run with (Redis URL, namespace, ...).
+
+        Read from circusd's environment when this user may, so that
+        ``meshkit status`` and ``meshkit restart`` look at the stack's own
+        registry even when the shell does not set ``MESHKIT_REDIS_URL``.
+        """
+        pid = self.circusd_pid()
+        if pid is not None:
+            try:
+                env = psutil.Process(pid).environ()
+            except psutil.Error:
+                env = {}
+            if env.get(STACK_MARKER) == self.run_dir:
+                return Settings.load(env=env)
+        return self.settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(getattr(args, "config", None))
 
 
+def _running_stack(args: argparse.Namespace) -> Stack:
+    stack = Stack(_settings(args), args.run_dir)
+    stack.require_running()
+    return stack
+
+
 def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, str]) -> dict[str, str]:
     """The environment ``circus.ini`` expects (see its header)."""
     env = dict(environ)
     env["MESHKIT_RUN_DIR"] = run_dir
+    env[STACK_MARKER] = run_dir  # marks every process of this stack (see processes.py)
     env["MESHKIT_HOME"] = home
     env["MESHKIT_PYTHON"] = sys.executable
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", ""),
@@ -139,174 +183,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = Stack(settings, run_dir)
     if stack.circusd_pid() is not None:
         raise StackError(f"a stack is already running from {run_dir} (pid {stack.circusd_pid()})")
-    command = [sys.executable, "-c", "from circus.circusd import main; main()", ini]
-    if args.daemon:
-        command.append("--daemon")
-    # A session of its own: Ctrl-C reaches this process only, which stops the
-    # stack through circusd's control socket (retried while circusd is busy,
-    # unlike circusd's own SIGINT handling, whose quit can be refused).
-    proc = subprocess.Popen(command, env=env, cwd=home, start_new_session=True)
-    stops: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, frame: stops.append(signum))
-    try:
-        _wait_ready(stack, settings, proc if not args.daemon else None, args.timeout, stops)
-    except BaseException:
-        _stop(stack, proc.pid if not args.daemon else stack.circusd_pid(), stops, graceful=not stops)
-        raise
-    _print_welcome(stack, settings)
-    if args.daemon:
-        return 0
-    while proc.poll() is None and not stops:
-        time.sleep(0.2)
-    if proc.poll() is None:
-        print("\nstopping the stack gracefully (Ctrl-C again to force)...", file=sys.stderr, flush=True)
-        _stop(stack, proc.pid, stops, graceful=True)
-    return 0
-
-
-def _stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0) -> None:
-    """Stop the stack: ``quit`` through circusd, or (forced, or if that fails) kill every process of it.
-
-    A signal arriving in ``stops`` after the graceful stop began forces it.
-    """
-    tree = stack_processes(stack.run_dir, circusd_pid)
-    if graceful and circusd_pid is not None:
-        seen = len(stops)
-        quitting = threading.Thread(target=_quit_quietly, args=(stack,), daemon=True)
-        quitting.start()
-        deadline = time.monotonic() + timeout
-        while _running(circusd_pid) and len(stops) == seen and time.monotonic() < deadline:
-            time.sleep(0.1)
-    # Whatever is left (all of it when forced): including anything Circus
-    # started meanwhile, and processes orphaned if circusd itself died.
-    alive = circusd_pid is not None and _running(circusd_pid)
-    current = {p.pid: p for p in stack_processes(stack.run_dir, circusd_pid if alive else None)}
-    tree = [p for p in [*tree, *current.values()] if p.is_running()]
-    survivors = terminate(list({p.pid: p for p in tree}.values()), grace=5.0)
-    if survivors:
-        raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
-
-
-def _quit_quietly(stack: Stack) -> None:
-    try:
-        stack.control.quit()
-    except StackError as exc:
-        print(f"circusd did not take the quit command: {exc}", file=sys.stderr)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (circusd is our child in the foreground: it stays a zombie until reaped)."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes] | None,
-                timeout: float, stops: list[int]) -> None:
-    """Wait until circusd answers, HAProxy answers, and every active watcher's processes registered."""
-    deadline = time.monotonic() + timeout
-    last = "circusd to answer"
-    while time.monotonic() < deadline:
-        if stops:
-            raise StackError("interrupted while starting")
-        if proc is not None and proc.poll() is not None:
-            raise StackError(f"circusd exited with {proc.returncode}; see {stack.run_dir}/circusd.log")
-        if stack.control.reachable():
-            try:
-                missing = _unregistered(stack, settings)
-            except Exception as exc:  # Redis not up yet
-                missing = [f"registry ({exc})"]
-            if not missing and stack.control.status().get("haproxy") == "active" and not _haproxy_answers(stack):
-                missing = [f"HAProxy (see {stack.run_dir}/haproxy-sync.log)"]
-            if not missing:
-                return
-            last = "registration of " + ", ".join(missing)
-        time.sleep(0.2)
-    raise StackError(f"stack not ready after {timeout:.0f}s: waiting for {last}")
-
-
-def _haproxy_answers(stack: Stack) -> bool:
-    """Whether HAProxy's stats socket in the run directory answers ``show info``."""
-    path = os.path.join(stack.run_dir, "haproxy.sock")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(path)
-            sock.sendall(b"show info\n")
-            return bool(b"Name: HAProxy" in sock.recv(4096))
-    except OSError:
-        return False
-
-
-def _unregistered(stack: Stack, settings: Settings) -> list[str]:
-    records = read_records(settings)
-    registered = {r.pid for r in records}
-    missing = []
-    statuses = stack.control.status()
-    for watcher in statuses:
-        if statuses[watcher] != "active" or watcher not in _service_watchers(stack):
-            continue
-        pids = stack.control.pids(watcher)
-        if not pids or any(p not in registered for p in pids):
-            missing.append(watcher)
-    return missing
-
-
-def _service_watchers(stack: Stack) -> set[str]:
-    """Watchers whose processes are meshkit services (they run ``meshkit run``)."""
-    result = set()
-    for watcher in stack.control.watchers():
-        options = stack.control.call("get", name=watcher, keys=["cmd"]).get("options", {})
-        if "meshkit run " in str(options.get("cmd", "")):
-            result.add(watcher)
-    return result
-
-
-def _print_welcome(stack: Stack, settings: Settings) -> None:
-    sockets = stack.control.sockets()
-    stratum = sockets.get("stratum", "?")
-    port = stratum.rsplit(":", 1)[-1]
-    print(
-        f"\nmeshkit stack is up (run dir {stack.run_dir}).\n"
-        f"  Stratum-style clients connect to port {port}, for example:\n"
-        f"    nc 127.0.0.1 {port}\n"
-        '    {"id":1,"method":"shares.login","params":["alice"]}\n'
-        '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
-        '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
-        '    {"id":4,"method":"shares.stats"}\n'
-        f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | down\n"
-        f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
-        flush=True,
-    )
+    leftovers = stack_processes(run_dir)
+    if leftovers:
+        raise StackError(f"{len(leftovers)} processes of an earlier stack from {run_dir} still run "
+                         f"(pids {sorted(p.pid for p in leftovers)}); `meshkit down` stops them")
+    return run_up(stack, settings, ini, env, home, args.daemon, args.timeout)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     stack = Stack(_settings(args), args.run_dir)
     pid = stack.circusd_pid()
     if pid is None:
-        # circusd is gone; its processes may not be (they run in their own sessions).
-        leftovers = stack_processes(stack.run_dir)
-        if not leftovers:
-            print("no stack running", file=sys.stderr)
-            return 0
-        survivors = terminate(leftovers, grace=10.0)
-        if survivors:
-            raise StackError(f"could not stop {[p.pid for p in survivors]}")
-        print(f"circusd was not running; stopped {len(leftovers)} leftover processes")
-        return 0
+        return down_leftovers(stack)
     stack.control.timeout = args.timeout
-    _stop(stack, pid, [], graceful=True, timeout=args.timeout)
-    print("stack stopped")
+    stop(stack, pid, [], graceful=True, timeout=args.timeout)
+    say("stack stopped", sys.stdout)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ..cli import format_table
 
-    settings = _settings(args)
-    stack = Stack(settings, args.run_dir)
+    stack = _running_stack(args)
+    settings = stack.settings_of_stack()
     try:
         records = {r.pid: r for r in read_records(settings)}
     except Exception as exc:
@@ -339,21 +238,43 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.count < 0:
         raise StackError("count must be >= 0")
-    stack = Stack(_settings(args), args.run_dir)
+    stack = _running_stack(args)
     stack.control.scale(args.service, args.count)
     print(f"{args.service}: {stack.control.numprocesses(args.service)} processes")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    Stack(_settings(args), args.run_dir).control.start(args.service)
+    _running_stack(args).control.start(args.service)
     print(f"{args.service} started")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    Stack(_settings(args), args.run_dir).control.stop(args.service)
+    _running_stack(args).control.stop(args.service)
     print(f"{args.service} stopped")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    stack = _running_stack(args)
+    if args.service not in stack.control.watchers():
+        raise StackError(f"no watcher named {args.service!r} (see `meshkit status`)")
+    if args.service not in service_watchers(stack):
+        raise StackError(f"{args.service} is not a meshkit service (its processes do not register), so it "
+                         f"cannot be restarted one process at a time; use `meshkit stop {args.service}` "
+                         f"and `meshkit start {args.service}`")
+    settings = stack.settings_of_stack()
+
+    def registered() -> set[int]:
+        return {r.pid for r in read_records(settings) if r.is_up}
+
+    restart = RollingRestart(stack.control, args.service, registered, batch=args.batch,
+                             register_timeout=args.register_timeout,
+                             report=lambda text: say(text, sys.stdout))
+    steps = restart.run(time.monotonic() + args.timeout)
+    replaced = sum(len(step.stopped) for step in steps)
+    say(f"{args.service}: restarted, {replaced} processes replaced in {len(steps)} steps", sys.stdout)
     return 0
 
 

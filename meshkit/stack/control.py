@@ -43,22 +43,27 @@ class CircusControl:
         self.endpoint = endpoint
         self.lock_path = lock_path
         self.timeout = timeout
+        self._held = 0  # depth of exclusive() sessions holding the lock file
 
-    def call(self, command: str, **properties: Any) -> dict[str, Any]:
+    def call(self, command: str, deadline: float | None = None, **properties: Any) -> dict[str, Any]:
         """Send ``command``; retry while Circus is busy; return the reply.
 
-        Raises :class:`StackError` if circusd does not answer, or answers an
-        error other than "busy", or is still busy at the deadline.
+        ``deadline`` (``time.monotonic()`` value) bounds it, retries included;
+        by default ``timeout`` s from now. Raises :class:`StackError` if
+        circusd does not answer, or answers an error other than "busy", or is
+        still busy at the deadline.
         """
         from circus.client import CircusClient
         from circus.exc import CallError as CircusCallError
 
-        deadline = time.monotonic() + self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        budget = max(0.5, deadline - time.monotonic())
         backoff = 0.05
         with self._lock(command, deadline):
             # A waiting command (stop, scale down) lasts as long as the
             # processes' graceful stop, so the answer may take the whole budget.
-            client = CircusClient(endpoint=self.endpoint, timeout=self.timeout)
+            client = CircusClient(endpoint=self.endpoint, timeout=budget)
             try:
                 while True:
                     try:
@@ -71,7 +76,7 @@ class CircusControl:
                     if not any(marker in reason for marker in _CONFLICT_MARKERS):
                         raise StackError(f"circus refused {command!r}: {reason}")
                     if time.monotonic() + backoff > deadline:
-                        raise StackError(f"circus still busy after {self.timeout:.0f}s: {reason}")
+                        raise StackError(f"circus still busy after {budget:.0f}s: {reason}")
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 0.5)
             finally:
@@ -98,6 +103,22 @@ class CircusControl:
     def numprocesses(self, watcher: str) -> int:
         return int(self.call("numprocesses", name=watcher)["numprocesses"])
 
+    def priority(self, watcher: str) -> int:
+        """The watcher's Circus ``priority`` (higher starts earlier)."""
+        return int(self.call("get", name=watcher, keys=["priority"]).get("options", {}).get("priority", 0))
+
+    def command_line(self, watcher: str) -> str:
+        return str(self.call("get", name=watcher, keys=["cmd"]).get("options", {}).get("cmd", ""))
+
+    def incr(self, watcher: str, count: int, deadline: float | None = None) -> int:
+        """Start ``count`` more processes of ``watcher``; return its new number of processes."""
+        return int(self.call("incr", deadline, name=watcher, nb=count, waiting=True)["numprocesses"])
+
+    def decr(self, watcher: str, count: int, deadline: float | None = None) -> int:
+        """Stop ``count`` processes of ``watcher`` gracefully, *the oldest first* (Circus's
+        ``manage_processes`` keeps the newest), and wait; return its new number of processes."""
+        return int(self.call("decr", deadline, name=watcher, nb=count, waiting=True)["numprocesses"])
+
     def scale(self, watcher: str, count: int) -> None:
         """Set the number of processes of ``watcher`` (waits until Circus applied it)."""
         self.call("set", name=watcher, options={"numprocesses": count}, waiting=True)
@@ -105,11 +126,11 @@ class CircusControl:
     def start(self, watcher: str) -> None:
         self.call("start", name=watcher, waiting=True)
 
-    def stop(self, watcher: str) -> None:
-        self.call("stop", name=watcher, waiting=True)
+    def stop(self, watcher: str, deadline: float | None = None) -> None:
+        self.call("stop", deadline, name=watcher, waiting=True)
 
-    def quit(self) -> None:
-        self.call("quit", waiting=True)
+    def quit(self, deadline: float | None = None) -> None:
+        self.call("quit", deadline, waiting=True)
 
     def sockets(self) -> dict[str, str]:
         """Circus-managed listening sockets: name → ``host:port`` actually bound."""
@@ -122,9 +143,25 @@ class CircusControl:
         return result
 
     @contextlib.contextmanager
+    def exclusive(self, deadline: float | None = None) -> Iterator[None]:
+        """Hold the lock file across several commands (a shutdown, a rolling restart).
+
+        Other meshkit commands that change the stack wait until the block
+        ends; this client's own commands inside it do not take the lock again.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        with self._lock("exclusive", deadline):
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+
+    @contextlib.contextmanager
     def _lock(self, command: str, deadline: float) -> Iterator[None]:
         """Hold the lock file for commands that change the stack (reads need not wait)."""
-        if self.lock_path is None or command in _READ_ONLY:
+        if self.lock_path is None or command in _READ_ONLY or self._held:
             yield
             return
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -135,8 +172,7 @@ class CircusControl:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise StackError(f"another meshkit command held {self.lock_path} "
-                                         f"for {self.timeout:.0f}s") from None
+                        raise StackError(f"another meshkit command still holds {self.lock_path}") from None
                     time.sleep(0.05)
             yield
         finally:

@@ -1,4 +1,5 @@
-"""The restart proof (``bench/restarts.py``), scaled down: real HAProxy, gateways and backends.
+"""The restart proof (``bench/restarts.py``), scaled down: real HAProxy, gateways and backends
+(and, for ``meshkit restart``, backends under a real circusd).
 
 One run of every scenario under load (40 clients, 160 requests per second,
 pushes every second) is shared by the tests below; each asserts one part of
@@ -15,8 +16,11 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain")
+SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain",
+             "f_meshkit_restart")
 
 
 def _restarts() -> Any:
@@ -91,3 +95,17 @@ def test_a_draining_gateway_gets_no_new_clients_and_closes_its_own_cleanly(
     assert drain["clean_closes"] >= drain["clients_on_stopped_gateway"]
     assert drain["drain_s"] >= 2.0  # the grace was used: its clients kept working until then
     assert report["checks"]["e_clients_closed_cleanly"]
+
+
+def test_meshkit_restart_replaces_every_backend_each_registered_before_an_old_one_stops(
+    report: dict[str, Any],
+) -> None:
+    restart = report["scenarios"]["f_meshkit_restart"]
+    backends = report["config"]["backends"]
+    assert restart["exit_code"] == 0, restart
+    assert restart["replaced"] == backends, restart
+    assert restart["min_up"] >= backends, restart  # never fewer registered backends than before
+    assert restart["order_ok"], restart
+    checks = report["checks"]
+    assert checks["f_every_process_replaced"] and checks["f_never_fewer_up"], checks
+    assert checks["f_registered_before_stopped"], checks

@@ -5,12 +5,17 @@ embedded Redis in a temporary run directory.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 import uuid
@@ -25,6 +30,8 @@ from meshkit.registry import read_records
 from meshkit.stack.control import CircusControl
 from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import wait_until
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -170,6 +177,16 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         for _ in range(20):
             assert "result" in client.request("shares.stats", [])
 
+        # A rolling restart, two at a time: new processes, the same number, calls keep working.
+        before = set(control.pids("shares"))
+        restart = meshkit("restart", "shares", "--batch", "2", "--run-dir", str(run_dir), env=env)
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        assert "registered after" in restart.stdout and "2 processes replaced in 1 steps" in restart.stdout
+        assert len(control.pids("shares")) == 2 and not before & set(control.pids("shares"))
+        assert "result" in client.request("shares.stats", [])
+        refused = meshkit("restart", "flapguard", "--run-dir", str(run_dir), env=env)
+        assert refused.returncode != 0 and "not a meshkit service" in refused.stderr, refused.stderr
+
         # Kill a backend: calls are routed around it, Circus replaces it.
         victim = control.pids("shares")[0]
         os.kill(victim, signal.SIGKILL)
@@ -277,6 +294,7 @@ def test_foreground_up_stops_the_whole_stack_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_down_stops_the_processes_of_a_dead_circusd(tmp_path: Path) -> None:
     env, run_dir, ini = stack_files(tmp_path)
+    bystander: subprocess.Popen[bytes] | None = None
     try:
         result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -285,9 +303,184 @@ def test_down_stops_the_processes_of_a_dead_circusd(tmp_path: Path) -> None:
         os.kill(circusd, signal.SIGKILL)  # its processes live on in their own sessions
         psutil.wait_procs([psutil.Process(circusd)], timeout=10)
         assert all(p.is_running() for p in orphans)
+        # An operator's shell with the welcome text's variables exported, and a
+        # `tail -f` of a log in the run directory: not part of the stack.
+        bystander = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)", str(run_dir / "gateway.log")],
+            env={**env, "MESHKIT_RUN_DIR": str(run_dir)})
+        again = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
+        assert again.returncode != 0 and "meshkit down" in again.stderr, again.stderr
         down = meshkit("down", "--run-dir", str(run_dir), env=env)
         assert down.returncode == 0 and "leftover" in down.stdout, down.stdout + down.stderr
         _, alive = psutil.wait_procs(orphans, timeout=10)
         assert not alive, f"still running after down: {alive}"
+        assert bystander.poll() is None, "meshkit down stopped a process that is not part of the stack"
+    finally:
+        if bystander is not None:
+            bystander.kill()
+            bystander.wait(10)
+        terminate(stack_processes(str(run_dir)), grace=5)
+
+
+def _tree(run_dir: Path) -> list[psutil.Process]:
+    """circusd and every process under it, by pid (what a stop must leave nothing of)."""
+    root = psutil.Process(int((run_dir / "circusd.pid").read_text()))
+    return [root, *root.children(recursive=True)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+def test_foreground_up_stops_everything_when_its_reader_has_gone(tmp_path: Path, sig: signal.Signals) -> None:
+    """`make demo | tee log` with tee gone, or a closed terminal: writing fails, stopping must not."""
+    env, run_dir, ini = stack_files(tmp_path)
+    up = subprocess.Popen([sys.executable, "-m", "meshkit", "up", "--circus-ini", str(ini), "--run-dir",
+                           str(run_dir)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        assert up.stdout is not None
+        lines: list[str] = []
+        for line in up.stdout:
+            lines.append(line)
+            if "stack is up" in line:
+                break
+        assert any("stack is up" in line for line in lines), "".join(lines)
+        tree = _tree(run_dir)
+        assert len(tree) >= 8, tree
+        up.stdout.close()  # the reader goes away: every later write of `meshkit up` fails
+        up.send_signal(sig)
+        assert up.wait(90) == 0
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, f"still running after {sig.name} with no reader: {alive}"
+        assert not stack_processes(str(run_dir))
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        terminate([p for p in tree if p.is_running()] + stack_processes(str(run_dir)), grace=5)
+
+
+def test_foreground_up_stops_everything_when_its_terminal_closes(tmp_path: Path) -> None:
+    """A real terminal hung up: the kernel sends SIGHUP and every later write fails with EIO."""
+    env, run_dir, ini = stack_files(tmp_path)
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # in the child: a session whose terminal is the pty
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    up = subprocess.Popen([sys.executable, "-m", "meshkit", "up", "--circus-ini", str(ini), "--run-dir",
+                           str(run_dir)], env=env, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                          preexec_fn=controlling_terminal)
+    os.close(slave)
+    tree: list[psutil.Process] = []
+    try:
+        seen = b""
+        deadline = time.monotonic() + 90
+        while b"stack is up" not in seen and time.monotonic() < deadline and up.poll() is None:
+            if select.select([master], [], [], 1.0)[0]:
+                seen += os.read(master, 65536)
+        assert b"stack is up" in seen, seen.decode(errors="replace")
+        tree = _tree(run_dir)
+        os.close(master)  # the terminal goes away
+        master = -1
+        assert up.wait(90) == 0
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, f"still running after the terminal closed: {alive}"
+    finally:
+        if master >= 0:
+            os.close(master)
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        terminate([p for p in tree if p.is_running()] + stack_processes(str(run_dir)), grace=5)
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_a_busy_public_port_is_named_in_the_error(tmp_path: Path, daemon: bool) -> None:
+    env, run_dir, ini = stack_files(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env["MESHKIT_STRATUM_PORT"] = str(port)
+        try:
+            result = meshkit("up", *(["--daemon"] if daemon else []), "--timeout", "30", "--circus-ini",
+                             str(ini), "--run-dir", str(run_dir), env=env, timeout=60)
+            assert result.returncode != 0
+            assert "Address already in use" in result.stderr, result.stderr
+            assert f"127.0.0.1:{port}" in result.stderr, result.stderr
+            assert not stack_processes(str(run_dir))
+        finally:
+            terminate(stack_processes(str(run_dir)), grace=5)
+
+
+def test_status_and_restart_without_a_stack_say_no_stack_is_running(tmp_path: Path) -> None:
+    env, run_dir, _ = stack_files(tmp_path)
+    for command in (["status"], ["restart", "shares"], ["scale", "shares", "3"]):
+        result = meshkit(*command, "--run-dir", str(run_dir), env=env, timeout=30)
+        assert result.returncode != 0
+        assert "no stack is running" in result.stderr, (command, result.stderr)
+        assert "Timed out" not in result.stderr
+
+
+_NOISE = re.compile(r'"level":"(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR|CRITICAL|ALERT)\]|Traceback|Error:')
+# HAProxy's own notices, which it prints at its WARNING (or ALERT) level by
+# design: a server's state set through the runtime API (drain, maintenance), a
+# health check of a gateway that has just exited, the last gateway gone, and
+# its soft stop. They are HAProxy's account of a shutdown, not meshkit's errors.
+_HAPROXY_NOTICE = re.compile(r"^\[(WARNING|ALERT)\]\s+\(\d+\) : (CLI : )?(backend 'gateway\.\S+' has no server "
+                             r"available!|Server gateway\.\S+ (enters drain state|"
+                             r"is going DOWN for maintenance|is DOWN|remains in forced drain mode|was DOWN and now)|"
+                             r"Proxy .* stopped|Exiting Master process|Current worker .* exited with code 0|"
+                             r"All workers exited)")
+
+
+def _hold_until_closed(client: JsonRpcClient) -> threading.Thread:
+    """Keep reading ``client`` in the background and close it when the server does (as a miner does)."""
+    def read() -> None:
+        try:
+            while client.file.readline():
+                pass
+        except OSError:
+            pass
+        client.close()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
+def test_down_stops_in_order_and_leaves_clean_logs(tmp_path: Path) -> None:
+    env, run_dir, ini = stack_files(tmp_path)
+    try:
+        result = meshkit("up", "--daemon", "--circus-ini", str(ini), "--run-dir", str(run_dir), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        control = CircusControl(f"ipc://{run_dir}/circus.sock")
+        host, port = control.sockets()["stratum"].rsplit(":", 1)
+        client = JsonRpcClient((host, int(port)))  # a connected client: the gateway has state to delete
+        assert "result" in client.request("shares.login", ["alice"])
+        reader = _hold_until_closed(client)
+        logs = sorted(run_dir.glob("*.log"))
+        sizes = {log: log.stat().st_size for log in logs}
+        tree = _tree(run_dir)
+        down = meshkit("down", "--run-dir", str(run_dir), env=env)
+        reader.join(10)
+        assert not reader.is_alive(), "the gateway did not close its client's connection"
+        assert down.returncode == 0, down.stdout + down.stderr
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive
+        noise = []
+        for log in logs:
+            with open(log, "rb") as f:
+                f.seek(sizes[log])
+                for line in f.read().decode(errors="replace").splitlines():
+                    if _NOISE.search(line) and not _HAPROXY_NOTICE.search(line):
+                        noise.append(f"{log.name}: {line[:300]}")
+        assert not noise, "\n".join(noise)
+        # The order of meshkit/stack/order.py: the public side first, Redis last.
+        circusd_log = (run_dir / "circusd.log").read_text()
+        stopped = [w for w in re.findall(r"\[INFO\] (\S+) stopped", circusd_log) if not w.startswith("plugin:")]
+        assert stopped[:3] == ["flapguard", "gateway", "haproxy"], stopped
+        assert stopped[-1] == "redis" and {"shares", "jobs"} <= set(stopped), stopped
     finally:
         terminate(stack_processes(str(run_dir)), grace=5)

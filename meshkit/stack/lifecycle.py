@@ -1,0 +1,235 @@
+"""Starting and stopping a whole stack: ``meshkit up`` and ``meshkit down``.
+
+``up`` starts circusd (:mod:`.circusd`) on ``circus.ini`` in a session of its
+own, with no terminal: its stdin is ``/dev/null`` and its output goes to
+``<run_dir>/circusd.out``, so nothing in the stack depends on the terminal or
+pipe that ``meshkit up`` writes to. It waits until the stack answers and
+either returns (``--daemon``) or stays in the foreground until Ctrl-C,
+SIGTERM or SIGHUP, then stops the stack. Stopping never depends on being
+able to print (:mod:`.console`): a reader that went away or a closed terminal
+cannot keep the stack running.
+
+A graceful stop goes watcher by watcher in :mod:`.order` (the public side
+first, Redis last), then quits circusd; a second signal, a failed command or
+the deadline turns it into a forced one: every process of the stack
+(:func:`.processes.stack_processes`) gets SIGTERM, then SIGKILL after 5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from ..config import Settings
+from ..registry import read_records
+from .circusd import startup_failure
+from .console import say
+from .control import StackError
+from .order import stop_in_order
+from .processes import stack_processes, terminate
+
+if TYPE_CHECKING:
+    from .commands import Stack
+
+
+def launch(stack: Stack, ini: str, env: dict[str, str], home: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start circusd on ``ini``; return it and the offset in ``circusd.log`` where this run begins."""
+    log = os.path.join(stack.run_dir, "circusd.log")
+    offset = os.path.getsize(log) if os.path.exists(log) else 0
+    command = [sys.executable, "-m", "meshkit.stack.circusd", ini]
+    with open(os.path.join(stack.run_dir, "circusd.out"), "ab") as out:
+        # A session of its own: Ctrl-C reaches `meshkit up` only, which stops
+        # the stack in order through circusd's control socket.
+        proc = subprocess.Popen(command, env=env, cwd=home, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    return proc, offset
+
+
+def run_up(stack: Stack, settings: Settings, ini: str, env: dict[str, str], home: str,
+           daemon: bool, timeout: float) -> int:
+    """``meshkit up`` once the environment is known (see the module doc)."""
+    stops: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: stops.append(signum))
+    proc, log_offset = launch(stack, ini, env, home)
+    try:
+        wait_ready(stack, settings, proc, timeout, stops, log_offset)
+        welcome(stack, settings)
+    except BaseException:
+        stop(stack, proc.pid, stops, graceful=not stops)
+        raise
+    if daemon:
+        return 0
+    while proc.poll() is None and not stops:
+        time.sleep(0.2)
+    if proc.poll() is None:
+        say("\nstopping the stack gracefully (Ctrl-C again to force)...")
+        stop(stack, proc.pid, stops, graceful=True)
+        say("stack stopped")
+    return 0
+
+
+def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0) -> None:
+    """Stop the stack: in order through circusd, or (forced, or if that fails) kill every process of it.
+
+    A signal arriving in ``stops`` after the graceful stop began forces it.
+    Raises :class:`StackError` only if processes survive even SIGKILL.
+    """
+    tree = stack_processes(stack.run_dir, circusd_pid)
+    if graceful and circusd_pid is not None:
+        seen = len(stops)
+        failures: list[str] = []
+        stopping = threading.Thread(target=_stop_in_order, args=(stack, timeout, failures), daemon=True)
+        stopping.start()
+        deadline = time.monotonic() + timeout + 5
+        while (_running(circusd_pid) and stopping.is_alive() and len(stops) == seen
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        if not stopping.is_alive() and _running(circusd_pid) and not failures:
+            # Everything stopped and quit was answered: circusd exits in a moment.
+            _wait_exit(circusd_pid, 10.0)
+        for failure in failures:
+            say(f"stopping the stack in order failed ({failure}); stopping what is left")
+    # Whatever is left (all of it when forced): including anything Circus
+    # started meanwhile, and processes orphaned if circusd itself died.
+    alive = circusd_pid is not None and _running(circusd_pid)
+    current = {p.pid: p for p in stack_processes(stack.run_dir, circusd_pid if alive else None)}
+    tree = [p for p in [*tree, *current.values()] if p.is_running()]
+    survivors = terminate(list({p.pid: p for p in tree}.values()), grace=5.0)
+    if survivors:
+        raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
+
+
+def _stop_in_order(stack: Stack, timeout: float, failures: list[str]) -> None:
+    try:
+        stop_in_order(stack.control, time.monotonic() + timeout)
+    except StackError as exc:
+        failures.append(str(exc))
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (circusd is our child in the foreground: it stays a zombie until reaped)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes], timeout: float,
+               stops: list[int], log_offset: int = 0) -> None:
+    """Wait until circusd answers, HAProxy answers, and every active watcher's processes registered.
+
+    If circusd exits meanwhile, the error says why, from what it logged.
+    """
+    deadline = time.monotonic() + timeout
+    last = "circusd to answer"
+    while time.monotonic() < deadline:
+        if stops:
+            raise StackError("interrupted while starting")
+        if proc.poll() is not None:
+            raise StackError(_exit_reason(stack, proc.returncode, log_offset))
+        if stack.control.reachable():
+            try:
+                missing = _unregistered(stack, settings)
+            except Exception as exc:  # Redis not up yet
+                missing = [f"registry ({exc})"]
+            if not missing and stack.control.status().get("haproxy") == "active" and not _haproxy_answers(stack):
+                missing = [f"HAProxy (see {stack.run_dir}/haproxy-sync.log)"]
+            if not missing:
+                return
+            last = "registration of " + ", ".join(missing)
+        time.sleep(0.2)
+    raise StackError(f"stack not ready after {timeout:.0f}s: waiting for {last}")
+
+
+def _exit_reason(stack: Stack, code: int | None, log_offset: int) -> str:
+    log = os.path.join(stack.run_dir, "circusd.log")
+    try:
+        with open(log, "rb") as f:
+            f.seek(log_offset)
+            text = f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        text = ""
+    reason = startup_failure(text)
+    if reason is None:
+        return f"circusd exited with {code}; see {log} and {stack.run_dir}/circusd.out"
+    return f"circusd could not start the stack: {reason}; see {log}"
+
+
+def _haproxy_answers(stack: Stack) -> bool:
+    """Whether HAProxy's stats socket in the run directory answers ``show info``."""
+    path = os.path.join(stack.run_dir, "haproxy.sock")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(path)
+            sock.sendall(b"show info\n")
+            return bool(b"Name: HAProxy" in sock.recv(4096))
+    except OSError:
+        return False
+
+
+def _unregistered(stack: Stack, settings: Settings) -> list[str]:
+    records = read_records(settings)
+    registered = {r.pid for r in records}
+    missing = []
+    statuses = stack.control.status()
+    services = service_watchers(stack)
+    for watcher in statuses:
+        if statuses[watcher] != "active" or watcher not in services:
+            continue
+        pids = stack.control.pids(watcher)
+        if not pids or any(p not in registered for p in pids):
+            missing.append(watcher)
+    return missing
+
+
+def service_watchers(stack: Stack) -> set[str]:
+    """Watchers whose processes are meshkit services (they run ``meshkit run``)."""
+    return {w for w in stack.control.watchers() if "meshkit run " in stack.control.command_line(w)}
+
+
+def welcome(stack: Stack, settings: Settings) -> None:
+    """What the operator needs to start using the stack (never raises)."""
+    sockets = stack.control.sockets()
+    stratum = sockets.get("stratum", "?")
+    port = stratum.rsplit(":", 1)[-1]
+    say(
+        f"\nmeshkit stack is up (run dir {stack.run_dir}; logs in it).\n"
+        f"  Stratum-style clients connect to port {port}, for example:\n"
+        f"    nc 127.0.0.1 {port}\n"
+        '    {"id":1,"method":"shares.login","params":["alice"]}\n'
+        '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
+        '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
+        '    {"id":4,"method":"shares.stats"}\n'
+        f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | restart shares | down\n"
+        f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
+        sys.stdout,
+    )
+
+
+def down_leftovers(stack: Stack) -> int:
+    """``meshkit down`` when circusd is gone: stop the processes it left (they run in their own sessions)."""
+    leftovers = stack_processes(stack.run_dir)
+    if not leftovers:
+        say("no stack running")
+        return 0
+    survivors = terminate(leftovers, grace=10.0)
+    if survivors:
+        raise StackError(f"could not stop {[p.pid for p in survivors]}")
+    say(f"circusd was not running; stopped {len(leftovers)} leftover processes", sys.stdout)
+    return 0
