@@ -31,6 +31,7 @@ import psutil
 
 from ..config import Settings
 from ..registry import read_records
+from ..rundir import choose_registry
 from .control import CircusControl, StackError
 from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
 from .processes import stack_processes, terminate
@@ -276,8 +277,12 @@ def _print_welcome(stack: Stack, settings: Settings) -> None:
         '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
         '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
         '    {"id":4,"method":"shares.stats"}\n'
-        f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | down\n"
-        f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
+        "  In another shell, from this directory, any of:\n"
+        "    .venv/bin/meshkit status\n"
+        "    .venv/bin/meshkit ls\n"
+        "    .venv/bin/meshkit scale shares 4\n"
+        "    .venv/bin/meshkit down\n"
+        f"  Your own services join this stack with: export MESHKIT_REDIS_URL={settings.redis_url}\n",
         flush=True,
     )
 
@@ -305,7 +310,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from ..cli import format_table
 
-    settings = _settings(args)
+    # The stack's own Redis and namespace, even from a shell without its environment.
+    settings = choose_registry(_settings(args), os.environ, run_dir=args.run_dir).settings
     stack = Stack(settings, args.run_dir)
     try:
         records = {r.pid: r for r in read_records(settings)}
