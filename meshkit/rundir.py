@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psutil
 import redis
@@ -149,7 +149,9 @@ def mask_password(url: str) -> str:
             query = urlencode([(k, "***" if k.lower() == "password" else v)
                                for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
         if (netloc, query) == (parts.netloc, parts.query):
-            return url  # nothing to hide; urlunsplit would also turn unix:///p into unix:/p
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
+            return url
+        # Not urlunsplit: it turns unix:///path (an empty host) into unix:/path.
+        rebuilt = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+        return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:
         return "<a Redis URL that cannot be parsed>"
