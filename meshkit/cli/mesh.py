@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..config import Settings
-from ..errors import MeshError, NoInstanceError
+from ..errors import CallTimeoutError, MeshError, NoInstanceError
 from ..record import InstanceRecord
 from ..rundir import RegistryChoice, choose_registry
 from ..untrusted import clip
@@ -43,6 +43,9 @@ def add_commands(sub: Any) -> None:
     ls.add_argument("service", nargs="?")
     ls.add_argument("--json", action="store_true", help="one JSON array of records")
     ls.add_argument("--no-probe", action="store_true", help="show the records as they are, without probing")
+    ls.add_argument("--wait", type=int, default=0, metavar="N",
+                    help="first wait until N instances are up (exit 1 if not within --timeout)")
+    ls.add_argument("--timeout", type=positive_seconds, default=15.0, help="seconds for --wait (default 15)")
     ls.set_defaults(func=cmd_ls)
 
     call = sub.add_parser(
@@ -86,13 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ..registry import read_records
-
     settings = registry_choice(args).settings
-    try:
-        records = read_records(settings, args.service)
-    except RedisError as exc:
-        raise unreachable(settings, exc) from None
+    records = _read_waiting(settings, args.service, args.wait, args.timeout)
     reach = {} if args.no_probe else probe_instances((r.endpoint for r in records), settings.dead_after)
     if args.json:
         print(json.dumps([_record_json(r, reach) for r in records], indent=2))
@@ -113,6 +111,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"callers route around them; their records expire within {settings.ttl:g}s",
               file=sys.stderr)
     return EXIT_OK
+
+
+def _read_waiting(settings: Settings, service: str | None, count: int, timeout: float) -> list[InstanceRecord]:
+    """The records; with ``count``, once that many are up, or :class:`~meshkit.errors.CallTimeoutError`."""
+    from ..registry import read_records
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = read_records(settings, service)
+        except RedisError as exc:
+            raise unreachable(settings, exc) from None
+        up = sum(1 for r in records if r.is_up)
+        if up >= count:
+            return records
+        if time.monotonic() > deadline:
+            raise CallTimeoutError(f"{up} of {count} instances{' of ' + clip(service) if service else ''} "
+                                   f"up after {timeout:g}s", service=service or "")
+        time.sleep(0.05)
 
 
 def _record_json(record: InstanceRecord, reach: dict[str, str | None]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -108,6 +107,8 @@ def test_wait_rides_out_a_missing_instance(start_service, cli_env: dict[str, str
     assert nothing.returncode == 1 and "[no_instance]" in nothing.stderr, nothing
     too_short = meshkit("call", "--wait", "--timeout", "0.5", "echo", "echo", "1", env=cli_env)
     assert too_short.returncode == 1 and "[timeout]" in too_short.stderr, too_short
+    not_yet = meshkit("ls", "--wait", "1", "--timeout", "0.5", "echo", env=cli_env)
+    assert not_yet.returncode == 1 and "0 of 1 instances of echo up after 0.5s" in not_yet.stderr, not_yet
     waiting = subprocess.Popen([sys.executable, "-m", "meshkit", "call", "--wait", "--timeout", "30",
                                 "echo", "echo", '"late"'], env=cli_env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -283,28 +284,28 @@ def test_status_and_ls_find_the_stack_of_the_run_directory(mesh_settings: Settin
         terminate(stack_processes(str(run_dir)), grace=5)
 
 
-def test_the_quickstart_service_in_the_readme_works_as_written(local_redis: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    code = readme.split("A service (`hello.py`):\n\n```python\n", 1)[1].split("```", 1)[0]
-    (local_redis / "hello.py").write_text(code)
-    start = meshkit("redis", "start", env=clean_env(), cwd=local_redis)
-    assert start.returncode == 0, start
-    env = clean_env(**dict([shlex.split(start.stdout)[1].split("=", 1)]),
-                    MESHKIT_NAMESPACE="cli" + uuid.uuid4().hex[:8])
-    services = [subprocess.Popen([sys.executable, "-m", "meshkit", "run", "hello:Hello"], env=env,
-                                 cwd=local_redis, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for _ in range(2)]
-    try:
-        settings = Settings.load(env=env)
-        wait_until(lambda: len(read_records(settings, "hello")) == 2, 30, "two hello instances")
-        greet = meshkit("call", "hello", "greet", '"world"', env=env, cwd=local_redis)
-        assert greet.returncode == 0 and json.loads(greet.stdout) == "hello, world", greet
-        by_name = meshkit("call", "hello", "greet", 'who="world"', env=env, cwd=local_redis)
-        assert json.loads(by_name.stdout) == "hello, world", by_name
-        published = meshkit("publish", "news", '{"headline": "hi"}', env=env, cwd=local_redis)
-        assert json.loads(published.stdout) == {"delivered": 2}, published
-    finally:
-        for proc in services:
-            proc.terminate()
-        for proc in services:
-            proc.wait(30)
+def readme_block(after: str, language: str = "") -> str:
+    """The first fenced block of README.md that follows the text ``after``."""
+    text = (ROOT / "README.md").read_text().split(after, 1)[1]
+    return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_quickstart_runs_as_written(local_redis: Path) -> None:
+    (local_redis / "hello.py").write_text(readme_block("save this as `hello.py`", "python"))
+    setup = readme_block("## Quickstart").splitlines()
+    assert setup[0].startswith("make sysdeps venv") and setup[1].startswith(". .venv/bin/activate")
+    # The rest, literally, in one non-interactive bash: what a user pastes after `make` and activate.
+    script = "\n".join(["set -e", setup[2], readme_block("Run two instances and use them"),
+                        readme_block("Stop the instances")])
+    env = clean_env(MESHKIT_NAMESPACE="cli" + uuid.uuid4().hex[:8],
+                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-c", script], env=env, cwd=local_redis, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    for expected in ['"hello, world"', '{"delivered": 2}', "2"]:
+        assert expected in lines, result.stdout
+    assert lines.count('"hello, world"') == 2  # positional and keyword
+    listed = [row for row in table(result.stdout) if row.get("SERVICE") == "hello"]
+    assert [row["STATE"] for row in listed] == ["up", "up"], result.stdout
+    assert not (local_redis / ".redis" / "redis.sock").exists()  # `meshkit redis stop` ran
