@@ -292,20 +292,22 @@ def readme_block(after: str, language: str = "") -> str:
 
 def test_the_readme_quickstart_runs_as_written(local_redis: Path) -> None:
     (local_redis / "hello.py").write_text(readme_block("save this as `hello.py`", "python"))
+    (local_redis / "client.py").write_text(readme_block("save this as `client.py`", "python"))
     setup = readme_block("## Quickstart").splitlines()
     assert setup[0].startswith("make sysdeps venv") and setup[1].startswith(". .venv/bin/activate")
     # The rest, literally, in one non-interactive bash: what a user pastes after `make` and activate.
     script = "\n".join(["set -e", setup[2], readme_block("Run two instances and use them"),
-                        readme_block("Stop the instances")])
+                        "python client.py", readme_block("Stop the instances")])
     env = clean_env(MESHKIT_NAMESPACE="cli" + uuid.uuid4().hex[:8],
                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(["bash", "-c", script], env=env, cwd=local_redis, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
-    for expected in ['"hello, world"', '{"delivered": 2}', "2"]:
+    for expected in ['"hello, world"', '{"delivered": 2}', "hello-1.log:1", "hello-2.log:1"]:
         assert expected in lines, result.stdout
     assert lines.count('"hello, world"') == 2  # positional and keyword
+    assert lines.count("hello, world") == 2, result.stdout  # client.py: blocking and asyncio
     listed = [row for row in table(result.stdout) if row.get("SERVICE") == "hello"]
     assert [row["STATE"] for row in listed] == ["up", "up"], result.stdout
     assert not (local_redis / ".redis" / "redis.sock").exists()  # `meshkit redis stop` ran
