@@ -4,7 +4,10 @@ Each finds its Redis with :func:`meshkit.rundir.choose_registry` and, when
 it was not named by ``MESHKIT_REDIS_URL``, says on stderr which one it reads.
 ``ls``, ``call`` and ``publish`` first check that the registry answers
 (:func:`~meshkit.cli.reach.check_registry`): an unreachable Redis is an
-error (exit status 1), never an empty mesh.
+error (exit status 1), never an empty mesh. ``ls`` probes every instance
+it lists (:func:`~meshkit.cli.reach.probe_instances`) and shows those it
+cannot reach as ``unreachable``; ``ls --wait N`` first waits until ``N``
+instances are up (a script's "are they all registered yet?").
 """
 
 from __future__ import annotations

@@ -61,21 +61,39 @@ def unreachable(settings: Settings, exc: BaseException) -> RegistryUnreachableEr
         f"registry unreachable at {mask_password(settings.redis_url)}: {clip(str(exc) or type(exc).__name__, 200)}")
 
 
+# Sockets probed at once: two per endpoint (the DEALER and its monitor), well
+# under a default limit of 1,024 open files.
+PROBE_BATCH = 128
+
+
 def probe_instances(endpoints: Iterable[str], timeout: float) -> dict[str, str | None]:
     """For each endpoint, ``None`` if a ZeroMQ handshake with it completed within ``timeout`` s, else why not.
 
-    All endpoints are tried at once, so the whole probe takes at most
-    ``timeout``. A refused connection (the process is gone; its port is
-    closed) is reported as soon as the kernel says so; a host or process
-    that does not answer (stopped, firewalled) when ``timeout`` runs out.
+    Endpoints are tried :data:`PROBE_BATCH` at a time, so a listing of up to
+    that many instances takes at most ``timeout``. A refused connection (the
+    process is gone; its port is closed) is reported as soon as the kernel
+    says so; a host or process that does not answer (stopped, firewalled)
+    when ``timeout`` runs out.
     """
+    unique = list(dict.fromkeys(endpoints))
+    verdicts: dict[str, str | None] = {}
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        for start in range(0, len(unique), PROBE_BATCH):
+            verdicts.update(_probe_batch(ctx, unique[start:start + PROBE_BATCH], timeout))
+    finally:
+        ctx.term()
+    return verdicts
+
+
+def _probe_batch(ctx: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
+                 timeout: float) -> dict[str, str | None]:
     sockets: list[zmq.Socket[bytes]] = []
     waiting: dict[zmq.Socket[bytes], str] = {}
     verdicts: dict[str, str | None] = {}
     poller = zmq.Poller()
     try:
-        for endpoint in dict.fromkeys(endpoints):
+        for endpoint in endpoints:
             sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sockets.append(sock)
@@ -91,9 +109,9 @@ def probe_instances(endpoints: Iterable[str], timeout: float) -> dict[str, str |
         deadline = time.monotonic() + timeout
         while waiting and (left := deadline - time.monotonic()) > 0:
             for monitor, _ in poller.poll(max(1, int(left * 1000))):
-                verdict = _verdict(recv_monitor_message(monitor)["event"])
-                if verdict is not _UNDECIDED and monitor in waiting:
-                    verdicts[waiting.pop(monitor)] = verdict
+                decided, problem = verdict_of(recv_monitor_message(monitor)["event"])
+                if decided and monitor in waiting:
+                    verdicts[waiting.pop(monitor)] = problem
                     poller.unregister(monitor)
         for endpoint in waiting.values():
             verdicts[endpoint] = f"no answer within {timeout:g}s"
@@ -101,19 +119,16 @@ def probe_instances(endpoints: Iterable[str], timeout: float) -> dict[str, str |
     finally:
         for sock in sockets:
             sock.close(linger=0)
-        ctx.term()
 
 
-_UNDECIDED = "undecided"
-
-
-def _verdict(event: int) -> str | None:
+def verdict_of(event: int) -> tuple[bool, str | None]:
+    """``(decided, problem)`` for a monitor event of a connecting socket; ``problem`` is None if reached."""
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-        return None
+        return True, None
     if event in (zmq.EVENT_CLOSED, zmq.EVENT_CONNECT_RETRIED):
-        return REFUSED
+        return True, REFUSED
     if event == zmq.EVENT_DISCONNECTED:
-        return LOST
+        return True, LOST
     if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-        return "not a meshkit router (handshake failed)"
-    return _UNDECIDED
+        return True, "not a meshkit router (handshake failed)"
+    return False, None  # connecting, connected: the handshake is still to come

@@ -11,7 +11,7 @@ from meshkit.cli import build_parser, main, parse
 from meshkit.cli.args import UsageError, parse_call_args, positive_seconds
 from meshkit.cli.localredis import export_line
 from meshkit.cli.output import EXIT_FAILED, EXIT_USAGE, error_payload, exit_status
-from meshkit.cli.reach import REFUSED, RegistryUnreachableError, _verdict
+from meshkit.cli.reach import REFUSED, RegistryUnreachableError, verdict_of
 from meshkit.config import DEFAULT_REDIS_URL, Settings
 from meshkit.errors import CallTimeoutError, ConfigError, HandlerError, NoInstanceError
 from meshkit.rundir import RegistryChoice, choose_registry, mask_password
@@ -138,9 +138,9 @@ def test_export_line_quotes_what_the_shell_would_split() -> None:
 def test_probe_events() -> None:
     import zmq
 
-    assert _verdict(zmq.EVENT_HANDSHAKE_SUCCEEDED) is None
-    assert _verdict(zmq.EVENT_CONNECT_RETRIED) == REFUSED
-    assert _verdict(zmq.EVENT_CONNECTED) == "undecided"
+    assert verdict_of(zmq.EVENT_HANDSHAKE_SUCCEEDED) == (True, None)
+    assert verdict_of(zmq.EVENT_CONNECT_RETRIED) == (True, REFUSED)
+    assert verdict_of(zmq.EVENT_CONNECTED) == (False, None)
 
 
 # -- which Redis -------------------------------------------------------------------
