@@ -1,7 +1,7 @@
 """The ``meshkit`` command line.
 
 ``meshkit run MODULE:CLASS``              run one service instance (graceful on SIGTERM)
-``meshkit ls [--json] [SERVICE]``         instances: endpoint, state (probed: ``unreachable``), age, methods
+``meshkit ls [--json] [--wait N] [SERVICE]``  instances: endpoint, state (probed: ``unreachable``), age, methods
 ``meshkit call SERVICE METHOD [ARG..]``   each ARG is JSON or KEY=JSON; prints the result as JSON
 ``meshkit publish TOPIC JSON``            push to every subscriber; prints how many acknowledged
 ``meshkit redis start|stop|status``       a private Redis for this directory (:mod:`.localredis`)

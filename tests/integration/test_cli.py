@@ -166,8 +166,8 @@ def test_unreachable_registry_is_an_error(command: tuple[str, ...], refusing_url
         result = meshkit(*command, env=clean_env(MESHKIT_REDIS_URL=url, MESHKIT_NAMESPACE="cli"))
         assert result.returncode == 1, result
         assert "registry unreachable at " in result.stderr, result.stderr
-        assert "s3cret" not in result.stderr and "***" in result.stderr, result.stderr
-        assert url.split("s3cret")[1].split("?")[0] in result.stderr or str(tmp_path) in result.stderr
+        assert "s3cret" not in result.stderr, result.stderr
+        assert f"registry unreachable at {url.replace('s3cret', '***')}: " in result.stderr, result.stderr
         assert result.stdout == ""
 
 
