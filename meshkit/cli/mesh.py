@@ -111,7 +111,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     down = [r for r in records if reach.get(r.endpoint)]
     if down:
         print(f"{len(down)} unreachable ({', '.join(sorted({str(reach[r.endpoint]) for r in down}))}): "
-              f"callers route around them; their records expire within {settings.ttl:g}s",
+              "callers route around them; their records stay until their TTL runs out",
               file=sys.stderr)
     return EXIT_OK
 

@@ -51,6 +51,8 @@ def error_payload(exc: MeshError) -> dict[str, Any]:
     payload: dict[str, Any] = {"code": str(getattr(exc, "code", "error")), "message": str(exc)}
     if isinstance(exc, ConfigError):
         payload["code"] = "config"
+    elif isinstance(exc, RegistryUnreachableError):
+        payload["code"] = "registry_unreachable"
     if isinstance(exc, CallError):
         payload["message"] = exc.message
         payload["service"] = exc.service

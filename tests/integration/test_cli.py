@@ -165,9 +165,10 @@ def test_unreachable_registry_is_an_error(command: tuple[str, ...], refusing_url
     for url in (refusing_url, f"unix://{tmp_path}/nothing.sock?password=s3cret"):
         result = meshkit(*command, env=clean_env(MESHKIT_REDIS_URL=url, MESHKIT_NAMESPACE="cli"))
         assert result.returncode == 1, result
-        assert "registry unreachable at " in result.stderr, result.stderr
         assert "s3cret" not in result.stderr, result.stderr
-        assert f"registry unreachable at {url.replace('s3cret', '***')}: " in result.stderr, result.stderr
+        line = result.stderr.strip()
+        assert line.startswith("error: registry") and "unreachable" in line, line
+        assert url.replace("s3cret", "***") in line, line
         assert result.stdout == ""
 
 
