@@ -95,7 +95,7 @@ class LocalRedis:
                  "--save", "", "--appendonly", "no", "--dir", self.directory,
                  "--pidfile", self.pidfile, "--logfile", self.logfile],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.directory,
-                start_new_session=True)
+                start_new_session=True, env=_own_environment())
         deadline = time.monotonic() + timeout
         while not self.answers():
             if proc.poll() is not None:
@@ -140,6 +140,12 @@ class LocalRedis:
         except OSError:
             return "(no log)"
         return " | ".join(line.strip() for line in text) or "(empty log)"
+
+
+def _own_environment() -> dict[str, str]:
+    """This environment without ``MESHKIT_*``: ``meshkit down`` stops processes whose
+    ``MESHKIT_RUN_DIR`` names its run directory, and this Redis is not the stack's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
 
 
 def _alive(pid: int) -> bool:

@@ -242,6 +242,16 @@ def test_commands_without_the_url_find_the_background_redis_and_say_so(local_red
         log.close()
 
 
+def test_meshkit_down_leaves_the_background_redis_alone(local_redis: Path) -> None:
+    # Even started from a shell where MESHKIT_RUN_DIR names the stack's run directory.
+    (local_redis / ".run").mkdir()
+    env = clean_env(MESHKIT_RUN_DIR=str(local_redis / ".run"))
+    assert meshkit("redis", "start", env=env, cwd=local_redis).returncode == 0
+    down = meshkit("down", env=env, cwd=local_redis)
+    assert down.returncode == 0, down
+    assert meshkit("redis", "status", env=env, cwd=local_redis).returncode == 0, down
+
+
 TINY_STACK = """
 [circus]
 endpoint = ipc://$(circus.env.MESHKIT_RUN_DIR)/circus.sock
