@@ -31,6 +31,7 @@ import psutil
 
 from ..config import Settings
 from ..registry import read_records
+from ..rundir import stack_environment
 from .console import say
 from .control import CircusControl, StackError
 from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
@@ -120,15 +121,8 @@ class Stack:
         ``meshkit status`` and ``meshkit restart`` look at the stack's own
         registry even when the shell does not set ``MESHKIT_REDIS_URL``.
         """
-        pid = self.circusd_pid()
-        if pid is not None:
-            try:
-                env = psutil.Process(pid).environ()
-            except psutil.Error:
-                env = {}
-            if env.get(STACK_MARKER) == self.run_dir:
-                return Settings.load(env=env)
-        return self.settings
+        env = stack_environment(self.run_dir)
+        return Settings.load(env=env) if env is not None else self.settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -216,8 +216,13 @@ def welcome(stack: Stack, settings: Settings) -> None:
         '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
         '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
         '    {"id":4,"method":"shares.stats"}\n'
-        f"  In another shell: .venv/bin/meshkit status | ls | scale shares 4 | restart shares | down\n"
-        f"    (with MESHKIT_REDIS_URL={settings.redis_url} MESHKIT_RUN_DIR={stack.run_dir})\n",
+        "  In another shell, from this directory, any of:\n"
+        "    .venv/bin/meshkit status\n"
+        "    .venv/bin/meshkit ls\n"
+        "    .venv/bin/meshkit scale shares 4\n"
+        "    .venv/bin/meshkit restart shares\n"
+        "    .venv/bin/meshkit down\n"
+        f"  Your own services join this stack with: export MESHKIT_REDIS_URL={settings.redis_url}\n",
         sys.stdout,
     )
 

@@ -1,0 +1,99 @@
+"""The ``meshkit`` command line.
+
+``meshkit run MODULE:CLASS``              run one service instance (graceful on SIGTERM)
+``meshkit ls [--json] [--wait N] [SERVICE]``  instances: endpoint, state (probed: ``unreachable``), age, methods
+``meshkit call SERVICE METHOD [ARG..]``   each ARG is JSON or KEY=JSON; prints the result as JSON
+``meshkit publish TOPIC JSON``            push to every subscriber; prints how many acknowledged
+``meshkit redis start|stop|status``       a private Redis for this directory (:mod:`.localredis`)
+``meshkit haproxy render|sync``           HAProxy in front of the gateways (docs/haproxy.md)
+``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
+
+Settings come from ``MESHKIT_*`` variables and the file named by
+``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
+commands read the Redis of the stack or of ``meshkit redis start`` running
+from this directory, and say so (:mod:`meshkit.rundir`). Errors print one
+line to stderr; exit statuses are listed in :mod:`.output` (0 done, 1
+failed, 2 bad command line or settings).
+
+Layers: :mod:`.args` (what the command line means) and :mod:`.output`
+(what is printed) are pure; :mod:`.reach` probes Redis and instances;
+:mod:`.mesh` and :mod:`.localredis` are the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import __version__
+from ..errors import MeshError
+from .output import EXIT_INTERRUPTED, EXIT_USAGE, error_line, exit_status, format_table
+
+__all__ = ["build_parser", "format_table", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``) and return its exit status."""
+    parser = build_parser()
+    args = parse(parser, argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except MeshError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return exit_status(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting a command's positional list continue after its options.
+
+    argparse ends a ``nargs="*"`` positional at the first option, so
+    ``meshkit call hello greet --raw world`` would leave ``world`` over. A
+    command that names its list in ``intermixed`` (a default) gets such
+    leftovers appended to it, in order; anything else left over, or any
+    leftover that looks like an option (and is not a negative number), is
+    an error as usual.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        field = getattr(args, "intermixed", None)
+        if field is None or any(_is_option(token) for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, field).extend(extra)
+    return args
+
+
+def _is_option(token: str) -> bool:
+    if not token.startswith("-") or token == "-":
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``meshkit`` command (the stack's and HAProxy's register themselves)."""
+    parser = argparse.ArgumentParser(prog="meshkit", description="A brokerless ZeroMQ service mesh.")
+    parser.add_argument("--version", action="version", version=f"meshkit {__version__}")
+    parser.add_argument("--config", help="TOML settings file (default: $MESHKIT_CONFIG)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+    for add in _commands():
+        add(sub)
+    return parser
+
+
+def _commands() -> list[Callable[[Any], None]]:
+    from ..haproxy.command import add_commands as haproxy_commands
+    from ..stack.commands import add_commands as stack_commands
+    from .localredis import add_commands as redis_commands
+    from .mesh import add_commands as mesh_commands
+
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands]
