@@ -1,0 +1,216 @@
+"""HAProxy outlives its sync process: clients keep their connections while the sync restarts.
+
+Clients are line clients through HAProxy to a real gateway (and the
+``gwprobe`` backend behind it); a :class:`~haproxykit.ConnectLoop` opens new
+connections in a tight loop the whole time. A sync that is SIGKILLed or
+SIGTERMed leaves HAProxy serving; the next sync attaches to the HAProxy it
+finds in the run directory and follows the registry again. Only
+``meshkit haproxy stop`` (what ``meshkit down`` calls) stops HAProxy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from haproxykit import (
+    REPO,
+    WAIT,
+    ConnectLoop,
+    FakeRegistry,
+    Gateway,
+    Sync,
+    alive,
+    kill_haproxy,
+    reserve_port,
+)
+from lineclient import LineClient
+
+from meshkit import Settings
+from meshkit.testing import ServiceProcess, settings_env, tcp_listener, wait_until
+
+pytestmark = pytest.mark.integration
+
+GATEWAY = "meshkit.gateway:Gateway"
+PROBE = "tests.integration.services.gwprobe:GatewayProbe"
+CLIENTS = 8
+FOLLOW_WITHIN = 3.0  # seconds from a new sync's launch to its first new server (about 1 s; the machine is noisy)
+
+StartService = Callable[..., list[ServiceProcess]]
+
+
+@pytest.fixture
+def registry(mesh_settings: Settings) -> Iterator[FakeRegistry]:
+    fake = FakeRegistry(mesh_settings)
+    yield fake
+    fake.client.close()
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[[str], Gateway]]:
+    made: list[Gateway] = []
+
+    def make(name: str) -> Gateway:
+        made.append(Gateway(name))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+@pytest.fixture
+def public() -> Iterator[socket.socket]:
+    sock = tcp_listener()
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def syncs(mesh_settings: Settings, tmp_path: Path, public: socket.socket) -> Iterator[Callable[..., Sync]]:
+    """``syncs(bind=None)``: a new sync process on the same run directory; all stopped, HAProxy too, at the end."""
+    made: list[Sync] = []
+
+    def make(bind: str | None = None) -> Sync:
+        made.append(Sync(mesh_settings, tmp_path, public, bind=bind))
+        made[-1].hard_stop_after = "1h"  # a client cut here is a client cut, not a timeout
+        made[-1].write_config()
+        return made[-1]
+
+    yield make
+    for runner in made:
+        runner.stop()
+    if made:
+        kill_haproxy(made[0].paths)
+
+
+def line_clients(port: int, count: int) -> list[LineClient]:
+    """``count`` clients through HAProxy, each with one answered call."""
+    clients = [LineClient(f"127.0.0.1:{port}") for _ in range(count)]
+    for n, client in enumerate(clients):
+        assert client.call("gwprobe.echo", [n])["result"] == n
+    return clients
+
+
+def still_connected(clients: list[LineClient]) -> list[int]:
+    """Indexes of the clients whose call is answered on their old connection (all of them, or some were cut)."""
+    answered = []
+    for n, client in enumerate(clients):
+        try:
+            if client.call("gwprobe.echo", [n + 100], timeout=5.0)["result"] == n + 100:
+                answered.append(n)
+        except (OSError, AssertionError):
+            pass
+    return answered
+
+
+def backend_up(sync: Sync, name: str) -> bool:
+    server = sync.servers().get(name)
+    return server is not None and server.up and not server.in_maintenance
+
+
+def start_mesh(start_service: StartService) -> str:
+    """The gwprobe backend and one real gateway; return the gateway's instance id."""
+    start_service(PROBE)
+    [gateway] = start_service(GATEWAY)
+    assert gateway.record is not None
+    return gateway.record.instance_id
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_haproxy_outlives_its_sync_and_a_new_sync_attaches(
+    sig: int, syncs: Callable[..., Sync], start_service: StartService, registry: FakeRegistry,
+    gateways: Callable[[str], Gateway],
+) -> None:
+    instance = start_mesh(start_service)
+    first = syncs().start()
+    wait_until(lambda: backend_up(first, instance), WAIT, "the gateway to be a server")
+    clients = line_clients(first.port, CLIENTS)
+    master = first.master_pid()
+    loop = ConnectLoop(first.port).start()
+    try:
+        assert first.process is not None
+        first.process.send_signal(sig)
+        assert first.process.wait(30) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+        # No sync now: HAProxy goes on serving with the servers it has.
+        loop.flowing()
+        assert first.master_pid() == master
+        late = gateways("gwlate")
+        registry.put(late.record())
+
+        second = syncs()
+        launched = time.monotonic()
+        second.start()
+        wait_until(lambda: backend_up(second, "gwlate"), WAIT, "the new sync to add gwlate")
+        took = time.monotonic() - launched
+        loop.flowing()
+    finally:
+        loop.stop()
+    assert loop.failures == [], second.log() if loop.failures else ""
+    assert loop.slowest < 2.0, f"a connection waited {loop.slowest:.1f}s"
+    assert still_connected(clients) == list(range(CLIENTS))
+    assert second.master_pid() == master, "the new sync must attach to the running HAProxy, not replace it"
+    assert took < FOLLOW_WITHIN, f"the new sync followed the registry {took:.2f}s after its launch"
+    print(f"\n{signal.Signals(sig).name}: new sync followed the registry {took:.2f}s after launch; "
+          f"{loop.ok} connections, slowest {loop.slowest * 1000:.0f} ms")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_standalone_restart_with_host_port_refuses_nothing(
+    sig: int, syncs: Callable[..., Sync], start_service: StartService
+) -> None:
+    # --bind host:port: HAProxy binds the port itself. The test reserves a
+    # kernel-chosen port (SO_REUSEPORT, never listening) until HAProxy has it.
+    reservation = reserve_port()
+    port = reservation.getsockname()[1]
+    try:
+        instance = start_mesh(start_service)
+        first = syncs(bind=f"127.0.0.1:{port}")
+        first.port = port
+        first.start()
+        wait_until(lambda: backend_up(first, instance), WAIT, "the gateway to be a server")
+    finally:
+        reservation.close()
+    clients = line_clients(port, 2)
+    master = first.master_pid()
+    loop = ConnectLoop(port).start()
+    try:
+        assert first.process is not None
+        first.process.send_signal(sig)
+        first.process.wait(30)
+        loop.flowing()
+        second = syncs(bind=f"127.0.0.1:{port}")
+        second.port = port
+        second.start()
+        loop.flowing()
+        assert second.alive()
+    finally:
+        loop.stop()
+    assert loop.failures == []
+    assert still_connected(clients) == [0, 1]
+    assert second.master_pid() == master
+
+
+def test_haproxy_stop_stops_it_softly(syncs: Callable[..., Sync], start_service: StartService) -> None:
+    instance = start_mesh(start_service)
+    sync = syncs().start()
+    wait_until(lambda: backend_up(sync, instance), WAIT, "the gateway to be a server")
+    master = sync.master_pid()
+    assert master is not None
+    assert sync.stop() == 0
+    assert alive(master), "SIGTERM to the sync must leave HAProxy running"
+    done = subprocess.run(
+        [sys.executable, "-m", "meshkit", "haproxy", "stop", "--run-dir", str(sync.paths.config_file.parent),
+         "--timeout", "5"],
+        env={**os.environ, **settings_env(sync.settings)}, cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not alive(master)
+    assert "stopped softly" in done.stdout, done.stdout + done.stderr
