@@ -186,10 +186,9 @@ listener = "stratum"
         return code, time.monotonic() - started
 
     def stop(self) -> int | None:
-        """SIGTERM; return the exit status (killing it if it hangs, and the HAProxy it owned if left)."""
+        """SIGTERM; return the exit status (killing it if it hangs). HAProxy stays: see :func:`kill_haproxy`."""
         if self.process is None:
             return None
-        master = None if self.attached else self.master_pid()
         code: int | None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -199,8 +198,6 @@ listener = "stratum"
             self.process.kill()
             self.process.wait(5)
             code = None
-        if master is not None and alive(master):
-            os.kill(master, signal.SIGKILL)
         return code
 
 

@@ -91,12 +91,21 @@ def syncs(mesh_settings: Settings, tmp_path: Path, public: socket.socket) -> Ite
         kill_haproxy(made[0].paths)
 
 
-def line_clients(port: int, count: int) -> list[LineClient]:
-    """``count`` clients through HAProxy, each with one answered call."""
-    clients = [LineClient(f"127.0.0.1:{port}") for _ in range(count)]
-    for n, client in enumerate(clients):
-        assert client.call("gwprobe.echo", [n])["result"] == n
-    return clients
+@pytest.fixture
+def line_clients() -> Iterator[Callable[[int, int], list[LineClient]]]:
+    """``line_clients(port, count)``: clients through HAProxy, each with one answered call; closed at the end."""
+    made: list[LineClient] = []
+
+    def connect(port: int, count: int) -> list[LineClient]:
+        clients = [LineClient(f"127.0.0.1:{port}") for _ in range(count)]
+        made.extend(clients)
+        for n, client in enumerate(clients):
+            assert client.call("gwprobe.echo", [n])["result"] == n
+        return clients
+
+    yield connect
+    for client in made:
+        client.close()
 
 
 def still_connected(clients: list[LineClient]) -> list[int]:
@@ -127,7 +136,7 @@ def start_mesh(start_service: StartService) -> str:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_haproxy_outlives_its_sync_and_a_new_sync_attaches(
     sig: int, syncs: Callable[..., Sync], start_service: StartService, registry: FakeRegistry,
-    gateways: Callable[[str], Gateway],
+    gateways: Callable[[str], Gateway], line_clients: Callable[[int, int], list[LineClient]],
 ) -> None:
     instance = start_mesh(start_service)
     first = syncs().start()
@@ -164,7 +173,8 @@ def test_haproxy_outlives_its_sync_and_a_new_sync_attaches(
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_standalone_restart_with_host_port_refuses_nothing(
-    sig: int, syncs: Callable[..., Sync], start_service: StartService
+    sig: int, syncs: Callable[..., Sync], start_service: StartService,
+    line_clients: Callable[[int, int], list[LineClient]],
 ) -> None:
     # --bind host:port: HAProxy binds the port itself. The test reserves a
     # kernel-chosen port (SO_REUSEPORT, never listening) until HAProxy has it.
