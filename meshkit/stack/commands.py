@@ -178,6 +178,8 @@ def _stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: boo
         deadline = time.monotonic() + timeout
         while _running(circusd_pid) and len(stops) == seen and time.monotonic() < deadline:
             time.sleep(0.1)
+        if len(stops) == seen:
+            _stop_haproxy(stack)
     # Whatever is left (all of it when forced): including anything Circus
     # started meanwhile, and processes orphaned if circusd itself died.
     alive = circusd_pid is not None and _running(circusd_pid)
@@ -186,6 +188,16 @@ def _stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: boo
     survivors = terminate(list({p.pid: p for p in tree}.values()), grace=5.0)
     if survivors:
         raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
+
+
+def _stop_haproxy(stack: Stack) -> None:
+    """Stop HAProxy softly: it is no watcher (it outlives its sync process), so quitting circusd leaves it."""
+    from ..haproxy.process import stop_haproxy
+
+    try:
+        stop_haproxy(stack.run_dir)  # within its stop_timeout + 1 s; what is left, the sweep below ends
+    except Exception as exc:  # the sweep after this stops it anyway
+        print(f"could not stop haproxy softly: {exc}", file=sys.stderr)
 
 
 def _quit_quietly(stack: Stack) -> None:
@@ -287,6 +299,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     pid = stack.circusd_pid()
     if pid is None:
         # circusd is gone; its processes may not be (they run in their own sessions).
+        _stop_haproxy(stack)
         leftovers = stack_processes(stack.run_dir)
         if not leftovers:
             print("no stack running", file=sys.stderr)

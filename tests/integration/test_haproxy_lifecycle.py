@@ -224,3 +224,41 @@ def test_haproxy_stop_stops_it_softly(syncs: Callable[..., Sync], start_service:
     assert done.returncode == 0, done.stderr
     assert not alive(master)
     assert "stopped softly" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_new_sync_with_other_descriptor_numbers_takes_haproxy_over_refusing_nothing(
+    syncs: Callable[..., Sync], start_service: StartService, public: socket.socket,
+    line_clients: Callable[[int, int], list[LineClient]],
+) -> None:
+    # The next sync may get the same listening socket under another number
+    # (fd@N): the running master does not hold it there, so the new sync
+    # starts a master that does, then soft-stops the old one.
+    instance = start_mesh(start_service)
+    first = syncs().start()
+    wait_until(lambda: backend_up(first, instance), WAIT, "the gateway to be a server")
+    clients = line_clients(first.port, 2)
+    old_master = first.master_pid()
+    loop = ConnectLoop(first.port).start()
+    other = socket.socket(fileno=os.dup(public.fileno()))
+    try:
+        assert first.stop() == 0
+        second = Sync(first.settings, first.directory, other)
+        second.hard_stop_after = "1h"
+        second.write_config()
+        second.start()
+        wait_until(lambda: second.master_pid() not in (None, old_master), WAIT, "a new haproxy master")
+        wait_until(lambda: backend_up(second, instance), WAIT, "the gateway to be a server of the new master")
+        assert old_master is not None
+        loop.flowing()
+        # The old master finishes its clients' connections (soft stop), then goes.
+        assert still_connected(clients) == [0, 1]
+        for client in clients:
+            client.close()
+        wait_until(lambda: not alive(old_master), WAIT, "the old master to leave once its clients left")
+        loop.flowing()
+        second.stop()
+    finally:
+        loop.stop()
+        other.close()
+    assert loop.failures == []
+    assert "lacks a listening socket" in second.log() or "soft-stopping the previous haproxy master" in second.log()
