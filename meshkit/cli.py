@@ -4,7 +4,7 @@
 ``meshkit ls [--json] [SERVICE]``       live instances: endpoint, state, age, methods
 ``meshkit call SERVICE METHOD [ARG..]`` each ARG is a JSON value; prints the result as JSON
 ``meshkit publish TOPIC JSON``          push to every subscriber; prints how many acknowledged
-``meshkit haproxy render|sync``         HAProxy in front of the gateways (docs/haproxy.md)
+``meshkit haproxy render|sync|stop``    HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
