@@ -173,8 +173,8 @@ def test_haproxy_outlives_its_sync_and_a_new_sync_attaches(
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_standalone_restart_with_host_port_refuses_nothing(
-    sig: int, syncs: Callable[..., Sync], start_service: StartService,
-    line_clients: Callable[[int, int], list[LineClient]],
+    sig: int, syncs: Callable[..., Sync], start_service: StartService, registry: FakeRegistry,
+    gateways: Callable[[str], Gateway], line_clients: Callable[[int, int], list[LineClient]],
 ) -> None:
     # --bind host:port: HAProxy binds the port itself. The test reserves a
     # kernel-chosen port (SO_REUSEPORT, never listening) until HAProxy has it.
@@ -196,9 +196,13 @@ def test_standalone_restart_with_host_port_refuses_nothing(
         first.process.send_signal(sig)
         first.process.wait(30)
         loop.flowing()
+        late = gateways("gwlate")
+        registry.put(late.record())
         second = syncs(bind=f"127.0.0.1:{port}")
         second.port = port
         second.start()
+        # Its first round is done once it follows the registry change.
+        wait_until(lambda: backend_up(second, "gwlate"), WAIT, "the new sync to add gwlate")
         loop.flowing()
         assert second.alive()
     finally:
