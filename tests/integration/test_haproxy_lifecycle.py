@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from haproxykit import (
 from lineclient import LineClient
 
 from meshkit import Settings
+from meshkit.haproxy.render import RuntimePaths
+from meshkit.registry import read_records
+from meshkit.stack.control import CircusControl
+from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import ServiceProcess, settings_env, tcp_listener, wait_until
 
 pytestmark = pytest.mark.integration
@@ -266,3 +271,84 @@ def test_a_new_sync_with_other_descriptor_numbers_takes_haproxy_over_refusing_no
         other.close()
     assert loop.failures == []
     assert "lacks a listening socket" in second.log() or "soft-stopping the previous haproxy master" in second.log()
+
+
+# -- under Circus: the stack's own circus.ini ------------------------------------
+
+
+def meshkit(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshkit", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """``meshkit up --daemon`` on the project's circus.ini in a run directory of its own; ``meshkit down`` after."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
+    env.update({
+        "MESHKIT_RUN_DIR": str(run_dir), "MESHKIT_HOME": str(REPO),
+        "MESHKIT_CONFIG": str(REPO / "configs" / "meshkit.toml"),
+        "MESHKIT_NAMESPACE": "hl" + uuid.uuid4().hex[:8],
+        "MESHKIT_STRATUM_HOST": "127.0.0.1", "MESHKIT_STRATUM_PORT": "0",
+        "MESHKIT_HEARTBEAT_INTERVAL": "0.3", "MESHKIT_TTL": "2", "MESHKIT_RESYNC_INTERVAL": "0.5",
+        "MESHKIT_DRAIN_GRACE": "3", "MESHKIT_GATEWAY_DRAIN_GRACE": "2",
+    })
+    up = meshkit("up", "--daemon", "--circus-ini", str(REPO / "circus.ini"), "--run-dir", str(run_dir), env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
+        yield env, run_dir
+    finally:
+        meshkit("down", "--run-dir", str(run_dir), env=env)
+        terminate(stack_processes(str(run_dir)), grace=5)
+
+
+def test_circus_restarting_or_losing_the_sync_watcher_cuts_no_client(
+    stack: tuple[dict[str, str], Path],
+) -> None:
+    env, run_dir = stack
+    control = CircusControl(f"ipc://{run_dir}/circus.sock", str(run_dir / "control.lock"))
+    port = int(control.sockets()["stratum"].rsplit(":", 1)[1])
+    view = Sync(Settings.load(env=env), run_dir.parent, tcp_listener())  # only to read HAProxy's state
+    view.public.close()
+    view.paths = RuntimePaths.in_dir(run_dir)
+    gateways = {r.instance_id for r in read_records(view.settings, "gateway")}
+    wait_until(lambda: all(backend_up(view, g) for g in gateways), WAIT, "the gateways to be servers")
+    clients = [LineClient(f"127.0.0.1:{port}") for _ in range(CLIENTS)]
+    try:
+        for client in clients:
+            assert "result" in client.call("shares.stats")
+        master = view.master_pid()
+        loop = ConnectLoop(port).start()  # any answer counts (here "method not found")
+        try:
+            for how in ("restart", "kill -9"):
+                [old] = control.pids("haproxy")
+                if how == "restart":
+                    control.call("restart", name="haproxy")
+                else:
+                    os.kill(old, signal.SIGKILL)
+                wait_until(lambda old=old: control.pids("haproxy") not in ([], [old]), WAIT,
+                           f"circus to {how} the sync")
+                loop.flowing()
+            # The new sync follows the registry: a third gateway becomes a server.
+            assert meshkit("scale", "gateway", "3", "--run-dir", str(run_dir), env=env).returncode == 0
+            wait_until(lambda: len(read_records(view.settings, "gateway")) == 3, 20, "a third gateway")
+            [third] = {r.instance_id for r in read_records(view.settings, "gateway")} - gateways
+            wait_until(lambda: backend_up(view, third), WAIT, "the third gateway to be a server")
+            loop.flowing()
+        finally:
+            loop.stop()
+        assert loop.failures == []
+        assert loop.slowest < 2.0, f"a connection waited {loop.slowest:.1f}s"
+        for client in clients:
+            assert "result" in client.call("shares.stats")
+        assert view.master_pid() == master
+    finally:
+        for client in clients:
+            client.close()
+    # Only meshkit down stops HAProxy, softly.
+    down = meshkit("down", "--run-dir", str(run_dir), env=env)
+    assert down.returncode == 0, down.stderr
+    assert master is not None and not alive(master)
