@@ -161,6 +161,21 @@ class HAProxyMaster:
         """Drive the running master ``pid`` from now on."""
         self.pid = pid
 
+    def fall_back(self, previous: int) -> None:
+        """A takeover failed: end the new master if it runs, and drive ``previous`` again.
+
+        The pid file names ``previous`` again too (the new master had written
+        its own), so the next sync finds the master that serves.
+        """
+        if self.pid is not None and self.pid != previous:
+            log.error("the new haproxy master %d did not come up; keeping master %d", self.pid, previous)
+            kill_haproxy(self.pid)
+        self.pid = previous
+        with contextlib.suppress(OSError):
+            temporary = self.pid_file.with_name(self.pid_file.name + ".tmp")
+            temporary.write_text(f"{previous}\n")
+            os.replace(temporary, self.pid_file)
+
     def can_adopt(self, pid: int) -> bool:
         """Whether master ``pid`` holds every listening socket the configuration binds by ``fd@N``."""
         return holds_sockets(pid, self.pass_fds)

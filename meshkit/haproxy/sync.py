@@ -5,15 +5,13 @@ and, in rounds, makes HAProxy match the :class:`~meshkit.haproxy.model.Model`
 built from it:
 
 1. **Attach, or start one.** By default it drives the HAProxy master of its
-   run directory (see :mod:`meshkit.haproxy.process`): the one already running
-   there if there is one (left by an earlier sync), else one it starts, from a
-   configuration that already lists every known server. HAProxy outlives the
-   sync: a sync that stops or dies leaves it serving with the servers it has,
-   and the next one attaches to it and reconciles. A master that lacks a
-   listening socket the configuration binds by ``fd@N`` is replaced by a
-   takeover (a new master given the running one's listeners, then the old one
-   soft-stopped). With ``attach=True`` it only drives an HAProxy someone else
-   runs, through the given stats and master sockets, and never starts one.
+   run directory (see :mod:`meshkit.haproxy.process`, which it outlives): the
+   one running there (left by an earlier sync), else one it starts from a
+   configuration listing every known server. A master lacking a listening
+   socket the configuration binds by ``fd@N`` is taken over (a new master
+   gets the running one's listeners, then the old one is soft-stopped). With
+   ``attach=True`` it only drives an HAProxy someone else runs, through the
+   given sockets, and never starts one.
 2. **Structure.** When the frontends or backends (or any setting) change, it
    renders the configuration with every known server, checks it with
    ``haproxy -c``, writes it and reloads through the master CLI; listeners pass
@@ -46,6 +44,7 @@ reload, a start, a lookup: none is waited for, a cancelled one gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -280,10 +279,9 @@ class HAProxySync:
 
     def _running_fingerprint(self) -> str | None:
         """The structure fingerprint of the configuration file HAProxy was started or reloaded from."""
-        try:
+        with contextlib.suppress(OSError):
             return fingerprint_of(self.paths.config_file.read_text())
-        except OSError:
-            return None
+        return None
 
     async def _launch(self, model: Model, previous: int | None) -> None:
         """Start a master with every server; taking the listeners over from master ``previous`` if given."""
@@ -299,8 +297,13 @@ class HAProxySync:
         fingerprint = await self._write(model)
         # -x only from a worker that answers: a stale socket would fail the start.
         takeover = previous is not None and await self._answers()
-        await self.process.start(takeover=takeover)
-        await self._wait_worker(None)
+        try:
+            await self.process.start(takeover=takeover)
+            await self._wait_worker(None)
+        except BaseException:
+            if previous is not None and alive(previous):
+                self.process.fall_back(previous)  # it keeps serving; a later round tries again
+            raise
         if previous is not None:
             self._retiring.add(previous)
             self.process.retire(previous)

@@ -187,3 +187,13 @@ def test_a_pid_file_naming_another_program_names_no_master(tmp_path: Path) -> No
     assert process.find_master(paths.config_file, paths.pid_file) is None
     paths.pid_file.write_text("garbage\n")
     assert process.find_master(paths.config_file, paths.pid_file) is None
+
+
+def test_a_failed_takeover_falls_back_to_the_previous_master(tmp_path: Path) -> None:
+    paths = RuntimePaths.in_dir(tmp_path)
+    master = process.HAProxyMaster(paths.config_file, paths.master_socket, paths.pid_file, paths.stats_socket,
+                                   haproxy="/bin/false")
+    paths.pid_file.write_text("999999999\n")  # what the new master wrote before it failed
+    master.fall_back(4242)
+    assert master.pid == 4242
+    assert paths.pid_file.read_text().split() == ["4242"]  # the next sync finds the master that serves
