@@ -52,6 +52,7 @@ HARD_STOP_GRACE = 2.0  # seconds of a stop budget kept for the hard stop (SIGTER
 REAP_TIMEOUT = 1.0  # seconds a SIGKILLed master may take to disappear
 LAUNCH_TIMEOUT = 5.0  # seconds the launching shell may take to report the master's pid
 LOG_NAME = "haproxy.log"  # HAProxy's own output, next to its configuration
+LOADED_NAME = "haproxy.loaded"  # next to it too: the structure fingerprint of what HAProxy runs
 # The names RuntimePaths.in_dir gives the configuration and the pid file (a unit test pins them equal).
 CONFIG_NAME = "haproxy.cfg"
 PID_NAME = "haproxy.pid"
@@ -160,6 +161,27 @@ class HAProxyMaster:
     def adopt(self, pid: int) -> None:
         """Drive the running master ``pid`` from now on."""
         self.pid = pid
+
+    def loaded_structure(self) -> str | None:
+        """The structure fingerprint the last start or reload that worked recorded (:meth:`note_loaded`).
+
+        Not the configuration file's own: a sync stopped between writing the
+        file and reloading HAProxy leaves a file HAProxy does not run; the
+        next sync then reloads it.
+        """
+        with contextlib.suppress(OSError):
+            return (self.config_file.parent / LOADED_NAME).read_text().strip() or None
+        return None
+
+    def note_loaded(self, fingerprint: str) -> None:
+        """Record that HAProxy now runs the structure ``fingerprint``."""
+        path = self.config_file.parent / LOADED_NAME
+        try:
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_text(fingerprint + "\n")
+            os.replace(temporary, path)
+        except OSError as exc:  # the next sync then reloads once, which refuses nothing
+            log.warning("cannot record the loaded structure in %s: %s", path, exc)
 
     def fall_back(self, previous: int) -> None:
         """A takeover failed: end the new master if it runs, and drive ``previous`` again.

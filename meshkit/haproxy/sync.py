@@ -64,7 +64,7 @@ from .model import Model, build_model, listener_hosts
 from .process import HAProxyMaster, alive, find_haproxy
 from .reconcile import REMOVE, Step, plan
 from .render import RuntimePaths, check_config, fingerprint_of, render, structure_fingerprint, write_config
-from .runtime import MasterCLI, RuntimeAPI
+from .runtime import MasterCLI, RuntimeAPI, wait_for_worker
 
 log = logging.getLogger("meshkit.haproxy.sync")
 
@@ -278,10 +278,20 @@ class HAProxySync:
         return self.process.running()
 
     def _running_fingerprint(self) -> str | None:
-        """The structure fingerprint of the configuration file HAProxy was started or reloaded from."""
+        """The structure fingerprint of what HAProxy runs (see :meth:`HAProxyMaster.loaded_structure`).
+
+        An HAProxy someone else started (``attach=True``) has only its configuration file's.
+        """
+        if self.process is not None:
+            return self.process.loaded_structure()
         with contextlib.suppress(OSError):
             return fingerprint_of(self.paths.config_file.read_text())
         return None
+
+    def _note_loaded(self, fingerprint: str) -> None:
+        self._loaded = fingerprint
+        if self.process is not None:
+            self.process.note_loaded(fingerprint)
 
     async def _launch(self, model: Model, previous: int | None) -> None:
         """Start a master with every server; taking the listeners over from master ``previous`` if given."""
@@ -296,7 +306,7 @@ class HAProxySync:
         self._launch_backoff = min(self._launch_backoff * 2, 10.0)
         fingerprint = await self._write(model)
         # -x only from a worker that answers: a stale socket would fail the start.
-        takeover = previous is not None and await self._answers()
+        takeover = previous is not None and await self.runtime.answers()
         try:
             await self.process.start(takeover=takeover)
             await self._wait_worker(None)
@@ -307,16 +317,9 @@ class HAProxySync:
         if previous is not None:
             self._retiring.add(previous)
             self.process.retire(previous)
-        self._loaded = fingerprint
+        self._note_loaded(fingerprint)
         self._retry_after, self._launch_backoff = 0.0, 0.5
         log.info("haproxy is up with %d server(s)", sum(len(b.servers) for b in model.backends))
-
-    async def _answers(self) -> bool:
-        try:
-            await self.runtime.worker_pid()
-        except HAProxyUnreachableError:
-            return False
-        return True
 
     async def _reload_if_needed(self, model: Model) -> None:
         fingerprint = structure_fingerprint(model, self.paths)
@@ -330,7 +333,7 @@ class HAProxySync:
         except ReloadError:
             self._retry_after = self.clock() + 5.0  # HAProxy keeps its old worker meanwhile
             raise
-        self._loaded = fingerprint
+        self._note_loaded(fingerprint)
         log.info("haproxy reloaded (worker %s)", ", ".join(map(str, table.workers)))
 
     async def _write(self, model: Model) -> str:
@@ -347,29 +350,15 @@ class HAProxySync:
         return fingerprint
 
     async def _wait_worker(self, workers: tuple[int, ...] | None) -> None:
-        """Wait until the stats socket is answered by one of ``workers`` (by the new master's worker if None).
+        """Wait until the stats socket is answered by one of ``workers`` (by the new master's worker if None)."""
+        master = self.process
 
-        With ``None`` (a fresh start) the master CLI must answer, as the
-        master just started (not one it replaces): before that, the master
-        is still re-executing itself and would lose a signal.
-        """
-        deadline = self.clock() + READY_TIMEOUT
-        while True:
-            if self.process is not None and not self.process.running():
-                raise HAProxyError(f"haproxy master {self.process.died} exited while starting"
-                                   f" (see {self.process.log_file})")
-            try:
-                if workers is None:
-                    table = await self.master.processes()
-                    if self.process is None or table.master_pid == self.process.pid:
-                        workers = table.workers or None
-                if workers is not None and await self.runtime.worker_pid() in workers:
-                    return
-            except HAProxyUnreachableError:
-                pass
-            if self.clock() > deadline:
-                raise ReloadError(f"no haproxy worker answered on {self.paths.stats_socket} in {READY_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.05)
+        def check_alive() -> None:
+            if master is not None and not master.running():
+                raise HAProxyError(f"haproxy master {master.died} exited while starting (see {master.log_file})")
+
+        await wait_for_worker(self.master, self.runtime, workers, master.pid if master else None,
+                              check_alive, READY_TIMEOUT)
 
     async def _reconcile(self, model: Model) -> None:
         actual = await self.runtime.servers()

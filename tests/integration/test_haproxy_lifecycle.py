@@ -273,6 +273,32 @@ def test_a_new_sync_with_other_descriptor_numbers_takes_haproxy_over_refusing_no
     assert "lacks a listening socket" in second.log() or "soft-stopping the previous haproxy master" in second.log()
 
 
+
+def test_a_sync_killed_between_writing_and_reloading_is_followed_by_a_reload(
+    syncs: Callable[..., Sync], registry: FakeRegistry, gateways: Callable[[str], Gateway],
+) -> None:
+    gw = gateways("gwwrite")
+    registry.put(gw.record())
+    first = syncs().start()
+    wait_until(lambda: backend_up(first, "gwwrite"), WAIT, "gwwrite to be a server")
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    # What a sync leaves when killed after writing a new structure, before reloading it.
+    first.write_config('[haproxy.timeouts]\nqueue = "6s"')
+    rendered = subprocess.run(first.meshkit_haproxy("render", "-o", str(first.paths.config_file)),
+                              env={**os.environ, **settings_env(first.settings)}, cwd=REPO, timeout=30,
+                              capture_output=True, text=True, pass_fds=(first.public.fileno(),))
+    assert rendered.returncode == 0, rendered.stderr
+    assert first.reloads() == 0
+
+    second = syncs()
+    second.write_config('[haproxy.timeouts]\nqueue = "6s"')
+    second.start()
+    wait_until(lambda: second.reloads() >= 1, WAIT, "the new sync to reload the structure haproxy does not run")
+    wait_until(lambda: backend_up(second, "gwwrite"), WAIT, "gwwrite to be a server after the reload")
+
+
 # -- under Circus: the stack's own circus.ini ------------------------------------
 
 
