@@ -19,6 +19,7 @@ from pathlib import Path
 from loadclients import probe_connection
 
 from meshkit.config import Settings
+from meshkit.haproxy.process import stop_haproxy
 from meshkit.testing import (
     ProcessExitedError,
     RedisServer,
@@ -176,6 +177,8 @@ class Stack:
                 self.haproxy.wait(5)
         for proc in [*self.gateways, *self.shares, *([self.jobs] if self.jobs else [])]:
             proc.kill()
+        # HAProxy outlives its sync process; only stop_haproxy stops it (softly: the gateways are gone).
+        stop_haproxy(self.workdir / "haproxy", timeout=5.0)
         if self.public is not None:
             self.public.close()
         self.redis.stop()
