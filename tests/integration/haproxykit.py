@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import redis
 
 from meshkit import Settings
@@ -26,6 +27,7 @@ from meshkit.haproxy.render import RuntimePaths
 from meshkit.haproxy.runtime import MasterCLI, RuntimeAPI, ServerState
 from meshkit.record import UP, InstanceRecord
 from meshkit.registry import Keys
+from meshkit.stack.processes import stack_processes
 from meshkit.testing import ProcessExitedError, find_program, settings_env, tcp_listener, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,16 +241,15 @@ def held(port: int, timeout: float = 3.0) -> tuple[socket.socket, str]:
 
 
 def kill_haproxy(paths: RuntimePaths) -> None:
-    """SIGKILL the HAProxy master named by ``paths.pid_file`` and its workers (test teardown)."""
-    try:
-        pid = int(paths.pid_file.read_text().split()[0])
-        group = os.getpgid(pid)
-    except (OSError, ValueError, IndexError):
-        return
-    if group != os.getpgrp():  # never this test's own process group
+    """SIGKILL every process naming the run directory of ``paths`` (HAProxy masters, workers, syncs left behind).
+
+    Test teardown: HAProxy outlives the sync, and a failed test may leave a
+    sync or an old master running too.
+    """
+    for proc in stack_processes(str(paths.config_file.parent)):
         try:
-            os.killpg(group, signal.SIGKILL)
-        except OSError:
+            proc.kill()
+        except psutil.NoSuchProcess:
             pass
 
 

@@ -80,11 +80,11 @@ def public() -> Iterator[socket.socket]:
 
 @pytest.fixture
 def syncs(mesh_settings: Settings, tmp_path: Path, public: socket.socket) -> Iterator[Callable[..., Sync]]:
-    """``syncs(bind=None)``: a new sync process on the same run directory; all stopped, HAProxy too, at the end."""
+    """``syncs(bind=None, listener=public)``: a new sync on the same run directory; all stopped, HAProxy too."""
     made: list[Sync] = []
 
-    def make(bind: str | None = None) -> Sync:
-        made.append(Sync(mesh_settings, tmp_path, public, bind=bind))
+    def make(bind: str | None = None, listener: socket.socket | None = None) -> Sync:
+        made.append(Sync(mesh_settings, tmp_path, listener or public, bind=bind))
         made[-1].hard_stop_after = "1h"  # a client cut here is a client cut, not a timeout
         made[-1].write_config()
         return made[-1]
@@ -251,10 +251,7 @@ def test_a_new_sync_with_other_descriptor_numbers_takes_haproxy_over_refusing_no
     other = socket.socket(fileno=os.dup(public.fileno()))
     try:
         assert first.stop() == 0
-        second = Sync(first.settings, first.directory, other)
-        second.hard_stop_after = "1h"
-        second.write_config()
-        second.start()
+        second = syncs(listener=other).start()
         wait_until(lambda: second.master_pid() not in (None, old_master), WAIT, "a new haproxy master")
         wait_until(lambda: backend_up(second, instance), WAIT, "the gateway to be a server of the new master")
         assert old_master is not None
