@@ -177,9 +177,7 @@ class HAProxyMaster:
         """Record that HAProxy now runs the structure ``fingerprint``."""
         path = self.config_file.parent / LOADED_NAME
         try:
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(fingerprint + "\n")
-            os.replace(temporary, path)
+            _replace(path, fingerprint + "\n")
         except OSError as exc:  # the next sync then reloads once, which refuses nothing
             log.warning("cannot record the loaded structure in %s: %s", path, exc)
 
@@ -194,9 +192,7 @@ class HAProxyMaster:
             kill_haproxy(self.pid)
         self.pid = previous
         with contextlib.suppress(OSError):
-            temporary = self.pid_file.with_name(self.pid_file.name + ".tmp")
-            temporary.write_text(f"{previous}\n")
-            os.replace(temporary, self.pid_file)
+            _replace(self.pid_file, f"{previous}\n")
 
     def can_adopt(self, pid: int) -> bool:
         """Whether master ``pid`` holds every listening socket the configuration binds by ``fd@N``."""
@@ -291,6 +287,13 @@ def kill_haproxy(pid: int) -> None:
             os.killpg(group, signal.SIGKILL)
         else:
             os.kill(pid, signal.SIGKILL)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write the small file ``path`` atomically (a reader never sees half of it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _signal(pid: int, sig: int) -> None:
