@@ -107,6 +107,35 @@ def find_master(config_file: Path, pid_file: Path) -> int | None:
     return None
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid``, or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def masters_running(config_file: Path) -> list[int]:
+    """Pids of every live HAProxy master (``-W``) running ``config_file``, found in /proc, workers left out.
+
+    One run directory has one master; any other is stale (a sync killed
+    midway through a takeover leaves two).
+    """
+    wanted = os.fsencode(str(config_file))
+    parents: dict[int, int | None] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in cmdline and b"-W" in cmdline and alive(int(entry)):
+            parents[int(entry)] = parent_of(int(entry))
+    # A worker's parent is a master; the newest master last (pids are not reused quickly).
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
+
+
 def holds_sockets(pid: int, fds: Sequence[int]) -> bool:
     """Whether process ``pid`` has, under each number in ``fds``, the very socket this process has there."""
     for fd in fds:
@@ -159,8 +188,28 @@ class HAProxyMaster:
         return find_master(self.config_file, self.pid_file)
 
     def adopt(self, pid: int) -> None:
-        """Drive the running master ``pid`` from now on."""
+        """Drive the running master ``pid`` from now on (the pid file names it, for whoever comes next)."""
         self.pid = pid
+        if find_master(self.config_file, self.pid_file) != pid:
+            with contextlib.suppress(OSError):
+                _replace(self.pid_file, f"{pid}\n")
+
+    def others(self) -> list[int]:
+        """Every other live master running this configuration (stale: see :func:`masters_running`)."""
+        return [pid for pid in masters_running(self.config_file) if pid != self.pid]
+
+    def choose(self, answering_worker: int | None) -> int | None:
+        """The running master to drive, if any: the parent of ``answering_worker`` (the worker that
+        answers on the stats socket), else the one the pid file names, else the newest.
+
+        Two run only after a takeover cut short; the one whose worker holds
+        the control sockets is the one a sync can drive.
+        """
+        masters = masters_running(self.config_file)
+        if answering_worker is not None and (parent := parent_of(answering_worker)) in masters:
+            return parent
+        named = find_master(self.config_file, self.pid_file)
+        return named if named in masters else (masters[-1] if masters else None)
 
     def loaded_structure(self) -> str | None:
         """The structure fingerprint the last start or reload that worked recorded (:meth:`note_loaded`).
@@ -184,15 +233,13 @@ class HAProxyMaster:
     def fall_back(self, previous: int) -> None:
         """A takeover failed: end the new master if it runs, and drive ``previous`` again.
 
-        The pid file names ``previous`` again too (the new master had written
-        its own), so the next sync finds the master that serves.
+        The pid file names ``previous`` again (the new master had written its
+        own), so the next sync finds the master that serves.
         """
         if self.pid is not None and self.pid != previous:
             log.error("the new haproxy master %d did not come up; keeping master %d", self.pid, previous)
             kill_haproxy(self.pid)
-        self.pid = previous
-        with contextlib.suppress(OSError):
-            _replace(self.pid_file, f"{previous}\n")
+        self.adopt(previous)
 
     def can_adopt(self, pid: int) -> bool:
         """Whether master ``pid`` holds every listening socket the configuration binds by ``fd@N``."""

@@ -268,11 +268,17 @@ class HAProxySync:
                         self.process.pid)
             await self._launch(model, previous=self.process.pid)
             return self.process.running()
-        found = self.process.find()
+        worker = None
+        with contextlib.suppress(HAProxyUnreachableError):
+            worker = await self.runtime.worker_pid()
+        found = self.process.choose(worker)
         if found is not None and self.process.can_adopt(found):
             self.process.adopt(found)
             self._loaded = self._running_fingerprint()
             log.info("attached to the running haproxy master (pid %d)", found)
+            for stale in self.process.others():  # a takeover cut short leaves a second one
+                self._retiring.add(stale)
+                self.process.retire(stale)
             return True
         await self._launch(model, previous=found)
         return self.process.running()

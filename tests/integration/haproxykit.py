@@ -267,6 +267,9 @@ def reserve_port(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+REQUEST = b'{"jsonrpc": "2.0", "id": 1, "method": "gwprobe.echo", "params": ["loop"]}\n'
+
+
 class ConnectLoop:
     """New connections through HAProxy in a tight loop, each sending one line and waiting for one line.
 
@@ -275,11 +278,10 @@ class ConnectLoop:
     successful one took.
     """
 
-    REQUEST = b'{"jsonrpc": "2.0", "id": 1, "method": "gwprobe.echo", "params": ["loop"]}\n'
-
-    def __init__(self, port: int, timeout: float = 3.0) -> None:
+    def __init__(self, port: int, timeout: float = 3.0, request: bytes = REQUEST) -> None:
         self.port = port
         self.timeout = timeout
+        self.request = request
         self.ok = 0
         self.slowest = 0.0
         self.failures: list[str] = []
@@ -306,7 +308,7 @@ class ConnectLoop:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as sock:
                     sock.settimeout(self.timeout)
-                    sock.sendall(self.REQUEST)
+                    sock.sendall(self.request)
                     data = b""
                     while b"\n" not in data:
                         chunk = sock.recv(4096)

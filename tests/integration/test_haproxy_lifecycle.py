@@ -35,11 +35,12 @@ from haproxykit import (
 from lineclient import LineClient
 
 from meshkit import Settings
+from meshkit.haproxy.process import masters_running
 from meshkit.haproxy.render import RuntimePaths
 from meshkit.registry import read_records
 from meshkit.stack.control import CircusControl
 from meshkit.stack.processes import stack_processes, terminate
-from meshkit.testing import ServiceProcess, settings_env, tcp_listener, wait_until
+from meshkit.testing import ServiceProcess, find_program, settings_env, tcp_listener, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -294,6 +295,45 @@ def test_a_sync_killed_between_writing_and_reloading_is_followed_by_a_reload(
     second.start()
     wait_until(lambda: second.reloads() >= 1, WAIT, "the new sync to reload the structure haproxy does not run")
     wait_until(lambda: backend_up(second, "gwwrite"), WAIT, "gwwrite to be a server after the reload")
+
+
+
+def test_a_takeover_cut_short_leaves_no_second_master(
+    syncs: Callable[..., Sync], registry: FakeRegistry, gateways: Callable[[str], Gateway],
+    public: socket.socket,
+) -> None:
+    # A sync killed while taking HAProxy over leaves two masters running one
+    # configuration; the next sync keeps one (the one whose worker answers on
+    # the stats socket) and soft-stops the other, refusing nothing meanwhile.
+    registry.put(gateways("gwstale").record())
+    first = syncs().start()
+    wait_until(lambda: backend_up(first, "gwstale"), WAIT, "gwstale to be a server")
+    assert first.process is not None
+    first.process.kill()
+    first.process.wait(10)
+    paths = first.paths
+    stale = subprocess.Popen(
+        [find_program("haproxy"), "-W", "-S", str(paths.master_socket), "-p", str(paths.pid_file),
+         "-f", str(paths.config_file)],
+        pass_fds=(public.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_until(lambda: len(masters_running(paths.config_file)) == 2, WAIT, "a second master to run")
+        loop = ConnectLoop(first.port, request=b"hello\n").start()
+        try:
+            second = syncs().start()
+            wait_until(lambda: len(masters_running(paths.config_file)) == 1, WAIT, "the new sync to leave one master")
+            registry.put(gateways("gwafter").record())
+            wait_until(lambda: backend_up(second, "gwafter"), WAIT, "the new sync to drive the one left")
+            loop.flowing()
+        finally:
+            loop.stop()
+        assert loop.failures == []
+        assert masters_running(paths.config_file) == [second.master_pid()]
+    finally:
+        if stale.poll() is None:
+            stale.kill()
+        stale.wait(10)
 
 
 # -- under Circus: the stack's own circus.ini ------------------------------------
