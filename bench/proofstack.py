@@ -24,6 +24,7 @@ from pathlib import Path
 from loadclients import probe_connection
 
 from meshkit.config import Settings
+from meshkit.haproxy.process import stop_haproxy
 from meshkit.stack.control import CircusControl, StackError
 from meshkit.stack.processes import STACK_MARKER, stack_processes, terminate
 from meshkit.testing import (
@@ -272,6 +273,8 @@ class Stack:
             self.circus.stop()
         for proc in [*self.gateways, *self.shares, *([self.jobs] if self.jobs else [])]:
             proc.kill()
+        # HAProxy outlives its sync process; only stop_haproxy stops it (softly: the gateways are gone).
+        stop_haproxy(self.workdir / "haproxy", timeout=5.0)
         if self.public is not None:
             self.public.close()
         self.redis.stop()

@@ -5,7 +5,7 @@
 ``meshkit call SERVICE METHOD [ARG..]``   each ARG is JSON or KEY=JSON; prints the result as JSON
 ``meshkit publish TOPIC JSON``            push to every subscriber; prints how many acknowledged
 ``meshkit redis start|stop|status``       a private Redis for this directory (:mod:`.localredis`)
-``meshkit haproxy render|sync``           HAProxy in front of the gateways (docs/haproxy.md)
+``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 
 Settings come from ``MESHKIT_*`` variables and the file named by

@@ -6,12 +6,12 @@ The layers, lowest first (each imports only those before it):
 * :mod:`~meshkit.haproxy.config` — ``configs/haproxy.toml`` as a ``ProxyConfig``
 * :mod:`~meshkit.haproxy.model` — frontends, backends and servers from config and records
 * :mod:`~meshkit.haproxy.hosts` — host names in records resolved off the event loop, last good answer kept
-* :mod:`~meshkit.haproxy.process` — the HAProxy master process the sync process owns; ``find_program``
+* :mod:`~meshkit.haproxy.process` — the HAProxy master of a run directory: started detached, found, stopped
 * :mod:`~meshkit.haproxy.render` — the Jinja2 templates in ``haproxy/``, and ``haproxy -c``
 * :mod:`~meshkit.haproxy.runtime` — runtime API and master CLI clients
 * :mod:`~meshkit.haproxy.reconcile` — the commands that make HAProxy's servers match a model
 * :mod:`~meshkit.haproxy.sync` — the long-running sync process
-* :mod:`~meshkit.haproxy.command` — ``meshkit haproxy render|sync``
+* :mod:`~meshkit.haproxy.command` — ``meshkit haproxy render|sync|stop``
 
 See ``docs/haproxy.md``. Importing this package imports none of them.
 """

@@ -1,4 +1,4 @@
-"""The ``meshkit haproxy`` command: ``render`` and ``sync``.
+"""The ``meshkit haproxy`` command: ``render``, ``sync`` and ``stop``.
 
 ``meshkit haproxy render [--config FILE] [--bind NAME=ADDR]... [--run-dir DIR] [--check] [-o FILE]``
     Print (or write to FILE) the HAProxy configuration for the registry as it
@@ -9,12 +9,20 @@
 ``meshkit haproxy sync [--config FILE] [--bind NAME=ADDR]... [--run-dir DIR] [--attach
 [--stats-socket PATH] [--master-socket PATH]] [--haproxy PATH]``
     Run the sync process (:mod:`meshkit.haproxy.sync`). Without ``--attach``
-    it owns HAProxy: ``haproxy -W -S DIR/haproxy-master.sock -f
-    DIR/haproxy.cfg``, inheriting every ``fd@N`` a frontend binds. With
-    ``--attach`` it drives an HAProxy already running from ``DIR/haproxy.cfg``
-    through the given sockets. SIGTERM/SIGINT stop it with exit status 0
-    within ``stop_timeout`` + 2 s (an owned HAProxy softly if it can, else
-    hard; see :mod:`meshkit.haproxy.sync`); SIGHUP re-reads ``--config``.
+    it drives the HAProxy of ``DIR``: the master already running from
+    ``DIR/haproxy.cfg`` if there is one, else one it starts, detached
+    (``haproxy -W -S DIR/haproxy-master.sock -f DIR/haproxy.cfg``, inheriting
+    every ``fd@N`` a frontend binds). With ``--attach`` it only drives an
+    HAProxy already running from ``DIR/haproxy.cfg`` through the given
+    sockets. SIGTERM/SIGINT stop it with exit status 0 within 3 s and leave
+    HAProxy serving; SIGHUP re-reads ``--config``.
+
+``meshkit haproxy stop [--run-dir DIR] [--config FILE] [--timeout SECONDS]``
+    Stop the HAProxy of ``DIR`` (what ``meshkit down`` does once the stack
+    has stopped): softly, then hard in the last 2 s, then SIGKILL, within
+    ``--timeout`` (default: ``stop_timeout`` from FILE, else 10) + 1 s; see
+    :func:`meshkit.haproxy.process.stop_haproxy`. Exit status 0, also when
+    none was running.
 
 ``--bind stratum=fd@5`` overrides the ``bind`` of frontend ``stratum``: this
 is how a listening socket inherited from Circus (``$(circus.sockets.stratum)``)
@@ -39,14 +47,15 @@ from ..errors import ConfigError, MeshError
 from .config import DEFAULT_CONFIG, ProxyConfig, load_proxy_config
 from .errors import ConfigCheckError
 from .model import build_model
+from .process import STOP_TIMEOUT
 from .render import RuntimePaths, check_config, render, write_config
 
 log = logging.getLogger("meshkit.haproxy.command")
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register ``haproxy render`` and ``haproxy sync`` on the CLI's sub-parsers."""
-    parser = subparsers.add_parser("haproxy", help="HAProxy in front of the gateways (render, sync)")
+    """Register ``haproxy render``, ``haproxy sync`` and ``haproxy stop`` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser("haproxy", help="HAProxy in front of the gateways (render, sync, stop)")
     parser.set_defaults(func=lambda args: _usage(parser))
     actions = parser.add_subparsers(metavar="ACTION")
 
@@ -56,13 +65,21 @@ def add_commands(subparsers: Any) -> None:
     render_cmd.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (atomically) instead")
     render_cmd.set_defaults(func=cmd_render)
 
-    sync_cmd = actions.add_parser("sync", help="own (or --attach to) HAProxy and keep its servers in step")
+    sync_cmd = actions.add_parser("sync", help="keep HAProxy's servers in step with the registry")
     _common(sync_cmd)
-    sync_cmd.add_argument("--attach", action="store_true", help="drive a running HAProxy instead of owning one")
+    sync_cmd.add_argument("--attach", action="store_true", help="only drive a running HAProxy, never start one")
     sync_cmd.add_argument("--stats-socket", metavar="PATH", help="runtime API socket (default: RUN_DIR/haproxy.sock)")
     sync_cmd.add_argument("--master-socket", metavar="PATH",
                           help="master CLI socket (default: RUN_DIR/haproxy-master.sock)")
     sync_cmd.set_defaults(func=cmd_sync)
+
+    stop_cmd = actions.add_parser("stop", help="stop the HAProxy of a run directory, softly if it allows")
+    stop_cmd.add_argument("--run-dir", metavar="DIR", help="its configuration and sockets (default: settings run_dir)")
+    stop_cmd.add_argument("--config", dest="haproxy_config", metavar="FILE", default=DEFAULT_CONFIG,
+                          help=f"where stop_timeout is read if --timeout is not given (default: {DEFAULT_CONFIG})")
+    stop_cmd.add_argument("--timeout", type=float, metavar="SECONDS",
+                          help=f"the whole stop's budget (default: stop_timeout, else {STOP_TIMEOUT:.0f})")
+    stop_cmd.set_defaults(func=cmd_stop)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +155,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
     paths.config_file.parent.mkdir(parents=True, exist_ok=True)
     asyncio.run(run_sync(settings, config, paths, attach=args.attach, haproxy=args.haproxy,
                          source=args.haproxy_config, binds=parse_binds(args.bind)))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .process import stop_haproxy
+
+    run_dir = args.run_dir or Settings.load(getattr(args, "config", None)).run_dir
+    timeout = args.timeout
+    if timeout is None:
+        try:
+            timeout = load_proxy_config(args.haproxy_config).stop_timeout
+        except ConfigError:
+            timeout = STOP_TIMEOUT  # no readable config here: stopping must not depend on one
+    how = stop_haproxy(run_dir, timeout)
+    said = {"none": "was not running", "soft": "stopped softly", "hard": "stopped hard (clients were cut)",
+            "killed": "killed (it did not stop in time)"}
+    print(f"haproxy in {run_dir} {said[how]}")
     return 0
 
 

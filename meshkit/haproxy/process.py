@@ -1,12 +1,29 @@
-"""An HAProxy master process owned by the sync process.
+"""The HAProxy master of a run directory: started detached, found again, stopped only on purpose.
 
 HAProxy runs in master-worker mode: ``haproxy -W -S <master socket> -p <pid
 file> -f <config>``. The master re-executes itself on ``reload`` and forks a
 new worker that takes the listening sockets over from the old one, which
-finishes its connections (up to ``hard-stop-after``). Frontends bound with
-``fd@N`` use file descriptors this process passes down (``pass_fds``); the
-master keeps them open across reloads, and since this process keeps them
-too, a restarted master gets the very same listening sockets.
+finishes its connections (up to ``hard-stop-after``).
+
+**HAProxy outlives whoever started it.** :meth:`HAProxyMaster.start` starts
+it *detached*: a shell in between starts it in the background and exits at
+once, so the master is nobody's child, in a session of its own. Nothing that
+stops or kills the sync process reaches it: not a Ctrl-C, not a SIGTERM, not
+Circus SIGKILLing the sync's process tree at its ``graceful_timeout``. Its
+output goes to ``haproxy.log`` next to its configuration. Its pid file and
+master socket stay in the run directory, where the next sync finds it
+(:func:`find_master`) and attaches to it. Only :func:`stop_haproxy` stops it
+(``meshkit haproxy stop``, called by ``meshkit down``).
+
+**The listeners are never closed while clients come.** Frontends bound with
+``fd@N`` use file descriptors the starter passes down; the master keeps them
+across reloads, and since Circus (or whoever bound them) keeps them too, a
+master started later gets the very same listening socket. A master started
+while another still runs (a *takeover*: the old one lacks a descriptor the
+configuration needs, or holds other sockets under those numbers) is given
+``-x <stats socket>``, so it takes the ``host:port`` listeners over from the
+running worker instead of binding anew (``expose-fd listeners``); only then is
+the old master soft-stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +47,19 @@ log = logging.getLogger("meshkit.haproxy.process")
 # Where Debian puts system programs: ``haproxy`` lands in /usr/sbin, often off
 # a non-root user's PATH.
 PROGRAM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
+STOP_TIMEOUT = 10.0  # default seconds stop_haproxy may take: soft, then hard in the last HARD_STOP_GRACE
 HARD_STOP_GRACE = 2.0  # seconds of a stop budget kept for the hard stop (SIGTERM, then SIGKILL)
-REAP_TIMEOUT = 1.0  # seconds a SIGKILLed master may take to be reaped
+REAP_TIMEOUT = 1.0  # seconds a SIGKILLed master may take to disappear
+LAUNCH_TIMEOUT = 5.0  # seconds the launching shell may take to report the master's pid
+LOG_NAME = "haproxy.log"  # HAProxy's own output, next to its configuration
+LOADED_NAME = "haproxy.loaded"  # next to it too: the structure fingerprint of what HAProxy runs
+# The names RuntimePaths.in_dir gives the configuration and the pid file (a unit test pins them equal).
+CONFIG_NAME = "haproxy.cfg"
+PID_NAME = "haproxy.pid"
+
+# The shell in between: HAProxy in the background with its output appended
+# to the log, then the shell prints its pid and exits, orphaning it.
+_LAUNCHER = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 
 
 def find_program(name: str) -> str:
@@ -53,13 +82,80 @@ def find_haproxy() -> str:
     return find_program("haproxy")
 
 
-class HAProxyProcess:
-    """One HAProxy master started by this process.
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited master nobody reaped yet)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return bool(fields) and fields[0] not in ("Z", "X")
 
-    :meth:`start` launches it and returns at once (readiness is the runtime
-    socket answering, which the caller waits for); :meth:`stop` stops it,
-    softly if it can, within a time budget; :meth:`kill` does not ask. Once
-    stopped or killed it is never started again.
+
+def find_master(config_file: Path, pid_file: Path) -> int | None:
+    """Pid of the live HAProxy master (``-W``) that runs ``config_file``, as named in ``pid_file``; else None.
+
+    A pid file left by a dead master, or whose pid now belongs to another
+    program, names nothing.
+    """
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    if os.fsencode(str(config_file)) in cmdline and b"-W" in cmdline and alive(pid):
+        return pid
+    return None
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid``, or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def masters_running(config_file: Path) -> list[int]:
+    """Pids of every live HAProxy master (``-W``) running ``config_file``, found in /proc, workers left out.
+
+    One run directory has one master; any other is stale (a sync killed
+    midway through a takeover leaves two).
+    """
+    wanted = os.fsencode(str(config_file))
+    parents: dict[int, int | None] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in cmdline and b"-W" in cmdline and alive(int(entry)):
+            parents[int(entry)] = parent_of(int(entry))
+    # A worker's parent is a master; the newest master last (pids are not reused quickly).
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
+
+
+def holds_sockets(pid: int, fds: Sequence[int]) -> bool:
+    """Whether process ``pid`` has, under each number in ``fds``, the very socket this process has there."""
+    for fd in fds:
+        try:
+            mine, theirs = os.fstat(fd), os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            return False
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return False
+    return True
+
+
+class HAProxyMaster:
+    """The HAProxy master of one run directory, whoever started it.
+
+    :attr:`pid` is the master this object drives, or None; :meth:`adopt`
+    takes the one already running there, :meth:`start` launches a new one
+    (detached; readiness is the master CLI and the stats socket answering,
+    which the caller waits for). Nothing here stops HAProxy except
+    :meth:`retire` of an older master after a takeover.
     """
 
     def __init__(
@@ -67,131 +163,195 @@ class HAProxyProcess:
         config_file: Path,
         master_socket: Path,
         pid_file: Path,
+        stats_socket: Path,
         haproxy: str | None = None,
         pass_fds: Sequence[int] = (),
     ) -> None:
         self.config_file = config_file
         self.master_socket = master_socket
         self.pid_file = pid_file
+        self.stats_socket = stats_socket
         self.haproxy = haproxy or find_haproxy()
         self.pass_fds = tuple(pass_fds)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._closed = False
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        self.log_file = config_file.parent / LOG_NAME
+        self.pid: int | None = None
+        self.died: int | None = None  # pid of the last master seen dead (for the log)
 
     def running(self) -> bool:
-        """Whether the master is alive (reaping it if it died)."""
-        return self._process is not None and self._process.poll() is None
+        """Whether the master this object drives is alive (None counts as not)."""
+        if self.pid is not None and not alive(self.pid):
+            self.died, self.pid = self.pid, None
+        return self.pid is not None
 
-    @property
-    def returncode(self) -> int | None:
-        return self._process.returncode if self._process is not None else None
+    def find(self) -> int | None:
+        """The live master in the run directory (this object's or another's), or None."""
+        return find_master(self.config_file, self.pid_file)
 
-    def start(self) -> None:
-        """Launch the master (after stopping one a previous owner left behind).
+    def adopt(self, pid: int) -> None:
+        """Drive the running master ``pid`` from now on (the pid file names it, for whoever comes next)."""
+        self.pid = pid
+        if find_master(self.config_file, self.pid_file) != pid:
+            with contextlib.suppress(OSError):
+                _replace(self.pid_file, f"{pid}\n")
 
-        Raises :class:`~meshkit.haproxy.errors.HAProxyError` after :meth:`stop`
-        or :meth:`kill`: a round still finishing while the owner shuts down
-        must not leave a fresh master behind.
+    def others(self) -> list[int]:
+        """Every other live master running this configuration (stale: see :func:`masters_running`)."""
+        return [pid for pid in masters_running(self.config_file) if pid != self.pid]
+
+    def choose(self, answering_worker: int | None) -> int | None:
+        """The running master to drive, if any: the parent of ``answering_worker`` (the worker that
+        answers on the stats socket), else the one the pid file names, else the newest.
+
+        Two run only after a takeover cut short; the one whose worker holds
+        the control sockets is the one a sync can drive.
         """
-        if self._closed:
-            raise HAProxyError("haproxy is being stopped; not starting it again")
-        if self.running():
-            return
-        self._stop_leftover()
-        with contextlib.suppress(FileNotFoundError):
-            self.master_socket.unlink()
+        masters = masters_running(self.config_file)
+        if answering_worker is not None and (parent := parent_of(answering_worker)) in masters:
+            return parent
+        named = find_master(self.config_file, self.pid_file)
+        return named if named in masters else (masters[-1] if masters else None)
+
+    def loaded_structure(self) -> str | None:
+        """The structure fingerprint the last start or reload that worked recorded (:meth:`note_loaded`).
+
+        Not the configuration file's own: a sync stopped between writing the
+        file and reloading HAProxy leaves a file HAProxy does not run; the
+        next sync then reloads it.
+        """
+        with contextlib.suppress(OSError):
+            return (self.config_file.parent / LOADED_NAME).read_text().strip() or None
+        return None
+
+    def note_loaded(self, fingerprint: str) -> None:
+        """Record that HAProxy now runs the structure ``fingerprint``."""
+        path = self.config_file.parent / LOADED_NAME
+        try:
+            _replace(path, fingerprint + "\n")
+        except OSError as exc:  # the next sync then reloads once, which refuses nothing
+            log.warning("cannot record the loaded structure in %s: %s", path, exc)
+
+    def fall_back(self, previous: int) -> None:
+        """A takeover failed: end the new master if it runs, and drive ``previous`` again.
+
+        The pid file names ``previous`` again (the new master had written its
+        own), so the next sync finds the master that serves.
+        """
+        if self.pid is not None and self.pid != previous:
+            log.error("the new haproxy master %d did not come up; keeping master %d", self.pid, previous)
+            kill_haproxy(self.pid)
+        self.adopt(previous)
+
+    def can_adopt(self, pid: int) -> bool:
+        """Whether master ``pid`` holds every listening socket the configuration binds by ``fd@N``."""
+        return holds_sockets(pid, self.pass_fds)
+
+    async def start(self, takeover: bool = False) -> int:
+        """Launch a new master, detached; return its pid.
+
+        With ``takeover`` it fetches the listening sockets of the worker
+        answering on the stats socket (``-x``) instead of binding them. Raises
+        :class:`~meshkit.haproxy.errors.HAProxyError` if it cannot be launched.
+        """
         argv = [
             self.haproxy, "-W",
             "-S", f"{self.master_socket},mode,600",
             "-p", str(self.pid_file),
             "-f", str(self.config_file),
         ]
-        # Its own session: a Ctrl-C meant for us must not hard-stop HAProxy
-        # behind our back; we stop it softly ourselves. Its process group (the
-        # master's pid) also holds every worker, which is what kill() relies on.
-        self._process = subprocess.Popen(argv, pass_fds=self.pass_fds, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        log.info("started haproxy master (pid %d): %s", self._process.pid, " ".join(argv))
-
-    async def stop(self, timeout: float) -> None:
-        """Stop the master and its workers within about ``timeout`` seconds, softly if they allow.
-
-        Soft stop first (SIGUSR1: workers stop listening and finish their
-        connections, then the master exits), repeated every second until
-        :data:`HARD_STOP_GRACE` seconds are left; then a hard stop (SIGTERM to
-        the master: connections are closed); at ``timeout``, SIGKILL to the
-        master's whole process group. Returns once the master is reaped, at
-        most ``timeout`` + :data:`REAP_TIMEOUT` seconds after the call. If the
-        caller is cancelled meanwhile, everything is SIGKILLed before the
-        cancellation goes on, so no exit path leaves HAProxy running.
-        """
-        self._closed = True
-        if not self.running():
-            return
-        assert self._process is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        soft_deadline = deadline - HARD_STOP_GRACE
+        if takeover:
+            argv += ["-x", str(self.stats_socket)]
+        shell = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", _LAUNCHER, "meshkit-haproxy", str(self.log_file), *argv,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=self.pass_fds, start_new_session=True,
+        )
         try:
-            log.info("stopping haproxy softly (SIGUSR1 to master %d)", self._process.pid)
-            while loop.time() < soft_deadline:
-                # Repeated: a master re-executing itself (at start-up it re-executes
-                # into "wait mode", and on every reload) drops a signal that arrives
-                # meanwhile, and a second SIGUSR1 to a stopping master is harmless.
-                self._signal(signal.SIGUSR1)
-                if await self._wait(min(1.0, soft_deadline - loop.time())):
-                    return
-            log.warning("haproxy still running %.1fs into its stop; stopping it hard",
-                        max(0.0, timeout - HARD_STOP_GRACE))
-            self._signal(signal.SIGTERM)
-            if await self._wait(deadline - loop.time()):
-                return
-            log.warning("haproxy did not stop in %.1fs; killing it", timeout)
-        finally:
-            # Also reached when cancelled or on any error: never leave it behind.
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the master and every worker (its process group), and reap the master.
-
-        Waits at most :data:`REAP_TIMEOUT` seconds for the reaping.
-        """
-        self._closed = True
-        if self._process is None or self._process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signal.SIGKILL)
-        try:
-            self._process.wait(REAP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.error("haproxy master %d not reaped %.0fs after SIGKILL", self._process.pid, REAP_TIMEOUT)
-
-    def _signal(self, sig: int) -> None:
-        assert self._process is not None
-        if self._process.poll() is None:
-            self._process.send_signal(sig)
-
-    async def _wait(self, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.running():
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    def _stop_leftover(self) -> None:
-        """Soft-stop a master an earlier owner started with our config and never stopped (it was killed)."""
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            return
-        if os.fsencode(str(self.config_file)) in cmdline and b"-W" in cmdline:
-            log.warning("stopping the haproxy master (pid %d) a previous sync left behind", pid)
+            out, _ = await asyncio.wait_for(shell.communicate(), LAUNCH_TIMEOUT)
+            pid = int(out.split()[0])
+        except (asyncio.TimeoutError, ValueError, IndexError):
             with contextlib.suppress(ProcessLookupError):
+                shell.kill()
+            raise HAProxyError(f"could not launch haproxy: {' '.join(argv)}") from None
+        self.pid = pid
+        log.info("started haproxy master (pid %d, output in %s): %s", pid, self.log_file, " ".join(argv))
+        return pid
+
+    def retire(self, pid: int) -> None:
+        """Soft-stop an older master after a takeover (SIGUSR1: it finishes its connections, then exits)."""
+        if pid != self.pid and alive(pid):
+            log.info("soft-stopping the previous haproxy master (pid %d)", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGUSR1)
+
+
+def stop_haproxy(run_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> str:
+    """Stop the HAProxy of ``run_dir`` (the master running its ``haproxy.cfg``) and its workers; return how.
+
+    What ``meshkit down`` calls once the stack's processes have stopped. See
+    :func:`stop_master`.
+    """
+    base = Path(run_dir).absolute()
+    return stop_master(base / CONFIG_NAME, base / PID_NAME, timeout)
+
+
+def stop_master(config_file: Path, pid_file: Path, timeout: float = STOP_TIMEOUT) -> str:
+    """Stop the HAProxy master running ``config_file`` (pid in ``pid_file``) and its workers; return how.
+
+    Blocking. The soft stop first (SIGUSR1: workers stop listening and finish
+    their connections, then the master exits), repeated every second until
+    :data:`HARD_STOP_GRACE` seconds of ``timeout`` are left (a master
+    re-executing itself drops a signal); then a hard stop (SIGTERM:
+    connections are closed); at ``timeout``, SIGKILL to its process group
+    (workers included). Returns within ``timeout`` + :data:`REAP_TIMEOUT`
+    seconds: ``"none"`` (no master was running), ``"soft"``, ``"hard"`` or
+    ``"killed"``.
+    """
+    pid = find_master(config_file, pid_file)
+    if pid is None:
+        return "none"
+    deadline = time.monotonic() + timeout
+    soft_deadline = deadline - HARD_STOP_GRACE
+    log.info("stopping haproxy softly (SIGUSR1 to master %d)", pid)
+    while time.monotonic() < soft_deadline:
+        _signal(pid, signal.SIGUSR1)
+        if _wait_gone(pid, min(1.0, soft_deadline - time.monotonic())):
+            return "soft"
+    log.warning("haproxy still running %.1fs into its stop; stopping it hard", max(0.0, timeout - HARD_STOP_GRACE))
+    _signal(pid, signal.SIGTERM)
+    if _wait_gone(pid, deadline - time.monotonic()):
+        return "hard"
+    log.warning("haproxy did not stop in %.1fs; killing it", timeout)
+    kill_haproxy(pid)
+    if not _wait_gone(pid, REAP_TIMEOUT):
+        raise HAProxyError(f"haproxy master {pid} still there {REAP_TIMEOUT:.0f}s after SIGKILL")
+    return "killed"
+
+
+def kill_haproxy(pid: int) -> None:
+    """SIGKILL master ``pid`` and everything in its process group (its workers), never our own group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        group = os.getpgid(pid)
+        if group != os.getpgrp():
+            os.killpg(group, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write the small file ``path`` atomically (a reader never sees half of it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + max(0.0, timeout)
+    while alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,14 @@ class RuntimeAPI:
             raise HAProxyUnreachableError(f"unexpected 'show info' reply from {self.path}")
         return int(match.group(1))
 
+    async def answers(self) -> bool:
+        """Whether a worker answers on this socket now."""
+        try:
+            await self.worker_pid()
+        except HAProxyUnreachableError:
+            return False
+        return True
+
     async def servers(self) -> list[ServerState]:
         """Every server of every backend (``show servers state``)."""
         return parse_servers_state(await self.execute("show servers state"))
@@ -191,6 +200,39 @@ class MasterCLI:
                     return table
             await asyncio.sleep(0.05)
         raise ReloadError(f"no new HAProxy worker {timeout:.0f}s after 'reload'")
+
+
+async def wait_for_worker(
+    master: MasterCLI,
+    runtime: RuntimeAPI,
+    workers: tuple[int, ...] | None,
+    master_pid: int | None,
+    check_alive: Callable[[], None],
+    timeout: float,
+) -> None:
+    """Wait until ``runtime``'s socket is answered by one of ``workers``, or by master ``master_pid``'s worker.
+
+    With ``workers`` None (a fresh start) the master CLI must answer, and as
+    master ``master_pid`` (not one it replaces, still bound to the path
+    meanwhile): before that, the master is still re-executing itself and
+    would lose a signal. ``check_alive`` raises if the master died. Raises
+    :class:`ReloadError` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        check_alive()
+        try:
+            if workers is None:
+                table = await master.processes()
+                if master_pid is None or table.master_pid == master_pid:
+                    workers = table.workers or None
+            if workers is not None and await runtime.worker_pid() in workers:
+                return
+        except HAProxyUnreachableError:
+            pass
+        if time.monotonic() > deadline:
+            raise ReloadError(f"no haproxy worker answered on {runtime.path} in {timeout:.0f}s")
+        await asyncio.sleep(0.05)
 
 
 def parse_servers_state(text: str) -> list[ServerState]:

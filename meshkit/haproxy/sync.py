@@ -4,10 +4,14 @@
 and, in rounds, makes HAProxy match the :class:`~meshkit.haproxy.model.Model`
 built from it:
 
-1. **Own or attach.** By default it owns an HAProxy master (see
-   :mod:`meshkit.haproxy.process`), started from a configuration that already
-   lists every known server. Attached (``attach=True``), it drives an HAProxy
-   someone else runs, through the given stats and master sockets.
+1. **Attach, or start one.** By default it drives the HAProxy master of its
+   run directory (see :mod:`meshkit.haproxy.process`, which it outlives): the
+   one running there (left by an earlier sync), else one it starts from a
+   configuration listing every known server. A master lacking a listening
+   socket the configuration binds by ``fd@N`` is taken over (a new master
+   gets the running one's listeners, then the old one is soft-stopped). With
+   ``attach=True`` it only drives an HAProxy someone else runs, through the
+   given sockets, and never starts one.
 2. **Structure.** When the frontends or backends (or any setting) change, it
    renders the configuration with every known server, checks it with
    ``haproxy -c``, writes it and reloads through the master CLI; listeners pass
@@ -20,61 +24,65 @@ built from it:
 A round runs shortly after every registry change and every
 ``reconcile_interval`` seconds anyway, so it converges after anything: an
 HAProxy restarted behind our back, a command that failed, a server still
-holding connections. A dead owned master is restarted with every server. A
+holding connections. A dead master is replaced with every server. A
 Redis outage leaves the registry's cached view, hence the servers, as they
 are; nothing is removed before the registry has been read once. A server
 whose record is gone is put in maintenance and deleted once its last
-connection has closed; its sessions are never shut down.
+connection has closed; its sessions are never shut down. A round that fails
+(bad data, an HAProxy that refuses) logs it, throttled, and the next round
+starts afresh; the loop of rounds runs under :func:`meshkit.tasks.supervise`,
+which restarts it should anything escape anyway.
 
-**Stopping** is bounded: :meth:`HAProxySync.request_stop` abandons the
-current round at once (a reload, a start, a lookup: none is waited for), then
-the registry is closed and an owned HAProxy stopped side by side. The whole
-stop takes at most :data:`CANCEL_WAIT` + max(``stop_timeout`` +
-:data:`~meshkit.haproxy.process.REAP_TIMEOUT`, :data:`REGISTRY_CLOSE_TIMEOUT`)
-seconds: 12 s with the default ``stop_timeout`` of 10 s, 3 s when attached.
-An owned HAProxy still running at the end of its budget is SIGKILLed,
-workers included (see :meth:`~meshkit.haproxy.process.HAProxyProcess.stop`),
-on every way out of :meth:`HAProxySync.run`.
+**Stopping** never stops HAProxy (only :func:`~meshkit.haproxy.process.stop_haproxy`
+does: ``meshkit haproxy stop``, ``meshkit down``) and is bounded:
+:meth:`HAProxySync.request_stop` abandons the current round at once (a
+reload, a start, a lookup: none is waited for, a cancelled one gets
+:data:`CANCEL_WAIT` seconds to end), then the registry is closed within
+:data:`REGISTRY_CLOSE_TIMEOUT` seconds: at most 3 s in all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 from ..config import Settings
 from ..record import InstanceRecord
 from ..registry import Registry
+from ..tasks import Supervised, supervise
 from ..timing import wait_event
+from ..untrusted import LogThrottle, clip
 from .config import ProxyConfig
 from .errors import ConfigCheckError, HAProxyError, HAProxyUnreachableError, ReloadError, RuntimeCommandError
 from .hosts import HostCache, detached
 from .model import Model, build_model, listener_hosts
-from .process import HAProxyProcess, find_haproxy
+from .process import HAProxyMaster, alive, find_haproxy
 from .reconcile import REMOVE, Step, plan
 from .render import RuntimePaths, check_config, fingerprint_of, render, structure_fingerprint, write_config
-from .runtime import MasterCLI, RuntimeAPI
+from .runtime import MasterCLI, RuntimeAPI, wait_for_worker
 
 log = logging.getLogger("meshkit.haproxy.sync")
 
 DEBOUNCE = 0.05  # seconds to gather a burst of registry changes into one round
 READY_TIMEOUT = 10.0  # seconds a new worker may take to answer on the stats socket
 CANCEL_WAIT = 1.0  # seconds a cancelled round may take to end before the stop goes on without it
-REGISTRY_CLOSE_TIMEOUT = 2.0  # seconds closing the registry may take at stop (alongside stopping HAProxy)
+REGISTRY_CLOSE_TIMEOUT = 2.0  # seconds closing the registry may take at stop
+ERROR_LOG_INTERVAL = 30.0  # seconds between two log lines for the same kind of failed round
 
 
 class HAProxySync:
     """Keeps one HAProxy's frontends, backends and servers in step with the registry.
 
     ``run`` returns soon after :meth:`request_stop` (see the module doc for
-    the bound); an owned HAProxy is then stopped, softly if it allows.
-    ``config`` may be replaced while running with :meth:`set_config` (the next
-    round reloads HAProxy if the structure changed).
+    the bound) and leaves HAProxy running. ``config`` may be replaced while
+    running with :meth:`set_config` (the next round reloads HAProxy if the
+    structure changed). ``clock`` and ``sleep`` drive every wait of the loop
+    itself (the debounce, the supervisor's back-off), so tests drive them.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class HAProxySync:
         haproxy: str | None = None,
         source: str = "configs/haproxy.toml",
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -95,13 +104,14 @@ class HAProxySync:
         self.haproxy = haproxy or find_haproxy()
         self.source = source
         self.clock = clock
+        self.sleep = sleep
         self.registry = Registry(settings)
         self.runtime = RuntimeAPI(paths.stats_socket)
         self.master = MasterCLI(paths.master_socket)
-        self.process: HAProxyProcess | None = None
+        self.process: HAProxyMaster | None = None
         if not attach:
-            self.process = HAProxyProcess(paths.config_file, paths.master_socket, paths.pid_file,
-                                          self.haproxy, config.inherited_fds)
+            self.process = HAProxyMaster(paths.config_file, paths.master_socket, paths.pid_file,
+                                         paths.stats_socket, self.haproxy, config.inherited_fds)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
@@ -109,10 +119,13 @@ class HAProxySync:
         self._rejected: str | None = None  # structure fingerprint haproxy -c refused (not retried)
         self._retry_after = 0.0  # clock time before which no launch / reload is tried again
         self._launch_backoff = 0.5
+        self._retiring: set[int] = set()  # older masters soft-stopped after a takeover, until gone
         self._problems: set[str] = set()
         self._failing: dict[str, str] = {}  # step -> HAProxy's last refusal, to log each refusal once
         self._unreachable_since: float | None = None
+        self._errors = LogThrottle(log, ERROR_LOG_INTERVAL, clock=clock)
         self.hosts = HostCache(clock)
+        self.loop: Supervised | None = None  # the supervised loop of rounds, while running
         self.rounds = 0  # completed rounds (for tests and status)
 
     # -- lifecycle ------------------------------------------------------------
@@ -121,25 +134,29 @@ class HAProxySync:
         """Follow the registry and keep HAProxy in step until :meth:`request_stop`.
 
         However it ends (a stop, an error, a cancellation), the registry is
-        closed and an owned HAProxy stopped before it returns.
+        closed before it returns; HAProxy is left running.
         """
         try:
-            if self.attach:
-                try:
-                    self._loaded = fingerprint_of(self.paths.config_file.read_text())
-                except OSError:
-                    self._loaded = None
+            self._loaded = self._running_fingerprint() if self.attach else None
             await self._unless_stopped(self.registry.start())
             self.registry.add_listener(self.wake)
-            while not self._stopping:
-                await self._unless_stopped(self.round())
-                await wait_event(self._wake, self.config.reconcile_interval)
-                if self._wake.is_set() and not self._stopping:
-                    await asyncio.sleep(DEBOUNCE)
-                self._wake.clear()
+            self.loop = supervise("haproxy-sync", self.follow, logger=log, clock=self.clock, sleep=self.sleep)
+            assert self.loop.task is not None
+            await self._unless_stopped(self.loop.task)
         finally:
+            if self.loop is not None:
+                self.loop.cancel()
             self.registry.remove_listener(self.wake)
             await self._shutdown()
+
+    async def follow(self) -> None:
+        """The loop of rounds: one now, then one after every change or ``reconcile_interval`` seconds."""
+        while not self._stopping:
+            await self.round()
+            await wait_event(self._wake, self.config.reconcile_interval)
+            if self._wake.is_set() and not self._stopping:
+                await self.sleep(DEBOUNCE)
+            self._wake.clear()
 
     def request_stop(self) -> None:
         """Make :meth:`run` return, abandoning the current round (safe from a signal handler)."""
@@ -147,7 +164,7 @@ class HAProxySync:
         self._stop.set()
         self._wake.set()
 
-    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _unless_stopped(self, work: Awaitable[None]) -> None:
         """Run ``work`` until it ends or a stop is requested; then cancel it and go on.
 
         A cancelled ``work`` is given :data:`CANCEL_WAIT` seconds to end (a
@@ -167,20 +184,18 @@ class HAProxySync:
             task.result()  # raises what the work raised
 
     async def _shutdown(self) -> None:
-        """Close the registry and stop an owned HAProxy side by side, each within its budget."""
-        loop = asyncio.get_running_loop()
+        """Close the registry within :data:`REGISTRY_CLOSE_TIMEOUT` seconds (HAProxy stays as it is)."""
         closing = asyncio.ensure_future(self.registry.close())
-        close_deadline = loop.time() + REGISTRY_CLOSE_TIMEOUT
         try:
-            if self.process is not None:
-                await self.process.stop(self.config.stop_timeout)
-            await asyncio.wait({closing}, timeout=max(0.0, close_deadline - loop.time()))
+            await asyncio.wait({closing}, timeout=REGISTRY_CLOSE_TIMEOUT)
         finally:
             if not closing.done():
                 log.warning("registry not closed in %.0fs; exiting anyway", REGISTRY_CLOSE_TIMEOUT)
                 closing.cancel()
             elif not closing.cancelled() and closing.exception() is not None:
                 log.warning("closing the registry failed: %s", closing.exception())
+        if self.process is not None and self.process.pid is not None:
+            log.info("leaving haproxy (master %d) running with its servers", self.process.pid)
 
     def wake(self) -> None:
         """Run a round soon (registry listener)."""
@@ -188,7 +203,7 @@ class HAProxySync:
 
     def set_config(self, config: ProxyConfig) -> None:
         """Use a new configuration from the next round on (a reload follows if the structure changed)."""
-        if self.process is not None and config.inherited_fds != self.process.pass_fds:
+        if self.process is not None:
             self.process.pass_fds = config.inherited_fds
         self.config = config
         self._rejected = None
@@ -197,25 +212,23 @@ class HAProxySync:
     # -- one round --------------------------------------------------------------
 
     async def round(self) -> None:
-        """Bring HAProxy in line with the registry once; errors are logged, never raised."""
+        """Bring HAProxy in line with the registry once; errors are logged (throttled), never raised."""
         try:
             records = self.registry.instances()
             await self.hosts.refresh(listener_hosts(self.config, records))
             model = self.model(records)
-            if self.process is not None and not self.process.running():
-                await self._launch(model)
-                if not self.process.running():
-                    return  # waiting to try again (backoff)
-            else:
-                await self._reload_if_needed(model)
+            if self.process is not None and not await self._master_ready(model):
+                return  # waiting to try again (backoff)
+            await self._reload_if_needed(model)
             await self._reconcile(model)
         except HAProxyUnreachableError as exc:
             self._note_unreachable(exc)
         except HAProxyError as exc:
-            log.error("%s", exc)
-        except Exception:
-            # Whatever it was, the next round starts from HAProxy's real state.
-            log.exception("haproxy sync round failed")
+            self._errors.log(type(exc).__name__, logging.ERROR, "%s", clip(exc, 400))
+        except Exception as exc:
+            # Whatever it was (bad data included), the next round starts from HAProxy's real state.
+            self._errors.log(type(exc).__name__, logging.ERROR, "haproxy sync round failed: %s",
+                             clip(exc), exc_info=True)
         else:
             if self._unreachable_since is not None:
                 log.info("haproxy answers again")
@@ -233,23 +246,84 @@ class HAProxySync:
             records = self.registry.instances()
         model = build_model(self.config, records, self.hosts.lookup)
         for problem in set(model.problems) - self._problems:
-            log.warning("cannot route to %s", problem)
+            log.warning("cannot route to %s", clip(problem, 300))
         self._problems = set(model.problems)
         return model
 
-    async def _launch(self, model: Model) -> None:
+    async def _master_ready(self, model: Model) -> bool:
+        """Make sure a master that can serve ``model`` runs: keep ours, attach to one, or start one.
+
+        Returns whether one runs (False while a launch waits for its back-off).
+        """
+        assert self.process is not None
+        for pid in [p for p in self._retiring if not alive(p)]:
+            self._retiring.discard(pid)
+        for pid in self._retiring:
+            self.process.retire(pid)  # again: a master re-executing itself drops the signal
+        if self.process.running():
+            assert self.process.pid is not None
+            if self.process.can_adopt(self.process.pid):
+                return True
+            log.warning("haproxy master %d lacks a listening socket the configuration binds; replacing it",
+                        self.process.pid)
+            await self._launch(model, previous=self.process.pid)
+            return self.process.running()
+        worker = None
+        with contextlib.suppress(HAProxyUnreachableError):
+            worker = await self.runtime.worker_pid()
+        found = self.process.choose(worker)
+        if found is not None and self.process.can_adopt(found):
+            self.process.adopt(found)
+            self._loaded = self._running_fingerprint()
+            log.info("attached to the running haproxy master (pid %d)", found)
+            for stale in self.process.others():  # a takeover cut short leaves a second one
+                self._retiring.add(stale)
+                self.process.retire(stale)
+            return True
+        await self._launch(model, previous=found)
+        return self.process.running()
+
+    def _running_fingerprint(self) -> str | None:
+        """The structure fingerprint of what HAProxy runs (see :meth:`HAProxyMaster.loaded_structure`).
+
+        An HAProxy someone else started (``attach=True``) has only its configuration file's.
+        """
+        if self.process is not None:
+            return self.process.loaded_structure()
+        with contextlib.suppress(OSError):
+            return fingerprint_of(self.paths.config_file.read_text())
+        return None
+
+    def _note_loaded(self, fingerprint: str) -> None:
+        self._loaded = fingerprint
+        if self.process is not None:
+            self.process.note_loaded(fingerprint)
+
+    async def _launch(self, model: Model, previous: int | None) -> None:
+        """Start a master with every server; taking the listeners over from master ``previous`` if given."""
         assert self.process is not None
         if self._stopping or self.clock() < self._retry_after:
             return
-        if self.process.returncode is not None:
-            log.error("haproxy master exited with %s; starting it again", self.process.returncode)
+        if self.process.died is not None:
+            log.error("haproxy master %d is gone; starting a new one with every server", self.process.died)
+            self.process.died = None
         self._loaded = None
         self._retry_after = self.clock() + self._launch_backoff
         self._launch_backoff = min(self._launch_backoff * 2, 10.0)
         fingerprint = await self._write(model)
-        self.process.start()
-        await self._wait_worker(None)
-        self._loaded = fingerprint
+        # -x only from a worker that answers: a stale socket would fail the start.
+        takeover = previous is not None and await self.runtime.answers()
+        try:
+            await self.process.start(takeover=takeover)
+            await self._wait_worker(None)
+        except BaseException:
+            if previous is not None and alive(previous):
+                self.process.fall_back(previous)  # it keeps serving; a later round tries again
+            raise
+        if previous is not None:
+            self._retiring.add(previous)
+            self.process.retire(previous)
+        self._note_loaded(fingerprint)
         self._retry_after, self._launch_backoff = 0.0, 0.5
         log.info("haproxy is up with %d server(s)", sum(len(b.servers) for b in model.backends))
 
@@ -265,7 +339,7 @@ class HAProxySync:
         except ReloadError:
             self._retry_after = self.clock() + 5.0  # HAProxy keeps its old worker meanwhile
             raise
-        self._loaded = fingerprint
+        self._note_loaded(fingerprint)
         log.info("haproxy reloaded (worker %s)", ", ".join(map(str, table.workers)))
 
     async def _write(self, model: Model) -> str:
@@ -282,25 +356,15 @@ class HAProxySync:
         return fingerprint
 
     async def _wait_worker(self, workers: tuple[int, ...] | None) -> None:
-        """Wait until the stats socket is answered by one of ``workers`` (by the master's worker if None).
+        """Wait until the stats socket is answered by one of ``workers`` (by the new master's worker if None)."""
+        master = self.process
 
-        With ``None`` (a fresh start) the master CLI must answer too: before
-        that, the master is still re-executing itself and would lose a signal.
-        """
-        deadline = self.clock() + READY_TIMEOUT
-        while True:
-            if self.process is not None and not self.process.running():
-                raise HAProxyError(f"haproxy master exited with {self.process.returncode} while starting")
-            try:
-                if workers is None:
-                    workers = (await self.master.processes()).workers or None
-                if workers is not None and await self.runtime.worker_pid() in workers:
-                    return
-            except HAProxyUnreachableError:
-                pass
-            if self.clock() > deadline:
-                raise ReloadError(f"no haproxy worker answered on {self.paths.stats_socket} in {READY_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.05)
+        def check_alive() -> None:
+            if master is not None and not master.running():
+                raise HAProxyError(f"haproxy master {master.died} exited while starting (see {master.log_file})")
+
+        await wait_for_worker(self.master, self.runtime, workers, master.pid if master else None,
+                              check_alive, READY_TIMEOUT)
 
     async def _reconcile(self, model: Model) -> None:
         actual = await self.runtime.servers()

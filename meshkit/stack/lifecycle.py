@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 from ..config import Settings
+from ..haproxy.process import stop_haproxy
 from ..registry import read_records
+from ..untrusted import clip
 from .circusd import startup_failure
 from .console import say
 from .control import StackError
@@ -98,6 +100,8 @@ def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool
             _wait_exit(circusd_pid, 10.0)
         for failure in failures:
             say(f"stopping the stack in order failed ({failure}); stopping what is left")
+        if len(stops) == seen:
+            stop_proxy(stack)  # idempotent: also when the haproxy watcher was stopped already
     # Whatever is left (all of it when forced): including anything Circus
     # started meanwhile, and processes orphaned if circusd itself died.
     alive = circusd_pid is not None and _running(circusd_pid)
@@ -109,10 +113,22 @@ def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool
 
 
 def _stop_in_order(stack: Stack, timeout: float, failures: list[str]) -> None:
+    def after_stop(watcher: str) -> None:
+        if watcher == "haproxy":
+            stop_proxy(stack)
+
     try:
-        stop_in_order(stack.control, time.monotonic() + timeout)
+        stop_in_order(stack.control, time.monotonic() + timeout, after_stop=after_stop)
     except StackError as exc:
         failures.append(str(exc))
+
+
+def stop_proxy(stack: Stack) -> None:
+    """Stop the stack's HAProxy softly (never raises): it is no watcher, so stopping circusd leaves it running."""
+    try:
+        stop_haproxy(stack.run_dir)  # within its stop timeout + 1 s; what is left, the final sweep ends
+    except Exception as exc:
+        say(f"could not stop haproxy softly: {clip(exc)}")
 
 
 def _wait_exit(pid: int, timeout: float) -> None:
@@ -229,6 +245,7 @@ def welcome(stack: Stack, settings: Settings) -> None:
 
 def down_leftovers(stack: Stack) -> int:
     """``meshkit down`` when circusd is gone: stop the processes it left (they run in their own sessions)."""
+    stop_proxy(stack)
     leftovers = stack_processes(stack.run_dir)
     if not leftovers:
         say("no stack running")

@@ -14,9 +14,12 @@ Stages, first to last:
 2. ``gateway``: the public side. Each leaves the registry (so HAProxy sends
    it no new clients), tells its clients ``shutting_down``, closes them at the
    end of its drain grace and deletes their connection state.
-3. ``haproxy``: its soft stop waits for its open connections to end, and the
-   gateways have just ended them, so it stops at once (stopped first, it
-   waited for its clients until its stop timeout, then stopped hard).
+3. ``haproxy``: the sync process, then HAProxy itself, which is no watcher
+   (it outlives its sync process, see docs/haproxy.md) and is stopped by
+   :func:`meshkit.haproxy.process.stop_haproxy` right after. Its soft stop
+   waits for its open connections to end, and the gateways have just ended
+   them, so it stops at once (stopped first, it waited for its clients until
+   its stop timeout, then stopped hard).
 4. every other watcher (backends, publishers, your own services), one at a
    time, lowest Circus ``priority`` first (the reverse of start order), by
    name when priorities tie.
@@ -63,12 +66,14 @@ def stop_plan(statuses: Mapping[str, str], priorities: Mapping[str, int],
 
 def stop_in_order(control: CircusControl, deadline: float,
                   on_stop: Callable[[str], None] = lambda watcher: None,
+                  after_stop: Callable[[str], None] = lambda watcher: None,
                   clock: Callable[[], float] = time.monotonic) -> None:
     """Stop every watcher in :func:`stop_plan` order, then ``quit`` circusd; all by ``deadline``.
 
     Each stop waits for the watcher's graceful stop. ``on_stop(watcher)`` is
-    called before each. Raises :class:`StackError` if a command fails or the
-    deadline passes; the caller then stops what is left by force.
+    called before each, ``after_stop(watcher)`` once it has stopped. Raises
+    :class:`StackError` if a command fails or the deadline passes; the caller
+    then stops what is left by force.
     """
     with control.exclusive(deadline):
         statuses = control.status()
@@ -76,4 +81,5 @@ def stop_in_order(control: CircusControl, deadline: float,
         for watcher in stop_plan(statuses, priorities):
             on_stop(watcher)
             control.stop(watcher, deadline=deadline)
+            after_stop(watcher)
         control.quit(deadline=deadline)

@@ -8,11 +8,8 @@ records. Nothing uses a fixed port, and every wait is for a positive signal.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,222 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
+from haproxykit import REPO, WAIT, FakeRegistry, Gateway, Sync, alive, greeting, held, kill_haproxy
 
 from meshkit import Settings
-from meshkit.haproxy.render import RuntimePaths
-from meshkit.haproxy.runtime import MasterCLI, RuntimeAPI, ServerState
-from meshkit.record import DRAINING, UP, InstanceRecord
-from meshkit.registry import Keys
-from meshkit.testing import ProcessExitedError, RedisServer, find_program, settings_env, tcp_listener, wait_until
+from meshkit.haproxy.process import REAP_TIMEOUT, stop_haproxy
+from meshkit.haproxy.sync import CANCEL_WAIT, REGISTRY_CLOSE_TIMEOUT
+from meshkit.record import DRAINING
+from meshkit.testing import RedisServer, find_program, settings_env, tcp_listener, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-BACKEND = "gateway.stratum"
-WAIT = 10.0
+pytestmark = pytest.mark.integration
 
-
-class Gateway:
-    """A TCP server on a kernel-chosen port: says its name on connect, then echoes."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.listener = tcp_listener()
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.accepted = 0
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self._conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        try:
-            conn.sendall(self.name.encode() + b"\n")
-            while data := conn.recv(4096):
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self._conns:
-            conn.close()
-
-    def record(self, state: str = UP) -> InstanceRecord:
-        return InstanceRecord(
-            service="gateway", instance_id=self.name, endpoint="tcp://127.0.0.1:1", host="127.0.0.1",
-            pid=os.getpid(), state=state, started_at=time.time(), listeners={"stratum": self.address},
-        )
-
-
-class FakeRegistry:
-    """Writes and deletes records the way :class:`~meshkit.registration.Registration` does, without a heartbeat."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.keys = Keys(settings.namespace)
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
-
-    def put(self, record: InstanceRecord) -> None:
-        data = record.to_json()
-        self.client.set(self.keys.instance(record.key), data, px=600_000)
-        self.client.publish(self.keys.changes, '{"op":"set","record":' + data + "}")
-
-    def delete(self, record: InstanceRecord) -> None:
-        self.client.delete(self.keys.instance(record.key))
-        self.client.publish(self.keys.changes, json.dumps({"op": "del", "key": record.key}))
-
-
-class Sync:
-    """``python -m meshkit haproxy sync`` in a child process, with its HAProxy."""
-
-    def __init__(self, settings: Settings, directory: Path, public: socket.socket, extra: str = "") -> None:
-        self.settings = settings
-        self.directory = directory
-        self.public = public
-        self.port = public.getsockname()[1]
-        self.paths = RuntimePaths.in_dir(directory / "run")
-        self.toml = directory / "haproxy.toml"
-        self.stop_timeout = 5.0
-        self.hard_stop_after = "5s"
-        self.write_config(extra)
-        self.log_path = directory / "sync.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.attached = False
-
-    def write_config(self, extra: str = "") -> None:
-        self.toml.write_text(f"""
-[haproxy]
-templates = "{REPO / 'haproxy'}"
-hard_stop_after = "{self.hard_stop_after}"
-stop_timeout = {self.stop_timeout}
-reconcile_interval = 0.5
-{extra}
-
-[[frontend]]
-name = "stratum"
-bind = "127.0.0.1:1"
-service = "gateway"
-listener = "stratum"
-""")
-
-    def meshkit_haproxy(self, action: str, *args: str) -> list[str]:
-        """The command line of ``meshkit haproxy ACTION`` for this test's config and run directory."""
-        return [sys.executable, "-m", "meshkit", "haproxy", action, "--config", str(self.toml),
-                "--run-dir", str(self.paths.config_file.parent), "--bind", f"stratum=fd@{self.public.fileno()}",
-                "--haproxy", find_program("haproxy"), *args]
-
-    def start(self, *args: str) -> Sync:
-        """Start sync (owning HAProxy unless ``--attach`` is in ``args``) and wait for HAProxy to answer."""
-        env = {**os.environ, **settings_env(self.settings), "MESHKIT_LOG_FORMAT": "text", "MESHKIT_LOG_LEVEL": "DEBUG"}
-        self.attached = "--attach" in args
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.meshkit_haproxy("sync", *args),
-                env=env, pass_fds=(self.public.fileno(),), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            )
-        wait_until(lambda: self.alive() and self.master_pid() and self.servers() is not None, WAIT,
-                   "the sync process and haproxy to answer")
-        return self
-
-    def alive(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise ProcessExitedError(f"sync exited with {self.process.returncode}:\n{self.log()}")
-        return True
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def master_pid(self) -> int | None:
-        try:
-            pid = int(self.paths.pid_file.read_text().split()[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid
-
-    def servers(self) -> dict[str, ServerState]:
-        states = asyncio.run(RuntimeAPI(self.paths.stats_socket).servers())
-        return {s.name: s for s in states if s.backend == BACKEND}
-
-    def reloads(self) -> int:
-        return asyncio.run(MasterCLI(self.paths.master_socket).processes()).reloads
-
-    def workers(self) -> tuple[int, ...]:
-        return asyncio.run(MasterCLI(self.paths.master_socket).processes()).workers
-
-    def terminate(self) -> tuple[int, float]:
-        """SIGTERM; wait for the exit and return its status and how long the stop took."""
-        assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(30)
-        return code, time.monotonic() - started
-
-    def stop(self) -> int | None:
-        """SIGTERM; return the exit status (killing it if it hangs, and the HAProxy it owned if left)."""
-        if self.process is None:
-            return None
-        master = None if self.attached else self.master_pid()
-        code: int | None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-            code = None
-        if master is not None and _alive(master):
-            os.kill(master, signal.SIGKILL)
-        return code
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (an exited child of a reparented worker) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def greeting(port: int, timeout: float = 3.0) -> str:
-    """Connect through HAProxy and return the name of the gateway that answered ("" if none did)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode().strip()
-
-
-def held(port: int, timeout: float = 3.0) -> tuple[socket.socket, str]:
-    """An open connection through HAProxy and the name of the gateway holding it."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(100)
-        if not chunk:
-            break
-        data += chunk
-    return sock, data.decode().strip()
+# The sync's own stop (it leaves HAProxy running), plus interpreter exit and a noisy machine.
+SYNC_STOP_BUDGET = CANCEL_WAIT + REGISTRY_CLOSE_TIMEOUT + 2.0
 
 
 @pytest.fixture
@@ -265,6 +58,7 @@ def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
     runner = Sync(mesh_settings, tmp_path, public)
     yield runner
     runner.stop()
+    kill_haproxy(runner.paths)
     public.close()
 
 
@@ -404,25 +198,33 @@ def test_reload_refuses_no_connection(
     assert set(sync.servers()) == {"gwreload1", "gwreload2"}
 
 
-def test_sigterm_stops_haproxy_softly_and_exits_zero(
+def test_sigterm_exits_zero_and_leaves_haproxy_serving(
     sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
 ) -> None:
     gw = gateways("gwterm")
     registry.put(gw.record())
     sync.start()
     wait_until(lambda: greeting(sync.port) == "gwterm", WAIT, "a connection to reach gwterm")
+    conn, _ = held(sync.port)
     master = sync.master_pid()
     assert master is not None
-    assert sync.stop() == 0
-    assert not _alive(master)
+    code, took = sync.terminate()
+    assert code == 0
+    assert took < SYNC_STOP_BUDGET, sync.log()
+    assert alive(master) and greeting(sync.port) == "gwterm"
+    conn.sendall(b"still here")
+    assert conn.recv(100) == b"still here"
+    conn.close()
+    assert stop_haproxy(sync.paths.config_file.parent, 5.0) == "soft"
+    assert not alive(master)
 
 
-def test_sigterm_with_clients_connected_stops_within_stop_timeout(
+def test_stop_with_clients_connected_stays_within_its_timeout(
     sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
 ) -> None:
     # A soft stop cannot finish while a client stays connected (hard-stop-after
-    # is longer than the budget): HAProxy is stopped hard within stop_timeout.
-    sync.stop_timeout, sync.hard_stop_after = 3.0, "1h"
+    # is longer than the budget): HAProxy is stopped hard within the timeout.
+    sync.hard_stop_after = "1h"
     sync.write_config()
     gw = gateways("gwbudget")
     registry.put(gw.record())
@@ -432,11 +234,12 @@ def test_sigterm_with_clients_connected_stops_within_stop_timeout(
     assert name == "gwbudget"
     master, workers = sync.master_pid(), sync.workers()
     assert master is not None
+    assert sync.stop() == 0
 
-    code, took = sync.terminate()
-    assert code == 0
-    assert took < sync.stop_timeout + 2.0, sync.log()
-    assert not _alive(master) and not any(_alive(pid) for pid in workers)
+    started = time.monotonic()
+    assert stop_haproxy(sync.paths.config_file.parent, 3.0) == "hard"
+    assert time.monotonic() - started < 3.0 + REAP_TIMEOUT + 1.0
+    assert not alive(master) and not any(alive(pid) for pid in workers)
     conn.settimeout(3.0)
     try:
         assert conn.recv(100) == b""
@@ -445,11 +248,9 @@ def test_sigterm_with_clients_connected_stops_within_stop_timeout(
     conn.close()
 
 
-def test_sigterm_during_a_stuck_reload_kills_haproxy_within_the_budget(
+def test_sigterm_during_a_stuck_reload_and_stop_of_a_stuck_haproxy_stay_within_budget(
     sync: Sync, registry: FakeRegistry, gateways: Callable[[str], Gateway]
 ) -> None:
-    sync.stop_timeout = 3.0
-    sync.write_config()
     gw = gateways("gwstuck")
     registry.put(gw.record())
     sync.start()
@@ -469,9 +270,11 @@ def test_sigterm_during_a_stuck_reload_kills_haproxy_within_the_budget(
 
     code, took = sync.terminate()
     assert code == 0
-    assert took < sync.stop_timeout + 2.0, sync.log()
-    assert "killing it" in sync.log()
-    assert not _alive(master) and not any(_alive(pid) for pid in workers)
+    assert took < SYNC_STOP_BUDGET, sync.log()
+    started = time.monotonic()
+    assert stop_haproxy(sync.paths.config_file.parent, 3.0) == "killed"
+    assert time.monotonic() - started < 3.0 + REAP_TIMEOUT + 1.0
+    assert not alive(master) and not any(alive(pid) for pid in workers)
 
 
 def test_redis_outage_keeps_servers_and_converges_after(
