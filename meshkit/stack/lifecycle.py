@@ -187,16 +187,39 @@ def _exit_reason(stack: Stack, code: int | None, log_offset: int) -> str:
 
 
 def _haproxy_answers(stack: Stack) -> bool:
-    """Whether HAProxy's stats socket in the run directory answers ``show info``."""
+    """Whether HAProxy's stats socket in the run directory answers and every backend has a server up.
+
+    ``meshkit up`` returns only then: a client connecting a moment earlier,
+    while the sync was still adding the gateways (or their first health
+    check was running), found no server and was closed.
+    """
     path = os.path.join(stack.run_dir, "haproxy.sock")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(1.0)
             sock.connect(path)
-            sock.sendall(b"show info\n")
-            return bool(b"Name: HAProxy" in sock.recv(4096))
+            sock.sendall(b"show stat\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
     except OSError:
         return False
+    return backends_up(b"".join(chunks).decode(errors="replace"))
+
+
+def backends_up(stat_csv: str) -> bool:
+    """Whether ``show stat`` output lists at least one backend and every one is ``UP``."""
+    lines = stat_csv.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return False
+    header = lines[0][2:].split(",")
+    try:
+        sv, status = header.index("svname"), header.index("status")
+    except ValueError:
+        return False
+    rows = [line.split(",") for line in lines[1:] if line]
+    backends = [row for row in rows if len(row) > max(sv, status) and row[sv] == "BACKEND"]
+    return bool(backends) and all(row[status] == "UP" for row in backends)
 
 
 def _unregistered(stack: Stack, settings: Settings) -> list[str]:

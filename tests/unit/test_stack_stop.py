@@ -186,3 +186,13 @@ def test_only_the_refused_periodic_check_is_filtered() -> None:
     assert check.filter(record("Exception in callback manage_watchers", ValueError("real")))
     assert check.filter(record("plain error", None))
     assert sys.exc_info() == (None, None, None)
+
+
+def test_backends_up_needs_every_backend_up() -> None:
+    from meshkit.stack.lifecycle import backends_up
+
+    head = "# pxname,svname,qcur,status\n"
+    assert backends_up(head + "stratum,FRONTEND,,OPEN\ngateway.stratum,gw1,0,UP\ngateway.stratum,BACKEND,0,UP\n")
+    assert not backends_up(head + "stratum,FRONTEND,,OPEN\ngateway.stratum,BACKEND,0,DOWN\n")
+    assert not backends_up(head + "stratum,FRONTEND,,OPEN\n")
+    assert not backends_up("")
