@@ -2,7 +2,8 @@
 
 The templates (``haproxy/haproxy.cfg.j2`` and the partials it includes) are
 rendered with ``StrictUndefined``, so a missing value is an error rather than
-an empty string in the output. :func:`check_config` runs ``haproxy -c`` on a
+an empty string in the output, and no printed value may hold a line break or
+a control character (``ValueError``): nothing can add a line to the file. :func:`check_config` runs ``haproxy -c`` on a
 rendered text before anyone loads it.
 
 The text carries a ``# meshkit-structure: <hash>`` line: the hash of the
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import jinja2
 
+from ..untrusted import clip
 from .errors import ConfigCheckError
 from .model import Model
 from .process import find_haproxy
 
 TEMPLATE = "haproxy.cfg.j2"
 _FINGERPRINT = re.compile(r"^# meshkit-structure: ([0-9a-f]+)$", re.MULTILINE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,20 @@ def _render(model: Model, paths: RuntimePaths, source: str, fingerprint: str) ->
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,  # HAProxy configuration, not HTML
+        finalize=_one_line,
     )
     template = env.get_template(TEMPLATE)
     return template.render(
         model=model, config=model.config, paths=paths, fingerprint=fingerprint, config_source=source
     )
+
+
+def _one_line(value: object) -> object:
+    """Every value the templates print: refused if it could end its line (names and addresses
+    were checked by :func:`~meshkit.haproxy.model.haproxy_token` already)."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError(f"line break or control character in a rendered value: {clip(value)!r}")
+    return value
 
 
 def write_config(path: Path, text: str) -> None:
