@@ -141,14 +141,15 @@ def split_address(value: Any) -> tuple[str, int]:
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
         host = host[1:-1]
-    try:
-        validate_host(host)
-        if (bracketed or ":" in host) and not (":" in host and is_ip_literal(host)):
-            raise ValueError("brackets are for IPv6 literals only")
-        port = validate_port(port_text)
-    except ValueError as exc:
-        raise ValueError(f"address must be host:port ({exc}), got {clip(value)!r}") from None
-    return host, port
+    if not host.isascii() or not (is_ip_literal(host) or _is_dns_name(host)):
+        reason = "a DNS name or an IP address as host (IPv6 scope id of [A-Za-z0-9_.-])"
+    elif (bracketed or ":" in host) and not (":" in host and is_ip_literal(host)):
+        reason = "brackets around IPv6 literals only"
+    elif _PORT.fullmatch(port_text) is None or not 0 < int(port_text) < 65536:
+        reason = "a port 1-65535"
+    else:
+        return host, int(port_text)
+    raise ValueError(f"address must be host:port with {reason}, got {clip(value)!r}")
 
 
 def validate_address(value: Any) -> str:
@@ -164,5 +165,5 @@ def validate_endpoint(value: Any) -> str:
     try:
         split_address(value[len(ENDPOINT_SCHEME):])
     except ValueError as exc:
-        raise ValueError(f"endpoint must be tcp://host:port ({exc})") from None
+        raise ValueError(f"endpoint must be tcp://host:port: {exc}") from None
     return value

@@ -138,7 +138,8 @@ class InstanceRecord:
             )
             record.check()
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
-            raise ValueError(f"malformed instance record: {clip(str(exc))}") from None
+            # 300: the messages of meshkit.names quote a clipped value of their own.
+            raise ValueError(f"malformed instance record: {clip(str(exc), 300)}") from None
         return record
 
     def check(self) -> None:
@@ -167,7 +168,10 @@ class InstanceRecord:
             raise ValueError(f"listeners: {len(self.listeners)} entries, more than {MAX_LISTENERS}")
         for name, address in self.listeners.items():
             names.validate_listener_name(name)
-            names.validate_address(address)
+            try:
+                names.validate_address(address)
+            except ValueError as exc:
+                raise ValueError(f"listener {clip(name)!r}: {exc}") from None
         if not 0 <= self.max_message_size <= MAX_MESSAGE_SIZE:
             raise ValueError(f"max_message_size out of range: {clip(self.max_message_size)}")
 

@@ -346,7 +346,7 @@ class Registry:
         try:
             self._apply_message(data)
         except Exception as exc:  # RecursionError included: no message may end the watch
-            self._reject("change-message", "registry change", f"{type(exc).__name__}: {clip(str(exc))}")
+            self._reject("change-message", "registry change", f"{type(exc).__name__}: {clip(str(exc), 300)}")
 
     def _apply_message(self, data: Any) -> None:
         if not isinstance(data, (bytes, str)):
