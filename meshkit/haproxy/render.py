@@ -3,8 +3,9 @@
 The templates (``haproxy/haproxy.cfg.j2`` and the partials it includes) are
 rendered with ``StrictUndefined``, so a missing value is an error rather than
 an empty string in the output, and no printed value may hold a line break or
-a control character (``ValueError``): nothing can add a line to the file. :func:`check_config` runs ``haproxy -c`` on a
-rendered text before anyone loads it.
+a control character (``ValueError``): nothing can add a line to the file.
+:func:`check_config` runs ``haproxy -c`` on a rendered text before anyone
+loads it.
 
 The text carries a ``# meshkit-structure: <hash>`` line: the hash of the
 same model rendered without servers. Two configurations with the same hash
@@ -90,8 +91,11 @@ def _render(model: Model, paths: RuntimePaths, source: str, fingerprint: str) ->
 
 
 def _one_line(value: object) -> object:
-    """Every value the templates print: refused if it could end its line (names and addresses
-    were checked by :func:`~meshkit.haproxy.model.haproxy_token` already)."""
+    """``value`` as the templates print it; ``ValueError`` if it could end its line.
+
+    Names and addresses were checked by :func:`~meshkit.haproxy.model.haproxy_token`
+    already; this guards every other printed value too.
+    """
     if isinstance(value, str) and _CONTROL.search(value):
         raise ValueError(f"line break or control character in a rendered value: {clip(value)!r}")
     return value
