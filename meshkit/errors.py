@@ -5,6 +5,7 @@ The tree says whose fault a failure is::
     MeshError
     ├── ConfigError              your settings are wrong (raised before anything runs)
     ├── ClientClosedError        you used a client or service after closing it
+    ├── RegistryUnreachableError the registry's Redis did not answer (not: "no instances")
     ├── ProtocolError            bytes that are not valid meshkit frames (local decode)
     └── CallError                a call or publish did not produce a result
         ├── NoInstanceError      no live instance of the service is known  [no_instance]
@@ -40,6 +41,23 @@ class ConfigError(MeshError):
 
 class ClientClosedError(MeshError):
     """The client or service was closed by its owner and cannot be used."""
+
+
+class RegistryUnreachableError(MeshError):
+    """Redis could not be read: unreachable, refused the password, or timed out.
+
+    Raised by :func:`meshkit.registry.load_records`, so a tool can tell "the
+    registry is down" apart from "the registry is empty". The message names
+    the Redis URL with its password masked, and the cause.
+    """
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"registry at {url} unreachable: {cause}")
+        self.url = url  # password masked
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RegistryUnreachableError, (self.url, self.cause))
 
 
 class ProtocolError(MeshError):

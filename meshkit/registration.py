@@ -2,6 +2,18 @@
 
 See :mod:`meshkit.registry` for the layout in Redis. A graceful stop deletes
 the record at once; a killed instance's record expires after ``Settings.ttl``.
+
+Every write checks the record first (:meth:`InstanceRecord.validate`): a
+record outside the grammar raises :class:`~meshkit.errors.ConfigError` at the
+writer and never reaches Redis. A heartbeat that finds its key gone while
+Redis stayed reachable (``FLUSHALL``, eviction) announces the rewritten record
+on the changes channel, so views see it back at once.
+
+An instance that cannot register says so: once it has gone
+:data:`REPORT_AFTER` seconds without a successful write (from its start, or
+from the first failure after it was registered), it logs an error naming the
+Redis URL (password masked) and the last error, and again every
+:data:`REPORT_EVERY` seconds while that lasts.
 """
 
 from __future__ import annotations
@@ -9,15 +21,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
 from .config import Settings
 from .record import InstanceRecord
-from .registry import Keys, redis_client
+from .storage import Keys, redacted_url, redis_client
+from .tasks import Supervised, supervise
+from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.registry")
+
+REPORT_AFTER = 3.0  # seconds without a successful write before an instance says it is not registered
+REPORT_EVERY = 30.0  # seconds between two such reports while it lasts
 
 
 class Registration:
@@ -25,33 +43,47 @@ class Registration:
 
     ``start`` writes the record (retrying in the background if Redis is down);
     ``set_state`` rewrites it at once; ``stop`` deletes it. Every write is
-    announced on the changes channel.
+    announced on the changes channel. The constructor, ``set_state`` and
+    ``update`` raise :class:`~meshkit.errors.ConfigError` for a record outside
+    the grammar. ``clock`` times the reports (see the module doc).
     """
 
     def __init__(self, settings: Settings, record: InstanceRecord,
-                 on_error: Callable[[], None] | None = None) -> None:
+                 on_error: Callable[[], None] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 report_after: float = REPORT_AFTER, report_every: float = REPORT_EVERY) -> None:
         self.settings = settings
-        self.record = record
+        self.record = record.validate()
         self.keys = Keys(settings.namespace)
+        self.url = redacted_url(settings.redis_url)
         self._redis = redis_client(settings)
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
         self._on_error = on_error
+        self._clock = clock
+        self._report_after = report_after
+        self._report_every = report_every
+        self._failing_since: float | None = None  # start of the current run of failed writes
+        self._reported_at: float | None = None
+        self._lost_log = LogThrottle(log, 60.0, clock=clock)
         self._stopping = False  # see Registry._closing: a cancel alone may not stop the heartbeat
         self.healthy = False  # whether the last write succeeded
+        self.registered = False  # whether any write has succeeded yet
+        self.last_error = ""  # why the last write failed (clipped)
 
     async def start(self) -> None:
         """Write the record now (if Redis answers) and start the heartbeat."""
+        self._failing_since = self._clock()
         await self._write(announce=True)
-        self._task = asyncio.create_task(self._heartbeat(), name="meshkit-heartbeat")
+        self._task = supervise("meshkit-heartbeat", self._heartbeat, logger=log)
 
     async def set_state(self, state: str) -> None:
         """Change the record's state (``up``/``draining``) and announce it now."""
-        self.record = self.record.with_state(state)
+        self.record = self.record.with_state(state).validate()
         await self._write(announce=True)
 
     async def update(self, record: InstanceRecord) -> None:
         """Replace the whole record (same key) and announce it now."""
-        self.record = record
+        self.record = record.validate()
         await self._write(announce=True)
 
     async def stop(self) -> None:
@@ -74,13 +106,10 @@ class Registration:
 
     async def _stop_heartbeat(self) -> None:
         self._stopping = True
-        if self._task is not None:
+        if self._task is not None and self._task.task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+            await asyncio.gather(self._task.task, return_exceptions=True)
+        self._task = None
 
     async def _heartbeat(self) -> None:
         while not self._stopping:
@@ -90,24 +119,57 @@ class Registration:
             # After a failure, announce again: a restarted Redis lost the
             # record, and watchers should see it come back at once.
             await self._write(announce=not self.healthy)
+            self.report()
 
     async def _write(self, announce: bool) -> None:
         rec = self.record
         data = rec.to_json()
+        key = self.keys.instance(rec.key)
+        message = '{"op":"set","record":' + data + "}"
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.instance(rec.key), data, px=int(self.settings.ttl * 1000))
+                pipe.exists(key)
+                pipe.set(key, data, px=int(self.settings.ttl * 1000))
                 if announce:
-                    message = '{"op":"set","record":' + data + "}"
                     pipe.publish(self.keys.changes, message)
-                await pipe.execute()
+                existed = (await pipe.execute())[0]
+            if not existed and not announce:
+                # Gone with the connection up (FLUSHALL, eviction): views may
+                # be about to miss it in a scan, so tell them it is back.
+                await self._redis.publish(self.keys.changes, message)
+                self._lost_log.log("lost", logging.WARNING, "registry record %s was gone; written and announced again",
+                                   rec.key)
         except (RedisError, OSError) as exc:
-            if self.healthy:
-                log.warning("registry heartbeat failed, retrying: %s", exc)
-            self.healthy = False
-            if self._on_error is not None:
-                self._on_error()
+            self._failed(exc)
             return
         if not self.healthy and announce:
             log.info("registered %s at %s", rec.key, rec.endpoint)
-        self.healthy = True
+        self.healthy = self.registered = True
+        self._failing_since = self._reported_at = None
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = clip(str(exc) or type(exc).__name__, 300)
+        if self.healthy:
+            log.warning("registry heartbeat failed, retrying: %s", self.last_error)
+        if self._failing_since is None:
+            self._failing_since = self._clock()
+        self.healthy = False
+        if self._on_error is not None:
+            self._on_error()
+
+    def report(self) -> bool:
+        """Log an error if the record has not been written for too long (see the module doc); return whether it did."""
+        since = self._failing_since
+        if self.healthy or since is None:
+            return False
+        now = self._clock()
+        if now - since < self._report_after:
+            return False
+        if self._reported_at is not None and now - self._reported_at < self._report_every:
+            return False
+        self._reported_at = now
+        what = "is not registered" if not self.registered else "cannot refresh its registration"
+        log.error("%s %s: registry at %s unreachable for %.0f s: %s", self.record.key, what, self.url,
+                  now - since, self.last_error or "no answer yet",
+                  extra={"redis_url": self.url, "error": self.last_error})
+        return True

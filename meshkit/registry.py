@@ -18,6 +18,21 @@ watcher resubscribes and rescans, and every :class:`~meshkit.registration.Regist
 record again at its next heartbeat; for one TTL after such a reconnection a
 scan adds and updates records but removes none (a restarted Redis is empty
 until those heartbeats), while deletions announced on the channel still apply.
+
+Keys can also vanish while every connection stays up (``FLUSHALL``, eviction
+under ``maxmemory``). A heartbeat that finds its record gone writes it again
+*and announces it*, and a view drops a record only once scans have missed it
+for :data:`MISS_GRACE_BEATS` heartbeat intervals: one scan that ran before the
+rewrite never removes a live instance. An announced deletion applies at once.
+
+Records and change messages are input like any other. Whatever is read is
+bounded in bytes (see :mod:`meshkit.storage`; change messages over
+:data:`MAX_CHANGE_BYTES` are not parsed) and must pass
+:meth:`InstanceRecord.from_json` and be stored under its own key; what
+fails is skipped, counted in :attr:`Registry.rejected` (and the
+``registry.rejected`` metric) and logged once per key. No message, however
+malformed or deep, can stop the watch: both background loops run under
+:func:`meshkit.tasks.supervise`.
 """
 
 from __future__ import annotations
@@ -26,48 +41,39 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import Settings
 from .handlers import topic_matches
-from .record import InstanceRecord
+from .record import MAX_RECORD_BYTES, InstanceRecord
+from .storage import (
+    SCAN_BATCH,
+    Keys,
+    load_records,
+    parse_stored,
+    read_records,
+    redacted_url,
+    redis_client,
+    validate_key,
+)
+from .tasks import Supervised, supervise
 from .timing import wait_event
+from .untrusted import LogThrottle, clip
+
+__all__ = ["Keys", "Registry", "load_records", "read_records", "redacted_url", "redis_client"]
 
 log = logging.getLogger("meshkit.registry")
 
 ChangeListener = Callable[[], None]
 
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """An asyncio Redis client for ``settings.redis_url`` with short timeouts.
-
-    Short timeouts matter: a Redis outage must show up as quick errors in the
-    background tasks, never as a stalled heartbeat.
-    """
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-        decode_responses=False,
-    )
-
-
-class Keys:
-    """Key names for one namespace."""
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.instance_prefix = f"{namespace}:inst:"
-        self.changes = f"{namespace}:changes"
-
-    def instance(self, key: str) -> str:
-        """Redis key of the record whose :attr:`InstanceRecord.key` is ``key``."""
-        return self.instance_prefix + key
+MISS_GRACE_BEATS = 2  # heartbeat intervals a record may be missing from scans before a view drops it
+MAX_CHANGE_BYTES = MAX_RECORD_BYTES + 1024  # a change message: one record and its envelope
+REJECT_LOG_INTERVAL = 600.0  # seconds between two log lines about the same rejected key
+OUTAGE_LOG_INTERVAL = 30.0  # seconds between two "unreachable, nothing known yet" lines
 
 
 class Registry:
@@ -76,25 +82,33 @@ class Registry:
     ``start`` loads the records and starts following changes; after it
     returns, :meth:`instances` answers from memory. Listeners registered with
     :meth:`add_listener` run in the event loop after every change of the view.
+    ``on_rejected`` is called once per record or change message refused (the
+    service counts it in the ``registry.rejected`` metric).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_rejected: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
+        self.url = redacted_url(settings.redis_url)
         self._redis: aioredis.Redis | None = None
         self._records: dict[str, InstanceRecord] = {}
         self._by_service: dict[str, list[InstanceRecord]] = {}
         self._pushed_at: dict[str, float] = {}
+        self._missing_since: dict[str, float] = {}  # key -> start of the first scan that missed it
         self._listeners: list[ChangeListener] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[Supervised] = []
         self._changed = asyncio.Event()
         self._resync_now = asyncio.Event()
         self._keep_until = 0.0  # until then, a scan adds and updates records but removes none
+        self._on_rejected = on_rejected
+        self._reject_log = LogThrottle(log, REJECT_LOG_INTERVAL)
+        self._outage_log = LogThrottle(log, OUTAGE_LOG_INTERVAL)
         # redis-py may swallow a cancellation on Python < 3.12 (it wraps socket
         # writes in asyncio.wait_for), so the loops also stop on this flag.
         self._closing = False
         self.synced = False  # True once a full scan has succeeded
         self.connected = False  # whether the last Redis operation succeeded
+        self.rejected = 0  # records and change messages refused so far
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -102,15 +116,21 @@ class Registry:
             self._redis = redis_client(self.settings)
         return self._redis
 
+    @property
+    def restarts(self) -> int:
+        """How often a background loop crashed and was restarted by its supervisor."""
+        return sum(task.restarts for task in self._tasks)
+
     async def start(self, wait: float = 2.0) -> None:
         """Start following the registry; wait up to ``wait`` s for a first full scan.
 
         A Redis that is down at start is not an error: the view starts empty
-        and fills in as soon as Redis answers.
+        and fills in as soon as Redis answers (a warning names the URL and
+        the error meanwhile, every :data:`OUTAGE_LOG_INTERVAL` seconds).
         """
         self._tasks = [
-            asyncio.create_task(self._watch(), name="meshkit-registry-watch"),
-            asyncio.create_task(self._resync_loop(), name="meshkit-registry-resync"),
+            supervise("meshkit-registry-watch", self._watch, logger=log),
+            supervise("meshkit-registry-resync", self._resync_loop, logger=log),
         ]
         deadline = time.monotonic() + wait
         while not self.synced and time.monotonic() < deadline:
@@ -122,7 +142,7 @@ class Registry:
         self._resync_now.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(t.task for t in self._tasks if t.task is not None), return_exceptions=True)
         self._tasks = []
         if self._redis is not None:
             await self._redis.aclose()
@@ -163,11 +183,13 @@ class Registry:
     def apply(self, record: InstanceRecord | None, key: str | None = None) -> None:
         """Apply one change to the view (a record set, or ``key`` deleted)."""
         if record is not None:
+            self._missing_since.pop(record.key, None)  # its owner just wrote it: alive
             if self._records.get(record.key) == record:
                 return
             self._records[record.key] = record
             self._pushed_at[record.key] = time.monotonic()
         elif key is not None:
+            self._missing_since.pop(key, None)
             if self._records.pop(key, None) is None:
                 return
             self._pushed_at[key] = time.monotonic()
@@ -175,12 +197,20 @@ class Registry:
 
     def _replace_all(self, records: Iterable[InstanceRecord], scan_started: float) -> None:
         fresh = {r.key: r for r in records}
-        if scan_started < self._keep_until:
-            # Redis just came back, maybe empty (restarted): the records it
-            # lacks are rewritten by their owners' next heartbeats. Dropping
-            # them now would fail calls between live instances for nothing.
-            for key, record in self._records.items():
-                fresh.setdefault(key, record)
+        grace = MISS_GRACE_BEATS * self.settings.heartbeat_interval
+        for key, record in self._records.items():
+            if key in fresh:
+                self._missing_since.pop(key, None)
+            elif scan_started < self._keep_until:
+                # Redis just came back, maybe empty (restarted): the records it
+                # lacks are rewritten by their owners' next heartbeats. Dropping
+                # them now would fail calls between live instances for nothing.
+                fresh[key] = record
+            elif scan_started - self._missing_since.setdefault(key, scan_started) < grace:
+                # Keys can vanish with every connection up (FLUSHALL, eviction):
+                # a live owner rewrites its record within a heartbeat, so one
+                # scan that ran before the rewrite is no proof of death.
+                fresh[key] = record
         # A change announced while the scan ran is newer than what the scan
         # read, so it wins (otherwise a "draining" could be undone for a cycle).
         for key, at in self._pushed_at.items():
@@ -190,6 +220,7 @@ class Registry:
                 else:
                     fresh.pop(key, None)
         self._pushed_at = {k: v for k, v in self._pushed_at.items() if v >= scan_started}
+        self._missing_since = {k: v for k, v in self._missing_since.items() if k in fresh}
         if fresh != self._records:
             self._records = fresh
             self._rebuild()
@@ -207,22 +238,44 @@ class Registry:
             except Exception:
                 log.exception("registry listener failed")
 
+    def _reject(self, cause: str, what: str, why: str) -> None:
+        """Count one refused record or message, and log it (once per ``cause`` per interval)."""
+        self.rejected += 1
+        if self._on_rejected is not None:
+            try:
+                self._on_rejected()
+            except Exception:  # a failing metric must not stop the watch
+                log.exception("rejected-record callback failed")
+        self._reject_log.log(cause, logging.WARNING, "rejected %s: %s", what, why,
+                             extra={"rejected": self.rejected})
+
     # -- following Redis ----------------------------------------------------
 
     async def scan(self) -> list[InstanceRecord]:
-        """Read every record in the namespace from Redis (raises ``RedisError``)."""
-        keys = [k async for k in self.redis.scan_iter(match=self.keys.instance_prefix + "*", count=500)]
-        if not keys:
-            return []
-        values = await self.redis.mget(keys)
+        """Read every valid record in the namespace from Redis (raises ``RedisError``); reject the rest."""
+        keys = [k async for k in self.redis.scan_iter(match=self.keys.match(), count=SCAN_BATCH)]
+        records = []
+        for start in range(0, len(keys), SCAN_BATCH):
+            batch = keys[start:start + SCAN_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    # GETRANGE, not GET: never more than one byte past the bound is read.
+                    pipe.getrange(key, 0, MAX_RECORD_BYTES)
+                values = await pipe.execute(raise_on_error=False)
+            records.extend(self._parse_batch(batch, values))
+        return records
+
+    def _parse_batch(self, keys: Sequence[bytes], values: Sequence[object]) -> list[InstanceRecord]:
         records = []
         for key, value in zip(keys, values, strict=True):
-            if value is None:
-                continue  # expired between SCAN and MGET
             try:
-                records.append(InstanceRecord.from_json(value))
+                record = parse_stored(self.keys, key, value)
             except ValueError as exc:
-                log.warning("ignoring malformed record %s: %s", key, exc)
+                name = clip(key.decode(errors="replace"))
+                self._reject(name, f"registry record {name}", str(exc))
+                continue
+            if record is not None:
+                records.append(record)
         return records
 
     async def resync(self) -> None:
@@ -239,10 +292,16 @@ class Registry:
             self._rebuild()
 
     def _note_outage(self, why: str) -> None:
-        # Said once per outage, by whichever task notices first.
+        # Said once per outage, by whichever task notices first; before the
+        # first successful scan, every OUTAGE_LOG_INTERVAL (nothing else would
+        # tell that this process has never seen the registry).
         if self.connected:
             log.warning("registry unreachable, keeping the cached view of %d instances (%s)",
                         len(self._records), why)
+        elif not self.synced:
+            self._outage_log.log("never-synced", logging.WARNING,
+                                 "registry at %s unreachable, no instances known yet: %s",
+                                 self.url, clip(why, 300))
         self.connected = False
 
     async def _resync_loop(self) -> None:
@@ -283,30 +342,24 @@ class Registry:
             backoff = min(backoff * 2, 1.0)
 
     def _on_message(self, data: Any) -> None:
+        """Apply one change message; a malformed one is rejected (counted, logged), never raised."""
         try:
-            message = json.loads(data)
-            if message["op"] == "set":
-                self.apply(InstanceRecord.from_json(json.dumps(message["record"])))
-            elif message["op"] == "del":
-                self.apply(None, str(message["key"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring malformed registry change: %s", exc)
+            self._apply_message(data)
+        except Exception as exc:  # RecursionError included: no message may end the watch
+            self._reject("change-message", "registry change", f"{type(exc).__name__}: {clip(str(exc), 300)}")
 
-
-def read_records(settings: Settings, service: str | None = None) -> list[InstanceRecord]:
-    """The records in Redis right now, read synchronously (for tools and tests)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    try:
-        prefix = Keys(settings.namespace).instance_prefix + (f"{service}:" if service else "")
-        keys = list(client.scan_iter(match=prefix + "*", count=500))
-        values = client.mget(keys) if keys else []
-        records = []
-        for value in values:
-            if value is not None:
-                try:
-                    records.append(InstanceRecord.from_json(value))
-                except ValueError:
-                    continue
-        return sorted(records, key=lambda r: (r.service, r.started_at))
-    finally:
-        client.close()
+    def _apply_message(self, data: Any) -> None:
+        if not isinstance(data, (bytes, str)):
+            raise ValueError(f"not text: {clip(data)}")
+        if len(data) > MAX_CHANGE_BYTES:
+            raise ValueError(f"{len(data)} bytes, more than {MAX_CHANGE_BYTES}")
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ValueError(f"not an object: {clip(message)}")
+        op = message.get("op")
+        if op == "set":
+            self.apply(InstanceRecord.from_dict(message.get("record")))
+        elif op == "del":
+            self.apply(None, validate_key(message.get("key")))
+        else:
+            raise ValueError(f"unknown op {clip(op)!r}")

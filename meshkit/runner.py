@@ -93,6 +93,11 @@ async def _serve(cls: type[Service], settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await service.start()
+    except ConfigError as exc:
+        # A setting is wrong: the message says which, a traceback would bury it.
+        log.error("failed to start: %s", exc, extra={"error": str(exc)})
+        await service.kill()
+        return 1
     except Exception:
         log.exception("failed to start")
         await service.kill()

@@ -12,9 +12,13 @@ A subclass names itself and marks its entry points::
 Lifecycle (each verb's promise):
 
 ``start()``
-    Binds the router, loads the registry view, runs :meth:`on_start`, then
+    Checks the advertised host against the registry grammar (a bad
+    ``advertise_host`` is a :class:`ConfigError` before anything binds),
+    binds the router, loads the registry view, runs :meth:`on_start`, then
     registers the instance as ``up`` (so nobody calls it before it is
-    ready) and starts the ``@periodic`` tasks.
+    ready) and starts the ``@periodic`` tasks. An instance that cannot reach
+    Redis still starts, and logs an error naming the Redis URL (password
+    masked) and the cause until it is registered (see :mod:`meshkit.registration`).
 ``stop(grace)``
     Marks the instance ``draining`` in the registry at once, stops the
     periodic tasks, answers new calls with ``draining`` (callers retry
@@ -35,6 +39,7 @@ the caller's metadata travel on automatically. Plain (thread-pool) handlers use
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -47,6 +52,7 @@ from typing import Any, ClassVar
 
 import zmq
 
+from . import names
 from .client import AsyncClient, ServiceProxy
 from .config import Settings
 from .context import current_call, set_current
@@ -57,8 +63,10 @@ from .record import DRAINING, UP, InstanceRecord
 from .registration import Registration
 from .registry import Registry
 from .server import Server
+from .tasks import Supervised, supervise
+from .untrusted import LogThrottle, clip
 
-_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+PERIODIC_LOG_INTERVAL = 60.0  # seconds between two log lines about the same periodic failure
 
 
 class Service:
@@ -68,9 +76,9 @@ class Service:
     version: ClassVar[str] = ""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        if not self.name or not set(self.name) <= _NAME_OK:
+        if not isinstance(self.name, str) or names.SERVICE_NAME.fullmatch(self.name) is None:
             raise ConfigError(
-                f"{type(self).__name__}.name must be lower-case letters, digits, '_' or '-'; "
+                f"{type(self).__name__}.name must be 1-64 lower-case letters, digits, '_' or '-'; "
                 f"got {self.name!r}")
         self.settings = (settings or Settings.load()).for_service(self.name)
         self.instance_id = uuid.uuid4().hex[:12]
@@ -81,12 +89,14 @@ class Service:
         self._zmq = zmq.Context()
         self._executor = ThreadPoolExecutor(self.settings.handler_threads,
                                             thread_name_prefix=f"{self.name}-handler")
-        self.registry = Registry(self.settings)
+        self.registry = Registry(self.settings, on_rejected=self._count_rejected)
         self.client = AsyncClient(self.settings, registry=self.registry,
                                   zmq_context=self._zmq, metrics=self.metrics)
         self._server: Server | None = None
         self._registration: Registration | None = None
-        self._periodic: list[asyncio.Task[None]] = []
+        self._periodic: list[Supervised] = []
+        self._periodic_log = LogThrottle(self.log, PERIODIC_LOG_INTERVAL)
+        self.periodic_failures = 0  # runs of @periodic tasks that raised
         self._record_updates: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
@@ -174,8 +184,14 @@ class Service:
         """Publish a client-facing listener (``host:port``) in this instance's record.
 
         Call it from :meth:`on_start` (or later: the record is rewritten).
-        HAProxy routes the public frontend named ``name`` here.
+        HAProxy routes the public frontend named ``name`` here. A name or an
+        address outside the registry grammar raises :class:`ConfigError`.
         """
+        try:
+            names.validate_listener_name(name)
+            names.validate_address(address)
+        except ValueError as exc:
+            raise ConfigError(f"cannot advertise listener: {exc}") from None
         self._listeners[name] = address
         if self._registration is not None and self._loop is not None and self.state == "up":
             record = self._record(self._registration.record.state)
@@ -196,6 +212,10 @@ class Service:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            names.validate_host(self.settings.advertised_host)
+        except ValueError as exc:
+            raise ConfigError(f"advertise_host (or bind_host) cannot be registered: {exc}") from None
         self._loop = asyncio.get_running_loop()
         self.started_at = time.time()
         self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics)
@@ -207,7 +227,8 @@ class Service:
         self.state = "up"
         self._registration = Registration(self.settings, self._record(UP), self.metrics.registry_error)
         await self._registration.start()
-        self._periodic = [asyncio.create_task(self._run_periodic(p), name=f"periodic-{p.name}")
+        self._periodic = [supervise(f"periodic-{p.name}", functools.partial(self._run_periodic, p),
+                                    logger=self.log)
                           for p in self._table.periodic]
         self.log.info("started %s at %s", self.instance_id, self.endpoint,
                       extra={"endpoint": self.endpoint, "pid": os.getpid()})
@@ -223,8 +244,8 @@ class Service:
             self._server.state = DRAINING
         if self._registration is not None:
             await self._registration.set_state(DRAINING)
-        for task in self._periodic:
-            task.cancel()
+        for job in self._periodic:
+            job.cancel()
         try:
             await self.on_drain(grace)
         except Exception:
@@ -244,8 +265,8 @@ class Service:
     async def kill(self) -> None:
         """Close at once, without draining or deleting the record (it expires after its TTL)."""
         self.state = "stopping"
-        for task in self._periodic:
-            task.cancel()
+        for job in self._periodic:
+            job.cancel()
         if self._registration is not None:
             await self._registration.abandon()
         await self._close()
@@ -269,7 +290,7 @@ class Service:
             service=self.name,
             instance_id=self.instance_id,
             endpoint=self.endpoint,
-            host=socket.gethostname(),
+            host=self._machine_name(),
             pid=os.getpid(),
             version=self.version,
             methods=tuple(sorted(self._table.methods)),
@@ -281,20 +302,44 @@ class Service:
             max_message_size=self.settings.max_message_size,
         )
 
+    def _machine_name(self) -> str:
+        # The record's host names the machine for people; a host name the
+        # registry grammar refuses (say "my_box") must not stop the service,
+        # so the advertised host (checked at start) stands in for it.
+        name = socket.gethostname()
+        try:
+            return names.validate_host(name)
+        except ValueError:
+            return self.settings.advertised_host
+
+    def _count_rejected(self) -> None:
+        self.metrics.incr("registry.rejected")
+
     async def _run_periodic(self, job: Periodic) -> None:
+        """Run ``job`` every ``job.interval`` seconds until cancelled (supervised: see :meth:`start`)."""
         loop = asyncio.get_running_loop()
         next_run = loop.time() + job.interval
         while True:
             await asyncio.sleep(max(0.0, next_run - loop.time()))
             next_run += job.interval
-            try:
-                if job.is_async:
-                    await job.fn()
-                else:
-                    await loop.run_in_executor(self._executor, job.fn)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("periodic task %s failed", job.name)
+            await self._run_job(job)
             if loop.time() > next_run:
                 next_run = loop.time() + job.interval  # do not stack up missed runs
+
+    async def _run_job(self, job: Periodic) -> bool:
+        """Run ``job`` once; a failure is logged once per cause and interval, counted, and not raised."""
+        try:
+            if job.is_async:
+                await job.fn()
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._executor, job.fn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next run comes anyway: one bad tick must not end the task
+            self.periodic_failures += 1
+            self._periodic_log.log(f"{job.name}:{type(exc).__name__}", logging.ERROR,
+                                   "periodic task %s failed (it keeps running): %s: %s", job.name,
+                                   type(exc).__name__, clip(str(exc)), exc_info=exc,
+                                   extra={"task": job.name})
+            return False
+        return True

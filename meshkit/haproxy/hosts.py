@@ -16,14 +16,17 @@ A lookup that fails keeps the last good address: a name that fails to
 resolve once must not remove a healthy gateway (and so cut its clients). Only
 a name never resolved is an error for :meth:`~HostCache.lookup`.
 
-Records usually carry IP addresses, which are used as they are.
+Records usually carry IP addresses, which are used as they are. Only what
+the registry grammar (:mod:`meshkit.names`) calls an IP literal counts as
+one: :func:`ipaddress.ip_address` alone would take ``fe80::1%x;shutdown
+frontend stratum`` for an IPv6 address with a scope id. Names outside the
+grammar are never looked up, and :meth:`HostCache.lookup` refuses them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import socket
 import threading
@@ -31,6 +34,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from .. import names
+from ..untrusted import clip
 
 log = logging.getLogger("meshkit.haproxy.hosts")
 
@@ -119,12 +125,17 @@ class HostCache:
 
     @staticmethod
     def is_address(host: str) -> bool:
-        """Whether ``host`` is an IP address already (nothing to resolve)."""
+        """Whether ``host`` is an IP literal of the registry grammar (nothing to resolve)."""
+        return names.is_ip_literal(host)
+
+    @staticmethod
+    def is_name(host: str) -> bool:
+        """Whether ``host`` is a host of the registry grammar that needs resolving."""
         try:
-            ipaddress.ip_address(host)
+            names.validate_host(host)
         except ValueError:
             return False
-        return True
+        return not names.is_ip_literal(host)
 
     def lookup(self, host: str) -> str:
         """``host`` as an IP address, from memory: never blocks.
@@ -134,6 +145,8 @@ class HostCache:
         """
         if self.is_address(host):
             return host
+        if not self.is_name(host):
+            raise OSError(f"not a valid host: {clip(host)!r}")
         entry = self._entries.get(host)
         if entry is None:
             raise OSError(f"{host!r} not resolved yet")
@@ -149,7 +162,7 @@ class HostCache:
         lookup keeps the previous address, is logged once, and is tried again
         after ``ttl``. Names not in ``hosts`` are forgotten.
         """
-        hosts = {h for h in hosts if not self.is_address(h)}
+        hosts = {h for h in hosts if self.is_name(h)}
         for gone in set(self._entries) - hosts:
             del self._entries[gone]
         now = self.clock()

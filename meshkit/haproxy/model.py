@@ -9,6 +9,13 @@ HAProxy connects.
 The *structure* of a model (frontends, backends and every setting, but no
 servers) decides whether HAProxy must be reloaded; servers alone are changed
 at run time.
+
+Every name and address that goes into an HAProxy runtime command (where
+``;`` separates commands) or into the configuration file passes through one
+function, :func:`haproxy_token`, when the :class:`Server`, :class:`Backend`
+or :class:`Frontend` holding it is built: a model cannot hold an unsafe one.
+Records whose listener breaks the registry grammar (:mod:`meshkit.names`)
+become problems, never servers.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
+from .. import names
 from ..record import InstanceRecord
+from ..untrusted import clip
 from .config import ProxyConfig
 
 Resolver = Callable[[str], str]
@@ -31,6 +40,22 @@ hosts :func:`listener_hosts` lists.
 
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9_.:-]")
 MAX_NAME = 48
+# One word of an HAProxy command or configuration line: no space (word
+# separator), ";" (command separator), "#" (comment), quote, backslash or
+# line break. "%" and brackets for IPv6 literals with a scope id.
+_TOKEN = re.compile(r"[A-Za-z0-9_.:%\[\]-]{1,300}")
+
+
+def haproxy_token(value: object) -> str:
+    """``value`` if it is safe as one word of an HAProxy runtime command or configuration line.
+
+    The one gate for names and addresses built from the registry: raises
+    ``ValueError`` (value clipped) for anything but 1-300 characters of
+    ``[A-Za-z0-9_.:%[]-]``.
+    """
+    if not isinstance(value, str) or _TOKEN.fullmatch(value) is None:
+        raise ValueError(f"not safe in an HAProxy command: {clip(value)!r}")
+    return value
 
 
 @dataclass(frozen=True, order=True)
@@ -47,10 +72,15 @@ class Server:
     draining: bool = False
     instance: str = ""  # the record's key, for log messages
 
+    def __post_init__(self) -> None:
+        haproxy_token(self.name)
+        haproxy_token(self.host)
+        names.validate_port(self.port)
+
     @property
     def address(self) -> str:
-        """``host:port`` as HAProxy spells it (IPv6 in brackets)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """``host:port`` as HAProxy spells it (IPv6 in brackets), checked by :func:`haproxy_token`."""
+        return haproxy_token(f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,9 @@ class Backend:
     balance: str
     http_check: str = ""
     servers: tuple[Server, ...] = ()
+
+    def __post_init__(self) -> None:
+        haproxy_token(self.name)
 
     def server(self, name: str) -> Server | None:
         for server in self.servers:
@@ -79,6 +112,10 @@ class Frontend:
     mode: str
     backend: str
     maxconn: int = 0
+
+    def __post_init__(self) -> None:
+        haproxy_token(self.name)
+        haproxy_token(self.backend)
 
 
 @dataclass(frozen=True)
@@ -131,16 +168,8 @@ def identifier(text: str) -> str:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` into its parts; raise ``ValueError`` if malformed."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"not host:port: {address!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range: {address!r}")
-    return host, port
+    """``host:port`` or ``[v6]:port`` into its parts; raise ``ValueError`` outside the registry grammar."""
+    return names.split_address(address)
 
 
 def build_model(
@@ -176,10 +205,10 @@ def build_model(
                 host, port = split_address(address)
                 if resolve is not None:
                     host = resolve(host)
+                server = Server(server_name(record.instance_id), host, port, not record.is_up, record.key)
             except (ValueError, OSError) as exc:
-                problems.append(f"{record.key}: listener {backend.listener!r} at {address!r}: {exc}")
+                problems.append(f"{clip(record.key)}: listener {backend.listener!r} at {clip(address)!r}: {exc}")
                 continue
-            server = Server(server_name(record.instance_id), host, port, not record.is_up, record.key)
             servers[backend.name].setdefault(server.name, server)
 
     return Model(

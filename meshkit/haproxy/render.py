@@ -2,8 +2,10 @@
 
 The templates (``haproxy/haproxy.cfg.j2`` and the partials it includes) are
 rendered with ``StrictUndefined``, so a missing value is an error rather than
-an empty string in the output. :func:`check_config` runs ``haproxy -c`` on a
-rendered text before anyone loads it.
+an empty string in the output, and no printed value may hold a line break or
+a control character (``ValueError``): nothing can add a line to the file.
+:func:`check_config` runs ``haproxy -c`` on a rendered text before anyone
+loads it.
 
 The text carries a ``# meshkit-structure: <hash>`` line: the hash of the
 same model rendered without servers. Two configurations with the same hash
@@ -24,12 +26,14 @@ from pathlib import Path
 
 import jinja2
 
+from ..untrusted import clip
 from .errors import ConfigCheckError
 from .model import Model
 from .process import find_haproxy
 
 TEMPLATE = "haproxy.cfg.j2"
 _FINGERPRINT = re.compile(r"^# meshkit-structure: ([0-9a-f]+)$", re.MULTILINE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,23 @@ def _render(model: Model, paths: RuntimePaths, source: str, fingerprint: str) ->
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,  # HAProxy configuration, not HTML
+        finalize=_one_line,
     )
     template = env.get_template(TEMPLATE)
     return template.render(
         model=model, config=model.config, paths=paths, fingerprint=fingerprint, config_source=source
     )
+
+
+def _one_line(value: object) -> object:
+    """``value`` as the templates print it; ``ValueError`` if it could end its line.
+
+    Names and addresses were checked by :func:`~meshkit.haproxy.model.haproxy_token`
+    already; this guards every other printed value too.
+    """
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise ValueError(f"line break or control character in a rendered value: {clip(value)!r}")
+    return value
 
 
 def write_config(path: Path, text: str) -> None:

@@ -28,11 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..untrusted import clip
 from .errors import HAProxyUnreachableError, ReloadError, RuntimeCommandError
 
 log = logging.getLogger("meshkit.haproxy.runtime")
 
 _SEVERITY = re.compile(r"^\[(\d)\]: ?", re.MULTILINE)
+_NOT_ONE_COMMAND = re.compile(r"[;\x00-\x1f\x7f]")
 
 # srv_admin_state bits (HAProxy's SRV_ADMF_*)
 ADMIN_FORCED_MAINT = 0x01
@@ -128,7 +130,13 @@ class RuntimeAPI:
         return await exchange(self.path, command, self.timeout)
 
     async def command(self, command: str) -> str:
-        """Send ``command`` and return its reply; raise :class:`RuntimeCommandError` if HAProxy refused it."""
+        """Send ``command`` and return its reply; raise :class:`RuntimeCommandError` if HAProxy refused it.
+
+        ``command`` must be one command: a ``;`` (HAProxy's command separator)
+        or a control character raises ``ValueError`` before anything is sent.
+        """
+        if _NOT_ONE_COMMAND.search(command):
+            raise ValueError(f"not one command: {clip(command)!r}")
         reply = await self.execute("set severity-output number; " + command)
         levels = [int(level) for level in _SEVERITY.findall(reply)]
         text = _SEVERITY.sub("", reply).strip()

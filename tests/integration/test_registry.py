@@ -1,15 +1,22 @@
-"""The registry view follows announced changes within about 100 ms (pub/sub, not the periodic rescan)."""
+"""The registry view: it follows announced changes within about 100 ms (pub/sub, not the periodic
+rescan), and it reads from Redis only valid records, bounded in bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+
+import pytest
 
 from meshkit.config import Settings
+from meshkit.errors import RegistryUnreachableError
 from meshkit.record import DRAINING, InstanceRecord
 from meshkit.registration import Registration
-from meshkit.registry import Registry
+from meshkit.registry import Keys, Registry, load_records, read_records
 from meshkit.testing import RedisServer, test_settings
+
+pytestmark = pytest.mark.integration
 
 # Generous for a shared 2-core machine; the rescan below is 30 s away, so
 # only the change announcements can meet it.
@@ -48,3 +55,40 @@ def test_views_follow_changes_within_about_100_ms(redis_server: RedisServer) -> 
 
     delays = asyncio.run(main())
     assert max(delays) < _BOUND, f"view followed after {delays} s"
+
+
+def test_scans_reject_what_is_not_a_valid_record_under_its_own_key(redis_server: RedisServer) -> None:
+    settings = test_settings(redis_server.url, resync_interval=30.0)
+    keys = Keys(settings.namespace)
+    good = InstanceRecord("viewed", "g1", "tcp://127.0.0.1:1", "h", 1)
+    client = redis_server.client()
+    try:
+        client.set(keys.instance(good.key), good.to_json(), px=60_000)
+        client.set(keys.instance("viewed:giant"), b"{" + b" " * (10 * 1024 * 1024), px=60_000)  # 10 MiB
+        client.set(keys.instance("viewed:other"), good.to_json(), px=60_000)  # g1's record under another key
+        client.hset(keys.instance("viewed:hash"), "a", "b")
+        client.set(keys.instance("viewed:deep"), "[" * 50_000, px=60_000)
+
+        async def main() -> tuple[list[str], int]:
+            view = Registry(settings)
+            await view.start()
+            try:
+                return [r.key for r in view.instances()], view.rejected
+            finally:
+                await view.close()
+
+        found, rejected = asyncio.run(main())
+        assert found == [good.key]
+        assert rejected == 4
+        assert [r.key for r in read_records(settings)] == [good.key]
+    finally:
+        client.close()
+
+
+def test_load_records_tells_unreachable_from_empty(redis_server: RedisServer, tmp_path: Path) -> None:
+    assert load_records(test_settings(redis_server.url)) == []
+    settings = test_settings(f"unix://{tmp_path}/nowhere.sock?password=hunter2")
+    with pytest.raises(RegistryUnreachableError) as caught:
+        load_records(settings)
+    assert "password=***" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert "No such file" in caught.value.cause

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,19 @@ import pytest
 from meshkit.errors import ConfigError
 from meshkit.haproxy.config import ProxyConfig, default_templates, load_proxy_config, parse_proxy_config
 from meshkit.haproxy.hosts import HostCache, detached
-from meshkit.haproxy.model import backend_name, build_model, identifier, listener_hosts, server_name, split_address
+from meshkit.haproxy.model import (
+    Server,
+    backend_name,
+    build_model,
+    haproxy_token,
+    identifier,
+    listener_hosts,
+    server_name,
+    split_address,
+)
 from meshkit.haproxy.reconcile import ADD, REMOVE, UPDATE, plan
 from meshkit.haproxy.render import RuntimePaths, fingerprint_of, render, structure_fingerprint
-from meshkit.haproxy.runtime import ServerState, parse_servers_state, parse_show_proc
+from meshkit.haproxy.runtime import RuntimeAPI, ServerState, parse_servers_state, parse_show_proc
 from meshkit.record import DRAINING, InstanceRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -401,3 +411,89 @@ def test_parse_show_proc() -> None:
     table = parse_show_proc(text)
     assert (table.master_pid, table.reloads, table.failed_reloads) == (6928, 2, 1)
     assert table.workers == (19895,) and table.old_workers == (6930,)
+
+
+# -- nothing unvalidated reaches HAProxy (issue #7, defect 1) --------------------------
+
+INJECTION = "fe80::1%x;shutdown frontend stratum "
+
+
+@pytest.mark.parametrize(
+    "host", [INJECTION, "fe80::1%a\nb", "fe80::1%a b", "::1%;", "10.0.0.1 backup", "a#b"], ids=repr,
+)
+def test_host_cache_takes_only_strict_ip_literals_as_addresses(host: str) -> None:
+    assert not HostCache.is_address(host)
+    with pytest.raises(OSError):
+        HostCache().lookup(host)
+
+
+def test_host_cache_accepts_scope_ids_of_the_grammar() -> None:
+    assert HostCache.is_address("fe80::1%eth0") and HostCache.is_address("fe80::1%vlan.10_a-b")
+    assert HostCache().lookup("fe80::1%eth0") == "fe80::1%eth0"
+
+
+def test_host_cache_never_resolves_names_outside_the_grammar() -> None:
+    names = Names(**{"gw1.local": "10.1.1.1"})
+    hosts = HostCache(Clock(), names)
+    asyncio.run(hosts.refresh({"gw1.local", "evil;name", "a b"}))
+    assert names.asked == ["gw1.local"]
+    with pytest.raises(OSError, match="not a valid host"):
+        hosts.lookup("evil;name")
+
+
+@pytest.mark.parametrize(
+    "address", [f"{INJECTION}:4000", f"[{INJECTION}]:4000", "10.0.0.1:4000 backup", "gw#1:4000", "[gw.local]:1"],
+    ids=repr,
+)
+def test_records_with_unsafe_listener_addresses_never_become_servers(address: str) -> None:
+    model = build_model(config(), [gateway("gw1", "10.0.0.1:4000"), gateway("gw2", address)])
+    stratum = model.backend("gateway.stratum")
+    assert stratum is not None and [s.name for s in stratum.servers] == ["gw1"]
+    assert len(model.problems) == 1 and "gateway:gw2" in model.problems[0]
+    for step in plan(model, []):
+        assert all(";" not in command and "shutdown" not in command for command in step.commands)
+
+
+def test_a_resolver_answer_outside_the_grammar_is_a_problem_not_a_server() -> None:
+    model = build_model(config(), [gateway("gw1", "gw1.local:4000")], resolve=lambda host: INJECTION)
+    stratum = model.backend("gateway.stratum")
+    assert stratum is not None and stratum.servers == ()
+    assert "gateway:gw1" in model.problems[0]
+
+
+@pytest.mark.parametrize(
+    "value", [INJECTION, "a b", "a;b", "a#b", "a\nb", "", "x" * 301, 'a"b', "a\\b", None], ids=repr,
+)
+def test_haproxy_token_refuses_what_could_split_a_command_or_a_line(value: Any) -> None:
+    with pytest.raises(ValueError, match="not safe"):
+        haproxy_token(value)
+
+
+def test_haproxy_token_passes_names_and_addresses() -> None:
+    for value in ("gateway.stratum", "gw1", "10.0.0.1:4000", "[fe80::1%eth0]:4000", "a_b-c"):
+        assert haproxy_token(value) == value
+
+
+def test_servers_cannot_hold_unsafe_values() -> None:
+    with pytest.raises(ValueError, match="not safe"):
+        Server("gw1", INJECTION, 4000)
+    with pytest.raises(ValueError, match="not safe"):
+        Server("gw 1", "10.0.0.1", 4000)
+    with pytest.raises(ValueError, match="port"):
+        Server("gw1", "10.0.0.1", 0)
+    assert Server("gw1", "fe80::1%eth0", 4000).address == "[fe80::1%eth0]:4000"
+
+
+def test_rendering_refuses_a_value_with_a_line_break(tmp_path: Path) -> None:
+    model = build_model(config(), [gateway("gw1", "10.0.0.1:4000")])
+    bad = replace(model, frontends=(replace(model.frontends[0], bind="127.0.0.1:1\n    mode http"),))
+    with pytest.raises(ValueError, match="line break or control character"):
+        render(bad, PATHS)
+
+
+@pytest.mark.parametrize("command", ["add server a/b 10.0.0.1:1; shutdown frontend x", "show info\nshow stat",
+                                     "set server a/b addr 10.0.0.1\x00"], ids=repr)
+def test_the_runtime_api_refuses_a_command_that_would_be_several(command: str, tmp_path: Path) -> None:
+    api = RuntimeAPI(tmp_path / "missing.sock")
+    with pytest.raises(ValueError, match="one command"):
+        asyncio.run(api.command(command))

@@ -32,6 +32,7 @@ PUBLIC = [
     "MessageTooLargeError",
     "NoInstanceError",
     "ProtocolError",
+    "RegistryUnreachableError",
     "RemoteError",
     "Service",
     "Settings",

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from meshkit.errors import ConfigError
 from meshkit.record import DRAINING, STATES, UP, InstanceRecord
 
 FULL = InstanceRecord(
@@ -107,3 +108,89 @@ def test_values_are_normalised() -> None:
 def test_malformed_records_raise_value_error(text: Any) -> None:
     with pytest.raises(ValueError, match="malformed instance record"):
         InstanceRecord.from_json(text)
+
+
+# -- the grammar, at both ends (issue #7, defect 1) ----------------------------------
+
+INJECTION = "fe80::1%x;shutdown frontend stratum "
+
+
+def _short(value: object) -> str:
+    return repr(value)[:60]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"listeners": {"stratum": f"{INJECTION}:4000"}},
+        {"listeners": {"stratum": f"[{INJECTION}]:4000"}},
+        {"listeners": {"stratum": "fe80::1%a\nb:4000"}},
+        {"listeners": {"stratum": "10.0.0.1:4000 check; disable server x"}},
+        {"listeners": {"stratum": "10.0.0.1:0"}},
+        {"listeners": {"stratum": "10.0.0.1:+80"}},
+        {"listeners": {"stra:tum": "10.0.0.1:4000"}},
+        {"listeners": {"*": "10.0.0.1:4000"}},
+        {"host": INJECTION},
+        {"host": "node 7"},
+        {"host": "-node"},
+        {"endpoint": f"tcp://{INJECTION}:4000"},
+        {"endpoint": "ipc:///tmp/x"},
+        {"endpoint": "tcp://h:1\n"},
+        {"service": "a:b"},
+        {"service": "a*"},
+        {"service": "Upper"},
+        {"instance_id": "i:1"},
+        {"instance_id": "i[1]"},
+        {"instance_id": "i?"},
+        {"instance_id": "x" * 65},
+        {"state": "sideways"},
+        {"pid": True},
+        {"pid": -1},
+        {"started_at": float("nan")},
+        {"methods": ["get\nuser"]},
+        {"methods": ["m"] * 1001},
+        {"version": "1\n2"},
+        {"max_message_size": -5},
+    ],
+    ids=_short,
+)
+def test_records_outside_the_grammar_are_refused_when_read(changes: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="malformed instance record"):
+        InstanceRecord.from_json(json.dumps({**MINIMAL, **changes}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000, "[" * 20_000 + "]" * 20_000, json.dumps({**MINIMAL, "version": "v" * 70_000})],
+    ids=["100k-open", "20k-deep", "huge"],
+)
+def test_giant_or_deep_records_are_refused_without_a_crash(text: str) -> None:
+    with pytest.raises(ValueError, match="malformed instance record") as caught:
+        InstanceRecord.from_json(text)
+    assert len(str(caught.value)) < 300  # the value is clipped, never echoed whole
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"host": "fe80::1%eth0", "endpoint": "tcp://[fe80::1%eth0]:4000"},
+        {"endpoint": "tcp://::1:4000", "listeners": {"stratum": "::1:4001"}},
+        {"listeners": {"stratum": "[::1]:4001", "http": "gw-7.example.com:80"}},
+        {"host": "node-7.local", "instance_id": "a1b2.c3_d-4"},
+    ],
+    ids=repr,
+)
+def test_records_inside_the_grammar_are_read(changes: dict[str, Any]) -> None:
+    rec = InstanceRecord.from_json(json.dumps({**MINIMAL, **changes}))
+    assert InstanceRecord.from_json(rec.to_json()) == rec
+    assert rec.validate() is rec
+
+
+def test_a_bad_record_is_refused_when_written() -> None:
+    bad = InstanceRecord("gateway", "g1", "tcp://127.0.0.1:1", "h", 1, listeners={"stratum": f"{INJECTION}:4000"})
+    with pytest.raises(ConfigError, match="address must be host:port"):
+        bad.validate()
+    with pytest.raises(ConfigError, match="host"):
+        InstanceRecord("gateway", "g1", f"tcp://{INJECTION}:4000", "h", 1).validate()
+    with pytest.raises(ConfigError, match="bytes"):
+        InstanceRecord("s", "i", "tcp://h:1", "h", 1, methods=tuple(f"m{n:0>150}" for n in range(600))).validate()
