@@ -484,3 +484,149 @@ def test_the_gateway_package_surface_is_pinned() -> None:
     assert sorted(meshkit.gateway.__all__) == [
         "ConnectionGoneError", "ConnectionState", "ConnectionStore", "Gateway", "GatewayOptions",
         "NoConnectionError", "pooled_redis"]
+
+
+class RejectCounting(Metrics):
+    """Metrics that count every rejected item (invalid batch items are rejected one by one)."""
+
+    def __init__(self) -> None:
+        super().__init__("", "", "gateway")
+        self.rejected = 0
+
+    def gateway_rejected(self, reason: str) -> None:
+        self.rejected += 1
+        super().gateway_rejected(reason)
+
+
+def test_batch_items_count_against_the_fairness_budget() -> None:
+    async def main() -> None:
+        metrics = RejectCounting()
+        _conn, client, task = await pair(metrics=metrics)
+        lines, items = 40, 64
+        batch = (json.dumps([{"bad": i} for i in range(items)]) + "\n").encode()
+        seen: list[int] = []
+
+        async def other_work() -> None:
+            while metrics.rejected < lines * items:
+                seen.append(metrics.rejected)
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_work())
+        client.writer.write(batch * lines)
+        for _ in range(lines):
+            assert len(await client.recv()) == items
+        await asyncio.wait_for(other, _WAIT)
+        steps = [b - a for a, b in zip([0, *seen], [*seen, lines * items], strict=True)]
+        assert max(steps) <= 64, f"{max(steps)} batch items handled without letting other work run"
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_batch_over_max_batch_is_refused_whole_and_the_connection_stays() -> None:
+    async def main() -> None:
+        calls: list[Any] = []
+
+        async def counting(conn: Connection, request: Request) -> Any:
+            calls.append(request.id)
+            return request.id
+
+        _conn, client, task = await pair(counting, max_batch=4)
+        await client.send(json.dumps([req(i) for i in range(5)]).encode() + b"\n")
+        refused = await client.recv()
+        assert refused["id"] is None and refused["error"]["code"] == jsonrpc.BATCH_TOO_LARGE
+        assert refused["error"]["data"] == {"code": "batch_too_large", "max_batch": 4}
+        await client.send(json.dumps([req(i) for i in range(4)]).encode() + b"\n")
+        assert sorted(a["result"] for a in await client.recv()) == [0, 1, 2, 3]
+        assert calls and sorted(calls) == [0, 1, 2, 3]  # nothing of the refused batch ran
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_line_of_invalid_items_cannot_amplify_into_a_big_answer() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        flood = b"[" + b"{}," * 5000 + b"{}]\n"  # ~15 KiB: used to be answered with ~700 KiB
+        await client.send(flood)
+        answer = await client.recv()
+        assert answer["error"]["code"] == jsonrpc.BATCH_TOO_LARGE
+        # The largest batch allowed, of invalid items with the longest ids that fit in a line.
+        rid = "i" * 200
+        await client.send(json.dumps([{"id": rid}] * 64).encode() + b"\n")
+        client.writer.write(b"")
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert len(json.loads(line)) == 64 and len(line) < 2 * 16384
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_batch_answer_larger_than_max_output_is_cut_to_fit() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(max_output=1024 * 1024)
+        big = 600 * 1024
+        await client.send(json.dumps([req(1, "x.big", [big]), req(2, "x.big", [big]), req(3)]).encode()
+                          + b"\n")
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert len(line) <= 1024 * 1024
+        answers = {a["id"]: a for a in json.loads(line)}
+        assert sorted(answers) == [1, 2, 3] and answers[3]["result"]["method"] == "svc.m"
+        assert sum("error" in answers[i] for i in (1, 2)) == 1
+        assert not conn.closed
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_close_that_cannot_flush_resets_within_close_timeout_and_counts_until_then() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(close_timeout=0.3, max_output=64 * 1024 * 1024)
+        sock = conn._writer.transport.get_extra_info("socket")
+        conn.send(b"x" * (8 * 1024 * 1024) + b"\n")  # the client reads none of it
+        conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
+        await asyncio.sleep(0)
+        # Still holding the socket while it tries to flush: the connection counts.
+        assert not conn.done.is_set() and sock.fileno() != -1
+        await asyncio.wait_for(conn.done.wait(), 0.3 + _WAIT)
+        assert sock.fileno() == -1, "done, but the socket is still open"
+        await task
+        await client.close()
+    run(main())
+
+
+def test_a_close_that_flushes_sends_everything_and_the_closing_error() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(close_timeout=_WAIT)
+        conn.send(b'"' + b"y" * (1024 * 1024) + b'"\n')
+        conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
+        assert len(await client.recv()) == 1024 * 1024
+        assert (await client.recv())["error"]["code"] == jsonrpc.IDLE_TIMEOUT
+        assert await client.eof()
+        await asyncio.wait_for(conn.done.wait(), _WAIT)
+        await task
+        await client.close()
+    run(main())
+
+
+def test_the_health_check_request_is_answered_with_a_fixed_line() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        client.writer.write(b'{"jsonrpc":"2.0","id":"haproxy-check","method":"mesh.ping"}\n')
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert line == b'{"jsonrpc":"2.0","id":"haproxy-check","result":"pong"}\n'
+        await client.close()
+        await task
+    run(main())
+
+
+def test_method_names_are_clipped_in_errors() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        await client.send(req(1, "mesh." + "n" * 10_000))
+        answer = await client.recv()
+        assert answer["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
+        assert len(answer["error"]["message"]) < 300
+        await client.close()
+        await task
+    run(main())
