@@ -630,3 +630,58 @@ def test_method_names_are_clipped_in_errors() -> None:
         await client.close()
         await task
     run(main())
+
+
+def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
+    from meshkit.gateway import Gateway
+
+    class Listener:
+        sockets = [type("Sock", (), {"getsockname": lambda self: ("127.0.0.1", 1)})()]
+
+        def close(self) -> None:
+            pass
+
+    class Poisoned:
+        """A connection whose state makes the sweep raise once (bad data), then is idle."""
+
+        id, peer = "gw-x", "127.0.0.1:9"
+
+        def __init__(self) -> None:
+            self.checks = 0
+            self.closed = asyncio.Event()
+
+        def idle(self, now: float) -> bool:
+            self.checks += 1
+            if self.checks == 1:
+                raise ValueError("bad data")
+            return True
+
+        def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
+            assert code == jsonrpc.IDLE_TIMEOUT
+            self.closed.set()
+
+    async def main() -> None:
+        gateway = Gateway(Settings.load(env={}, service_overrides={"gateway": {"idle_timeout": 0.2}}))
+
+        async def listen() -> Any:
+            return Listener()
+
+        async def no_sweep() -> int:
+            return 0
+
+        gateway._listen = listen  # type: ignore[method-assign]
+        gateway.sweep_state = no_sweep  # type: ignore[method-assign]
+        poisoned = Poisoned()
+        gateway.connections["gw-x"] = poisoned  # type: ignore[assignment]
+        await gateway.on_start()
+        try:
+            await asyncio.wait_for(poisoned.closed.wait(), _WAIT)
+            idle_loop = next(b for b in gateway._background if b.name == "gateway-idle")
+            assert idle_loop.restarts == 1 and "bad data" in idle_loop.crashes[0].error
+        finally:
+            for loop in gateway._background:
+                loop.cancel()
+            await asyncio.gather(*(b.task for b in gateway._background if b.task), return_exceptions=True)
+            gateway._executor.shutdown()
+            gateway._zmq.term()
+    run(main())
