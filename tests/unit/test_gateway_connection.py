@@ -685,3 +685,16 @@ def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
             gateway._executor.shutdown()
             gateway._zmq.term()
     run(main())
+
+
+def test_every_option_is_documented_with_its_default() -> None:
+    from dataclasses import fields
+    from pathlib import Path
+
+    import meshkit.gateway.options as module
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    for field in fields(GatewayOptions):
+        assert f"| `{field.name}` |" in doc, field.name
+        assert field.name in (module.__doc__ or ""), field.name
+    assert "| `max_batch` | `64` |" in doc and "| `close_timeout` | `5` |" in doc

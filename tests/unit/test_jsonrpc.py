@@ -250,3 +250,15 @@ def test_mesh_error_messages_are_clipped() -> None:
     exc = UnknownMethodError("no method " + "m" * 100_000)
     _code, message, _data = jsonrpc.error_for(exc)
     assert len(message) < 1100 and message.startswith("no method mmm")
+
+
+def test_docs_list_every_error_code_and_built_in() -> None:
+    from pathlib import Path
+
+    from meshkit.gateway import builtin
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    for code, reason in jsonrpc.REASONS.items():
+        assert f"| {code} | `{reason}`" in doc, reason
+    for name in builtin.NAMES:
+        assert f"| `{name}` |" in doc, name
