@@ -351,7 +351,7 @@ class Gateway(Service):
         for gateway_id in missing & self._suspects:
             count = await self.store.drop_gateway(gateway_id)
             removed += count
-            log.info("removed state of %d connections of dead gateway %s", count, gateway_id)
+            log.info("removed state of %d connections of dead gateway %s", count, clip(gateway_id))
         self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
         # After the restore: a connection that closed meanwhile may have had
         # its state restored after its delete; this removes it again.

@@ -698,3 +698,27 @@ def test_every_option_is_documented_with_its_default() -> None:
         assert f"| `{field.name}` |" in doc, field.name
         assert field.name in (module.__doc__ or ""), field.name
     assert "| `max_batch` | `64` |" in doc and "| `close_timeout` | `5` |" in doc
+
+
+def test_batch_calls_count_against_the_in_flight_limit() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(conn: Connection, request: Request) -> Any:
+            await release.wait()
+            return request.id
+
+        conn, client, task = await pair(slow, max_inflight=3)
+        await client.send(req("single"))
+        await client.send(json.dumps([req(i) for i in range(4)]).encode() + b"\n")
+        await client.send(req("late"))
+        assert (await client.recv())["error"]["code"] == jsonrpc.TOO_MANY_IN_FLIGHT  # "late"
+        assert conn.inflight == 3
+        release.set()
+        answers = [await client.recv() for _ in range(2)]
+        batch = next(a for a in answers if isinstance(a, list))
+        assert [a.get("result") for a in batch] == [None, None, 0, 1]  # refused ones first
+        assert [a["error"]["code"] for a in batch[:2]] == [jsonrpc.TOO_MANY_IN_FLIGHT] * 2
+        await client.close()
+        await task
+    run(main())
