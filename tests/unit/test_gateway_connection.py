@@ -609,15 +609,63 @@ def test_a_close_that_flushes_sends_everything_and_the_closing_error() -> None:
     run(main())
 
 
-def test_the_health_check_request_is_answered_with_a_fixed_line() -> None:
+def haproxy_check(**check: Any) -> tuple[bytes, bytes] | None:
+    """What the rendered HAProxy configuration's tcp-check sends and expects (None: no such check)."""
+    from pathlib import Path
+
+    from meshkit.haproxy.config import parse_proxy_config
+    from meshkit.haproxy.model import build_model
+    from meshkit.haproxy.render import RuntimePaths, render
+
+    repo = Path(__file__).resolve().parents[2]
+    config = parse_proxy_config({"haproxy": {"templates": str(repo / "haproxy"), "check": check},
+                                 "frontend": [{"name": "stratum", "bind": "127.0.0.1:1",
+                                               "service": "gateway", "listener": "stratum"}]}, repo)
+    text = render(build_model(config, []), RuntimePaths.in_dir("/tmp/meshkit-unit"))
+    send = [line for line in text.splitlines() if line.strip().startswith("tcp-check send ")]
+    expect = [line for line in text.splitlines() if line.strip().startswith("tcp-check expect string ")]
+    if not send:
+        return None
+
+    def unquote(line: str, prefix: str) -> bytes:
+        # HAProxy's double-quoted strings: \" and \n are the only escapes used.
+        quoted = line.strip()[len(prefix):]
+        assert quoted.startswith('"') and quoted.endswith('"')
+        return quoted[1:-1].replace('\\"', '"').replace("\\n", "\n").encode()
+
+    return unquote(send[0], "tcp-check send "), unquote(expect[0], "tcp-check expect string ")
+
+
+def test_the_gateway_answers_the_health_check_haproxy_is_configured_with() -> None:
+    check = haproxy_check()
+    assert check is not None
+    request, expected = check
+    assert request.endswith(b"\n") and request.count(b"\n") == 1
+
     async def main() -> None:
         _conn, client, task = await pair()
-        client.writer.write(b'{"jsonrpc":"2.0","id":"haproxy-check","method":"mesh.ping"}\n')
+        client.writer.write(request)
         line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert expected in line, (request, line)
         assert line == b'{"jsonrpc":"2.0","id":"haproxy-check","result":"pong"}\n'
         await client.close()
         await task
     run(main())
+    assert haproxy_check(tcp_check="connect") is None
+
+
+def test_check_settings_are_validated() -> None:
+    from pathlib import Path
+
+    from meshkit.haproxy.config import parse_proxy_config
+
+    repo = Path(__file__).resolve().parents[2]
+    frontend = [{"name": "stratum", "bind": "127.0.0.1:1", "service": "gateway", "listener": "stratum"}]
+    for bad in ({"tcp_check": "ping"}, {"fastinter": "soon"}):
+        with pytest.raises(ConfigError):
+            parse_proxy_config({"haproxy": {"check": bad}, "frontend": frontend}, repo)
+    config = parse_proxy_config({"haproxy": {"check": {"fastinter": "100ms"}}, "frontend": frontend}, repo)
+    assert config.check.server_options == "check inter 500ms fastinter 100ms fall 2 rise 1"
 
 
 def test_method_names_are_clipped_in_errors() -> None:
