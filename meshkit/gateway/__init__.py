@@ -3,6 +3,17 @@
 ``meshkit run meshkit.gateway:Gateway`` runs one. Backends keep per-connection
 state with :class:`ConnectionStore` / :class:`ConnectionState`. Importing this
 package does nothing else.
+
+The layers, lowest first (each imports only those before it):
+
+* :mod:`~meshkit.gateway.jsonrpc` — the line protocol (its docstring is the spec): parsing, answers, codes
+* :mod:`~meshkit.gateway.options` — ``GatewayOptions``, the limits
+* :mod:`~meshkit.gateway.subscriptions` — what a client may subscribe to
+* :mod:`~meshkit.gateway.builtin` — the ``mesh.*`` methods, ``mesh.ping`` for HAProxy's check
+* :mod:`~meshkit.gateway.linger` — closing a socket: delivered within a bound, else reset
+* :mod:`~meshkit.gateway.connection` — one client connection: reading, fairness, backpressure, closing
+* :mod:`~meshkit.gateway.state` — per-connection state in Redis
+* :mod:`~meshkit.gateway.service` — the ``Gateway`` service: accepting, routing, pushes, sweeps
 """
 
 from .options import GatewayOptions

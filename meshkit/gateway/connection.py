@@ -16,20 +16,30 @@ Contracts of :class:`Connection`:
   dropped as a ``slow_consumer``. One answer larger than ``max_output`` on
   its own still goes out: the limit counts what piles up besides the
   largest line waiting.
-* **Fairness.** Every ``_LINES_PER_TURN`` lines, the connection lets the
-  event loop run other work, whatever the lines were (built-in requests and
-  invalid lines cost no mesh call but still cost time).
+* **Fairness.** After ``_UNITS_PER_TURN`` units of work the connection lets
+  the event loop run other work. A line costs one unit per item (a batch of
+  64 costs 64) and at least one per KiB, whatever it holds (built-in
+  requests and invalid items cost no mesh call but still cost time).
+* **Batches are bounded**: at most ``max_batch`` items (a larger one is
+  refused whole with ``batch_too_large``), their mesh calls count against
+  ``max_inflight`` like single requests, and their answer is cut to
+  ``max_output`` bytes (:func:`~meshkit.gateway.jsonrpc.answer_line`).
 * **Bad input costs one answer, never the connection.** Invalid lines and
   params get a JSON-RPC error; an answer JSON cannot hold becomes an
   ``internal_error`` for that request alone.
-* **Built-in methods** ``mesh.hello``, ``mesh.subscribe`` and
-  ``mesh.unsubscribe`` are answered here (at most ``max_subscriptions``
-  subscriptions per connection); everything else goes to the ``call``
-  function given by the gateway.
+* **Built-in methods** (``mesh.*``, :mod:`meshkit.gateway.builtin`) are
+  answered here; everything else goes to the ``call`` function given by the
+  gateway.
 * **Ending.** On the client's EOF, requests in flight finish and are
   answered, then the connection closes. :meth:`finish` does the same from
   the gateway's side and sends a closing error first; :meth:`close` closes at
-  once (after flushing what was written).
+  once. Closing delivers what was written within ``close_timeout`` seconds
+  (acknowledged by the client's TCP), else resets the connection
+  (:mod:`meshkit.gateway.linger`); a slow consumer is reset at once.
+  :attr:`done` is set only once the socket is really closed, and the gateway
+  counts the connection until then.
+* **Echoes are clipped** (:func:`meshkit.untrusted.clip`), and log lines a
+  client can cause are throttled (:class:`~meshkit.untrusted.LogThrottle`).
 """
 
 from __future__ import annotations
@@ -42,19 +52,27 @@ from typing import Any
 
 from ..handlers import topic_matches
 from ..metrics import Metrics
-from . import jsonrpc
+from ..untrusted import LogThrottle, clip
+from . import builtin, jsonrpc
 from .jsonrpc import Invalid, Request, RpcError
+from .linger import close_within, reset
 from .options import GatewayOptions
-from .subscriptions import covered, topics_param
 
 log = logging.getLogger("meshkit.gateway.connection")
 
 _READ_SIZE = 64 * 1024
 # Output queued beyond this pauses reading requests from the client.
 _HIGH_WATER = 256 * 1024
-# Lines handled before letting other connections run: one 64 KiB read of
-# short lines is ~1,600 of them, tens of milliseconds with no other client served.
-_LINES_PER_TURN = 64
+# Work handled before letting other connections run: one 64 KiB read of
+# short lines is ~1,600 of them, and a 16 KiB line of 8,190 batch items took
+# ~40 ms to answer, all with no other client served. A unit is one item or
+# one KiB of line. Measured: answering an item costs ~7 us, parsing a KiB
+# 2-26 us (long strings to the densest tiny items), so a turn stays under ~2 ms.
+_UNITS_PER_TURN = 64
+_BYTES_PER_UNIT = 1024
+# After a close, how long asyncio may take to report the socket closed
+# (one loop iteration, normally).
+_LOST_WAIT = 1.0
 
 
 CallFunction = Callable[["Connection", Request], Awaitable[Any]]
@@ -75,6 +93,7 @@ class Connection:
         metrics: Metrics,
         gateway_id: str = "",
         clock: Callable[[], float] = time.monotonic,
+        throttle: LogThrottle | None = None,
     ) -> None:
         self.id = conn_id
         self.options = options
@@ -86,6 +105,8 @@ class Connection:
         self._call = call
         self._metrics = metrics
         self._clock = clock
+        # Shared by the gateway's connections, so a flood of clients logs once.
+        self._throttle = throttle or LogThrottle(log)
         self.last_active = clock()
         self.closed = False
         self.done = asyncio.Event()
@@ -93,6 +114,7 @@ class Connection:
         self._quiet.set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._read_task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._oversize = 0  # the largest line over max_output that may still be waiting to go out
         # Pausing reads must start well before the slow-consumer limit, or a
         # client that pipelines requests would be dropped instead of slowed.
@@ -115,6 +137,7 @@ class Connection:
                 # EOF from the client: answer what it already asked, then close.
                 await self._wait_quiet(self.options.request_timeout + 1.0)
                 self.close()
+            await self.wait_closed()
             self.done.set()
 
     async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
@@ -139,28 +162,49 @@ class Connection:
         await self.done.wait()
 
     def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
-        """Close now; with ``code``, send that error (``id`` null) first.
+        """Stop reading and running requests now; with ``code``, send that error (``id`` null) first.
 
-        Written data is flushed before the socket closes, unless ``abort``.
+        What was written is delivered within ``close_timeout`` seconds, else
+        (or at once with ``abort``) the connection is reset: no socket
+        outlives the bound. Await :meth:`wait_closed` for the socket to be gone.
         """
         if self.closed:
             return
         if code is not None and not abort:
-            self.send(jsonrpc.error_line(None, code, message))
+            self.send(jsonrpc.error_line(None, code, message))  # may drop a slow consumer
+            if self.closed:
+                return
         self.closed = True
         if self._read_task is not None:
             self._read_task.cancel()
         for task in self._tasks:
             task.cancel()
+        self._closer = asyncio.ensure_future(self._shut(abort))
+
+    async def wait_closed(self) -> None:
+        """Return once the socket is closed (after :meth:`close`; at once if never closed)."""
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
+
+    async def _shut(self, abort: bool) -> None:
+        transport = self._writer.transport
         if abort:
-            self._writer.transport.abort()
-        else:
-            self._writer.close()
+            reset(transport)
+        elif not await close_within(transport, self.options.close_timeout):
+            self._throttle.log("close_reset", logging.WARNING,
+                               "reset %s (%s): what was written was not delivered within %gs",
+                               self.id, self.peer, self.options.close_timeout)
+            self._metrics.gateway_rejected("close_timeout")
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), _LOST_WAIT)
+        except Exception:  # a reset connection reports its error here: it is closed all the same
+            pass
 
     def idle(self, now: float) -> bool:
-        """Whether nothing was received for ``idle_timeout`` s and nothing is in flight."""
+        """Whether it is open, nothing was received for ``idle_timeout`` s and nothing is in flight."""
         timeout = self.options.idle_timeout
-        return timeout > 0 and not self.inflight and now - self.last_active >= timeout
+        return (timeout > 0 and not self.closed and not self.inflight
+                and now - self.last_active >= timeout)
 
     # -- output ---------------------------------------------------------------
 
@@ -184,8 +228,9 @@ class Connection:
         if len(line) > limit:
             self._oversize = max(self._oversize, len(line))
         if backlog > limit + self._oversize:
-            log.warning("dropping slow consumer %s (%s): more than %d bytes unread",
-                        self.id, self.peer, limit)
+            self._throttle.log("slow_consumer", logging.WARNING,
+                               "dropping slow consumer %s (%s): more than %d bytes unread",
+                               self.id, self.peer, limit)
             self._metrics.gateway_rejected("slow_consumer")
             self.close(abort=True)
             return False
@@ -203,7 +248,7 @@ class Connection:
         buf = bytearray()
         skipping = False  # inside an over-long line, discarding up to its newline
         max_line = self.options.max_line
-        handled = 0  # lines, over the connection's life: turns do not restart per chunk
+        budget = _UNITS_PER_TURN  # over the connection's life: turns do not restart per chunk
         try:
             while not self.closed:
                 await self._writer.drain()  # pauses here while the client does not read
@@ -225,14 +270,16 @@ class Connection:
                     line = bytes(buf[:newline])
                     del buf[:newline + 1]
                     start = 0
+                    cost = 1
                     if skipping:
                         skipping = False  # the tail of the over-long line
                     elif len(line) > max_line:
                         self._line_too_long()
                     else:
-                        self._on_line(line)
-                    handled += 1
-                    if handled % _LINES_PER_TURN == 0:
+                        cost = max(self._on_line(line), len(line) // _BYTES_PER_UNIT)
+                    budget -= cost
+                    if budget <= 0:
+                        budget = _UNITS_PER_TURN
                         await asyncio.sleep(0)  # let other clients' work run
                         await self._writer.drain()  # and stop here while our answers pile up
         except (ConnectionError, OSError):
@@ -245,11 +292,12 @@ class Connection:
             None, jsonrpc.LINE_TOO_LONG,
             f"line longer than {self.options.max_line} bytes; skipped up to its newline"))
 
-    def _on_line(self, line: bytes) -> None:
+    def _on_line(self, line: bytes) -> int:
+        """Handle one line; return how many items it held (at least 1), its cost in turns."""
         self._metrics.gateway_message("in")
-        parsed = jsonrpc.parse_line(line)
+        parsed = jsonrpc.parse_line(line, self.options.max_batch)
         if parsed is None:
-            return
+            return 1
         immediate: list[dict[str, Any] | None] = []
         running: list[Awaitable[dict[str, Any] | None]] = []
         for item in parsed.items:
@@ -260,11 +308,12 @@ class Connection:
                 running.append(outcome)
         if not running:
             self._answer(parsed.batch, immediate)
-            return
+            return len(parsed.items)
         # Tasks at once (not coroutines for later) so every request starts now
         # and each is cancelled on close even if the answer is never sent.
         calls = [self._track(asyncio.ensure_future(c)) for c in running]
         self._track(asyncio.ensure_future(self._complete(parsed.batch, immediate, calls)))
+        return len(parsed.items)
 
     def _track(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._tasks.add(task)
@@ -275,7 +324,7 @@ class Connection:
         """An answer now (or None: a notification), or an awaitable that produces it."""
         if isinstance(item, Invalid):
             self._metrics.gateway_rejected(jsonrpc.REASONS[item.code])
-            return jsonrpc.error_doc(item.id, item.code, item.message)
+            return jsonrpc.error_doc(item.id, item.code, item.message, item.data)
         if item.method.startswith("mesh."):
             try:
                 result = self._builtin(item)
@@ -285,7 +334,8 @@ class Connection:
             except Exception as exc:
                 # A bug in a built-in must cost its answer, not the connection
                 # (raised here, it would end the read loop).
-                log.exception("built-in %s on %s failed", item.method, self.id)
+                self._throttle.log("builtin_failed", logging.ERROR, "built-in %s on %s failed",
+                                   clip(item.method), self.id, exc_info=True)
                 self._metrics.gateway_rejected("internal_error")
                 doc = jsonrpc.error_doc(item.id, jsonrpc.INTERNAL_ERROR,
                                         f"internal error: {type(exc).__name__}")
@@ -314,7 +364,8 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("request %s on %s failed", request.method, self.id)
+            self._throttle.log("request_failed", logging.ERROR, "request %s on %s failed",
+                               clip(request.method), self.id, exc_info=True)
             doc = jsonrpc.error_doc(request.id, jsonrpc.INTERNAL_ERROR,
                                     f"internal error: {type(exc).__name__}")
         finally:
@@ -333,44 +384,19 @@ class Connection:
         answers = [d for d in docs if d is not None]
         if not answers:
             return
-        line, problems = jsonrpc.answer_line(answers, batch)
+        line, problems = jsonrpc.answer_line(answers, batch, self.options.max_output)
         for problem in problems:
-            log.warning("on %s: %s", self.id, problem)
+            self._throttle.log("answer_replaced", logging.WARNING, "on %s: %s", self.id, problem)
         self.send(line)
 
     async def _wait_quiet(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._quiet.wait(), timeout)
         except asyncio.TimeoutError:
-            log.warning("closing %s with %d requests still in flight", self.id, self.inflight)
+            self._throttle.log("closing_in_flight", logging.WARNING,
+                               "closing %s with %d requests still in flight", self.id, self.inflight)
 
     # -- built-in methods -------------------------------------------------------
 
     def _builtin(self, request: Request) -> Any:
-        name = request.method
-        if name == "mesh.hello":
-            return {"connection": self.id, "gateway": self.gateway_id,
-                    "topics": list(self.options.topics)}
-        if name in ("mesh.subscribe", "mesh.unsubscribe"):
-            topics = topics_param(request.params)
-            if name == "mesh.unsubscribe":
-                self.subscriptions.difference_update(topics or self.subscriptions.copy())
-                return sorted(self.subscriptions)
-            refused = [t for t in topics if not covered(self.options.topics, t)]
-            if refused or not topics:
-                raise RpcError(jsonrpc.INVALID_PARAMS,
-                               "topics not forwarded by this gateway: " + ", ".join(refused)
-                               if refused else "mesh.subscribe needs at least one topic",
-                               {"forwarded": list(self.options.topics)})
-            # Every push is matched against every subscription of every
-            # connection: one client must not make that cost unbounded.
-            limit = self.options.max_subscriptions
-            if len(self.subscriptions | set(topics)) > limit:
-                raise RpcError(jsonrpc.INVALID_PARAMS,
-                               f"at most {limit} subscriptions per connection "
-                               f"(this one has {len(self.subscriptions)}); none added",
-                               {"max_subscriptions": limit})
-            self.subscriptions.update(topics)
-            return sorted(self.subscriptions)
-        raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"no built-in method {name!r}",
-                       {"builtins": ["mesh.hello", "mesh.subscribe", "mesh.unsubscribe"]})
+        return builtin.call(self, request)

@@ -1,8 +1,10 @@
 """JSON-RPC 2.0 over newline-delimited JSON: what a gateway client speaks.
 
 One UTF-8 JSON text per line (``\\n``; a trailing ``\\r`` is ignored, blank
-lines are skipped). A line holds one request object or a batch (an array of
-them). A request is::
+lines are skipped). The line is decoded as UTF-8 strictly: other encodings
+(UTF-16 and UTF-32, which JSON parsers often detect, or a byte-order mark)
+are a ``parse_error``. A line holds one request object or a batch (an array
+of at most ``max_batch`` of them, 64 by default). A request is::
 
     {"jsonrpc": "2.0", "method": "SERVICE.METHOD", "params": [...] | {...}, "id": 1}
 
@@ -16,6 +18,19 @@ gets no answer. Answers are ``{"jsonrpc": "2.0", "id": ..., "result": ...}``
 or ``{"jsonrpc": "2.0", "id": ..., "error": {"code", "message", "data"}}``,
 in completion order, not request order (match them by ``id``). Pushed
 messages are notifications whose ``method`` is the topic.
+
+A batch is answered with one array of the answers of its requests
+(notifications left out), at most ``limit`` bytes long (the gateway's
+``max_output``): should the answers not fit, the largest results are
+replaced by an ``internal_error`` (``data.code`` ``too_large``) with their
+``id``, until the array fits. The request ran; asked alone, its answer is
+sent whatever its size. A batch of more than ``max_batch`` items is not run
+at all: it is answered with one ``batch_too_large`` error object.
+
+Texts that come from the client (a method name, ...) are clipped to a few
+hundred characters where an error message quotes them, so an answer is never
+much larger than the request line that caused it (``id`` is echoed whole, as
+the protocol demands; it came in the same line).
 
 Error codes
 -----------
@@ -54,7 +69,16 @@ leaves the connection open.
 -32009  slow_consumer         the client stopped reading; it is dropped without
                               this error (it would not read it), which names
                               the reason in metrics and logs
+-32010  batch_too_large       the batch holds more than ``max_batch`` items; none
+                              of them was run (``id`` null)
 ======  ====================  =====================================================
+
+Built-in methods (answered by the gateway itself, no mesh call):
+``mesh.hello``, ``mesh.subscribe``, ``mesh.unsubscribe`` (see
+``docs/gateway.md``) and ``mesh.ping``, whose result is ``"pong"``: HAProxy's
+health check sends ``{"jsonrpc":"2.0","id":"haproxy-check","method":"mesh.ping"}``
+and expects ``"id":"haproxy-check","result":"pong"`` in the answer, which
+only a gateway whose event loop runs can give.
 
 This module only parses and formats; it does no I/O.
 """
@@ -68,6 +92,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CallError, HandlerError
+from ..untrusted import clip
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -84,6 +109,13 @@ TOO_MANY_CONNECTIONS = -32006
 IDLE_TIMEOUT = -32007
 SHUTTING_DOWN = -32008
 SLOW_CONSUMER = -32009
+BATCH_TOO_LARGE = -32010
+
+#: Items a batch may hold by default (``max_batch``).
+MAX_BATCH = 64
+# Longest mesh error message passed on to a client: a backend's message may
+# quote the client's own arguments back.
+_MESSAGE_LIMIT = 1000
 
 #: The stable string for each numeric code (``error.data.code``).
 REASONS: Mapping[int, str] = {
@@ -102,6 +134,7 @@ REASONS: Mapping[int, str] = {
     IDLE_TIMEOUT: "idle_timeout",
     SHUTTING_DOWN: "shutting_down",
     SLOW_CONSUMER: "slow_consumer",
+    BATCH_TOO_LARGE: "batch_too_large",
 }
 
 # Mesh error codes (meshkit.errors) and the JSON-RPC code each becomes.
@@ -135,6 +168,7 @@ class Invalid:
     id: RequestId
     code: int
     message: str
+    data: Mapping[str, Any] | None = None
 
 
 Item = Request | Invalid
@@ -152,22 +186,38 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_line(line: bytes) -> Line | None:
+def parse_line(line: bytes, max_batch: int = MAX_BATCH) -> Line | None:
     """Parse one line (without its ``\\n``); ``None`` for a blank line.
 
-    Never raises: what cannot be parsed becomes an :class:`Invalid` item.
+    Never raises: what cannot be parsed becomes an :class:`Invalid` item. A
+    batch of more than ``max_batch`` items becomes one :class:`Invalid`
+    (``batch_too_large``) without looking at its items.
     """
-    text = line.rstrip(b"\r")
-    if not text.strip():
+    raw = line.rstrip(b"\r")
+    if not raw.strip():
         return None
+    try:
+        # Strictly UTF-8: json.loads on bytes would guess UTF-16 or UTF-32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Line([Invalid(None, PARSE_ERROR, f"the line is not UTF-8 text (byte "
+                                                f"0x{raw[exc.start]:02x} at position {exc.start})")])
+    if "\x00" in text:
+        # Valid UTF-8, never valid JSON: the usual sign of UTF-16 or UTF-32.
+        return Line([Invalid(None, PARSE_ERROR, "the line holds NUL bytes; it must be UTF-8 text "
+                                                "(not UTF-16 or UTF-32)")])
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        # UnicodeDecodeError is a ValueError; RecursionError is deep nesting.
-        return Line([Invalid(None, PARSE_ERROR, f"invalid JSON: {_short(exc)}")])
+        # RecursionError is deep nesting; a BOM is a ValueError that names UTF-8.
+        return Line([Invalid(None, PARSE_ERROR, f"invalid JSON: {clip(str(exc), 200)}")])
     if isinstance(doc, list):
         if not doc:
             return Line([Invalid(None, INVALID_REQUEST, "empty batch")])
+        if len(doc) > max_batch:
+            return Line([Invalid(None, BATCH_TOO_LARGE,
+                                 f"a batch of {len(doc)} items; at most {max_batch} are allowed "
+                                 "(none was run)", {"max_batch": max_batch})])
         return Line([parse_request(item) for item in doc], batch=True)
     return Line([parse_request(doc)])
 
@@ -212,10 +262,10 @@ def split_method(method: str) -> tuple[str, str] | None:
 def error_for(exc: CallError) -> tuple[int, str, dict[str, Any]]:
     """The JSON-RPC ``(code, message, data)`` for a failed mesh call."""
     code = _FROM_MESH.get(exc.code, INTERNAL_ERROR)
-    data: dict[str, Any] = {"code": exc.code}
+    data: dict[str, Any] = {"code": clip(exc.code, 60)}
     if isinstance(exc, HandlerError) and exc.remote_type:
-        data["type"] = exc.remote_type
-    return code, str(exc), data
+        data["type"] = clip(exc.remote_type, 200)
+    return code, clip(str(exc), _MESSAGE_LIMIT), data
 
 
 def _json_default(value: Any) -> Any:
@@ -265,28 +315,53 @@ def error_doc(rid: RequestId, code: int, message: str,
     return {"jsonrpc": "2.0", "id": rid, "error": error_object(code, message, data)}
 
 
-def answer_line(docs: Sequence[dict[str, Any]], batch: bool) -> tuple[bytes, list[str]]:
+def answer_line(docs: Sequence[dict[str, Any]], batch: bool,
+                limit: int | None = None) -> tuple[bytes, list[str]]:
     """The line answering one request line, newline included, and what went wrong encoding it.
 
     ``docs`` are the response objects (at least one); with ``batch`` they go
     out as an array, else ``docs[0]`` alone. Each is encoded on its own, so
     one that JSON cannot hold (a NaN in a result, ...) spoils only itself: it
     becomes an ``internal_error`` with the same ``id`` (``id`` null should the
-    id be what cannot be encoded). The list describes each such replacement,
-    for the log; it is empty when all went well.
+    id be what cannot be encoded). With ``limit``, a batch's array is cut to
+    at most ``limit`` bytes by replacing its largest answers with a
+    ``too_large`` error (see the module doc); it can only stay longer if the
+    replacements alone do not fit. The list describes each replacement, for
+    the log; it is empty when all went well.
     """
     problems: list[str] = []
     parts = [_encode_answer(doc, problems) for doc in (docs if batch else docs[:1])]
-    if batch:
-        return b"[" + b",".join(parts) + b"]\n", problems
-    return parts[0] + b"\n", problems
+    if not batch:
+        return parts[0] + b"\n", problems
+    if limit is not None:
+        _fit(parts, docs, limit, problems)
+    return b"[" + b",".join(parts) + b"]\n", problems
+
+
+def _fit(parts: list[bytes], docs: Sequence[dict[str, Any]], limit: int, problems: list[str]) -> None:
+    """Replace the largest of ``parts`` with short errors until the array fits ``limit`` bytes."""
+    size = sum(len(p) for p in parts) + len(parts) + 2  # commas, brackets and the newline
+    for i in sorted(range(len(parts)), key=lambda i: len(parts[i]), reverse=True):
+        if size <= limit:
+            return
+        cut = _encode_answer(error_doc(docs[i].get("id"), INTERNAL_ERROR,
+                                       f"the batch's answer would exceed {limit} bytes; this "
+                                       f"answer ({len(parts[i])} bytes) was left out: ask for "
+                                       "it alone", {"code": "too_large", "limit": limit}), problems)
+        if len(cut) >= len(parts[i]):
+            continue
+        problems.append(f"answer to id {clip(docs[i].get('id'))} left out of a batch: "
+                        f"{len(parts[i])} bytes, over the {limit}-byte limit")
+        size -= len(parts[i]) - len(cut)
+        parts[i] = cut
 
 
 def _encode_answer(doc: dict[str, Any], problems: list[str]) -> bytes:
     try:
         return _encode(doc)
     except UNENCODABLE as exc:
-        problems.append(f"answer to id {doc.get('id')!r} cannot be encoded as JSON: {_short(exc)}")
+        problems.append(f"answer to id {clip(doc.get('id'))} cannot be encoded as JSON: "
+                        f"{clip(str(exc))}")
     fallback = error_doc(doc.get("id"), INTERNAL_ERROR, "the answer cannot be encoded as JSON")
     try:
         return _encode(fallback)
@@ -301,11 +376,6 @@ def notification_line(method: str, params: Any) -> bytes:
     Raises one of :data:`UNENCODABLE` if ``params`` cannot be sent as JSON.
     """
     return _dump({"jsonrpc": "2.0", "method": method, "params": params})
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class RpcError(Exception):

@@ -14,15 +14,22 @@ topics             jobs.*      mesh topics (or ``prefix.*`` patterns) forwarded 
 services           (empty)     services clients may call; empty means any service
                                seen in the registry since the gateway started
 max_line           16384       longest request line in bytes, newline excluded
-max_inflight       32          requests in flight per connection
+max_inflight       32          requests in flight per connection (batch items
+                               included)
+max_batch          64          items one batch may hold; a larger batch is refused
+                               whole with ``batch_too_large``
 max_connections    10000       client connections per gateway instance
 max_output         1048576     bytes queued for a client before it is dropped as
                                a slow consumer (one larger answer on its own is
-                               still sent)
+                               still sent; a batch's answer is cut to fit it)
 max_subscriptions  64          topics and patterns one connection may subscribe to
 idle_timeout       300         close a connection that sent nothing for this long
 request_timeout    10          deadline of each mesh call made for a client
 drain_grace        30          how long a stopping gateway keeps its clients
+close_timeout      5           how long a closing connection may take to deliver
+                               what was written to it (acknowledged by the
+                               client's TCP) before it is reset; it counts
+                               against ``max_connections`` until its socket is gone
 =================  ==========  =====================================================
 """
 
@@ -35,6 +42,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError
+from .jsonrpc import MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,14 @@ class GatewayOptions:
     services: tuple[str, ...] = ()
     max_line: int = 16384
     max_inflight: int = 32
+    max_batch: int = MAX_BATCH
     max_connections: int = 10000
     max_output: int = 1024 * 1024
     max_subscriptions: int = 64
     idle_timeout: float = 300.0
     request_timeout: float = 10.0
     drain_grace: float = 30.0
+    close_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.listener:
@@ -59,12 +69,13 @@ class GatewayOptions:
         if any(not t or t == "*" for t in self.topics):
             raise ConfigError(f"gateway topics must be non-empty topics or prefix.* patterns, "
                               f"got {list(self.topics)}")
-        for name in ("max_line", "max_inflight", "max_connections", "max_output",
+        for name in ("max_line", "max_inflight", "max_batch", "max_connections", "max_output",
                      "max_subscriptions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gateway {name} must be at least 1")
-        if self.idle_timeout < 0 or self.request_timeout <= 0 or self.drain_grace < 0:
-            raise ConfigError("gateway idle_timeout and drain_grace must be >= 0, "
+        if (self.idle_timeout < 0 or self.request_timeout <= 0 or self.drain_grace < 0
+                or self.close_timeout < 0):
+            raise ConfigError("gateway idle_timeout, drain_grace and close_timeout must be >= 0, "
                               "request_timeout > 0")
 
     @classmethod

@@ -18,7 +18,12 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   failed), restored if Redis loses it while the connection is open (a
   restarted Redis keeps nothing), deleted when the connection closes; and
   sweeps the state of dead gateways;
-* enforces the limits in :class:`~meshkit.gateway.options.GatewayOptions`.
+* enforces the limits in :class:`~meshkit.gateway.options.GatewayOptions`;
+  a connection counts against ``max_connections`` until its socket is gone;
+* answers HAProxy's health check (``mesh.ping``) from its event loop, so a
+  hung gateway fails it within about a second;
+* runs its idle sweep and its state sweep under :func:`meshkit.tasks.supervise`:
+  an exception escaping either is logged and the loop restarted.
 
 Draining (SIGTERM): the record says ``draining``, so HAProxy sends no new
 connections; the listener closes a second later. Existing clients keep
@@ -41,6 +46,8 @@ from ..config import Settings
 from ..context import current_call
 from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
+from ..tasks import Supervised, supervise
+from ..untrusted import LogThrottle, clip
 from . import jsonrpc
 from .connection import Connection
 from .jsonrpc import Request, RpcError
@@ -74,7 +81,10 @@ class Gateway(Service):
         self._known_services: set[str] = set(self.options.services)
         self._no_connections = asyncio.Event()
         self._no_connections.set()
-        self._background: list[asyncio.Task[None]] = []
+        self._background: list[Supervised] = []
+        # Log lines clients (or a Redis outage) can cause, once per cause per interval.
+        self._throttle = LogThrottle(log)
+        self._conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
         self._state_tasks: set[asyncio.Task[None]] = set()
         # conn id -> the latest task creating its state (True once created).
         # An entry means "this connection has state": closing deletes it, the
@@ -92,8 +102,8 @@ class Gateway(Service):
         self.registry.add_listener(self._note_services)
         self._note_services()
         self._background = [
-            asyncio.create_task(self._expire_idle(), name="gateway-idle"),
-            asyncio.create_task(self._sweep_state(), name="gateway-state-sweep"),
+            supervise("gateway-idle", self._expire_idle, logger=log),
+            supervise("gateway-state-sweep", self._sweep_state, logger=log),
         ]
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
 
@@ -117,9 +127,10 @@ class Gateway(Service):
             for conn in list(self.connections.values())))
 
     async def on_stop(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        for loop in self._background:
+            loop.cancel()
+        await asyncio.gather(*(b.task for b in self._background if b.task is not None),
+                             return_exceptions=True)
         for conn in list(self.connections.values()):
             conn.close(abort=True)
         if self._state_tasks:
@@ -149,12 +160,16 @@ class Gateway(Service):
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = f"{self.instance_id}-{next(self._ids):x}"
         conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
-                          metrics=self.metrics, gateway_id=self.instance_id)
+                          metrics=self.metrics, gateway_id=self.instance_id,
+                          throttle=self._conn_throttle)
         if len(self.connections) >= self.options.max_connections:
+            # Connections that are closing count too, until their socket is gone.
             self.metrics.gateway_rejected("too_many_connections")
-            log.warning("refusing %s: already %d connections", conn.peer, len(self.connections))
+            self._throttle.log("too_many_connections", logging.WARNING,
+                               "refusing %s: already %d connections", conn.peer, len(self.connections))
             conn.close(jsonrpc.TOO_MANY_CONNECTIONS,
                        f"gateway full ({self.options.max_connections} connections); retry later")
+            await conn.wait_closed()
             return
         self.connections[conn_id] = conn
         self._no_connections.clear()
@@ -199,8 +214,9 @@ class Gateway(Service):
             # Bounded: with Redis away, a request waits at most this long for it.
             await asyncio.wait_for(self.store.open(conn_id, self.instance_id, peer), 1.0)
         except Exception as exc:
-            log.warning("creating the state of connection %s failed (tried again on its next "
-                        "request): %s", conn_id, exc)
+            self._throttle.log("state_create_failed", logging.WARNING,
+                               "creating the state of connection %s failed (tried again on its "
+                               "next request): %s", conn_id, clip(str(exc)))
             return False
         return True
 
@@ -214,7 +230,8 @@ class Gateway(Service):
         opening = self._state_opening.get(conn.id)
         if conn.closed or (opening is not None and not opening.done()):
             return  # closing, or being created already
-        log.warning("connection %s lost its state; creating it again", conn.id)
+        self._throttle.log("state_lost", logging.WARNING,
+                           "connection %s lost its state; creating it again", conn.id)
         self._open_state(conn)
 
     async def _close_state(self, conn_id: str, opening: asyncio.Task[bool]) -> None:
@@ -223,7 +240,7 @@ class Gateway(Service):
         await self.store.close(conn_id, self.instance_id)
 
     def _spawn_state_task(self, coro: Any) -> None:
-        task = asyncio.create_task(_logged(coro, "deleting connection state"))
+        task = asyncio.create_task(_logged(coro, "deleting connection state", self._throttle))
         self._state_tasks.add(task)
         task.add_done_callback(self._state_tasks.discard)
 
@@ -248,11 +265,11 @@ class Gateway(Service):
         if target is None:
             self.metrics.gateway_rejected("method_not_found")
             raise RpcError(jsonrpc.METHOD_NOT_FOUND,
-                           f"method must be SERVICE.METHOD, got {request.method!r}")
+                           f"method must be SERVICE.METHOD, got {clip(request.method)!r}")
         service, method = target
         if not self._callable(service):
             self.metrics.gateway_rejected("method_not_found")
-            raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {service!r}")
+            raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {clip(service)!r}")
         await self._ensure_state(conn)
         params = request.params
         args = params if isinstance(params, list) else []
@@ -270,7 +287,8 @@ class Gateway(Service):
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
         except (TypeError, ValueError, OverflowError) as exc:
             # The mesh encodes with MessagePack, which refuses e.g. integers over 64 bits.
-            raise RpcError(jsonrpc.INVALID_PARAMS, f"params cannot be sent: {exc}") from None
+            raise RpcError(jsonrpc.INVALID_PARAMS,
+                           f"params cannot be sent: {clip(str(exc))}") from None
 
     # -- pushes -------------------------------------------------------------------------
 
@@ -280,7 +298,8 @@ class Gateway(Service):
         try:
             line = jsonrpc.notification_line(topic, payload)
         except jsonrpc.UNENCODABLE as exc:
-            log.warning("push to %s cannot be sent as JSON: %s", topic, exc)
+            self._throttle.log("push_unencodable", logging.WARNING,
+                               "push to %s cannot be sent as JSON: %s", clip(topic), clip(str(exc)))
             return
         for conn in list(self.connections.values()):
             conn.push(topic, line)
@@ -288,6 +307,7 @@ class Gateway(Service):
     # -- background ---------------------------------------------------------------------
 
     async def _expire_idle(self) -> None:
+        """Close idle connections, forever (supervised: restarted if it raises)."""
         timeout = self.options.idle_timeout
         if timeout <= 0:
             return
@@ -298,15 +318,18 @@ class Gateway(Service):
             for conn in list(self.connections.values()):
                 if conn.idle(now):
                     self.metrics.gateway_rejected("idle_timeout")
-                    log.info("closing idle connection %s (%s)", conn.id, conn.peer)
+                    self._throttle.log("idle_timeout", logging.INFO,
+                                       "closing idle connection %s (%s)", conn.id, conn.peer)
                     conn.close(jsonrpc.IDLE_TIMEOUT, f"nothing received for {timeout:g}s")
 
     async def _sweep_state(self) -> None:
+        """Sweep every ``ttl`` seconds, forever (supervised: restarted if it raises)."""
         while True:
             try:
                 await self.sweep_state()
-            except Exception as exc:
-                log.warning("connection state sweep failed: %s", exc)
+            except Exception as exc:  # Redis away, or bad data in it: the next sweep tries again
+                self._throttle.log("state_sweep_failed", logging.WARNING,
+                                   "connection state sweep failed: %s", clip(str(exc)))
             await asyncio.sleep(self.settings.ttl)
 
     async def sweep_state(self) -> int:
@@ -328,7 +351,7 @@ class Gateway(Service):
         for gateway_id in missing & self._suspects:
             count = await self.store.drop_gateway(gateway_id)
             removed += count
-            log.info("removed state of %d connections of dead gateway %s", count, gateway_id)
+            log.info("removed state of %d connections of dead gateway %s", count, clip(gateway_id))
         self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
         # After the restore: a connection that closed meanwhile may have had
         # its state restored after its delete; this removes it again.
@@ -355,7 +378,7 @@ def _failed(task: asyncio.Task[bool]) -> bool:
     return task.done() and (task.cancelled() or not task.result())
 
 
-async def _logged(coro: Any, what: str, timeout: float = 2.0) -> None:
+async def _logged(coro: Any, what: str, throttle: LogThrottle, timeout: float = 2.0) -> None:
     """Await a Redis state operation, bounded; failures are logged, never raised.
 
     A gateway keeps serving while Redis is away: only the state is missing
@@ -364,4 +387,4 @@ async def _logged(coro: Any, what: str, timeout: float = 2.0) -> None:
     try:
         await asyncio.wait_for(coro, timeout)
     except Exception as exc:
-        log.warning("%s failed: %s", what, exc)
+        throttle.log(what, logging.WARNING, "%s failed: %s", what, clip(str(exc)))

@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from ..config import Settings
 from ..context import current_call
 from ..errors import MeshError
+from ..untrusted import clip
 
 log = logging.getLogger("meshkit.gateway.state")
 
@@ -156,14 +157,14 @@ class ConnectionStore:
         for field, value in mapping.items():
             args.extend((field, _text(value)))
         if await self._hset_script(keys=[self.key(conn_id)], args=args) is None:
-            raise ConnectionGoneError(f"connection {conn_id} is closed")
+            raise ConnectionGoneError(f"connection {clip(conn_id)} is closed")
 
     async def _hincr_if_open(self, conn_id: str, field: str, amount: int) -> int:
         if self._hincr_script is None:
             self._hincr_script = self.redis.register_script(_HINCRBY_IF_OPEN)
         value = await self._hincr_script(keys=[self.key(conn_id)], args=[field, amount])
         if value is None:
-            raise ConnectionGoneError(f"connection {conn_id} is closed")
+            raise ConnectionGoneError(f"connection {clip(conn_id)} is closed")
         return int(value)
 
     # -- the gateway's side ---------------------------------------------------
@@ -309,7 +310,7 @@ class ConnectionState:
 
 def _check_field(name: str) -> None:
     if not name or name.startswith(RESERVED_PREFIX):
-        raise ValueError(f"field names must be non-empty and not start with '_': {name!r}")
+        raise ValueError(f"field names must be non-empty and not start with '_': {clip(name)!r}")
 
 
 def _text(value: Value) -> str:
@@ -319,4 +320,6 @@ def _text(value: Value) -> str:
 
 
 def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    # Whatever else wrote into Redis, a key or member that is not UTF-8 must
+    # not make a sweep fail on every round.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..handlers import topic_matches
+from ..untrusted import clip
 from . import jsonrpc
 from .jsonrpc import RpcError
 
@@ -43,3 +44,31 @@ def topics_param(params: list[Any] | dict[str, Any] | None) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
         raise RpcError(jsonrpc.INVALID_PARAMS, "topics must be a list of non-empty strings")
     return list(items)
+
+
+def subscribe(current: set[str], topics: list[str], allowed: Iterable[str], limit: int) -> list[str]:
+    """Add ``topics`` to the ``current`` subscriptions (in place); return them all, sorted.
+
+    All or nothing: a topic outside the ``allowed`` patterns, no topic at all,
+    or more than ``limit`` subscriptions in all raise :class:`RpcError`
+    ``invalid_params`` and add none.
+    """
+    allowed = list(allowed)
+    refused = [t for t in topics if not covered(allowed, t)]
+    if refused:
+        shown = ", ".join(clip(t, 60) for t in refused[:8])
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise RpcError(jsonrpc.INVALID_PARAMS, f"topics not forwarded by this gateway: {shown}{more}",
+                       {"forwarded": allowed})
+    if not topics:
+        raise RpcError(jsonrpc.INVALID_PARAMS, "mesh.subscribe needs at least one topic",
+                       {"forwarded": allowed})
+    # Every push is matched against every subscription of every connection:
+    # one client must not make that cost unbounded.
+    if len(current | set(topics)) > limit:
+        raise RpcError(jsonrpc.INVALID_PARAMS,
+                       f"at most {limit} subscriptions per connection "
+                       f"(this one has {len(current)}); none added",
+                       {"max_subscriptions": limit})
+    current.update(topics)
+    return sorted(current)

@@ -20,14 +20,18 @@ Format (every key but ``[[frontend]]`` is optional; defaults shown)::
     client_fin = "30s"
     server_fin = "30s"
     queue = "5s"
-    check = "1s"
+    check = "300ms"                 # a check unanswered this long fails (a gateway answers in ~1 ms)
     http_request = "10s"
     http_keep_alive = "10s"
 
     [haproxy.check]                 # health checks of every server, static or added at run time
     inter = "500ms"
+    fastinter = ""                  # between checks while a server changes state; empty: inter
+                                    # (the shipped config says "100ms": a hung gateway is out in ~1 s)
     fall = 2
     rise = 1
+    tcp_check = "jsonrpc"           # tcp backends: "jsonrpc" (the gateway answers mesh.ping from its
+                                    # event loop) or "connect" (TCP connect only; a stopped process passes)
 
     [haproxy.retries]
     count = 2                       # connection retries (tcp and http)
@@ -102,9 +106,12 @@ class Timeouts:
     client_fin: str = "30s"
     server_fin: str = "30s"
     queue: str = "5s"
-    check: str = "1s"
+    check: str = "300ms"
     http_request: str = "10s"
     http_keep_alive: str = "10s"
+
+
+TCP_CHECKS = ("jsonrpc", "connect")
 
 
 @dataclass(frozen=True)
@@ -112,15 +119,19 @@ class HealthCheck:
     inter: str = "500ms"
     fall: int = 2
     rise: int = 1
+    fastinter: str = ""  # empty: HAProxy uses inter
+    tcp_check: str = "jsonrpc"  # how tcp backends are checked: one of TCP_CHECKS
 
     @property
     def server_options(self) -> str:
         """Options for a ``server`` line and for ``add server`` alike.
 
         They are spelled out on every server: ``default-server`` does not
-        apply to servers added at run time.
+        apply to servers added at run time. (What a check sends is the
+        backend's ``tcp-check`` rules, which servers added at run time use too.)
         """
-        return f"check inter {self.inter} fall {self.fall} rise {self.rise}"
+        fast = f" fastinter {self.fastinter}" if self.fastinter else ""
+        return f"check inter {self.inter}{fast} fall {self.fall} rise {self.rise}"
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,11 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
         _check_duration(f"{source}: timeouts.{name}", value)
     check = HealthCheck(**_fields(top.get("check", {}), HealthCheck, f"{source} [haproxy.check]"))
     _check_duration(f"{source}: check.inter", check.inter)
+    if check.fastinter:
+        _check_duration(f"{source}: check.fastinter", check.fastinter)
+    if check.tcp_check not in TCP_CHECKS:
+        raise ConfigError(f"{source}: check.tcp_check must be one of {TCP_CHECKS}, "
+                          f"got {check.tcp_check!r}")
     retries = Retries(**_fields(top.get("retries", {}), Retries, f"{source} [haproxy.retries]"))
 
     raw_frontends = data.get("frontend", [])

@@ -124,6 +124,9 @@ stop_timeout = {self.stop_timeout}
 reconcile_interval = 0.5
 {extra}
 
+[haproxy.check]
+tcp_check = "connect"  # these gateways greet and echo; they do not speak JSON-RPC
+
 [[frontend]]
 name = "stratum"
 bind = "127.0.0.1:1"

@@ -484,3 +484,289 @@ def test_the_gateway_package_surface_is_pinned() -> None:
     assert sorted(meshkit.gateway.__all__) == [
         "ConnectionGoneError", "ConnectionState", "ConnectionStore", "Gateway", "GatewayOptions",
         "NoConnectionError", "pooled_redis"]
+
+
+class RejectCounting(Metrics):
+    """Metrics that count every rejected item (invalid batch items are rejected one by one)."""
+
+    def __init__(self) -> None:
+        super().__init__("", "", "gateway")
+        self.rejected = 0
+
+    def gateway_rejected(self, reason: str) -> None:
+        self.rejected += 1
+        super().gateway_rejected(reason)
+
+
+def test_batch_items_count_against_the_fairness_budget() -> None:
+    async def main() -> None:
+        metrics = RejectCounting()
+        _conn, client, task = await pair(metrics=metrics)
+        lines, items = 40, 64
+        batch = (json.dumps([{"bad": i} for i in range(items)]) + "\n").encode()
+        seen: list[int] = []
+
+        async def other_work() -> None:
+            while metrics.rejected < lines * items:
+                seen.append(metrics.rejected)
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_work())
+        client.writer.write(batch * lines)
+        for _ in range(lines):
+            assert len(await client.recv()) == items
+        await asyncio.wait_for(other, _WAIT)
+        steps = [b - a for a, b in zip([0, *seen], [*seen, lines * items], strict=True)]
+        assert max(steps) <= 64, f"{max(steps)} batch items handled without letting other work run"
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_batch_over_max_batch_is_refused_whole_and_the_connection_stays() -> None:
+    async def main() -> None:
+        calls: list[Any] = []
+
+        async def counting(conn: Connection, request: Request) -> Any:
+            calls.append(request.id)
+            return request.id
+
+        _conn, client, task = await pair(counting, max_batch=4)
+        await client.send(json.dumps([req(i) for i in range(5)]).encode() + b"\n")
+        refused = await client.recv()
+        assert refused["id"] is None and refused["error"]["code"] == jsonrpc.BATCH_TOO_LARGE
+        assert refused["error"]["data"] == {"code": "batch_too_large", "max_batch": 4}
+        await client.send(json.dumps([req(i) for i in range(4)]).encode() + b"\n")
+        assert sorted(a["result"] for a in await client.recv()) == [0, 1, 2, 3]
+        assert calls and sorted(calls) == [0, 1, 2, 3]  # nothing of the refused batch ran
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_line_of_invalid_items_cannot_amplify_into_a_big_answer() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        flood = b"[" + b"{}," * 5000 + b"{}]\n"  # ~15 KiB: used to be answered with ~700 KiB
+        await client.send(flood)
+        answer = await client.recv()
+        assert answer["error"]["code"] == jsonrpc.BATCH_TOO_LARGE
+        # The largest batch allowed, of invalid items with the longest ids that fit in a line.
+        rid = "i" * 200
+        await client.send(json.dumps([{"id": rid}] * 64).encode() + b"\n")
+        client.writer.write(b"")
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert len(json.loads(line)) == 64 and len(line) < 2 * 16384
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_batch_answer_larger_than_max_output_is_cut_to_fit() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(max_output=1024 * 1024)
+        big = 600 * 1024
+        await client.send(json.dumps([req(1, "x.big", [big]), req(2, "x.big", [big]), req(3)]).encode()
+                          + b"\n")
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert len(line) <= 1024 * 1024
+        answers = {a["id"]: a for a in json.loads(line)}
+        assert sorted(answers) == [1, 2, 3] and answers[3]["result"]["method"] == "svc.m"
+        assert sum("error" in answers[i] for i in (1, 2)) == 1
+        assert not conn.closed
+        await client.close()
+        await task
+    run(main())
+
+
+def test_a_close_that_cannot_flush_resets_within_close_timeout_and_counts_until_then() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(close_timeout=0.3, max_output=64 * 1024 * 1024)
+        sock = conn._writer.transport.get_extra_info("socket")
+        conn.send(b"x" * (8 * 1024 * 1024) + b"\n")  # the client reads none of it
+        conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
+        await asyncio.sleep(0)
+        # Still holding the socket while it tries to flush: the connection counts.
+        assert not conn.done.is_set() and sock.fileno() != -1
+        await asyncio.wait_for(conn.done.wait(), 0.3 + _WAIT)
+        assert sock.fileno() == -1, "done, but the socket is still open"
+        await task
+        await client.close()
+    run(main())
+
+
+def test_a_close_that_flushes_sends_everything_and_the_closing_error() -> None:
+    async def main() -> None:
+        conn, client, task = await pair(close_timeout=_WAIT)
+        conn.send(b'"' + b"y" * (1024 * 1024) + b'"\n')
+        conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
+        assert len(await client.recv()) == 1024 * 1024
+        assert (await client.recv())["error"]["code"] == jsonrpc.IDLE_TIMEOUT
+        assert await client.eof()
+        await asyncio.wait_for(conn.done.wait(), _WAIT)
+        await task
+        await client.close()
+    run(main())
+
+
+def haproxy_check(**check: Any) -> tuple[bytes, bytes] | None:
+    """What the rendered HAProxy configuration's tcp-check sends and expects (None: no such check)."""
+    from pathlib import Path
+
+    from meshkit.haproxy.config import parse_proxy_config
+    from meshkit.haproxy.model import build_model
+    from meshkit.haproxy.render import RuntimePaths, render
+
+    repo = Path(__file__).resolve().parents[2]
+    config = parse_proxy_config({"haproxy": {"templates": str(repo / "haproxy"), "check": check},
+                                 "frontend": [{"name": "stratum", "bind": "127.0.0.1:1",
+                                               "service": "gateway", "listener": "stratum"}]}, repo)
+    text = render(build_model(config, []), RuntimePaths.in_dir("/tmp/meshkit-unit"))
+    send = [line for line in text.splitlines() if line.strip().startswith("tcp-check send ")]
+    expect = [line for line in text.splitlines() if line.strip().startswith("tcp-check expect string ")]
+    if not send:
+        return None
+
+    def unquote(line: str, prefix: str) -> bytes:
+        # HAProxy's double-quoted strings: \" and \n are the only escapes used.
+        quoted = line.strip()[len(prefix):]
+        assert quoted.startswith('"') and quoted.endswith('"')
+        return quoted[1:-1].replace('\\"', '"').replace("\\n", "\n").encode()
+
+    return unquote(send[0], "tcp-check send "), unquote(expect[0], "tcp-check expect string ")
+
+
+def test_the_gateway_answers_the_health_check_haproxy_is_configured_with() -> None:
+    check = haproxy_check()
+    assert check is not None
+    request, expected = check
+    assert request.endswith(b"\n") and request.count(b"\n") == 1
+
+    async def main() -> None:
+        _conn, client, task = await pair()
+        client.writer.write(request)
+        line = await asyncio.wait_for(client.reader.readline(), _WAIT)
+        assert expected in line, (request, line)
+        assert line == b'{"jsonrpc":"2.0","id":"haproxy-check","result":"pong"}\n'
+        await client.close()
+        await task
+    run(main())
+    assert haproxy_check(tcp_check="connect") is None
+
+
+def test_check_settings_are_validated() -> None:
+    from pathlib import Path
+
+    from meshkit.haproxy.config import parse_proxy_config
+
+    repo = Path(__file__).resolve().parents[2]
+    frontend = [{"name": "stratum", "bind": "127.0.0.1:1", "service": "gateway", "listener": "stratum"}]
+    for bad in ({"tcp_check": "ping"}, {"fastinter": "soon"}):
+        with pytest.raises(ConfigError):
+            parse_proxy_config({"haproxy": {"check": bad}, "frontend": frontend}, repo)
+    config = parse_proxy_config({"haproxy": {"check": {"fastinter": "100ms"}}, "frontend": frontend}, repo)
+    assert config.check.server_options == "check inter 500ms fastinter 100ms fall 2 rise 1"
+
+
+def test_method_names_are_clipped_in_errors() -> None:
+    async def main() -> None:
+        _conn, client, task = await pair()
+        await client.send(req(1, "mesh." + "n" * 10_000))
+        answer = await client.recv()
+        assert answer["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
+        assert len(answer["error"]["message"]) < 300
+        await client.close()
+        await task
+    run(main())
+
+
+def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
+    from meshkit.gateway import Gateway
+
+    class Listener:
+        sockets = [type("Sock", (), {"getsockname": lambda self: ("127.0.0.1", 1)})()]
+
+        def close(self) -> None:
+            pass
+
+    class Poisoned:
+        """A connection whose state makes the sweep raise once (bad data), then is idle."""
+
+        id, peer = "gw-x", "127.0.0.1:9"
+
+        def __init__(self) -> None:
+            self.checks = 0
+            self.closed = asyncio.Event()
+
+        def idle(self, now: float) -> bool:
+            self.checks += 1
+            if self.checks == 1:
+                raise ValueError("bad data")
+            return True
+
+        def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
+            assert code == jsonrpc.IDLE_TIMEOUT
+            self.closed.set()
+
+    async def main() -> None:
+        gateway = Gateway(Settings.load(env={}, service_overrides={"gateway": {"idle_timeout": 0.2}}))
+
+        async def listen() -> Any:
+            return Listener()
+
+        async def no_sweep() -> int:
+            return 0
+
+        gateway._listen = listen  # type: ignore[method-assign]
+        gateway.sweep_state = no_sweep  # type: ignore[method-assign]
+        poisoned = Poisoned()
+        gateway.connections["gw-x"] = poisoned  # type: ignore[assignment]
+        await gateway.on_start()
+        try:
+            await asyncio.wait_for(poisoned.closed.wait(), _WAIT)
+            idle_loop = next(b for b in gateway._background if b.name == "gateway-idle")
+            assert idle_loop.restarts == 1 and "bad data" in idle_loop.crashes[0].error
+        finally:
+            for loop in gateway._background:
+                loop.cancel()
+            await asyncio.gather(*(b.task for b in gateway._background if b.task), return_exceptions=True)
+            gateway._executor.shutdown()
+            gateway._zmq.term()
+    run(main())
+
+
+def test_every_option_is_documented_with_its_default() -> None:
+    from dataclasses import fields
+    from pathlib import Path
+
+    import meshkit.gateway.options as module
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    for field in fields(GatewayOptions):
+        assert f"| `{field.name}` |" in doc, field.name
+        assert field.name in (module.__doc__ or ""), field.name
+    assert "| `max_batch` | `64` |" in doc and "| `close_timeout` | `5` |" in doc
+
+
+def test_batch_calls_count_against_the_in_flight_limit() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def slow(conn: Connection, request: Request) -> Any:
+            await release.wait()
+            return request.id
+
+        conn, client, task = await pair(slow, max_inflight=3)
+        await client.send(req("single"))
+        await client.send(json.dumps([req(i) for i in range(4)]).encode() + b"\n")
+        await client.send(req("late"))
+        assert (await client.recv())["error"]["code"] == jsonrpc.TOO_MANY_IN_FLIGHT  # "late"
+        assert conn.inflight == 3
+        release.set()
+        answers = [await client.recv() for _ in range(2)]
+        batch = next(a for a in answers if isinstance(a, list))
+        assert [a.get("result") for a in batch] == [None, None, 0, 1]  # refused ones first
+        assert [a["error"]["code"] for a in batch[:2]] == [jsonrpc.TOO_MANY_IN_FLIGHT] * 2
+        await client.close()
+        await task
+    run(main())

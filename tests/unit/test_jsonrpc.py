@@ -33,8 +33,8 @@ def test_codes_are_the_documented_ones() -> None:
     server_codes = [jsonrpc.TIMEOUT, jsonrpc.NO_INSTANCE, jsonrpc.LOST_PEER,
                     jsonrpc.TOO_MANY_IN_FLIGHT, jsonrpc.LINE_TOO_LONG, jsonrpc.HANDLER_ERROR,
                     jsonrpc.TOO_MANY_CONNECTIONS, jsonrpc.IDLE_TIMEOUT, jsonrpc.SHUTTING_DOWN,
-                    jsonrpc.SLOW_CONSUMER]
-    assert server_codes == list(range(-32000, -32010, -1))
+                    jsonrpc.SLOW_CONSUMER, jsonrpc.BATCH_TOO_LARGE]
+    assert server_codes == list(range(-32000, -32011, -1))
     assert set(jsonrpc.REASONS) == {-32700, -32600, -32601, -32602, -32603, *server_codes}
     for code, reason in jsonrpc.REASONS.items():
         assert f"{code}  {reason}" in (jsonrpc.__doc__ or ""), reason
@@ -200,3 +200,65 @@ def test_an_id_json_cannot_hold_falls_back_to_null() -> None:
 def test_pushes_json_cannot_hold_are_refused_rather_than_sent_as_invalid_json() -> None:
     with pytest.raises(jsonrpc.UNENCODABLE):
         jsonrpc.notification_line("jobs.notify", float("nan"))
+
+
+@pytest.mark.parametrize("text", ['{"jsonrpc":"2.0","method":"a.b","id":1}', '{"method":"a.b","id":"\u00e9"}'])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-8-sig"])
+def test_lines_that_are_not_utf8_are_parse_errors(text: str, encoding: str) -> None:
+    # json.loads on bytes would detect UTF-16/32 and accept them; the protocol says UTF-8.
+    item = one(text.encode(encoding))
+    assert isinstance(item, Invalid) and item.code == jsonrpc.PARSE_ERROR and item.id is None
+    assert "UTF-8" in item.message
+
+
+def test_latin1_bytes_are_a_parse_error_that_says_where() -> None:
+    item = one('{"method":"a.b","id":"caf\u00e9"}'.encode("latin-1"))
+    assert isinstance(item, Invalid) and item.code == jsonrpc.PARSE_ERROR
+    assert "0xe9" in item.message and "position 25" in item.message
+
+
+def test_a_batch_over_max_batch_is_one_error_and_nothing_is_parsed_as_requests() -> None:
+    line = b"[" + b",".join([b'{"method":"a.b","id":1}'] * 65) + b"]"
+    item = one(jsonrpc_line := line)
+    assert isinstance(item, Invalid) and item.code == jsonrpc.BATCH_TOO_LARGE and item.id is None
+    assert "65" in item.message and "64" in item.message
+    parsed = parse_line(jsonrpc_line, max_batch=65)
+    assert parsed is not None and parsed.batch and len(parsed.items) == 65
+    # The 16 KiB line of tiny items that used to cost 8,190 answers costs one.
+    flood = parse_line(b"[" + b"1," * 8189 + b"1]")
+    assert flood is not None and len(flood.items) == 1 and not flood.batch
+
+
+def test_a_batch_answer_is_cut_to_its_limit_and_keeps_every_id() -> None:
+    docs = [jsonrpc.result_doc(i, "x" * 100_000) for i in range(8)] + [jsonrpc.result_doc("s", 1)]
+    line, problems = jsonrpc.answer_line(docs, batch=True, limit=350_000)
+    assert len(line) <= 350_000
+    answers = json.loads(line)
+    assert [a["id"] for a in answers] == [*range(8), "s"]
+    kept = [a for a in answers if "result" in a]
+    assert len(kept) == 4 and answers[-1]["result"] == 1  # the small one is never the one cut
+    cut = [a for a in answers if "error" in a]
+    assert all(a["error"]["code"] == jsonrpc.INTERNAL_ERROR for a in cut)
+    assert cut[0]["error"]["data"] == {"code": "too_large", "limit": 350_000}
+    assert len(problems) == 5
+    # A single answer is not cut: it goes out alone, whatever its size.
+    single, _ = jsonrpc.answer_line(docs[:1], batch=False, limit=1000)
+    assert json.loads(single)["result"] == "x" * 100_000
+
+
+def test_mesh_error_messages_are_clipped() -> None:
+    exc = UnknownMethodError("no method " + "m" * 100_000)
+    _code, message, _data = jsonrpc.error_for(exc)
+    assert len(message) < 1100 and message.startswith("no method mmm")
+
+
+def test_docs_list_every_error_code_and_built_in() -> None:
+    from pathlib import Path
+
+    from meshkit.gateway import builtin
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    for code, reason in jsonrpc.REASONS.items():
+        assert f"| {code} | `{reason}`" in doc, reason
+    for name in builtin.NAMES:
+        assert f"| `{name}` |" in doc, name
