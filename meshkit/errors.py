@@ -51,8 +51,10 @@ class RegistryUnreachableError(MeshError):
     the Redis URL with its password masked, and the cause.
     """
 
+    code = "registry_unreachable"
+
     def __init__(self, url: str, cause: str) -> None:
-        super().__init__(f"registry at {url} unreachable: {cause}")
+        super().__init__(f"registry unreachable at {url}: {cause}")
         self.url = url  # password masked
         self.cause = cause
 

@@ -29,13 +29,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psutil
 import redis
 from redis.exceptions import RedisError
 
 from .config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
+from .storage import redacted_url
 from .untrusted import clip
 
 LOCAL_REDIS_DIR = ".redis"  # `meshkit redis start`'s directory, relative to the working directory
@@ -95,7 +95,7 @@ class RegistryChoice:
 
     def describe(self) -> str:
         """One line for the user: URL (password masked), namespace, origin."""
-        return f"{mask_password(self.settings.redis_url)}, namespace {clip(self.settings.namespace)} ({self.origin})"
+        return f"{redacted_url(self.settings.redis_url)}, namespace {clip(self.settings.namespace)} ({self.origin})"
 
 
 def choose_registry(
@@ -136,22 +136,3 @@ def choose_registry(
                           "or `meshkit redis start` Redis runs from this directory", explicit=False)
 
 
-def mask_password(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (in the user part or a ``password=`` query)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user = parts.username or ""
-            netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
-        query = parts.query
-        if "password" in {k.lower() for k, _ in parse_qsl(query, keep_blank_values=True)}:
-            query = urlencode([(k, "***" if k.lower() == "password" else v)
-                               for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
-        if (netloc, query) == (parts.netloc, parts.query):
-            return url
-        # Not urlunsplit: it turns unix:///path (an empty host) into unix:/path.
-        rebuilt = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-        return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
-    except ValueError:
-        return "<a Redis URL that cannot be parsed>"

@@ -16,9 +16,8 @@ import base64
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import CallError, ConfigError, HandlerError, MeshError
+from ..errors import CallError, ConfigError, HandlerError, MeshError, RegistryUnreachableError
 from .localredis import LocalRedisError
-from .reach import RegistryUnreachableError
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import Settings
-from ..errors import MeshError
-from ..rundir import mask_password
+from ..errors import RegistryUnreachableError
+from ..storage import redacted_url
 from ..untrusted import clip
 
 REFUSED = "connection refused"
@@ -32,12 +32,6 @@ LOST = "connection lost"
 _PROBE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CLOSED | zmq.EVENT_CONNECT_RETRIED
                  | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-
-
-class RegistryUnreachableError(MeshError):
-    """The registry's Redis did not answer: it is down, elsewhere, or refuses our password."""
-
-    code = "registry_unreachable"
 
 
 def check_registry(settings: Settings, timeout: float = 2.0) -> None:
@@ -57,8 +51,7 @@ def check_registry(settings: Settings, timeout: float = 2.0) -> None:
 
 def unreachable(settings: Settings, exc: BaseException) -> RegistryUnreachableError:
     """The error for a registry read that failed with ``exc``."""
-    return RegistryUnreachableError(
-        f"registry unreachable at {mask_password(settings.redis_url)}: {clip(str(exc) or type(exc).__name__, 200)}")
+    return RegistryUnreachableError(redacted_url(settings.redis_url), clip(str(exc) or type(exc).__name__, 200))
 
 
 # Sockets probed at once: two per endpoint (the DEALER and its monitor), well

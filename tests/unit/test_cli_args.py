@@ -11,10 +11,11 @@ from meshkit.cli import build_parser, main, parse
 from meshkit.cli.args import UsageError, parse_call_args, positive_seconds
 from meshkit.cli.localredis import export_line
 from meshkit.cli.output import EXIT_FAILED, EXIT_USAGE, error_payload, exit_status
-from meshkit.cli.reach import REFUSED, RegistryUnreachableError, verdict_of
+from meshkit.cli.reach import REFUSED, verdict_of
 from meshkit.config import DEFAULT_REDIS_URL, Settings
-from meshkit.errors import CallTimeoutError, ConfigError, HandlerError, NoInstanceError
-from meshkit.rundir import RegistryChoice, choose_registry, mask_password
+from meshkit.errors import CallTimeoutError, ConfigError, HandlerError, NoInstanceError, RegistryUnreachableError
+from meshkit.rundir import RegistryChoice, choose_registry
+from meshkit.storage import redacted_url
 
 # -- call arguments -------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ def test_a_publish_payload_that_is_not_json_is_a_usage_error(capsys: pytest.Capt
 
 def test_exit_statuses() -> None:
     assert exit_status(NoInstanceError("x")) == EXIT_FAILED
-    assert exit_status(RegistryUnreachableError("x")) == EXIT_FAILED
+    assert exit_status(RegistryUnreachableError("redis://db", "x")) == EXIT_FAILED
     assert exit_status(UsageError("x")) == EXIT_USAGE
     assert exit_status(ConfigError("x")) == EXIT_USAGE
 
@@ -114,7 +115,7 @@ def test_json_error_payloads_carry_a_stable_code() -> None:
         "code": "timeout", "message": "late", "service": "s", "method": "m"}
     handler = error_payload(HandlerError("boom", service="s", method="m", remote_type="ValueError"))
     assert (handler["code"], handler["remote_type"]) == ("handler_error", "ValueError")
-    assert error_payload(RegistryUnreachableError("gone"))["code"] == "registry_unreachable"
+    assert error_payload(RegistryUnreachableError("redis://db", "gone"))["code"] == "registry_unreachable"
     assert error_payload(ConfigError("bad"))["code"] == "config"
 
 
@@ -127,7 +128,7 @@ def test_json_error_payloads_carry_a_stable_code() -> None:
     ("redis://db:6379/0", "redis://db:6379/0"),
 ])
 def test_passwords_are_masked(url: str, shown: str) -> None:
-    assert mask_password(url) == shown
+    assert redacted_url(url) == shown
 
 
 def test_export_line_quotes_what_the_shell_would_split() -> None:
