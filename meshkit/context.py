@@ -2,7 +2,7 @@
 
 While a handler runs, :func:`current_call` returns its :class:`CallContext`:
 the deadline, the span, and the caller's metadata (for example the gateway's
-connection id). Calls and publishes made from inside a handler read it to
+connection id and client address). Calls and publishes made from inside a handler read it to
 carry the deadline, the trace and the metadata to the next hop, so user code
 never passes them by hand. Plain handlers running in the thread pool see the
 same context (it is copied into the worker thread).
@@ -44,6 +44,14 @@ class CallContext:
     def connection_id(self) -> str | None:
         """The gateway connection this call came from, if any."""
         return self.meta.get("conn")
+
+    @property
+    def client_address(self) -> str | None:
+        """The address (``ip:port``) of the gateway client this call came from, if any.
+
+        Behind HAProxy it is the client's own address, from the PROXY header.
+        """
+        return self.meta.get("client")
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(

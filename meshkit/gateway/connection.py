@@ -27,6 +27,9 @@ Contracts of :class:`Connection`:
 * **Bad input costs one answer, never the connection.** Invalid lines and
   params get a JSON-RPC error; an answer JSON cannot hold becomes an
   ``internal_error`` for that request alone.
+* **Rate.** With a ``request_bucket``, a request over the connection's
+  request rate is answered ``rate_limited`` and not run. ``judge(conn,
+  kind)`` hears of each invalid line or item (``"invalid"``), for the ban policy.
 * **Built-in methods** (``mesh.*``, :mod:`meshkit.gateway.builtin`) are
   answered here; everything else goes to the ``call`` function given by the
   gateway.
@@ -55,6 +58,7 @@ from ..metrics import Metrics
 from ..untrusted import LogThrottle, clip
 from . import builtin, jsonrpc
 from .jsonrpc import Invalid, Request, RpcError
+from .limits import TokenBucket
 from .linger import close_within, reset
 from .options import GatewayOptions
 
@@ -76,6 +80,7 @@ _LOST_WAIT = 1.0
 
 
 CallFunction = Callable[["Connection", Request], Awaitable[Any]]
+JudgeFunction = Callable[["Connection", str], None]
 Doc = dict[str, Any] | None  # a response object, or None for a notification
 
 
@@ -94,12 +99,23 @@ class Connection:
         gateway_id: str = "",
         clock: Callable[[], float] = time.monotonic,
         throttle: LogThrottle | None = None,
+        initial: bytes = b"",
+        peer: str | None = None,
+        address: str | None = None,
+        request_bucket: TokenBucket | None = None,
+        judge: JudgeFunction | None = None,
     ) -> None:
         self.id = conn_id
         self.options = options
         self.gateway_id = gateway_id
         self.subscriptions: set[str] = set()
         self.inflight = 0
+        #: The client's IP address (from the PROXY header behind HAProxy); None: not limited.
+        self.address = address
+        self.services_used: set[str] = set()  # services this client called (told if one is gone)
+        self._initial = initial
+        self._bucket = request_bucket
+        self._judge = judge
         self._reader = reader
         self._writer = writer
         self._call = call
@@ -119,8 +135,10 @@ class Connection:
         # Pausing reads must start well before the slow-consumer limit, or a
         # client that pipelines requests would be dropped instead of slowed.
         writer.transport.set_write_buffer_limits(high=min(_HIGH_WATER, options.max_output // 2))
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        if peer is None:
+            raw = writer.get_extra_info("peername")
+            peer = f"{raw[0]}:{raw[1]}" if isinstance(raw, tuple) else str(raw or "")
+        self.peer = peer  # "ip:port" of the client, for logs and the connection's state
 
     # -- life cycle -----------------------------------------------------------
 
@@ -249,10 +267,12 @@ class Connection:
         skipping = False  # inside an over-long line, discarding up to its newline
         max_line = self.options.max_line
         budget = _UNITS_PER_TURN  # over the connection's life: turns do not restart per chunk
+        pending, self._initial = self._initial, b""  # bytes read with the PROXY header
         try:
             while not self.closed:
                 await self._writer.drain()  # pauses here while the client does not read
-                chunk = await self._reader.read(_READ_SIZE)
+                chunk = pending or await self._reader.read(_READ_SIZE)
+                pending = b""
                 if not chunk:
                     return
                 self.last_active = self._clock()
@@ -288,6 +308,7 @@ class Connection:
     def _line_too_long(self) -> None:
         self._metrics.gateway_message("in")
         self._metrics.gateway_rejected("line_too_long")
+        self._report("invalid")
         self.send(jsonrpc.error_line(
             None, jsonrpc.LINE_TOO_LONG,
             f"line longer than {self.options.max_line} bytes; skipped up to its newline"))
@@ -324,7 +345,13 @@ class Connection:
         """An answer now (or None: a notification), or an awaitable that produces it."""
         if isinstance(item, Invalid):
             self._metrics.gateway_rejected(jsonrpc.REASONS[item.code])
+            self._report("invalid")
             return jsonrpc.error_doc(item.id, item.code, item.message, item.data)
+        if self._bucket is not None and not self._bucket.take(self._clock()):
+            self._metrics.gateway_rejected("rate_limited")
+            return None if item.notification else jsonrpc.error_doc(
+                item.id, jsonrpc.RATE_LIMITED,
+                f"more than {self.options.request_rate:g} requests per second; not run")
         if item.method.startswith("mesh."):
             try:
                 result = self._builtin(item)
@@ -395,6 +422,10 @@ class Connection:
         except asyncio.TimeoutError:
             self._throttle.log("closing_in_flight", logging.WARNING,
                                "closing %s with %d requests still in flight", self.id, self.inflight)
+
+    def _report(self, kind: str) -> None:
+        if self._judge is not None:
+            self._judge(self, kind)
 
     # -- built-in methods -------------------------------------------------------
 

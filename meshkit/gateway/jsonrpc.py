@@ -71,6 +71,12 @@ leaves the connection open.
                               the reason in metrics and logs
 -32010  batch_too_large       the batch holds more than ``max_batch`` items; none
                               of them was run (``id`` null)
+-32011  banned                the client's address is banned (``data.until``:
+                              unix time it ends) (*closes*)
+-32012  rate_limited          more requests per second than the connection may
+                              send; this one was not run
+-32013  address_limited       too many connections from the client's address, or
+                              connecting too fast (``data.reason``) (*closes*)
 ======  ====================  =====================================================
 
 Built-in methods (answered by the gateway itself, no mesh call):
@@ -110,6 +116,9 @@ IDLE_TIMEOUT = -32007
 SHUTTING_DOWN = -32008
 SLOW_CONSUMER = -32009
 BATCH_TOO_LARGE = -32010
+BANNED = -32011
+RATE_LIMITED = -32012
+ADDRESS_LIMITED = -32013
 
 #: Items a batch may hold by default (``max_batch``).
 MAX_BATCH = 64
@@ -135,6 +144,9 @@ REASONS: Mapping[int, str] = {
     SHUTTING_DOWN: "shutting_down",
     SLOW_CONSUMER: "slow_consumer",
     BATCH_TOO_LARGE: "batch_too_large",
+    BANNED: "banned",
+    RATE_LIMITED: "rate_limited",
+    ADDRESS_LIMITED: "address_limited",
 }
 
 # Mesh error codes (meshkit.errors) and the JSON-RPC code each becomes.

@@ -31,6 +31,48 @@ close_timeout      5           how long a closing connection may take to deliver
                                client's TCP) before it is reset; it counts
                                against ``max_connections`` until its socket is gone
 =================  ==========  =====================================================
+
+The edge: client addresses, limits, bans, stopping, backends gone
+(``docs/gateway.md``). Rates are per second; 0 turns a limit off.
+
+==================  ==================  =============================================
+proxy_protocol      accept              ``require``: every connection must begin with a
+                                        PROXY v1/v2 header (else closed, counted);
+                                        ``accept``: used when present; ``off``: never
+                                        read (the socket's peer is the client)
+proxy_timeout       5                   seconds to wait for a whole PROXY header (the
+                                        bytes are bounded by the parser: 107 / 1040)
+limit_exempt        127.0.0.0/8,::1     networks no limit or ban applies to
+max_per_address     256                 open connections per client address
+connect_rate        20                  new connections per second per address ...
+connect_burst       40                  ... beyond a burst of this many
+request_rate        100                 requests per second per connection ...
+request_burst       200                 ... beyond a burst of this many (the rest are
+                                        answered ``rate_limited``, not run)
+ban_time            600                 seconds an address is banned; 0: no bans
+ban_ratio           0.5                 ban when at least this share of ...
+ban_min_requests    500                 ... this many requests from the address was bad
+ban_on              invalid,client      what is bad: ``invalid`` requests (refused by
+                                        the gateway) and ``client`` faults (backend
+                                        errors named in ``client_faults``)
+client_faults       ClientFaultError    exception class names a backend raises for the
+                                        client's fault (``BanClientError`` always bans)
+max_addresses       100000              client addresses tracked for rates and bans
+ban_sync            30                  seconds between full reads of the bans in Redis
+reconnect_method    mesh.reconnect      notification asking clients to move when the
+                                        gateway stops (``client.reconnect`` for Stratum);
+                                        empty: none
+reconnect_address   (empty)             ``host:port`` clients are told to reconnect to
+                                        (the public address); empty: where they were
+reconnect_window    10                  seconds over which the notification goes out in
+                                        waves (must be <= ``drain_grace``)
+reconnect_rate      0                   at most this many clients told per second; 0:
+                                        spread evenly over ``reconnect_window``
+gone_after          0                   seconds a called service may have no instance
+                                        before its clients are told; 0: never
+gone_method         mesh.service_gone   that notification (params ``{"service"}``)
+gone_disconnect     false               also close the clients that used it
+==================  ==================  =============================================
 """
 
 from __future__ import annotations
@@ -43,6 +85,12 @@ from typing import Any
 from ..config import Settings
 from ..errors import ConfigError
 from .jsonrpc import MAX_BATCH
+from .limits import Exemptions
+
+#: Values of ``proxy_protocol``.
+PROXY_MODES = ("require", "accept", "off")
+#: What ``ban_on`` may name.
+BAN_ON = ("invalid", "client")
 
 
 @dataclass(frozen=True)
@@ -62,6 +110,28 @@ class GatewayOptions:
     request_timeout: float = 10.0
     drain_grace: float = 30.0
     close_timeout: float = 5.0
+    proxy_protocol: str = "accept"
+    proxy_timeout: float = 5.0
+    limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    max_per_address: int = 256
+    connect_rate: float = 20.0
+    connect_burst: int = 40
+    request_rate: float = 100.0
+    request_burst: int = 200
+    ban_time: float = 600.0
+    ban_ratio: float = 0.5
+    ban_min_requests: int = 500
+    ban_on: tuple[str, ...] = ("invalid", "client")
+    client_faults: tuple[str, ...] = ("ClientFaultError",)
+    max_addresses: int = 100000
+    ban_sync: float = 30.0
+    reconnect_method: str = "mesh.reconnect"
+    reconnect_address: str = ""
+    reconnect_window: float = 10.0
+    reconnect_rate: float = 0.0
+    gone_after: float = 0.0
+    gone_method: str = "mesh.service_gone"
+    gone_disconnect: bool = False
 
     def __post_init__(self) -> None:
         if not self.listener:
@@ -77,6 +147,33 @@ class GatewayOptions:
                 or self.close_timeout < 0):
             raise ConfigError("gateway idle_timeout, drain_grace and close_timeout must be >= 0, "
                               "request_timeout > 0")
+        self._check_edge()
+
+    def _check_edge(self) -> None:
+        if self.proxy_protocol not in PROXY_MODES:
+            raise ConfigError(f"gateway proxy_protocol must be one of {PROXY_MODES}, "
+                              f"got {self.proxy_protocol!r}")
+        for name in ("proxy_timeout", "connect_rate", "request_rate", "ban_time", "reconnect_window",
+                     "reconnect_rate", "gone_after", "max_per_address", "connect_burst",
+                     "request_burst", "ban_min_requests"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"gateway {name} must be >= 0")
+        if self.proxy_timeout <= 0 or self.ban_sync <= 0 or self.max_addresses < 1:
+            raise ConfigError("gateway proxy_timeout and ban_sync must be > 0, max_addresses >= 1")
+        if not 0 < self.ban_ratio <= 1:
+            raise ConfigError(f"gateway ban_ratio must be in (0, 1], got {self.ban_ratio}")
+        unknown = set(self.ban_on) - set(BAN_ON)
+        if unknown:
+            raise ConfigError(f"gateway ban_on may hold {BAN_ON}, got {sorted(unknown)}")
+        if self.reconnect_window > self.drain_grace:
+            raise ConfigError(f"gateway reconnect_window ({self.reconnect_window:g}s) must not exceed "
+                              f"drain_grace ({self.drain_grace:g}s): clients still there then are closed")
+        if self.reconnect_address:
+            host, _, port = self.reconnect_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"gateway reconnect_address must be host:port, "
+                                  f"got {self.reconnect_address!r}")
+        Exemptions(self.limit_exempt)  # raises ConfigError for a bad network
 
     @classmethod
     def from_settings(cls, settings: Settings, service: str = "gateway",
@@ -93,11 +190,22 @@ class GatewayOptions:
         return cls(**values)
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     try:
         if isinstance(default, tuple):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in _BOOLS:
+                raise ValueError(text)
+            return _BOOLS[text]
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):

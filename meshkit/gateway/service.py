@@ -48,10 +48,13 @@ from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
-from . import jsonrpc
+from . import jsonrpc, moving
+from .admission import Guard, banned_error, client_of, read_proxy_header
+from .bans import Ban, BanClientError, BanStore, BanSync
 from .connection import Connection
 from .jsonrpc import Request, RpcError
 from .options import GatewayOptions
+from .proxy_protocol import ProxyHeaderError
 from .state import ConnectionGoneError, ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
@@ -91,6 +94,10 @@ class Gateway(Service):
         # sweep restores it. Connections that never made a mesh call have none.
         self._state_opening: dict[str, asyncio.Task[bool]] = {}
         self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
+        self.guard = Guard(self.options)
+        self.bans = BanStore(self.store.redis, self.settings.namespace)
+        self._ban_sync = BanSync(self.bans, self.guard.bans, self.options.ban_sync, self._banned)
+        self._client_faults = {*self.options.client_faults, BanClientError.__name__}
 
     # -- lifecycle hooks ----------------------------------------------------------
 
@@ -104,7 +111,10 @@ class Gateway(Service):
         self._background = [
             supervise("gateway-idle", self._expire_idle, logger=log),
             supervise("gateway-state-sweep", self._sweep_state, logger=log),
+            supervise("gateway-ban-sync", self._ban_sync.run, logger=log, max_backoff=2.0),
         ]
+        if self.options.gone_after > 0:
+            self._background.append(supervise("gateway-gone-watch", self._watch_gone, logger=log))
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
 
     async def on_drain(self, grace: float) -> None:
@@ -115,10 +125,19 @@ class Gateway(Service):
         await asyncio.sleep(min(_LISTEN_LINGER, self.options.drain_grace))
         if self._listener is not None:
             self._listener.close()  # existing connections stay open
+        mover: asyncio.Future[int] | None = None
+        if self.options.reconnect_method and self.connections:
+            # Oldest first; HAProxy already sends new connections elsewhere.
+            mover = asyncio.ensure_future(moving.move_clients(list(self.connections.values()),
+                                                              self.options))
         try:
             await asyncio.wait_for(self._no_connections.wait(), max(0.0, end - loop.time()))
         except asyncio.TimeoutError:
             pass
+        if mover is not None:
+            mover.cancel()
+            told = await asyncio.gather(mover, return_exceptions=True)
+            log.info("asked %s clients to reconnect elsewhere", told[0])
         if self.connections:
             log.info("drain grace over: closing %d client connections", len(self.connections))
         await asyncio.gather(*(
@@ -159,17 +178,30 @@ class Gateway(Service):
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = f"{self.instance_id}-{next(self._ids):x}"
+        try:
+            header, initial = await read_proxy_header(reader, self.options.proxy_protocol,
+                                                      self.options.proxy_timeout)
+        except (ProxyHeaderError, ConnectionError, OSError) as exc:
+            self.metrics.gateway_rejected("proxy_header")
+            self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
+                               clip(writer.get_extra_info("peername")), clip(str(exc)))
+            Connection(conn_id, reader, writer, options=self.options, call=self._route,
+                       metrics=self.metrics).close(abort=True)
+            return
+        peer, address = client_of(header, writer.get_extra_info("peername"))
         conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
                           metrics=self.metrics, gateway_id=self.instance_id,
-                          throttle=self._conn_throttle)
+                          throttle=self._conn_throttle, initial=initial, peer=peer, address=address,
+                          request_bucket=self.guard.request_bucket(address), judge=self._judge)
         if len(self.connections) >= self.options.max_connections:
             # Connections that are closing count too, until their socket is gone.
-            self.metrics.gateway_rejected("too_many_connections")
-            self._throttle.log("too_many_connections", logging.WARNING,
-                               "refusing %s: already %d connections", conn.peer, len(self.connections))
-            conn.close(jsonrpc.TOO_MANY_CONNECTIONS,
-                       f"gateway full ({self.options.max_connections} connections); retry later")
-            await conn.wait_closed()
+            await self._refuse(conn, "too_many_connections", (
+                jsonrpc.TOO_MANY_CONNECTIONS,
+                f"gateway full ({self.options.max_connections} connections); retry later", {}))
+            return
+        refusal = self.guard.admit(address)
+        if refusal is not None:
+            await self._refuse(conn, jsonrpc.REASONS[refusal[0]], refusal)
             return
         self.connections[conn_id] = conn
         self._no_connections.clear()
@@ -177,6 +209,7 @@ class Gateway(Service):
         try:
             await conn.serve()
         finally:
+            self.guard.release(address)
             del self.connections[conn_id]
             if not self.connections:
                 self._no_connections.set()
@@ -184,6 +217,13 @@ class Gateway(Service):
             opening = self._state_opening.pop(conn_id, None)
             if opening is not None:
                 self._spawn_state_task(self._close_state(conn_id, opening))
+
+    async def _refuse(self, conn: Connection, reason: str, error: tuple[int, str, dict[str, Any]]) -> None:
+        self.metrics.gateway_rejected(reason)
+        self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
+        conn.send(jsonrpc.error_line(None, *error))
+        conn.close()
+        await conn.wait_closed()
 
     async def _ensure_state(self, conn: Connection) -> None:
         """Create the connection's Redis state before its mesh call, unless it was created.
@@ -239,8 +279,8 @@ class Gateway(Service):
         await opening  # never deletes before the create landed
         await self.store.close(conn_id, self.instance_id)
 
-    def _spawn_state_task(self, coro: Any) -> None:
-        task = asyncio.create_task(_logged(coro, "deleting connection state", self._throttle))
+    def _spawn_state_task(self, coro: Any, what: str = "deleting connection state") -> None:
+        task = asyncio.create_task(_logged(coro, what, self._throttle))
         self._state_tasks.add(task)
         task.add_done_callback(self._state_tasks.discard)
 
@@ -271,17 +311,23 @@ class Gateway(Service):
             self.metrics.gateway_rejected("method_not_found")
             raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {clip(service)!r}")
         await self._ensure_state(conn)
+        conn.services_used.add(service)
         params = request.params
         args = params if isinstance(params, list) else []
         kwargs = params if isinstance(params, dict) else {}
         try:
-            return await self.client.call(service, method, args, kwargs,
-                                          timeout=self.options.request_timeout, wait=True,
-                                          meta={"conn": conn.id})
+            result = await self.client.call(service, method, args, kwargs,
+                                            timeout=self.options.request_timeout, wait=True,
+                                            meta={"conn": conn.id, "client": conn.peer})
         except CallError as exc:
-            if isinstance(exc, HandlerError) and exc.remote_type == ConnectionGoneError.__name__:
+            remote_type = exc.remote_type if isinstance(exc, HandlerError) else ""
+            if remote_type == ConnectionGoneError.__name__:
                 self._state_lost(conn)
             code, message, data = jsonrpc.error_for(exc)
+            if remote_type == BanClientError.__name__ and conn.address is not None:
+                self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
+            else:
+                self._judge(conn, "client" if remote_type in self._client_faults else "ok")
             raise RpcError(code, message, data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
@@ -289,6 +335,52 @@ class Gateway(Service):
             # The mesh encodes with MessagePack, which refuses e.g. integers over 64 bits.
             raise RpcError(jsonrpc.INVALID_PARAMS,
                            f"params cannot be sent: {clip(str(exc))}") from None
+        self._judge(conn, "ok")
+        return result
+
+    # -- limits and bans ----------------------------------------------------------------
+
+    def _judge(self, conn: Connection, kind: str) -> None:
+        if self.guard.judge(conn.address, kind) and conn.address is not None:
+            self.ban(conn.address, f"at least {self.options.ban_ratio:g} of "
+                     f"{self.options.ban_min_requests} requests were bad")
+
+    def ban(self, address: str, reason: str) -> Ban:
+        """Ban ``address`` for ``ban_time`` here at once, close its connections, and share the ban.
+
+        The ban is written to Redis in the background (bounded; with Redis
+        away it holds in this gateway only, and is lost at its restart).
+        """
+        ban = self.guard.ban_here(address, reason)
+        log.warning("banning %s for %gs: %s", address, self.options.ban_time, clip(reason))
+        self.metrics.gateway_rejected("ban")
+        self._banned(ban)
+        self._spawn_state_task(self.bans.add(address, self.options.ban_time, reason), "sharing a ban")
+        return ban
+
+    def _banned(self, ban: Ban) -> None:
+        """Close every connection from a newly banned address, with the ``banned`` error."""
+        for conn in list(self.connections.values()):
+            if conn.address == ban.address and not conn.closed:
+                conn.close(*banned_error(ban)[:2])
+
+    async def _watch_gone(self) -> None:
+        """Tell (and maybe close) the clients of services gone for ``gone_after`` s, forever."""
+        watch = moving.GoneWatch(self.options.gone_after, lambda s: len(self.registry.instances(s)))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.options.gone_after / 4))
+            used = {s for conn in self.connections.values() for s in conn.services_used}
+            for service in watch.check(used, loop.time()):
+                line = moving.gone_line(self.options, service)
+                users = [c for c in self.connections.values() if service in c.services_used]
+                log.warning("service %s has had no instance for %gs: telling %d clients%s",
+                            clip(service), self.options.gone_after, len(users),
+                            " and closing them" if self.options.gone_disconnect else "")
+                for conn in users:
+                    conn.send(line)
+                    if self.options.gone_disconnect:
+                        conn.close(jsonrpc.NO_INSTANCE, f"service {service} is gone; reconnect later")
 
     # -- pushes -------------------------------------------------------------------------
 

@@ -33,8 +33,9 @@ def test_codes_are_the_documented_ones() -> None:
     server_codes = [jsonrpc.TIMEOUT, jsonrpc.NO_INSTANCE, jsonrpc.LOST_PEER,
                     jsonrpc.TOO_MANY_IN_FLIGHT, jsonrpc.LINE_TOO_LONG, jsonrpc.HANDLER_ERROR,
                     jsonrpc.TOO_MANY_CONNECTIONS, jsonrpc.IDLE_TIMEOUT, jsonrpc.SHUTTING_DOWN,
-                    jsonrpc.SLOW_CONSUMER, jsonrpc.BATCH_TOO_LARGE]
-    assert server_codes == list(range(-32000, -32011, -1))
+                    jsonrpc.SLOW_CONSUMER, jsonrpc.BATCH_TOO_LARGE, jsonrpc.BANNED,
+                    jsonrpc.RATE_LIMITED, jsonrpc.ADDRESS_LIMITED]
+    assert server_codes == list(range(-32000, -32014, -1))
     assert set(jsonrpc.REASONS) == {-32700, -32600, -32601, -32602, -32603, *server_codes}
     for code, reason in jsonrpc.REASONS.items():
         assert f"{code}  {reason}" in (jsonrpc.__doc__ or ""), reason

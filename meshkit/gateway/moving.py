@@ -1,0 +1,91 @@
+"""Asking a stopping gateway's clients to move, in waves; and telling them a backend is gone.
+
+* :func:`reconnect_line` is the notification (``reconnect_method``): for
+  ``client.reconnect`` (Stratum, as ckpool sends it) the params are
+  ``[host, port, 0]`` (``[]`` without ``reconnect_address``: reconnect where
+  you were); for any other method ``{"host", "port", "wait": 0}`` (``{}``).
+* :func:`move_clients` sends it to a snapshot of the connections in the
+  waves of :func:`meshkit.gateway.waves.plan`, skipping those already gone.
+* :class:`GoneWatch` (pure, driven by ``now``) says when a service that
+  clients called has had no instance for ``gone_after`` seconds, once per
+  absence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from . import jsonrpc, waves
+from .options import GatewayOptions
+
+
+class Movable(Protocol):
+    """What :func:`move_clients` needs of a connection."""
+
+    closed: bool
+
+    def send(self, line: bytes) -> bool: ...
+
+
+def reconnect_line(options: GatewayOptions) -> bytes:
+    """The notification asking a client to reconnect (see the module doc)."""
+    host, _, port_text = options.reconnect_address.rpartition(":")
+    params: Any
+    if options.reconnect_method == "client.reconnect":
+        params = [host.strip("[]"), int(port_text), 0] if host else []
+    else:
+        params = {"host": host.strip("[]"), "port": int(port_text), "wait": 0} if host else {}
+    return jsonrpc.notification_line(options.reconnect_method, params)
+
+
+async def move_clients(connections: Sequence[Movable], options: GatewayOptions) -> int:
+    """Tell ``connections`` to reconnect elsewhere, in waves; return how many were told."""
+    line = reconnect_line(options)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    told = 0
+    index = 0
+    for offset, count in waves.plan(len(connections), options.reconnect_window, options.reconnect_rate):
+        delay = start + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        for conn in connections[index:index + count]:
+            if not conn.closed and conn.send(line):
+                told += 1
+        index += count
+    return told
+
+
+def gone_line(options: GatewayOptions, service: str) -> bytes:
+    """The notification that ``service`` has no instance (``gone_method``, params ``{"service"}``)."""
+    return jsonrpc.notification_line(options.gone_method, {"service": service})
+
+
+class GoneWatch:
+    """Which called services have been without an instance for ``after`` seconds (reported once)."""
+
+    def __init__(self, after: float, instances: Callable[[str], int]) -> None:
+        self.after = after
+        self._instances = instances
+        self._missing_since: dict[str, float] = {}
+        self._reported: set[str] = set()
+
+    def check(self, services: Iterable[str], now: float) -> list[str]:
+        """The services of ``services`` that are gone as of ``now`` and were not reported yet."""
+        gone: list[str] = []
+        watched = set(services)
+        for service in watched:
+            if self._instances(service):
+                self._missing_since.pop(service, None)
+                self._reported.discard(service)
+                continue
+            since = self._missing_since.setdefault(service, now)
+            if now - since >= self.after and service not in self._reported:
+                self._reported.add(service)
+                gone.append(service)
+        for service in set(self._missing_since) - watched:  # nobody uses it any more
+            del self._missing_since[service]
+            self._reported.discard(service)
+        return sorted(gone)
