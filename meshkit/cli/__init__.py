@@ -7,6 +7,7 @@
 ``meshkit redis start|stop|status``       a private Redis for this directory (:mod:`.localredis`)
 ``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
+``meshkit ban ls|add|rm``                 client-address bans every gateway enforces (:mod:`.ban`)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _commands() -> list[Callable[[Any], None]]:
     from ..haproxy.command import add_commands as haproxy_commands
     from ..stack.commands import add_commands as stack_commands
+    from .ban import add_commands as ban_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
 
-    return [mesh_commands, redis_commands, haproxy_commands, stack_commands]
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands]

@@ -49,7 +49,7 @@ from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
 from . import jsonrpc, moving
-from .admission import Guard, banned_error, client_of, read_proxy_header
+from .admission import Guard, Refusal, banned_error, client_of, read_proxy_header
 from .bans import Ban, BanClientError, BanStore, BanSync
 from .connection import Connection
 from .jsonrpc import Request, RpcError
@@ -218,7 +218,7 @@ class Gateway(Service):
             if opening is not None:
                 self._spawn_state_task(self._close_state(conn_id, opening))
 
-    async def _refuse(self, conn: Connection, reason: str, error: tuple[int, str, dict[str, Any]]) -> None:
+    async def _refuse(self, conn: Connection, reason: str, error: Refusal) -> None:
         self.metrics.gateway_rejected(reason)
         self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
         conn.send(jsonrpc.error_line(None, *error))
@@ -360,9 +360,11 @@ class Gateway(Service):
 
     def _banned(self, ban: Ban) -> None:
         """Close every connection from a newly banned address, with the ``banned`` error."""
+        line = jsonrpc.error_line(None, *banned_error(ban))
         for conn in list(self.connections.values()):
             if conn.address == ban.address and not conn.closed:
-                conn.close(*banned_error(ban)[:2])
+                conn.send(line)
+                conn.close()
 
     async def _watch_gone(self) -> None:
         """Tell (and maybe close) the clients of services gone for ``gone_after`` s, forever."""

@@ -11,6 +11,8 @@ Format (every key but ``[[frontend]]`` is optional; defaults shown)::
     reconcile_interval = 1.0        # seconds between full comparisons with HAProxy's servers
     log = ""                        # a "log" target for connection logs, e.g. "stderr format short daemon info";
                                     # empty: none (HAProxy's own warnings still go to its stderr)
+    send_proxy = "v2"               # PROXY header in front of every server connection and health check,
+                                    # so gateways see each client's real address: "v2", "v1" or "none"
 
     [haproxy.timeouts]              # HAProxy time strings ("500ms", "2s", "1h")
     connect = "2s"
@@ -112,6 +114,11 @@ class Timeouts:
 
 
 TCP_CHECKS = ("jsonrpc", "connect")
+SEND_PROXY = ("v2", "v1", "none")
+# What each send_proxy value adds to a server line: the header on client
+# connections, and on health checks too (a gateway that requires the
+# header would close a check without one).
+_PROXY_OPTIONS = {"v2": "send-proxy-v2 check-send-proxy", "v1": "send-proxy check-send-proxy", "none": ""}
 
 
 @dataclass(frozen=True)
@@ -151,9 +158,16 @@ class ProxyConfig:
     stop_timeout: float = 10.0  # the whole stop of an owned HAProxy, soft then hard
     reconcile_interval: float = 1.0
     log: str = ""  # HAProxy "log" target for connection logs; empty: none
+    send_proxy: str = "v2"  # one of SEND_PROXY
     timeouts: Timeouts = field(default_factory=Timeouts)
     check: HealthCheck = field(default_factory=HealthCheck)
     retries: Retries = field(default_factory=Retries)
+
+    @property
+    def server_options(self) -> str:
+        """Options for every ``server`` line and ``add server``: health checks, then the PROXY header."""
+        extra = _PROXY_OPTIONS[self.send_proxy]
+        return f"{self.check.server_options} {extra}" if extra else self.check.server_options
 
     def with_binds(self, binds: Mapping[str, str]) -> ProxyConfig:
         """A copy with some frontends bound elsewhere (``{"stratum": "fd@5"}``)."""
@@ -194,7 +208,8 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
         raise ConfigError(f"{source}: unknown tables {sorted(unknown)}")
     top = _table(data.get("haproxy", {}), f"{source} [haproxy]")
     sections = {"timeouts": Timeouts, "check": HealthCheck, "retries": Retries}
-    scalars = {"templates", "hard_stop_after", "maxconn", "stop_timeout", "reconcile_interval", "log"}
+    scalars = {"templates", "hard_stop_after", "maxconn", "stop_timeout", "reconcile_interval", "log",
+               "send_proxy"}
     unknown = set(top) - scalars - set(sections)
     if unknown:
         raise ConfigError(f"{source}: unknown keys in [haproxy]: {sorted(unknown)}")
@@ -232,6 +247,7 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
         stop_timeout=_float(top.get("stop_timeout", 10.0), f"{source}: stop_timeout"),
         reconcile_interval=_float(top.get("reconcile_interval", 1.0), f"{source}: reconcile_interval"),
         log=str(top.get("log", "")),
+        send_proxy=str(top.get("send_proxy", "v2")),
         timeouts=timeouts,
         check=check,
         retries=retries,
@@ -239,6 +255,8 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
     if not (config.templates / "haproxy.cfg.j2").is_file():
         raise ConfigError(f"{source}: no haproxy.cfg.j2 in the templates directory {config.templates}")
     _check_duration(f"{source}: hard_stop_after", config.hard_stop_after)
+    if config.send_proxy not in SEND_PROXY:
+        raise ConfigError(f"{source}: send_proxy must be one of {SEND_PROXY}, got {config.send_proxy!r}")
     if config.reconcile_interval <= 0 or config.stop_timeout < 0:
         raise ConfigError(f"{source}: reconcile_interval must be > 0 and stop_timeout >= 0")
     return config

@@ -130,7 +130,7 @@ class Model:
     @property
     def server_options(self) -> str:
         """Options given to every server, in the config file and on ``add server``."""
-        return self.config.check.server_options
+        return self.config.server_options
 
     def backend(self, name: str) -> Backend | None:
         for backend in self.backends:

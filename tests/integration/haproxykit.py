@@ -122,6 +122,7 @@ templates = "{REPO / 'haproxy'}"
 hard_stop_after = "{self.hard_stop_after}"
 stop_timeout = {self.stop_timeout}
 reconcile_interval = 0.5
+{"" if "send_proxy" in extra else 'send_proxy = "none"  # these gateways echo what they get: no PROXY header'}
 {extra}
 
 [haproxy.check]

@@ -288,8 +288,8 @@ def test_render_contents() -> None:
     assert "    bind fd@5\n" in text and "    bind 127.0.0.1:3334\n" in text
     assert text.count("default_backend gateway.stratum") == 2
     assert "balance leastconn" in text and "balance roundrobin" in text
-    assert "server gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1\n" in text
-    assert "server gw2 [::1]:4001 check inter 500ms fall 2 rise 1 disabled\n" in text
+    assert "server gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1 send-proxy-v2 check-send-proxy\n" in text
+    assert "server gw2 [::1]:4001 check inter 500ms fall 2 rise 1 send-proxy-v2 check-send-proxy disabled\n" in text
     assert "retry-on conn-failure empty-response response-timeout 503" in text
     assert "option redispatch 1" in text
     assert "http-check send meth GET uri /health" in text
@@ -313,8 +313,9 @@ def test_fingerprint_ignores_servers_but_not_structure() -> None:
 
 def test_check_options_come_from_config() -> None:
     model = build_model(config(check={"inter": "1s", "fall": 3, "rise": 2}), [gateway("gw1")])
-    assert model.server_options == "check inter 1s fall 3 rise 2"
-    assert "server gw1 10.0.0.1:4000 check inter 1s fall 3 rise 2\n" in render(model, PATHS)
+    assert model.server_options == "check inter 1s fall 3 rise 2 send-proxy-v2 check-send-proxy"
+    line = "server gw1 10.0.0.1:4000 check inter 1s fall 3 rise 2 send-proxy-v2 check-send-proxy\n"
+    assert line in render(model, PATHS)
 
 
 # -- reconciliation plan -----------------------------------------------------------------
@@ -333,9 +334,11 @@ def commands(steps: list[Any]) -> list[tuple[str, str, tuple[str, ...]]]:
 def test_plan_adds_missing_servers_health_first() -> None:
     model = build_model(config(), [gateway("gw1"), gateway("gw2", "10.0.0.2:4000", state=DRAINING)])
     assert commands(plan(model, [])) == [
-        (ADD, "gw1", ("add server gateway.stratum/gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1",
+        (ADD, "gw1", ("add server gateway.stratum/gw1 10.0.0.1:4000 check inter 500ms fall 2 rise 1 "
+                      "send-proxy-v2 check-send-proxy",
                       "enable health gateway.stratum/gw1", "set server gateway.stratum/gw1 state ready")),
-        (ADD, "gw2", ("add server gateway.stratum/gw2 10.0.0.2:4000 check inter 500ms fall 2 rise 1",
+        (ADD, "gw2", ("add server gateway.stratum/gw2 10.0.0.2:4000 check inter 500ms fall 2 rise 1 "
+                      "send-proxy-v2 check-send-proxy",
                       "enable health gateway.stratum/gw2", "set server gateway.stratum/gw2 state drain")),
     ]
 
@@ -497,3 +500,15 @@ def test_the_runtime_api_refuses_a_command_that_would_be_several(command: str, t
     api = RuntimeAPI(tmp_path / "missing.sock")
     with pytest.raises(ValueError, match="one command"):
         asyncio.run(api.command(command))
+
+
+def test_send_proxy_is_v2_by_default_and_configurable() -> None:
+    servers = [gateway("gw1")]
+    assert build_model(config(), servers).server_options.endswith(" send-proxy-v2 check-send-proxy")
+    v1 = build_model(config(send_proxy="v1"), servers)
+    assert v1.server_options.endswith(" send-proxy check-send-proxy")
+    none = build_model(config(send_proxy="none"), servers)
+    assert none.server_options == "check inter 500ms fall 2 rise 1"
+    assert "send-proxy" not in render(none, PATHS)
+    with pytest.raises(ConfigError, match="send_proxy"):
+        config(send_proxy="v3")
