@@ -10,7 +10,9 @@ request counts under the scenario in which it was *sent*.
 A miner behaves the way the gateway protocol asks (``docs/gateway.md``): on a
 ``shutting_down`` notice it stops sending on that connection, opens a new one
 at once, and lets the old one deliver its remaining answers until the gateway
-closes it. Any other end of a connection is a *disconnect*; a connection
+closes it. On a ``mesh.reconnect`` notice (a stopping gateway moving its
+clients in waves) it does the same, and closes the old connection itself
+once every request sent on it is answered. Any other end of a connection is a *disconnect*; a connection
 that HAProxy accepts and closes before the handshake is answered, or that
 cannot be made at all, is *refused*.
 """
@@ -76,6 +78,8 @@ class Tally:
         self.gap_scenarios: set[str] = set()  # where a timeout at the deadline is not a failure
         self.first_served: dict[str, float] = {}  # backend instance id -> first request's send time
         self.last_push_at: dict[int, float] = {}  # miner number -> monotonic time
+        self.moved_at: list[float] = []  # when each mesh.reconnect notice arrived (monotonic)
+        self.connected_at: list[float] = []  # when each connection's handshake completed
 
     def now(self) -> Counts:
         return self.at(self.scenario)
@@ -122,6 +126,7 @@ class Miner:
         self.ids = itertools.count(1)
         self.sessions: set[_Session] = set()
         self.gateways: Counter[str] = Counter()  # gateway instance id -> sessions opened there
+        self._leaving: set[asyncio.Future[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.sleep(random.random() * self.interval)  # spread the miners' phases
@@ -164,6 +169,7 @@ class Miner:
         if job and not self.job_id:
             self.job_id = job["job_id"]
         tally.now().connects += 1
+        tally.connected_at.append(time.monotonic())
         return session
 
     async def _handshake(self, session: _Session, method: str, params: Any) -> dict[str, Any]:
@@ -219,6 +225,13 @@ class Miner:
                 self.job_id = doc["params"]["job_id"]
                 tally.now().pushes += 1
                 tally.last_push_at[self.number] = time.monotonic()
+            elif doc["method"] == "mesh.reconnect" and not session.told_to_leave.is_set():
+                tally.moved_at.append(time.monotonic())
+                session.clean = True
+                session.told_to_leave.set()
+                leaving = asyncio.ensure_future(self._leave(session))
+                self._leaving.add(leaving)
+                leaving.add_done_callback(self._leaving.discard)
             return
         rid = doc.get("id")
         if rid is None:
@@ -277,6 +290,13 @@ class Miner:
         session.pending.clear()
         if not session.writer.is_closing():
             session.writer.close()
+
+    async def _leave(self, session: _Session) -> None:
+        """Close a connection we were asked to leave once its requests are answered (or hung)."""
+        deadline = time.monotonic() + self.tally.request_timeout + HANG_SLACK
+        while session.pending and not session.ended.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self._close(session)
 
     async def _close(self, session: _Session) -> None:
         session.ours = True

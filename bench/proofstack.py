@@ -125,7 +125,7 @@ class ProofConfig:
     backends: int = 3
     gateways: int = 2
     request_timeout: float = 5.0
-    gateway_grace: float = 5.0
+    gateway_grace: float = 8.0  # > reconnect_window + 1 s: the waves fit in the drain
     job_interval: float = 1.0
     gap: float = 6.0  # longer than request_timeout, so the first requests of the gap time out
     settle: float = 2.0  # steady load before, between and after scenarios
@@ -133,6 +133,13 @@ class ProofConfig:
     churn: float = 10.0  # new connections per second during d and e
     scale_up_to: int = 6
     scale_down_to: int = 2
+    # g_gateway_rolling: this many more clients join for it (2,000 in all by default), sending
+    # rolling_rate requests per second each; stopping gateways tell at most reconnect_rate
+    # clients a second to move, in waves over reconnect_window (within gateway_grace).
+    rolling_clients: int = 1800
+    rolling_rate: float = 0.5
+    reconnect_window: float = 5.0
+    reconnect_rate: float = 250.0
 
 
 @dataclass
@@ -168,6 +175,10 @@ class Stack:
             "[services.gateway]\n"
             f"request_timeout = {cfg.request_timeout}\n"
             f"drain_grace = {cfg.gateway_grace}\n"
+            f"reconnect_window = {cfg.reconnect_window}\n"
+            f"reconnect_rate = {cfg.reconnect_rate}\n"
+            # Every miner comes from 127.0.0.1 (through HAProxy's PROXY header): no per-address limits.
+            'limit_exempt = ["127.0.0.0/8"]\n'
             'topics = ["jobs.*"]\n'
             'services = ["shares", "jobs"]\n'
             "\n[services.jobs]\n"
@@ -213,7 +224,7 @@ class Stack:
         """Our own ``haproxy.toml``: the ``stratum`` frontend; ``maxconn`` varies per reload."""
         (self.workdir / "haproxy.toml").write_text(
             "[haproxy]\n"
-            f"maxconn = {2000 + self.reloads}\n"
+            f"maxconn = {self.config.clients + self.config.rolling_clients + 2000 + self.reloads}\n"
             "stop_timeout = 10.0\n"
             "\n[[frontend]]\n"
             f'name = "{LISTENER}"\n'
@@ -249,6 +260,17 @@ class Stack:
             return wanted <= seen
 
         wait_until(all_gateways_reachable, 30, "HAProxy to route to every gateway", interval=0.2)
+
+    def wait_routed(self, gateway: ServiceProcess, timeout: float = 30.0) -> None:
+        """Return once HAProxy sends new connections to ``gateway`` (its health check passed)."""
+        assert gateway.record is not None
+        host, port = self.address
+        wanted = gateway.record.instance_id
+
+        def routed() -> bool:
+            return any(asyncio.run(probe_connection(host, port, 1.0)) == wanted for _ in range(6))
+
+        wait_until(routed, timeout, f"HAProxy to route to gateway {wanted}", interval=0.1)
 
     def reload_haproxy(self) -> None:
         """Change the HAProxy config's structure and SIGHUP the sync process, which reloads

@@ -25,8 +25,8 @@ other:
 ``d_haproxy_reload``    ``--reloads`` HAProxy reloads, with new connections opening
                         throughout (``--churn`` per second)
 ``e_gateway_drain``     one gateway stopped with SIGTERM: new connections must go to
-                        the other; its clients keep working until its drain grace
-                        ends, then are told ``shutting_down`` and closed cleanly
+                        the other; its clients keep working until it asks them to
+                        move (``mesh.reconnect``, in waves), and they leave cleanly
 ``f_meshkit_restart``   the backends move under circusd (``--backends`` processes of a
                         ``shares`` watcher; the proof's own leave with SIGTERM), then
                         ``meshkit restart shares`` replaces them one at a time. The
@@ -34,6 +34,17 @@ other:
                         be replaced, the number of ``up`` shares instances must never
                         drop below ``--backends``, and each old process must leave only
                         after a replacement registered (``min_up``, ``order_ok``)
+``g_gateway_rolling``   ``--rolling-clients`` more clients join (2,000 in all), then every
+                        gateway is replaced one at a time (a new one routed by HAProxy,
+                        then the old one stopped with SIGTERM). Each stopping gateway
+                        tells its clients ``mesh.reconnect`` in waves over
+                        ``--reconnect-window`` s, at most ``--reconnect-rate`` a second;
+                        the clients honour it (stop sending there, collect their answers,
+                        reconnect through HAProxy). Checks: nothing failed or lost, every
+                        client moved, and no second (sliding) saw more notices or
+                        reconnections than the rate plus one wave (a quarter second's
+                        worth) of slack for an event loop that read a wave late
+                        (``moved_per_s_max``, ``reconnects_per_s_max``)
 
 Per scenario it counts requests sent, answered, failed, hung and timed out,
 client disconnects, refused connections, clean closes and pushes, and the
@@ -64,12 +75,12 @@ from pathlib import Path
 from typing import Any
 
 from loadclients import HANG_SLACK, Churn, Miner, Tally
-from proofstack import JOBS, SHARES, ProofConfig, Stack
+from proofstack import GATEWAY, JOBS, SHARES, ProofConfig, Stack
 
 from meshkit.testing import ProcessExitedError, ServiceProcess, read_records
 
 SCENARIOS = ("a_rolling_restart", "b_kill_all", "c_scale", "d_haproxy_reload", "e_gateway_drain",
-             "f_meshkit_restart")
+             "f_meshkit_restart", "g_gateway_rolling")
 
 
 class Proof:
@@ -292,6 +303,52 @@ class Proof:
         self.checks["f_never_fewer_up"] = bool(up_counts) and min(up_counts) >= cfg.backends
         self.checks["f_registered_before_stopped"] = bool(info["order_ok"])
 
+    async def g_gateway_rolling(self) -> None:
+        """Every gateway replaced, one at a time, under ``rolling_clients`` more clients."""
+        stack, cfg = self.stack, self.config
+        host, port = stack.address
+        while len(stack.gateways) < cfg.gateways:  # e_gateway_drain stopped one
+            added = await asyncio.to_thread(lambda: stack.start_many(GATEWAY, 1)[0])
+            await asyncio.to_thread(stack.wait_routed, added)
+            stack.gateways.append(added)
+        first = len(self.miners)
+        extra = [Miner(first + n, host, port, self.tally, cfg.rolling_rate) for n in range(cfg.rolling_clients)]
+        stop = asyncio.Event()
+        running = [asyncio.create_task(m.run(stop)) for m in extra]
+        wanted = len(self.tally.connected_at) + len(extra)
+        deadline = time.monotonic() + 60
+        while len(self.tally.connected_at) < wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        joined = len(self.tally.connected_at) >= wanted
+        await asyncio.sleep(cfg.settle)
+        started = time.monotonic()
+        exits = []
+        for old in list(stack.gateways):
+            new = await asyncio.to_thread(lambda: stack.start_many(GATEWAY, 1)[0])
+            await asyncio.to_thread(stack.wait_routed, new)
+            assert old.process is not None
+            old.process.send_signal(signal.SIGTERM)
+            exits.append(await asyncio.to_thread(old.process.wait, cfg.gateway_grace + 30))
+            stack.gateways[stack.gateways.index(old)] = new
+        took = time.monotonic() - started
+        await asyncio.sleep(cfg.settle)
+        stop.set()
+        await asyncio.gather(*running, return_exceptions=True)
+        self.miners.extend(extra)  # their hung requests are swept with the others'
+        moved = [t for t in self.tally.moved_at if t >= started]
+        reconnects = [t for t in self.tally.connected_at if started <= t <= started + took]
+        peak_moved, peak_reconnects = _peak(moved), _peak(reconnects)
+        # One wave of slack: a wave the clients' event loop read late shares a second with the next.
+        allowed = cfg.reconnect_rate + max(1.0, cfg.reconnect_rate * 0.25)
+        info = self.extra["g_gateway_rolling"]
+        info.update(clients=len(self.miners), restarted=len(exits), restart_s=round(took, 2),
+                    moved=len(moved), reconnects=len(reconnects), moved_per_s_max=peak_moved,
+                    reconnects_per_s_max=peak_reconnects, reconnect_rate=cfg.reconnect_rate)
+        self.checks["g_all_clients_joined"] = joined
+        self.checks["g_gateways_exit_0"] = bool(exits) and all(code == 0 for code in exits)
+        self.checks["g_every_client_moved"] = len(moved) >= len(self.miners)
+        self.checks["g_reconnects_within_rate"] = bool(moved) and max(peak_moved, peak_reconnects) <= allowed
+
     async def _poll_up_shares(self, timeline: list[tuple[float, set[int]]], done: asyncio.Event) -> None:
         """Append (time, pids of ``up`` shares records) every 50 ms until ``done`` (and once after)."""
         settings = self.stack.settings
@@ -344,6 +401,17 @@ class Proof:
         return result
 
 
+def _peak(times: list[float]) -> int:
+    """The most of ``times`` within any one second (sliding, half-open)."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, t in enumerate(ordered):
+        while ordered[start] <= t - 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 def _replaced_in_order(timeline: list[tuple[float, set[int]]], old: set[int]) -> bool:
     """Whether, in the polled registry, every old process left only after more new ones had
     registered than old ones had left (so each replacement came before its stop)."""
@@ -391,7 +459,21 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def raise_file_limit() -> int:
+    """Raise this process's soft file-descriptor limit to the hard one (children inherit it).
+
+    2,000 clients hold 2,000 sockets here, and HAProxy two per connection.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def main(argv: list[str] | None = None) -> int:
+    raise_file_limit()
     defaults = ProofConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")

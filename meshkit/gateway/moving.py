@@ -40,17 +40,25 @@ def reconnect_line(options: GatewayOptions) -> bytes:
     return jsonrpc.notification_line(options.reconnect_method, params)
 
 
-async def move_clients(connections: Sequence[Movable], options: GatewayOptions) -> int:
-    """Tell ``connections`` to reconnect elsewhere, in waves; return how many were told."""
+async def move_clients(connections: Sequence[Movable], options: GatewayOptions, window: float) -> int:
+    """Tell ``connections`` to reconnect elsewhere, in waves over ``window`` s; return how many were told.
+
+    A wave that went out late does not pull the next one closer: waves are
+    never nearer each other than the plan says, so no second holds more
+    than the plan's rate however the event loop was delayed.
+    """
     line = reconnect_line(options)
     loop = asyncio.get_running_loop()
     start = loop.time()
     told = 0
     index = 0
-    for offset, count in waves.plan(len(connections), options.reconnect_window, options.reconnect_rate):
-        delay = start + offset - loop.time()
+    last: tuple[float, float] | None = None  # (planned offset, when it went out) of the previous wave
+    for offset, count in waves.plan(len(connections), window, options.reconnect_rate):
+        at = start + offset if last is None else max(start + offset, last[1] + offset - last[0])
+        delay = at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        last = (offset, loop.time())
         for conn in connections[index:index + count]:
             if not conn.closed and conn.send(line):
                 told += 1

@@ -65,7 +65,7 @@ reconnect_method    mesh.reconnect      notification asking clients to move when
 reconnect_address   (empty)             ``host:port`` clients are told to reconnect to
                                         (the public address); empty: where they were
 reconnect_window    10                  seconds over which the notification goes out in
-                                        waves (must be <= ``drain_grace``)
+                                        waves (at most ``drain_grace`` less 1 s)
 reconnect_rate      0                   at most this many clients told per second; 0:
                                         spread evenly over ``reconnect_window``
 gone_after          0                   seconds a called service may have no instance
@@ -165,9 +165,6 @@ class GatewayOptions:
         unknown = set(self.ban_on) - set(BAN_ON)
         if unknown:
             raise ConfigError(f"gateway ban_on may hold {BAN_ON}, got {sorted(unknown)}")
-        if self.reconnect_window > self.drain_grace:
-            raise ConfigError(f"gateway reconnect_window ({self.reconnect_window:g}s) must not exceed "
-                              f"drain_grace ({self.drain_grace:g}s): clients still there then are closed")
         if self.reconnect_address:
             host, _, port = self.reconnect_address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:

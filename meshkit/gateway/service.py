@@ -128,8 +128,9 @@ class Gateway(Service):
         mover: asyncio.Future[int] | None = None
         if self.options.reconnect_method and self.connections:
             # Oldest first; HAProxy already sends new connections elsewhere.
+            window = min(self.options.reconnect_window, max(0.0, end - loop.time() - _LISTEN_LINGER))
             mover = asyncio.ensure_future(moving.move_clients(list(self.connections.values()),
-                                                              self.options))
+                                                              self.options, window))
         try:
             await asyncio.wait_for(self._no_connections.wait(), max(0.0, end - loop.time()))
         except asyncio.TimeoutError:

@@ -235,8 +235,6 @@ def test_a_local_header_is_the_proxys_own_connection() -> None:
 def test_edge_options_are_checked() -> None:
     from meshkit.config import Settings
 
-    with pytest.raises(ConfigError, match="reconnect_window"):
-        GatewayOptions(reconnect_window=40.0, drain_grace=30.0)
     with pytest.raises(ConfigError, match="proxy_protocol"):
         GatewayOptions(proxy_protocol="maybe")
     with pytest.raises(ConfigError, match="ban_on"):
