@@ -7,10 +7,16 @@ package does nothing else.
 The layers, lowest first (each imports only those before it):
 
 * :mod:`~meshkit.gateway.jsonrpc` — the line protocol (its docstring is the spec): parsing, answers, codes
+* :mod:`~meshkit.gateway.limits` — per-address limits and token buckets (pure)
 * :mod:`~meshkit.gateway.options` — ``GatewayOptions``, the limits
 * :mod:`~meshkit.gateway.subscriptions` — what a client may subscribe to
 * :mod:`~meshkit.gateway.builtin` — the ``mesh.*`` methods, ``mesh.ping`` for HAProxy's check
 * :mod:`~meshkit.gateway.linger` — closing a socket: delivered within a bound, else reset
+* :mod:`~meshkit.gateway.proxy_protocol` — PROXY v1/v2 headers (its docstring is the spec)
+* :mod:`~meshkit.gateway.waves` — reconnect wave plans (pure)
+* :mod:`~meshkit.gateway.bans` — the ban policy, the bans in memory and in Redis
+* :mod:`~meshkit.gateway.admission` — what a new connection passes: its header, bans, limits
+* :mod:`~meshkit.gateway.moving` — moving clients off a stopping gateway; backends gone
 * :mod:`~meshkit.gateway.connection` — one client connection: reading, fairness, backpressure, closing
 * :mod:`~meshkit.gateway.state` — per-connection state in Redis
 * :mod:`~meshkit.gateway.service` — the ``Gateway`` service: accepting, routing, pushes, sweeps

@@ -25,11 +25,20 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
 * runs its idle sweep and its state sweep under :func:`meshkit.tasks.supervise`:
   an exception escaping either is logged and the loop restarted.
 
+* reads each connection's PROXY header (:mod:`~meshkit.gateway.admission`)
+  and passes the client's address to every mesh call as metadata
+  ``client`` (``current_call().client_address``); refuses banned and
+  over-limit addresses from memory, counts requests for the ban policy and
+  shares its bans through Redis (:mod:`~meshkit.gateway.bans`);
+* with ``gone_after``, tells (and maybe closes) the clients of a service
+  that has had no instance for that long (:mod:`~meshkit.gateway.moving`).
+
 Draining (SIGTERM): the record says ``draining``, so HAProxy sends no new
-connections; the listener closes a second later. Existing clients keep
-working until they disconnect or ``drain_grace`` ends; then each gets a
-``shutting_down`` error (its cue to reconnect), every request it had already
-sent is answered, and the connection is closed
+connections; the listener closes a second later. Clients are asked to move
+(``reconnect_method``) in waves over ``reconnect_window``; those that
+honour it leave by themselves. Whoever is still there when ``drain_grace``
+ends gets a ``shutting_down`` error, every request it had already sent is
+answered, and the connection is closed
 (:meth:`~meshkit.gateway.connection.Connection.finish`).
 """
 
