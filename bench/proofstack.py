@@ -125,7 +125,7 @@ class ProofConfig:
     backends: int = 3
     gateways: int = 2
     request_timeout: float = 5.0
-    gateway_grace: float = 8.0  # > reconnect_window + 1 s: the waves fit in the drain
+    gateway_grace: float = 12.0  # > reconnect_window + 1 s: the waves fit in the drain
     job_interval: float = 1.0
     gap: float = 6.0  # longer than request_timeout, so the first requests of the gap time out
     settle: float = 2.0  # steady load before, between and after scenarios
@@ -137,9 +137,9 @@ class ProofConfig:
     # rolling_rate requests per second each; stopping gateways tell at most reconnect_rate
     # clients a second to move, in waves over reconnect_window (within gateway_grace).
     rolling_clients: int = 1800
-    rolling_rate: float = 0.5
-    reconnect_window: float = 5.0
-    reconnect_rate: float = 250.0
+    rolling_rate: float = 0.2
+    reconnect_window: float = 8.0
+    reconnect_rate: float = 200.0
 
 
 @dataclass

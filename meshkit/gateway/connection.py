@@ -234,8 +234,8 @@ class Connection:
         ``max_output`` still waiting (so one big answer reaches a client
         that reads).
         """
-        if self.closed:
-            return False
+        if self.closed or self._writer.transport.is_closing():
+            return False  # the client is gone: asyncio would only log each write to a lost socket
         self._writer.write(line)
         self._metrics.gateway_message("out")
         limit = self.options.max_output

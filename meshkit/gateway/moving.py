@@ -40,7 +40,14 @@ def reconnect_line(options: GatewayOptions) -> bytes:
     return jsonrpc.notification_line(options.reconnect_method, params)
 
 
-async def move_clients(connections: Sequence[Movable], options: GatewayOptions, window: float) -> int:
+class Progress:
+    """How many clients :func:`move_clients` has told so far (readable after it is cancelled)."""
+
+    told = 0
+
+
+async def move_clients(connections: Sequence[Movable], options: GatewayOptions, window: float,
+                       progress: Progress | None = None) -> int:
     """Tell ``connections`` to reconnect elsewhere, in waves over ``window`` s; return how many were told.
 
     A wave that went out late does not pull the next one closer: waves are
@@ -50,7 +57,7 @@ async def move_clients(connections: Sequence[Movable], options: GatewayOptions, 
     line = reconnect_line(options)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    told = 0
+    progress = progress or Progress()
     index = 0
     last: tuple[float, float] | None = None  # (planned offset, when it went out) of the previous wave
     for offset, count in waves.plan(len(connections), window, options.reconnect_rate):
@@ -61,9 +68,9 @@ async def move_clients(connections: Sequence[Movable], options: GatewayOptions, 
         last = (offset, loop.time())
         for conn in connections[index:index + count]:
             if not conn.closed and conn.send(line):
-                told += 1
+                progress.told += 1
         index += count
-    return told
+    return progress.told
 
 
 def gone_line(options: GatewayOptions, service: str) -> bytes:

@@ -135,19 +135,21 @@ class Gateway(Service):
         if self._listener is not None:
             self._listener.close()  # existing connections stay open
         mover: asyncio.Future[int] | None = None
+        progress = moving.Progress()
         if self.options.reconnect_method and self.connections:
             # Oldest first; HAProxy already sends new connections elsewhere.
             window = min(self.options.reconnect_window, max(0.0, end - loop.time() - _LISTEN_LINGER))
+            log.info("asking %d clients to reconnect elsewhere, over %.1fs", len(self.connections), window)
             mover = asyncio.ensure_future(moving.move_clients(list(self.connections.values()),
-                                                              self.options, window))
+                                                              self.options, window, progress))
         try:
             await asyncio.wait_for(self._no_connections.wait(), max(0.0, end - loop.time()))
         except asyncio.TimeoutError:
             pass
         if mover is not None:
             mover.cancel()
-            told = await asyncio.gather(mover, return_exceptions=True)
-            log.info("asked %s clients to reconnect elsewhere", told[0])
+            await asyncio.gather(mover, return_exceptions=True)
+            log.info("asked %d clients to reconnect elsewhere", progress.told)
         if self.connections:
             log.info("drain grace over: closing %d client connections", len(self.connections))
         await asyncio.gather(*(
