@@ -717,8 +717,12 @@ def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
         async def no_sweep() -> int:
             return 0
 
+        async def no_ban_sync() -> None:  # no Redis in unit tests
+            return None
+
         gateway._listen = listen  # type: ignore[method-assign]
         gateway.sweep_state = no_sweep  # type: ignore[method-assign]
+        gateway._ban_sync.run = no_ban_sync  # type: ignore[method-assign]
         poisoned = Poisoned()
         gateway.connections["gw-x"] = poisoned  # type: ignore[assignment]
         await gateway.on_start()
