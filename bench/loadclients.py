@@ -79,7 +79,9 @@ class Tally:
         self.first_served: dict[str, float] = {}  # backend instance id -> first request's send time
         self.last_push_at: dict[int, float] = {}  # miner number -> monotonic time
         self.moved_at: list[float] = []  # when each mesh.reconnect notice arrived (monotonic)
-        self.connected_at: list[float] = []  # when each connection's handshake completed
+        # When each connection was opened (TCP connected through HAProxy): the rate at
+        # which clients arrive at the edge, which the handshake's latency would blur.
+        self.connected_at: list[float] = []
 
     def now(self) -> Counts:
         return self.at(self.scenario)
@@ -150,6 +152,7 @@ class Miner:
         except (OSError, asyncio.TimeoutError):
             tally.now().refused += 1
             return None
+        opened_at = time.monotonic()
         session = _Session(reader, writer)
         self.sessions.add(session)
         reading = asyncio.create_task(self._read(session))
@@ -169,7 +172,7 @@ class Miner:
         if job and not self.job_id:
             self.job_id = job["job_id"]
         tally.now().connects += 1
-        tally.connected_at.append(time.monotonic())
+        tally.connected_at.append(opened_at)
         return session
 
     async def _handshake(self, session: _Session, method: str, params: Any) -> dict[str, Any]:
