@@ -1,4 +1,4 @@
-"""RPC benchmark: meshkit against raw pyzmq, in the same run, on the same machine.
+"""RPC benchmark: meshkit against raw pyzmq and its other peers, in the same run, on the same machine.
 
 Usage (from the project root)::
 
@@ -6,7 +6,8 @@ Usage (from the project root)::
     .venv/bin/python bench/rpc.py --json       # one JSON object on stdout
     .venv/bin/python bench/rpc.py --profile /tmp/prof --repeats 1   # cProfile both sides
 
-Two systems answer the same ``echo(value)`` call:
+These systems answer the same ``echo(value)`` call (``--systems`` picks a
+subset; the peers beside ``raw`` are described in :mod:`rpc_peers`):
 
 ``raw``
     The practical Python limit: a ``zmq.asyncio`` DEALER client and ROUTER
@@ -18,6 +19,14 @@ Two systems answer the same ``echo(value)`` call:
     :func:`meshkit.runner.run`, registered in a private ``redis-server`` on a
     unix socket, bound on a kernel-chosen port, called through
     :class:`meshkit.AsyncClient` found through the registry.
+``meshkit_statsd``
+    The same, with statsd metrics on in server and client, sent to a local
+    UDP socket nobody reads (a namespace and server of its own).
+``raw_blocking``, ``raw_batched``, ``nats``, ``meshkit_sync``
+    Plain blocking pyzmq; zmq.asyncio draining every queued message per
+    wake-up; NATS request/reply through a private ``nats-server``; and the
+    blocking :class:`meshkit.Client` (sequential, and ``--inflight`` threads
+    sharing one client) against the ``meshkit`` server.
 
 Each server runs in its own process, so client and server get a core each
 (the client is this process). Three measurements per system:
@@ -47,7 +56,8 @@ goes first, and the median of the repeats is reported (the machine is shared
 and noisy). ``ratios`` are meshkit / raw of those medians; ``paired_ratios``
 are the medians of the per-repeat ratios (the two systems ran back to back,
 so a drift in the machine's load cancels out). The targets: seq p50 <= 1.3x,
-pipelined >= 0.8x, 64 KiB >= 0.8x.
+pipelined >= 0.8x, 64 KiB >= 0.8x. ``vs_raw`` gives every system's medians
+over raw's.
 
 This is a benchmark, not a test: it asserts nothing and pytest does not
 collect it.
@@ -76,6 +86,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import rpc_peers
 import zmq
 import zmq.asyncio
 
@@ -87,7 +98,9 @@ from meshkit.testing import RedisServer, settings_env, test_settings
 SERVICE = "bench"
 SMALL = b"0123456789abcdef"  # 16 bytes
 BIG_SIZE = 64 * 1024
-SYSTEMS = ("raw", "meshkit")
+SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_statsd", "meshkit_sync")
+ENDPOINT_SERVERS = ("raw", "raw_blocking", "raw_batched")  # print a tcp:// endpoint
+SERVER_OF = {"meshkit_sync": "meshkit"}  # the blocking client calls the meshkit server
 WORKLOADS = ("seq", "pipelined", "big")
 TARGETS = {"seq_p50": ("<=", 1.3), "pipelined": (">=", 0.8), "big": (">=", 0.8)}
 
@@ -151,10 +164,14 @@ def _serve_meshkit() -> int:
     return run(BenchService, Settings.load())
 
 
-def _child_main(system: str, profile_out: str | None, cpu: int | None) -> int:
+def _child_main(system: str, profile_out: str | None, cpu: int | None, nats_url: str) -> int:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    serve = _serve_raw if system == "raw" else _serve_meshkit
+    serves: dict[str, Callable[[], int]] = {
+        "raw": _serve_raw, "raw_blocking": rpc_peers.serve_blocking,
+        "raw_batched": rpc_peers.serve_batched, "nats": lambda: rpc_peers.serve_nats(nats_url),
+        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit}
+    serve = serves[system]
     if not profile_out:
         return serve()
     profiler = cProfile.Profile()
@@ -181,22 +198,22 @@ class ServerProcess:
 
 
 def start_server(system: str, settings: Settings, profile_out: str | None,
-                 cpu: int | None) -> ServerProcess:
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", system]
+                 cpu: int | None, nats_url: str = "") -> ServerProcess:
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", system, "--nats-url", nats_url]
     if profile_out:
         cmd += ["--profile-out", profile_out]
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    if system == "raw":
+    if system in (*ENDPOINT_SERVERS, "nats"):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
         assert proc.stdout is not None
-        endpoint = proc.stdout.readline().decode().strip()
-        if not endpoint.startswith("tcp://"):
+        said = proc.stdout.readline().decode().strip()
+        if not (said.startswith("tcp://") or said == "ready"):
             proc.kill()
-            raise RuntimeError(f"raw server did not start (got {endpoint!r})")
-        return ServerProcess(system, proc, endpoint)
+            raise RuntimeError(f"{system} server did not start (got {said[:80]!r})")
+        return ServerProcess(system, proc, said)
     env.update(settings_env(settings))
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 20.0
@@ -281,7 +298,42 @@ class MeshkitClient:
         await self.client.close()
 
 
-Client = RawClient | MeshkitClient
+Client = (RawClient | MeshkitClient | rpc_peers.BatchedClient | rpc_peers.NatsClient
+          | rpc_peers.BlockingRawClient | rpc_peers.SyncMeshkitClient)
+BlockingClient = rpc_peers.BlockingRawClient | rpc_peers.SyncMeshkitClient
+
+
+async def make_client(system: str, server: ServerProcess, settings: dict[str, Settings],
+                      nats_url: str) -> Client:
+    """The client of ``system``, connected and ready for its first measured call."""
+    if system == "raw":
+        return RawClient(server.endpoint)
+    if system == "raw_batched":
+        return rpc_peers.BatchedClient(server.endpoint)
+    if system == "raw_blocking":
+        return rpc_peers.BlockingRawClient(server.endpoint)
+    if system == "nats":
+        nc = rpc_peers.NatsClient(nats_url)
+        await nc.start()
+        return nc
+    if system == "meshkit_sync":
+        return await asyncio.to_thread(rpc_peers.SyncMeshkitClient, settings[system], SERVICE)
+    mk = MeshkitClient(settings[system])
+    await mk.start()
+    return mk
+
+
+async def call_once(client: Client, value: Any) -> Any:
+    if isinstance(client, BlockingClient):
+        return await asyncio.to_thread(client.call_sync, value)
+    return await client.call(value)
+
+
+async def run_pipelined(client: Client, value: Any, n: int, inflight: int) -> None:
+    if isinstance(client, BlockingClient):
+        await asyncio.to_thread(client.pipelined_sync, value, n, inflight)
+    else:
+        await client.pipelined(value, n, inflight)
 
 
 # -- measurements --------------------------------------------------------------
@@ -328,28 +380,49 @@ class CpuMeter:
 
 
 async def measure_seq(client: Client, calls: int, warmup: int, cpu: CpuMeter) -> tuple[float, float]:
-    """(p50, p99) in microseconds of ``calls`` sequential round trips."""
+    """(p50, p99) in microseconds of ``calls`` sequential round trips.
+
+    A blocking client's whole loop runs in one worker thread, so that no
+    hand-over to the event loop is counted in its round trips.
+    """
+    if isinstance(client, BlockingClient):
+        samples = await asyncio.to_thread(_seq_blocking, client, calls, warmup, cpu)
+    else:
+        for _ in range(warmup):
+            await client.call(SMALL)
+        samples = []
+        clock = time.perf_counter_ns
+        cpu.start()
+        for _ in range(calls):
+            t0 = clock()
+            await client.call(SMALL)
+            samples.append(clock() - t0)
+        cpu.stop(calls)
+    samples.sort()
+    return _percentile(samples, 50) / 1000, _percentile(samples, 99) / 1000
+
+
+def _seq_blocking(client: BlockingClient, calls: int, warmup: int, cpu: CpuMeter) -> list[int]:
     for _ in range(warmup):
-        await client.call(SMALL)
+        client.call_sync(SMALL)
     samples = []
     clock = time.perf_counter_ns
     cpu.start()
     for _ in range(calls):
         t0 = clock()
-        await client.call(SMALL)
+        client.call_sync(SMALL)
         samples.append(clock() - t0)
     cpu.stop(calls)
-    samples.sort()
-    return _percentile(samples, 50) / 1000, _percentile(samples, 99) / 1000
+    return samples
 
 
 async def measure_throughput(client: Client, value: bytes, calls: int, inflight: int,
                              cpu: CpuMeter) -> float:
     """Completed calls per second with ``inflight`` in flight."""
-    await client.pipelined(value, min(calls, 4 * inflight), inflight)  # warm the window
+    await run_pipelined(client, value, min(calls, 4 * inflight), inflight)  # warm the window
     cpu.start()
     t0 = time.perf_counter()
-    await client.pipelined(value, calls, inflight)
+    await run_pipelined(client, value, calls, inflight)
     elapsed = time.perf_counter() - t0
     cpu.stop(calls)
     return calls / elapsed
@@ -376,27 +449,27 @@ def _profiling(profiler: cProfile.Profile | None) -> Iterator[None]:
 Runs = dict[str, dict[str, list[float]]]
 
 
-async def run_benchmark(args: argparse.Namespace, settings: Settings,
-                        servers: dict[str, ServerProcess]) -> tuple[Runs, Runs]:
-    """Every measurement ``args.repeats`` times; returns (figures, CPU us per call)."""
+async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
+                        servers: dict[str, ServerProcess], nats_url: str) -> tuple[Runs, Runs]:
+    """Every measurement ``args.repeats`` times; returns (figures, CPU us per call).
+
+    ``servers`` has one entry per system in ``args.systems`` (``meshkit_sync``
+    shares ``meshkit``'s), ``settings`` one per meshkit system.
+    """
     clients: dict[str, Client] = {}
     profilers: dict[str, cProfile.Profile | None] = {}
     meters: dict[str, CpuMeter] = {}
-    for system, server in servers.items():
-        if system == "raw":
-            clients[system] = RawClient(server.endpoint)
-        else:
-            mk = MeshkitClient(settings)
-            await mk.start()
-            clients[system] = mk
+    for system in args.systems:
+        server = servers[SERVER_OF.get(system, system)]
+        clients[system] = await make_client(system, server, settings, nats_url)
         profilers[system] = cProfile.Profile() if args.profile else None
         meters[system] = CpuMeter(server.process.pid)
     big = os.urandom(args.big_size)
     # Connection set-up and first-call costs stay out of every figure.
-    for client in clients.values():
-        assert await client.call(SMALL) == SMALL
-        assert await client.call(big) == big
-        await client.pipelined(SMALL, 500, args.inflight)
+    for system, client in clients.items():
+        if await call_once(client, SMALL) != SMALL or await call_once(client, big) != big:
+            raise RuntimeError(f"{system} did not echo its payload")
+        await run_pipelined(client, SMALL, 500, args.inflight)
 
     runs: Runs = {s: {"seq_p50_us": [], "seq_p99_us": [], "pipelined_calls_s": [], "big_MBps": []}
                   for s in clients}
@@ -499,35 +572,30 @@ def summarize(runs: Runs, cpu: Runs) -> dict[str, Any]:
             k: (ratios[k] <= bound if op == "<=" else ratios[k] >= bound)
             for k, (op, bound) in TARGETS.items() if k in ratios
         }
+    if "raw" in result:
+        raw = result["raw"]
+        result["vs_raw"] = {
+            system: {r: round(result[system][k] / raw[k], 3) for _, k, r, _ in METRICS
+                     if k in raw and k in result[system] and raw[k]}
+            for system in runs if system != "raw"}
     return result
 
 
 def format_table(summary: dict[str, Any], systems: list[str], workloads: list[str]) -> str:
-    with_ratios = "ratios" in summary
-    rows = [("", *systems, *(["meshkit/raw", "paired", "target"] if with_ratios else []))]
-    for label, key, ratio_key, fmt in METRICS:
-        if key not in summary[systems[0]]:
-            continue
-        row = [label, *(fmt.format(summary[s][key]) for s in systems)]
-        if with_ratios:
-            row.append(f"{summary['ratios'][ratio_key]:.2f}x")
-            row.append(f"{summary['paired_ratios'][ratio_key]:.2f}x")
-            if ratio_key in TARGETS:
-                op, bound = TARGETS[ratio_key]
-                ok = summary["meets_targets"][ratio_key]
-                row.append(f"{op} {bound}x {'ok' if ok else 'MISSED'}")
-            else:
-                row.append("")
-        rows.append(tuple(row))
-    for workload in workloads:
-        row = [f"CPU/call {workload}, client+server (us)"]
-        for s in systems:
-            c = summary[s]["cpu_us_per_call"]
-            row.append(f"{c[workload + '_client']:.0f}+{c[workload + '_server']:.0f}")
-        if with_ratios:
-            total = {s: sum(summary[s]["cpu_us_per_call"][f"{workload}_{side}"]
-                            for side in ("client", "server")) for s in systems}
-            row += [f"{total['meshkit'] / total['raw']:.2f}x", "", ""]
+    """One row per system: medians, CPU per call (client+server) and the ratios to raw."""
+    metrics = [m for m in METRICS if m[1] in summary[systems[0]]]
+    head = ["", *(label for label, *_ in metrics), *(f"CPU/call {w} (us)" for w in workloads)]
+    if "vs_raw" in summary:
+        head += ["seq p50 x raw", "pipelined x raw"]
+    rows = [tuple(head)]
+    for system in systems:
+        figures = summary[system]
+        row = [system, *(fmt.format(figures[key]) for _, key, _, fmt in metrics)]
+        c = figures["cpu_us_per_call"]
+        row += [f"{c[w + '_client']:.0f}+{c[w + '_server']:.0f}" for w in workloads]
+        if "vs_raw" in summary:
+            ratio = summary["vs_raw"].get(system, {})
+            row += [f"{ratio[k]:.2f}x" if k in ratio else "" for k in ("seq_p50", "pipelined")]
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -535,6 +603,15 @@ def format_table(summary: dict[str, Any], systems: list[str], workloads: list[st
         cells = [c.ljust(w) if i == 0 else c.rjust(w)
                  for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
+    if "ratios" in summary:
+        lines.append("meshkit / raw (medians; paired per repeat) against the targets:")
+        for label, _, ratio_key, _ in metrics:
+            target = ""
+            if ratio_key in TARGETS:
+                op, bound = TARGETS[ratio_key]
+                target = f"  target {op} {bound}x {'ok' if summary['meets_targets'][ratio_key] else 'MISSED'}"
+            lines.append(f"  {label:<28} {summary['ratios'][ratio_key]:.2f}x "
+                         f"(paired {summary['paired_ratios'][ratio_key]:.2f}x){target}")
     return "\n".join(lines)
 
 
@@ -562,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--big-size", type=int, default=BIG_SIZE, help="big payload in bytes (65536)")
     add("--inflight", type=int, default=64, help="calls in flight when pipelined (64)")
     add("--repeats", type=int, default=7, help="runs of each measurement, medians reported (7)")
-    add("--systems", default="raw,meshkit", help="comma-separated subset of raw,meshkit")
+    add("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     add("--workloads", default="seq,pipelined,big",
         help="comma-separated subset of seq,pipelined,big (e.g. to profile one)")
     add("--pin", action="store_true",
@@ -570,22 +647,54 @@ def build_parser() -> argparse.ArgumentParser:
     add("--profile", metavar="DIR",
         help="cProfile clients and servers; write DIR/<system>-{client,server}.prof")
     add("--profile-top", type=int, default=25, help="rows of each profile to print (25)")
-    add("--statsd", action="store_true",
-        help="turn meshkit's statsd metrics on (sent to a local UDP sink nobody reads)")
+    add("--quick", action="store_true", help="a smoke run: few calls, one repeat (seconds)")
     add("--serve", choices=SYSTEMS, help=argparse.SUPPRESS)
     add("--profile-out", help=argparse.SUPPRESS)
     add("--cpu", type=int, help=argparse.SUPPRESS)
+    add("--nats-url", default="", help=argparse.SUPPRESS)
     return p
+
+
+def _start_all(args: argparse.Namespace, redis_url: str, server_cpu: int | None,
+               started: list[Any]) -> tuple[dict[str, Settings], dict[str, ServerProcess], str]:
+    """Every server ``args.systems`` needs (appended to ``started`` as they start, for the
+    caller to stop); returns the meshkit settings per system, the servers and the NATS URL."""
+    common: dict[str, Any] = {"heartbeat_interval": 1.0, "ttl": 5.0, "resync_interval": 3.0,
+                              "log_level": "WARNING", "drain_grace": 2.0}
+    settings = {"meshkit": test_settings(redis_url, **common)}
+    settings["meshkit_sync"] = settings["meshkit"]
+    if "meshkit_statsd" in args.systems:
+        # A UDP socket nobody reads: the datagrams are sent (the cost we want
+        # to see) and then dropped by the kernel once its buffer is full.
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        started.append(sink)
+        settings["meshkit_statsd"] = test_settings(
+            redis_url, statsd_address=f"127.0.0.1:{sink.getsockname()[1]}", **common)
+    nats_url = ""
+    if "nats" in args.systems:
+        nats_server = rpc_peers.NatsServer()
+        started.append(nats_server)
+        nats_url = nats_server.start().url
+    servers: dict[str, ServerProcess] = {}
+    for system in dict.fromkeys(SERVER_OF.get(s, s) for s in args.systems):
+        prof = os.path.join(args.profile, f"{system}-server.prof") if args.profile else None
+        servers[system] = start_server(system, settings.get(system, settings["meshkit"]), prof,
+                                       server_cpu, nats_url)
+        started.append(servers[system])
+    return settings, servers, nats_url
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve:
-        return _child_main(args.serve, args.profile_out, args.cpu)
+        return _child_main(args.serve, args.profile_out, args.cpu, args.nats_url)
+    if args.quick:
+        args.calls, args.warmup, args.pipelined_calls, args.big_calls, args.repeats = 300, 50, 3000, 300, 1
     args.systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     args.workloads = [w for w in WORKLOADS if w in args.workloads.split(",")]
     if not args.systems or not args.workloads:
-        raise SystemExit("--systems takes raw and/or meshkit; --workloads seq, pipelined, big")
+        raise SystemExit(f"--systems takes some of {','.join(SYSTEMS)}; --workloads seq, pipelined, big")
     client_cpu = server_cpu = None
     if args.pin and len(os.sched_getaffinity(0)) >= 2:
         client_cpu, server_cpu = sorted(os.sched_getaffinity(0))[:2]
@@ -599,37 +708,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("meshkit").setLevel(logging.INFO)
     machine = machine_info()
     started = time.monotonic()
-    overrides: dict[str, Any] = {}
-    sink = None
-    if args.statsd:
-        # A UDP socket nobody reads: the datagrams are sent (the cost we want
-        # to see) and then dropped by the kernel once its buffer is full.
-        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sink.bind(("127.0.0.1", 0))
-        overrides["statsd_address"] = f"127.0.0.1:{sink.getsockname()[1]}"
     redis_server = RedisServer().start()
-    servers: dict[str, ServerProcess] = {}
+    running: list[Any] = []
     try:
-        settings = test_settings(redis_server.url, heartbeat_interval=1.0, ttl=5.0,
-                                 resync_interval=3.0, log_level="WARNING", drain_grace=2.0,
-                                 **overrides)
-        for system in args.systems:
-            prof = os.path.join(args.profile, f"{system}-server.prof") if args.profile else None
-            servers[system] = start_server(system, settings, prof, server_cpu)
-        runs, cpu = asyncio.run(run_benchmark(args, settings, servers))
+        settings, servers, nats_url = _start_all(args, redis_server.url, server_cpu, running)
+        runs, cpu = asyncio.run(run_benchmark(args, settings, servers, nats_url))
     finally:
-        for server in servers.values():
-            server.stop()
+        for thing in reversed(running):
+            if isinstance(thing, socket.socket):
+                thing.close()
+            else:
+                thing.stop()
         redis_server.stop()
-        if sink is not None:
-            sink.close()
     summary = summarize(runs, cpu)
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     seconds = round(time.monotonic() - started, 1)
     if args.json:
         config = {k: getattr(args, k) for k in ("calls", "warmup", "pipelined_calls", "big_calls",
-                                                 "big_size", "inflight", "repeats", "pin",
-                                                 "statsd")}
+                                                 "big_size", "inflight", "repeats", "pin", "systems")}
         out = {**summary, "machine": machine, "config": config, "seconds": seconds,
                "runs": runs, "cpu_runs": cpu}
         print(json.dumps(out, indent=2))
@@ -640,10 +736,9 @@ def main(argv: list[str] | None = None) -> int:
               f"medians of {args.repeats} repeats; {seconds:.0f} s")
         print(format_table(summary, args.systems, args.workloads))
     if args.profile:
-        for system in args.systems:
-            for side in ("client", "server"):
-                print_profile(os.path.join(args.profile, f"{system}-{side}.prof"),
-                              f"{system} {side}", args.profile_top)
+        for name in sorted(os.listdir(args.profile)):
+            if name.endswith(".prof"):
+                print_profile(os.path.join(args.profile, name), name[:-5], args.profile_top)
     return 0
 
 
