@@ -72,37 +72,45 @@ import gc
 import json
 import logging
 import os
-import platform
-import pstats
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import rpc_peers
-import zmq
-import zmq.asyncio
+from rpc_clients import (
+    SERVICE,
+    SMALL,
+    BatchedClient,
+    BlockingRawClient,
+    Client,
+    CpuMeter,
+    MeshkitClient,
+    NatsClient,
+    RawClient,
+    SyncMeshkitClient,
+    call_once,
+    measure_seq,
+    measure_throughput,
+    run_pipelined,
+)
+from rpc_report import Runs, format_table, machine_info, print_profile, summarize
 
 import meshkit
 from meshkit.config import Settings
 from meshkit.registry import read_records
 from meshkit.testing import RedisServer, settings_env, test_settings
 
-SERVICE = "bench"
-SMALL = b"0123456789abcdef"  # 16 bytes
 BIG_SIZE = 64 * 1024
 SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_statsd", "meshkit_sync")
 ENDPOINT_SERVERS = ("raw", "raw_blocking", "raw_batched")  # print a tcp:// endpoint
 SERVER_OF = {"meshkit_sync": "meshkit"}  # the blocking client calls the meshkit server
 WORKLOADS = ("seq", "pipelined", "big")
-TARGETS = {"seq_p50": ("<=", 1.3), "pipelined": (">=", 0.8), "big": (">=", 0.8)}
 
 
 class BenchService(meshkit.Service):
@@ -115,46 +123,7 @@ class BenchService(meshkit.Service):
         return value
 
 
-async def _echo(value: Any) -> Any:
-    """The raw side's handler: the same coroutine as :meth:`BenchService.echo`."""
-    return value
-
-
 # -- servers (child processes) ------------------------------------------------
-
-
-def _serve_raw() -> int:
-    """Serve ``echo`` on a zmq.asyncio ROUTER; print the endpoint; stop on SIGTERM."""
-
-    async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind("tcp://127.0.0.1:0")
-        print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
-        handlers: dict[str, Callable[..., Awaitable[Any]]] = {"echo": _echo}
-        pack, unpack = msgpack.packb, msgpack.unpackb
-
-        async def loop() -> None:
-            while True:
-                identity, frame = await sock.recv_multipart()
-                request_id, method, args = unpack(frame)
-                result = await handlers[method](*args)
-                await sock.send_multipart([identity, pack([request_id, result])])
-
-        task = asyncio.ensure_future(loop())
-        stop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            stop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        sock.close()
-        ctx.term()
-
-    asyncio.run(serve())
-    return 0
 
 
 def _serve_meshkit() -> int:
@@ -168,7 +137,7 @@ def _child_main(system: str, profile_out: str | None, cpu: int | None, nats_url:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     serves: dict[str, Callable[[], int]] = {
-        "raw": _serve_raw, "raw_blocking": rpc_peers.serve_blocking,
+        "raw": rpc_peers.serve_raw, "raw_blocking": rpc_peers.serve_blocking,
         "raw_batched": rpc_peers.serve_batched, "nats": lambda: rpc_peers.serve_nats(nats_url),
         "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit}
     serve = serves[system]
@@ -233,206 +202,24 @@ def start_server(system: str, settings: Settings, profile_out: str | None,
 # -- clients -------------------------------------------------------------------
 
 
-class RawClient:
-    """A zmq.asyncio DEALER speaking the raw side's protocol."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self._id = 0
-
-    async def call(self, value: Any) -> Any:
-        self._id += 1
-        await self.sock.send(msgpack.packb([self._id, "echo", [value]]))
-        _, result = msgpack.unpackb(await self.sock.recv())
-        return result
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        """``n`` calls with a window of ``inflight``: one await per message sent or received."""
-        sock, pack, unpack = self.sock, msgpack.packb, msgpack.unpackb
-        sent = received = 0
-        while sent < min(inflight, n):
-            sent += 1
-            await sock.send(pack([sent, "echo", [value]]))
-        while received < n:
-            unpack(await sock.recv())
-            received += 1
-            if sent < n:
-                sent += 1
-                await sock.send(pack([sent, "echo", [value]]))
-
-    async def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-class MeshkitClient:
-    """:class:`meshkit.AsyncClient` calling ``bench.echo``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.client = meshkit.AsyncClient(settings)
-
-    async def start(self) -> None:
-        await self.client.start()
-        await self.client.call(SERVICE, "echo", [SMALL], wait=True, timeout=20.0)
-
-    async def call(self, value: Any) -> Any:
-        return await self.client.call(SERVICE, "echo", [value])
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        """``n`` calls made by ``inflight`` tasks, each awaiting one call at a time."""
-        call = self.client.call
-        left = n
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call(SERVICE, "echo", [value])
-
-        await asyncio.gather(*(worker() for _ in range(min(inflight, n))))
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-Client = (RawClient | MeshkitClient | rpc_peers.BatchedClient | rpc_peers.NatsClient
-          | rpc_peers.BlockingRawClient | rpc_peers.SyncMeshkitClient)
-BlockingClient = rpc_peers.BlockingRawClient | rpc_peers.SyncMeshkitClient
-
-
 async def make_client(system: str, server: ServerProcess, settings: dict[str, Settings],
                       nats_url: str) -> Client:
     """The client of ``system``, connected and ready for its first measured call."""
     if system == "raw":
         return RawClient(server.endpoint)
     if system == "raw_batched":
-        return rpc_peers.BatchedClient(server.endpoint)
+        return BatchedClient(server.endpoint)
     if system == "raw_blocking":
-        return rpc_peers.BlockingRawClient(server.endpoint)
+        return BlockingRawClient(server.endpoint)
     if system == "nats":
-        nc = rpc_peers.NatsClient(nats_url)
+        nc = NatsClient(nats_url)
         await nc.start()
         return nc
     if system == "meshkit_sync":
-        return await asyncio.to_thread(rpc_peers.SyncMeshkitClient, settings[system], SERVICE)
+        return await asyncio.to_thread(SyncMeshkitClient, settings[system], SERVICE)
     mk = MeshkitClient(settings[system])
     await mk.start()
     return mk
-
-
-async def call_once(client: Client, value: Any) -> Any:
-    if isinstance(client, BlockingClient):
-        return await asyncio.to_thread(client.call_sync, value)
-    return await client.call(value)
-
-
-async def run_pipelined(client: Client, value: Any, n: int, inflight: int) -> None:
-    if isinstance(client, BlockingClient):
-        await asyncio.to_thread(client.pipelined_sync, value, n, inflight)
-    else:
-        await client.pipelined(value, n, inflight)
-
-
-# -- measurements --------------------------------------------------------------
-
-
-def _process_cpu_ns(pid: int) -> int | None:
-    """CPU time used so far by every live thread of ``pid`` (Linux schedstat), or None."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # the thread ended meanwhile
-    return total
-
-
-class CpuMeter:
-    """CPU microseconds per call of this (client) process and the server process.
-
-    Wall-clock figures swing with whatever else the machine runs; CPU time
-    per call barely does, so it is the steadier way to compare two builds.
-    All threads count (libzmq's I/O thread, pyzmq's garbage-collector thread).
-    """
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self._start: tuple[int, int | None] = (0, None)
-        self.client_us = self.server_us = float("nan")
-
-    def start(self) -> None:
-        self._start = (time.process_time_ns(), _process_cpu_ns(self.server_pid))
-
-    def stop(self, calls: int) -> None:
-        client0, server0 = self._start
-        self.client_us = (time.process_time_ns() - client0) / calls / 1000
-        server1 = _process_cpu_ns(self.server_pid)
-        if server0 is not None and server1 is not None:
-            self.server_us = (server1 - server0) / calls / 1000
-
-
-async def measure_seq(client: Client, calls: int, warmup: int, cpu: CpuMeter) -> tuple[float, float]:
-    """(p50, p99) in microseconds of ``calls`` sequential round trips.
-
-    A blocking client's whole loop runs in one worker thread, so that no
-    hand-over to the event loop is counted in its round trips.
-    """
-    if isinstance(client, BlockingClient):
-        samples = await asyncio.to_thread(_seq_blocking, client, calls, warmup, cpu)
-    else:
-        for _ in range(warmup):
-            await client.call(SMALL)
-        samples = []
-        clock = time.perf_counter_ns
-        cpu.start()
-        for _ in range(calls):
-            t0 = clock()
-            await client.call(SMALL)
-            samples.append(clock() - t0)
-        cpu.stop(calls)
-    samples.sort()
-    return _percentile(samples, 50) / 1000, _percentile(samples, 99) / 1000
-
-
-def _seq_blocking(client: BlockingClient, calls: int, warmup: int, cpu: CpuMeter) -> list[int]:
-    for _ in range(warmup):
-        client.call_sync(SMALL)
-    samples = []
-    clock = time.perf_counter_ns
-    cpu.start()
-    for _ in range(calls):
-        t0 = clock()
-        client.call_sync(SMALL)
-        samples.append(clock() - t0)
-    cpu.stop(calls)
-    return samples
-
-
-async def measure_throughput(client: Client, value: bytes, calls: int, inflight: int,
-                             cpu: CpuMeter) -> float:
-    """Completed calls per second with ``inflight`` in flight."""
-    await run_pipelined(client, value, min(calls, 4 * inflight), inflight)  # warm the window
-    cpu.start()
-    t0 = time.perf_counter()
-    await run_pipelined(client, value, calls, inflight)
-    elapsed = time.perf_counter() - t0
-    cpu.stop(calls)
-    return calls / elapsed
-
-
-def _percentile(sorted_samples: list[int], pct: float) -> float:
-    k = (len(sorted_samples) - 1) * pct / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_samples) - 1)
-    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (k - lo)
 
 
 @contextmanager
@@ -444,9 +231,6 @@ def _profiling(profiler: cProfile.Profile | None) -> Iterator[None]:
     finally:
         if profiler is not None:
             profiler.disable()
-
-
-Runs = dict[str, dict[str, list[float]]]
 
 
 async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
@@ -508,117 +292,6 @@ async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
         if profiler is not None:
             profiler.dump_stats(os.path.join(args.profile, f"{system}-client.prof"))
     return runs, cpu
-
-
-# -- reporting -----------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model or platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pyzmq": zmq.pyzmq_version(),
-        "libzmq": zmq.zmq_version(),
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "meshkit": meshkit.__version__,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# (label, per-system key, ratio key, format); a ratio is always meshkit / raw.
-METRICS = (
-    ("seq p50 (us)", "seq_p50_us", "seq_p50", "{:.0f}"),
-    ("seq p99 (us)", "seq_p99_us", "seq_p99", "{:.0f}"),
-    ("pipelined (calls/s)", "pipelined_calls_s", "pipelined", "{:,.0f}"),
-    ("64 KiB echo (MB/s one way)", "big_MBps", "big", "{:,.1f}"),
-)
-
-
-def _median(values: list[float]) -> float:
-    return round(statistics.median(values), 1)
-
-
-def summarize(runs: Runs, cpu: Runs) -> dict[str, Any]:
-    """Medians per system, and meshkit/raw ratios checked against the targets."""
-    result: dict[str, Any] = {}
-    for system, values in runs.items():
-        result[system] = {k: _median(v) for k, v in values.items() if v}
-        result[system]["cpu_us_per_call"] = {k: _median(v) for k, v in cpu[system].items()}
-    if "raw" in result and "meshkit" in result:
-        raw, mk = result["raw"], result["meshkit"]
-        ratios = {r: mk[k] / raw[k] for _, k, r, _ in METRICS if k in raw and k in mk}
-        result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
-        # The same ratios taken per repeat (the two systems ran back to back)
-        # and then the median: steadier when the machine's load drifts.
-        result["paired_ratios"] = {
-            r: round(statistics.median(m / w for m, w in zip(runs["meshkit"][k], runs["raw"][k],
-                                                              strict=True)), 3)
-            for _, k, r, _ in METRICS if runs["raw"][k] and runs["meshkit"][k]
-        }
-        result["targets"] = {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()}
-        result["meets_targets"] = {
-            k: (ratios[k] <= bound if op == "<=" else ratios[k] >= bound)
-            for k, (op, bound) in TARGETS.items() if k in ratios
-        }
-    if "raw" in result:
-        raw = result["raw"]
-        result["vs_raw"] = {
-            system: {r: round(result[system][k] / raw[k], 3) for _, k, r, _ in METRICS
-                     if k in raw and k in result[system] and raw[k]}
-            for system in runs if system != "raw"}
-    return result
-
-
-def format_table(summary: dict[str, Any], systems: list[str], workloads: list[str]) -> str:
-    """One row per system: medians, CPU per call (client+server) and the ratios to raw."""
-    metrics = [m for m in METRICS if m[1] in summary[systems[0]]]
-    head = ["", *(label for label, *_ in metrics), *(f"CPU/call {w} (us)" for w in workloads)]
-    if "vs_raw" in summary:
-        head += ["seq p50 x raw", "pipelined x raw"]
-    rows = [tuple(head)]
-    for system in systems:
-        figures = summary[system]
-        row = [system, *(fmt.format(figures[key]) for _, key, _, fmt in metrics)]
-        c = figures["cpu_us_per_call"]
-        row += [f"{c[w + '_client']:.0f}+{c[w + '_server']:.0f}" for w in workloads]
-        if "vs_raw" in summary:
-            ratio = summary["vs_raw"].get(system, {})
-            row += [f"{ratio[k]:.2f}x" if k in ratio else "" for k in ("seq_p50", "pipelined")]
-        rows.append(tuple(row))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for r in rows:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    if "ratios" in summary:
-        lines.append("meshkit / raw (medians; paired per repeat) against the targets:")
-        for label, _, ratio_key, _ in metrics:
-            target = ""
-            if ratio_key in TARGETS:
-                op, bound = TARGETS[ratio_key]
-                target = f"  target {op} {bound}x {'ok' if summary['meets_targets'][ratio_key] else 'MISSED'}"
-            lines.append(f"  {label:<28} {summary['ratios'][ratio_key]:.2f}x "
-                         f"(paired {summary['paired_ratios'][ratio_key]:.2f}x){target}")
-    return "\n".join(lines)
-
-
-def print_profile(path: str, title: str, limit: int) -> None:
-    print(f"\n== {title}: {path} (top {limit} by own time) ==", file=sys.stderr)
-    stats = pstats.Stats(path, stream=sys.stderr)
-    stats.sort_stats("tottime").print_stats(limit)
 
 
 def _progress(text: str) -> None:

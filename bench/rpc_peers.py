@@ -1,4 +1,9 @@
-"""The peers ``bench/rpc.py`` compares meshkit with, beside its plain ``raw`` zmq.asyncio pair.
+"""The servers of the peers ``bench/rpc.py`` compares meshkit with (their clients: :mod:`rpc_clients`).
+
+``raw``
+    The practical Python limit on asyncio: a ``zmq.asyncio`` ROUTER, one
+    ``await`` per message, each handled inline (no task per message); the
+    client is a ``zmq.asyncio`` DEALER.
 
 Every peer answers the same ``echo(value)`` with a msgpack frame
 ``[id, method, args]`` in and ``[id, result]`` out (NATS carries the same
@@ -39,7 +44,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +52,6 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-import meshkit
-from meshkit.config import Settings
 from meshkit.testing import find_program
 
 SUBJECT = "bench.echo"
@@ -61,6 +64,46 @@ def _answer(frame: bytes) -> bytes:
 
 
 # -- servers (child processes; each prints one line when it can take calls) ----------
+
+
+async def _echo(value: Any) -> Any:
+    """The raw side's handler: the same coroutine as ``BenchService.echo`` in ``rpc.py``."""
+    return value
+
+
+def serve_raw() -> int:
+    """Serve ``echo`` on a zmq.asyncio ROUTER; print the endpoint; stop on SIGTERM."""
+
+    async def serve() -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind("tcp://127.0.0.1:0")
+        print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+        handlers: dict[str, Callable[..., Awaitable[Any]]] = {"echo": _echo}
+        pack, unpack = msgpack.packb, msgpack.unpackb
+
+        async def loop() -> None:
+            while True:
+                identity, frame = await sock.recv_multipart()
+                request_id, method, args = unpack(frame)
+                result = await handlers[method](*args)
+                await sock.send_multipart([identity, pack([request_id, result])])
+
+        task = asyncio.ensure_future(loop())
+        stop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            stop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        sock.close()
+        ctx.term()
+
+    asyncio.run(serve())
+    return 0
+
 
 
 def serve_blocking() -> int:
@@ -182,152 +225,3 @@ class NatsServer:
                 self.process.wait(5)
         if self._log is not None:
             self._log.close()
-
-
-# -- clients -------------------------------------------------------------------------
-
-
-class BlockingRawClient:
-    """A blocking DEALER; its measurements run in a thread of their own (``blocking``)."""
-
-    blocking = True
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self._id = 0
-
-    def call_sync(self, value: Any) -> Any:
-        self._id += 1
-        self.sock.send(msgpack.packb([self._id, "echo", [value]]))
-        return msgpack.unpackb(self.sock.recv())[1]
-
-    def pipelined_sync(self, value: Any, n: int, inflight: int) -> None:
-        sock, pack, unpack = self.sock, msgpack.packb, msgpack.unpackb
-        sent = received = 0
-        while sent < min(inflight, n):
-            sent += 1
-            sock.send(pack([sent, "echo", [value]]))
-        while received < n:
-            unpack(sock.recv())
-            received += 1
-            if sent < n:
-                sent += 1
-                sock.send(pack([sent, "echo", [value]]))
-
-    async def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-class BatchedClient:
-    """A zmq.asyncio DEALER that drains every queued reply per wake-up."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.plain: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
-        self._id = 0
-
-    async def call(self, value: Any) -> Any:
-        self._id += 1
-        self.plain.send(msgpack.packb([self._id, "echo", [value]]), zmq.NOBLOCK)
-        while True:
-            await self.sock.poll()
-            try:
-                return msgpack.unpackb(self.plain.recv(zmq.NOBLOCK))[1]
-            except zmq.Again:
-                continue
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        plain, pack, unpack = self.plain, msgpack.packb, msgpack.unpackb
-        sent = received = 0
-        while sent < min(inflight, n):
-            sent += 1
-            plain.send(pack([sent, "echo", [value]]), zmq.NOBLOCK)
-        while received < n:
-            await self.sock.poll()
-            while received < n:
-                try:
-                    unpack(plain.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                received += 1
-                if sent < n:
-                    sent += 1
-                    plain.send(pack([sent, "echo", [value]]), zmq.NOBLOCK)
-
-    async def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-class NatsClient:
-    """nats-py request/reply on :data:`SUBJECT`."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.nc: Any = None
-        self._id = 0
-
-    async def start(self) -> None:
-        import nats
-
-        self.nc = await nats.connect(self.url)
-
-    async def call(self, value: Any) -> Any:
-        self._id += 1
-        reply = await self.nc.request(SUBJECT, msgpack.packb([self._id, "echo", [value]]), timeout=10)
-        return msgpack.unpackb(reply.data)[1]
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        left = n
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await self.call(value)
-
-        await asyncio.gather(*(worker() for _ in range(min(inflight, n))))
-
-    async def close(self) -> None:
-        await self.nc.close()
-
-
-class SyncMeshkitClient:
-    """:class:`meshkit.Client` (blocking) calling ``bench.echo``; ``inflight`` threads share it."""
-
-    blocking = True
-
-    def __init__(self, settings: Settings, service: str) -> None:
-        self.client = meshkit.Client(settings)
-        self.service = service
-        self.client.call(service, "echo", [b"warm"], wait=True, timeout=20.0)
-
-    def call_sync(self, value: Any) -> Any:
-        return self.client.call(self.service, "echo", [value])
-
-    def pipelined_sync(self, value: Any, n: int, inflight: int) -> None:
-        left = n
-        lock = threading.Lock()
-
-        def worker() -> None:
-            nonlocal left
-            while True:
-                with lock:
-                    if left <= 0:
-                        return
-                    left -= 1
-                self.client.call(self.service, "echo", [value])
-
-        with ThreadPoolExecutor(max_workers=inflight) as pool:
-            for future in [pool.submit(worker) for _ in range(min(inflight, n))]:
-                future.result()
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.client.close)

@@ -106,3 +106,20 @@ def test_edge_summary_quotes_ratios_against_the_baseline(bench: dict[str, Module
     assert summary["ratios"]["seq:haproxy:p50_us"] == 4.0
     assert summary["ratios"]["seq:haproxy:server_cpu_us"] == 4.0  # clients are not server CPU
     assert "haproxy" in edge.format_table(summary)
+
+
+def test_fanout_subscriber_counts_pushes_split_across_reads(bench: dict[str, ModuleType],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    clients = bench["edge_clients"]
+
+    async def scenario() -> Any:
+        tally = clients.PushTally(expected=1)
+        proto = clients.Subscriber(tally, "bench.tick")
+        proto.data_received(b'{"jsonrpc":"2.0","id":1,"result":["bench.tick"]}\n{"jsonrpc":"2.0",')
+        proto.data_received(b'"method":"bench.tick","params":{"seq": 4,"t":1.5}}\n')
+        return proto.subscribed.result(), tally.counts
+
+    subscribed, counts = asyncio.run(scenario())
+    assert subscribed is True
+    assert counts == {4: 1}
+    assert json.loads(capsys.readouterr().out)["seq"] == 4  # the process reports push 4 complete
