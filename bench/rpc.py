@@ -2,7 +2,8 @@
 
 Usage (from the project root)::
 
-    .venv/bin/python bench/rpc.py              # a table
+    .venv/bin/python bench/rpc.py              # a table (about a minute)
+    .venv/bin/python bench/rpc.py --quick      # a smoke run (seconds)
     .venv/bin/python bench/rpc.py --json       # one JSON object on stdout
     .venv/bin/python bench/rpc.py --profile /tmp/prof --repeats 1   # cProfile both sides
 
@@ -51,9 +52,9 @@ Each server runs in its own process, so client and server get a core each
     garbage-collector thread). Far steadier than wall-clock figures on a busy
     machine; the side that needs more CPU per call bounds the throughput.
 
-Every measurement is repeated ``--repeats`` times, alternating which system
-goes first, and the median of the repeats is reported (the machine is shared
-and noisy). ``ratios`` are meshkit / raw of those medians; ``paired_ratios``
+Every measurement is repeated ``--repeats`` times, the order of the systems
+reversed every other repeat, and the median of the repeats is reported (the
+machine is shared and noisy). ``ratios`` are meshkit / raw of those medians; ``paired_ratios``
 are the medians of the per-repeat ratios (the two systems ran back to back,
 so a drift in the machine's load cancels out). The targets: seq p50 <= 1.3x,
 pipelined >= 0.8x, 64 KiB >= 0.8x. ``vs_raw`` gives every system's medians
