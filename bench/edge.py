@@ -2,7 +2,7 @@
 
 Usage (from the project root)::
 
-    .venv/bin/python bench/edge.py              # a table (several minutes)
+    .venv/bin/python bench/edge.py              # a table (about a minute)
     .venv/bin/python bench/edge.py --quick      # a smoke run: small N, well under a minute
     .venv/bin/python bench/edge.py --json       # one JSON object on stdout
 

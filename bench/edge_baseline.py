@@ -43,6 +43,10 @@ MAX_SUBSCRIPTIONS = 64
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+class _UnknownMethod(Exception):
+    """The request names a method this server does not have (JSON-RPC -32601)."""
+
+
 class BaselineServer:
     """The server: :meth:`start` binds, :attr:`address` is what it got, :meth:`close` stops."""
 
@@ -94,6 +98,9 @@ class BaselineServer:
                            "error": {"code": -32700, "message": "parse error"}}).encode() + b"\n"
         try:
             result = self._call(method, params, writer, topics)
+        except _UnknownMethod:
+            return _dumps({"jsonrpc": "2.0", "id": rid,
+                           "error": {"code": -32601, "message": "method not found"}}).encode() + b"\n"
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             return _dumps({"jsonrpc": "2.0", "id": rid, "error": {
                 "code": -32602, "message": f"bad request: {type(exc).__name__}"}}).encode() + b"\n"
@@ -114,7 +121,7 @@ class BaselineServer:
         if method == "bench.publish":
             topic, payload = params
             return self.publish(str(topic), payload)
-        raise KeyError(method)
+        raise _UnknownMethod
 
     def publish(self, topic: str, payload: Any) -> int:
         """Write ``payload`` as a ``topic`` notification to every subscriber; how many got it."""

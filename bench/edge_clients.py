@@ -234,8 +234,8 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     conns = await asyncio.gather(*(connect(i) for i in range(args.conns)))
     errors = sum(not c.subscribed.result() for c in conns)
     await _ready_then_go()
-    while (await _stdin_line()).strip() != "done":
-        pass
+    while (line := await _stdin_line()) and line.strip() != "done":
+        pass  # end of stdin (the parent is gone) counts as done
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--big-calls", type=int, default=2000, help="64 KiB calls per repeat (2000)")
     add("--big-size", type=int, default=BIG_SIZE, help="big payload in bytes (65536)")
     add("--inflight", type=int, default=64, help="calls in flight when pipelined (64)")
-    add("--repeats", type=int, default=7, help="runs of each measurement, medians reported (7)")
+    add("--repeats", "--repeat", type=int, default=7, help="runs of each measurement, medians reported (7)")
     add("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     add("--workloads", default="seq,pipelined,big",
         help="comma-separated subset of seq,pipelined,big (e.g. to profile one)")

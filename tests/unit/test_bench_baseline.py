@@ -71,7 +71,7 @@ def test_baseline_echoes_and_pushes_to_subscribers(bench: dict[str, ModuleType])
 def test_baseline_answers_bad_input_with_an_error_and_keeps_serving(bench: dict[str, ModuleType]) -> None:
     baseline = bench["edge_baseline"]
 
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], bytes]:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any], bytes]:
         server = await baseline.BaselineServer().start()
         try:
             reader, writer = await asyncio.open_connection(*server.address)
@@ -79,18 +79,21 @@ def test_baseline_answers_bad_input_with_an_error_and_keeps_serving(bench: dict[
             garbage = json.loads(await reader.readline())
             writer.write(b'{"method": "nope.nope", "id": 2}\n')
             unknown = json.loads(await reader.readline())
+            writer.write(b'{"method": "echo.echo", "params": {"no": "list"}, "id": 4}\n')
+            bad_params = json.loads(await reader.readline())
             writer.write(b'{"method": "echo.echo", "params": ["ok"], "id": 3}\n')
             after = json.loads(await reader.readline())
             writer.write(b"x" * (baseline.MAX_LINE + 10) + b"\n")
             closed = await reader.read()  # an over-long line closes the connection
             writer.close()
-            return garbage, unknown, after, closed
+            return garbage, unknown, bad_params, after, closed
         finally:
             await server.close()
 
-    garbage, unknown, after, closed = _run(scenario())
+    garbage, unknown, bad_params, after, closed = _run(scenario())
     assert garbage["error"]["code"] == -32700
-    assert unknown["error"]["code"] == -32602 and unknown["id"] == 2
+    assert unknown["error"]["code"] == -32601 and unknown["id"] == 2
+    assert bad_params["error"]["code"] == -32602 and bad_params["id"] == 4
     assert after == {"jsonrpc": "2.0", "id": 3, "result": "ok"}
     assert closed == b""
 
