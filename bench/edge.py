@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,9 @@ class EdgeBench:
                 "p99_us": result["p99_us"], "errors": result["errors"],
                 "cpu_us": per_item_us(before, after, result["calls"])}
 
-    async def fanout(self, system: str, clients: int, publisher: Any) -> dict[str, Any]:
+    async def fanout(self, system: str, clients: int,
+                     publisher: Callable[[int, float], Awaitable[int]]) -> dict[str, Any]:
+        """N clients subscribed; ``publisher(seq, started)`` pushes one and says how many it reached."""
         a = self.args
         path = "haproxy" if system == "meshkit" else "baseline"
         nprocs = -(-clients // CONNS_PER_CLIENT_PROCESS)
@@ -160,7 +163,8 @@ class EdgeBench:
         before = cpu_of(groups)
         for seq in range(a.publishes):
             started = time.monotonic()
-            await publisher(seq, started)
+            if not await publisher(seq, started):
+                raise RuntimeError(f"{system}: push {seq} reached no subscriber (gateway or baseline)")
             lasts = [await p.wait_seq(seq, loop.time() + a.push_timeout) for p in procs]
             if None not in lasts:
                 times.append(max(x for x in lasts if x is not None) - started)
@@ -200,11 +204,11 @@ class EdgeBench:
         await mesh.start()
         base = await Lines.open(*self.baseline.address)
 
-        async def publish_mesh(seq: int, started: float) -> None:
-            await mesh.publish(TOPIC, {"seq": seq, "t": started})
+        async def publish_mesh(seq: int, started: float) -> int:
+            return int(await mesh.publish(TOPIC, {"seq": seq, "t": started}))
 
-        async def publish_base(seq: int, started: float) -> None:
-            await base.call("bench.publish", [TOPIC, {"seq": seq, "t": started}])
+        async def publish_base(seq: int, started: float) -> int:
+            return int(await base.call("bench.publish", [TOPIC, {"seq": seq, "t": started}]))
 
         try:
             for r in range(a.fanout_repeat):
