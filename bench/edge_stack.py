@@ -4,8 +4,9 @@
 processes: private Redis on a unix socket, services and gateways on port 0,
 HAProxy on a socket bound here on ``127.0.0.1:0``) with ``echo`` backends
 instead of the Stratum ones. :class:`Baseline` is the one-process server of
-:mod:`edge_baseline`. CPU time comes from ``/proc/PID/stat`` (user + system,
-every thread, in clock ticks), resident memory from ``/proc/PID/statm``.
+:mod:`edge_baseline`. HAProxy's processes are found in ``/proc`` by their
+run directory. CPU time comes from ``/proc/PID/stat`` (user + system, every
+thread, in clock ticks), resident memory from ``/proc/PID/statm``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 from proofstack import GATEWAY, LISTENER, ProofConfig, Stack
 
 from meshkit.testing import test_settings
@@ -119,14 +119,24 @@ class EdgeStack(Stack):
         return out
 
     def groups(self) -> Groups:
-        """The server-side process groups: HAProxy (and its sync process), gateways, backends."""
+        """The server-side process groups: HAProxy (and its sync process), gateways, backends.
+
+        HAProxy's processes are found by the run directory on their command
+        line, not as children of the sync process: a master may be started
+        detached, in a session of its own, and its workers are its children.
+        """
         assert self.haproxy is not None
-        proxy = [self.haproxy.pid]
-        try:
-            proxy += [c.pid for c in psutil.Process(self.haproxy.pid).children(recursive=True)]
-        except psutil.Error:
-            pass
-        return {"haproxy": proxy, "gateways": [g.pid for g in self.gateways],
+        run_dir = os.fsencode(str(self.workdir / "haproxy"))
+        proxy = {self.haproxy.pid}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if run_dir in f.read():
+                            proxy.add(int(entry))
+                except OSError:
+                    pass  # gone meanwhile
+        return {"haproxy": sorted(proxy), "gateways": [g.pid for g in self.gateways],
                 "backends": [b.pid for b in self.shares]}
 
 
