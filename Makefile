@@ -19,6 +19,7 @@ logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL
   tail -n 25 $(INSTALL_LOG) >&2; exit 1; fi; }; run
 
 .PHONY: demo test lint typecheck unit integration bench sysdeps venv clean
+.PHONY: bench-deps
 
 demo: sysdeps $(BIN)/meshkit
 	@$(BIN)/meshkit up
@@ -38,9 +39,26 @@ lint: $(BIN)/meshkit
 typecheck: $(BIN)/meshkit
 	$(BIN)/mypy
 
-bench: sysdeps $(BIN)/meshkit
+bench: sysdeps bench-deps $(BIN)/meshkit
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/restarts.py
+	$(BIN)/python bench/edge.py
+
+# What only the benchmarks need: nats-server from Debian's packages (when we
+# are root; otherwise it names what to install and stops) and the `bench`
+# extra in the virtualenv. `make test` needs none of it.
+BENCH_PROGRAMS := nats-server
+
+bench-deps: $(BIN)/meshkit
+	@missing=""; for p in $(BENCH_PROGRAMS); do \
+	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || [ -x /usr/bin/$$p ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing from the distribution's packages"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing; \
+	  else echo "error: missing$$missing; install them (Debian: sudo apt-get install$$missing) and run make again" >&2; exit 1; fi; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 
 venv: $(BIN)/meshkit
 
