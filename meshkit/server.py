@@ -101,7 +101,7 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
-        self.pump = SocketPump(sock, self._on_message)
+        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
 
     def bind(self) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint."""
