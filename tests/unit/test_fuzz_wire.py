@@ -38,10 +38,10 @@ def _pack(value: Any) -> bytes:
 
 
 # Any MessagePack value as Python objects (shallow: the packer has its own depth limit) ...
+_keys = st.text(max_size=20) | st.integers(-(2**63), 2**63 - 1)
 values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=20) | st.integers(-(2**63), 2**63 - 1), inner,
-                                                                 max_size=6),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(_keys, inner, max_size=6),
     max_leaves=30,
 )
 # ... and packed, now and then nested far deeper than the decoder's 1,024-level
