@@ -76,8 +76,9 @@ deadline_exceeded      the deadline passed before the work started; not run
 draining               the instance is shutting down and did not start the work;
                        the caller should send it to another instance
 reply_too_large        the result exceeded the server's maximum message size
-overloaded             too many pushes from this sender are waiting for their handler;
-                       this one was not queued (the publisher counts it undelivered)
+overloaded             past a receiver limit: too many calls in flight or pushes queued
+                       for this connection, or the instance holds too much (in
+                       requests or bytes); not run (a publisher counts it undelivered)
 ====================================================================================
 
 A server answers every request it can attribute to a sender, including
@@ -87,7 +88,10 @@ so a sender must check sizes before sending.
 
 Limits
 ------
-A receiver refuses, with ``bad_request``, a header frame longer than
+What a peer can make a receiver hold (calls in flight and pushes queued, per
+connection and in all) is bounded in requests and in bytes, and a request
+past a bound is answered ``overloaded`` (see ``docs/protocol.md``, "Receiver
+limits", and :mod:`meshkit.budget`). A receiver also refuses, with ``bad_request``, a header frame longer than
 ``max_header_size`` bytes (default :data:`MAX_HEADER_SIZE`, 64 KiB) and a
 ``target`` or ``name`` longer than ``max_name_length`` characters (default
 :data:`MAX_NAME_LENGTH`, 256). The id of a malformed header is echoed
