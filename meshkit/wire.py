@@ -91,16 +91,17 @@ Limits
 What a peer can make a receiver hold (calls in flight and pushes queued, per
 connection and in all) is bounded in requests and in bytes, and a request
 past a bound is answered ``overloaded`` (see ``docs/protocol.md``, "Receiver
-limits", and :mod:`meshkit.budget`). A receiver also refuses, with ``bad_request``, a header frame longer than
-``max_header_size`` bytes (default :data:`MAX_HEADER_SIZE`, 64 KiB) and a
-``target`` or ``name`` longer than ``max_name_length`` characters (default
-:data:`MAX_NAME_LENGTH`, 256). The id of a malformed header is echoed
-whenever its first three items can be read from the first
-:data:`meshkit.peek.ID_PEEK_BYTES` bytes (4 KiB), whatever follows them and however deeply
-they are nested. Values echoed into error messages are clipped
-(:func:`meshkit.untrusted.clip`), and an ERROR body's fields are bounded on
-decoding (:data:`MAX_ERROR_MESSAGE` characters of message, and so on), so an
-answer is never larger than a few kilobytes because of what a peer sent.
+limits", and :mod:`meshkit.budget`). A receiver also refuses, with
+``bad_request``, a header frame longer than ``max_header_size`` bytes
+(default :data:`MAX_HEADER_SIZE`, 64 KiB) and a ``target`` or ``name``
+longer than ``max_name_length`` characters (default :data:`MAX_NAME_LENGTH`,
+256). The id of a malformed header is echoed whenever its first three items
+can be read from the first :data:`meshkit.peek.ID_PEEK_BYTES` bytes (4 KiB),
+whatever follows them and however deeply they are nested. Values echoed into
+error messages are clipped (:func:`meshkit.untrusted.clip`), and an ERROR
+body's fields are bounded on decoding (:data:`MAX_ERROR_MESSAGE` characters
+of message, and so on), so an answer is never larger than a few kilobytes
+because of what a peer sent.
 """
 
 from __future__ import annotations
