@@ -59,6 +59,7 @@ from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.server")
 
+
 class Server:
     """Receives and answers everything sent to one instance."""
 
@@ -340,7 +341,7 @@ class Server:
         # ``cause`` names the handler, not the topic: a prefix subscriber may
         # see endless distinct topics, and each must not earn its own line.
         self._throttle.log(f"handler_error:{cause}", logging.ERROR, "handler %s raised %s: %s",
-                           header.name, type(exc).__name__, clip(exc, wire.MAX_ERROR_MESSAGE), exc_info=exc)
+                           clip(header.name), type(exc).__name__, clip(str(exc), wire.MAX_ERROR_MESSAGE), exc_info=exc)
         tb = clip("".join(traceback.format_exception(exc)), wire.MAX_ERROR_TRACEBACK) if self.settings.debug else None
         return "handler_error", wire.encode_error(
             header.id, "handler_error", clip(str(exc), wire.MAX_ERROR_MESSAGE), type(exc).__name__, tb)
@@ -361,7 +362,7 @@ class Server:
                           None, header.meta or {})
         token = set_current(ctx)
         code: str | None = None
-        cause = header.name
+        cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
             payload = wire.unpack(body)
             for handler in self.table.topic_handlers(header.name):
