@@ -6,7 +6,9 @@ connection for the calls it is serving, and one per connection for the
 pushes waiting for their handler; a request is admitted only if it fits in
 every budget it would be charged to, and is answered ``overloaded``
 otherwise. What a request costs is :func:`request_cost`: its frames plus a
-fixed allowance for the task, context and bookkeeping that serving it takes.
+fixed allowance for the task, context and bookkeeping that serving it takes,
+plus what the body's arrays and maps may take once decoded (MessagePack's
+worst expansion: one byte, an empty array, becomes a 64-byte object).
 
 An empty budget admits one request whatever its size, so that a limit set
 below ``max_message_size`` slows a peer down instead of refusing its large
@@ -14,6 +16,8 @@ messages for ever.
 """
 
 from __future__ import annotations
+
+from .wire import CONTAINER_COST, container_bound
 
 __all__ = ["REQUEST_OVERHEAD", "Budget", "request_cost"]
 
@@ -23,9 +27,14 @@ __all__ = ["REQUEST_OVERHEAD", "Budget", "request_cost"]
 REQUEST_OVERHEAD = 3 * 1024
 
 
-def request_cost(*frames: bytes) -> int:
-    """What holding a request made of ``frames`` is charged, in bytes."""
-    return REQUEST_OVERHEAD + sum(len(frame) for frame in frames)
+def request_cost(header: bytes, body: bytes) -> int:
+    """What holding a request is charged, in bytes.
+
+    The body's containers are counted by :func:`~meshkit.wire.container_bound`,
+    an upper bound found without decoding: binary data rich in the bytes
+    that could start an array or map is charged more than it will take.
+    """
+    return REQUEST_OVERHEAD + len(header) + len(body) + CONTAINER_COST * container_bound(body)
 
 
 class Budget:

@@ -60,6 +60,7 @@ class Settings:
     max_queued_push_bytes: int = 32 * 1024 * 1024
     max_inflight: int = 100_000  # calls and pushes held by the whole instance, every connection together
     max_inflight_bytes: int = 256 * 1024 * 1024
+    max_body_containers: int = 100_000  # arrays and maps one body may decode to; more is bad_request
     topic_cache_bytes: int = 1024 * 1024  # memory of the topic -> handlers lookup cache
     max_log_line: int = 16 * 1024  # characters of one log line, traceback included (a last line of defence)
     log_repeat_interval: float = 10.0  # a log line caused by remote input repeats at most this often
@@ -99,7 +100,8 @@ class Settings:
     def _check_limits(self) -> None:
         minimums = {"max_header_size": 1024, "max_name_length": 1, "max_calls_per_peer": 1,
                     "max_call_bytes_per_peer": 1, "max_queued_pushes": 1, "max_queued_push_bytes": 1,
-                    "max_inflight": 1, "max_inflight_bytes": 1, "topic_cache_bytes": 0, "max_log_line": 1024}
+                    "max_inflight": 1, "max_inflight_bytes": 1,
+                    "max_body_containers": 1024, "topic_cache_bytes": 0, "max_log_line": 1024}
         for name, least in minimums.items():
             value = getattr(self, name)
             if type(value) is not int or value < least:

@@ -254,7 +254,7 @@ class Server:
             return
         release = functools.partial(self._release_call, identity, cost)
         try:
-            args, kwargs = wire.decode_call_body(body, header.id)
+            args, kwargs = wire.decode_call_body(body, header.id, self.settings.max_body_containers)
         except ProtocolError as exc:
             release()
             self._reject(identity, header.id, exc.code, str(exc))
@@ -364,7 +364,7 @@ class Server:
         code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
-            payload = wire.unpack(body)
+            payload = wire.unpack_body(body, self.settings.max_body_containers)
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
                 await invoke(handler, [payload], {}, None, self.executor)

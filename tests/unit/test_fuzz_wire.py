@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from typing import Any
 
 import msgpack
@@ -147,6 +148,22 @@ def test_any_body(frame: bytes) -> None:
         _check_error(exc)
     else:
         assert len(body.message) <= wire.MAX_ERROR_MESSAGE + 32 and len(body.code) <= wire.MAX_ERROR_CODE + 32
+
+
+@given(bodies | st.builds(lambda n: b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n, st.integers(0, 300_000)))
+def test_decoding_memory_is_bounded(frame: bytes) -> None:
+    # MessagePack's worst expansion is an empty array (1 byte -> a 56-byte
+    # list and an 8-byte slot); past the container limit decoding stops.
+    tracemalloc.start()
+    try:
+        try:
+            wire.decode_call_body(frame, 1)
+        except ProtocolError as exc:
+            _check_error(exc)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 80 * min(len(frame), wire.MAX_BODY_CONTAINERS) + 256 * 1024, (len(frame), peak)
 
 
 @given(ids, st.text(max_size=256), st.text(min_size=1, max_size=256), st.none() | st.integers(0, 2**31),

@@ -532,3 +532,43 @@ def test_settings_defaults_are_the_wire_defaults() -> None:
 
     assert Settings().max_header_size == wire.MAX_HEADER_SIZE
     assert Settings().max_name_length == wire.MAX_NAME_LENGTH
+
+
+# -- bodies: MessagePack's expansion is bounded --------------------------------
+
+
+def _empty_arrays(count: int) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def test_a_body_of_empty_arrays_is_refused_in_bounded_time_and_memory() -> None:
+    # Every \x90 byte decodes to a new empty list (~64 bytes): 2 MiB of them
+    # became 129 MiB of objects, held for as long as the call was.
+    import time
+    import tracemalloc
+
+    body = wire.pack([[], {}])[:1] + _empty_arrays(2 << 20) + b"\x80"
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        with pytest.raises(ProtocolError) as info:
+            wire.decode_call_body(body, 7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.value.code, info.value.id) == ("bad_request", 7)
+    assert "more than 100000 arrays and maps" in str(info.value)
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB"
+    assert time.process_time() - started < 5
+
+
+def test_container_limit_is_exact_and_bound_is_an_upper_bound() -> None:
+    body = _empty_arrays(2000)
+    assert wire.container_bound(body) == 2001
+    assert len(wire.unpack_body(body, max_containers=2001)) == 2000
+    with pytest.raises(ProtocolError):
+        wire.unpack_body(body, max_containers=2000)
+    # Bytes inside binary data are counted by the bound, not by the decoder.
+    blob = wire.pack(bytes(range(256)) * 40)
+    assert wire.container_bound(blob) > 1024
+    assert wire.unpack_body(blob, max_containers=1024) == bytes(range(256)) * 40
