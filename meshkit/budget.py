@@ -17,7 +17,7 @@ messages for ever.
 
 from __future__ import annotations
 
-from .wire import CONTAINER_COST, container_bound
+from .wire import CONTAINER_COST
 
 __all__ = ["REQUEST_OVERHEAD", "Budget", "request_cost"]
 
@@ -27,14 +27,14 @@ __all__ = ["REQUEST_OVERHEAD", "Budget", "request_cost"]
 REQUEST_OVERHEAD = 3 * 1024
 
 
-def request_cost(header: bytes, body: bytes) -> int:
+def request_cost(header: bytes, body: bytes, containers: int) -> int:
     """What holding a request is charged, in bytes.
 
-    The body's containers are counted by :func:`~meshkit.wire.container_bound`,
-    an upper bound found without decoding: binary data rich in the bytes
-    that could start an array or map is charged more than it will take.
+    ``containers`` is how many arrays and maps its body decoded to (counted
+    by :func:`~meshkit.wire.unpack_body`); each is charged as the empty list
+    it may be.
     """
-    return REQUEST_OVERHEAD + len(header) + len(body) + CONTAINER_COST * container_bound(body)
+    return REQUEST_OVERHEAD + len(header) + len(body) + CONTAINER_COST * containers
 
 
 class Budget:

@@ -31,8 +31,8 @@ from .untrusted import LogThrottle
 
 __all__ = ["PushInbox"]
 
-# run(identity, header, body, received at) handles one push and answers it.
-RunPush = Callable[[bytes, wire.Header, bytes, float], Awaitable[None]]
+# run(identity, header, payload, received at) handles one push and answers it.
+RunPush = Callable[[bytes, wire.Header, Any, float], Awaitable[None]]
 # spawn(coroutine, on_done) runs a task counted in flight; on_done runs when it ends.
 Spawn = Callable[[Coroutine[Any, Any, None], Callable[[], None]], None]
 
@@ -41,7 +41,7 @@ class _Queue:
     __slots__ = ("budget", "items", "refused")
 
     def __init__(self, settings: Settings) -> None:
-        self.items: deque[tuple[wire.Header, bytes, float, int]] = deque()  # header, body, received, cost
+        self.items: deque[tuple[wire.Header, Any, float, int]] = deque()  # header, payload, received, cost
         self.budget = Budget(settings.max_queued_pushes, settings.max_queued_push_bytes)
         self.refused = 0  # pushes refused in the current episode
 
@@ -68,27 +68,41 @@ class PushInbox:
         queue = self._queues.get(identity)
         return (queue.budget.count, queue.budget.bytes) if queue is not None else (0, 0)
 
-    def offer(self, identity: bytes, header: wire.Header, body: bytes, cost: int) -> str | None:
-        """Queue a push costing ``cost`` bytes; return None, or why it was refused (short text)."""
+    def refuse_early(self, identity: bytes, cost: int) -> str | None:
+        """Why a push of at least ``cost`` bytes would be refused (and count it refused), or None.
+
+        Lets the caller refuse a flood before paying for decoding it.
+        """
         queue = self._queues.get(identity)
+        return self._refusal(queue, cost)
+
+    def offer(self, identity: bytes, header: wire.Header, payload: Any, cost: int) -> str | None:
+        """Queue a decoded push costing ``cost`` bytes; return None, or why it was refused (short text)."""
+        queue = self._queues.get(identity)
+        why = self._refusal(queue, cost)
+        if why is not None:
+            return why
         fresh = queue is None
         if queue is None:
             queue = _Queue(self._settings)
-        if not queue.budget.fits(cost):
+        elif queue.refused:
+            self._episode_over(queue)
+        queue.budget.take(cost)
+        self._held.take(cost)
+        queue.items.append((header, payload, time.monotonic(), cost))
+        if fresh:
+            self._queues[identity] = queue
+            self._spawn(self._drain(identity, queue), functools.partial(self._forget, identity, queue))
+        return None
+
+    def _refusal(self, queue: _Queue | None, cost: int) -> str | None:
+        if queue is not None and not queue.budget.fits(cost):
             why = (f"{queue.budget.count} pushes ({queue.budget.bytes} bytes) from this connection "
                    "wait for their handler")
             return self._refuse(queue, why)
         if not self._held.fits(cost):
             why = f"the instance holds {self._held.count} requests ({self._held.bytes} bytes)"
-            return self._refuse(None if fresh else queue, why)
-        if queue.refused:
-            self._episode_over(queue)
-        queue.budget.take(cost)
-        self._held.take(cost)
-        queue.items.append((header, body, time.monotonic(), cost))
-        if fresh:
-            self._queues[identity] = queue
-            self._spawn(self._drain(identity, queue), functools.partial(self._forget, identity, queue))
+            return self._refuse(queue, why)
         return None
 
     def _refuse(self, queue: _Queue | None, why: str) -> str:
@@ -107,9 +121,9 @@ class PushInbox:
     async def _drain(self, identity: bytes, queue: _Queue) -> None:
         try:
             while queue.items:
-                header, body, received, cost = queue.items[0]
+                header, payload, received, cost = queue.items[0]
                 try:
-                    await self._run(identity, header, body, received)
+                    await self._run(identity, header, payload, received)
                 finally:
                     queue.items.popleft()
                     queue.budget.give(cost)

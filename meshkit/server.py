@@ -176,9 +176,9 @@ class Server:
             return
         kind = header.kind
         if kind == wire.CALL:
-            self._on_call(identity, header, frames[2], request_cost(frames[1], frames[2]))
+            self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
-            self._on_push(identity, header, frames[2], request_cost(frames[1], frames[2]))
+            self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.PING:
             self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
         else:
@@ -236,7 +236,7 @@ class Server:
 
     # -- calls ----------------------------------------------------------------
 
-    def _on_call(self, identity: bytes, header: wire.Header, body: bytes, cost: int) -> None:
+    def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         self.last_call = time.monotonic()
         if header.target != self.service:
             self._reject(identity, header.id, "unknown_service",
@@ -250,23 +250,29 @@ class Server:
         if self.state != UP:
             self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
             return
-        if not self._admit_call(identity, header.id, cost):
+        # Refused before decoding when even the undecoded size does not fit.
+        if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
             return
-        release = functools.partial(self._release_call, identity, cost)
         try:
-            args, kwargs = wire.decode_call_body(body, header.id, self.settings.max_body_containers)
+            args, kwargs, containers = wire.decode_call(body, header.id, self.settings.max_body_containers)
         except ProtocolError as exc:
-            release()
             self._reject(identity, header.id, exc.code, str(exc))
             return
         if header.timeout_ms == 0:
-            release()
             self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
             return
+        # Charged once decoded: what a body takes in memory is only known then.
+        cost = request_cost(header_frame, body, containers)
+        if not self._admit_call(identity, header.id, cost):
+            return
+        release = functools.partial(self._release_call, identity, cost)
         self._spawn(self._run_call(identity, header, handler, args, kwargs, self._deadline(header)), release)
 
-    def _admit_call(self, identity: bytes, request_id: int, cost: int) -> bool:
-        """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``."""
+    def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
+        """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``.
+
+        With ``take=False`` only checks that it fits (answering ``overloaded`` if not).
+        """
         peer = self._calls_by_peer.get(identity)
         if peer is None:
             peer = Budget(self.settings.max_calls_per_peer, self.settings.max_call_bytes_per_peer)
@@ -275,9 +281,10 @@ class Server:
         elif not self.held.fits(cost):
             why = f"the instance holds {self.held.count} requests ({self.held.bytes} bytes)"
         else:
-            peer.take(cost)
-            self.held.take(cost)
-            self._calls_by_peer[identity] = peer
+            if take:
+                peer.take(cost)
+                self.held.take(cost)
+                self._calls_by_peer[identity] = peer
             return True
         self._throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
         self._overloaded(identity, request_id, "call", why)
@@ -348,32 +355,37 @@ class Server:
 
     # -- pushes ---------------------------------------------------------------
 
-    def _on_push(self, identity: bytes, header: wire.Header, body: bytes, cost: int) -> None:
+    def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         if not self.table.topic_handlers(header.name):
             self._reject(identity, header.id, "unknown_method",
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
-        refused = self._pushes.offer(identity, header, body, cost)
+        refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
+        if refused is not None:
+            self._overloaded(identity, header.id, "push", refused)
+            return
+        try:
+            payload, containers = wire.unpack_body(body, self.settings.max_body_containers)
+        except ProtocolError as exc:
+            # Answered at once: it could never run, so it need not wait its turn.
+            self.metrics.push_received(header.name, 0.0, exc.code)
+            self._reject(identity, header.id, exc.code, f"push payload: {exc}")
+            return
+        refused = self._pushes.offer(identity, header, payload, request_cost(header_frame, body, containers))
         if refused is not None:
             self._overloaded(identity, header.id, "push", refused)
 
-    async def _run_push(self, identity: bytes, header: wire.Header, body: bytes, received: float) -> None:
+    async def _run_push(self, identity: bytes, header: wire.Header, payload: Any, received: float) -> None:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
         code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
-            payload = wire.unpack_body(body, self.settings.max_body_containers)
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
                 await invoke(handler, [payload], {}, None, self.executor)
             frames = wire.encode_ack(header.id)
-        except ProtocolError as exc:
-            code = exc.code
-            self._throttle.log("push_undecodable", logging.WARNING, "push to %s with undecodable payload: %s",
-                               clip(header.name), exc)
-            frames = wire.encode_error(header.id, exc.code, str(exc))
         except BadArguments as exc:
             code = "bad_arguments"
             self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,

@@ -154,10 +154,6 @@ MAX_NAME_LENGTH = 256
 # is the worst case of MessagePack's expansion (8 MiB would become 512 MiB).
 MAX_BODY_CONTAINERS = 100_000
 CONTAINER_COST = 64  # bytes: an empty list or dict, and its slot in the parent
-# Type bytes that start an array or a map (fix, 16- and 32-bit forms).
-_CONTAINER_TYPES = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
-# Bodies that may hold fewer containers than this are decoded without counting.
-_COUNT_FROM = 1024
 # Bounds on a decoded ERROR body (characters), whatever the peer sent.
 MAX_ERROR_CODE = 64
 MAX_ERROR_MESSAGE = 2000
@@ -206,49 +202,42 @@ def unpack(frame: bytes) -> Any:
         raise ProtocolError("bad_request", f"frame is not valid MessagePack: {_why(exc)}") from None
 
 
-def container_bound(frame: bytes) -> int:
-    """An upper bound on how many arrays and maps ``frame`` decodes to.
-
-    Counts the bytes that could start one (at C speed, without decoding), so
-    it overcounts bytes inside strings and binary data; never undercounts.
-    """
-    return len(frame) - len(frame.translate(None, _CONTAINER_TYPES))
-
-
 class _TooManyContainers(Exception):
     pass
 
 
 class _ContainerCount:
-    """A ``list_hook``/``object_hook`` that stops decoding past ``limit`` containers."""
+    """A ``list_hook``/``object_hook`` counting containers, stopping past ``limit``."""
 
-    __slots__ = ("left",)
+    __slots__ = ("count", "limit")
 
     def __init__(self, limit: int) -> None:
-        self.left = limit
+        self.count = 0
+        self.limit = limit
 
     def __call__(self, value: Any) -> Any:
-        self.left -= 1
-        if self.left < 0:
+        self.count += 1
+        if self.count > self.limit:
             raise _TooManyContainers()
         return value
 
 
-def unpack_body(frame: bytes, max_containers: int = MAX_BODY_CONTAINERS) -> Any:
+def unpack_body(frame: bytes, max_containers: int = MAX_BODY_CONTAINERS) -> tuple[Any, int]:
     """Decode a body that may hold at most ``max_containers`` arrays and maps.
 
-    ``bad_request`` if it holds more (decoding stops there, so neither time
-    nor memory grows with what follows) or is not MessagePack.
+    Returns ``(value, containers)``: the caller charges what the containers
+    take decoded (see :mod:`meshkit.budget`). ``bad_request`` if the body
+    holds more (decoding stops there, so neither time nor memory grows with
+    what follows) or is not MessagePack.
     """
-    if container_bound(frame) <= min(_COUNT_FROM, max_containers):
-        return unpack(frame)
     count = _ContainerCount(max_containers)
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=False, list_hook=count, object_hook=count)
+        value = msgpack.unpackb(frame, raw=False, strict_map_key=False, list_hook=count, object_hook=count)
     except _TooManyContainers:
         raise ProtocolError("bad_request", f"body holds more than {max_containers} arrays and maps") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError("bad_request", f"frame is not valid MessagePack: {_why(exc)}") from None
+    return value, count.count
 
 
 def encode_call(
@@ -398,12 +387,18 @@ def _request_header(raw: list[Any], max_name: int) -> Header:
     return Header(version, kind, id, target, name, timeout_ms, traceparent, meta)
 
 
-def decode_call_body(
+def decode_call_body(frame: bytes, id: int) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a CALL body into ``(args, kwargs)``; ``bad_request`` if malformed."""
+    args, kwargs, _ = decode_call(frame, id)
+    return args, kwargs
+
+
+def decode_call(
     frame: bytes, id: int, max_containers: int = MAX_BODY_CONTAINERS
-) -> tuple[list[Any], dict[str, Any]]:
-    """Decode a CALL body into ``(args, kwargs)``; ``bad_request`` if malformed (see :func:`unpack_body`)."""
+) -> tuple[list[Any], dict[str, Any], int]:
+    """Decode a CALL body into ``(args, kwargs, containers)`` (see :func:`unpack_body`)."""
     try:
-        body = unpack_body(frame, max_containers)
+        body, containers = unpack_body(frame, max_containers)
     except ProtocolError as exc:
         raise _bad(id, str(exc)) from None
     if (
@@ -414,7 +409,7 @@ def decode_call_body(
         or not all(type(k) is str for k in body[1])
     ):
         raise _bad(id, "CALL body must be [array of args, map of str to kwargs]")
-    return body[0], body[1]
+    return body[0], body[1], containers
 
 
 def decode_error_body(frame: bytes) -> ErrorBody:

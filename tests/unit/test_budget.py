@@ -6,9 +6,9 @@ from meshkit.budget import REQUEST_OVERHEAD, Budget, request_cost
 
 
 def test_cost_is_frames_plus_overhead_plus_what_containers_may_take() -> None:
-    assert request_cost(b"abc", b"de") == REQUEST_OVERHEAD + 5
+    assert request_cost(b"abc", b"de", 0) == REQUEST_OVERHEAD + 5
     # [[], {}]: three containers, each charged as a decoded empty list or dict.
-    assert request_cost(b"abc", b"\x92\x90\x80") == REQUEST_OVERHEAD + 6 + 3 * 64
+    assert request_cost(b"abc", b"\x92\x90\x80", 3) == REQUEST_OVERHEAD + 6 + 3 * 64
 
 
 def test_count_and_bytes_both_bound() -> None:
