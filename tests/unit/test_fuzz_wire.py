@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from serverkit import probe_server
 
@@ -25,6 +25,8 @@ from meshkit.errors import ProtocolError
 
 pytestmark = pytest.mark.fuzz
 
+# A tenth of the loaded profile's budget, for properties that cost ~50 ms an example.
+HEAVY = settings(max_examples=max(20, settings().max_examples // 10))
 ERROR_TEXT_LIMIT = 400  # characters: what an error message may be, whatever came in
 SLOW = 5.0  # CPU seconds: far beyond any decode of a frame this size (a few ms), even with a GC pause
 KNOWN_CODES = {"bad_request", "unsupported_version", "unknown_service", "unknown_method", "bad_arguments",
@@ -150,6 +152,7 @@ def test_any_body(frame: bytes) -> None:
         assert len(body.message) <= wire.MAX_ERROR_MESSAGE + 32 and len(body.code) <= wire.MAX_ERROR_CODE + 32
 
 
+@HEAVY
 @given(bodies | st.builds(lambda n: b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n, st.integers(0, 300_000)))
 def test_decoding_memory_is_bounded(frame: bytes) -> None:
     # MessagePack's worst expansion is an empty array (1 byte -> a 56-byte
