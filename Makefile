@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 SYSTEM_PROGRAMS := redis-server haproxy
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 600
+FUZZ_EXAMPLES ?= 20000
 
 .PHONY: demo test lint typecheck unit integration bench fuzz sysdeps venv clean
 
@@ -33,14 +34,15 @@ bench: sysdeps $(BIN)/meshkit
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/restarts.py
 
-# The fuzz-marked property tests with a large budget (HYPOTHESIS_PROFILE=fuzz;
-# `make test` runs the same tests with the small "ci" profile), then a
+# The fuzz-marked property tests with a large budget (HYPOTHESIS_PROFILE=fuzz,
+# FUZZ_EXAMPLES per property; `make test` runs the same tests with the small
+# "ci" profile), then a
 # coverage-guided atheris run of the wire decoder for FUZZ_SECONDS. atheris
 # (a libFuzzer binding) installs from its wheel on Linux x86-64 with CPython
 # 3.11; where it does not install, the coverage-guided part is skipped with a
 # message and the property tests still run. Crashes are saved in .run/fuzz/.
 fuzz: $(BIN)/meshkit
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -m fuzz tests/unit $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/unit $(PYTEST_ARGS)
 	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \
 	  mkdir -p .run/fuzz && \
 	  $(BIN)/python tests/fuzz/fuzz_wire.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \

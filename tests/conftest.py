@@ -4,7 +4,8 @@
 run is reproducible, no per-example deadline so a busy machine cannot make a
 property flaky, and no example database written to the work tree. ``fuzz``
 (``HYPOTHESIS_PROFILE=fuzz``, what ``make fuzz`` sets) runs many random
-examples. Tests marked ``fuzz`` use whichever profile is loaded.
+examples: 20,000 per property, or ``FUZZ_EXAMPLES``. Tests marked ``fuzz``
+use whichever profile is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,6 @@ _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 settings.register_profile("ci", max_examples=75, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW_IS_FINE, print_blob=True)
-settings.register_profile("fuzz", max_examples=20_000, deadline=None, database=None,
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")), deadline=None, database=None,
                           suppress_health_check=_SLOW_IS_FINE, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
