@@ -36,11 +36,11 @@ bench: sysdeps $(BIN)/meshkit
 
 # The fuzz-marked property tests with a large budget (HYPOTHESIS_PROFILE=fuzz,
 # FUZZ_EXAMPLES per property; `make test` runs the same tests with the small
-# "ci" profile), then a
-# coverage-guided atheris run of the wire decoder for FUZZ_SECONDS. atheris
-# (a libFuzzer binding) installs from its wheel on Linux x86-64 with CPython
-# 3.11; where it does not install, the coverage-guided part is skipped with a
-# message and the property tests still run. Crashes are saved in .run/fuzz/.
+# "ci" profile), then a coverage-guided atheris run of the wire decoder for
+# FUZZ_SECONDS. atheris (a libFuzzer binding) installs from its wheel on Linux
+# x86-64 with CPython 3.11; where it does not install, the coverage-guided part
+# is skipped with a message and the property tests still run. Crashes are
+# saved in .run/fuzz/.
 fuzz: $(BIN)/meshkit
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/unit $(PYTEST_ARGS)
 	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \
