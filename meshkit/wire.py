@@ -96,7 +96,7 @@ limits", and :mod:`meshkit.budget`). A receiver also refuses, with
 (default :data:`MAX_HEADER_SIZE`, 64 KiB) and a ``target`` or ``name``
 longer than ``max_name_length`` characters (default :data:`MAX_NAME_LENGTH`,
 256). The id of a malformed header is echoed whenever its first three items
-can be read from the first :data:`meshkit.peek.ID_PEEK_BYTES` bytes (4 KiB),
+can be read from the first :data:`meshkit.decoder.ID_PEEK_BYTES` bytes (4 KiB),
 whatever follows them and however deeply they are nested. Values echoed into
 error messages are clipped (:func:`meshkit.untrusted.clip`), and an ERROR
 body's fields are bounded on decoding (:data:`MAX_ERROR_MESSAGE` characters
@@ -112,8 +112,13 @@ from typing import Any
 
 import msgpack
 
+# Re-exported (``as``): the bounded decoding is part of what this module offers.
+from .decoder import CONTAINER_COST as CONTAINER_COST
+from .decoder import MAX_BODY_CONTAINERS as MAX_BODY_CONTAINERS
+from .decoder import peek_id as peek_id
+from .decoder import unpack_body as unpack_body
+from .decoder import why
 from .errors import ProtocolError
-from .peek import peek_id
 from .untrusted import clip
 
 VERSION = 1
@@ -149,11 +154,6 @@ MAX_HEADER_SIZE = 64 * 1024
 # Method, topic and service names; 256 is far beyond any real one, and bounds
 # what a subscriber's topic cache can hold per entry.
 MAX_NAME_LENGTH = 256
-# Arrays and maps one body may decode to (default of Settings.max_body_containers):
-# each costs ~64 bytes decoded from one encoded byte, so a body of empty arrays
-# is the worst case of MessagePack's expansion (8 MiB would become 512 MiB).
-MAX_BODY_CONTAINERS = 100_000
-CONTAINER_COST = 64  # bytes: an empty list or dict, and its slot in the parent
 # Bounds on a decoded ERROR body (characters), whatever the peer sent.
 MAX_ERROR_CODE = 64
 MAX_ERROR_MESSAGE = 2000
@@ -199,45 +199,7 @@ def unpack(frame: bytes) -> Any:
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types (StackError for deep nesting)
-        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {_why(exc)}") from None
-
-
-class _TooManyContainers(Exception):
-    pass
-
-
-class _ContainerCount:
-    """A ``list_hook``/``object_hook`` counting containers, stopping past ``limit``."""
-
-    __slots__ = ("count", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.count = 0
-        self.limit = limit
-
-    def __call__(self, value: Any) -> Any:
-        self.count += 1
-        if self.count > self.limit:
-            raise _TooManyContainers()
-        return value
-
-
-def unpack_body(frame: bytes, max_containers: int = MAX_BODY_CONTAINERS) -> tuple[Any, int]:
-    """Decode a body that may hold at most ``max_containers`` arrays and maps.
-
-    Returns ``(value, containers)``: the caller charges what the containers
-    take decoded (see :mod:`meshkit.budget`). ``bad_request`` if the body
-    holds more (decoding stops there, so neither time nor memory grows with
-    what follows) or is not MessagePack.
-    """
-    count = _ContainerCount(max_containers)
-    try:
-        value = msgpack.unpackb(frame, raw=False, strict_map_key=False, list_hook=count, object_hook=count)
-    except _TooManyContainers:
-        raise ProtocolError("bad_request", f"body holds more than {max_containers} arrays and maps") from None
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {_why(exc)}") from None
-    return value, count.count
+        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {why(exc)}") from None
 
 
 def encode_call(
@@ -333,7 +295,7 @@ def decode_header(
     malformed (including a frame over ``max_size`` bytes and a target or name
     over ``max_name`` characters) and ``unsupported_version`` for a version
     other than 1. ``exc.id`` is the request id when it could be read (see
-    :func:`meshkit.peek.peek_id`), else 0. Never raises anything else, and the error
+    :func:`meshkit.decoder.peek_id`), else 0. Never raises anything else, and the error
     message is short whatever the frame holds.
     """
     if len(frame) > max_size:
@@ -342,7 +304,7 @@ def decode_header(
     try:
         raw = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # several unrelated types, StackError for deep nesting
-        raise ProtocolError("bad_request", f"header is not valid MessagePack: {_why(exc)}",
+        raise ProtocolError("bad_request", f"header is not valid MessagePack: {why(exc)}",
                             peek_id(frame)) from None
     if not isinstance(raw, list) or len(raw) < 3:
         raise ProtocolError("bad_request", "header must be an array of at least 3 items")
@@ -433,11 +395,6 @@ def decode_error_body(frame: bytes) -> ErrorBody:
 
 def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else clip(text, limit)
-
-
-def _why(exc: BaseException) -> str:
-    """A short description of a decoding failure (msgpack's messages may quote the input)."""
-    return f"{type(exc).__name__}: {clip(str(exc))}" if str(exc) else type(exc).__name__
 
 
 def _bad(id: int, message: str) -> ProtocolError:

@@ -17,7 +17,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from meshkit import peek, wire
+    from meshkit import decoder, wire
     from meshkit.errors import ProtocolError
 
 ERROR_TEXT_LIMIT = 400
@@ -34,7 +34,7 @@ def test_one_input(data: bytes) -> None:
         wire.decode_header(data)
     except ProtocolError as exc:
         _check(exc)
-    assert 0 <= peek.peek_id(data) < 2**64
+    assert 0 <= decoder.peek_id(data) < 2**64
     try:
         wire.decode_call_body(data, 1)
     except ProtocolError as exc:

@@ -1,19 +1,33 @@
-"""Reading the id of a header that cannot be decoded whole.
+"""MessagePack decoding under :mod:`meshkit.wire` that a peer cannot make expensive.
 
-:mod:`meshkit.wire` answers every malformed request whose id is readable
-with that id. A header may fail to decode after its id (trailing garbage, a
-truncated item, an item nested deeper than the decoder's stack allows), so
-:func:`peek_id` walks just the first three items of the raw bytes without
-building them: iteratively, so nesting depth costs nothing, and within the
-first :data:`ID_PEEK_BYTES` bytes, so the work is bounded whatever the frame
-holds.
+Two things the wire module needs and MessagePack does not give:
+
+* :func:`unpack_body` decodes a body counting its arrays and maps as they are
+  built, and stops past a limit. One byte (``0x90``) decodes to an empty
+  list of ~64 bytes, so without it 8 MiB of them would become 512 MiB of
+  objects; the count is also what a request is charged for them
+  (:mod:`meshkit.budget`).
+* :func:`peek_id` reads the id of a header that cannot be decoded whole (a
+  truncated item, trailing garbage, an item nested deeper than the decoder's
+  stack allows) by walking just its first three items without building
+  them: iteratively, so nesting depth costs nothing, and within the first
+  :data:`ID_PEEK_BYTES` bytes, so the work is bounded whatever the frame holds.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 
-__all__ = ["ID_PEEK_BYTES", "peek_id"]
+from .errors import ProtocolError
+from .untrusted import clip
+
+__all__ = ["CONTAINER_COST", "ID_PEEK_BYTES", "MAX_BODY_CONTAINERS", "peek_id", "unpack_body", "why"]
+
+# Arrays and maps one body may decode to (default of Settings.max_body_containers).
+MAX_BODY_CONTAINERS = 100_000
+CONTAINER_COST = 64  # bytes: an empty list or dict, and its slot in the parent
 
 # How far into a malformed header the id is looked for: the three common
 # items of any real header fit in a few dozen bytes.
@@ -105,3 +119,46 @@ def _skip(buf: bytes, pos: int, count: int) -> int:
     if pos > end:
         raise IndexError("truncated")
     return pos
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerCount:
+    """A ``list_hook``/``object_hook`` counting containers, stopping past ``limit``."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.count = 0
+        self.limit = limit
+
+    def __call__(self, value: Any) -> Any:
+        self.count += 1
+        if self.count > self.limit:
+            raise _TooManyContainers()
+        return value
+
+
+def unpack_body(frame: bytes, max_containers: int = MAX_BODY_CONTAINERS) -> tuple[Any, int]:
+    """Decode a body that may hold at most ``max_containers`` arrays and maps.
+
+    Returns ``(value, containers)``: the caller charges what the containers
+    take decoded (see :mod:`meshkit.budget`). ``bad_request`` if the body
+    holds more (decoding stops there, so neither time nor memory grows with
+    what follows) or is not MessagePack.
+    """
+    count = _ContainerCount(max_containers)
+    try:
+        value = msgpack.unpackb(frame, raw=False, strict_map_key=False, list_hook=count, object_hook=count)
+    except _TooManyContainers:
+        raise ProtocolError("bad_request", f"body holds more than {max_containers} arrays and maps") from None
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {why(exc)}") from None
+    return value, count.count
+
+
+def why(exc: BaseException) -> str:
+    """A short description of a decoding failure (msgpack's messages may quote the input)."""
+    return f"{type(exc).__name__}: {clip(str(exc))}" if str(exc) else type(exc).__name__
