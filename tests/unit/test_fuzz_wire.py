@@ -130,12 +130,10 @@ def test_any_value_as_a_header(frame: bytes) -> None:
 def test_a_readable_id_is_always_echoed(case: tuple[bytes, int, bool]) -> None:
     frame, id, readable = case
     result = _decode(frame)
-    if isinstance(result, wire.Header):
-        assert result.id == id
-        return
+    # Unless its first three items are whole, the frame is another header
+    # (a cut may even leave a valid one with a different id): no claim then.
     if readable:
-        assert result.id == id, (result.code, str(result))
-
+        assert result.id == id, result
 
 @given(any_frame)
 def test_any_body(frame: bytes) -> None:
