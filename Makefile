@@ -18,8 +18,10 @@ logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL
   if ! "$$@" >>$(INSTALL_LOG) 2>&1; then echo "error: $(1) failed; the end of $(INSTALL_LOG):" >&2; \
   tail -n 25 $(INSTALL_LOG) >&2; exit 1; fi; }; run
 
-.PHONY: demo test lint typecheck unit integration bench sysdeps venv clean
-.PHONY: bench-deps
+FUZZ_SECONDS ?= 600
+FUZZ_EXAMPLES ?= 20000
+
+.PHONY: demo test lint typecheck unit integration bench bench-deps fuzz sysdeps venv clean
 
 demo: sysdeps $(BIN)/meshkit
 	@$(BIN)/meshkit up
@@ -59,6 +61,21 @@ bench-deps: $(BIN)/meshkit
 	  else echo "error: missing$$missing; install them (Debian: sudo apt-get install$$missing) and run make again" >&2; exit 1; fi; \
 	fi
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+
+# The fuzz-marked property tests with a large budget (HYPOTHESIS_PROFILE=fuzz,
+# FUZZ_EXAMPLES per property; `make test` runs the same tests with the small
+# "ci" profile), then a coverage-guided atheris run of the wire decoder for
+# FUZZ_SECONDS. atheris (a libFuzzer binding) installs from its wheel on Linux
+# x86-64 with CPython 3.11; where it does not install, the coverage-guided part
+# is skipped with a message and the property tests still run. Crashes are
+# saved in .run/fuzz/.
+fuzz: $(BIN)/meshkit
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz tests/unit $(PYTEST_ARGS)
+	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \
+	  mkdir -p .run/fuzz && \
+	  $(BIN)/python tests/fuzz/fuzz_wire.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=.run/fuzz/ -print_final_stats=1; \
+	else echo "atheris does not install here: skipping the coverage-guided run"; fi
 
 venv: $(BIN)/meshkit
 
