@@ -49,6 +49,7 @@ import itertools
 import logging
 import random
 import socket
+import time
 from typing import Any
 
 from ..config import Settings
@@ -190,9 +191,13 @@ class Gateway(Service):
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = f"{self.instance_id}-{next(self._ids):x}"
+        accepted = time.monotonic()
+        wait = self.options.proxy_timeout
+        if self.options.proxy_protocol == "accept" and self.options.idle_timeout > 0:
+            # A silent client may have no header at all: do not hold it past its idle timeout.
+            wait = min(wait, self.options.idle_timeout)
         try:
-            header, initial = await read_proxy_header(reader, self.options.proxy_protocol,
-                                                      self.options.proxy_timeout)
+            header, initial = await read_proxy_header(reader, self.options.proxy_protocol, wait)
         except (ProxyHeaderError, ConnectionError, OSError) as exc:
             self.metrics.gateway_rejected("proxy_header")
             self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
@@ -205,6 +210,7 @@ class Gateway(Service):
                           metrics=self.metrics, gateway_id=self.instance_id,
                           throttle=self._conn_throttle, initial=initial, peer=peer, address=address,
                           request_bucket=self.guard.request_bucket(address), judge=self._judge)
+        conn.last_active = accepted  # waiting for its header counts as idle time
         if len(self.connections) >= self.options.max_connections:
             # Connections that are closing count too, until their socket is gone.
             await self._refuse(conn, "too_many_connections", (
