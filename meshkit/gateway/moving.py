@@ -8,17 +8,21 @@
   waves of :func:`meshkit.gateway.waves.plan`, skipping those already gone.
 * :class:`GoneWatch` (pure, driven by ``now``) says when a service that
   clients called has had no instance for ``gone_after`` seconds, once per
-  absence.
+  absence; :func:`watch_gone` acts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from ..untrusted import clip
 from . import jsonrpc, waves
 from .options import GatewayOptions
+
+log = logging.getLogger("meshkit.gateway")
 
 
 class Movable(Protocol):
@@ -27,6 +31,14 @@ class Movable(Protocol):
     closed: bool
 
     def send(self, line: bytes) -> bool: ...
+
+
+class Caller(Movable, Protocol):
+    """What :func:`watch_gone` needs of a connection."""
+
+    services_used: set[str]
+
+    def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None: ...
 
 
 def reconnect_line(options: GatewayOptions) -> bytes:
@@ -104,3 +116,27 @@ class GoneWatch:
             del self._missing_since[service]
             self._reported.discard(service)
         return sorted(gone)
+
+
+async def watch_gone(options: GatewayOptions, connections: Callable[[], Sequence[Caller]],
+                     instances: Callable[[str], int]) -> None:
+    """Tell (and with ``gone_disconnect`` close) the clients of services gone for ``gone_after`` s.
+
+    Runs forever (the gateway supervises it). A client is told about a
+    service only if it called that service.
+    """
+    watch = GoneWatch(options.gone_after, instances)
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(min(1.0, options.gone_after / 4))
+        open_now = connections()
+        for service in watch.check({s for conn in open_now for s in conn.services_used}, loop.time()):
+            line = gone_line(options, service)
+            users = [c for c in open_now if service in c.services_used and not c.closed]
+            log.warning("service %s has had no instance for %gs: telling %d clients%s",
+                        clip(service), options.gone_after, len(users),
+                        " and closing them" if options.gone_disconnect else "")
+            for conn in users:
+                conn.send(line)
+                if options.gone_disconnect:
+                    conn.close(jsonrpc.NO_INSTANCE, f"service {service} is gone; reconnect later")

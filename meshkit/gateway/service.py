@@ -385,22 +385,8 @@ class Gateway(Service):
                 conn.close()
 
     async def _watch_gone(self) -> None:
-        """Tell (and maybe close) the clients of services gone for ``gone_after`` s, forever."""
-        watch = moving.GoneWatch(self.options.gone_after, lambda s: len(self.registry.instances(s)))
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(1.0, self.options.gone_after / 4))
-            used = {s for conn in self.connections.values() for s in conn.services_used}
-            for service in watch.check(used, loop.time()):
-                line = moving.gone_line(self.options, service)
-                users = [c for c in self.connections.values() if service in c.services_used]
-                log.warning("service %s has had no instance for %gs: telling %d clients%s",
-                            clip(service), self.options.gone_after, len(users),
-                            " and closing them" if self.options.gone_disconnect else "")
-                for conn in users:
-                    conn.send(line)
-                    if self.options.gone_disconnect:
-                        conn.close(jsonrpc.NO_INSTANCE, f"service {service} is gone; reconnect later")
+        await moving.watch_gone(self.options, lambda: list(self.connections.values()),
+                                lambda service: len(self.registry.instances(service)))
 
     # -- pushes -------------------------------------------------------------------------
 
