@@ -33,11 +33,26 @@ TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+#: The open-file limit asked for when the process may raise its hard limit (root): 10,000
+#: clients through HAProxy need ~20,000 descriptors in HAProxy alone (two per connection).
+WANTED_OPEN_FILES = 65536
+
+
 def raise_open_files() -> tuple[int, int]:
-    """Raise this process's open-file limit to its hard limit (children inherit it); (old, new)."""
+    """Raise this process's open-file limit (children inherit it); (old, new).
+
+    To :data:`WANTED_OPEN_FILES` where the hard limit may be raised (as root,
+    up to ``/proc/sys/fs/nr_open``), else to the hard limit.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        if hard < WANTED_OPEN_FILES:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (WANTED_OPEN_FILES, WANTED_OPEN_FILES))
+    except (ValueError, OSError):
+        pass  # not allowed to raise the hard limit: the hard limit it is
+    soft_now, hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_now < hard_now:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard_now, hard_now))
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
