@@ -370,7 +370,9 @@ class Gateway(Service):
         away it holds in this gateway only, and is lost at its restart).
         """
         ban = self.guard.ban_here(address, reason)
-        log.warning("banning %s for %gs: %s", address, self.options.ban_time, clip(reason))
+        # Throttled: an attack from many addresses must not flood the log (the count is kept).
+        self._throttle.log("ban", logging.WARNING, "banning %s for %gs: %s", address,
+                           self.options.ban_time, clip(reason))
         self.metrics.gateway_rejected("ban")
         self._banned(ban)
         self._spawn_state_task(self.bans.add(address, self.options.ban_time, reason), "sharing a ban")
