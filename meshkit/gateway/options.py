@@ -49,7 +49,9 @@ connect_burst       40                  ... beyond a burst of this many
 request_rate        100                 requests per second per connection ...
 request_burst       200                 ... beyond a burst of this many (the rest are
                                         answered ``rate_limited``, not run)
-ban_time            600                 seconds an address is banned; 0: no bans
+ban_time            600                 seconds the policy (or ``BanClientError``) bans an
+                                        address; 0: the policy bans nobody (operators'
+                                        bans still hold)
 ban_ratio           0.5                 ban when at least this share of ...
 ban_min_requests    500                 ... this many requests from the address was bad
 ban_on              invalid,client      what is bad: ``invalid`` requests (refused by

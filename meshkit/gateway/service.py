@@ -202,8 +202,10 @@ class Gateway(Service):
             self.metrics.gateway_rejected("proxy_header")
             self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
                                clip(writer.get_extra_info("peername")), clip(str(exc)))
-            Connection(conn_id, reader, writer, options=self.options, call=self._route,
-                       metrics=self.metrics).close(abort=True)
+            dropped = Connection(conn_id, reader, writer, options=self.options, call=self._route,
+                                 metrics=self.metrics)
+            dropped.close(abort=True)  # a reset: it never spoke our protocol
+            await dropped.wait_closed()
             return
         peer, address = client_of(header, writer.get_extra_info("peername"))
         conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
