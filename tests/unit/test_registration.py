@@ -15,16 +15,9 @@ from meshkit.config import Settings
 from meshkit.errors import ConfigError
 from meshkit.record import InstanceRecord
 from meshkit.registration import REPORT_AFTER, REPORT_EVERY, Registration
+from meshkit.testing import FakeClock
 
 RECORD = InstanceRecord("echo", "e1", "tcp://127.0.0.1:4000", "h", 1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _settings(tmp_path: object) -> Settings:
@@ -44,7 +37,7 @@ def test_a_record_outside_the_grammar_is_refused_at_the_writer(tmp_path: object)
 def test_an_instance_that_cannot_register_says_so_and_repeats_it(
     tmp_path: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     caplog.set_level(logging.INFO, "meshkit.registry")
 
     async def main() -> list[bool]:
@@ -52,7 +45,7 @@ def test_an_instance_that_cannot_register_says_so_and_repeats_it(
         reports = []
         try:
             for now in (0.0, 1.0, REPORT_AFTER, REPORT_AFTER + 1, REPORT_AFTER + REPORT_EVERY):
-                clock.now = now
+                clock.advance(now - clock.now())
                 await registration._write(announce=True)
                 reports.append(registration.report())
         finally:
@@ -70,7 +63,7 @@ def test_an_instance_that_cannot_register_says_so_and_repeats_it(
 
 
 def test_report_is_quiet_while_registered() -> None:
-    registration = Registration(Settings.load(env={}), RECORD, clock=Clock())
+    registration = Registration(Settings.load(env={}), RECORD, clock=FakeClock())
     registration.healthy = registration.registered = True
     assert not registration.report()
     asyncio.run(registration.abandon())
