@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from inprocess import Shop, run, signalled, turns
 
 from meshkit.errors import BadArgumentsError, CallTimeoutError, HandlerError, UnknownMethodError
 from meshkit.record import DRAINING
 from meshkit.testing import ServiceHarness
-
-from inprocess import Shop, run, signalled, turns
 
 
 def test_an_async_and_a_plain_handler_answer_over_the_wire() -> None:
