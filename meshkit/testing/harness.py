@@ -38,7 +38,6 @@ from typing import Any, Generic, TypeVar
 import zmq
 
 from ..client import AsyncClient
-from ..clock import Clock
 from ..config import Settings
 from ..metrics import Metrics
 from ..service import Service
@@ -58,10 +57,10 @@ class ServiceHarness(Generic[S]):
     entering, :attr:`service` is the started instance.
     """
 
-    def __init__(self, service_class: type[S], *, clock: Clock | None = None,
+    def __init__(self, service_class: type[S], *, clock: FakeClock | None = None,
                  settings: Settings | None = None) -> None:
         self.service_class = service_class
-        self.clock: Any = clock if clock is not None else FakeClock()
+        self.clock = clock if clock is not None else FakeClock()
         self.settings = settings or Settings()
         self.registry = MemoryRegistry(self.settings, clock=self.clock)
         self._service: S | None = None

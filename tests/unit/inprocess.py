@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import meshkit
@@ -97,13 +97,3 @@ async def turns(n: int = 5) -> None:
     """Give the loop ``n`` turns (woken sleepers resume at the next ones)."""
     for _ in range(n):
         await asyncio.sleep(0)
-
-
-async def until(check: Callable[[], bool], what: str, step: Callable[[], Awaitable[None]] = turns) -> None:
-    """Give the loop turns until ``check()`` holds; fail after :data:`WAIT` real seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await step()
