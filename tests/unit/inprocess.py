@@ -97,3 +97,17 @@ async def turns(n: int = 5) -> None:
     """Give the loop ``n`` turns (woken sleepers resume at the next ones)."""
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+async def advance_until_done(clock: FakeClock, task: asyncio.Future[T], step: float, limit: int = 100) -> T:
+    """Advance ``clock`` by ``step`` and give the loop turns until ``task`` is done; return its result.
+
+    Robust to the loop's order: a sleeper that had not yet started when one
+    step was made is woken by the next.
+    """
+    for _ in range(limit):
+        if task.done():
+            break
+        clock.advance(step)
+        await turns()
+    return await asyncio.wait_for(task, WAIT)

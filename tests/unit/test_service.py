@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
-from inprocess import Shop, run, signalled, turns
+from inprocess import Shop, advance_until_done, run, signalled, turns
 
 from meshkit.clock import SYSTEM_CLOCK
 from meshkit.config import Settings
@@ -129,8 +129,7 @@ def test_calls_during_a_drain_are_refused_and_work_in_flight_finishes() -> None:
         h.service.release.set()
         assert await held == "released"
         await turns()
-        h.clock.advance(1.0)  # through the drain's quiet period
-        await asyncio.wait_for(stop, 10.0)
+        await advance_until_done(h.clock, stop, 0.1)  # through the drain's quiet period
         assert h.service.state == "stopped"
 
     run(test)
