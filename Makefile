@@ -21,7 +21,7 @@ logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL
 FUZZ_SECONDS ?= 600
 FUZZ_EXAMPLES ?= 20000
 
-.PHONY: demo test lint typecheck unit integration bench bench-deps fuzz sysdeps venv clean
+.PHONY: demo test lint typecheck unit integration coverage bench bench-deps fuzz sysdeps venv clean
 
 demo: sysdeps $(BIN)/meshkit
 	@$(BIN)/meshkit up
@@ -40,6 +40,13 @@ lint: $(BIN)/meshkit
 
 typecheck: $(BIN)/meshkit
 	$(BIN)/mypy
+
+# Line coverage of meshkit/ by the unit suite alone (what runs in seconds,
+# with no Redis or subprocess); the data file stays under .run/.
+coverage: $(BIN)/meshkit
+	@mkdir -p .run
+	COVERAGE_FILE=.run/coverage $(BIN)/coverage run --source=meshkit -m pytest tests/unit -q $(PYTEST_ARGS)
+	COVERAGE_FILE=.run/coverage $(BIN)/coverage report
 
 bench: sysdeps bench-deps $(BIN)/meshkit
 	$(BIN)/python bench/rpc.py
