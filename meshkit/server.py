@@ -11,6 +11,8 @@ message it can attribute to a sender:
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
   after another, in arrival order, and each is acknowledged when done.
+* a handler (of a CALL or a PUSH) that raises :class:`~meshkit.errors.RefusedError`
+  answers with that error's code and message, and nothing is logged above debug.
 * a PING is answered with the state and the number of requests in flight.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
@@ -36,7 +38,7 @@ import zmq
 from . import wire
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError
+from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
 from .handlers import Handler, HandlerTable
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
@@ -253,6 +255,8 @@ class Server:
             code = DEADLINE_EXCEEDED
             log.info("%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, exc)
         self.metrics.call_served(header.name, (time.monotonic() - started) * 1000, code)
@@ -335,6 +339,8 @@ class Server:
             code = "bad_arguments"
             log.error("subscriber for %s must take one payload argument: %s", header.name, exc)
             frames = wire.encode_error(header.id, code, str(exc))
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, exc)
         finally:
@@ -351,6 +357,12 @@ def _readable_id(frames: list[bytes]) -> int:
         return wire.decode_header(frames[1]).id
     except ProtocolError as exc:
         return exc.id
+
+
+def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
+    # A refusal is the handler's answer, not its failure: no traceback, no error log.
+    log.debug("%s refused: %s", header.name, exc.message)
+    return exc.code, wire.encode_error(header.id, exc.code, exc.wire_message, type(exc).__name__)
 
 
 class _BadArguments(Exception):
