@@ -230,3 +230,36 @@ def test_pushes_to_one_connection_keep_their_order_with_the_same_publishers_topi
         if doc.get("method") in ("probe.seq", "probe.topic"):
             got.append(doc["params"]["seq"])
     assert got == list(range(count))
+
+
+def test_a_third_party_stratum_proxy_mines_on_the_pool(pool: str) -> None:
+    """aiostratum-proxy 1.1 (PyPI, by wetblanketcc; not written here) between the shipped miner and the pool.
+
+    The proxy subscribes upstream with its own client code (aiojsonrpc2), reads
+    our JSON-RPC 1.0-style answers (``"error": null``, no ``"jsonrpc"``), is
+    authorized, relays the per-connection ``mining.set_difficulty`` and
+    ``mining.notify`` to its worker, and forwards the worker's shares, which the
+    pool accepts. What it found: see the assertions, and the report in
+    docs/stratum.md ("Tested with").
+    """
+    host, port = pool.rsplit(":", 1)
+    script = Path(__file__).parent / "thirdparty" / "aiostratum_run.py"
+    proxy = subprocess.Popen([sys.executable, str(script), host, port], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proxy.stdout is not None
+        first = proxy.stdout.readline().split()
+        assert first[:1] == ["listening"], first
+        run = subprocess.run([sys.executable, "-m", "services.stratum.miner", "127.0.0.1", first[1],
+                              "--worker", "proxy.rig1", "--shares", "12", "--seconds", "60"],
+                             capture_output=True, text=True, cwd=REPO, timeout=90)
+        stats = json.loads(run.stdout.strip().splitlines()[-1])
+        assert stats["accepted"] >= 8 and stats["jobs"] >= 1 and stats["difficulty"] > 0, (stats, run.stderr[-2000:])
+    finally:
+        proxy.terminate()
+        try:
+            _, err = proxy.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            _, err = proxy.communicate()
+    assert "Traceback" not in err, err[-3000:]
