@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from haproxykit import REPO, Sync, kill_haproxy
 from lineclient import LineClient, line_clients
 
@@ -125,14 +126,8 @@ def test_shares_are_judged_for_real_and_refused_as_pools_refuse_them(
     notify = miner.push("mining.notify")
     assert notify["id"] is None and len(notify["params"]) == 9 and notify["params"][8] is True
     # The extranonce1 is the connection's, in its Redis state.
-    state = Client(mesh_settings)
-    try:
-        import redis
-
-        r = redis.Redis.from_url(mesh_settings.redis_url)
+    with redis.Redis.from_url(mesh_settings.redis_url) as r:
         assert r.hget(f"{mesh_settings.namespace}:conn:{conn_id}", "extranonce1") == en1.hex().encode()
-    finally:
-        state.close()
     work = Work.from_notify(notify["params"])
     en2 = bytes(en2size)
     target = share_target(MIN_DIFFICULTY)
