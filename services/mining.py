@@ -17,6 +17,9 @@ in Redis for the duplicate check.
   pays nobody); once the connection is subscribed too, the connection gets
   its ``mining.set_difficulty`` and the current ``mining.notify`` pushed to
   it alone, and is subscribed to the announcer's ``mining.notify`` topic.
+  They are pushed before ``authorize`` answers, so they may reach the miner
+  before that answer, as with ckpool; cgminer, cpuminer and the bundled
+  miner handle notifications while they wait for an answer.
 * ``submit`` judges the share for real (:func:`services.stratum.shares.judge`)
   and answers ``true`` or the Stratum error (``[21, "Job not found
   (=stale)", ...]`` and the rest), raised as a
@@ -124,7 +127,8 @@ class Mining(meshkit.Service):
                          "difficulty": repr(self.start_difficulty), "previous": repr(self.start_difficulty),
                          "window": repr(now), "shares": "0", "diff_job": ""})
         if any(k.startswith("w:") for k in await state.all()):
-            # Authorized first, subscribed now: the work goes out after this answer.
+            # Authorized first, subscribed now: the work goes out once this handler
+            # has returned (not ordered with the answer; miners subscribe first anyway).
             self._later(self._send_work(conn_id, self.start_difficulty))
         return messages.subscribe_result(conn_id, extranonce1, EXTRANONCE2_SIZE)
 
