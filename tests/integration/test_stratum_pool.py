@@ -38,7 +38,7 @@ job_interval = 0.5
 block_interval = 3600.0
 
 [services.mining]
-share_interval = 5.0
+share_interval = 1.0
 min_difficulty = {MIN_DIFFICULTY!r}
 burst_shares = 8
 retarget_interval = 30.0
@@ -207,6 +207,10 @@ def test_a_push_to_one_connection_reaches_it_alone_and_an_unknown_one_is_reporte
     # The gateway is fine: both connections still answer.
     assert a.call("mining.extranonce.subscribe", [])["result"] is True
     assert b.call("mining.extranonce.subscribe", [])["result"] is True
+    # A connection that closed is reported the same way, once the gateway saw it go.
+    b.client.sock.close()
+    wait_until(lambda: mesh_client.call("pushprobe", "to", [b_id, "probe.hello", [2]]) is False, 10,
+               "a push to the closed connection to be reported")
 
 
 def test_pushes_to_one_connection_keep_their_order_with_the_same_publishers_topic_pushes(
