@@ -1,12 +1,14 @@
-"""RPC benchmark: meshkit against raw pyzmq, in the same run, on the same machine.
+"""RPC benchmark: meshkit against raw pyzmq and its other peers, in the same run, on the same machine.
 
 Usage (from the project root)::
 
-    .venv/bin/python bench/rpc.py              # a table
+    .venv/bin/python bench/rpc.py              # a table (about a minute)
+    .venv/bin/python bench/rpc.py --quick      # a smoke run (seconds)
     .venv/bin/python bench/rpc.py --json       # one JSON object on stdout
     .venv/bin/python bench/rpc.py --profile /tmp/prof --repeats 1   # cProfile both sides
 
-Two systems answer the same ``echo(value)`` call:
+These systems answer the same ``echo(value)`` call (``--systems`` picks a
+subset; the peers beside ``raw`` are described in :mod:`rpc_peers`):
 
 ``raw``
     The practical Python limit: a ``zmq.asyncio`` DEALER client and ROUTER
@@ -18,6 +20,14 @@ Two systems answer the same ``echo(value)`` call:
     :func:`meshkit.runner.run`, registered in a private ``redis-server`` on a
     unix socket, bound on a kernel-chosen port, called through
     :class:`meshkit.AsyncClient` found through the registry.
+``meshkit_statsd``
+    The same, with statsd metrics on in server and client, sent to a local
+    UDP socket nobody reads (a namespace and server of its own).
+``raw_blocking``, ``raw_batched``, ``nats``, ``meshkit_sync``
+    Plain blocking pyzmq; zmq.asyncio draining every queued message per
+    wake-up; NATS request/reply through a private ``nats-server``; and the
+    blocking :class:`meshkit.Client` (sequential, and ``--inflight`` threads
+    sharing one client) against the ``meshkit`` server.
 
 Each server runs in its own process, so client and server get a core each
 (the client is this process). Three measurements per system:
@@ -42,12 +52,13 @@ Each server runs in its own process, so client and server get a core each
     garbage-collector thread). Far steadier than wall-clock figures on a busy
     machine; the side that needs more CPU per call bounds the throughput.
 
-Every measurement is repeated ``--repeats`` times, alternating which system
-goes first, and the median of the repeats is reported (the machine is shared
-and noisy). ``ratios`` are meshkit / raw of those medians; ``paired_ratios``
+Every measurement is repeated ``--repeats`` times, the order of the systems
+reversed every other repeat, and the median of the repeats is reported (the
+machine is shared and noisy). ``ratios`` are meshkit / raw of those medians; ``paired_ratios``
 are the medians of the per-repeat ratios (the two systems ran back to back,
 so a drift in the machine's load cancels out). The targets: seq p50 <= 1.3x,
-pipelined >= 0.8x, 64 KiB >= 0.8x.
+pipelined >= 0.8x, 64 KiB >= 0.8x. ``vs_raw`` gives every system's medians
+over raw's.
 
 This is a benchmark, not a test: it asserts nothing and pytest does not
 collect it.
@@ -62,34 +73,45 @@ import gc
 import json
 import logging
 import os
-import platform
-import pstats
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-import zmq
-import zmq.asyncio
+import rpc_peers
+from rpc_clients import (
+    SERVICE,
+    SMALL,
+    BatchedClient,
+    BlockingRawClient,
+    Client,
+    CpuMeter,
+    MeshkitClient,
+    NatsClient,
+    RawClient,
+    SyncMeshkitClient,
+    call_once,
+    measure_seq,
+    measure_throughput,
+    run_pipelined,
+)
+from rpc_report import Runs, format_table, machine_info, print_profile, summarize
 
 import meshkit
 from meshkit.config import Settings
 from meshkit.registry import read_records
 from meshkit.testing import RedisServer, settings_env, test_settings
 
-SERVICE = "bench"
-SMALL = b"0123456789abcdef"  # 16 bytes
 BIG_SIZE = 64 * 1024
-SYSTEMS = ("raw", "meshkit")
+SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_statsd", "meshkit_sync")
+ENDPOINT_SERVERS = ("raw", "raw_blocking", "raw_batched")  # print a tcp:// endpoint
+SERVER_OF = {"meshkit_sync": "meshkit"}  # the blocking client calls the meshkit server
 WORKLOADS = ("seq", "pipelined", "big")
-TARGETS = {"seq_p50": ("<=", 1.3), "pipelined": (">=", 0.8), "big": (">=", 0.8)}
 
 
 class BenchService(meshkit.Service):
@@ -102,46 +124,7 @@ class BenchService(meshkit.Service):
         return value
 
 
-async def _echo(value: Any) -> Any:
-    """The raw side's handler: the same coroutine as :meth:`BenchService.echo`."""
-    return value
-
-
 # -- servers (child processes) ------------------------------------------------
-
-
-def _serve_raw() -> int:
-    """Serve ``echo`` on a zmq.asyncio ROUTER; print the endpoint; stop on SIGTERM."""
-
-    async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind("tcp://127.0.0.1:0")
-        print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
-        handlers: dict[str, Callable[..., Awaitable[Any]]] = {"echo": _echo}
-        pack, unpack = msgpack.packb, msgpack.unpackb
-
-        async def loop() -> None:
-            while True:
-                identity, frame = await sock.recv_multipart()
-                request_id, method, args = unpack(frame)
-                result = await handlers[method](*args)
-                await sock.send_multipart([identity, pack([request_id, result])])
-
-        task = asyncio.ensure_future(loop())
-        stop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            stop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        sock.close()
-        ctx.term()
-
-    asyncio.run(serve())
-    return 0
 
 
 def _serve_meshkit() -> int:
@@ -151,10 +134,14 @@ def _serve_meshkit() -> int:
     return run(BenchService, Settings.load())
 
 
-def _child_main(system: str, profile_out: str | None, cpu: int | None) -> int:
+def _child_main(system: str, profile_out: str | None, cpu: int | None, nats_url: str) -> int:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    serve = _serve_raw if system == "raw" else _serve_meshkit
+    serves: dict[str, Callable[[], int]] = {
+        "raw": rpc_peers.serve_raw, "raw_blocking": rpc_peers.serve_blocking,
+        "raw_batched": rpc_peers.serve_batched, "nats": lambda: rpc_peers.serve_nats(nats_url),
+        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit}
+    serve = serves[system]
     if not profile_out:
         return serve()
     profiler = cProfile.Profile()
@@ -181,22 +168,22 @@ class ServerProcess:
 
 
 def start_server(system: str, settings: Settings, profile_out: str | None,
-                 cpu: int | None) -> ServerProcess:
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", system]
+                 cpu: int | None, nats_url: str = "") -> ServerProcess:
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", system, "--nats-url", nats_url]
     if profile_out:
         cmd += ["--profile-out", profile_out]
     if cpu is not None:
         cmd += ["--cpu", str(cpu)]
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    if system == "raw":
+    if system in (*ENDPOINT_SERVERS, "nats"):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
         assert proc.stdout is not None
-        endpoint = proc.stdout.readline().decode().strip()
-        if not endpoint.startswith("tcp://"):
+        said = proc.stdout.readline().decode().strip()
+        if not (said.startswith("tcp://") or said == "ready"):
             proc.kill()
-            raise RuntimeError(f"raw server did not start (got {endpoint!r})")
-        return ServerProcess(system, proc, endpoint)
+            raise RuntimeError(f"{system} server did not start (got {said[:80]!r})")
+        return ServerProcess(system, proc, said)
     env.update(settings_env(settings))
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 20.0
@@ -216,150 +203,24 @@ def start_server(system: str, settings: Settings, profile_out: str | None,
 # -- clients -------------------------------------------------------------------
 
 
-class RawClient:
-    """A zmq.asyncio DEALER speaking the raw side's protocol."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self._id = 0
-
-    async def call(self, value: Any) -> Any:
-        self._id += 1
-        await self.sock.send(msgpack.packb([self._id, "echo", [value]]))
-        _, result = msgpack.unpackb(await self.sock.recv())
-        return result
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        """``n`` calls with a window of ``inflight``: one await per message sent or received."""
-        sock, pack, unpack = self.sock, msgpack.packb, msgpack.unpackb
-        sent = received = 0
-        while sent < min(inflight, n):
-            sent += 1
-            await sock.send(pack([sent, "echo", [value]]))
-        while received < n:
-            unpack(await sock.recv())
-            received += 1
-            if sent < n:
-                sent += 1
-                await sock.send(pack([sent, "echo", [value]]))
-
-    async def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-class MeshkitClient:
-    """:class:`meshkit.AsyncClient` calling ``bench.echo``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.client = meshkit.AsyncClient(settings)
-
-    async def start(self) -> None:
-        await self.client.start()
-        await self.client.call(SERVICE, "echo", [SMALL], wait=True, timeout=20.0)
-
-    async def call(self, value: Any) -> Any:
-        return await self.client.call(SERVICE, "echo", [value])
-
-    async def pipelined(self, value: Any, n: int, inflight: int) -> None:
-        """``n`` calls made by ``inflight`` tasks, each awaiting one call at a time."""
-        call = self.client.call
-        left = n
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call(SERVICE, "echo", [value])
-
-        await asyncio.gather(*(worker() for _ in range(min(inflight, n))))
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-Client = RawClient | MeshkitClient
-
-
-# -- measurements --------------------------------------------------------------
-
-
-def _process_cpu_ns(pid: int) -> int | None:
-    """CPU time used so far by every live thread of ``pid`` (Linux schedstat), or None."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # the thread ended meanwhile
-    return total
-
-
-class CpuMeter:
-    """CPU microseconds per call of this (client) process and the server process.
-
-    Wall-clock figures swing with whatever else the machine runs; CPU time
-    per call barely does, so it is the steadier way to compare two builds.
-    All threads count (libzmq's I/O thread, pyzmq's garbage-collector thread).
-    """
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self._start: tuple[int, int | None] = (0, None)
-        self.client_us = self.server_us = float("nan")
-
-    def start(self) -> None:
-        self._start = (time.process_time_ns(), _process_cpu_ns(self.server_pid))
-
-    def stop(self, calls: int) -> None:
-        client0, server0 = self._start
-        self.client_us = (time.process_time_ns() - client0) / calls / 1000
-        server1 = _process_cpu_ns(self.server_pid)
-        if server0 is not None and server1 is not None:
-            self.server_us = (server1 - server0) / calls / 1000
-
-
-async def measure_seq(client: Client, calls: int, warmup: int, cpu: CpuMeter) -> tuple[float, float]:
-    """(p50, p99) in microseconds of ``calls`` sequential round trips."""
-    for _ in range(warmup):
-        await client.call(SMALL)
-    samples = []
-    clock = time.perf_counter_ns
-    cpu.start()
-    for _ in range(calls):
-        t0 = clock()
-        await client.call(SMALL)
-        samples.append(clock() - t0)
-    cpu.stop(calls)
-    samples.sort()
-    return _percentile(samples, 50) / 1000, _percentile(samples, 99) / 1000
-
-
-async def measure_throughput(client: Client, value: bytes, calls: int, inflight: int,
-                             cpu: CpuMeter) -> float:
-    """Completed calls per second with ``inflight`` in flight."""
-    await client.pipelined(value, min(calls, 4 * inflight), inflight)  # warm the window
-    cpu.start()
-    t0 = time.perf_counter()
-    await client.pipelined(value, calls, inflight)
-    elapsed = time.perf_counter() - t0
-    cpu.stop(calls)
-    return calls / elapsed
-
-
-def _percentile(sorted_samples: list[int], pct: float) -> float:
-    k = (len(sorted_samples) - 1) * pct / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_samples) - 1)
-    return sorted_samples[lo] + (sorted_samples[hi] - sorted_samples[lo]) * (k - lo)
+async def make_client(system: str, server: ServerProcess, settings: dict[str, Settings],
+                      nats_url: str) -> Client:
+    """The client of ``system``, connected and ready for its first measured call."""
+    if system == "raw":
+        return RawClient(server.endpoint)
+    if system == "raw_batched":
+        return BatchedClient(server.endpoint)
+    if system == "raw_blocking":
+        return BlockingRawClient(server.endpoint)
+    if system == "nats":
+        nc = NatsClient(nats_url)
+        await nc.start()
+        return nc
+    if system == "meshkit_sync":
+        return await asyncio.to_thread(SyncMeshkitClient, settings[system], SERVICE)
+    mk = MeshkitClient(settings[system])
+    await mk.start()
+    return mk
 
 
 @contextmanager
@@ -373,30 +234,27 @@ def _profiling(profiler: cProfile.Profile | None) -> Iterator[None]:
             profiler.disable()
 
 
-Runs = dict[str, dict[str, list[float]]]
+async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
+                        servers: dict[str, ServerProcess], nats_url: str) -> tuple[Runs, Runs]:
+    """Every measurement ``args.repeats`` times; returns (figures, CPU us per call).
 
-
-async def run_benchmark(args: argparse.Namespace, settings: Settings,
-                        servers: dict[str, ServerProcess]) -> tuple[Runs, Runs]:
-    """Every measurement ``args.repeats`` times; returns (figures, CPU us per call)."""
+    ``servers`` has one entry per system in ``args.systems`` (``meshkit_sync``
+    shares ``meshkit``'s), ``settings`` one per meshkit system.
+    """
     clients: dict[str, Client] = {}
     profilers: dict[str, cProfile.Profile | None] = {}
     meters: dict[str, CpuMeter] = {}
-    for system, server in servers.items():
-        if system == "raw":
-            clients[system] = RawClient(server.endpoint)
-        else:
-            mk = MeshkitClient(settings)
-            await mk.start()
-            clients[system] = mk
+    for system in args.systems:
+        server = servers[SERVER_OF.get(system, system)]
+        clients[system] = await make_client(system, server, settings, nats_url)
         profilers[system] = cProfile.Profile() if args.profile else None
         meters[system] = CpuMeter(server.process.pid)
     big = os.urandom(args.big_size)
     # Connection set-up and first-call costs stay out of every figure.
-    for client in clients.values():
-        assert await client.call(SMALL) == SMALL
-        assert await client.call(big) == big
-        await client.pipelined(SMALL, 500, args.inflight)
+    for system, client in clients.items():
+        if await call_once(client, SMALL) != SMALL or await call_once(client, big) != big:
+            raise RuntimeError(f"{system} did not echo its payload")
+        await run_pipelined(client, SMALL, 500, args.inflight)
 
     runs: Runs = {s: {"seq_p50_us": [], "seq_p99_us": [], "pipelined_calls_s": [], "big_MBps": []}
                   for s in clients}
@@ -437,113 +295,6 @@ async def run_benchmark(args: argparse.Namespace, settings: Settings,
     return runs, cpu
 
 
-# -- reporting -----------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model or platform.processor(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "pyzmq": zmq.pyzmq_version(),
-        "libzmq": zmq.zmq_version(),
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "meshkit": meshkit.__version__,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# (label, per-system key, ratio key, format); a ratio is always meshkit / raw.
-METRICS = (
-    ("seq p50 (us)", "seq_p50_us", "seq_p50", "{:.0f}"),
-    ("seq p99 (us)", "seq_p99_us", "seq_p99", "{:.0f}"),
-    ("pipelined (calls/s)", "pipelined_calls_s", "pipelined", "{:,.0f}"),
-    ("64 KiB echo (MB/s one way)", "big_MBps", "big", "{:,.1f}"),
-)
-
-
-def _median(values: list[float]) -> float:
-    return round(statistics.median(values), 1)
-
-
-def summarize(runs: Runs, cpu: Runs) -> dict[str, Any]:
-    """Medians per system, and meshkit/raw ratios checked against the targets."""
-    result: dict[str, Any] = {}
-    for system, values in runs.items():
-        result[system] = {k: _median(v) for k, v in values.items() if v}
-        result[system]["cpu_us_per_call"] = {k: _median(v) for k, v in cpu[system].items()}
-    if "raw" in result and "meshkit" in result:
-        raw, mk = result["raw"], result["meshkit"]
-        ratios = {r: mk[k] / raw[k] for _, k, r, _ in METRICS if k in raw and k in mk}
-        result["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
-        # The same ratios taken per repeat (the two systems ran back to back)
-        # and then the median: steadier when the machine's load drifts.
-        result["paired_ratios"] = {
-            r: round(statistics.median(m / w for m, w in zip(runs["meshkit"][k], runs["raw"][k],
-                                                              strict=True)), 3)
-            for _, k, r, _ in METRICS if runs["raw"][k] and runs["meshkit"][k]
-        }
-        result["targets"] = {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()}
-        result["meets_targets"] = {
-            k: (ratios[k] <= bound if op == "<=" else ratios[k] >= bound)
-            for k, (op, bound) in TARGETS.items() if k in ratios
-        }
-    return result
-
-
-def format_table(summary: dict[str, Any], systems: list[str], workloads: list[str]) -> str:
-    with_ratios = "ratios" in summary
-    rows = [("", *systems, *(["meshkit/raw", "paired", "target"] if with_ratios else []))]
-    for label, key, ratio_key, fmt in METRICS:
-        if key not in summary[systems[0]]:
-            continue
-        row = [label, *(fmt.format(summary[s][key]) for s in systems)]
-        if with_ratios:
-            row.append(f"{summary['ratios'][ratio_key]:.2f}x")
-            row.append(f"{summary['paired_ratios'][ratio_key]:.2f}x")
-            if ratio_key in TARGETS:
-                op, bound = TARGETS[ratio_key]
-                ok = summary["meets_targets"][ratio_key]
-                row.append(f"{op} {bound}x {'ok' if ok else 'MISSED'}")
-            else:
-                row.append("")
-        rows.append(tuple(row))
-    for workload in workloads:
-        row = [f"CPU/call {workload}, client+server (us)"]
-        for s in systems:
-            c = summary[s]["cpu_us_per_call"]
-            row.append(f"{c[workload + '_client']:.0f}+{c[workload + '_server']:.0f}")
-        if with_ratios:
-            total = {s: sum(summary[s]["cpu_us_per_call"][f"{workload}_{side}"]
-                            for side in ("client", "server")) for s in systems}
-            row += [f"{total['meshkit'] / total['raw']:.2f}x", "", ""]
-        rows.append(tuple(row))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for r in rows:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def print_profile(path: str, title: str, limit: int) -> None:
-    print(f"\n== {title}: {path} (top {limit} by own time) ==", file=sys.stderr)
-    stats = pstats.Stats(path, stream=sys.stderr)
-    stats.sort_stats("tottime").print_stats(limit)
-
-
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -561,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--big-calls", type=int, default=2000, help="64 KiB calls per repeat (2000)")
     add("--big-size", type=int, default=BIG_SIZE, help="big payload in bytes (65536)")
     add("--inflight", type=int, default=64, help="calls in flight when pipelined (64)")
-    add("--repeats", type=int, default=7, help="runs of each measurement, medians reported (7)")
-    add("--systems", default="raw,meshkit", help="comma-separated subset of raw,meshkit")
+    add("--repeats", "--repeat", type=int, default=7, help="runs of each measurement, medians reported (7)")
+    add("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     add("--workloads", default="seq,pipelined,big",
         help="comma-separated subset of seq,pipelined,big (e.g. to profile one)")
     add("--pin", action="store_true",
@@ -570,22 +321,54 @@ def build_parser() -> argparse.ArgumentParser:
     add("--profile", metavar="DIR",
         help="cProfile clients and servers; write DIR/<system>-{client,server}.prof")
     add("--profile-top", type=int, default=25, help="rows of each profile to print (25)")
-    add("--statsd", action="store_true",
-        help="turn meshkit's statsd metrics on (sent to a local UDP sink nobody reads)")
+    add("--quick", action="store_true", help="a smoke run: few calls, one repeat (seconds)")
     add("--serve", choices=SYSTEMS, help=argparse.SUPPRESS)
     add("--profile-out", help=argparse.SUPPRESS)
     add("--cpu", type=int, help=argparse.SUPPRESS)
+    add("--nats-url", default="", help=argparse.SUPPRESS)
     return p
+
+
+def _start_all(args: argparse.Namespace, redis_url: str, server_cpu: int | None,
+               started: list[Any]) -> tuple[dict[str, Settings], dict[str, ServerProcess], str]:
+    """Every server ``args.systems`` needs (appended to ``started`` as they start, for the
+    caller to stop); returns the meshkit settings per system, the servers and the NATS URL."""
+    common: dict[str, Any] = {"heartbeat_interval": 1.0, "ttl": 5.0, "resync_interval": 3.0,
+                              "log_level": "WARNING", "drain_grace": 2.0}
+    settings = {"meshkit": test_settings(redis_url, **common)}
+    settings["meshkit_sync"] = settings["meshkit"]
+    if "meshkit_statsd" in args.systems:
+        # A UDP socket nobody reads: the datagrams are sent (the cost we want
+        # to see) and then dropped by the kernel once its buffer is full.
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        started.append(sink)
+        settings["meshkit_statsd"] = test_settings(
+            redis_url, statsd_address=f"127.0.0.1:{sink.getsockname()[1]}", **common)
+    nats_url = ""
+    if "nats" in args.systems:
+        nats_server = rpc_peers.NatsServer()
+        started.append(nats_server)
+        nats_url = nats_server.start().url
+    servers: dict[str, ServerProcess] = {}
+    for system in dict.fromkeys(SERVER_OF.get(s, s) for s in args.systems):
+        prof = os.path.join(args.profile, f"{system}-server.prof") if args.profile else None
+        servers[system] = start_server(system, settings.get(system, settings["meshkit"]), prof,
+                                       server_cpu, nats_url)
+        started.append(servers[system])
+    return settings, servers, nats_url
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve:
-        return _child_main(args.serve, args.profile_out, args.cpu)
+        return _child_main(args.serve, args.profile_out, args.cpu, args.nats_url)
+    if args.quick:
+        args.calls, args.warmup, args.pipelined_calls, args.big_calls, args.repeats = 300, 50, 3000, 300, 1
     args.systems = [s for s in SYSTEMS if s in args.systems.split(",")]
     args.workloads = [w for w in WORKLOADS if w in args.workloads.split(",")]
     if not args.systems or not args.workloads:
-        raise SystemExit("--systems takes raw and/or meshkit; --workloads seq, pipelined, big")
+        raise SystemExit(f"--systems takes some of {','.join(SYSTEMS)}; --workloads seq, pipelined, big")
     client_cpu = server_cpu = None
     if args.pin and len(os.sched_getaffinity(0)) >= 2:
         client_cpu, server_cpu = sorted(os.sched_getaffinity(0))[:2]
@@ -599,37 +382,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("meshkit").setLevel(logging.INFO)
     machine = machine_info()
     started = time.monotonic()
-    overrides: dict[str, Any] = {}
-    sink = None
-    if args.statsd:
-        # A UDP socket nobody reads: the datagrams are sent (the cost we want
-        # to see) and then dropped by the kernel once its buffer is full.
-        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sink.bind(("127.0.0.1", 0))
-        overrides["statsd_address"] = f"127.0.0.1:{sink.getsockname()[1]}"
     redis_server = RedisServer().start()
-    servers: dict[str, ServerProcess] = {}
+    running: list[Any] = []
     try:
-        settings = test_settings(redis_server.url, heartbeat_interval=1.0, ttl=5.0,
-                                 resync_interval=3.0, log_level="WARNING", drain_grace=2.0,
-                                 **overrides)
-        for system in args.systems:
-            prof = os.path.join(args.profile, f"{system}-server.prof") if args.profile else None
-            servers[system] = start_server(system, settings, prof, server_cpu)
-        runs, cpu = asyncio.run(run_benchmark(args, settings, servers))
+        settings, servers, nats_url = _start_all(args, redis_server.url, server_cpu, running)
+        runs, cpu = asyncio.run(run_benchmark(args, settings, servers, nats_url))
     finally:
-        for server in servers.values():
-            server.stop()
+        for thing in reversed(running):
+            if isinstance(thing, socket.socket):
+                thing.close()
+            else:
+                thing.stop()
         redis_server.stop()
-        if sink is not None:
-            sink.close()
     summary = summarize(runs, cpu)
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     seconds = round(time.monotonic() - started, 1)
     if args.json:
         config = {k: getattr(args, k) for k in ("calls", "warmup", "pipelined_calls", "big_calls",
-                                                 "big_size", "inflight", "repeats", "pin",
-                                                 "statsd")}
+                                                 "big_size", "inflight", "repeats", "pin", "systems")}
         out = {**summary, "machine": machine, "config": config, "seconds": seconds,
                "runs": runs, "cpu_runs": cpu}
         print(json.dumps(out, indent=2))
@@ -640,10 +410,9 @@ def main(argv: list[str] | None = None) -> int:
               f"medians of {args.repeats} repeats; {seconds:.0f} s")
         print(format_table(summary, args.systems, args.workloads))
     if args.profile:
-        for system in args.systems:
-            for side in ("client", "server"):
-                print_profile(os.path.join(args.profile, f"{system}-{side}.prof"),
-                              f"{system} {side}", args.profile_top)
+        for name in sorted(os.listdir(args.profile)):
+            if name.endswith(".prof"):
+                print_profile(os.path.join(args.profile, name), name[:-5], args.profile_top)
     return 0
 
 

@@ -54,6 +54,7 @@ from .pool import PeerPool
 from .publish import publish, push_one
 from .registry import Registry
 from .trace import TraceContext
+from .untrusted import clip
 
 log = logging.getLogger("meshkit.client")
 
@@ -138,10 +139,13 @@ class AsyncClient:
         """Call ``service.method(*args, **kwargs)`` on one instance; return its result.
 
         Raises a :class:`~meshkit.errors.CallError` subclass on failure (see
-        the module doc for which and when).
+        the module doc for which and when), ``ValueError`` for a service or
+        method name longer than ``Settings.max_name_length``.
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
+        _check_name("service", service, self.settings.max_name_length)
+        _check_name("method", method, self.settings.max_name_length)
         started = time.monotonic()
         deadline, trace, meta = self._outgoing(timeout, meta)
         body = wire.pack([list(args), dict(kwargs or {})])
@@ -213,7 +217,7 @@ class AsyncClient:
                 # The record is stale: its port now belongs to another
                 # service. Nothing ran; stop using that endpoint.
                 future.set_exception(_Retry())
-                peer.fail(lost=False, reason=f"serves another service now ({err.message})")
+                peer.fail(lost=False, reason=f"serves another service now ({clip(err.message)})")
             else:
                 future.set_exception(error_from_wire(
                     err.code, err.message, service=service, method=method,
@@ -289,10 +293,12 @@ class AsyncClient:
         Returns how many subscribers acknowledged it (ran their handler)
         within ``timeout`` (default ``Settings.publish_timeout``). Never raises
         for a missing or failing subscriber; raises
-        :class:`MessageTooLargeError` for an oversized payload.
+        :class:`MessageTooLargeError` for an oversized payload and
+        ``ValueError`` for a topic longer than ``Settings.max_name_length``.
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
+        _check_name("topic", topic, self.settings.max_name_length)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
         subscribers, delivered = await publish(self.pool, topic, payload, deadline, trace.traceparent(), meta)
@@ -319,6 +325,12 @@ class AsyncClient:
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
         await push_one(self.pool, record, topic, payload, deadline, trace.traceparent(), meta)
+
+
+def _check_name(what: str, name: str, limit: int) -> None:
+    # Receivers refuse longer names (bad_request); a publish would fail silently.
+    if len(name) > limit:
+        raise ValueError(f"{what} name of {len(name)} characters exceeds max_name_length {limit}: {clip(name)!r}")
 
 
 def _expire(future: asyncio.Future[Any], service: str, method: str) -> None:

@@ -50,6 +50,20 @@ class Settings:
     call_timeout: float = 5.0
     publish_timeout: float = 1.0
     max_message_size: int = 8 * 1024 * 1024
+    # -- bounds on what remote peers can make an instance hold (docs/protocol.md, "Receiver limits").
+    # Each request held counts its frame bytes plus a fixed allowance for its task and context.
+    max_header_size: int = 64 * 1024  # a longer header frame is answered bad_request
+    max_name_length: int = 256  # characters of a method, topic or service name; longer is bad_request
+    max_calls_per_peer: int = 10_000  # calls being served for one connection; past it: overloaded
+    max_call_bytes_per_peer: int = 64 * 1024 * 1024
+    max_queued_pushes: int = 10_000  # pushes from one connection waiting for their handler
+    max_queued_push_bytes: int = 32 * 1024 * 1024
+    max_inflight: int = 100_000  # calls and pushes held by the whole instance, every connection together
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    max_body_containers: int = 100_000  # arrays and maps one body may decode to; more is bad_request
+    topic_cache_bytes: int = 1024 * 1024  # memory of the topic -> handlers lookup cache
+    max_log_line: int = 16 * 1024  # characters of one log line, traceback included (a last line of defence)
+    log_repeat_interval: float = 10.0  # a log line caused by remote input repeats at most this often
     drain_grace: float = 10.0
     handler_threads: int = 16
     ping_after: float = 0.25  # ZeroMQ heartbeat interval on each connection to a peer
@@ -69,7 +83,7 @@ class Settings:
         if not self.namespace or ":" in self.namespace:
             raise ConfigError(f"namespace must be non-empty and contain no ':', got {self.namespace!r}")
         for name in ("heartbeat_interval", "ttl", "resync_interval", "call_timeout",
-                     "publish_timeout", "drain_grace", "ping_after", "dead_after"):
+                     "publish_timeout", "drain_grace", "ping_after", "dead_after", "log_repeat_interval"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -81,6 +95,17 @@ class Settings:
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        minimums = {"max_header_size": 1024, "max_name_length": 1, "max_calls_per_peer": 1,
+                    "max_call_bytes_per_peer": 1, "max_queued_pushes": 1, "max_queued_push_bytes": 1,
+                    "max_inflight": 1, "max_inflight_bytes": 1,
+                    "max_body_containers": 1024, "topic_cache_bytes": 0, "max_log_line": 1024}
+        for name, least in minimums.items():
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ConfigError(f"{name} must be an integer of at least {least}, got {value!r}")
 
     @classmethod
     def load(

@@ -14,6 +14,7 @@ calls).
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -23,6 +24,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 _RPC = "__meshkit_rpc__"
 _SUBSCRIBE = "__meshkit_subscribe__"
 _PERIODIC = "__meshkit_periodic__"
+
+# Bounds of the topic lookup cache: entries, and bytes (Settings.topic_cache_bytes).
+TOPIC_CACHE_ENTRIES = 10_000
+TOPIC_CACHE_BYTES = 1024 * 1024
+# What one cached entry costs besides its key: the dict slot and the list object.
+_ENTRY_OVERHEAD = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +107,18 @@ def periodic(interval: float) -> Callable[[F], F]:
 
 @dataclass(slots=True)
 class HandlerTable:
-    """Everything an instance serves, found on the instance's class."""
+    """Everything an instance serves, found on the instance's class.
+
+    ``cache_bytes`` bounds the memory of the topic lookup cache (see
+    :meth:`topic_handlers`); the server sets it from ``Settings.topic_cache_bytes``.
+    """
 
     methods: dict[str, Handler]
     topics: dict[str, list[Handler]]
     periodic: list[Periodic]
-    _by_topic: dict[str, list[Handler]] = field(default_factory=dict)
+    cache_bytes: int = TOPIC_CACHE_BYTES
+    _by_topic: dict[str, tuple[list[Handler], int]] = field(default_factory=dict)
+    _cached_bytes: int = 0
 
     @classmethod
     def collect(cls, instance: object) -> HandlerTable:
@@ -139,22 +152,44 @@ class HandlerTable:
         """Add a handler for ``topic`` (or a ``prefix.*`` pattern)."""
         self.topics.setdefault(topic, []).append(handler)
         self._by_topic.clear()
+        self._cached_bytes = 0
 
     def topic_handlers(self, topic: str) -> list[Handler]:
         """Handlers for ``topic``: exact ones, then ``prefix.*`` patterns that match it.
 
-        Looked up once per topic and remembered (a push pays a dict lookup);
-        topics that match nothing are not remembered, so garbage cannot grow it.
+        Looked up once per topic and remembered (a push pays a dict lookup).
+        Topics that match nothing are not remembered, and the cache holds at
+        most :data:`TOPIC_CACHE_ENTRIES` topics and ``cache_bytes`` bytes
+        (keys counted at their real size), forgetting the oldest first: a
+        ``prefix.*`` subscriber pushed endless distinct topics keeps a
+        bounded cache.
         """
-        found = self._by_topic.get(topic)
-        if found is None:
-            found = list(self.topics.get(topic, ()))
-            for pattern, handlers in self.topics.items():
-                if pattern != topic and topic_matches((pattern,), topic):
-                    found.extend(handlers)
-            if found and len(self._by_topic) < 10_000:
-                self._by_topic[topic] = found
+        cached = self._by_topic.get(topic)
+        if cached is not None:
+            return cached[0]
+        found = list(self.topics.get(topic, ()))
+        for pattern, handlers in self.topics.items():
+            if pattern != topic and topic_matches((pattern,), topic):
+                found.extend(handlers)
+        if found:
+            self._remember(topic, found)
         return found
+
+    def _remember(self, topic: str, found: list[Handler]) -> None:
+        size = sys.getsizeof(topic) + sys.getsizeof(found) + _ENTRY_OVERHEAD
+        if size > self.cache_bytes:
+            return
+        by_topic = self._by_topic
+        while by_topic and (len(by_topic) >= TOPIC_CACHE_ENTRIES or self._cached_bytes + size > self.cache_bytes):
+            _, freed = by_topic.pop(next(iter(by_topic)))  # the oldest: dicts keep insertion order
+            self._cached_bytes -= freed
+        by_topic[topic] = (found, size)
+        self._cached_bytes += size
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the topic lookup cache holds now (at most ``cache_bytes``)."""
+        return self._cached_bytes
 
 
 def topic_matches(patterns: Iterable[str], topic: str) -> bool:

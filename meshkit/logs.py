@@ -23,6 +23,13 @@ The text format is one readable line for development::
 
     12:00:01.123 INFO  echo/ab12cd served method=ping [trace=4bf92f35]
 
+Both formats bound what one record writes to ``max_line`` characters
+(``Settings.max_log_line``, 16 KiB), traceback included, as a last line of
+defence behind the clipping of remote values where they are logged: a
+longer ``event`` keeps its start, each long extra its start, a traceback
+its end (the frame that raised), and the JSON record gets
+``"truncated":true``. A JSON line always stays one valid JSON object.
+
 See ``docs/logging.md``.
 """
 
@@ -37,6 +44,7 @@ from typing import Any, TextIO
 from .config import Settings
 from .context import current_call
 from .errors import ConfigError
+from .untrusted import clip
 
 __all__ = ["configure_logging", "reset_logging"]
 
@@ -52,6 +60,9 @@ _RECORD_ATTRS = frozenset(
 _STANDARD_FIELDS = frozenset(
     {"time", "level", "service", "instance", "logger", "event", "trace_id", "span_id", "exc"}
 )
+MAX_LINE = 16 * 1024  # default of Settings.max_log_line
+_EXTRA_LIMIT = 512  # characters kept of one extra's value in a line that was too long
+_MARK = 32  # room for the "…(+N chars)" marks of what was cut
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -78,13 +89,21 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _tail(text: str, limit: int) -> str:
+    """The last ``limit`` characters of ``text``, marked as cut when it was longer."""
+    if len(text) <= limit:
+        return text
+    return f"…(-{len(text) - limit} chars){text[-limit:]}"
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object on one line (fields in the module doc)."""
 
-    def __init__(self, service: str, instance: str) -> None:
+    def __init__(self, service: str, instance: str, max_line: int = MAX_LINE) -> None:
         super().__init__()
         self._service = service
         self._instance = instance
+        self._max_line = max_line
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a JSON line without the trailing newline."""
@@ -105,21 +124,51 @@ class JsonFormatter(logging.Formatter):
         exc = _exception_text(self, record)
         if exc is not None:
             out["exc"] = exc
-        try:
-            return json.dumps(out, default=str, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError, RecursionError):
-            # A value json cannot take even via str() (a dict with tuple keys, NaN,
-            # a cycle): make each field safe on its own rather than lose the line.
-            safe = {k: _json_safe(v) for k, v in out.items()}
-            return json.dumps(safe, default=str, allow_nan=False, separators=(",", ":"))
+        line = _dumps(out)
+        if len(line) <= self._max_line:
+            return line
+        return self._shortened(out)
+
+    def _shortened(self, out: dict[str, Any]) -> str:
+        # Event a quarter of the line, traceback a half, extras a few hundred
+        # characters each; if code passed that many extras, drop them.
+        quarter = self._max_line // 4 - _MARK
+        short: dict[str, Any] = {}
+        for key, value in out.items():
+            if key == "event":
+                short[key] = clip(value, quarter)
+            elif key == "exc":
+                short[key] = _tail(value, self._max_line // 2 - _MARK)
+            elif key in _STANDARD_FIELDS or value is None or isinstance(value, (bool, int, float)):
+                short[key] = value
+            else:
+                short[key] = clip(value, _EXTRA_LIMIT)
+        short["truncated"] = True
+        line = _dumps(short)
+        if len(line) > self._max_line:
+            core = {k: short[k] for k in _STANDARD_FIELDS if k in short and k != "exc"}
+            core["truncated"] = True
+            line = _dumps(core)
+        return line
+
+
+def _dumps(out: dict[str, Any]) -> str:
+    try:
+        return json.dumps(out, default=str, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        # A value json cannot take even via str() (a dict with tuple keys, NaN,
+        # a cycle): make each field safe on its own rather than lose the line.
+        safe = {k: _json_safe(v) for k, v in out.items()}
+        return json.dumps(safe, default=str, allow_nan=False, separators=(",", ":"))
 
 
 class TextFormatter(logging.Formatter):
     """Formats a record as one readable line (local time), traceback below it."""
 
-    def __init__(self, service: str, instance: str) -> None:
+    def __init__(self, service: str, instance: str, max_line: int = MAX_LINE) -> None:
         super().__init__()
         self._where = f"{service}/{instance}"
+        self._max_line = max_line
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as ``HH:MM:SS.mmm LEVEL service/instance event k=v [trace=...]``."""
@@ -132,6 +181,9 @@ class TextFormatter(logging.Formatter):
             parts.append(f"[trace={call.trace.trace_id[:8]}]")
         line = " ".join(parts)
         exc = _exception_text(self, record)
+        if len(line) + len(exc or "") + 1 > self._max_line:
+            line = clip(line, self._max_line // 2 - _MARK)
+            exc = _tail(exc, self._max_line // 2 - _MARK) if exc is not None else None
         return f"{line}\n{exc}" if exc is not None else line
 
 
@@ -199,9 +251,9 @@ def configure_logging(
     level = _level(own.log_level)
     formatter: logging.Formatter
     if own.log_format == "text":
-        formatter = TextFormatter(service, instance)
+        formatter = TextFormatter(service, instance, own.max_log_line)
     else:
-        formatter = JsonFormatter(service, instance)
+        formatter = JsonFormatter(service, instance, own.max_log_line)
     root = logging.getLogger()
     old = _remove_installed(root)
     handler = _LineHandler(

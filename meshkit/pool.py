@@ -30,6 +30,7 @@ from .peer import CONNECTED, FAILED, Peer
 from .record import InstanceRecord
 from .registry import Registry
 from .timing import wait_event
+from .untrusted import LogThrottle
 
 log = logging.getLogger("meshkit.pool")
 
@@ -50,6 +51,8 @@ class PeerPool:
         self._ids = itertools.count(random.getrandbits(32) + 1)
         self._pid = os.getpid()
         self._available = asyncio.Event()
+        self._throttle = LogThrottle(log, settings.log_repeat_interval)
+        self.dropped = 0  # answers that matched nothing or could not be read
         self.closed = False
 
     def start(self) -> None:
@@ -147,12 +150,14 @@ class PeerPool:
 
     def _on_peer_message(self, peer: Peer, frames: list[bytes]) -> None:
         if len(frames) != 2:
-            log.warning("dropping %d-frame message from %s", len(frames), peer.key)
+            self.dropped += 1
+            self._throttle.log("frames", logging.WARNING, "dropping %d-frame message from %s", len(frames), peer.key)
             return
         try:
             header = wire.decode_header(frames[0])
         except ProtocolError as exc:
-            log.warning("dropping malformed answer from %s: %s", peer.key, exc)
+            self.dropped += 1
+            self._throttle.log(exc.code, logging.WARNING, "dropping malformed answer from %s: %s", peer.key, exc)
             return
         pending = peer.pending.pop(header.id, None)
         if pending is not None:

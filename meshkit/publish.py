@@ -26,6 +26,7 @@ from .errors import CallTimeoutError, LostPeerError, MessageTooLargeError, Proto
 from .peer import FAILED, Pending
 from .pool import PeerPool
 from .record import InstanceRecord
+from .untrusted import clip
 
 log = logging.getLogger("meshkit.publish")
 
@@ -58,7 +59,7 @@ async def publish(
             continue
         if record.max_message_size and len(body) > record.max_message_size:
             log.warning("not pushing %s to %s: %d bytes exceed its limit of %d",
-                        topic, record.key, len(body), record.max_message_size)
+                        clip(topic), record.key, len(body), record.max_message_size)
             continue
         request_id = pool.next_id()
         header = wire.encode_push_header(request_id, topic, timeout_ms, traceparent, meta)

@@ -17,6 +17,15 @@ message it can attribute to a sender:
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
 
+What a peer can make the server hold is bounded in requests and bytes (see
+:mod:`meshkit.budget` and the ``max_*`` settings): calls being served per
+connection, pushes queued per connection, and everything held by the
+instance. A request past a bound is answered ``overloaded`` and not run.
+Every remote value echoed into an answer or a log line is clipped, and log
+lines caused by remote input are throttled (one per cause per
+``Settings.log_repeat_interval``, with a count of the rest). Answers sent to
+a server are dropped and counted in :attr:`Server.dropped`.
+
 Draining (see :meth:`Server.drain`): new CALLs are answered ``draining`` (the
 caller sends them elsewhere, nothing ran); pushes and work in flight finish.
 """
@@ -24,34 +33,33 @@ caller sends them elsewhere, nothing ran); pushes and work in flight finish.
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import functools
 import logging
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
 import zmq
 
 from . import wire
+from .budget import Budget, request_cost
 from .config import Settings
 from .context import CallContext, reset_current, set_current
 from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
 from .handlers import Handler, HandlerTable
+from .inbox import PushInbox
+from .invoke import BadArguments, invoke
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
 from .record import UP
-from .timing import DeadlineCancel, run_with_deadline, wait_event
+from .timing import DeadlineCancel, wait_event
 from .trace import TraceContext
 from .transport import SocketPump
+from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.server")
-
-
-# Pushes from one publisher waiting for their handler; beyond this they are refused.
-MAX_QUEUED_PUSHES = 10_000
 
 
 class Server:
@@ -68,16 +76,21 @@ class Server:
     ) -> None:
         self.service = service
         self.table = table
+        table.cache_bytes = settings.topic_cache_bytes
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
         self.state = UP
         self.inflight = 0
+        self.dropped = 0  # messages neither answered nor served (answers sent to a server)
         # Monotonic time of the last CALL received. Pushes do not count: they
         # are served while draining, so a steady publisher must not be able
         # to hold a stopping instance for its whole grace period.
         self.last_call = 0.0
-        self._push_queues: dict[bytes, deque[tuple[wire.Header, bytes, float]]] = {}
+        self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
+        self._calls_by_peer: dict[bytes, Budget] = {}
+        self._throttle = LogThrottle(log, settings.log_repeat_interval)
+        self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,7 +104,7 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
-        self.pump = SocketPump(sock, self._on_message)
+        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
 
     def bind(self) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint."""
@@ -126,7 +139,7 @@ class Server:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if self.inflight or self._push_queues:
+            if self.inflight or self._pushes.busy:
                 self._idle.clear()
                 if not await wait_event(self._idle, left):
                     break
@@ -137,7 +150,7 @@ class Server:
             await asyncio.sleep(min(quiet - since, left))
         if self.inflight:
             log.warning("drain grace of %.1fs ended with %d requests in flight", grace, self.inflight)
-        return not self.inflight and not self._push_queues
+        return not self.inflight and not self._pushes.busy
 
     def close(self) -> None:
         """Close the socket; answers already queued are flushed for up to 2 s."""
@@ -149,29 +162,51 @@ class Server:
     # -- receiving ------------------------------------------------------------
 
     def _on_message(self, frames: list[bytes]) -> None:
+        if not frames:
+            self._drop("empty message")
+            return
         identity = frames[0]
         if len(frames) != 3:
-            self._reject(identity, _readable_id(frames), "bad_request", f"expected 2 frames, got {len(frames) - 1}")
+            self._reject(identity, self._readable_id(frames), "bad_request",
+                         f"expected 2 frames, got {len(frames) - 1}")
             return
         try:
-            header = wire.decode_header(frames[1])
+            header = wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+                                        max_name=self.settings.max_name_length)
         except ProtocolError as exc:
             self._reject(identity, exc.id, exc.code, str(exc))
             return
         kind = header.kind
         if kind == wire.CALL:
-            self._on_call(identity, header, frames[2])
+            self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
-            self._on_push(identity, header, frames[2])
+            self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.PING:
             self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
         else:
-            log.warning("dropping unexpected %s from a peer", wire.KIND_NAMES.get(kind, kind))
+            self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
+
+    def _readable_id(self, frames: list[bytes]) -> int:
+        """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
+        if len(frames) < 2:
+            return 0
+        try:
+            return wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+                                      max_name=self.settings.max_name_length).id
+        except ProtocolError as exc:
+            return exc.id
 
     def _reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
-        log.warning("rejected a message: %s: %s", code, message)
+        """Answer ``code``; ``message`` must already be short (remote values clipped)."""
         self.metrics.incr(f"rejected.{code}")
+        self._throttle.log(code, logging.WARNING, "rejected a message: %s: %s", code, message,
+                           extra={"code": code})
         self._send(identity, wire.encode_error(request_id, code, message))
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        self.metrics.incr("dropped")
+        self._throttle.log("dropped", logging.WARNING, "dropping a message from a peer: %s", why)
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         frames.insert(0, identity)
@@ -182,43 +217,88 @@ class Server:
             return None
         return time.monotonic() + header.timeout_ms / 1000.0
 
-    def _on_call(self, identity: bytes, header: wire.Header, body: bytes) -> None:
-        self.last_call = time.monotonic()
-        if header.target != self.service:
-            self._reject(identity, header.id, "unknown_service",
-                         f"this instance serves {self.service!r}, not {header.target!r}")
-            return
-        handler = self.table.methods.get(header.name)
-        if handler is None:
-            self._reject(identity, header.id, "unknown_method",
-                         f"service {self.service!r} has no method {header.name!r}")
-            return
-        if self.state != UP:
-            self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
-            return
-        try:
-            args, kwargs = wire.decode_call_body(body, header.id)
-        except ProtocolError as exc:
-            self._reject(identity, header.id, exc.code, str(exc))
-            return
-        deadline = self._deadline(header)
-        if header.timeout_ms == 0:
-            self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
-            return
-        self._spawn(self._run_call(identity, header, handler, args, kwargs, deadline))
-
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
+        """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
         self.inflight += 1
         self.metrics.inflight(self.inflight)
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(functools.partial(self._task_done, on_done))
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, on_done: Callable[[], None], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.inflight -= 1
-        if not self.inflight and not self._push_queues:
+        on_done()
+        if not self.inflight and not self._pushes.busy:
             self._idle.set()
+
+    def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
+        self.metrics.incr(f"rejected.{OVERLOADED}")
+        self._send(identity, wire.encode_error(request_id, OVERLOADED, f"{what} refused: {why}"))
+
+    # -- calls ----------------------------------------------------------------
+
+    def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
+        self.last_call = time.monotonic()
+        if header.target != self.service:
+            self._reject(identity, header.id, "unknown_service",
+                         f"this instance serves {self.service!r}, not {clip(header.target)!r}")
+            return
+        handler = self.table.methods.get(header.name)
+        if handler is None:
+            self._reject(identity, header.id, "unknown_method",
+                         f"service {self.service!r} has no method {clip(header.name)!r}")
+            return
+        if self.state != UP:
+            self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
+            return
+        # Refused before decoding when even the undecoded size does not fit.
+        if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
+            return
+        try:
+            args, kwargs, containers = wire.decode_call(body, header.id, self.settings.max_body_containers)
+        except ProtocolError as exc:
+            self._reject(identity, header.id, exc.code, str(exc))
+            return
+        if header.timeout_ms == 0:
+            self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
+            return
+        # Charged once decoded: what a body takes in memory is only known then.
+        cost = request_cost(header_frame, body, containers)
+        if not self._admit_call(identity, header.id, cost):
+            return
+        release = functools.partial(self._release_call, identity, cost)
+        self._spawn(self._run_call(identity, header, handler, args, kwargs, self._deadline(header)), release)
+
+    def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
+        """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``.
+
+        With ``take=False`` only checks that it fits (answering ``overloaded`` if not).
+        """
+        peer = self._calls_by_peer.get(identity)
+        if peer is None:
+            peer = Budget(self.settings.max_calls_per_peer, self.settings.max_call_bytes_per_peer)
+        if not peer.fits(cost):
+            why = f"this connection has {peer.count} calls ({peer.bytes} bytes) in flight"
+        elif not self.held.fits(cost):
+            why = f"the instance holds {self.held.count} requests ({self.held.bytes} bytes)"
+        else:
+            if take:
+                peer.take(cost)
+                self.held.take(cost)
+                self._calls_by_peer[identity] = peer
+            return True
+        self._throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
+        self._overloaded(identity, request_id, "call", why)
+        return False
+
+    def _release_call(self, identity: bytes, cost: int) -> None:
+        self.held.give(cost)
+        peer = self._calls_by_peer.get(identity)
+        if peer is not None:
+            peer.give(cost)
+            if not peer.count:
+                del self._calls_by_peer[identity]
 
     async def _run_call(
         self,
@@ -235,141 +315,98 @@ class Server:
         set_current(ctx)  # this task runs in its own copy of the context
         code: str | None = None
         try:
-            result = await self._invoke(handler, args, kwargs, deadline)
-            try:
-                frames = wire.encode_reply(header.id, result)
-            except (TypeError, ValueError, OverflowError) as exc:
-                code = "handler_error"
-                log.error("%s returned a value MessagePack cannot encode: %s", header.name, exc)
-                frames = wire.encode_error(header.id, code, f"result cannot be encoded: {exc}", type(exc).__name__)
-            else:
-                if len(frames[1]) > self.settings.max_message_size:
-                    code = REPLY_TOO_LARGE
-                    frames = wire.encode_error(header.id, code, f"result of {len(frames[1])} bytes exceeds "
-                                               f"max_message_size {self.settings.max_message_size}")
-        except _BadArguments as exc:
+            result = await invoke(handler, args, kwargs, deadline, self.executor)
+            code, frames = self._reply(header, result)
+        except BadArguments as exc:
             code = "bad_arguments"
-            log.warning("bad arguments for %s: %s", header.name, exc)
+            self._throttle.log(f"bad_arguments:{handler.name}", logging.WARNING,
+                               "bad arguments for %s: %s", header.name, exc)
             frames = wire.encode_error(header.id, code, str(exc))
         except DeadlineCancel:
             code = DEADLINE_EXCEEDED
-            log.info("%s cancelled at its deadline", header.name)
+            self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
         except RefusedError as exc:
             code, frames = _refused(header, exc)
         except Exception as exc:
-            code, frames = self._handler_failed(header, exc)
+            code, frames = self._handler_failed(header, handler.name, exc)
         self.metrics.call_served(header.name, (time.monotonic() - started) * 1000, code)
         self._send(identity, frames)
 
-    def _handler_failed(self, header: wire.Header, exc: BaseException) -> tuple[str, list[bytes]]:
-        log.error("handler %s raised %s: %s", header.name, type(exc).__name__, exc, exc_info=exc)
-        tb = "".join(traceback.format_exception(exc)) if self.settings.debug else None
-        return "handler_error", wire.encode_error(
-            header.id, "handler_error", str(exc), type(exc).__name__, tb)
+    def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
+        try:
+            frames = wire.encode_reply(header.id, result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            code = "handler_error"
+            self._throttle.log(f"unencodable:{header.name}", logging.ERROR,
+                               "%s returned a value MessagePack cannot encode: %s", header.name, clip(exc))
+            return code, wire.encode_error(header.id, code, f"result cannot be encoded: {clip(exc)}",
+                                           type(exc).__name__)
+        if len(frames[1]) > self.settings.max_message_size:
+            return REPLY_TOO_LARGE, wire.encode_error(
+                header.id, REPLY_TOO_LARGE,
+                f"result of {len(frames[1])} bytes exceeds max_message_size {self.settings.max_message_size}")
+        return None, frames
 
-    async def _invoke(self, handler: Handler, args: list[Any], kwargs: dict[str, Any],
-                      deadline: float | None) -> Any:
-        if handler.is_async:
-            try:
-                coro = handler.fn(*args, **kwargs)
-            except TypeError as exc:
-                # Calling a coroutine function only binds the arguments, so a
-                # TypeError here is always the caller's.
-                raise _BadArguments(str(exc)) from None
-            if deadline is None:
-                return await coro
-            return await run_with_deadline(coro, deadline)
-        problem = handler.check_arguments(args, kwargs)
-        if problem is not None:
-            raise _BadArguments(problem)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, contextvars.copy_context().run, _run_plain, handler.fn, args, kwargs, deadline
-        )
+    def _handler_failed(self, header: wire.Header, cause: str, exc: BaseException) -> tuple[str, list[bytes]]:
+        # ``cause`` names the handler, not the topic: a prefix subscriber may
+        # see endless distinct topics, and each must not earn its own line.
+        self._throttle.log(f"handler_error:{cause}", logging.ERROR, "handler %s raised %s: %s",
+                           clip(header.name), type(exc).__name__, clip(str(exc), wire.MAX_ERROR_MESSAGE), exc_info=exc)
+        tb = clip("".join(traceback.format_exception(exc)), wire.MAX_ERROR_TRACEBACK) if self.settings.debug else None
+        return "handler_error", wire.encode_error(
+            header.id, "handler_error", clip(str(exc), wire.MAX_ERROR_MESSAGE), type(exc).__name__, tb)
 
     # -- pushes ---------------------------------------------------------------
 
-    def _on_push(self, identity: bytes, header: wire.Header, body: bytes) -> None:
-        handlers = self.table.topic_handlers(header.name)
-        if not handlers:
+    def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
+        if not self.table.topic_handlers(header.name):
             self._reject(identity, header.id, "unknown_method",
-                         f"service {self.service!r} has no handler for topic {header.name!r}")
+                         f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
-        queue = self._push_queues.get(identity)
-        if queue is not None:
-            if len(queue) >= MAX_QUEUED_PUSHES:
-                # Unbounded, a fast publisher and a slow handler would eat the
-                # memory; refused, the publisher counts it undelivered.
-                if len(queue) == MAX_QUEUED_PUSHES:
-                    log.warning("push queue of one publisher is full (%d); refusing %s until it drains",
-                                MAX_QUEUED_PUSHES, header.name)
-                self.metrics.incr(f"rejected.{OVERLOADED}")
-                self._send(identity, wire.encode_error(header.id, OVERLOADED, "too many pushes queued"))
-                return
-            queue.append((header, body, time.monotonic()))
+        refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
+        if refused is not None:
+            self._overloaded(identity, header.id, "push", refused)
             return
-        queue = deque([(header, body, time.monotonic())])
-        self._push_queues[identity] = queue
-        self._spawn(self._drain_pushes(identity, queue))
-
-    async def _drain_pushes(self, identity: bytes, queue: deque[tuple[wire.Header, bytes, float]]) -> None:
         try:
-            while queue:
-                header, body, received = queue.popleft()
-                await self._run_push(identity, header, body, received)
-        finally:
-            self._push_queues.pop(identity, None)
+            payload, containers = wire.unpack_body(body, self.settings.max_body_containers)
+        except ProtocolError as exc:
+            # Answered at once: it could never run, so it need not wait its turn.
+            self.metrics.push_received(header.name, 0.0, exc.code)
+            self._reject(identity, header.id, exc.code, f"push payload: {exc}")
+            return
+        refused = self._pushes.offer(identity, header, payload, request_cost(header_frame, body, containers))
+        if refused is not None:
+            self._overloaded(identity, header.id, "push", refused)
 
-    async def _run_push(self, identity: bytes, header: wire.Header, body: bytes, received: float) -> None:
+    async def _run_push(self, identity: bytes, header: wire.Header, payload: Any, received: float) -> None:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
         code: str | None = None
+        cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
-            payload = wire.unpack(body)
             for handler in self.table.topic_handlers(header.name):
-                await self._invoke(handler, [payload], {}, None)
+                cause = handler.name  # the pattern, for prefix subscribers
+                await invoke(handler, [payload], {}, None, self.executor)
             frames = wire.encode_ack(header.id)
-        except ProtocolError as exc:
-            code = exc.code
-            log.warning("push to %s with undecodable payload: %s", header.name, exc)
-            frames = wire.encode_error(header.id, exc.code, str(exc))
-        except _BadArguments as exc:
+        except BadArguments as exc:
             code = "bad_arguments"
-            log.error("subscriber for %s must take one payload argument: %s", header.name, exc)
+            self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
+                               "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
             frames = wire.encode_error(header.id, code, str(exc))
         except RefusedError as exc:
             code, frames = _refused(header, exc)
         except Exception as exc:
-            code, frames = self._handler_failed(header, exc)
+            code, frames = self._handler_failed(header, cause, exc)
         finally:
             reset_current(token)
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
 
 
-def _readable_id(frames: list[bytes]) -> int:
-    """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
-    if len(frames) < 2:
-        return 0
-    try:
-        return wire.decode_header(frames[1]).id
-    except ProtocolError as exc:
-        return exc.id
-
-
 def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
     # A refusal is the handler's answer, not its failure: no traceback, no error log.
-    log.debug("%s refused: %s", header.name, exc.message)
-    return exc.code, wire.encode_error(header.id, exc.code, exc.wire_message, type(exc).__name__)
-
-
-class _BadArguments(Exception):
-    pass
-
-
-def _run_plain(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], deadline: float | None) -> Any:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineCancel()
-    return fn(*args, **kwargs)
+    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
+    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
+                                       type(exc).__name__)

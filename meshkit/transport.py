@@ -20,6 +20,8 @@ from typing import cast
 
 import zmq
 
+from .untrusted import LogThrottle
+
 log = logging.getLogger("meshkit.transport")
 
 MessageHandler = Callable[[list[bytes]], None]
@@ -47,13 +49,18 @@ _POLLIN = int(zmq.POLLIN)
 class SocketPump:
     """Feeds every message arriving on ``sock`` to ``on_message`` in the loop.
 
-    ``on_message`` must not raise; exceptions are logged and the message is
-    dropped, because one bad message must never stop the socket.
+    ``on_message`` must not raise; if it does anyway, the message is dropped
+    and counted in :attr:`dropped`, because one bad message must never stop
+    the socket. The traceback is logged once per exception type per
+    ``log_interval`` seconds (with a count of the rest): a peer that found a
+    way to make the handler fail must not also fill the disk.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], on_message: MessageHandler) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], on_message: MessageHandler, log_interval: float = 10.0) -> None:
         self.sock = sock
         self.on_message = on_message
+        self.dropped = 0
+        self._throttle = LogThrottle(log, log_interval, max_causes=32)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._fd = -1
@@ -120,8 +127,10 @@ class SocketPump:
             budget -= sum(map(len, frames))
             try:
                 self.on_message(frames)
-            except Exception:
-                log.exception("message handler failed; message dropped")
+            except Exception as exc:
+                self.dropped += 1
+                self._throttle.log(type(exc).__name__, logging.ERROR, "message handler failed; message dropped",
+                                   exc_info=exc)
             if self._fd < 0 or sock.closed:
                 return  # the handler stopped the pump or closed the socket
         self.kick()

@@ -79,14 +79,32 @@ deadline_exceeded      the deadline passed before the work started; not run
 draining               the instance is shutting down and did not start the work;
                        the caller should send it to another instance
 reply_too_large        the result exceeded the server's maximum message size
-overloaded             too many pushes from this sender are waiting for their handler;
-                       this one was not queued (the publisher counts it undelivered)
+overloaded             past a receiver limit: too many calls in flight or pushes queued
+                       for this connection, or the instance holds too much (in
+                       requests or bytes); not run (a publisher counts it undelivered)
 ====================================================================================
 
 A server answers every request it can attribute to a sender, including
 malformed ones (with ``bad_request``). Messages larger than the receiver's
 maximum message size are dropped by ZeroMQ itself (the connection is reset),
 so a sender must check sizes before sending.
+
+Limits
+------
+What a peer can make a receiver hold (calls in flight and pushes queued, per
+connection and in all) is bounded in requests and in bytes, and a request
+past a bound is answered ``overloaded`` (see ``docs/protocol.md``, "Receiver
+limits", and :mod:`meshkit.budget`). A receiver also refuses, with
+``bad_request``, a header frame longer than ``max_header_size`` bytes
+(default :data:`MAX_HEADER_SIZE`, 64 KiB) and a ``target`` or ``name``
+longer than ``max_name_length`` characters (default :data:`MAX_NAME_LENGTH`,
+256). The id of a malformed header is echoed whenever its first three items
+can be read from the first :data:`meshkit.decoder.ID_PEEK_BYTES` bytes (4 KiB),
+whatever follows them and however deeply they are nested. Values echoed into
+error messages are clipped (:func:`meshkit.untrusted.clip`), and an ERROR
+body's fields are bounded on decoding (:data:`MAX_ERROR_MESSAGE` characters
+of message, and so on), so an answer is never larger than a few kilobytes
+because of what a peer sent.
 """
 
 from __future__ import annotations
@@ -97,7 +115,14 @@ from typing import Any
 
 import msgpack
 
+# Re-exported (``as``): the bounded decoding is part of what this module offers.
+from .decoder import CONTAINER_COST as CONTAINER_COST
+from .decoder import MAX_BODY_CONTAINERS as MAX_BODY_CONTAINERS
+from .decoder import peek_id as peek_id
+from .decoder import unpack_body as unpack_body
+from .decoder import why
 from .errors import ProtocolError
+from .untrusted import clip
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -124,6 +149,19 @@ _ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG))
 
 _NIL = b"\xc0"
 _MAX_ID = 2**64 - 1
+
+# Defaults of the receiver's limits (Settings.max_header_size, .max_name_length).
+# A request header is eight short items: 64 KiB leaves room for a large meta
+# map, and bounds what a malformed header can cost to decode.
+MAX_HEADER_SIZE = 64 * 1024
+# Method, topic and service names; 256 is far beyond any real one, and bounds
+# what a subscriber's topic cache can hold per entry.
+MAX_NAME_LENGTH = 256
+# Bounds on a decoded ERROR body (characters), whatever the peer sent.
+MAX_ERROR_CODE = 64
+MAX_ERROR_MESSAGE = 2000
+MAX_ERROR_TYPE = 120
+MAX_ERROR_TRACEBACK = 32 * 1024
 
 
 @dataclass(slots=True)
@@ -163,8 +201,8 @@ def unpack(frame: bytes) -> Any:
     """Decode one frame; raise :class:`ProtocolError` ``bad_request`` if it is not MessagePack."""
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {exc}") from None
+    except Exception as exc:  # msgpack raises several unrelated types (StackError for deep nesting)
+        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {why(exc)}") from None
 
 
 def encode_call(
@@ -251,14 +289,26 @@ def encode_pong(id: int, state: str, inflight: int) -> list[bytes]:
     return [pack([VERSION, PONG, id]), pack([state, inflight])]
 
 
-def decode_header(frame: bytes) -> Header:
+def decode_header(
+    frame: bytes, *, max_size: int = MAX_HEADER_SIZE, max_name: int = MAX_NAME_LENGTH
+) -> Header:
     """Decode and validate a header frame.
 
     Raises :class:`ProtocolError` with code ``bad_request`` for anything
-    malformed and ``unsupported_version`` for a version other than 1 (then
-    ``exc.id`` is the request id when it could be read, else 0).
+    malformed (including a frame over ``max_size`` bytes and a target or name
+    over ``max_name`` characters) and ``unsupported_version`` for a version
+    other than 1. ``exc.id`` is the request id when it could be read (see
+    :func:`meshkit.decoder.peek_id`), else 0. Never raises anything else, and the error
+    message is short whatever the frame holds.
     """
-    raw = unpack(frame)
+    if len(frame) > max_size:
+        raise ProtocolError("bad_request", f"header of {len(frame)} bytes exceeds the limit of {max_size}",
+                            peek_id(frame))
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # several unrelated types, StackError for deep nesting
+        raise ProtocolError("bad_request", f"header is not valid MessagePack: {why(exc)}",
+                            peek_id(frame)) from None
     if not isinstance(raw, list) or len(raw) < 3:
         raise ProtocolError("bad_request", "header must be an array of at least 3 items")
     version, kind, id = raw[0], raw[1], raw[2]
@@ -267,22 +317,29 @@ def decode_header(frame: bytes) -> Header:
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             "unsupported_version",
-            f"protocol version {version!r} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
+            f"protocol version {clip(version)} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
             id,
         )
     if type(kind) is not int:
-        raise _bad(id, f"message kind must be an integer, got {kind!r}")
+        raise _bad(id, f"message kind must be an integer, got {clip(kind)}")
     if kind in _ANSWER_KINDS:
         if len(raw) != 3:
             raise _bad(id, f"{KIND_NAMES[kind]} header must have 3 items")
         return Header(version, kind, id)
     if kind not in _REQUEST_KINDS:
-        raise _bad(id, f"unknown message kind {kind!r}")
+        raise _bad(id, f"unknown message kind {clip(kind)}")
     if len(raw) != 8:
         raise _bad(id, f"{KIND_NAMES[kind]} header must have 8 items, got {len(raw)}")
-    _, _, _, target, name, timeout_ms, traceparent, meta = raw
+    return _request_header(raw, max_name)
+
+
+def _request_header(raw: list[Any], max_name: int) -> Header:
+    version, kind, id, target, name, timeout_ms, traceparent, meta = raw
     if type(target) is not str or type(name) is not str or not name:
         raise _bad(id, "target must be a string and name a non-empty string")
+    if len(target) > max_name or len(name) > max_name:
+        raise _bad(id, f"target and name may have at most {max_name} characters, "
+                       f"got {len(target)} and {len(name)}")
     if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms < 0):
         raise _bad(id, "timeout_ms must be a non-negative integer or nil")
     if traceparent is not None and type(traceparent) is not str:
@@ -297,7 +354,18 @@ def decode_header(frame: bytes) -> Header:
 
 def decode_call_body(frame: bytes, id: int) -> tuple[list[Any], dict[str, Any]]:
     """Decode a CALL body into ``(args, kwargs)``; ``bad_request`` if malformed."""
-    body = unpack(frame)
+    args, kwargs, _ = decode_call(frame, id)
+    return args, kwargs
+
+
+def decode_call(
+    frame: bytes, id: int, max_containers: int = MAX_BODY_CONTAINERS
+) -> tuple[list[Any], dict[str, Any], int]:
+    """Decode a CALL body into ``(args, kwargs, containers)`` (see :func:`unpack_body`)."""
+    try:
+        body, containers = unpack_body(frame, max_containers)
+    except ProtocolError as exc:
+        raise _bad(id, str(exc)) from None
     if (
         type(body) is not list
         or len(body) != 2
@@ -306,24 +374,30 @@ def decode_call_body(frame: bytes, id: int) -> tuple[list[Any], dict[str, Any]]:
         or not all(type(k) is str for k in body[1])
     ):
         raise _bad(id, "CALL body must be [array of args, map of str to kwargs]")
-    return body[0], body[1]
+    return body[0], body[1], containers
 
 
 def decode_error_body(frame: bytes) -> ErrorBody:
     """Decode an ERROR body; tolerate missing fields from other implementations."""
     body = unpack(frame)
     if type(body) is not dict:
-        return ErrorBody("bad_request", f"malformed ERROR body: {body!r}"[:200])
+        return ErrorBody("bad_request", f"malformed ERROR body: {clip(body)}")
     code = body.get("code")
     message = body.get("message")
     etype = body.get("type")
     tb = body.get("traceback")
+    # Bounded here, once: the fields become exception text that callers log and
+    # pass on (a gateway shows them to its clients).
     return ErrorBody(
-        code if isinstance(code, str) else "remote_error",
-        message if isinstance(message, str) else "",
-        etype if isinstance(etype, str) else "",
-        tb if isinstance(tb, str) else None,
+        _bounded(code, MAX_ERROR_CODE) if isinstance(code, str) else "remote_error",
+        _bounded(message, MAX_ERROR_MESSAGE) if isinstance(message, str) else "",
+        _bounded(etype, MAX_ERROR_TYPE) if isinstance(etype, str) else "",
+        _bounded(tb, MAX_ERROR_TRACEBACK) if isinstance(tb, str) else None,
     )
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else clip(text, limit)
 
 
 def _bad(id: int, message: str) -> ProtocolError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -206,3 +207,48 @@ def test_check_arguments_var_args() -> None:
         pass
 
     assert _handler(anything).check_arguments([1, 2, 3], {"x": 1}) is None
+
+
+def _prefix_table() -> HandlerTable:
+    async def on_job(payload: Any) -> None:
+        pass
+
+    return HandlerTable({}, {"jobs.*": [Handler("jobs.*", on_job, True)]}, [])
+
+
+def test_topic_cache_is_bounded_by_bytes() -> None:
+    # 300 pushes to jobs.<512 KiB of random> grew a gateway by 151 MiB: the
+    # cache kept every topic it matched, whatever its size.
+    table = _prefix_table()
+    table.cache_bytes = 256 * 1024
+    for i in range(300):
+        topic = f"jobs.{i:04d}." + "x" * 4000
+        assert [h.name for h in table.topic_handlers(topic)] == ["jobs.*"]
+    assert 0 < table.cached_bytes <= 256 * 1024
+    assert table.topic_handlers("jobs." + "y" * (1 << 20))  # too big to cache, still answered
+    assert table.cached_bytes <= 256 * 1024
+
+
+def test_topic_cache_forgets_the_oldest_and_keeps_answering() -> None:
+    table = _prefix_table()
+    table.cache_bytes = 8 * 1024
+    first = table.topic_handlers("jobs.first")
+    for i in range(200):
+        table.topic_handlers(f"jobs.{i}")
+    assert table.topic_handlers("jobs.first") == first
+    assert table.cached_bytes <= 8 * 1024
+
+
+def test_topic_cache_of_zero_bytes_caches_nothing() -> None:
+    table = _prefix_table()
+    table.cache_bytes = 0
+    assert table.topic_handlers("jobs.a")
+    assert table.cached_bytes == 0
+
+
+def test_topic_cache_default_bound_holds_against_big_topics() -> None:
+    table = _prefix_table()
+    for i in range(300):
+        table.topic_handlers(f"jobs.{i:04d}." + "x" * 65_536)
+    retained = sum(sys.getsizeof(topic) for topic in table._by_topic)
+    assert retained <= 1024 * 1024

@@ -198,3 +198,46 @@ def test_importing_the_module_configures_nothing() -> None:
         "assert all(not getattr(lg, 'handlers', None) for lg in after[2].values()), after\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+# -- a last line of defence: one record, one bounded line ---------------------
+
+
+def test_json_line_is_bounded_and_stays_json() -> None:
+    stream = _json(max_log_line=4096)
+    log.warning("rejected %s", "m" * (4 << 20), extra={"method": "x" * 100_000, "count": 3})
+    (line,) = stream.getvalue().splitlines()
+    assert len(line) <= 4096
+    record = json.loads(line)
+    assert record["truncated"] is True and record["count"] == 3
+    assert record["event"].startswith("rejected mmm") and record["level"] == "WARNING"
+
+
+def test_json_traceback_keeps_its_end_within_the_bound() -> None:
+    stream = _json(max_log_line=4096)
+    try:
+        raise ValueError("v" * 100_000)
+    except ValueError:
+        log.exception("handler failed")
+    (line,) = stream.getvalue().splitlines()
+    assert len(line) <= 4096
+    record = json.loads(line)
+    assert record["event"] == "handler failed" and record["exc"].endswith("v")
+
+
+def test_text_record_is_bounded() -> None:
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="text", max_log_line=4096), "echo", "ab12cd", stream=stream)
+    try:
+        raise ValueError("v" * 100_000)
+    except ValueError:
+        log.exception("failed %s", "m" * (1 << 20))
+    assert len(stream.getvalue()) <= 4096 + 1
+    assert stream.getvalue().endswith("v\n")
+
+
+def test_short_lines_are_untouched() -> None:
+    stream = _json(max_log_line=4096)
+    log.info("served %s", "ping", extra={"method": "ping"})
+    (record,) = _lines(stream)
+    assert "truncated" not in record and record["event"] == "served ping"

@@ -425,3 +425,150 @@ def test_unpack_garbage() -> None:
         wire.unpack(b"\x92\x01")
     assert info.value.code == "bad_request"
     assert "MessagePack" in str(info.value)
+
+
+# -- hostile headers: answered with the id, in a few hundred bytes -----------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["version", "kind"])
+def test_thousand_deep_version_or_kind_is_answered_with_the_id(where: str) -> None:
+    # repr() of such a value raised RecursionError out of decode_header, and
+    # the message was dropped unanswered.
+    items = _request(**{where: _nested(1000)})
+    exc = _decode_error(_header(items))
+    assert exc.code == ("unsupported_version" if where == "version" else "bad_request")
+    assert exc.id == 5
+    assert len(str(exc)) < 300
+
+
+@pytest.mark.parametrize("where", ["version", "kind"])
+def test_deeper_than_the_decoder_stack_still_gives_the_id(where: str) -> None:
+    # msgpack's decoder stops at 1,024 levels (StackError): the whole header is
+    # not decodable, but its id can still be read.
+    deep = b"\x91" * 3000 + b"\x01"
+    rest = {"version": (deep, b"\x01"), "kind": (b"\x01", deep)}[where]
+    frame = b"\x98" + rest[0] + rest[1] + b"\xcd\x01\x2c" + _header(["s", "m", None, None, None])[1:]
+    exc = _decode_error(frame)
+    assert (exc.code, exc.id) == ("bad_request", 300)
+    assert len(str(exc)) < 300
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (_header([1, 1, 42]) + b"junk", 42),  # trailing bytes after a valid header
+        (_header([{"a": [1, 2, {"b": b"x"}]}, "k", 2**64 - 1, None])[:-1] + b"\xc1", 2**64 - 1),
+        (b"\xdc\x00\x08" + _header([1.5, b"\x00" * 300, 7])[1:] + b"\xc1", 7),  # array16, float, bin
+        (b"\x93\x01\x01", 0),  # truncated before the id
+        (_header([1, 1, -3]) + b"x", 0),  # id not an unsigned integer
+        (_header([1, 1, "7"]) + b"x", 0),
+        (_header({"id": 1}) + b"x", 0),  # not an array
+        (b"\x93\x01\xc1\x05", 0),  # the never-used byte before the id
+        (b"\x93" + b"\xdd\xff\xff\xff\xff" + b"\x01\x05", 0),  # claims 4 billion items
+        (b"", 0),
+    ],
+)
+def test_peek_id(frame: bytes, expected: int) -> None:
+    assert wire.peek_id(frame) == expected
+    assert _decode_error(frame).id == expected
+
+
+def test_header_over_the_size_limit_is_refused_with_the_id() -> None:
+    frame = _header(_request(meta={"k": "v" * 70_000}))
+    exc = _decode_error(frame)
+    assert (exc.code, exc.id) == ("bad_request", 5)
+    assert "exceeds" in str(exc) and len(str(exc)) < 200
+    assert wire.decode_header(frame, max_size=len(frame)).meta == {"k": "v" * 70_000}
+
+
+@pytest.mark.parametrize("field", ["name", "target"])
+def test_names_over_the_length_limit_are_refused(field: str) -> None:
+    assert wire.decode_header(_header(_request(**{field: "n" * wire.MAX_NAME_LENGTH})))
+    exc = _decode_error(_header(_request(**{field: "n" * (wire.MAX_NAME_LENGTH + 1)})))
+    assert (exc.code, exc.id) == ("bad_request", 5)
+    assert "at most 256 characters" in str(exc)
+    assert wire.decode_header(_header(_request(**{field: "n" * 300})), max_name=300)
+
+
+def test_four_mib_version_gives_a_short_error() -> None:
+    frame = _header(_request(version="v" * (4 << 20)))
+    exc = _decode_error(frame)  # over the header bound
+    assert len(str(exc)) < 200
+    exc = _decode_error(_header(_request(version="v" * 60_000)))  # under it: the value is clipped
+    assert exc.code == "unsupported_version" and exc.id == 5
+    assert len(str(exc)) < 300
+
+
+@pytest.mark.parametrize("kind", ["k" * 60_000, {"k" * 1000: ["x" * 1000] * 20}, b"\xff" * 60_000])
+def test_a_huge_kind_gives_a_short_error(kind: Any) -> None:
+    exc = _decode_error(_header([1, kind, 9]))
+    assert (exc.code, exc.id) == ("bad_request", 9)
+    assert len(str(exc)) < 300
+
+
+def test_error_body_fields_are_bounded() -> None:
+    body = {"code": "c" * 10_000, "message": "m" * (1 << 20), "type": "T" * 10_000, "traceback": "t" * (1 << 20)}
+    decoded = wire.decode_error_body(wire.pack(body))
+    assert len(decoded.code) <= wire.MAX_ERROR_CODE + 32
+    assert len(decoded.message) <= wire.MAX_ERROR_MESSAGE + 32
+    assert len(decoded.type) <= wire.MAX_ERROR_TYPE + 32
+    assert decoded.traceback is not None and len(decoded.traceback) <= wire.MAX_ERROR_TRACEBACK + 32
+
+
+def test_error_body_deeply_nested_is_described_not_raised() -> None:
+    decoded = wire.decode_error_body(wire.pack(_nested(1000)))
+    assert decoded.code == "bad_request" and len(decoded.message) < 300
+
+
+def test_settings_defaults_are_the_wire_defaults() -> None:
+    from meshkit.config import Settings
+
+    assert Settings().max_header_size == wire.MAX_HEADER_SIZE
+    assert Settings().max_name_length == wire.MAX_NAME_LENGTH
+
+
+# -- bodies: MessagePack's expansion is bounded --------------------------------
+
+
+def _empty_arrays(count: int) -> bytes:
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def test_a_body_of_empty_arrays_is_refused_in_bounded_time_and_memory() -> None:
+    # Every \x90 byte decodes to a new empty list (~64 bytes): 2 MiB of them
+    # became 129 MiB of objects, held for as long as the call was.
+    import time
+    import tracemalloc
+
+    body = wire.pack([[], {}])[:1] + _empty_arrays(2 << 20) + b"\x80"
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        with pytest.raises(ProtocolError) as info:
+            wire.decode_call_body(body, 7)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.value.code, info.value.id) == ("bad_request", 7)
+    assert "more than 100000 arrays and maps" in str(info.value)
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB"
+    assert time.process_time() - started < 5
+
+
+def test_containers_are_counted_exactly_and_limited() -> None:
+    body = _empty_arrays(2000)
+    value, containers = wire.unpack_body(body, max_containers=2001)
+    assert (len(value), containers) == (2000, 2001)
+    with pytest.raises(ProtocolError):
+        wire.unpack_body(body, max_containers=2000)
+    # Bytes inside binary data that look like containers are not counted.
+    blob = wire.pack([bytes(range(256)) * 40, {"a": [1]}])
+    assert wire.unpack_body(blob, max_containers=3) == ([bytes(range(256)) * 40, {"a": [1]}], 3)
+    assert wire.decode_call(wire.pack([[1, [2]], {"k": {}}]), 1) == ([1, [2]], {"k": {}}, 5)
