@@ -241,6 +241,10 @@ def test_a_third_party_stratum_proxy_mines_on_the_pool(pool: str) -> None:
     pool accepts. What it found: see the assertions, and the report in
     docs/stratum.md ("Tested with").
     """
+    import importlib.util
+
+    missing = [m for m in ("aiostratum_proxy", "aiojsonrpc2", "yaml") if importlib.util.find_spec(m) is None]
+    assert not missing, f"{missing} not installed: run `make thirdparty` (make test does)"
     host, port = pool.rsplit(":", 1)
     script = Path(__file__).parent / "thirdparty" / "aiostratum_run.py"
     proxy = subprocess.Popen([sys.executable, str(script), host, port], stdout=subprocess.PIPE,
