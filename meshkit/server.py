@@ -11,6 +11,8 @@ message it can attribute to a sender:
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
   after another, in arrival order, and each is acknowledged when done.
+* a handler (of a CALL or a PUSH) that raises :class:`~meshkit.errors.RefusedError`
+  answers with that error's code and message, and nothing is logged above debug.
 * a PING is answered with the state and the number of requests in flight.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
@@ -50,7 +52,7 @@ from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError
+from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
@@ -340,6 +342,8 @@ class Server:
             code = DEADLINE_EXCEEDED
             self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, handler.name, exc)
         self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
@@ -407,6 +411,8 @@ class Server:
             self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
                                "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
             frames = wire.encode_error(header.id, code, str(exc))
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, cause, exc)
         finally:
@@ -414,3 +420,10 @@ class Server:
         # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
+
+
+def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
+    # A refusal is the handler's answer, not its failure: no traceback, no error log.
+    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
+    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
+                                       type(exc).__name__)

@@ -167,6 +167,11 @@ class Service:
         """Push to every subscriber of ``topic``; returns how many acknowledged."""
         return await self.client.publish(topic, payload, timeout=timeout)
 
+    async def push_to(self, instance_id: str, topic: str, payload: Any, *,
+                      timeout: float | None = None) -> None:
+        """Push to one instance by id and wait for its answer (see :meth:`AsyncClient.push_to`)."""
+        await self.client.push_to(instance_id, topic, payload, timeout=timeout)
+
     def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
                       wait: bool = False) -> Any:

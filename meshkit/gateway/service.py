@@ -13,6 +13,11 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   service is up, the call waits for one up to its deadline;
 * subscribes to the configured topics (the record lists them, so publishers
   push here) and forwards each push to the clients subscribed to it;
+* takes pushes addressed to one connection on topic ``gateway.deliver``
+  (:mod:`meshkit.gateway.push`): the message goes to that connection alone,
+  and an unknown or closed connection is answered with
+  :class:`~meshkit.errors.UnknownConnectionError`, never raised inside the gateway;
+* writes in its listener's dialect (:mod:`meshkit.gateway.dialect`);
 * keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), created
   before a connection's first mesh call (again on a later call if that
   failed), restored if Redis loses it while the connection is open (a
@@ -48,10 +53,11 @@ from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
-from . import jsonrpc
+from . import dialect, jsonrpc
 from .connection import Connection
 from .jsonrpc import Request, RpcError
 from .options import GatewayOptions
+from .push import DELIVER_TOPIC, deliver
 from .state import ConnectionGoneError, ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
@@ -73,6 +79,8 @@ class Gateway(Service):
         # Topics come from configuration, not from a decorator.
         for pattern in self.options.topics:
             self.add_subscription(pattern, self._on_push)
+        self.dialect = dialect.named(self.options.dialect)
+        self.add_subscription(DELIVER_TOPIC, self._on_deliver)
         self.store = ConnectionStore(self.settings)
         self.connections: dict[str, Connection] = {}
         self.address = ""
@@ -296,13 +304,17 @@ class Gateway(Service):
         ctx = current_call()
         topic = ctx.name if ctx is not None else ""
         try:
-            line = jsonrpc.notification_line(topic, payload)
+            line = self.dialect.notification_line(topic, payload)
         except jsonrpc.UNENCODABLE as exc:
             self._throttle.log("push_unencodable", logging.WARNING,
                                "push to %s cannot be sent as JSON: %s", clip(topic), clip(str(exc)))
             return
         for conn in list(self.connections.values()):
             conn.push(topic, line)
+
+    async def _on_deliver(self, payload: Any) -> None:
+        """A push addressed to one connection: :func:`.push.deliver` (refusals go back to the sender)."""
+        deliver(payload, self.connections, self.options, self.dialect, self.instance_id)
 
     # -- background ---------------------------------------------------------------------
 
