@@ -21,18 +21,18 @@ logged = mkdir -p $(dir $(INSTALL_LOG)); run() { echo "$(1) (output in $(INSTALL
 FUZZ_SECONDS ?= 600
 FUZZ_EXAMPLES ?= 20000
 
-.PHONY: demo test lint typecheck unit integration bench bench-deps fuzz sysdeps venv clean
+.PHONY: demo test lint typecheck unit integration coverage bench bench-deps fuzz sysdeps thirdparty venv clean
 
 demo: sysdeps $(BIN)/meshkit
 	@$(BIN)/meshkit up
 
-test: sysdeps $(BIN)/meshkit lint typecheck
+test: sysdeps thirdparty $(BIN)/meshkit lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: $(BIN)/meshkit
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-integration: sysdeps $(BIN)/meshkit
+integration: sysdeps thirdparty $(BIN)/meshkit
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(BIN)/meshkit
@@ -40,6 +40,13 @@ lint: $(BIN)/meshkit
 
 typecheck: $(BIN)/meshkit
 	$(BIN)/mypy
+
+# Line coverage of meshkit/ by the unit suite alone (what runs in seconds,
+# with no Redis or subprocess); the data file stays under .run/.
+coverage: $(BIN)/meshkit
+	@mkdir -p .run
+	COVERAGE_FILE=.run/coverage $(BIN)/coverage run --source=meshkit -m pytest tests/unit -q $(PYTEST_ARGS)
+	COVERAGE_FILE=.run/coverage $(BIN)/coverage report
 
 bench: sysdeps bench-deps $(BIN)/meshkit
 	$(BIN)/python bench/rpc.py
@@ -101,6 +108,15 @@ sysdeps:
 	      "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing"; \
 	  else echo "error: missing$$missing; install them (Debian: sudo apt-get install$$missing) and run make again" >&2; exit 1; fi; \
 	fi
+
+# A Stratum implementation nobody here wrote, for tests/integration/test_stratum_pool.py:
+# aiostratum-proxy from PyPI. --no-deps because it pins PyYAML==3.12, which no
+# longer builds; it runs on a current PyYAML (and aiojsonrpc2, its other dependency).
+THIRDPARTY := aiostratum-proxy==1.1 aiojsonrpc2==1.0.0 pyyaml
+thirdparty: $(BIN)/meshkit
+	@$(BIN)/python -c "import aiostratum_proxy, aiojsonrpc2, yaml" 2>/dev/null || { \
+	  $(call logged,installing aiostratum-proxy into $(VENV)) \
+	  $(BIN)/python -m pip install -q --no-deps $(THIRDPARTY); }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache

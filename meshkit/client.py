@@ -51,7 +51,7 @@ from .errors import (
 from .metrics import Metrics
 from .peer import Peer, Pending
 from .pool import PeerPool
-from .publish import publish
+from .publish import publish, push_one
 from .registry import Registry
 from .trace import TraceContext
 from .untrusted import clip
@@ -304,6 +304,27 @@ class AsyncClient:
         subscribers, delivered = await publish(self.pool, topic, payload, deadline, trace.traceparent(), meta)
         self.metrics.published(topic, subscribers, delivered)
         return delivered
+
+    async def push_to(self, instance_id: str, topic: str, payload: Any, *,
+                      timeout: float | None = None) -> None:
+        """Push ``payload`` on ``topic`` to the one instance ``instance_id``; return once it ran.
+
+        Unlike :meth:`publish` this addresses an instance, not the
+        subscribers of a topic, and reports its answer: it raises
+        :class:`NoInstanceError` if the registry view has no such instance,
+        else what :func:`meshkit.publish.push_one` raises (the handler's
+        :class:`~meshkit.errors.RefusedError`, a timeout, a lost peer). It
+        shares its connection with :meth:`publish`'s pushes to that instance,
+        so pushes from one sender arrive in the order they were sent.
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
+        if record is None:
+            raise NoInstanceError(f"no live instance {instance_id!r}")
+        bound = self.settings.publish_timeout if timeout is None else timeout
+        deadline, trace, meta = self._outgoing(bound, None)
+        await push_one(self.pool, record, topic, payload, deadline, trace.traceparent(), meta)
 
 
 def _check_name(what: str, name: str, limit: int) -> None:

@@ -18,7 +18,9 @@ The tree says whose fault a failure is::
             ├── BadArgumentsError     arguments do not fit the method   [bad_arguments]
             ├── BadRequestError       the instance could not decode it  [bad_request]
             ├── UnsupportedVersionError  protocol version not spoken    [unsupported_version]
-            └── HandlerError          the handler raised                [handler_error]
+            ├── HandlerError          the handler raised                [handler_error]
+            └── RefusedError          the handler refused on purpose     [refused]
+                └── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
 
 Errors cross the wire as the stable string codes in brackets (see
 :mod:`meshkit.wire`), never as pickles or import paths. ``draining`` and
@@ -28,6 +30,7 @@ retry on another instance, the second becomes :class:`CallTimeoutError`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -90,6 +93,10 @@ class CallError(MeshError):
 
 
 def _rebuild(cls: type[CallError], message: str, service: str, method: str) -> CallError:
+    if issubclass(cls, RefusedError):
+        match = _CLIENT_CODE.fullmatch(message)
+        if match is not None:
+            return cls(match.group(2), client_code=int(match.group(1)), service=service, method=method)
     return cls(message, service=service, method=method)
 
 
@@ -193,6 +200,45 @@ def _rebuild_handler_error(message: str, service: str, method: str, remote_type:
                         remote_traceback=remote_traceback)
 
 
+class RefusedError(RemoteError):
+    """The handler refused the request on purpose (raise it to answer an error, not to report a bug).
+
+    The server sends it back as it is, with no traceback logged: a refusal is
+    an answer. ``client_code``, when set, is the numeric error a gateway gives
+    its client (a Stratum pool's ``23`` for a low-difficulty share); on the
+    wire it leads the message as ``"[23] "``.
+    """
+
+    code = "refused"
+
+    def __init__(self, message: str = "", *, client_code: int | None = None, service: str = "",
+                 method: str = "") -> None:
+        super().__init__(message, service=service, method=method)
+        self.client_code = client_code
+
+    @property
+    def wire_message(self) -> str:
+        """The message as sent: ``client_code`` in front of it, in brackets."""
+        return self.message if self.client_code is None else f"[{self.client_code}] {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_refused, (type(self), self.message, self.client_code, self.service, self.method))
+
+
+def _rebuild_refused(cls: type[RefusedError], message: str, client_code: int | None, service: str,
+                     method: str) -> RefusedError:
+    return cls(message, client_code=client_code, service=service, method=method)
+
+
+class UnknownConnectionError(RefusedError):
+    """A gateway has no open connection with that id (it closed, or never was)."""
+
+    code = "unknown_connection"
+
+
+_CLIENT_CODE = re.compile(r"\[(-?\d{1,9})\] (.*)", re.DOTALL)
+
+
 # Codes the server may send that the client handles itself.
 DRAINING = "draining"
 DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -213,6 +259,8 @@ _BY_CODE: dict[str, type[CallError]] = {
         BadRequestError,
         UnsupportedVersionError,
         HandlerError,
+        RefusedError,
+        UnknownConnectionError,
     )
 }
 _BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError
@@ -244,4 +292,8 @@ def error_from_wire(
             remote_type=remote_type,
             remote_traceback=remote_traceback,
         )
+    if issubclass(cls, RefusedError):
+        match = _CLIENT_CODE.fullmatch(message)
+        if match is not None:
+            return cls(match.group(2), client_code=int(match.group(1)), service=service, method=method)
     return cls(message, service=service, method=method)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+from .clock import SYSTEM_CLOCK, Clock
 from .handlers import Handler
 from .timing import DeadlineCancel, run_with_deadline
 from .untrusted import clip
@@ -31,8 +31,11 @@ class BadArguments(Exception):
 
 
 async def invoke(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadline: float | None,
-                 executor: Executor) -> Any:
-    """Run ``handler(*args, **kwargs)`` and return its result (see the module doc)."""
+                 executor: Executor, clock: Clock = SYSTEM_CLOCK) -> Any:
+    """Run ``handler(*args, **kwargs)`` and return its result (see the module doc).
+
+    ``deadline`` is in ``clock`` time.
+    """
     if handler.is_async:
         try:
             coro = handler.fn(*args, **kwargs)
@@ -42,17 +45,18 @@ async def invoke(handler: Handler, args: list[Any], kwargs: dict[str, Any], dead
             raise BadArguments(clip(str(exc), _PROBLEM_LIMIT)) from None
         if deadline is None:
             return await coro
-        return await run_with_deadline(coro, deadline)
+        return await run_with_deadline(coro, deadline, clock)
     problem = handler.check_arguments(args, kwargs)
     if problem is not None:
         raise BadArguments(clip(problem, _PROBLEM_LIMIT))
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        executor, contextvars.copy_context().run, _run_plain, handler.fn, args, kwargs, deadline
+        executor, contextvars.copy_context().run, _run_plain, handler.fn, args, kwargs, deadline, clock
     )
 
 
-def _run_plain(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], deadline: float | None) -> Any:
-    if deadline is not None and time.monotonic() >= deadline:
+def _run_plain(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], deadline: float | None,
+               clock: Clock) -> Any:
+    if deadline is not None and clock.now() >= deadline:
         raise DeadlineCancel()
     return fn(*args, **kwargs)

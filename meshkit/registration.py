@@ -14,6 +14,13 @@ An instance that cannot register says so: once it has gone
 from the first failure after it was registered), it logs an error naming the
 Redis URL (password masked) and the last error, and again every
 :data:`REPORT_EVERY` seconds while that lasts.
+
+The heartbeat's sleeps and the reports' times come from the ``clock`` given
+to the constructor, so a unit test drives them with
+:class:`meshkit.testing.FakeClock`. Where the record is stored is the job of
+two methods, :meth:`Registration._store` and :meth:`Registration._remove`
+(Redis here); :class:`meshkit.testing.MemoryRegistry` keeps it in memory
+instead, with the same heartbeat, states and reports.
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .record import InstanceRecord
 from .storage import Keys, redacted_url, redis_client
@@ -50,10 +57,10 @@ class Registration:
 
     def __init__(self, settings: Settings, record: InstanceRecord,
                  on_error: Callable[[], None] | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Clock = SYSTEM_CLOCK,
                  report_after: float = REPORT_AFTER, report_every: float = REPORT_EVERY) -> None:
         self.settings = settings
-        self.record = record.validate()
+        self.record = self._validated(record)
         self.keys = Keys(settings.namespace)
         self.url = redacted_url(settings.redis_url)
         self._redis = redis_client(settings)
@@ -64,7 +71,7 @@ class Registration:
         self._report_every = report_every
         self._failing_since: float | None = None  # start of the current run of failed writes
         self._reported_at: float | None = None
-        self._lost_log = LogThrottle(log, 60.0, clock=clock)
+        self._lost_log = LogThrottle(log, 60.0, clock=clock.now)
         self._stopping = False  # see Registry._closing: a cancel alone may not stop the heartbeat
         self.healthy = False  # whether the last write succeeded
         self.registered = False  # whether any write has succeeded yet
@@ -72,29 +79,26 @@ class Registration:
 
     async def start(self) -> None:
         """Write the record now (if Redis answers) and start the heartbeat."""
-        self._failing_since = self._clock()
+        self._failing_since = self._clock.now()
         await self._write(announce=True)
-        self._task = supervise("meshkit-heartbeat", self._heartbeat, logger=log)
+        self._task = supervise("meshkit-heartbeat", self._heartbeat, logger=log,
+                               clock=self._clock.now, sleep=self._clock.sleep)
 
     async def set_state(self, state: str) -> None:
         """Change the record's state (``up``/``draining``) and announce it now."""
-        self.record = self.record.with_state(state).validate()
+        self.record = self._validated(self.record.with_state(state))
         await self._write(announce=True)
 
     async def update(self, record: InstanceRecord) -> None:
         """Replace the whole record (same key) and announce it now."""
-        self.record = record.validate()
+        self.record = self._validated(record)
         await self._write(announce=True)
 
     async def stop(self) -> None:
         """Stop the heartbeat and delete the record (best effort, bounded)."""
         await self._stop_heartbeat()
         try:
-            key = self.record.key
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.instance(key))
-                pipe.publish(self.keys.changes, json.dumps({"op": "del", "key": key}))
-                await asyncio.wait_for(pipe.execute(), 1.5)
+            await self._remove(self.record.key)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("could not remove registry record (it will expire): %s", exc)
         await self._redis.aclose()
@@ -113,7 +117,7 @@ class Registration:
 
     async def _heartbeat(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self._clock.sleep(self.settings.heartbeat_interval)
             if self._stopping:
                 break
             # After a failure, announce again: a restarted Redis lost the
@@ -123,20 +127,9 @@ class Registration:
 
     async def _write(self, announce: bool) -> None:
         rec = self.record
-        data = rec.to_json()
-        key = self.keys.instance(rec.key)
-        message = '{"op":"set","record":' + data + "}"
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.exists(key)
-                pipe.set(key, data, px=int(self.settings.ttl * 1000))
-                if announce:
-                    pipe.publish(self.keys.changes, message)
-                existed = (await pipe.execute())[0]
+            existed = await self._store(rec, announce)
             if not existed and not announce:
-                # Gone with the connection up (FLUSHALL, eviction): views may
-                # be about to miss it in a scan, so tell them it is back.
-                await self._redis.publish(self.keys.changes, message)
                 self._lost_log.log("lost", logging.WARNING, "registry record %s was gone; written and announced again",
                                    rec.key)
         except (RedisError, OSError) as exc:
@@ -147,12 +140,44 @@ class Registration:
         self.healthy = self.registered = True
         self._failing_since = self._reported_at = None
 
+    def _validated(self, record: InstanceRecord) -> InstanceRecord:
+        """``record`` if it is inside the registry grammar; else :class:`~meshkit.errors.ConfigError`."""
+        return record.validate()
+
+    async def _store(self, rec: InstanceRecord, announce: bool) -> bool:
+        """Write ``rec`` with its TTL (announcing it if ``announce``); return whether its key existed.
+
+        Raises ``RedisError`` or ``OSError`` when the write fails. A key that
+        was gone is announced even when ``announce`` is false.
+        """
+        data = rec.to_json()
+        key = self.keys.instance(rec.key)
+        message = '{"op":"set","record":' + data + "}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.set(key, data, px=int(self.settings.ttl * 1000))
+            if announce:
+                pipe.publish(self.keys.changes, message)
+            existed = bool((await pipe.execute())[0])
+        if not existed and not announce:
+            # Gone with the connection up (FLUSHALL, eviction): views may
+            # be about to miss it in a scan, so tell them it is back.
+            await self._redis.publish(self.keys.changes, message)
+        return existed
+
+    async def _remove(self, key: str) -> None:
+        """Delete the record under ``key`` and announce it (bounded in time; raises as :meth:`_store`)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.instance(key))
+            pipe.publish(self.keys.changes, json.dumps({"op": "del", "key": key}))
+            await asyncio.wait_for(pipe.execute(), 1.5)
+
     def _failed(self, exc: Exception) -> None:
         self.last_error = clip(str(exc) or type(exc).__name__, 300)
         if self.healthy:
             log.warning("registry heartbeat failed, retrying: %s", self.last_error)
         if self._failing_since is None:
-            self._failing_since = self._clock()
+            self._failing_since = self._clock.now()
         self.healthy = False
         if self._on_error is not None:
             self._on_error()
@@ -162,7 +187,7 @@ class Registration:
         since = self._failing_since
         if self.healthy or since is None:
             return False
-        now = self._clock()
+        now = self._clock.now()
         if now - since < self._report_after:
             return False
         if self._reported_at is not None and now - self._reported_at < self._report_every:

@@ -33,6 +33,13 @@ fails is skipped, counted in :attr:`Registry.rejected` (and the
 ``registry.rejected`` metric) and logged once per key. No message, however
 malformed or deep, can stop the watch: both background loops run under
 :func:`meshkit.tasks.supervise`.
+
+Every wait, back-off and timestamp of a view is read from the ``clock``
+given to the constructor (the system clock unless told). The Redis part is
+four methods — :meth:`Registry.start`, :meth:`Registry.close`,
+:meth:`Registry.scan` and :meth:`Registry.registration` — and
+:class:`meshkit.testing.MemoryRegistry` replaces them to keep the whole
+registry in memory for in-process tests.
 """
 
 from __future__ import annotations
@@ -40,16 +47,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .handlers import topic_matches
 from .record import MAX_RECORD_BYTES, InstanceRecord
+from .registration import Registration
 from .storage import (
     SCAN_BATCH,
     Keys,
@@ -86,8 +94,10 @@ class Registry:
     service counts it in the ``registry.rejected`` metric).
     """
 
-    def __init__(self, settings: Settings, *, on_rejected: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, *, on_rejected: Callable[[], None] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self.clock = clock
         self.keys = Keys(settings.namespace)
         self.url = redacted_url(settings.redis_url)
         self._redis: aioredis.Redis | None = None
@@ -101,8 +111,8 @@ class Registry:
         self._resync_now = asyncio.Event()
         self._keep_until = 0.0  # until then, a scan adds and updates records but removes none
         self._on_rejected = on_rejected
-        self._reject_log = LogThrottle(log, REJECT_LOG_INTERVAL)
-        self._outage_log = LogThrottle(log, OUTAGE_LOG_INTERVAL)
+        self._reject_log = LogThrottle(log, REJECT_LOG_INTERVAL, clock=clock.now)
+        self._outage_log = LogThrottle(log, OUTAGE_LOG_INTERVAL, clock=clock.now)
         # redis-py may swallow a cancellation on Python < 3.12 (it wraps socket
         # writes in asyncio.wait_for), so the loops also stop on this flag.
         self._closing = False
@@ -128,13 +138,14 @@ class Registry:
         and fills in as soon as Redis answers (a warning names the URL and
         the error meanwhile, every :data:`OUTAGE_LOG_INTERVAL` seconds).
         """
+        clock = self.clock
         self._tasks = [
-            supervise("meshkit-registry-watch", self._watch, logger=log),
-            supervise("meshkit-registry-resync", self._resync_loop, logger=log),
+            supervise("meshkit-registry-watch", self._watch, logger=log, clock=clock.now, sleep=clock.sleep),
+            supervise("meshkit-registry-resync", self._resync_loop, logger=log, clock=clock.now, sleep=clock.sleep),
         ]
-        deadline = time.monotonic() + wait
-        while not self.synced and time.monotonic() < deadline:
-            await self.wait_changed(deadline - time.monotonic())
+        deadline = clock.now() + wait
+        while not self.synced and clock.now() < deadline:
+            await self.wait_changed(deadline - clock.now())
 
     async def close(self) -> None:
         """Stop the background tasks and close the Redis connection."""
@@ -147,6 +158,14 @@ class Registry:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+    def registration(self, record: InstanceRecord, on_error: Callable[[], None] | None = None) -> Registration:
+        """The :class:`Registration` that writes ``record`` where this registry reads (Redis here).
+
+        It shares this registry's settings and clock; raises
+        :class:`~meshkit.errors.ConfigError` for a record outside the grammar.
+        """
+        return Registration(self.settings, record, on_error, clock=self.clock)
 
     # -- the view -----------------------------------------------------------
 
@@ -178,7 +197,7 @@ class Registry:
         """Wait until the view changes; False if ``timeout`` passed first."""
         if timeout is not None and timeout <= 0:
             return False
-        return await wait_event(self._changed, timeout)
+        return await wait_event(self._changed, timeout, self.clock)
 
     def apply(self, record: InstanceRecord | None, key: str | None = None) -> None:
         """Apply one change to the view (a record set, or ``key`` deleted)."""
@@ -187,12 +206,12 @@ class Registry:
             if self._records.get(record.key) == record:
                 return
             self._records[record.key] = record
-            self._pushed_at[record.key] = time.monotonic()
+            self._pushed_at[record.key] = self.clock.now()
         elif key is not None:
             self._missing_since.pop(key, None)
             if self._records.pop(key, None) is None:
                 return
-            self._pushed_at[key] = time.monotonic()
+            self._pushed_at[key] = self.clock.now()
         self._rebuild()
 
     def _replace_all(self, records: Iterable[InstanceRecord], scan_started: float) -> None:
@@ -280,7 +299,7 @@ class Registry:
 
     async def resync(self) -> None:
         """Replace the view with a full scan of Redis (raises ``RedisError``)."""
-        started = time.monotonic()
+        started = self.clock.now()
         records = await self.scan()
         if not self.connected and self.synced:
             self._keep_until = started + self.settings.ttl
@@ -310,7 +329,7 @@ class Registry:
                 await self.resync()
             except (RedisError, OSError) as exc:
                 self._note_outage(f"resync failed: {exc}")
-            await wait_event(self._resync_now, self.settings.resync_interval)
+            await wait_event(self._resync_now, self.settings.resync_interval, self.clock)
             self._resync_now.clear()
 
     async def _watch(self) -> None:
@@ -338,7 +357,7 @@ class Registry:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(backoff)
+            await self.clock.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
     def _on_message(self, data: Any) -> None:

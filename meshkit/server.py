@@ -11,6 +11,8 @@ message it can attribute to a sender:
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
   after another, in arrival order, and each is acknowledged when done.
+* a handler (of a CALL or a PUSH) that raises :class:`~meshkit.errors.RefusedError`
+  answers with that error's code and message, and nothing is logged above debug.
 * a PING is answered with the state and the number of requests in flight.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
@@ -23,6 +25,10 @@ Every remote value echoed into an answer or a log line is clipped, and log
 lines caused by remote input are throttled (one per cause per
 ``Settings.log_repeat_interval``, with a count of the rest). Answers sent to
 a server are dropped and counted in :attr:`Server.dropped`.
+
+Deadlines, the drain's grace and quiet period and the served-call timings
+are read from the ``clock`` given to the constructor (the system clock
+unless told), so unit tests drive them with :class:`meshkit.testing.FakeClock`.
 
 Draining (see :meth:`Server.drain`): new CALLs are answered ``draining`` (the
 caller sends them elsewhere, nothing ran); pushes and work in flight finish.
@@ -43,9 +49,10 @@ import zmq
 
 from . import wire
 from .budget import Budget, request_cost
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError
+from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
@@ -71,8 +78,11 @@ class Server:
         ctx: zmq.Context[zmq.Socket[bytes]],
         executor: Executor,
         metrics: Metrics,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.service = service
+        self.clock = clock
         self.table = table
         table.cache_bytes = settings.topic_cache_bytes
         self.settings = settings
@@ -87,7 +97,7 @@ class Server:
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
         self._calls_by_peer: dict[bytes, Budget] = {}
-        self._throttle = LogThrottle(log, settings.log_repeat_interval)
+        self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -104,8 +114,16 @@ class Server:
         self.endpoint = ""
         self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
 
-    def bind(self) -> str:
-        """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint."""
+    def bind(self, address: str | None = None) -> str:
+        """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint.
+
+        With ``address`` (a complete ZeroMQ address such as ``ipc:///tmp/x.sock``,
+        for in-process tests), bind exactly there and advertise it as it is.
+        """
+        if address is not None:
+            self.sock.bind(address)
+            self.endpoint = address
+            return address
         host = self.settings.bind_host
         address = f"tcp://{'*' if host in ('0.0.0.0', '') else host}"
         if self.settings.port_min:
@@ -132,20 +150,20 @@ class Server:
         Returns False if work was still running when the grace period ended.
         """
         self.state = STATE_DRAINING
-        deadline = time.monotonic() + grace
+        deadline = self.clock.now() + grace
         while True:
-            left = deadline - time.monotonic()
+            left = deadline - self.clock.now()
             if left <= 0:
                 break
             if self.inflight or self._pushes.busy:
                 self._idle.clear()
-                if not await wait_event(self._idle, left):
+                if not await wait_event(self._idle, left, self.clock):
                     break
                 continue
-            since = time.monotonic() - self.last_call
+            since = self.clock.now() - self.last_call
             if since >= quiet:
                 return True
-            await asyncio.sleep(min(quiet - since, left))
+            await self.clock.sleep(min(quiet - since, left))
         if self.inflight:
             log.warning("drain grace of %.1fs ended with %d requests in flight", grace, self.inflight)
         return not self.inflight and not self._pushes.busy
@@ -213,7 +231,7 @@ class Server:
     def _deadline(self, header: wire.Header) -> float | None:
         if header.timeout_ms is None:
             return None
-        return time.monotonic() + header.timeout_ms / 1000.0
+        return self.clock.now() + header.timeout_ms / 1000.0
 
     def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
@@ -237,7 +255,7 @@ class Server:
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
-        self.last_call = time.monotonic()
+        self.last_call = self.clock.now()
         if header.target != self.service:
             self._reject(identity, header.id, "unknown_service",
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
@@ -307,13 +325,13 @@ class Server:
         kwargs: dict[str, Any],
         deadline: float | None,
     ) -> None:
-        started = time.monotonic()
+        started = self.clock.now()
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
         code: str | None = None
         try:
-            result = await invoke(handler, args, kwargs, deadline, self.executor)
+            result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
             code, frames = self._reply(header, result)
         except BadArguments as exc:
             code = "bad_arguments"
@@ -324,9 +342,11 @@ class Server:
             code = DEADLINE_EXCEEDED
             self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
             frames = wire.encode_error(header.id, code, "deadline passed while running")
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, handler.name, exc)
-        self.metrics.call_served(header.name, (time.monotonic() - started) * 1000, code)
+        self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
         self._send(identity, frames)
 
     def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
@@ -384,16 +404,26 @@ class Server:
         try:
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
-                await invoke(handler, [payload], {}, None, self.executor)
+                await invoke(handler, [payload], {}, None, self.executor, self.clock)
             frames = wire.encode_ack(header.id)
         except BadArguments as exc:
             code = "bad_arguments"
             self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
                                "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
             frames = wire.encode_error(header.id, code, str(exc))
+        except RefusedError as exc:
+            code, frames = _refused(header, exc)
         except Exception as exc:
             code, frames = self._handler_failed(header, cause, exc)
         finally:
             reset_current(token)
+        # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
+
+
+def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
+    # A refusal is the handler's answer, not its failure: no traceback, no error log.
+    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
+    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
+                                       type(exc).__name__)

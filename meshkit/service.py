@@ -34,6 +34,15 @@ From a handler: ``await self.service("other").method(x)`` or
 ``await self.publish(topic, payload)`` publishes. The deadline, the trace and
 the caller's metadata travel on automatically. Plain (thread-pool) handlers use
 :meth:`call_blocking` and :meth:`publish_blocking`.
+
+Collaborators: ``Service(settings)`` builds its own registry view, ZeroMQ
+context, handler thread pool and metrics, and uses the system clock. Each
+can be given instead as a keyword argument (``registry=``, ``zmq_context=``,
+``executor=``, ``metrics=``, ``clock=``); what was given is used as it is
+and left open at the end (its owner closes it), what the service built it
+closes itself. :class:`meshkit.testing.ServiceHarness` runs a service this
+way, in-process, on a :class:`meshkit.testing.MemoryRegistry` and a
+:class:`meshkit.testing.FakeClock`.
 """
 
 from __future__ import annotations
@@ -47,13 +56,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import zmq
 
 from . import names
 from .client import AsyncClient, ServiceProxy
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .context import current_call, set_current
 from .errors import ClientClosedError, ConfigError
@@ -75,7 +85,23 @@ class Service:
     name: ClassVar[str] = ""
     version: ClassVar[str] = ""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        executor: Executor | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        bind_address: str | None = None,
+    ) -> None:
+        """Build the instance (nothing is bound or registered before :meth:`start`).
+
+        The keyword arguments replace what the service would build (see the
+        module doc). ``bind_address`` binds the router exactly there (say an
+        ``ipc://`` path, for in-process tests) instead of a kernel-chosen TCP port.
+        """
         if not isinstance(self.name, str) or names.SERVICE_NAME.fullmatch(self.name) is None:
             raise ConfigError(
                 f"{type(self).__name__}.name must be 1-64 lower-case letters, digits, '_' or '-'; "
@@ -83,13 +109,19 @@ class Service:
         self.settings = (settings or Settings.load()).for_service(self.name)
         self.instance_id = uuid.uuid4().hex[:12]
         self.log = logging.getLogger(f"meshkit.service.{self.name}")
-        self.metrics = Metrics.from_settings(self.settings, self.name)
+        self.clock = clock
+        self._bind_address = bind_address
+        self._own_metrics = metrics is None
+        self.metrics = metrics or Metrics.from_settings(self.settings, self.name)
         self._table = HandlerTable.collect(self)
         self._listeners: dict[str, str] = {}
-        self._zmq = zmq.Context()
-        self._executor = ThreadPoolExecutor(self.settings.handler_threads,
-                                            thread_name_prefix=f"{self.name}-handler")
-        self.registry = Registry(self.settings, on_rejected=self._count_rejected)
+        self._own_zmq = zmq_context is None
+        self._zmq = zmq_context or zmq.Context()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(self.settings.handler_threads,
+                                                        thread_name_prefix=f"{self.name}-handler")
+        self._own_registry = registry is None
+        self.registry = registry or Registry(self.settings, on_rejected=self._count_rejected, clock=clock)
         self.client = AsyncClient(self.settings, registry=self.registry,
                                   zmq_context=self._zmq, metrics=self.metrics)
         self._server: Server | None = None
@@ -134,6 +166,11 @@ class Service:
     async def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """Push to every subscriber of ``topic``; returns how many acknowledged."""
         return await self.client.publish(topic, payload, timeout=timeout)
+
+    async def push_to(self, instance_id: str, topic: str, payload: Any, *,
+                      timeout: float | None = None) -> None:
+        """Push to one instance by id and wait for its answer (see :meth:`AsyncClient.push_to`)."""
+        await self.client.push_to(instance_id, topic, payload, timeout=timeout)
 
     def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
@@ -218,17 +255,19 @@ class Service:
             raise ConfigError(f"advertise_host (or bind_host) cannot be registered: {exc}") from None
         self._loop = asyncio.get_running_loop()
         self.started_at = time.time()
-        self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics)
-        self._server.bind()
+        self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics,
+                              clock=self.clock)
+        self._server.bind(self._bind_address)
         self._server.start()
         await self.client.start()
-        await self.registry.start()
+        if self._own_registry:
+            await self.registry.start()
         await self.on_start()
         self.state = "up"
-        self._registration = Registration(self.settings, self._record(UP), self.metrics.registry_error)
+        self._registration = self.registry.registration(self._record(UP), self.metrics.registry_error)
         await self._registration.start()
         self._periodic = [supervise(f"periodic-{p.name}", functools.partial(self._run_periodic, p),
-                                    logger=self.log)
+                                    logger=self.log, clock=self.clock.now, sleep=self.clock.sleep)
                           for p in self._table.periodic]
         self.log.info("started %s at %s", self.instance_id, self.endpoint,
                       extra={"endpoint": self.endpoint, "pid": os.getpid()})
@@ -275,10 +314,14 @@ class Service:
         if self._server is not None:
             self._server.close()
         await self.client.close()
-        await self.registry.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.metrics.close()
-        self._zmq.term()
+        if self._own_registry:
+            await self.registry.close()
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_metrics:
+            self.metrics.close()
+        if self._own_zmq:
+            self._zmq.term()
         self.state = "stopped"
         self._stopped.set()
 
@@ -317,14 +360,14 @@ class Service:
 
     async def _run_periodic(self, job: Periodic) -> None:
         """Run ``job`` every ``job.interval`` seconds until cancelled (supervised: see :meth:`start`)."""
-        loop = asyncio.get_running_loop()
-        next_run = loop.time() + job.interval
+        clock = self.clock
+        next_run = clock.now() + job.interval
         while True:
-            await asyncio.sleep(max(0.0, next_run - loop.time()))
+            await clock.sleep(max(0.0, next_run - clock.now()))
             next_run += job.interval
             await self._run_job(job)
-            if loop.time() > next_run:
-                next_run = loop.time() + job.interval  # do not stack up missed runs
+            if clock.now() > next_run:
+                next_run = clock.now() + job.interval  # do not stack up missed runs
 
     async def _run_job(self, job: Periodic) -> bool:
         """Run ``job`` once; a failure is logged once per cause and interval, counted, and not raised."""

@@ -3,22 +3,25 @@
 :func:`wait_event` waits for an :class:`asyncio.Event` with a timeout;
 :func:`run_with_deadline` awaits a handler in the current task and cancels it
 at its deadline. Both are built so a cancellation from outside is never
-mistaken for (or swallowed by) their own time-out.
+mistaken for (or swallowed by) their own time-out. Both take their time
+from a :class:`~meshkit.clock.Clock` (the system clock unless told), so a
+unit test drives their time-outs with :class:`meshkit.testing.FakeClock`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
+
+from .clock import SYSTEM_CLOCK, Clock
 
 
 class DeadlineCancel(Exception):
     """The work was cancelled because its deadline passed."""
 
 
-async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
-    """Wait until ``event`` is set or ``timeout`` seconds pass; return whether it is set.
+async def wait_event(event: asyncio.Event, timeout: float | None, clock: Clock = SYSTEM_CLOCK) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds of ``clock`` pass; return whether it is set.
 
     Unlike ``asyncio.wait_for(event.wait(), timeout)`` before Python 3.12, a
     cancellation that arrives just as the event fires is never swallowed: a
@@ -27,10 +30,14 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     if event.is_set():
         return True
     waiter = asyncio.ensure_future(event.wait())
+    # The time-out cancels only the waiter, never the caller's task.
+    timer = clock.call_later(timeout, waiter.cancel) if timeout is not None else None
     try:
-        await asyncio.wait((waiter,), timeout=timeout)
+        await asyncio.wait((waiter,))
     finally:
         waiter.cancel()
+        if timer is not None:
+            timer.cancel()
     return event.is_set()
 
 
@@ -48,17 +55,16 @@ class _Expiry:
         self.task.cancel()
 
 
-async def run_with_deadline(coro: Any, deadline: float) -> Any:
-    """Await ``coro`` in the current task; at ``deadline`` (monotonic) cancel it and raise ``DeadlineCancel``.
+async def run_with_deadline(coro: Any, deadline: float, clock: Clock = SYSTEM_CLOCK) -> Any:
+    """Await ``coro`` in the current task; at ``deadline`` (``clock`` time) cancel it and raise ``DeadlineCancel``.
 
     The serving task itself is cancelled rather than a task made for the
     handler: one task and two loop iterations less per call (profiled).
     """
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     expiry = _Expiry(task)
-    timer = loop.call_at(loop.time() + (deadline - time.monotonic()), expiry)
+    timer = clock.call_later(deadline - clock.now(), expiry)
     try:
         return await coro
     except asyncio.CancelledError:

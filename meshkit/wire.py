@@ -72,6 +72,9 @@ bad_request            malformed message: wrong frame count, header or body not
                        MessagePack, wrong item types (``id`` 0 when unknown)
 unsupported_version    header version is not 1; the message lists supported ones
 handler_error          the handler raised; ``type`` and ``message`` describe it
+refused                the handler refused on purpose (``RefusedError``); a message
+                       starting ``"[N] "`` carries a client-facing code ``N``
+unknown_connection     (a gateway's ``gateway.deliver`` PUSH) no such open connection
 deadline_exceeded      the deadline passed before the work started; not run
 draining               the instance is shutting down and did not start the work;
                        the caller should send it to another instance

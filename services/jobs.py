@@ -1,4 +1,7 @@
-"""The demo's job announcer: a new job every few seconds, pushed to every client.
+"""The restart proof's job announcer (``bench/restarts.py``), with ``services/shares.py``.
+
+The demo's announcer is ``services/pooljobs.py`` (real Stratum jobs); this
+toy one stays for the restart proof's load clients.
 
 A *job* is a piece of work clients search: find a ``nonce`` (8 hex digits)
 such that ``sha256("<job_id>:<nonce>")``, read as a number, is at most the

@@ -1,4 +1,8 @@
-"""The demo's backend: checks clients' submissions against the current job and counts them.
+"""The restart proof's load backend (``bench/restarts.py``): a toy share checker over JSON-RPC 2.0.
+
+This was the demo before the demo became a real Stratum v1 pool
+(``services/mining.py``); it stays as the backend the restart proof loads,
+whose clients (``bench/loadclients.py``) speak this toy dialect.
 
 Clients reach it through a gateway as ``shares.login``, ``shares.submit`` and
 ``shares.stats``. Everything it knows about a client lives in that

@@ -8,9 +8,11 @@ The layers, lowest first (each imports only those before it):
 
 * :mod:`~meshkit.gateway.jsonrpc` — the line protocol (its docstring is the spec): parsing, answers, codes
 * :mod:`~meshkit.gateway.limits` — per-address limits and token buckets (pure)
+* :mod:`~meshkit.gateway.dialect` — what a listener writes: JSON-RPC 2.0 or Stratum's 1.0 style
 * :mod:`~meshkit.gateway.options` — ``GatewayOptions``, the limits
 * :mod:`~meshkit.gateway.subscriptions` — what a client may subscribe to
 * :mod:`~meshkit.gateway.builtin` — the ``mesh.*`` methods, ``mesh.ping`` for HAProxy's check
+* :mod:`~meshkit.gateway.push` — pushing to one connection by id (``push_to_connection``), both sides
 * :mod:`~meshkit.gateway.linger` — closing a socket: delivered within a bound, else reset
 * :mod:`~meshkit.gateway.proxy_protocol` — PROXY v1/v2 headers (its docstring is the spec)
 * :mod:`~meshkit.gateway.waves` — reconnect wave plans (pure)
@@ -23,6 +25,7 @@ The layers, lowest first (each imports only those before it):
 """
 
 from .options import GatewayOptions
+from .push import gateway_of, push_to_connection
 from .service import Gateway
 from .state import (
     ConnectionGoneError,
@@ -39,5 +42,7 @@ __all__ = [
     "Gateway",
     "GatewayOptions",
     "NoConnectionError",
+    "gateway_of",
     "pooled_redis",
+    "push_to_connection",
 ]

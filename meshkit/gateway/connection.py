@@ -56,7 +56,7 @@ from typing import Any
 from ..handlers import topic_matches
 from ..metrics import Metrics
 from ..untrusted import LogThrottle, clip
-from . import builtin, jsonrpc
+from . import builtin, dialect, jsonrpc
 from .jsonrpc import Invalid, Request, RpcError
 from .limits import TokenBucket
 from .linger import close_within, reset
@@ -107,6 +107,7 @@ class Connection:
     ) -> None:
         self.id = conn_id
         self.options = options
+        self.dialect = dialect.named(options.dialect)
         self.gateway_id = gateway_id
         self.subscriptions: set[str] = set()
         self.inflight = 0
@@ -170,7 +171,7 @@ class Connection:
         if self.closed:
             await self.done.wait()
             return
-        self.send(jsonrpc.error_line(None, code, message))
+        self.send(self.dialect.error_line(None, code, message))
         read_task = self._read_task
         if read_task is not None and not read_task.done():
             await asyncio.wait({read_task}, timeout=linger)
@@ -189,7 +190,7 @@ class Connection:
         if self.closed:
             return
         if code is not None and not abort:
-            self.send(jsonrpc.error_line(None, code, message))  # may drop a slow consumer
+            self.send(self.dialect.error_line(None, code, message))  # may drop a slow consumer
             if self.closed:
                 return
         self.closed = True
@@ -309,7 +310,7 @@ class Connection:
         self._metrics.gateway_message("in")
         self._metrics.gateway_rejected("line_too_long")
         self._report("invalid")
-        self.send(jsonrpc.error_line(
+        self.send(self.dialect.error_line(
             None, jsonrpc.LINE_TOO_LONG,
             f"line longer than {self.options.max_line} bytes; skipped up to its newline"))
 
@@ -346,10 +347,10 @@ class Connection:
         if isinstance(item, Invalid):
             self._metrics.gateway_rejected(jsonrpc.REASONS[item.code])
             self._report("invalid")
-            return jsonrpc.error_doc(item.id, item.code, item.message, item.data)
+            return self.dialect.error_doc(item.id, item.code, item.message, item.data)
         if self._bucket is not None and not self._bucket.take(self._clock()):
             self._metrics.gateway_rejected("rate_limited")
-            return None if item.notification else jsonrpc.error_doc(
+            return None if item.notification else self.dialect.error_doc(
                 item.id, jsonrpc.RATE_LIMITED,
                 f"more than {self.options.request_rate:g} requests per second; not run")
         if item.method.startswith("mesh."):
@@ -357,23 +358,23 @@ class Connection:
                 result = self._builtin(item)
             except RpcError as exc:
                 self._metrics.gateway_rejected(jsonrpc.REASONS.get(exc.code, "error"))
-                doc = jsonrpc.error_doc(item.id, exc.code, exc.message, exc.data)
+                doc = self.dialect.error_doc(item.id, exc.code, exc.message, exc.data)
             except Exception as exc:
                 # A bug in a built-in must cost its answer, not the connection
                 # (raised here, it would end the read loop).
                 self._throttle.log("builtin_failed", logging.ERROR, "built-in %s on %s failed",
                                    clip(item.method), self.id, exc_info=True)
                 self._metrics.gateway_rejected("internal_error")
-                doc = jsonrpc.error_doc(item.id, jsonrpc.INTERNAL_ERROR,
+                doc = self.dialect.error_doc(item.id, jsonrpc.INTERNAL_ERROR,
                                         f"internal error: {type(exc).__name__}")
             else:
-                doc = jsonrpc.result_doc(item.id, result)
+                doc = self.dialect.result_doc(item.id, result)
             return None if item.notification else doc
         if self.inflight >= self.options.max_inflight:
             self._metrics.gateway_rejected("too_many_in_flight")
             if item.notification:
                 return None
-            return jsonrpc.error_doc(item.id, jsonrpc.TOO_MANY_IN_FLIGHT,
+            return self.dialect.error_doc(item.id, jsonrpc.TOO_MANY_IN_FLIGHT,
                                      f"more than {self.options.max_inflight} requests in flight "
                                      "on this connection; not run")
         # Counted now, not when the coroutine starts, so later items of the
@@ -385,15 +386,15 @@ class Connection:
     async def _run(self, request: Request) -> dict[str, Any] | None:
         try:
             result = await self._call(self, request)
-            doc = jsonrpc.result_doc(request.id, result)
+            doc = self.dialect.result_doc(request.id, result)
         except RpcError as exc:
-            doc = jsonrpc.error_doc(request.id, exc.code, exc.message, exc.data)
+            doc = self.dialect.error_doc(request.id, exc.code, exc.message, exc.data)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._throttle.log("request_failed", logging.ERROR, "request %s on %s failed",
                                clip(request.method), self.id, exc_info=True)
-            doc = jsonrpc.error_doc(request.id, jsonrpc.INTERNAL_ERROR,
+            doc = self.dialect.error_doc(request.id, jsonrpc.INTERNAL_ERROR,
                                     f"internal error: {type(exc).__name__}")
         finally:
             self.inflight -= 1
@@ -411,7 +412,7 @@ class Connection:
         answers = [d for d in docs if d is not None]
         if not answers:
             return
-        line, problems = jsonrpc.answer_line(answers, batch, self.options.max_output)
+        line, problems = self.dialect.answer_line(answers, batch, self.options.max_output)
         for problem in problems:
             self._throttle.log("answer_replaced", logging.WARNING, "on %s: %s", self.id, problem)
         self.send(line)

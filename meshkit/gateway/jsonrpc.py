@@ -77,7 +77,14 @@ leaves the connection open.
                               send; this one was not run
 -32013  address_limited       too many connections from the client's address, or
                               connecting too fast (``data.reason``) (*closes*)
+(any)   refused               the backend refused the request on purpose
+                              (:class:`~meshkit.errors.RefusedError`): its
+                              ``client_code`` is the code (-32005 without one)
+                              and its message the message, nothing prefixed
 ======  ====================  =====================================================
+
+Listeners with the ``stratum`` dialect write the same answers in Stratum's
+JSON-RPC 1.0 shape (:mod:`meshkit.gateway.dialect`).
 
 Built-in methods (answered by the gateway itself, no mesh call):
 ``mesh.hello``, ``mesh.subscribe``, ``mesh.unsubscribe`` (see
@@ -93,11 +100,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CallError, HandlerError
+from ..errors import CallError, HandlerError, RefusedError
 from ..untrusted import clip
 
 PARSE_ERROR = -32700
@@ -161,6 +168,8 @@ _FROM_MESH: Mapping[str, int] = {
 }
 
 RequestId = str | int | float | None
+#: Makes an error answer object: ``(id, code, message, data) -> dict``.
+ErrorDoc = Callable[[RequestId, int, str, "Mapping[str, Any] | None"], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +284,10 @@ def error_for(exc: CallError) -> tuple[int, str, dict[str, Any]]:
     """The JSON-RPC ``(code, message, data)`` for a failed mesh call."""
     code = _FROM_MESH.get(exc.code, INTERNAL_ERROR)
     data: dict[str, Any] = {"code": clip(exc.code, 60)}
+    if isinstance(exc, RefusedError):
+        # The backend chose this answer: its number (if any) and its words, nothing added.
+        code = exc.client_code if exc.client_code is not None else HANDLER_ERROR
+        return code, clip(exc.message, _MESSAGE_LIMIT), data
     if isinstance(exc, HandlerError) and exc.remote_type:
         data["type"] = clip(exc.remote_type, 200)
     return code, clip(str(exc), _MESSAGE_LIMIT), data
@@ -328,7 +341,8 @@ def error_doc(rid: RequestId, code: int, message: str,
 
 
 def answer_line(docs: Sequence[dict[str, Any]], batch: bool,
-                limit: int | None = None) -> tuple[bytes, list[str]]:
+                limit: int | None = None,
+                make_error: ErrorDoc | None = None) -> tuple[bytes, list[str]]:
     """The line answering one request line, newline included, and what went wrong encoding it.
 
     ``docs`` are the response objects (at least one); with ``batch`` they go
@@ -339,27 +353,31 @@ def answer_line(docs: Sequence[dict[str, Any]], batch: bool,
     at most ``limit`` bytes by replacing its largest answers with a
     ``too_large`` error (see the module doc); it can only stay longer if the
     replacements alone do not fit. The list describes each replacement, for
-    the log; it is empty when all went well.
+    the log; it is empty when all went well. ``make_error`` makes the
+    replacements (default: this module's JSON-RPC 2.0 :func:`error_doc`; a
+    listener's dialect passes its own).
     """
+    make = make_error or error_doc
     problems: list[str] = []
-    parts = [_encode_answer(doc, problems) for doc in (docs if batch else docs[:1])]
+    parts = [_encode_answer(doc, problems, make) for doc in (docs if batch else docs[:1])]
     if not batch:
         return parts[0] + b"\n", problems
     if limit is not None:
-        _fit(parts, docs, limit, problems)
+        _fit(parts, docs, limit, problems, make)
     return b"[" + b",".join(parts) + b"]\n", problems
 
 
-def _fit(parts: list[bytes], docs: Sequence[dict[str, Any]], limit: int, problems: list[str]) -> None:
+def _fit(parts: list[bytes], docs: Sequence[dict[str, Any]], limit: int, problems: list[str],
+         make: ErrorDoc) -> None:
     """Replace the largest of ``parts`` with short errors until the array fits ``limit`` bytes."""
     size = sum(len(p) for p in parts) + len(parts) + 2  # commas, brackets and the newline
     for i in sorted(range(len(parts)), key=lambda i: len(parts[i]), reverse=True):
         if size <= limit:
             return
-        cut = _encode_answer(error_doc(docs[i].get("id"), INTERNAL_ERROR,
+        cut = _encode_answer(make(docs[i].get("id"), INTERNAL_ERROR,
                                        f"the batch's answer would exceed {limit} bytes; this "
                                        f"answer ({len(parts[i])} bytes) was left out: ask for "
-                                       "it alone", {"code": "too_large", "limit": limit}), problems)
+                                       "it alone", {"code": "too_large", "limit": limit}), problems, make)
         if len(cut) >= len(parts[i]):
             continue
         problems.append(f"answer to id {clip(docs[i].get('id'))} left out of a batch: "
@@ -368,18 +386,23 @@ def _fit(parts: list[bytes], docs: Sequence[dict[str, Any]], limit: int, problem
         parts[i] = cut
 
 
-def _encode_answer(doc: dict[str, Any], problems: list[str]) -> bytes:
+def _encode_answer(doc: dict[str, Any], problems: list[str], make: ErrorDoc) -> bytes:
     try:
         return _encode(doc)
     except UNENCODABLE as exc:
         problems.append(f"answer to id {clip(doc.get('id'))} cannot be encoded as JSON: "
                         f"{clip(str(exc))}")
-    fallback = error_doc(doc.get("id"), INTERNAL_ERROR, "the answer cannot be encoded as JSON")
+    fallback = make(doc.get("id"), INTERNAL_ERROR, "the answer cannot be encoded as JSON", None)
     try:
         return _encode(fallback)
     except UNENCODABLE:
         # The id itself cannot be encoded (parse_request lets no such id through).
         return _encode({**fallback, "id": None})
+
+
+def encode_line(doc: dict[str, Any]) -> bytes:
+    """``doc`` as one line, newline included; raises one of :data:`UNENCODABLE`."""
+    return _dump(doc)
 
 
 def notification_line(method: str, params: Any) -> bytes:

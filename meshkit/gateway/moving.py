@@ -1,6 +1,7 @@
 """Asking a stopping gateway's clients to move, in waves; and telling them a backend is gone.
 
-* :func:`reconnect_line` is the notification (``reconnect_method``): for
+* :func:`reconnect_line` is the notification (``reconnect_method``, in the
+  listener's dialect: Stratum's carries ``"id": null``): for
   ``client.reconnect`` (Stratum, as ckpool sends it) the params are
   ``[host, port, 0]`` (``[]`` without ``reconnect_address``: reconnect where
   you were); for any other method ``{"host", "port", "wait": 0}`` (``{}``).
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from ..untrusted import clip
-from . import jsonrpc, waves
+from . import dialect, jsonrpc, waves
 from .options import GatewayOptions
 
 log = logging.getLogger("meshkit.gateway")
@@ -49,7 +50,7 @@ def reconnect_line(options: GatewayOptions) -> bytes:
         params = [host.strip("[]"), int(port_text), 0] if host else []
     else:
         params = {"host": host.strip("[]"), "port": int(port_text), "wait": 0} if host else {}
-    return jsonrpc.notification_line(options.reconnect_method, params)
+    return dialect.named(options.dialect).notification_line(options.reconnect_method, params)
 
 
 class Progress:
@@ -87,7 +88,7 @@ async def move_clients(connections: Sequence[Movable], options: GatewayOptions, 
 
 def gone_line(options: GatewayOptions, service: str) -> bytes:
     """The notification that ``service`` has no instance (``gone_method``, params ``{"service"}``)."""
-    return jsonrpc.notification_line(options.gone_method, {"service": service})
+    return dialect.named(options.dialect).notification_line(options.gone_method, {"service": service})
 
 
 class GoneWatch:

@@ -9,6 +9,10 @@ are comma-separated). A subclass named ``ws`` reads ``[services.ws]`` and
 =================  ==========  =====================================================
 listener           stratum     listener name advertised in the registry record
                                (what HAProxy frontends route to)
+dialect            jsonrpc     what the listener writes: ``jsonrpc`` (JSON-RPC 2.0)
+                               or ``stratum`` (JSON-RPC 1.0 style: ``"error": null``
+                               in every answer, errors as ``[code, message, data]``,
+                               no ``"jsonrpc"`` member; :mod:`.dialect`)
 topics             jobs.*      mesh topics (or ``prefix.*`` patterns) forwarded to
                                clients that subscribe to them
 services           (empty)     services clients may call; empty means any service
@@ -86,6 +90,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError
+from . import dialect as dialect_names
 from .jsonrpc import MAX_BATCH
 from .limits import Exemptions
 
@@ -100,6 +105,7 @@ class GatewayOptions:
     """Validated gateway options (see the module doc for meanings and defaults)."""
 
     listener: str = "stratum"
+    dialect: str = dialect_names.JSONRPC
     topics: tuple[str, ...] = ("jobs.*",)
     services: tuple[str, ...] = ()
     max_line: int = 16384
@@ -138,6 +144,9 @@ class GatewayOptions:
     def __post_init__(self) -> None:
         if not self.listener:
             raise ConfigError("gateway listener name must not be empty")
+        if self.dialect not in dialect_names.NAMES:
+            raise ConfigError(f"gateway dialect must be one of {list(dialect_names.NAMES)}, "
+                              f"got {self.dialect!r}")
         if any(not t or t == "*" for t in self.topics):
             raise ConfigError(f"gateway topics must be non-empty topics or prefix.* patterns, "
                               f"got {list(self.topics)}")

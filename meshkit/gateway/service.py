@@ -13,6 +13,11 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   service is up, the call waits for one up to its deadline;
 * subscribes to the configured topics (the record lists them, so publishers
   push here) and forwards each push to the clients subscribed to it;
+* takes pushes addressed to one connection on topic ``gateway.deliver``
+  (:mod:`meshkit.gateway.push`): the message goes to that connection alone,
+  and an unknown or closed connection is answered with
+  :class:`~meshkit.errors.UnknownConnectionError`, never raised inside the gateway;
+* writes in its listener's dialect (:mod:`meshkit.gateway.dialect`);
 * keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), created
   before a connection's first mesh call (again on a later call if that
   failed), restored if Redis loses it while the connection is open (a
@@ -58,13 +63,14 @@ from ..errors import CallError, ClientClosedError, HandlerError
 from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
-from . import jsonrpc, moving
+from . import dialect, jsonrpc, moving
 from .admission import Guard, Refusal, banned_error, client_of, read_proxy_header
 from .bans import Ban, BanClientError, BanStore, BanSync
 from .connection import Connection
 from .jsonrpc import Request, RpcError
 from .options import GatewayOptions
 from .proxy_protocol import ProxyHeaderError
+from .push import DELIVER_TOPIC, deliver
 from .state import ConnectionGoneError, ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
@@ -86,6 +92,8 @@ class Gateway(Service):
         # Topics come from configuration, not from a decorator.
         for pattern in self.options.topics:
             self.add_subscription(pattern, self._on_push)
+        self.dialect = dialect.named(self.options.dialect)
+        self.add_subscription(DELIVER_TOPIC, self._on_deliver)
         self.store = ConnectionStore(self.settings)
         self.connections: dict[str, Connection] = {}
         self.address = ""
@@ -241,7 +249,7 @@ class Gateway(Service):
     async def _refuse(self, conn: Connection, reason: str, error: Refusal) -> None:
         self.metrics.gateway_rejected(reason)
         self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
-        conn.send(jsonrpc.error_line(None, *error))
+        conn.send(self.dialect.error_line(None, *error))
         conn.close()
         await conn.wait_closed()
 
@@ -382,7 +390,7 @@ class Gateway(Service):
 
     def _banned(self, ban: Ban) -> None:
         """Close every connection from a newly banned address, with the ``banned`` error."""
-        line = jsonrpc.error_line(None, *banned_error(ban))
+        line = self.dialect.error_line(None, *banned_error(ban))
         for conn in list(self.connections.values()):
             if conn.address == ban.address and not conn.closed:
                 conn.send(line)
@@ -398,13 +406,17 @@ class Gateway(Service):
         ctx = current_call()
         topic = ctx.name if ctx is not None else ""
         try:
-            line = jsonrpc.notification_line(topic, payload)
+            line = self.dialect.notification_line(topic, payload)
         except jsonrpc.UNENCODABLE as exc:
             self._throttle.log("push_unencodable", logging.WARNING,
                                "push to %s cannot be sent as JSON: %s", clip(topic), clip(str(exc)))
             return
         for conn in list(self.connections.values()):
             conn.push(topic, line)
+
+    async def _on_deliver(self, payload: Any) -> None:
+        """A push addressed to one connection: :func:`.push.deliver` (refusals go back to the sender)."""
+        deliver(payload, self.connections, self.options, self.dialect, self.instance_id)
 
     # -- background ---------------------------------------------------------------------
 

@@ -249,17 +249,18 @@ def welcome(stack: Stack, settings: Settings) -> None:
     port = stratum.rsplit(":", 1)[-1]
     say(
         f"\nmeshkit stack is up (run dir {stack.run_dir}; logs in it).\n"
-        f"  Stratum-style clients connect to port {port}, for example:\n"
+        f"  A Stratum v1 pool listens on port {port}; mine on it with:\n"
+        f"    .venv/bin/python -m services.stratum.miner 127.0.0.1 {port}\n"
+        "  or by hand:\n"
         f"    nc 127.0.0.1 {port}\n"
-        '    {"id":1,"method":"shares.login","params":["alice"]}\n'
-        '    {"id":2,"method":"mesh.subscribe","params":["jobs.*"]}\n'
-        '    {"id":3,"method":"shares.submit","params":["<job_id from jobs.notify>","00c0ffee"]}\n'
-        '    {"id":4,"method":"shares.stats"}\n'
+        '    {"id":1,"method":"mining.subscribe","params":["nc"]}\n'
+        '    {"id":2,"method":"mining.authorize","params":["alice","x"]}\n'
+        '    {"id":3,"method":"mining.stats","params":[]}\n'
         "  In another shell, from this directory, any of:\n"
         "    .venv/bin/meshkit status\n"
         "    .venv/bin/meshkit ls\n"
-        "    .venv/bin/meshkit scale shares 4\n"
-        "    .venv/bin/meshkit restart shares\n"
+        "    .venv/bin/meshkit scale mining 4\n"
+        "    .venv/bin/meshkit restart mining\n"
         "    .venv/bin/meshkit down\n"
         f"  Your own services join this stack with: export MESHKIT_REDIS_URL={settings.redis_url}\n",
         sys.stdout,

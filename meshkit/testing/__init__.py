@@ -21,6 +21,16 @@ Fixtures:
     knows of them); every one still running is killed after the test.
 ``mesh_client``
     A blocking :class:`~meshkit.Client` on ``mesh_settings``.
+
+In-process, with no Redis and no subprocess (see ``docs/testing.md``):
+
+:class:`ServiceHarness`
+    Runs one service in this process and drives it: ``await h.call(...)``,
+    ``await h.publish(...)``, ``h.clock.advance(seconds)``.
+:class:`FakeClock`
+    A :class:`meshkit.clock.Clock` whose time moves only on ``advance()``.
+:class:`MemoryRegistry`
+    A registry kept in memory, behind the interface a service uses.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ import pytest
 
 from ..config import Settings
 from ..registry import read_records
+from .clock import FakeClock
+from .harness import ServiceHarness
+from .memory import MemoryRegistry
 from .processes import (
     MissingProgramError,
     ProcessExitedError,
@@ -48,9 +61,12 @@ if TYPE_CHECKING:
     from ..sync import Client
 
 __all__ = [
+    "FakeClock",
+    "MemoryRegistry",
     "MissingProgramError",
     "ProcessExitedError",
     "RedisServer",
+    "ServiceHarness",
     "ServiceProcess",
     "StartService",
     "find_program",

@@ -57,6 +57,21 @@ class VardiffConfig:
             raise ValueError("variance is in [0, 1), max_step above 1, burst_shares at least 1")
 
 
+@dataclass(frozen=True)
+class VardiffState:
+    """A :class:`Vardiff` as plain numbers, to keep in a connection's shared state between shares.
+
+    ``window_start`` is on whatever clock the caller passes as ``now``; a
+    pool whose shares land on several processes must use a clock they share
+    (wall time), not each one's monotonic clock.
+    """
+
+    difficulty: float
+    previous: float
+    window_start: float
+    shares: int
+
+
 class Vardiff:
     """One connection's difficulty, retargeted from the shares it sends.
 
@@ -72,6 +87,18 @@ class Vardiff:
         self._previous = self._difficulty  # what shares in flight may still be worked at
         self._window_start = now
         self._shares = 0
+
+    @classmethod
+    def restore(cls, config: VardiffConfig, state: VardiffState) -> Vardiff:
+        """The vardiff :meth:`state` described (its difficulties clamped to ``config``)."""
+        vd = cls(config, state.window_start, state.difficulty)
+        vd._previous = vd._clamp(state.previous)
+        vd._shares = max(0, int(state.shares))
+        return vd
+
+    def state(self) -> VardiffState:
+        """Everything needed to :meth:`restore` this vardiff elsewhere."""
+        return VardiffState(self._difficulty, self._previous, self._window_start, self._shares)
 
     @property
     def difficulty(self) -> float:

@@ -1,4 +1,7 @@
-"""The demo application (services/jobs.py, services/shares.py) through a gateway, as a client sees it."""
+"""The restart proof's toy backends (services/jobs.py, services/shares.py) through a gateway, as a client sees it.
+
+The demo itself is the Stratum pool now: tests/integration/test_stratum_pool.py.
+"""
 
 from __future__ import annotations
 

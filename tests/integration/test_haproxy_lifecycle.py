@@ -382,7 +382,7 @@ def test_circus_restarting_or_losing_the_sync_watcher_cuts_no_client(
     clients = [LineClient(f"127.0.0.1:{port}") for _ in range(CLIENTS)]
     try:
         for client in clients:
-            assert "result" in client.call("shares.stats")
+            assert "result" in client.call("mining.stats")
         master = view.master_pid()
         loop = ConnectLoop(port).start()  # any answer counts (here "method not found")
         try:
@@ -406,7 +406,7 @@ def test_circus_restarting_or_losing_the_sync_watcher_cuts_no_client(
         assert loop.failures == []
         assert loop.slowest < 2.0, f"a connection waited {loop.slowest:.1f}s"
         for client in clients:
-            assert "result" in client.call("shares.stats")
+            assert "result" in client.call("mining.stats")
         assert view.master_pid() == master
     finally:
         for client in clients:

@@ -149,16 +149,16 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
 
     status = meshkit("status", "--run-dir", str(run_dir), env=env)
     assert status.returncode == 0, status.stderr
-    assert "gateway" in status.stdout and "shares" in status.stdout and "up" in status.stdout
+    assert "gateway" in status.stdout and "mining" in status.stdout and "up" in status.stdout
 
     client = JsonRpcClient((host, int(port)))
     try:
-        reply = client.request("shares.stats", [])
+        reply = client.request("mining.stats", [])
         assert "result" in reply, reply
 
         # Scale the backends up: the mesh follows within a second of registration.
-        assert meshkit("scale", "shares", "4", "--run-dir", str(run_dir), env=env).returncode == 0
-        wait_until(lambda: len(read_records(settings, "shares")) == 4, 15, "4 shares instances")
+        assert meshkit("scale", "mining", "4", "--run-dir", str(run_dir), env=env).returncode == 0
+        wait_until(lambda: len(read_records(settings, "mining")) == 4, 15, "4 mining instances")
         # Scale gateways up: HAProxy gets the new server within a second.
         assert meshkit("scale", "gateway", "3", "--run-dir", str(run_dir), env=env).returncode == 0
         wait_until(lambda: len(read_records(settings, "gateway")) == 3, 15, "3 gateways")
@@ -167,35 +167,35 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         assert time.monotonic() - registered < 1.5
 
         # Scale back down; calls keep working.
-        assert meshkit("scale", "shares", "2", "--run-dir", str(run_dir), env=env).returncode == 0
-        wait_until(lambda: len(read_records(settings, "shares")) == 2, 20, "2 shares instances")
+        assert meshkit("scale", "mining", "2", "--run-dir", str(run_dir), env=env).returncode == 0
+        wait_until(lambda: len(read_records(settings, "mining")) == 2, 20, "2 mining instances")
         assert meshkit("scale", "gateway", "2", "--run-dir", str(run_dir), env=env).returncode == 0
         # Our connection may have been on the gateway that left: it was closed
         # at the end of that gateway's grace period, so connect again.
         client.close()
         client = JsonRpcClient((host, int(port)))
         for _ in range(20):
-            assert "result" in client.request("shares.stats", [])
+            assert "result" in client.request("mining.stats", [])
 
         # A rolling restart, two at a time: new processes, the same number, calls keep working.
-        before = set(control.pids("shares"))
-        restart = meshkit("restart", "shares", "--batch", "2", "--run-dir", str(run_dir), env=env)
+        before = set(control.pids("mining"))
+        restart = meshkit("restart", "mining", "--batch", "2", "--run-dir", str(run_dir), env=env)
         assert restart.returncode == 0, restart.stdout + restart.stderr
         assert "registered after" in restart.stdout and "2 processes replaced in 1 steps" in restart.stdout
-        assert len(control.pids("shares")) == 2 and not before & set(control.pids("shares"))
-        assert "result" in client.request("shares.stats", [])
+        assert len(control.pids("mining")) == 2 and not before & set(control.pids("mining"))
+        assert "result" in client.request("mining.stats", [])
         refused = meshkit("restart", "flapguard", "--run-dir", str(run_dir), env=env)
         assert refused.returncode != 0 and "not a meshkit service" in refused.stderr, refused.stderr
 
         # Kill a backend: calls are routed around it, Circus replaces it.
-        victim = control.pids("shares")[0]
+        victim = control.pids("mining")[0]
         os.kill(victim, signal.SIGKILL)
         for _ in range(50):
-            assert "result" in client.request("shares.stats", [])
-        wait_until(lambda: victim not in control.pids("shares") and len(control.pids("shares")) == 2,
+            assert "result" in client.request("mining.stats", [])
+        wait_until(lambda: victim not in control.pids("mining") and len(control.pids("mining")) == 2,
                    10, "Circus to replace the killed backend")
-        wait_until(lambda: len(read_records(settings, "shares")) == 2
-                   and all(r.pid != victim for r in read_records(settings, "shares")),
+        wait_until(lambda: len(read_records(settings, "mining")) == 2
+                   and all(r.pid != victim for r in read_records(settings, "mining")),
                    10, "the replacement to register")
     finally:
         client.close()
@@ -416,7 +416,7 @@ def test_a_busy_public_port_is_named_in_the_error(tmp_path: Path, daemon: bool) 
 
 def test_status_and_restart_without_a_stack_say_no_stack_is_running(tmp_path: Path) -> None:
     env, run_dir, _ = stack_files(tmp_path)
-    for command in (["status"], ["restart", "shares"], ["scale", "shares", "3"]):
+    for command in (["status"], ["restart", "mining"], ["scale", "mining", "3"]):
         result = meshkit(*command, "--run-dir", str(run_dir), env=env, timeout=30)
         assert result.returncode != 0
         assert "no stack is running" in result.stderr, (command, result.stderr)
@@ -458,7 +458,7 @@ def test_down_stops_in_order_and_leaves_clean_logs(tmp_path: Path) -> None:
         control = CircusControl(f"ipc://{run_dir}/circus.sock")
         host, port = control.sockets()["stratum"].rsplit(":", 1)
         client = JsonRpcClient((host, int(port)))  # a connected client: the gateway has state to delete
-        assert "result" in client.request("shares.login", ["alice"])
+        assert "result" in client.request("mining.authorize", ["alice", "x"])
         reader = _hold_until_closed(client)
         logs = sorted(run_dir.glob("*.log"))
         sizes = {log: log.stat().st_size for log in logs}
@@ -481,6 +481,6 @@ def test_down_stops_in_order_and_leaves_clean_logs(tmp_path: Path) -> None:
         circusd_log = (run_dir / "circusd.log").read_text()
         stopped = [w for w in re.findall(r"\[INFO\] (\S+) stopped", circusd_log) if not w.startswith("plugin:")]
         assert stopped[:3] == ["flapguard", "gateway", "haproxy"], stopped
-        assert stopped[-1] == "redis" and {"shares", "jobs"} <= set(stopped), stopped
+        assert stopped[-1] == "redis" and {"mining", "jobs"} <= set(stopped), stopped
     finally:
         terminate(stack_processes(str(run_dir)), grace=5)

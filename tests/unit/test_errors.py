@@ -21,8 +21,10 @@ from meshkit.errors import (
     MessageTooLargeError,
     NoInstanceError,
     ProtocolError,
+    RefusedError,
     RegistryUnreachableError,
     RemoteError,
+    UnknownConnectionError,
     UnknownMethodError,
     UnknownServiceError,
     UnsupportedVersionError,
@@ -41,6 +43,8 @@ CALL_ERRORS: list[type[CallError]] = [
     BadRequestError,
     UnsupportedVersionError,
     HandlerError,
+    RefusedError,
+    UnknownConnectionError,
 ]
 
 # The tree drawn in the errors module's docstring: class -> parent.
@@ -62,6 +66,8 @@ TREE: dict[type[Exception], type[Exception]] = {
     BadRequestError: RemoteError,
     UnsupportedVersionError: RemoteError,
     HandlerError: RemoteError,
+    RefusedError: RemoteError,
+    UnknownConnectionError: RefusedError,
 }
 
 CODES = {
@@ -76,6 +82,8 @@ CODES = {
     BadRequestError: "bad_request",
     UnsupportedVersionError: "unsupported_version",
     HandlerError: "handler_error",
+    RefusedError: "refused",
+    UnknownConnectionError: "unknown_connection",
 }
 
 
@@ -207,3 +215,16 @@ def test_protocol_error_pickle_round_trip() -> None:
 def test_plain_errors_pickle(cls: type[MeshError]) -> None:
     copy = pickle.loads(pickle.dumps(cls("why")))
     assert type(copy) is cls and str(copy) == "why"
+
+
+def test_a_refusal_keeps_its_client_code_across_the_wire() -> None:
+    sent = RefusedError("Low difficulty share", client_code=23)
+    assert sent.wire_message == "[23] Low difficulty share"
+    got = error_from_wire("refused", sent.wire_message, service="mining", method="submit")
+    assert type(got) is RefusedError
+    assert (got.client_code, got.message) == (23, "Low difficulty share")
+    plain = error_from_wire("unknown_connection", "no connection abc-1")
+    assert type(plain) is UnknownConnectionError and plain.client_code is None
+    assert plain.message == "no connection abc-1"
+    copy = pickle.loads(pickle.dumps(sent))
+    assert (type(copy), copy.client_code, copy.message) == (RefusedError, 23, "Low difficulty share")

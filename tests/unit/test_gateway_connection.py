@@ -483,7 +483,7 @@ def test_the_gateway_package_surface_is_pinned() -> None:
 
     assert sorted(meshkit.gateway.__all__) == [
         "ConnectionGoneError", "ConnectionState", "ConnectionStore", "Gateway", "GatewayOptions",
-        "NoConnectionError", "pooled_redis"]
+        "NoConnectionError", "gateway_of", "pooled_redis", "push_to_connection"]
 
 
 class RejectCounting(Metrics):

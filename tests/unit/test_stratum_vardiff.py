@@ -96,3 +96,21 @@ def test_shares_are_judged_at_the_lower_difficulty_until_a_job_is_sent() -> None
 def test_bad_configs_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         VardiffConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_vardiff_survives_being_kept_as_numbers_between_shares() -> None:
+    from services.stratum.vardiff import Vardiff, VardiffConfig, VardiffState
+
+    cfg = VardiffConfig(share_interval=1.0, min_difficulty=1.0, burst_shares=4, retarget_interval=60.0)
+    whole = Vardiff(cfg, 0.0)
+    state = whole.state()
+    changes = []
+    for i in range(1, 5):
+        # One share each, the vardiff rebuilt from its numbers every time (as a pool does).
+        piece = Vardiff.restore(cfg, state)
+        changes.append(piece.record_share(i * 0.01))
+        state = piece.state()
+        whole.record_share(i * 0.01)
+    assert changes[-1] == whole.difficulty == 4.0
+    assert state == whole.state() == VardiffState(4.0, 1.0, 0.04, 0)
+    assert Vardiff.restore(cfg, VardiffState(0.001, 0.0, 0.0, -3)).state() == VardiffState(1.0, 1.0, 0.0, 0)

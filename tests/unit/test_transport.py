@@ -1,4 +1,4 @@
-"""SocketPump: a handler that raises drops the message, counts it and logs once per cause."""
+"""SocketPump: messages whole and in order, sends that would block refused, a raising handler contained."""
 
 from __future__ import annotations
 
@@ -42,3 +42,105 @@ def test_failing_handler_is_counted_and_logged_once(caplog: pytest.LogCaptureFix
         ctx.term()
     assert pump.dropped == 100
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
+def _pair(name: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes], zmq.Socket[bytes]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind(f"inproc://{name}")
+    b.connect(f"inproc://{name}")
+    return ctx, a, b
+
+
+def _close(ctx: zmq.Context[zmq.Socket[bytes]], *socks: zmq.Socket[bytes]) -> None:
+    for sock in socks:
+        sock.close(linger=0)
+    ctx.term()
+
+
+def test_messages_arrive_whole_and_in_order_in_both_directions() -> None:
+    ctx, a, b = _pair("order")
+    got_a: list[list[bytes]] = []
+    got_b: list[list[bytes]] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        def on_b(frames: list[bytes]) -> None:
+            got_b.append(frames)
+            pump_b.send([b"re", frames[1]])  # answer from inside the handler
+
+        def on_a(frames: list[bytes]) -> None:
+            got_a.append(frames)
+            if len(got_a) == 600:
+                done.set()
+
+        pump_a, pump_b = SocketPump(a, on_a), SocketPump(b, on_b)
+        pump_a.start()
+        pump_b.start()
+        for i in range(600):  # more than one read batch
+            assert pump_a.send([b"req", b"%d" % i])
+        await asyncio.wait_for(done.wait(), 10.0)
+        pump_a.stop()
+        pump_b.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
+    assert got_b == [[b"req", b"%d" % i] for i in range(600)]
+    assert got_a == [[b"re", b"%d" % i] for i in range(600)]
+
+
+def test_large_frames_go_through_whole() -> None:
+    ctx, a, b = _pair("large")
+    big = bytes(range(256)) * 8192  # 2 MiB: above the zero-copy threshold
+    got: list[list[bytes]] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        def on_b(frames: list[bytes]) -> None:
+            got.append(frames)
+            done.set()
+
+        pump_b = SocketPump(b, on_b)
+        pump_b.start()
+        assert SocketPump(a, lambda frames: None).send([b"h", big])
+        await asyncio.wait_for(done.wait(), 10.0)
+        pump_b.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
+    assert got == [[b"h", big]]
+
+
+def test_send_says_false_when_zeromq_would_block() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)  # connected to nothing: nowhere to queue a message
+    try:
+        assert SocketPump(dealer, lambda frames: None).send([b"x"]) is False
+    finally:
+        _close(ctx, dealer)
+
+
+def test_a_stopped_pump_delivers_nothing_more() -> None:
+    ctx, a, b = _pair("stopped")
+    got: list[list[bytes]] = []
+
+    async def main() -> None:
+        pump = SocketPump(a, got.append)
+        pump.start()
+        pump.stop()
+        b.send(b"late")
+        pump.drain()
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
+    assert got == []
