@@ -4,6 +4,7 @@ The public surface is :data:`__all__` (pinned by ``tests/unit/test_public_api.py
 everything else is internal. The test kit is :mod:`meshkit.testing`.
 """
 
+from .blocking import Client
 from .client import AsyncClient
 from .config import Settings
 from .context import CallContext, current_call
@@ -29,7 +30,6 @@ from .errors import (
 from .handlers import periodic, rpc, subscribe
 from .record import InstanceRecord
 from .service import Service
-from .sync import Client
 
 __version__ = "0.1.0"
 

@@ -48,7 +48,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .config import Settings
-from .handlers import topic_matches
 from .record import MAX_RECORD_BYTES, InstanceRecord
 from .storage import (
     SCAN_BATCH,
@@ -62,6 +61,7 @@ from .storage import (
 )
 from .tasks import Supervised, supervise
 from .timing import wait_event
+from .topics import topic_matches
 from .untrusted import LogThrottle, clip
 
 __all__ = ["Keys", "Registry", "load_records", "read_records", "redacted_url", "redis_client"]

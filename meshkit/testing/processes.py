@@ -24,7 +24,7 @@ import redis
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..haproxy.process import find_program as find_system_program
+from ..programs import find_program as find_system_program
 from ..record import InstanceRecord
 from ..registry import read_records
 
@@ -38,7 +38,7 @@ def find_program(name: str) -> str:
 
     Debian installs ``haproxy`` and ``redis-server`` under ``/usr/sbin`` and
     ``/usr/bin``; a non-root PATH may lack the former. The search is meshkit's
-    own (:func:`meshkit.haproxy.process.find_program`). A missing program
+    own (:func:`meshkit.programs.find_program`). A missing program
     raises :class:`MissingProgramError`: an error, never a skip.
     """
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshkit import BadArgumentsError
-from meshkit.sync import Client
+from meshkit.blocking import Client
 from meshkit.testing import StartService
 
 

@@ -14,9 +14,9 @@ import pytest
 from redis.exceptions import ResponseError
 
 from meshkit.config import Settings
-from meshkit.handlers import topic_matches
 from meshkit.record import DRAINING, MAX_RECORD_BYTES, InstanceRecord
 from meshkit.registry import Keys, Registry, redacted_url
+from meshkit.topics import topic_matches
 
 # Scans this far apart drop what both missed (two heartbeat intervals of the default 1 s).
 GRACE = 2.0
