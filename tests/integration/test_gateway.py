@@ -344,3 +344,26 @@ def test_state_is_created_again_by_the_next_request_after_a_failure_or_a_loss(
     own_redis.start()
     # ... and the next request tries again.
     assert late.call("gwprobe.remember", ["worker", "w4"])["result"] == {"worker": "w4", "calls": "1"}
+
+
+def test_a_stopping_gateway_honours_the_grace_it_is_given(mesh_settings: Settings) -> None:
+    """``stop(grace)`` bounds the drain, whatever the ``drain_grace`` option says."""
+    from meshkit.gateway import Gateway
+
+    async def main() -> float:
+        settings = mesh_settings.replace(service_overrides={"gateway": {"drain_grace": 60.0}})
+        gateway = Gateway(settings)
+        await gateway.start()
+        host, port = gateway.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b'{"jsonrpc": "2.0", "id": 1, "method": "mesh.hello"}\n')
+        await asyncio.wait_for(reader.readline(), _WAIT)
+        started = time.monotonic()
+        await asyncio.wait_for(gateway.stop(grace=0.5), _WAIT)
+        took = time.monotonic() - started
+        notice = await asyncio.wait_for(reader.readline(), _WAIT)
+        assert b"shutting down" in notice
+        writer.close()
+        return took
+
+    assert asyncio.run(main()) < _WAIT
