@@ -30,7 +30,14 @@ from ..config import Settings
 from ..registry import read_records
 from ..stack.console import say
 from ..stack.control import StackError
-from ..stack.flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
+from ..stack.flap import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_WINDOW,
+    FlapGuard,
+    FlapLimit,
+    FlapPolicy,
+    read_flapped,
+)
 from ..stack.lifecycle import down_leftovers, run_up, service_watchers, stop
 from ..stack.processes import stack_processes
 from ..stack.rolling import RollingRestart
@@ -79,8 +86,11 @@ def add_commands(sub: Any) -> None:
 
     guard = sub.add_parser("flapguard", help="(run by circus.ini) stop crash-looping watchers")
     guard.add_argument("--run-dir")
-    guard.add_argument("--max-restarts", type=int, default=5)
-    guard.add_argument("--window", type=float, default=10.0)
+    guard.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                       help="abnormal exits a watcher may have within the window "
+                            f"(default {DEFAULT_MAX_RESTARTS}; [services.<name>] flap_max_restarts wins)")
+    guard.add_argument("--window", type=float, default=DEFAULT_WINDOW,
+                       help=f"seconds (default {DEFAULT_WINDOW:g}; [services.<name>] flap_window wins)")
     guard.set_defaults(func=cmd_flapguard)
 
 
