@@ -15,6 +15,8 @@ from meshkit import BadArgumentsError
 from meshkit.blocking import Client
 from meshkit.testing import StartService
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def statsd() -> Iterator[socket.socket]:
