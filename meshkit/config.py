@@ -8,7 +8,11 @@ is read at import time; a :class:`Settings` is passed to whatever needs it.
 
 Per-service tables ``[services.<name>]`` in the same file hold settings that
 differ by service (``log_level``, ``flap_max_restarts``, ...); read them with
-:meth:`Settings.for_service`.
+:meth:`Settings.for_service`. Other sections of a service (the gateway's
+options, flap limits) come from the same table through :meth:`Settings.section`,
+with ``MESHKIT_<SERVICE>_<KEY>`` variables over it; every section is read
+by the one loader in :mod:`meshkit.sections`, and the environment is read
+only by :meth:`Settings.load`.
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from .errors import ConfigError
+from .sections import load_section, read_section
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
+T = TypeVar("T")
+
 ENV_PREFIX = "MESHKIT_"
+# Fields that hold tables, not values: never read from a variable or coerced.
+TABLE_FIELDS = frozenset({"service_overrides", "environment"})
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # Redis's own default; `meshkit up` starts a private one instead
 
 
@@ -75,6 +84,8 @@ class Settings:
     log_level: str = "INFO"
     run_dir: str = ".run"
     service_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The MESHKIT_* variables load() saw; sections read theirs here, never from os.environ.
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.redis_url).scheme
@@ -114,7 +125,13 @@ class Settings:
         env: Mapping[str, str] | None = None,
         **overrides: Any,
     ) -> Settings:
-        """Build settings from file, environment and ``overrides`` (see module doc)."""
+        """Build settings from file, environment and ``overrides`` (see module doc).
+
+        This is the one place meshkit reads the environment (``os.environ``
+        unless ``env`` is given). The ``MESHKIT_*`` variables it saw are kept
+        in :attr:`environment`, where other sections (:meth:`section`) find
+        their own variables.
+        """
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         file = path or env.get(ENV_PREFIX + "CONFIG")
@@ -123,34 +140,54 @@ class Settings:
                 data = tomllib.loads(Path(file).read_text())
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"cannot read config file {file}: {exc}") from None
-            values.update(_check_keys(data.get("meshkit", {}), str(file)))
+            values.update(read_section(cls, data.get("meshkit", {}), f"{file} [meshkit]",
+                                       skip=TABLE_FIELDS, unknown_noun="settings"))
             services = data.get("services", {})
             if not isinstance(services, dict):
                 raise ConfigError(f"{file}: [services] must be a table of tables")
             values["service_overrides"] = services
-        types = _field_types()
-        for name in types:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None and name != "service_overrides":
-                values[name] = raw
-        values.update(overrides)
-        return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        values.update(read_section(cls, {}, "environment", env=env, env_prefix=ENV_PREFIX, skip=TABLE_FIELDS))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown settings {sorted(unknown)}")
+        tables = {k: v for k, v in overrides.items() if k in TABLE_FIELDS}
+        values.update(read_section(cls, {k: v for k, v in overrides.items() if k not in TABLE_FIELDS},
+                                   "setting", skip=TABLE_FIELDS))
+        values.update(tables)
+        values.setdefault("environment", {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+        return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def for_service(self, service: str) -> Settings:
-        """These settings with the ``[services.<service>]`` table applied."""
+        """These settings with the ``[services.<service>]`` table applied (keys that are no setting are left)."""
         table = self.service_overrides.get(service)
         if not table:
             return self
-        types = _field_types()
-        known = {k: _coerce(k, v, types[k]) for k, v in table.items() if k in types}
+        known = read_section(Settings, table, f"[services.{service}]", ignore_unknown=True, skip=TABLE_FIELDS)
         return dataclasses.replace(self, **known) if known else self
 
+    def section(self, cls: type[T], service: str) -> T:
+        """Section ``cls`` of ``service``, read by :func:`meshkit.sections.read_section`.
+
+        Lowest precedence first: the dataclass's defaults, the
+        ``[services.<service>]`` table (keys that are no field of ``cls`` are
+        left for other sections), and the variables
+        ``MESHKIT_<SERVICE>_<FIELD>`` among those :meth:`load` saw (a ``-`` in
+        the service name is ``_``).
+        """
+        prefix = f"{ENV_PREFIX}{service.upper().replace('-', '_')}_"
+        return load_section(cls, self.service_overrides.get(service, {}), f"[services.{service}]",
+                            env=self.environment, env_prefix=prefix, ignore_unknown=True)
+
     def service_option(self, service: str, key: str, default: Any) -> Any:
-        """A per-service option that is not a :class:`Settings` field (e.g. flap limits)."""
+        """A per-service value that is not a :class:`Settings` field, untyped.
+
+        Prefer a section (:meth:`section`), which is typed, validated and
+        overridable from the environment.
+        """
         return self.service_overrides.get(service, {}).get(key, default)
 
     @property
@@ -163,39 +200,3 @@ class Settings:
 
             return socket.getfqdn()
         return self.bind_host
-
-
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in dataclasses.fields(Settings)}
-
-
-def _check_keys(table: Any, source: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [meshkit] must be a table")
-    unknown = set(table) - set(_field_types()) - {"service_overrides"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown settings {sorted(unknown)}")
-    return dict(table)
-
-
-def _coerce(name: str, value: Any, type_name: str) -> Any:
-    if name == "service_overrides":
-        return value
-    try:
-        if type_name == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if type_name == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if type_name == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name} expects {type_name}, got {value!r}") from None

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
+
+from .topics import topic_matches
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -190,11 +192,3 @@ class HandlerTable:
     def cached_bytes(self) -> int:
         """Bytes the topic lookup cache holds now (at most ``cache_bytes``)."""
         return self._cached_bytes
-
-
-def topic_matches(patterns: Iterable[str], topic: str) -> bool:
-    """Whether ``topic`` matches one of ``patterns`` (exact, or ``prefix.*``)."""
-    for pattern in patterns:
-        if pattern == topic or (pattern.endswith(".*") and topic.startswith(pattern[:-1])):
-            return True
-    return False

@@ -55,7 +55,6 @@ from redis.exceptions import RedisError
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
-from .handlers import topic_matches
 from .record import MAX_RECORD_BYTES, InstanceRecord
 from .registration import Registration
 from .storage import (
@@ -70,6 +69,7 @@ from .storage import (
 )
 from .tasks import Supervised, supervise
 from .timing import wait_event
+from .topics import topic_matches
 from .untrusted import LogThrottle, clip
 
 __all__ = ["Keys", "Registry", "load_records", "read_records", "redacted_url", "redis_client"]

@@ -1,7 +1,7 @@
 """The registry's layout in Redis, and reading it without trusting it.
 
-Layout, under the namespace ``ns`` (see :mod:`meshkit.registry` for who
-writes what and when):
+Layout, under the namespace ``ns`` (every key family is named in
+:mod:`meshkit.keys`; see :mod:`meshkit.registry` for who writes what and when):
 
 * ``ns:inst:<service>:<instance_id>`` — one :class:`~meshkit.record.InstanceRecord` as JSON, with a TTL;
 * ``ns:changes`` — the pub/sub channel announcing every change.
@@ -18,7 +18,6 @@ A Redis URL shown in a log line or an error passes through :func:`redacted_url`.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -29,6 +28,7 @@ from redis.exceptions import RedisError
 from . import names
 from .config import Settings
 from .errors import RegistryUnreachableError
+from .keys import Keys
 from .record import MAX_RECORD_BYTES, InstanceRecord
 from .untrusted import clip
 
@@ -36,7 +36,6 @@ __all__ = ["SCAN_BATCH", "Keys", "load_records", "parse_stored", "read_records",
            "redis_client", "validate_key"]
 
 SCAN_BATCH = 500  # keys read per round trip
-_GLOB = re.compile(r"([*?\[\]\\])")
 
 
 def redacted_url(url: str) -> str:
@@ -68,24 +67,6 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         socket_connect_timeout=1.0,
         decode_responses=False,
     )
-
-
-class Keys:
-    """Key names for one namespace."""
-
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
-        self.instance_prefix = f"{namespace}:inst:"
-        self.changes = f"{namespace}:changes"
-
-    def instance(self, key: str) -> str:
-        """Redis key of the record whose :attr:`InstanceRecord.key` is ``key``."""
-        return self.instance_prefix + key
-
-    def match(self, service: str | None = None) -> str:
-        """The ``SCAN MATCH`` pattern of every record (of ``service``), wildcards in names escaped."""
-        prefix = self.instance_prefix + (f"{service}:" if service else "")
-        return _GLOB.sub(r"\\\1", prefix) + "*"
 
 
 def parse_stored(keys: Keys, key: bytes | str, value: object) -> InstanceRecord | None:

@@ -16,9 +16,11 @@ from this directory, and say so (:mod:`meshkit.rundir`). Errors print one
 line to stderr; exit statuses are listed in :mod:`.output` (0 done, 1
 failed, 2 bad command line or settings).
 
+Every argparse verb lives in this package, and nothing below it imports it.
 Layers: :mod:`.args` (what the command line means) and :mod:`.output`
 (what is printed) are pure; :mod:`.reach` probes Redis and instances;
-:mod:`.mesh` and :mod:`.localredis` are the commands.
+the commands are :mod:`.mesh` (``run ls call publish``), :mod:`.localredis`
+(``redis``), :mod:`.haproxy` (``haproxy``) and :mod:`.stack` (the stack's).
 """
 
 from __future__ import annotations
@@ -92,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commands() -> list[Callable[[Any], None]]:
-    from ..haproxy.command import add_commands as haproxy_commands
-    from ..stack.commands import add_commands as stack_commands
     from .ban import add_commands as ban_commands
+    from .haproxy import add_commands as haproxy_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
+    from .stack import add_commands as stack_commands
 
     return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands]

@@ -37,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..errors import ConfigError, MeshError
-from ..haproxy.process import find_program
+from ..programs import find_program
 from ..rundir import LOCAL_REDIS_DIR, LOCAL_REDIS_SOCKET, redis_answers, unix_url
 
 # The longest path a unix socket address holds on Linux (sun_path is 108 bytes, NUL included).

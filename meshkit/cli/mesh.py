@@ -158,7 +158,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> Any:
-    from ..sync import Client
+    from ..blocking import Client
 
     values, kwargs = parse_call_args(args.args, raw=args.raw)  # before any I/O: bad input costs nothing
     settings = registry_choice(args).settings
@@ -173,7 +173,7 @@ def _call(args: argparse.Namespace) -> Any:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from ..sync import Client
+    from ..blocking import Client
 
     payload = parse_json(args.payload, "the payload")
     settings = registry_choice(args).settings

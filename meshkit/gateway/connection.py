@@ -53,8 +53,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..handlers import topic_matches
 from ..metrics import Metrics
+from ..topics import topic_matches
 from ..untrusted import LogThrottle, clip
 from . import builtin, dialect, jsonrpc
 from .jsonrpc import Invalid, Request, RpcError

@@ -1,10 +1,11 @@
 """The gateway's options: the ``[services.<name>]`` table, overridable from the environment.
 
 Each option is read, lowest precedence first, from its default, the
-``[services.gateway]`` table of the settings file (``Settings.service_option``)
-and the environment variable ``MESHKIT_GATEWAY_<OPTION>`` (upper case; lists
-are comma-separated). A subclass named ``ws`` reads ``[services.ws]`` and
-``MESHKIT_WS_<OPTION>``. Durations are seconds; 0 disables ``idle_timeout``.
+``[services.gateway]`` table of the settings file and the environment variable
+``MESHKIT_GATEWAY_<OPTION>`` (upper case; lists are comma-separated), as
+:meth:`Settings.section <meshkit.config.Settings.section>` reads every section.
+A subclass named ``ws`` reads ``[services.ws]`` and ``MESHKIT_WS_<OPTION>``.
+Durations are seconds; 0 disables ``idle_timeout``.
 
 =================  ==========  =====================================================
 listener           stratum     listener name advertised in the registry record
@@ -29,7 +30,9 @@ max_output         1048576     bytes queued for a client before it is dropped as
 max_subscriptions  64          topics and patterns one connection may subscribe to
 idle_timeout       300         close a connection that sent nothing for this long
 request_timeout    10          deadline of each mesh call made for a client
-drain_grace        30          how long a stopping gateway keeps its clients
+drain_grace        30          how long a stopping gateway keeps its clients: the
+                               gateway's one drain grace (its ``Service.stop``
+                               uses it, not ``Settings.drain_grace``)
 close_timeout      5           how long a closing connection may take to deliver
                                what was written to it (acknowledged by the
                                client's TCP) before it is reset; it counts
@@ -83,10 +86,8 @@ gone_disconnect     false               also close the clients that used it
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from ..config import Settings
 from ..errors import ConfigError
@@ -186,39 +187,11 @@ class GatewayOptions:
     @classmethod
     def from_settings(cls, settings: Settings, service: str = "gateway",
                       env: Mapping[str, str] | None = None) -> GatewayOptions:
-        """Options for ``service`` from its settings table and ``env`` (default: ``os.environ``)."""
-        env = os.environ if env is None else env
-        prefix = f"MESHKIT_{service.upper().replace('-', '_')}_"
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(prefix + f.name.upper())
-            value = raw if raw is not None else settings.service_option(service, f.name, None)
-            if value is not None:
-                values[f.name] = _coerce(f.name, value, getattr(cls, f.name))
-        return cls(**values)
+        """Options for ``service``: its settings table, then its ``MESHKIT_<SERVICE>_*`` variables.
 
-
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
-          "0": False, "false": False, "no": False, "off": False}
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    try:
-        if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(item).strip() for item in items if str(item).strip())
-        if isinstance(default, bool):
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text not in _BOOLS:
-                raise ValueError(text)
-            return _BOOLS[text]
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"gateway option {name} expects {type(default).__name__}, "
-                          f"got {value!r}") from None
+        The variables are those :meth:`Settings.load` saw (``env``, when
+        given, stands in for them); loading is :meth:`Settings.section`'s.
+        """
+        if env is not None:
+            settings = settings.replace(environment=env)
+        return settings.section(cls, service)

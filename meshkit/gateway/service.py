@@ -135,12 +135,19 @@ class Gateway(Service):
             self._background.append(supervise("gateway-gone-watch", self._watch_gone, logger=log))
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
 
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop as :meth:`Service.stop`; the grace defaults to the ``drain_grace`` option.
+
+        That option is the gateway's one drain grace: its clients get it, and
+        so does the work in flight.
+        """
+        await super().stop(self.options.drain_grace if grace is None else grace)
+
     async def on_drain(self, grace: float) -> None:
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.options.drain_grace
-        log.info("draining %d client connections (grace %.1fs)",
-                 len(self.connections), self.options.drain_grace)
-        await asyncio.sleep(min(_LISTEN_LINGER, self.options.drain_grace))
+        end = loop.time() + grace
+        log.info("draining %d client connections (grace %.1fs)", len(self.connections), grace)
+        await asyncio.sleep(min(_LISTEN_LINGER, grace))
         if self._listener is not None:
             self._listener.close()  # existing connections stay open
         mover: asyncio.Future[int] | None = None

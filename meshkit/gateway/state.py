@@ -1,6 +1,7 @@
 """Per-connection state in Redis, shared by the gateway and every backend.
 
-Each client connection a gateway holds has a hash and a membership::
+Each client connection a gateway holds has a hash and a membership (the
+key names are :class:`meshkit.keys.Keys`'s)::
 
     <ns>:conn:<conn_id>          hash: the application's fields, plus the gateway's
                                  own ``_gateway`` (instance id), ``_peer`` (client
@@ -40,6 +41,7 @@ import redis.asyncio as aioredis
 from ..config import Settings
 from ..context import current_call
 from ..errors import MeshError
+from ..keys import Keys
 from ..untrusted import clip
 
 log = logging.getLogger("meshkit.gateway.state")
@@ -108,6 +110,7 @@ class ConnectionStore:
 
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         self.namespace = settings.namespace
+        self.keys = Keys(settings.namespace)
         self._settings = settings
         self._own = redis is None
         self._redis = redis
@@ -122,10 +125,12 @@ class ConnectionStore:
         return self._redis
 
     def key(self, conn_id: str) -> str:
-        return f"{self.namespace}:conn:{conn_id}"
+        """The Redis hash of ``conn_id``'s state (:meth:`meshkit.keys.Keys.connection`)."""
+        return self.keys.connection(conn_id)
 
     def gateway_key(self, gateway_id: str) -> str:
-        return f"{self.namespace}:gwconns:{gateway_id}"
+        """The Redis set of ``gateway_id``'s connections (:meth:`meshkit.keys.Keys.gateway_connections`)."""
+        return self.keys.gateway_connections(gateway_id)
 
     def state(self, conn_id: str) -> ConnectionState:
         """The state of connection ``conn_id``."""
@@ -221,9 +226,9 @@ class ConnectionStore:
 
     async def gateways(self) -> set[str]:
         """Ids of every gateway that has connection state in this namespace."""
-        prefix = self.gateway_key("")
+        prefix = self.keys.gateway_prefix
         return {_str(key)[len(prefix):]
-                async for key in self.redis.scan_iter(match=prefix + "*", count=500)}
+                async for key in self.redis.scan_iter(match=self.keys.gateways_match(), count=500)}
 
     async def drop_gateway(self, gateway_id: str) -> int:
         """Delete all connection state of ``gateway_id`` (a dead gateway); return the count."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..handlers import topic_matches
+from ..topics import topic_matches
 from ..untrusted import clip
 from . import jsonrpc
 from .jsonrpc import RpcError

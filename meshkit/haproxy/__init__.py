@@ -11,7 +11,7 @@ The layers, lowest first (each imports only those before it):
 * :mod:`~meshkit.haproxy.runtime` — runtime API and master CLI clients
 * :mod:`~meshkit.haproxy.reconcile` — the commands that make HAProxy's servers match a model
 * :mod:`~meshkit.haproxy.sync` — the long-running sync process
-* :mod:`~meshkit.haproxy.command` — ``meshkit haproxy render|sync|stop``
 
+The ``meshkit haproxy render|sync|stop`` verbs are :mod:`meshkit.cli.haproxy`.
 See ``docs/haproxy.md``. Importing this package imports none of them.
 """

@@ -61,14 +61,17 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError
+from ..sections import read_section
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "configs/haproxy.toml"
 MODES = ("tcp", "http")
@@ -186,6 +189,11 @@ class ProxyConfig:
         return tuple(sorted({fd for f in self.frontends if (fd := f.inherited_fd) is not None}))
 
 
+# ProxyConfig fields that are not plain values of the [haproxy] table.
+_NOT_SCALARS = frozenset({"frontends", "templates", "timeouts", "check", "retries"})
+_TOP_KEYS = frozenset(f.name for f in dataclasses.fields(ProxyConfig)) - {"frontends"}
+
+
 def default_templates() -> Path:
     """The ``haproxy/`` directory of the meshkit checkout this package runs from."""
     return Path(__file__).resolve().parents[2] / "haproxy"
@@ -207,50 +215,31 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
     if unknown:
         raise ConfigError(f"{source}: unknown tables {sorted(unknown)}")
     top = _table(data.get("haproxy", {}), f"{source} [haproxy]")
-    sections = {"timeouts": Timeouts, "check": HealthCheck, "retries": Retries}
-    scalars = {"templates", "hard_stop_after", "maxconn", "stop_timeout", "reconcile_interval", "log",
-               "send_proxy"}
-    unknown = set(top) - scalars - set(sections)
+    unknown = set(top) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{source}: unknown keys in [haproxy]: {sorted(unknown)}")
-
-    timeouts = Timeouts(**_fields(top.get("timeouts", {}), Timeouts, f"{source} [haproxy.timeouts]"))
+    timeouts = _section(Timeouts, top.get("timeouts", {}), f"{source} [haproxy.timeouts]")
     for name, value in vars(timeouts).items():
         _check_duration(f"{source}: timeouts.{name}", value)
-    check = HealthCheck(**_fields(top.get("check", {}), HealthCheck, f"{source} [haproxy.check]"))
+    check = _section(HealthCheck, top.get("check", {}), f"{source} [haproxy.check]")
     _check_duration(f"{source}: check.inter", check.inter)
     if check.fastinter:
         _check_duration(f"{source}: check.fastinter", check.fastinter)
     if check.tcp_check not in TCP_CHECKS:
         raise ConfigError(f"{source}: check.tcp_check must be one of {TCP_CHECKS}, "
                           f"got {check.tcp_check!r}")
-    retries = Retries(**_fields(top.get("retries", {}), Retries, f"{source} [haproxy.retries]"))
-
-    raw_frontends = data.get("frontend", [])
-    if not isinstance(raw_frontends, list) or not raw_frontends:
-        raise ConfigError(f"{source}: declare at least one [[frontend]]")
-    frontends = tuple(_frontend(raw, f"{source} [[frontend]] #{i + 1}") for i, raw in enumerate(raw_frontends))
-    names = [f.name for f in frontends]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: frontend names must be unique, got {names}")
-    modes: dict[tuple[str, str], str] = {}
-    for f in frontends:
-        if modes.setdefault((f.service, f.listener), f.mode) != f.mode:
-            raise ConfigError(f"{source}: frontends of {f.service}/{f.listener} disagree on mode")
-
+    retries = _section(Retries, top.get("retries", {}), f"{source} [haproxy.retries]")
+    frontends = _frontends(data.get("frontend", []), source)
+    scalars = read_section(ProxyConfig, top, f"{source} [haproxy]", ignore_unknown=True, skip=_NOT_SCALARS)
+    _check_counts(f"{source} [haproxy]", scalars)
     templates = Path(str(top["templates"])) if "templates" in top else default_templates()
     config = ProxyConfig(
         frontends=frontends,
         templates=templates if templates.is_absolute() else (base / templates).resolve(),
-        hard_stop_after=str(top.get("hard_stop_after", "1h")),
-        maxconn=_int(top.get("maxconn", 0), f"{source}: maxconn"),
-        stop_timeout=_float(top.get("stop_timeout", 10.0), f"{source}: stop_timeout"),
-        reconcile_interval=_float(top.get("reconcile_interval", 1.0), f"{source}: reconcile_interval"),
-        log=str(top.get("log", "")),
-        send_proxy=str(top.get("send_proxy", "v2")),
         timeouts=timeouts,
         check=check,
         retries=retries,
+        **scalars,
     )
     if not (config.templates / "haproxy.cfg.j2").is_file():
         raise ConfigError(f"{source}: no haproxy.cfg.j2 in the templates directory {config.templates}")
@@ -262,9 +251,23 @@ def parse_proxy_config(data: Mapping[str, Any], base: Path, source: str = "<hapr
     return config
 
 
+def _frontends(raw_frontends: Any, source: str) -> tuple[FrontendSpec, ...]:
+    if not isinstance(raw_frontends, list) or not raw_frontends:
+        raise ConfigError(f"{source}: declare at least one [[frontend]]")
+    frontends = tuple(_frontend(raw, f"{source} [[frontend]] #{i + 1}") for i, raw in enumerate(raw_frontends))
+    names = [f.name for f in frontends]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: frontend names must be unique, got {names}")
+    modes: dict[tuple[str, str], str] = {}
+    for f in frontends:
+        if modes.setdefault((f.service, f.listener), f.mode) != f.mode:
+            raise ConfigError(f"{source}: frontends of {f.service}/{f.listener} disagree on mode")
+    return frontends
+
+
 def _frontend(raw: Any, where: str) -> FrontendSpec:
-    table = _table(raw, where)
-    values = _fields(table, FrontendSpec, where)
+    values = read_section(FrontendSpec, _table(raw, where), where)
+    _check_counts(where, values)
     for key in ("name", "bind", "service", "listener"):
         if not values.get(key):
             raise ConfigError(f"{where}: {key!r} is required")
@@ -299,31 +302,15 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _fields(value: Any, cls: Any, where: str) -> dict[str, Any]:
-    """Keys of a table checked against the fields of dataclass ``cls``, coerced to their types."""
-    table = _table(value, where)
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    unknown = set(table) - set(types)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    out: dict[str, Any] = {}
-    for key, raw in table.items():
-        if types[key] == "int":
-            out[key] = _int(raw, f"{where}: {key}")
-        elif isinstance(raw, (dict, list)):
-            raise ConfigError(f"{where}: {key} must be a single value")
-        else:
-            out[key] = str(raw)
-    return out
+def _section(cls: type[T], table: Any, where: str) -> T:
+    """One of the ``[haproxy.*]`` sections, by the common loader; its counts are never negative."""
+    values = read_section(cls, table, where)
+    _check_counts(where, values)
+    return cls(**values)
 
 
-def _int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _float(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    return float(value)
+def _check_counts(where: str, values: Mapping[str, Any]) -> None:
+    """Every integer of a HAProxy section (``maxconn``, ``fall``, ``rise``, ``count``) is a count."""
+    for key, value in values.items():
+        if type(value) is int and value < 0:
+            raise ConfigError(f"{where}: {key} must be a non-negative integer, got {value}")

@@ -32,21 +32,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..programs import find_program
 from .errors import HAProxyError
 
 log = logging.getLogger("meshkit.haproxy.process")
 
-# Where Debian puts system programs: ``haproxy`` lands in /usr/sbin, often off
-# a non-root user's PATH.
-PROGRAM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin")
 STOP_TIMEOUT = 10.0  # default seconds stop_haproxy may take: soft, then hard in the last HARD_STOP_GRACE
 HARD_STOP_GRACE = 2.0  # seconds of a stop budget kept for the hard stop (SIGTERM, then SIGKILL)
 REAP_TIMEOUT = 1.0  # seconds a SIGKILLed master may take to disappear
@@ -60,21 +56,6 @@ PID_NAME = "haproxy.pid"
 # The shell in between: HAProxy in the background with its output appended
 # to the log, then the shell prints its pid and exits, orphaning it.
 _LAUNCHER = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
-
-
-def find_program(name: str) -> str:
-    """Full path of the system program ``name``: on PATH, else in :data:`PROGRAM_DIRS`.
-
-    Raises :class:`~meshkit.errors.ConfigError` if it is not installed.
-    """
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in PROGRAM_DIRS:
-        candidate = os.path.join(directory, name)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise ConfigError(f"{name} is not installed (Debian: apt-get install {name})")
 
 
 def find_haproxy() -> str:

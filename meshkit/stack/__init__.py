@@ -1,9 +1,10 @@
-"""The process stack: Circus control, operator commands and flap control.
+"""The process stack: Circus control, the stack's lifecycle and flap control.
 
 Layers, bottom up: ``control`` (serialised, retried circusd commands),
 ``processes`` (a stack's processes by run directory), ``console`` (output that
 never fails), ``order`` (who stops when), ``rolling`` (rolling restarts),
 ``flap`` (crash-loop control), ``circusd`` (circusd with a clean log and its
-startup failures in words), ``lifecycle`` (up, stop, down), ``commands`` (the
-``meshkit`` subcommands).
+startup failures in words), ``stack`` (a run directory's paths and
+environment), ``lifecycle`` (up, stop, down). The ``meshkit up|down|...``
+verbs that drive it are :mod:`meshkit.cli.stack`.
 """

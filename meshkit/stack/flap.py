@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -31,7 +32,10 @@ from typing import Any
 import zmq
 
 from ..config import Settings
+from ..errors import ConfigError
 from ..metrics import Metrics
+from ..sections import read_section
+from ..untrusted import clip
 from .control import CircusControl, StackError
 
 log = logging.getLogger("meshkit.flap")
@@ -46,6 +50,20 @@ class FlapLimit:
 
     max_restarts: int = DEFAULT_MAX_RESTARTS
     window: float = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        if type(self.max_restarts) is not int or self.max_restarts < 0:
+            raise ConfigError(f"flap max_restarts must be an integer >= 0, got {clip(self.max_restarts)}")
+        if not isinstance(self.window, (int, float)) or not math.isfinite(self.window) or self.window <= 0:
+            raise ConfigError(f"flap window must be a positive number of seconds, got {clip(self.window)}")
+
+
+@dataclass(frozen=True)
+class FlapSection:
+    """The flap keys of a ``[services.<watcher>]`` table, as the section loader reads them."""
+
+    flap_max_restarts: int = DEFAULT_MAX_RESTARTS
+    flap_window: float = DEFAULT_WINDOW
 
 
 @dataclass
@@ -82,16 +100,23 @@ class FlapPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings, default: FlapLimit | None = None) -> FlapPolicy:
-        """Per-service limits from ``[services.<name>] flap_max_restarts / flap_window``."""
+        """Per-watcher limits from ``[services.<name>] flap_max_restarts / flap_window``.
+
+        Each key may also come from ``MESHKIT_<NAME>_FLAP_MAX_RESTARTS`` /
+        ``..._FLAP_WINDOW`` (as :meth:`Settings.load` saw them); what a
+        watcher's table leaves out is ``default`` (the guard's command line,
+        whose own defaults are :data:`DEFAULT_MAX_RESTARTS` and
+        :data:`DEFAULT_WINDOW`). Bad values raise :class:`ConfigError`.
+        """
         default = default or FlapLimit()
-        limits = {
-            name: FlapLimit(
-                int(table.get("flap_max_restarts", default.max_restarts)),
-                float(table.get("flap_window", default.window)),
-            )
-            for name, table in settings.service_overrides.items()
-            if "flap_max_restarts" in table or "flap_window" in table
-        }
+        limits: dict[str, FlapLimit] = {}
+        for name, table in settings.service_overrides.items():
+            prefix = f"MESHKIT_{name.upper().replace('-', '_')}_"
+            found = read_section(FlapSection, table, f"[services.{name}]", env=settings.environment,
+                                 env_prefix=prefix, ignore_unknown=True)
+            if found:
+                limits[name] = FlapLimit(found.get("flap_max_restarts", default.max_restarts),
+                                         found.get("flap_window", default.window))
         return cls(default, limits)
 
 

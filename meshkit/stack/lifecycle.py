@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import psutil
 
@@ -37,9 +36,7 @@ from .console import say
 from .control import StackError
 from .order import stop_in_order
 from .processes import stack_processes, terminate
-
-if TYPE_CHECKING:
-    from .commands import Stack
+from .stack import Stack
 
 
 def launch(stack: Stack, ini: str, env: dict[str, str], home: str) -> tuple[subprocess.Popen[bytes], int]:

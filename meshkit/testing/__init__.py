@@ -58,7 +58,7 @@ from .processes import (
 )
 
 if TYPE_CHECKING:
-    from ..sync import Client
+    from ..blocking import Client
 
 __all__ = [
     "FakeClock",
@@ -163,7 +163,7 @@ def _wait_until_known(client: Client, keys: set[str]) -> None:
 
 @pytest.fixture
 def mesh_client(mesh_settings: Settings, _mesh_clients: list[Client]) -> Iterator[Client]:
-    from ..sync import Client
+    from ..blocking import Client
 
     client = Client(mesh_settings)
     _mesh_clients.append(client)

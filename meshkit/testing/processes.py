@@ -22,9 +22,9 @@ from pathlib import Path
 
 import redis
 
-from ..config import Settings
+from ..config import TABLE_FIELDS, Settings
 from ..errors import ConfigError
-from ..haproxy.process import find_program as find_system_program
+from ..programs import find_program as find_system_program
 from ..record import InstanceRecord
 from ..registry import read_records
 
@@ -38,7 +38,7 @@ def find_program(name: str) -> str:
 
     Debian installs ``haproxy`` and ``redis-server`` under ``/usr/sbin`` and
     ``/usr/bin``; a non-root PATH may lack the former. The search is meshkit's
-    own (:func:`meshkit.haproxy.process.find_program`). A missing program
+    own (:func:`meshkit.programs.find_program`). A missing program
     raises :class:`MissingProgramError`: an error, never a skip.
     """
     try:
@@ -147,11 +147,14 @@ class RedisServer:
 def settings_env(settings: Settings) -> dict[str, str]:
     """``MESHKIT_*`` variables that give a child process the same settings.
 
-    Every field but ``service_overrides`` (tables do not fit in a variable;
-    pass a config file through ``MESHKIT_CONFIG`` for those).
+    Every field that holds a value (tables do not fit in a variable; pass a
+    config file through ``MESHKIT_CONFIG`` for ``service_overrides``), over
+    the ``MESHKIT_*`` variables the settings were loaded with.
     """
-    return {f"MESHKIT_{f.name.upper()}": str(getattr(settings, f.name))
-            for f in dataclasses.fields(settings) if f.name != "service_overrides"}
+    env = dict(settings.environment)
+    env.update({f"MESHKIT_{f.name.upper()}": str(getattr(settings, f.name))
+                for f in dataclasses.fields(settings) if f.name not in TABLE_FIELDS})
+    return env
 
 
 class ServiceProcess:

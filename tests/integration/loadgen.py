@@ -18,6 +18,7 @@ class Outcome:
     ended: float
     result: Any = None
     error: BaseException | None = None
+    worker: str = ""  # the thread that made the call
 
     @property
     def latency(self) -> float:
@@ -47,14 +48,15 @@ class Load:
         return self
 
     def _loop(self, label: str, fn: Callable[[], Any]) -> None:
+        worker = threading.current_thread().name
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 result = fn()
             except Exception as exc:
-                outcome = Outcome(label, started, time.monotonic(), error=exc)
+                outcome = Outcome(label, started, time.monotonic(), error=exc, worker=worker)
             else:
-                outcome = Outcome(label, started, time.monotonic(), result=result)
+                outcome = Outcome(label, started, time.monotonic(), result=result, worker=worker)
             with self._lock:
                 self.outcomes.append(outcome)
 
@@ -81,6 +83,16 @@ class Load:
             thread.join(30)
         assert not any(t.is_alive() for t in self._threads), "a load thread did not finish"
         return list(self.outcomes)
+
+    @property
+    def workers(self) -> set[str]:
+        """The names of the calling threads."""
+        return {t.name for t in self._threads}
+
+    def snapshot(self) -> list[Outcome]:
+        """The outcomes so far, in the order they ended."""
+        with self._lock:
+            return list(self.outcomes)
 
     def failures(self, label: str | None = None) -> list[Outcome]:
         with self._lock:

@@ -26,6 +26,8 @@ from meshkit.gateway import jsonrpc
 from meshkit.testing import ServiceProcess, test_settings
 from meshkit.trace import TraceContext
 
+pytestmark = pytest.mark.integration
+
 GATEWAY = "meshkit.gateway:Gateway"
 JOBS = "services.jobs:JobAnnouncer"
 SHARES = "services.shares:ShareLogger"

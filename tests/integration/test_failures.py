@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 
 import pytest
 from loadgen import Load, Outcome
@@ -35,51 +36,78 @@ def describe(outcomes: list[Outcome], since: float) -> str:
                      for o in outcomes if o.error is not None)
 
 
+# A killed victim's record outlives the test (its TTL is far past every
+# deadline here), so only the client's own loss detection can route around
+# it. A hung one keeps the test TTL (2 s): while its record stands, the pool
+# tries a failed instance again after pool.RETRY_FAILED_AFTER, and a hung
+# process would fail those calls too.
+LONG_TTL = 60.0
+# Generous, for a noisy machine: detection takes ~0 s (SIGKILL) or ~1 s
+# (SIGSTOP: ping_after + dead_after), and anything under LONG_TTL proves the
+# point. The positive signal waited for is a run of clean calls.
+DETECT_DEADLINE = 20.0
+CLEAN_CALLS = 10
+
+
+def routed_since(load: Load, victim_id: str, lost_at: float) -> float | None:
+    """When calls stopped reaching ``victim_id``: the end of the last bad call after ``lost_at``.
+
+    ``None`` until every calling thread has made :data:`CLEAN_CALLS` calls
+    since then, all of them answered by another instance (a thread still
+    blocked on the lost instance has made none). Only ``sleep`` answers name
+    the instance that served them.
+    """
+    outcomes = load.snapshot()
+    bad = [o.ended for o in outcomes
+           if o.error is not None or (o.label == "sleep" and o.result == victim_id)]
+    since = max([lost_at, *bad])
+    after = Counter(o.worker for o in outcomes if o.started > since)
+    return since if all(after[w] >= CLEAN_CALLS for w in load.workers) else None
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_lost_instance_is_routed_around(start_service, mesh_client: Client, how: str) -> None:
+def test_lost_instance_is_routed_around(start_service, redis_server: RedisServer, how: str) -> None:
     """A killed (connection closed) or hung (silent) instance costs only the calls it held."""
-    victim, *_ = start_service(ECHO, count=3)
+    settings = test_settings(redis_server.url, **({"ttl": LONG_TTL} if how == "SIGKILL" else {}))
+    victim, *_ = start_service(ECHO, count=3, settings=settings)
     victim_id = victim.record.instance_id
-    with mixed_load(mesh_client, sleep=0.2) as load:
+    with Client(settings) as client, mixed_load(client, sleep=0.2) as load:
         load.wait_for_calls(30)
+        wait_until(lambda: any(o.result == victim_id for o in load.snapshot()), 10.0,
+                   "the victim to serve some calls")
         victim.process.send_signal(getattr(signal, how))
         lost_at = time.monotonic()
-        load.run_for(2.5)
+        # Routed around, positively: a run of clean calls after the signal,
+        # long before the record's TTL would have dropped it.
+        wait_until(lambda: routed_since(load, victim_id, lost_at) is not None,
+                   DETECT_DEADLINE, "calls to stop reaching the lost instance")
+    routed_at = routed_since(load, victim_id, lost_at)
+    assert routed_at is not None
     outcomes = load.outcomes
+    if how == "SIGKILL":
+        assert any(r.instance_id == victim_id for r in read_records(settings)), "routed around by its TTL"
 
     # Idempotent calls in flight to the lost instance were retried elsewhere.
     assert not load.failures("echo"), describe(load.failures("echo"), lost_at)
-    # Non-idempotent ones may fail, but only as LostPeerError, and only those
-    # that were sent before it was known to be gone.
+    # Non-idempotent ones may fail, but only as LostPeerError, only those that
+    # were sent before it was known to be gone, and no more than were in
+    # flight to it (two sleep threads, each blocked on its call).
     failed = load.failures("sleep")
     assert all(isinstance(o.error, meshkit.LostPeerError) for o in failed), describe(failed, lost_at)
-    # Known lost: at once on SIGKILL (the kernel resets the connection); on
-    # SIGSTOP when ZeroMQ's heartbeat times out (ping_after + dead_after = 1 s).
-    detect = 0.5 if how == "SIGKILL" else 1.25
-    assert all(o.started < lost_at + detect for o in failed), describe(failed, lost_at)
+    assert all(o.started < routed_at for o in failed), describe(failed, lost_at)
     assert len(failed) <= 3
-
-    # Within about a second, well before the record's TTL (2 s), new calls
-    # no longer go there: they all succeed at once, from the other instances.
-    later = [o for o in outcomes if o.started >= lost_at + 1.0]
-    assert len(later) > 20
-    assert all(o.error is None for o in later)
+    # Once routed around, every call succeeds, from the other instances.
+    later = [o for o in outcomes if o.started >= routed_at]
+    assert len(later) >= CLEAN_CALLS * len(load.workers)
+    assert all(o.error is None for o in later), describe(later, lost_at)
     assert all(o.result != victim_id for o in later if o.label == "sleep")
-    # A call that went to the hung instance and was retried after the loss
-    # was detected would take about a second (dead_after + ping_after).
-    slow = [(o.label, round(o.started - lost_at, 2), round(o.latency, 2)) for o in later
-            if o.latency - (0.2 if o.label == "sleep" else 0.0) > 0.5]
-    assert not slow, slow
     # The figures this test is about (shown with -s).
     touched = [(o.label, round(o.started - lost_at, 2), round(o.latency, 2)) for o in outcomes
                if o.started < lost_at and o.ended > lost_at
                and (o.error is not None or o.latency > 0.35)]
-    detected = f"{max(o.ended - lost_at for o in failed):.2f}s" if failed else "-"
     print(f"\n{how}: {len(outcomes)} calls, {len(failed)} LostPeerError "
-          f"(the last reported {detected} after the signal) "
-          f"({describe(failed, lost_at) or 'none'}); calls delayed or failed by the loss "
-          f"(label, start, latency) {touched}; "
-          f"record still listed: {any(r.instance_id == victim_id for r in read_records(victim.settings))}")
+          f"({describe(failed, lost_at) or 'none'}); routed around {routed_at - lost_at:.2f}s after the "
+          f"signal; calls delayed or failed by the loss (label, start, latency) {touched}")
 
 
 def test_sigterm_under_load_loses_nothing(start_service, mesh_client: Client, mesh_settings,

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from meshkit import BadArgumentsError
-from meshkit.sync import Client
+from meshkit.blocking import Client
 from meshkit.testing import StartService
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

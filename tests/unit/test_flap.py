@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meshkit.config import Settings
+from meshkit.errors import ConfigError
 from meshkit.metrics import Metrics
 from meshkit.stack.control import CircusControl, StackError
 from meshkit.stack.flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
@@ -99,3 +102,17 @@ def test_guard_survives_a_failed_stop(tmp_path: Path) -> None:
     for _ in range(3):
         guard.handle_event("watcher.crasher.reap", {"exit_code": 1})
     assert read_flapped(str(tmp_path)) == {}
+
+
+@pytest.mark.parametrize("table", [{"flap_max_restarts": "lots"}, {"flap_window": [1]},
+                                   {"flap_max_restarts": -1}, {"flap_window": 0}])
+def test_bad_limits_in_a_service_table_are_config_errors(table: dict[str, object]) -> None:
+    settings = Settings.load(env={}, service_overrides={"shares": table})
+    with pytest.raises(ConfigError, match="flap"):
+        FlapPolicy.from_settings(settings)
+
+
+def test_limits_from_the_environment_seen_by_settings_load() -> None:
+    settings = Settings.load(env={"MESHKIT_SHARES_FLAP_WINDOW": "4.5"},
+                             service_overrides={"shares": {"flap_max_restarts": 2}})
+    assert FlapPolicy.from_settings(settings).limit("shares") == FlapLimit(2, 4.5)

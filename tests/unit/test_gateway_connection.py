@@ -774,3 +774,9 @@ def test_batch_calls_count_against_the_in_flight_limit() -> None:
         await client.close()
         await task
     run(main())
+
+
+def test_options_read_the_environment_only_through_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHKIT_GATEWAY_MAX_LINE", "4096")
+    assert GatewayOptions.from_settings(Settings.load(env={})).max_line == GatewayOptions().max_line
+    assert GatewayOptions.from_settings(Settings.load()).max_line == 4096

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from meshkit.errors import ConfigError
-from meshkit.haproxy.config import ProxyConfig, default_templates, load_proxy_config, parse_proxy_config
+from meshkit.haproxy.config import ProxyConfig, parse_proxy_config
 from meshkit.haproxy.hosts import HostCache, detached
 from meshkit.haproxy.model import (
     Server,
@@ -48,64 +48,6 @@ def config(**haproxy: Any) -> ProxyConfig:
 def gateway(instance: str, stratum: str = "10.0.0.1:4000", state: str = "up", **listeners: str) -> InstanceRecord:
     return InstanceRecord(service="gateway", instance_id=instance, endpoint="tcp://10.0.0.1:5000", host="h",
                           pid=1, state=state, listeners={"stratum": stratum, **listeners})
-
-
-# -- configuration file -----------------------------------------------------------
-
-
-def test_shipped_config_loads() -> None:
-    loaded = load_proxy_config(REPO / "configs" / "haproxy.toml")
-    assert [f.name for f in loaded.frontends] == ["stratum"]
-    assert loaded.frontends[0].service == "gateway"
-    assert loaded.templates == default_templates() == REPO / "haproxy"
-    assert loaded.timeouts.client == "1h"
-
-
-def test_bind_override_and_inherited_fds() -> None:
-    cfg = config().with_binds({"stratum-alt": "fd@7"})
-    assert [f.bind for f in cfg.frontends] == ["fd@5", "fd@7", "*:8080"]
-    assert cfg.inherited_fds == (5, 7)
-    with pytest.raises(ConfigError, match="unknown frontends"):
-        cfg.with_binds({"nope": "fd@3"})
-    with pytest.raises(ConfigError, match="bind must be"):
-        cfg.with_binds({"api": "fd@x"})
-
-
-@pytest.mark.parametrize(
-    ("frontend", "message"),
-    [
-        ({"name": "a b", "bind": "*:1", "service": "s", "listener": "l"}, "identifier"),
-        ({"name": "a", "bind": "*:1", "service": "s"}, "'listener' is required"),
-        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "mode": "udp"}, "mode"),
-        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "balance": "source"}, "balance"),
-        ({"name": "a", "bind": "nowhere", "service": "s", "listener": "l"}, "bind must be"),
-        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "http_check": "GET /"}, "mode"),
-        ({"name": "a", "bind": "*:1", "service": "s", "listener": "l", "colour": "red"}, "unknown keys"),
-    ],
-)
-def test_bad_frontends_are_config_errors(frontend: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        parse_proxy_config({"frontend": [frontend]}, base=Path("."))
-
-
-def test_other_config_errors() -> None:
-    with pytest.raises(ConfigError, match="at least one"):
-        parse_proxy_config({}, base=Path("."))
-    with pytest.raises(ConfigError, match="duration"):
-        config(timeouts={"client": "forever"})
-    with pytest.raises(ConfigError, match="unknown keys"):
-        config(timeout={"client": "1h"})
-    with pytest.raises(ConfigError, match="templates directory"):
-        config(templates="/nonexistent")
-    with pytest.raises(ConfigError, match="unique"):
-        parse_proxy_config({"frontend": [{"name": "a", "bind": "*:1", "service": "s", "listener": "l"}] * 2},
-                           base=Path("."))
-    mixed = [
-        {"name": "a", "bind": "*:1", "service": "s", "listener": "l"},
-        {"name": "b", "bind": "*:2", "service": "s", "listener": "l", "mode": "http"},
-    ]
-    with pytest.raises(ConfigError, match="disagree on mode"):
-        parse_proxy_config({"frontend": mixed}, base=Path("."))
 
 
 # -- names -------------------------------------------------------------------------

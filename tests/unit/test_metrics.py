@@ -203,10 +203,13 @@ def test_malformed_address_is_a_config_error() -> None:
 
 
 def test_refused_port_never_raises_and_counts_drops() -> None:
-    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    closed.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{closed.getsockname()[1]}"
-    closed.close()
+    # The port stays ours for the whole test, so nobody else can take it; but
+    # the socket holding it is connected elsewhere, so the kernel delivers
+    # nothing from the metrics socket to it and answers "port unreachable".
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.connect(("127.0.0.1", 9))
+    address = f"127.0.0.1:{holder.getsockname()[1]}"
     m = Metrics(address, "mk", "echo")
     try:
         # The kernel reports the refusal on the send after the ICMP comes back;
@@ -218,6 +221,7 @@ def test_refused_port_never_raises_and_counts_drops() -> None:
         assert m.dropped > 0
     finally:
         m.close()
+        holder.close()
 
 
 def test_full_buffer_is_a_drop_not_a_block(metrics: Metrics, listener: Listener) -> None:

@@ -14,7 +14,6 @@ import pytest
 from redis.exceptions import ResponseError
 
 from meshkit.config import Settings
-from meshkit.handlers import topic_matches
 from meshkit.record import DRAINING, MAX_RECORD_BYTES, InstanceRecord
 from meshkit.registry import Keys, Registry, redacted_url
 
@@ -219,28 +218,6 @@ def test_wait_changed() -> None:
 
 
 # -- topics ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("patterns", "topic", "expected"),
-    [
-        (["jobs.new"], "jobs.new", True),
-        (["jobs.new"], "jobs.old", False),
-        (["jobs.*"], "jobs.new", True),
-        (["jobs.*"], "jobs.a.b", True),
-        (["jobs.*"], "jobs", False),
-        (["jobs.*"], "jobsx", False),
-        (["jobs.*"], "jobs.*", True),
-        (["jobs"], "jobs.new", False),
-        (["*"], "jobs", False),  # only "prefix.*" is a pattern
-        (["*"], "*", True),
-        (["a.b.*"], "a.c", False),
-        ([], "jobs", False),
-        (["x", "jobs.*"], "jobs.new", True),
-    ],
-)
-def test_topic_matches(patterns: list[str], topic: str, expected: bool) -> None:
-    assert topic_matches(patterns, topic) is expected
 
 
 def test_subscribers(registry: Registry) -> None:

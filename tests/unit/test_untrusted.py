@@ -51,4 +51,8 @@ def test_throttle_memory_is_bounded() -> None:
     throttle = LogThrottle(logging.getLogger("t"), 10.0, clock=lambda: 0.0, max_causes=4)
     for i in range(1000):
         throttle.log(f"c{i}", logging.DEBUG, "x")
-    assert len(throttle._causes) == 4
+    # The last four causes are remembered (their repeats are suppressed) ...
+    assert [throttle.log(f"c{i}", logging.DEBUG, "x") for i in range(996, 1000)] == [False] * 4
+    assert [throttle.suppressed(f"c{i}") for i in range(996, 1000)] == [1] * 4
+    # ... and the fifth-last is forgotten: it logs again, as a new cause.
+    assert throttle.suppressed("c995") == 0 and throttle.log("c995", logging.DEBUG, "x")

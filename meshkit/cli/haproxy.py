@@ -44,11 +44,11 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError, MeshError
-from .config import DEFAULT_CONFIG, ProxyConfig, load_proxy_config
-from .errors import ConfigCheckError
-from .model import build_model
-from .process import STOP_TIMEOUT
-from .render import RuntimePaths, check_config, render, write_config
+from ..haproxy.config import DEFAULT_CONFIG, ProxyConfig, load_proxy_config
+from ..haproxy.errors import ConfigCheckError
+from ..haproxy.model import build_model
+from ..haproxy.process import STOP_TIMEOUT
+from ..haproxy.render import RuntimePaths, check_config, render, write_config
 
 log = logging.getLogger("meshkit.haproxy.command")
 
@@ -159,7 +159,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .process import stop_haproxy
+    from ..haproxy.process import stop_haproxy
 
     run_dir = args.run_dir or Settings.load(getattr(args, "config", None)).run_dir
     timeout = args.timeout
@@ -186,7 +186,7 @@ async def run_sync(
     binds: dict[str, str] | None = None,
 ) -> None:
     """Run :class:`~meshkit.haproxy.sync.HAProxySync` until SIGTERM or SIGINT; SIGHUP re-reads ``source``."""
-    from .sync import HAProxySync
+    from ..haproxy.sync import HAProxySync
 
     sync = HAProxySync(settings, config, paths, attach=attach, haproxy=haproxy, source=source)
     loop = asyncio.get_running_loop()

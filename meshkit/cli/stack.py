@@ -3,14 +3,14 @@
 ``up``      starts ``circusd`` on ``circus.ini`` with the run directory and
             variables the file expects, waits until the stack answers, and
             either stays in the foreground (Ctrl-C stops everything) or, with
-            ``--daemon``, returns (:mod:`.lifecycle`).
-``down``    stops every watcher in dependency order (:mod:`.order`), then
+            ``--daemon``, returns (:mod:`meshkit.stack.lifecycle`).
+``down``    stops every watcher in dependency order (:mod:`meshkit.stack.order`), then
             circusd, and waits.
 ``status``  one table: Circus's processes joined with the registry's
             instances by pid, plus flap-control stops and public sockets.
 ``scale``   sets a watcher's number of processes.
 ``start`` / ``stop``  a watcher (``start`` also clears a flap-control stop).
-``restart`` a rolling, graceful restart of a service watcher (:mod:`.rolling`).
+``restart`` a rolling, graceful restart of a service watcher (:mod:`meshkit.stack.rolling`).
 
 Every command goes through :class:`CircusControl`, so they serialise with
 each other and retry while circusd is busy instead of failing. Every command
@@ -24,22 +24,25 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
-
-import psutil
 
 from ..config import Settings
 from ..registry import read_records
-from ..rundir import stack_environment
-from .console import say
-from .control import CircusControl, StackError
-from .flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
-from .lifecycle import down_leftovers, run_up, service_watchers, stop
-from .processes import STACK_MARKER, stack_processes
-from .rolling import RollingRestart
-
-DEFAULT_STRATUM_PORT = "3333"
+from ..stack.console import say
+from ..stack.control import StackError
+from ..stack.flap import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_WINDOW,
+    FlapGuard,
+    FlapLimit,
+    FlapPolicy,
+    read_flapped,
+)
+from ..stack.lifecycle import down_leftovers, run_up, service_watchers, stop
+from ..stack.processes import stack_processes
+from ..stack.rolling import RollingRestart
+from ..stack.stack import Stack, stack_env
+from .output import format_table
 
 
 def add_commands(sub: Any) -> None:
@@ -83,46 +86,12 @@ def add_commands(sub: Any) -> None:
 
     guard = sub.add_parser("flapguard", help="(run by circus.ini) stop crash-looping watchers")
     guard.add_argument("--run-dir")
-    guard.add_argument("--max-restarts", type=int, default=5)
-    guard.add_argument("--window", type=float, default=10.0)
+    guard.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS,
+                       help="abnormal exits a watcher may have within the window "
+                            f"(default {DEFAULT_MAX_RESTARTS}; [services.<name>] flap_max_restarts wins)")
+    guard.add_argument("--window", type=float, default=DEFAULT_WINDOW,
+                       help=f"seconds (default {DEFAULT_WINDOW:g}; [services.<name>] flap_window wins)")
     guard.set_defaults(func=cmd_flapguard)
-
-
-class Stack:
-    """Paths and the control client of one run directory."""
-
-    def __init__(self, settings: Settings, run_dir: str | None = None) -> None:
-        self.settings = settings
-        self.run_dir = os.path.abspath(run_dir or settings.run_dir)
-        self.endpoint = f"ipc://{self.run_dir}/circus.sock"
-        self.pidfile = os.path.join(self.run_dir, "circusd.pid")
-        self.control = CircusControl(self.endpoint, os.path.join(self.run_dir, "control.lock"))
-
-    def circusd_pid(self) -> int | None:
-        try:
-            pid = int(Path(self.pidfile).read_text().strip())
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return None
-        except (OSError, ValueError, psutil.Error):
-            return None
-        return pid
-
-    def require_running(self) -> int:
-        """circusd's pid; :class:`StackError` saying no stack runs here if there is none."""
-        pid = self.circusd_pid()
-        if pid is None:
-            raise StackError(f"no stack is running from {self.run_dir} (start one with `meshkit up`)")
-        return pid
-
-    def settings_of_stack(self) -> Settings:
-        """The settings the stack's processes run with (Redis URL, namespace, ...).
-
-        Read from circusd's environment when this user may, so that
-        ``meshkit status`` and ``meshkit restart`` look at the stack's own
-        registry even when the shell does not set ``MESHKIT_REDIS_URL``.
-        """
-        env = stack_environment(self.run_dir)
-        return Settings.load(env=env) if env is not None else self.settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -133,34 +102,6 @@ def _running_stack(args: argparse.Namespace) -> Stack:
     stack = Stack(_settings(args), args.run_dir)
     stack.require_running()
     return stack
-
-
-def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, str]) -> dict[str, str]:
-    """The environment ``circus.ini`` expects (see its header)."""
-    env = dict(environ)
-    env["MESHKIT_RUN_DIR"] = run_dir
-    env[STACK_MARKER] = run_dir  # marks every process of this stack (see processes.py)
-    env["MESHKIT_HOME"] = home
-    env["MESHKIT_PYTHON"] = sys.executable
-    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", ""),
-                                   "/usr/local/sbin", "/usr/sbin", "/sbin"])
-    if environ.get("MESHKIT_REDIS_URL"):
-        env["MESHKIT_EMBEDDED_REDIS"] = "false"
-    else:
-        env["MESHKIT_EMBEDDED_REDIS"] = "true"
-        env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
-    config = os.path.join(home, "configs", "meshkit.toml")
-    if os.path.exists(config):
-        env.setdefault("MESHKIT_CONFIG", config)
-    env.setdefault("MESHKIT_NAMESPACE", settings.namespace)
-    # Loopback unless told otherwise: a demo should not listen on every interface.
-    env.setdefault("MESHKIT_STRATUM_HOST", "127.0.0.1")
-    env.setdefault("MESHKIT_STRATUM_PORT", DEFAULT_STRATUM_PORT)
-    host, _, port = settings.statsd_address.rpartition(":")
-    env.setdefault("MESHKIT_STATSD_HOST", host or "127.0.0.1")
-    env.setdefault("MESHKIT_STATSD_PORT", port or "8125")
-    env.setdefault("MESHKIT_LOG_FORMAT", settings.log_format)
-    return env
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -196,8 +137,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..cli import format_table
-
     stack = _running_stack(args)
     settings = stack.settings_of_stack()
     try:
