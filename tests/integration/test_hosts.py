@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from meshkit.testing import (
     test_settings,
     wait_until,
 )
+from meshkit.testing.hosts import list_namespaces, remove_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -221,6 +224,32 @@ def test_cut_between_two_hosts_leaves_the_others_connected(host_network: MakeHos
     assert reaches(3)
     net.restore(net[1], net[2])
     assert reaches(1)
+
+
+def test_a_crashed_runs_leftovers_are_removed_at_the_next_start(host_network: MakeHosts) -> None:
+    """Namespaces of ours whose owner pid is gone are removed (with what runs inside); a live run's stay."""
+    ip = find_program("ip")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale, live = f"mkh-{gone.pid}-abcdef-h1", f"mkh-{os.getpid()}-fedcba-h1"
+    for name in (stale, live):
+        subprocess.run([ip, "netns", "add", name], check=True)
+    inside = subprocess.Popen([ip, "netns", "exec", stale, "sleep", "60"])
+    try:
+        wait_until(lambda: inside.pid in _pids(ip, stale), 10.0, "a process inside the stale namespace")
+        host_network(1)
+        assert inside.wait(10) == -signal.SIGKILL
+        assert stale not in list_namespaces()
+        assert live in list_namespaces()
+    finally:
+        inside.kill()
+        inside.wait(10)
+        remove_namespaces([stale, live])
+
+
+def _pids(ip: str, netns: str) -> set[int]:
+    out = subprocess.run([ip, "netns", "pids", netns], capture_output=True, text=True, check=True).stdout
+    return {int(p) for p in out.split()}
 
 
 LISTENER = """
