@@ -21,6 +21,11 @@ Fixtures:
     knows of them); every one still running is killed after the test.
 ``mesh_client``
     A blocking :class:`~meshkit.Client` on ``mesh_settings``.
+``host_network``
+    ``host_network(count) -> HostNetwork``: ``count`` hosts as network
+    namespaces on one bridge, each with its own ``198.18.0.0/15`` address
+    (:mod:`meshkit.testing.hosts`); run processes on them, cut and restore
+    links; all removed after the test, passed or failed.
 
 In-process, with no Redis and no subprocess (see ``docs/testing.md``):
 
@@ -45,6 +50,7 @@ from ..config import Settings
 from ..registry import read_records
 from .clock import FakeClock
 from .harness import ServiceHarness
+from .hosts import Host, HostNetwork, HostProcess, HostsUnavailableError
 from .memory import MemoryRegistry
 from .processes import (
     MissingProgramError,
@@ -62,6 +68,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeClock",
+    "Host",
+    "HostNetwork",
+    "HostProcess",
+    "HostsUnavailableError",
+    "MakeHosts",
     "MemoryRegistry",
     "MissingProgramError",
     "ProcessExitedError",
@@ -78,6 +89,7 @@ __all__ = [
 ]
 
 StartService = Callable[..., list[ServiceProcess]]
+MakeHosts = Callable[[int], HostNetwork]
 
 
 def test_settings(redis_url: str, **overrides: object) -> Settings:
@@ -169,3 +181,22 @@ def mesh_client(mesh_settings: Settings, _mesh_clients: list[Client]) -> Iterato
     _mesh_clients.append(client)
     yield client
     client.close()
+
+
+@pytest.fixture
+def host_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeHosts]:
+    """``host_network(count)`` builds a :class:`HostNetwork`; every one is closed after the test.
+
+    A machine without network namespaces raises :class:`HostsUnavailableError`
+    (the test fails with the reason; it is not skipped).
+    """
+    networks: list[HostNetwork] = []
+
+    def make(count: int) -> HostNetwork:
+        net = HostNetwork.create(count, log_dir=str(tmp_path_factory.mktemp("hosts")))
+        networks.append(net)
+        return net
+
+    yield make
+    for net in networks:
+        net.close()
