@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy
+SYSTEM_PROGRAMS := redis-server haproxy ip  # ip (Debian's iproute2) builds the namespace test hosts
 PYTEST_ARGS ?=
 INSTALL_LOG ?= .run/install.log
 
@@ -101,7 +101,8 @@ $(BIN)/meshkit: setup.cfg pyproject.toml
 # names what to install and stops.
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
-	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || [ -x /usr/bin/$$p ] || missing="$$missing $$p"; done; \
+	  case $$p in ip) pkg=iproute2;; *) pkg=$$p;; esac; \
+	  command -v $$p >/dev/null 2>&1 || [ -x /usr/sbin/$$p ] || [ -x /usr/bin/$$p ] || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    $(call logged,installing$$missing from the distribution's packages) sh -c \
