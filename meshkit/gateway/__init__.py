@@ -21,6 +21,7 @@ The layers, lowest first (each imports only those before it):
 * :mod:`~meshkit.gateway.moving` — moving clients off a stopping gateway; backends gone
 * :mod:`~meshkit.gateway.connection` — one client connection: reading, fairness, backpressure, closing
 * :mod:`~meshkit.gateway.state` — per-connection state in Redis
+* :mod:`~meshkit.gateway.keeper` — when a connection's state is created, restored and deleted
 * :mod:`~meshkit.gateway.service` — the ``Gateway`` service: accepting, routing, pushes, sweeps
 """
 

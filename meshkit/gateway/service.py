@@ -18,7 +18,8 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   and an unknown or closed connection is answered with
   :class:`~meshkit.errors.UnknownConnectionError`, never raised inside the gateway;
 * writes in its listener's dialect (:mod:`meshkit.gateway.dialect`);
-* keeps per-connection state in Redis (:mod:`meshkit.gateway.state`), created
+* keeps per-connection state in Redis (:mod:`meshkit.gateway.state`, its life in
+  :mod:`meshkit.gateway.keeper`), created
   before a connection's first mesh call (again on a later call if that
   failed), restored if Redis loses it while the connection is open (a
   restarted Redis keeps nothing), deleted when the connection closes; and
@@ -68,6 +69,7 @@ from .admission import Guard, Refusal, banned_error, client_of, read_proxy_heade
 from .bans import Ban, BanClientError, BanStore, BanSync
 from .connection import Connection
 from .jsonrpc import Request, RpcError
+from .keeper import StateKeeper
 from .options import GatewayOptions
 from .proxy_protocol import ProxyHeaderError
 from .push import DELIVER_TOPIC, deliver
@@ -106,12 +108,7 @@ class Gateway(Service):
         # Log lines clients (or a Redis outage) can cause, once per cause per interval.
         self._throttle = LogThrottle(log)
         self._conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
-        self._state_tasks: set[asyncio.Task[None]] = set()
-        # conn id -> the latest task creating its state (True once created).
-        # An entry means "this connection has state": closing deletes it, the
-        # sweep restores it. Connections that never made a mesh call have none.
-        self._state_opening: dict[str, asyncio.Task[bool]] = {}
-        self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
+        self.keeper = StateKeeper(self.store, self.instance_id, self._throttle, self._live_gateways)
         self.guard = Guard(self.options)
         self.bans = BanStore(self.store.redis, self.settings.namespace)
         self._ban_sync = BanSync(self.bans, self.guard.bans, self.options.ban_sync, self._banned)
@@ -180,8 +177,7 @@ class Gateway(Service):
                              return_exceptions=True)
         for conn in list(self.connections.values()):
             conn.close(abort=True)
-        if self._state_tasks:
-            await asyncio.wait(self._state_tasks, timeout=2.0)
+        await self.keeper.wait()
         if self._listener is not None:
             self._listener.close()
         await self.store.aclose()
@@ -249,9 +245,7 @@ class Gateway(Service):
             if not self.connections:
                 self._no_connections.set()
             self.metrics.gateway_clients(len(self.connections))
-            opening = self._state_opening.pop(conn_id, None)
-            if opening is not None:
-                self._spawn_state_task(self._close_state(conn_id, opening))
+            self.keeper.closed(conn_id)
 
     async def _refuse(self, conn: Connection, reason: str, error: Refusal) -> None:
         self.metrics.gateway_rejected(reason)
@@ -259,65 +253,6 @@ class Gateway(Service):
         conn.send(self.dialect.error_line(None, *error))
         conn.close()
         await conn.wait_closed()
-
-    async def _ensure_state(self, conn: Connection) -> None:
-        """Create the connection's Redis state before its mesh call, unless it was created.
-
-        Not at accept: HAProxy's health checks connect every half second and
-        never send a request, and they should cost no Redis writes. A create
-        that failed (Redis away) is not remembered as done: the connection's
-        next request tries again. Never raises: the call goes ahead without
-        state, and a backend that needs it gets ``ConnectionGoneError``.
-        """
-        opening = self._state_opening.get(conn.id)
-        if opening is None or _failed(opening):
-            if conn.closed:
-                return  # its state would outlive it
-            opening = self._open_state(conn)
-        if not opening.done():
-            await asyncio.shield(opening)  # a cancelled request must not cancel the write
-
-    def _open_state(self, conn: Connection) -> asyncio.Task[bool]:
-        """Start creating ``conn``'s state (idempotent) and make that its latest task."""
-        task = asyncio.create_task(self._create_state(conn.id, conn.peer),
-                                   name=f"gateway-state-{conn.id}")
-        self._state_opening[conn.id] = task
-        return task
-
-    async def _create_state(self, conn_id: str, peer: str) -> bool:
-        try:
-            # Bounded: with Redis away, a request waits at most this long for it.
-            await asyncio.wait_for(self.store.open(conn_id, self.instance_id, peer), 1.0)
-        except Exception as exc:
-            self._throttle.log("state_create_failed", logging.WARNING,
-                               "creating the state of connection %s failed (tried again on its "
-                               "next request): %s", conn_id, clip(str(exc)))
-            return False
-        return True
-
-    def _state_lost(self, conn: Connection) -> None:
-        """A backend found no state for ``conn``, which is open: create it again now.
-
-        Redis lost it (a restart) or a sweep took this gateway for dead. The
-        failed request is not retried (it may not be idempotent); the next one
-        finds the state back, without waiting for the periodic sweep.
-        """
-        opening = self._state_opening.get(conn.id)
-        if conn.closed or (opening is not None and not opening.done()):
-            return  # closing, or being created already
-        self._throttle.log("state_lost", logging.WARNING,
-                           "connection %s lost its state; creating it again", conn.id)
-        self._open_state(conn)
-
-    async def _close_state(self, conn_id: str, opening: asyncio.Task[bool]) -> None:
-        # Even after a failed create: a create that timed out may still have landed.
-        await opening  # never deletes before the create landed
-        await self.store.close(conn_id, self.instance_id)
-
-    def _spawn_state_task(self, coro: Any, what: str = "deleting connection state") -> None:
-        task = asyncio.create_task(_logged(coro, what, self._throttle))
-        self._state_tasks.add(task)
-        task.add_done_callback(self._state_tasks.discard)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -345,7 +280,7 @@ class Gateway(Service):
         if not self._callable(service):
             self.metrics.gateway_rejected("method_not_found")
             raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {clip(service)!r}")
-        await self._ensure_state(conn)
+        await self.keeper.ensure(conn)
         conn.services_used.add(service)
         params = request.params
         args = params if isinstance(params, list) else []
@@ -357,7 +292,7 @@ class Gateway(Service):
         except CallError as exc:
             remote_type = exc.remote_type if isinstance(exc, HandlerError) else ""
             if remote_type == ConnectionGoneError.__name__:
-                self._state_lost(conn)
+                self.keeper.lost(conn)
             code, message, data = jsonrpc.error_for(exc)
             if remote_type == BanClientError.__name__ and conn.address is not None:
                 self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
@@ -392,7 +327,7 @@ class Gateway(Service):
                            self.options.ban_time, clip(reason))
         self.metrics.gateway_rejected("ban")
         self._banned(ban)
-        self._spawn_state_task(self.bans.add(address, self.options.ban_time, reason), "sharing a ban")
+        self.keeper.spawn(self.bans.add(address, self.options.ban_time, reason), "sharing a ban")
         return ban
 
     def _banned(self, ban: Ban) -> None:
@@ -454,58 +389,8 @@ class Gateway(Service):
             await asyncio.sleep(self.settings.ttl)
 
     async def sweep_state(self) -> int:
-        """One sweep: restore our open connections' lost state; delete the state of dead
-        gateways and of our own closed connections.
+        """One sweep of the connections' Redis state (:meth:`StateKeeper.sweep`); how many were deleted."""
+        return await self.keeper.sweep(self.connections)
 
-        Restoring recreates the state of each open connection that has state
-        (it made a mesh call) but whose hash is missing, as after a Redis
-        restart; the application's fields are gone with it. A gateway counts
-        as dead when it is missing from the registry on two sweeps in a row
-        (see :mod:`meshkit.gateway.state`). Returns how many connections'
-        state was deleted.
-        """
-        await self._restore_state()
-        live = {r.instance_id for r in await self.registry.scan()}
-        live.add(self.instance_id)
-        removed = 0
-        missing = await self.store.gateways() - live
-        for gateway_id in missing & self._suspects:
-            count = await self.store.drop_gateway(gateway_id)
-            removed += count
-            log.info("removed state of %d connections of dead gateway %s", count, clip(gateway_id))
-        self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
-        # After the restore: a connection that closed meanwhile may have had
-        # its state restored after its delete; this removes it again.
-        removed += await self.store.reconcile(self.instance_id, self.connections)
-        return removed
-
-    async def _restore_state(self) -> None:
-        peers: dict[str, str] = {}
-        for conn_id, opening in self._state_opening.items():
-            conn = self.connections.get(conn_id)
-            # A create in progress will land by itself.
-            if opening.done() and conn is not None and not conn.closed:
-                peers[conn_id] = conn.peer
-        if not peers:
-            return
-        restored = await self.store.restore(self.instance_id, peers)
-        if restored:
-            log.warning("restored the state of %d open connections (Redis had lost it)",
-                        len(restored))
-
-
-def _failed(task: asyncio.Task[bool]) -> bool:
-    """Whether a state-creating task ended without creating the state."""
-    return task.done() and (task.cancelled() or not task.result())
-
-
-async def _logged(coro: Any, what: str, throttle: LogThrottle, timeout: float = 2.0) -> None:
-    """Await a Redis state operation, bounded; failures are logged, never raised.
-
-    A gateway keeps serving while Redis is away: only the state is missing
-    (backends get ``ConnectionGoneError``), and the sweep deletes leftovers.
-    """
-    try:
-        await asyncio.wait_for(coro, timeout)
-    except Exception as exc:
-        throttle.log(what, logging.WARNING, "%s failed: %s", what, clip(str(exc)))
+    async def _live_gateways(self) -> set[str]:
+        return {r.instance_id for r in await self.registry.scan()}

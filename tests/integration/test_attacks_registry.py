@@ -58,19 +58,6 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def gateways() -> Iterator[Callable[[str], Gateway]]:
-    made: list[Gateway] = []
-
-    def make(name: str) -> Gateway:
-        made.append(Gateway(name))
-        return made[-1]
-
-    yield make
-    for gateway in made:
-        gateway.close()
-
-
-@pytest.fixture
 def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
     public = tcp_listener()
     runner = Sync(mesh_settings, tmp_path, public)

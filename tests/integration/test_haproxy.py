@@ -33,26 +33,6 @@ SYNC_STOP_BUDGET = CANCEL_WAIT + REGISTRY_CLOSE_TIMEOUT + 2.0
 
 
 @pytest.fixture
-def gateways() -> Iterator[Callable[[str], Gateway]]:
-    made: list[Gateway] = []
-
-    def make(name: str) -> Gateway:
-        made.append(Gateway(name))
-        return made[-1]
-
-    yield make
-    for gateway in made:
-        gateway.close()
-
-
-@pytest.fixture
-def registry(mesh_settings: Settings) -> Iterator[FakeRegistry]:
-    fake = FakeRegistry(mesh_settings)
-    yield fake
-    fake.client.close()
-
-
-@pytest.fixture
 def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
     public = tcp_listener()
     runner = Sync(mesh_settings, tmp_path, public)

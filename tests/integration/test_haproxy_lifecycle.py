@@ -53,26 +53,6 @@ StartService = Callable[..., list[ServiceProcess]]
 
 
 @pytest.fixture
-def registry(mesh_settings: Settings) -> Iterator[FakeRegistry]:
-    fake = FakeRegistry(mesh_settings)
-    yield fake
-    fake.client.close()
-
-
-@pytest.fixture
-def gateways() -> Iterator[Callable[[str], Gateway]]:
-    made: list[Gateway] = []
-
-    def make(name: str) -> Gateway:
-        made.append(Gateway(name))
-        return made[-1]
-
-    yield make
-    for gateway in made:
-        gateway.close()
-
-
-@pytest.fixture
 def public() -> Iterator[socket.socket]:
     sock = tcp_listener()
     yield sock

@@ -120,12 +120,12 @@ def test_json_error_payloads_carry_a_stable_code() -> None:
 
 
 @pytest.mark.parametrize(("url", "shown"), [
-    ("redis://:s3cret@db:6379/0", "redis://:***@db:6379/0"),
+    ("redis://:s3cret@db:7000/0", "redis://:***@db:7000/0"),
     ("redis://user:s3cret@db/1", "redis://user:***@db/1"),
     ("rediss://db:6380/0?password=s3cret&ssl_cert_reqs=none", "rediss://db:6380/0?password=***&ssl_cert_reqs=none"),
     ("unix:///run/x/redis.sock", "unix:///run/x/redis.sock"),
     ("unix:///run/x/redis.sock?password=s3cret", "unix:///run/x/redis.sock?password=***"),
-    ("redis://db:6379/0", "redis://db:6379/0"),
+    ("redis://db:7000/0", "redis://db:7000/0"),
 ])
 def test_passwords_are_masked(url: str, shown: str) -> None:
     assert redacted_url(url) == shown
