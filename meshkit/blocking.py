@@ -61,6 +61,11 @@ class Client:
         return self._run(self._client.call(service, method, args, kwargs, timeout=timeout,
                                            wait=wait, meta=meta))
 
+    def call_instance(self, instance_id: str, method: str, *args: Any, timeout: float | None = None,
+                      **kwargs: Any) -> Any:
+        """Call ``method`` on exactly the instance ``instance_id``; see :meth:`AsyncClient.call_instance`."""
+        return self._run(self._client.call_instance(instance_id, method, *args, timeout=timeout, **kwargs))
+
     def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """Push to every subscriber of ``topic``; see :meth:`AsyncClient.publish`."""
         return self._run(self._client.publish(topic, payload, timeout=timeout))

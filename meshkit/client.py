@@ -52,6 +52,7 @@ from .metrics import Metrics
 from .peer import Peer, Pending
 from .pool import PeerPool
 from .publish import publish, push_one
+from .record import InstanceRecord
 from .registry import Registry
 from .trace import TraceContext
 from .untrusted import clip
@@ -142,6 +143,54 @@ class AsyncClient:
         the module doc for which and when), ``ValueError`` for a service or
         method name longer than ``Settings.max_name_length``.
         """
+        return await self._call(service, method, args, kwargs, timeout, wait, meta, None)
+
+    async def call_instance(self, instance_id: str, method: str, *args: Any,
+                            timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method(*args, **kwargs)`` on the one instance ``instance_id``; return its result.
+
+        The instance is looked up in the registry view by id
+        (:class:`NoInstanceError` if it is not there). There is no failover:
+        if that instance does not take the call (it is draining, unreachable,
+        or left alone after a failure) the call fails with
+        :class:`NoInstanceError`; if it is lost with the call in flight, with
+        :class:`LostPeerError`, idempotent or not. Methods named
+        ``_mesh.*`` are the framework's own (see :mod:`meshkit.server`).
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        record = self._record_of(instance_id)
+        return await self._call(record.service, method, args, kwargs, timeout, False, None, record)
+
+    def _record_of(self, instance_id: str) -> InstanceRecord:
+        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
+        if record is None:
+            raise NoInstanceError(f"no live instance {clip(instance_id)!r}")
+        return record
+
+    def _choose(self, service: str, tried: set[str], only: InstanceRecord | None) -> Peer | None:
+        """The next instance to try: the pool's choice, or ``only`` (once, if it can take work)."""
+        if only is None:
+            return self.pool.pick(service, tried)
+        if tried:
+            raise NoInstanceError(f"instance {only.instance_id} did not take the call",
+                                  service=service)
+        peer = self.pool.peer_for(only)
+        if peer is None or not peer.available:
+            raise NoInstanceError(f"instance {only.instance_id} is not available", service=service)
+        return peer
+
+    async def _call(
+        self,
+        service: str,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+        wait: bool,
+        meta: Mapping[str, str] | None,
+        only: InstanceRecord | None,
+    ) -> Any:
         if self.pool.closed:
             raise ClientClosedError("client is closed")
         _check_name("service", service, self.settings.max_name_length)
@@ -154,7 +203,7 @@ class AsyncClient:
         code: str | None = None
         try:
             while True:
-                peer = self.pool.pick(service, tried)
+                peer = self._choose(service, tried, only)
                 if peer is None:
                     await self._wait_for_instance(service, method, deadline, wait, bool(tried))
                     tried.clear()
@@ -166,7 +215,8 @@ class AsyncClient:
                         f"request of {len(body)} bytes exceeds {service}'s max_message_size {limit}",
                         service=service, method=method)
                 try:
-                    return await self._send_call(peer, service, method, body, deadline, traceparent, meta)
+                    return await self._send_call(peer, service, method, body, deadline, traceparent, meta,
+                                                 retry_lost=only is None)
                 except _Retry:
                     if self.pool.closed:
                         raise ClientClosedError("client closed while the call was in flight") from None
@@ -186,6 +236,8 @@ class AsyncClient:
         deadline: float,
         traceparent: str,
         meta: Mapping[str, str] | None,
+        *,
+        retry_lost: bool = True,
     ) -> Any:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -194,7 +246,7 @@ class AsyncClient:
         request_id = self.pool.next_id()
         header = wire.encode_call_header(request_id, service, method, int(remaining * 1000), traceparent, meta)
         future: asyncio.Future[Any] = loop.create_future()
-        idempotent = method in peer.record.idempotent
+        idempotent = retry_lost and method in peer.record.idempotent
 
         def on_answer(kind: int, frame: bytes) -> None:
             if future.done():
@@ -319,9 +371,7 @@ class AsyncClient:
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
-        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
-        if record is None:
-            raise NoInstanceError(f"no live instance {instance_id!r}")
+        record = self._record_of(instance_id)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
         await push_one(self.pool, record, topic, payload, deadline, trace.traceparent(), meta)

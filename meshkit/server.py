@@ -32,6 +32,11 @@ unless told), so unit tests drive them with :class:`meshkit.testing.FakeClock`.
 
 Draining (see :meth:`Server.drain`): new CALLs are answered ``draining`` (the
 caller sends them elsewhere, nothing ran); pushes and work in flight finish.
+
+Method names starting with :data:`RESERVED_PREFIX` (``_mesh.``) belong to the
+framework: a service's own table may not use them (:class:`ConfigError`), and
+they are served from :meth:`Server.add_framework_method`'s table, also while
+draining (they report on the instance, they do not do its work).
 """
 
 from __future__ import annotations
@@ -52,7 +57,15 @@ from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
+from .errors import (
+    DEADLINE_EXCEEDED,
+    DRAINING,
+    OVERLOADED,
+    REPLY_TOO_LARGE,
+    ConfigError,
+    ProtocolError,
+    RefusedError,
+)
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
@@ -65,6 +78,9 @@ from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.server")
+
+# Method names under this prefix are the framework's, never a service's.
+RESERVED_PREFIX = "_mesh."
 
 
 class Server:
@@ -81,9 +97,13 @@ class Server:
         *,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        reserved = sorted(name for name in table.methods if name.startswith(RESERVED_PREFIX))
+        if reserved:
+            raise ConfigError(f"method names starting with {RESERVED_PREFIX!r} are reserved: {reserved}")
         self.service = service
         self.clock = clock
         self.table = table
+        self._framework: dict[str, Handler] = {}
         table.cache_bytes = settings.topic_cache_bytes
         self.settings = settings
         self.executor = executor
@@ -139,6 +159,16 @@ class Server:
 
     def start(self) -> None:
         self.pump.start()
+
+    def add_framework_method(self, name: str, fn: Callable[..., Any]) -> None:
+        """Serve ``fn`` as the framework method ``name`` (which must start with ``_mesh.``).
+
+        ``fn`` is called like an ``@rpc`` handler (async on the loop, plain in
+        the thread pool) and is served while draining too.
+        """
+        if not name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"framework method names start with {RESERVED_PREFIX!r}: {clip(name)!r}")
+        self._framework[name] = Handler(name, fn, asyncio.iscoroutinefunction(fn))
 
     async def drain(self, grace: float, quiet: float = 0.3) -> bool:
         """Stop taking new calls; wait for work in flight, up to ``grace`` seconds.
@@ -260,12 +290,13 @@ class Server:
             self._reject(identity, header.id, "unknown_service",
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
-        handler = self.table.methods.get(header.name)
+        framework = header.name.startswith(RESERVED_PREFIX)
+        handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
             self._reject(identity, header.id, "unknown_method",
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
-        if self.state != UP:
+        if self.state != UP and not framework:
             self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
             return
         # Refused before decoding when even the undecoded size does not fit.

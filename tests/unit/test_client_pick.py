@@ -336,3 +336,82 @@ def test_no_instance_fails_at_once(mesh: Mesh) -> None:
 
     with pytest.raises(NoInstanceError):
         asyncio.run(main())
+
+
+# -- calling one chosen instance ---------------------------------------------------
+
+
+def test_call_instance_reaches_exactly_that_instance(mesh: Mesh, rng: random.Random) -> None:
+    idle = mesh.add("idle", load=0)
+    busy = mesh.add("busy", load=50)
+
+    async def main() -> Any:
+        for key in (idle, busy):
+            mesh.pool.peer_for(mesh.registry.get(key))  # type: ignore[arg-type]
+            mesh.peer(key).on_send = _answer(wire.REPLY, wire.pack(key))
+        return await mesh.client.call_instance("busy", "add", 1, qty=2, timeout=2.0)
+
+    assert asyncio.run(main()) == busy  # the load-aware choice would have been "idle"
+    assert mesh.peer(idle).sent == []
+    (frames,) = mesh.peer(busy).sent
+    header = wire.decode_header(frames[0])
+    assert (header.target, header.name) == ("cart", "add")
+    assert wire.decode_call_body(frames[1], header.id) == ([1], {"qty": 2})
+
+
+def test_call_instance_of_an_unknown_id_fails_without_sending(mesh: Mesh) -> None:
+    mesh.add("a")
+
+    async def main() -> Any:
+        return await mesh.client.call_instance("nope", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="nope"):
+        asyncio.run(main())
+    assert mesh.connects == []
+
+
+def test_call_instance_does_not_fail_over_when_the_instance_is_draining(mesh: Mesh) -> None:
+    first = mesh.add("first")
+    second = mesh.add("second")
+
+    async def main() -> Any:
+        for key in (first, second):
+            mesh.pool.peer_for(mesh.registry.get(key))  # type: ignore[arg-type]
+        mesh.peer(first).on_send = _answer(wire.ERROR, wire.encode_error(0, "draining", "bye")[1])
+        mesh.peer(second).on_send = _answer(wire.REPLY, wire.pack("ok"))
+        return await mesh.client.call_instance("first", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="first did not take the call"):
+        asyncio.run(main())
+    assert len(mesh.peer(first).sent) == 1 and mesh.peer(second).sent == []
+
+
+def test_call_instance_of_an_unavailable_instance_fails_at_once(mesh: Mesh) -> None:
+    mesh.add("gone", state=FAILED)
+
+    async def main() -> Any:
+        return await mesh.client.call_instance("gone", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="gone is not available"):
+        asyncio.run(main())
+
+
+def test_call_instance_lost_in_flight_is_not_retried_even_when_idempotent(mesh: Mesh) -> None:
+    first = mesh.add("first", idempotent=("add",))
+    second = mesh.add("second", idempotent=("add",))
+
+    def lose(peer: FakePeer, frames: list[bytes]) -> None:
+        peer.state = FAILED
+        for item in list(peer.pending.values()):
+            if item is not None:
+                item.on_fail(True)
+
+    async def main() -> Any:
+        for key in (first, second):
+            mesh.pool.peer_for(mesh.registry.get(key))  # type: ignore[arg-type]
+        mesh.peer(first).on_send = lose
+        return await mesh.client.call_instance("first", "add", timeout=2.0)
+
+    with pytest.raises(LostPeerError):
+        asyncio.run(main())
+    assert mesh.peer(second).sent == []
