@@ -74,6 +74,11 @@ class Client:
         """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
         return ServiceProxy(self.call, name, timeout, wait)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests of this client waiting for their answers now (a snapshot, readable from any thread)."""
+        return self._client.exchange.in_flight
+
     def instances(self, service: str | None = None) -> list[InstanceRecord]:
         """The cached registry view (no Redis round trip)."""
         return list(self._client.registry.instances(service))

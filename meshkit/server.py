@@ -45,7 +45,6 @@ import asyncio
 import functools
 import logging
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -53,26 +52,18 @@ from typing import Any
 import zmq
 
 from . import wire
+from .answers import Answers
 from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
+from .codes import ErrorCode, InstanceState
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import (
-    DEADLINE_EXCEEDED,
-    DRAINING,
-    OVERLOADED,
-    REPLY_TOO_LARGE,
-    ConfigError,
-    ProtocolError,
-    RefusedError,
-)
+from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
-from .invoke import BadArguments, invoke
+from .invoke import invoke
 from .metrics import Metrics
-from .record import DRAINING as STATE_DRAINING
-from .record import UP
-from .timing import DeadlineCancel, wait_event
+from .timing import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
@@ -108,7 +99,7 @@ class Server:
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
-        self.state = UP
+        self.state: str = InstanceState.UP  # or DRAINING
         self.inflight = 0
         self.dropped = 0  # messages neither answered nor served (answers sent to a server)
         # Monotonic time of the last CALL received. Pushes do not count: they
@@ -118,6 +109,7 @@ class Server:
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
         self._calls_by_peer: dict[bytes, Budget] = {}
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
+        self._answers = Answers(settings, self._throttle)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -179,7 +171,7 @@ class Server:
         do not restart the quiet period, queued ones are finished like calls.
         Returns False if work was still running when the grace period ended.
         """
-        self.state = STATE_DRAINING
+        self.state = InstanceState.DRAINING
         deadline = self.clock.now() + grace
         while True:
             left = deadline - self.clock.now()
@@ -212,12 +204,8 @@ class Server:
             self._drop("empty message")
             return
         identity = frames[0]
-        if len(frames) != 3:
-            self._reject(identity, self._readable_id(frames), "bad_request",
-                         f"expected 2 frames, got {len(frames) - 1}")
-            return
         try:
-            header = wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+            header = wire.split_request(frames[1:], max_size=self.settings.max_header_size,
                                         max_name=self.settings.max_name_length)
         except ProtocolError as exc:
             self._reject(identity, exc.id, exc.code, str(exc))
@@ -231,16 +219,6 @@ class Server:
             self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
         else:
             self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
-
-    def _readable_id(self, frames: list[bytes]) -> int:
-        """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
-        if len(frames) < 2:
-            return 0
-        try:
-            return wire.decode_header(frames[1], max_size=self.settings.max_header_size,
-                                      max_name=self.settings.max_name_length).id
-        except ProtocolError as exc:
-            return exc.id
 
     def _reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         """Answer ``code``; ``message`` must already be short (remote values clipped)."""
@@ -279,25 +257,25 @@ class Server:
             self._idle.set()
 
     def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
-        self.metrics.incr(f"rejected.{OVERLOADED}")
-        self._send(identity, wire.encode_error(request_id, OVERLOADED, f"{what} refused: {why}"))
+        self.metrics.incr(f"rejected.{ErrorCode.OVERLOADED}")
+        self._send(identity, wire.encode_error(request_id, ErrorCode.OVERLOADED, f"{what} refused: {why}"))
 
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         self.last_call = self.clock.now()
         if header.target != self.service:
-            self._reject(identity, header.id, "unknown_service",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
         framework = header.name.startswith(RESERVED_PREFIX)
         handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
-        if self.state != UP and not framework:
-            self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
+        if self.state != InstanceState.UP and not framework:
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
         # Refused before decoding when even the undecoded size does not fit.
         if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
@@ -308,7 +286,7 @@ class Server:
             self._reject(identity, header.id, exc.code, str(exc))
             return
         if header.timeout_ms == 0:
-            self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed"))
             return
         # Charged once decoded: what a body takes in memory is only known then.
         cost = request_cost(header_frame, body, containers)
@@ -360,55 +338,19 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
-        code: str | None = None
         try:
             result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
-            code, frames = self._reply(header, result)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{handler.name}", logging.WARNING,
-                               "bad arguments for %s: %s", header.name, exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except DeadlineCancel:
-            code = DEADLINE_EXCEEDED
-            self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
-            frames = wire.encode_error(header.id, code, "deadline passed while running")
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
+            code, frames = self._answers.reply(header, result)
         except Exception as exc:
-            code, frames = self._handler_failed(header, handler.name, exc)
+            code, frames = self._answers.failure(header, handler.name, exc)
         self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
         self._send(identity, frames)
-
-    def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
-        try:
-            frames = wire.encode_reply(header.id, result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            code = "handler_error"
-            self._throttle.log(f"unencodable:{header.name}", logging.ERROR,
-                               "%s returned a value MessagePack cannot encode: %s", header.name, clip(exc))
-            return code, wire.encode_error(header.id, code, f"result cannot be encoded: {clip(exc)}",
-                                           type(exc).__name__)
-        if len(frames[1]) > self.settings.max_message_size:
-            return REPLY_TOO_LARGE, wire.encode_error(
-                header.id, REPLY_TOO_LARGE,
-                f"result of {len(frames[1])} bytes exceeds max_message_size {self.settings.max_message_size}")
-        return None, frames
-
-    def _handler_failed(self, header: wire.Header, cause: str, exc: BaseException) -> tuple[str, list[bytes]]:
-        # ``cause`` names the handler, not the topic: a prefix subscriber may
-        # see endless distinct topics, and each must not earn its own line.
-        self._throttle.log(f"handler_error:{cause}", logging.ERROR, "handler %s raised %s: %s",
-                           clip(header.name), type(exc).__name__, clip(str(exc), wire.MAX_ERROR_MESSAGE), exc_info=exc)
-        tb = clip("".join(traceback.format_exception(exc)), wire.MAX_ERROR_TRACEBACK) if self.settings.debug else None
-        return "handler_error", wire.encode_error(
-            header.id, "handler_error", clip(str(exc), wire.MAX_ERROR_MESSAGE), type(exc).__name__, tb)
 
     # -- pushes ---------------------------------------------------------------
 
     def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         if not self.table.topic_handlers(header.name):
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
         refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
@@ -430,31 +372,17 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
-        code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
                 await invoke(handler, [payload], {}, None, self.executor, self.clock)
-            frames = wire.encode_ack(header.id)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
-                               "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
+            code, frames = self._answers.ack(header)
         except Exception as exc:
-            code, frames = self._handler_failed(header, cause, exc)
+            code, frames = self._answers.failure(header, cause, exc)
         finally:
             reset_current(token)
         # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
 
-
-def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
-    # A refusal is the handler's answer, not its failure: no traceback, no error log.
-    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
-    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
-                                       type(exc).__name__)
