@@ -216,7 +216,8 @@ class Server:
         elif kind == wire.PUSH:
             self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.PING:
-            self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
+            # What max_inflight bounds: calls being served and pushes queued or running.
+            self._send(identity, wire.encode_pong(header.id, self.state, self.held.count))
         else:
             self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
 
