@@ -137,7 +137,7 @@ def timeout_ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallMessage:
     """A CALL as its sender holds it: the body encoded once, a header made per attempt."""
 
@@ -153,7 +153,7 @@ class CallMessage:
                       self.meta or None]), self.body]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PushMessage:
     """A PUSH as its publisher holds it: the payload encoded once for every subscriber."""
 
@@ -312,7 +312,7 @@ def split_request(
     return decode_header(frames[0], max_size=max_size, max_name=max_name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     """A decoded answer: ``value`` of a REPLY or PONG; ``error`` of an ERROR or of an unreadable body."""
 
