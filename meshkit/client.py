@@ -220,8 +220,9 @@ class AsyncClient:
             try:
                 answer = await self.exchange.start(peer, message, deadline)
             except NotDelivered:
-                retry = True
+                pass  # it cannot have run: another instance may take it
             except LostInFlight:
+                # It may have run: again elsewhere only if the method says that is safe.
                 retry = only is None and method in peer.record.idempotent
                 if not retry and not self.pool.closed:
                     raise LostPeerError(f"instance {peer.key} was lost with {service}.{method} in flight",
