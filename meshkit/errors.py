@@ -20,7 +20,8 @@ The tree says whose fault a failure is::
             ├── UnsupportedVersionError  protocol version not spoken    [unsupported_version]
             ├── HandlerError          the handler raised                [handler_error]
             └── RefusedError          the handler refused on purpose     [refused]
-                └── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+                ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+                └── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
 
 Errors cross the wire as the stable string codes in brackets (see
 :mod:`meshkit.wire`), never as pickles or import paths. ``draining`` and
@@ -236,6 +237,16 @@ class UnknownConnectionError(RefusedError):
     code = "unknown_connection"
 
 
+class ResourceExhaustedError(RefusedError):
+    """A named resource the method uses (``@rpc(uses=...)``) is at its cluster-wide limit; not run.
+
+    Raised by the server before the handler when the method does not wait for
+    the resource (or its deadline would pass first); see ``docs/limits.md``.
+    """
+
+    code = "resource_exhausted"
+
+
 _CLIENT_CODE = re.compile(r"\[(-?\d{1,9})\] (.*)", re.DOTALL)
 
 
@@ -261,6 +272,7 @@ _BY_CODE: dict[str, type[CallError]] = {
         HandlerError,
         RefusedError,
         UnknownConnectionError,
+        ResourceExhaustedError,
     )
 }
 _BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError

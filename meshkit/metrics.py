@@ -266,6 +266,12 @@ class Metrics:
         if client is not None:
             client.incr(self.name("flap", "stopped", watcher))
 
+    def resource_used(self, resource: str, units: int) -> None:
+        """Count ``units`` of a named resource spent by a call: ``resource.<name>.used`` (docs/limits.md)."""
+        client = self._client
+        if client is not None:
+            client.incr(self.name("resource", resource, "used"), units)
+
     def registry_error(self) -> None:
         """Count one failed registry operation (Redis unreachable, timeout, ...)."""
         client = self._client

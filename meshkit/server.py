@@ -56,6 +56,7 @@ from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, Pr
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
+from .limits import CallLimits
 from .metrics import Metrics
 from .record import DRAINING as STATE_DRAINING
 from .record import UP
@@ -96,6 +97,8 @@ class Server:
         # to hold a stopping instance for its whole grace period.
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
+        # Concurrency gates and resource leases, passed before each handler runs (docs/limits.md).
+        self.limits = CallLimits(service, table, settings, clock=clock, on_use=metrics.resource_used)
         self._calls_by_peer: dict[bytes, Budget] = {}
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
@@ -284,7 +287,7 @@ class Server:
         if not self._admit_call(identity, header.id, cost):
             return
         release = functools.partial(self._release_call, identity, cost)
-        self._spawn(self._run_call(identity, header, handler, args, kwargs, self._deadline(header)), release)
+        self._spawn(self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost), release)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
         """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``.
@@ -324,6 +327,7 @@ class Server:
         args: list[Any],
         kwargs: dict[str, Any],
         deadline: float | None,
+        cost: int = 0,
     ) -> None:
         started = self.clock.now()
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
@@ -331,7 +335,8 @@ class Server:
         set_current(ctx)  # this task runs in its own copy of the context
         code: str | None = None
         try:
-            result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
+            result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
+                                  limits=self.limits, cost=cost)
             code, frames = self._reply(header, result)
         except BadArguments as exc:
             code = "bad_arguments"

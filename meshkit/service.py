@@ -312,6 +312,7 @@ class Service:
 
     async def _close(self) -> None:
         if self._server is not None:
+            await self._server.limits.close()  # held resource slots go back to the cluster
             self._server.close()
         await self.client.close()
         if self._own_registry:

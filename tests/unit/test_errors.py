@@ -24,6 +24,7 @@ from meshkit.errors import (
     RefusedError,
     RegistryUnreachableError,
     RemoteError,
+    ResourceExhaustedError,
     UnknownConnectionError,
     UnknownMethodError,
     UnknownServiceError,
@@ -45,6 +46,7 @@ CALL_ERRORS: list[type[CallError]] = [
     HandlerError,
     RefusedError,
     UnknownConnectionError,
+    ResourceExhaustedError,
 ]
 
 # The tree drawn in the errors module's docstring: class -> parent.
@@ -68,6 +70,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     HandlerError: RemoteError,
     RefusedError: RemoteError,
     UnknownConnectionError: RefusedError,
+    ResourceExhaustedError: RefusedError,
 }
 
 CODES = {
@@ -84,6 +87,7 @@ CODES = {
     HandlerError: "handler_error",
     RefusedError: "refused",
     UnknownConnectionError: "unknown_connection",
+    ResourceExhaustedError: "resource_exhausted",
 }
 
 

@@ -1,0 +1,300 @@
+"""Cluster-wide limits on named resources, enforced through Redis without a round trip per call.
+
+A method declares what it consumes (``@rpc(uses={"payments_api": 1})``) and
+settings give the limit (``[resources.payments_api] rate = 100``,
+``concurrency = 10``). :class:`ResourcePool` (one per instance) spends
+units from leases (:mod:`meshkit.leases`) and goes to Redis only to refill a
+spent lease, to renew or give back concurrency slots, and while a caller
+waits for units the whole cluster has used up. Two Lua scripts do the
+cluster's arithmetic atomically, on Redis's own clock:
+
+``RATE``  ``KEYS[1]`` = ``<ns>:res:<name>:rate``; ``ARGV`` = rate, window (ms),
+          wanted. Grants ``min(wanted, quota - used)`` of the current window
+          (its counter ``<KEYS[1]>:<index>`` expires after three windows) and
+          returns ``[granted, index, ms left in the window, used]``.
+``SLOTS`` ``KEYS`` = ``<ns>:res:<name>:held`` (hash instance → slots) and
+          ``<ns>:res:<name>:until`` (sorted set instance → expiry ms);
+          ``ARGV`` = limit, instance id, target holding, ttl (ms). Drops
+          lapsed holdings, sets this instance's to ``min(target, room)`` and
+          returns ``[held, total held]``.
+
+A Redis failure counts as "no units": the call waits (up to its deadline)
+or fails ``resource_exhausted`` saying the limit could not be checked, and
+the failure is logged (throttled). A limit enforced across the cluster
+cannot be checked without the cluster's shared state; the calls of methods
+that declare no resources never touch Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import SYSTEM_CLOCK, Clock
+from .config import ResourceLimit, Settings
+from .errors import ConfigError, ResourceExhaustedError
+from .keys import Keys
+from .leases import RateLease, SlotLease
+from .untrusted import LogThrottle, clip
+
+__all__ = ["RATE_SCRIPT", "SLOTS_SCRIPT", "ResourcePool", "ResourceUse"]
+
+log = logging.getLogger("meshkit.resources")
+
+RATE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate, w, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local idx = math.floor(now / w)
+local per = rate * w / 1000
+local quota = math.floor((idx + 1) * per + 1e-9) - math.floor(idx * per + 1e-9)
+local key = KEYS[1] .. ':' .. idx
+local used = tonumber(redis.call('GET', key) or '0')
+local grant = math.max(0, math.min(want, quota - used))
+if grant > 0 then
+  redis.call('INCRBY', key, grant)
+  redis.call('PEXPIRE', key, w * 3)
+end
+return {grant, idx, (idx + 1) * w - now, used + grant}
+"""
+
+SLOTS_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, me, target, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[1], gone)
+  redis.call('ZREM', KEYS[2], gone)
+end
+local mine = tonumber(redis.call('HGET', KEYS[1], me) or '0')
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
+local held = math.max(0, math.min(target, limit - (total - mine)))
+if held > 0 then
+  redis.call('HSET', KEYS[1], me, held)
+  redis.call('ZADD', KEYS[2], now + ttl, me)
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  redis.call('PEXPIRE', KEYS[2], ttl * 2)
+else
+  redis.call('HDEL', KEYS[1], me)
+  redis.call('ZREM', KEYS[2], me)
+end
+return {held, total - mine + held}
+"""
+
+# While the cluster has no units: how often a waiting caller asks Redis again, at most.
+SLOT_POLL = 0.05
+# Seconds between two log lines about one resource's Redis failures.
+_LOG_INTERVAL = 10.0
+
+
+@dataclass(slots=True)
+class ResourceUse:
+    """What one resource has done on this instance (for metrics, ``_mesh.info`` and tests)."""
+
+    used: int = 0  # units spent (rate) or taken (concurrency), in all
+    waited: int = 0  # calls that had to wait for units
+    exhausted: int = 0  # calls refused resource_exhausted
+    leases: int = 0  # Redis round trips made
+    errors: int = 0  # Redis round trips that failed
+    cluster_used: int = 0  # the last cluster-wide count Redis reported
+    failing: bool = False  # whether the last Redis round trip failed
+
+
+@dataclass(slots=True)
+class _Resource:
+    name: str
+    limit: ResourceLimit
+    rate: RateLease | None
+    slots: SlotLease | None
+    use: ResourceUse = field(default_factory=ResourceUse)
+    refill: asyncio.Lock = field(default_factory=asyncio.Lock)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ResourcePool:
+    """This instance's leases of every configured resource (see the module doc).
+
+    ``redis`` is a factory for the asyncio Redis client, called on first use
+    (only instances whose methods use resources ever connect). ``on_use``
+    (``name, units``) is told of every unit spent, for metrics.
+    """
+
+    def __init__(self, settings: Settings, instance_id: str, redis: Callable[[], Any], *,
+                 clock: Clock = SYSTEM_CLOCK, on_use: Callable[[str, int], None] | None = None) -> None:
+        self.instance_id = instance_id
+        self.clock = clock
+        self._redis_factory = redis
+        self._redis: Any = None
+        self._prefix = Keys(settings.namespace).resource_prefix
+        self._on_use = on_use
+        self._throttle = LogThrottle(log, _LOG_INTERVAL, clock=clock.now)
+        self._renewer: asyncio.Task[None] | None = None
+        self._returns: set[asyncio.Future[None]] = set()  # slot returns under way
+        self.resources: dict[str, _Resource] = {}
+        for name, limit in settings.resource_limits().items():
+            rate = RateLease(limit.rate, limit.window, limit.lease_fraction) if limit.rate else None
+            slots = SlotLease(limit.concurrency, limit.lease_fraction, limit.lease_ttl) if limit.concurrency else None
+            self.resources[name] = _Resource(name, limit, rate, slots)
+
+    def check_declared(self, method: str, uses: Mapping[str, int]) -> None:
+        """Raise :class:`ConfigError` if ``method`` uses a resource with no limit set."""
+        missing = sorted(set(uses) - set(self.resources))
+        if missing:
+            raise ConfigError(f"method {method!r} uses {missing}, which have no [resources.<name>] limit")
+
+    async def acquire(self, uses: Mapping[str, int], deadline: float | None, wait: bool) -> None:
+        """Take ``uses`` (name → units) from the leases; pair every return with :meth:`release`.
+
+        Waits for units up to ``deadline`` when ``wait``; raises
+        :class:`ResourceExhaustedError` when it may not wait or the deadline
+        would pass. On failure nothing stays taken.
+        """
+        taken: list[tuple[_Resource, int]] = []
+        try:
+            for name, units in uses.items():
+                res = self.resources[name]
+                await self._take(res, units, deadline, wait)
+                taken.append((res, units))
+        except BaseException:
+            for res, units in taken:
+                self._put(res, units)
+            raise
+
+    def release(self, uses: Mapping[str, int]) -> None:
+        """Give back the concurrency units :meth:`acquire` took (rate tokens are spent for good)."""
+        for name, units in uses.items():
+            self._put(self.resources[name], units)
+
+    async def close(self) -> None:
+        """Give every held slot back to the cluster and close the Redis client."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+        for res in self.resources.values():
+            if res.slots is not None and res.slots.leased:
+                res.slots.in_use = 0
+                await self._lease_slots(res, 0)
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # -- taking ---------------------------------------------------------------
+
+    async def _take(self, res: _Resource, units: int, deadline: float | None, wait: bool) -> None:
+        rate_done = False
+        while True:
+            now = self.clock.now()
+            if not rate_done and res.rate is not None:
+                rate_done = res.rate.take(units, now) or await self._refill_rate(res, units)
+            if rate_done and (res.slots is None or res.slots.take(units, now)
+                              or await self._refill_slots(res, units)):
+                res.use.used += units
+                if self._on_use is not None:
+                    self._on_use(res.name, units)
+                return
+            pause = self._pause(res, rate_done)
+            if not wait or (deadline is not None and self.clock.now() + pause >= deadline):
+                # Rate tokens this attempt took stay spent: a refund would cost a Redis trip per refusal.
+                res.use.exhausted += 1
+                raise ResourceExhaustedError(self._why(res, rate_done))
+            res.use.waited += 1
+            res.freed.clear()
+            timer = self.clock.call_later(pause, res.freed.set)
+            try:
+                await res.freed.wait()
+            finally:
+                timer.cancel()
+
+    def _pause(self, res: _Resource, rate_done: bool) -> float:
+        """How long to wait before trying again: to the next rate window, or one slot poll."""
+        if not rate_done and res.rate is not None:
+            return max(0.001, min(res.rate.expires - self.clock.now(), res.limit.window))
+        return SLOT_POLL
+
+    def _why(self, res: _Resource, rate_done: bool) -> str:
+        if res.use.failing:
+            return f"resource {res.name!r}: its limit could not be checked (Redis unreachable)"
+        if not rate_done:
+            return f"resource {res.name!r} is at its cluster-wide rate of {res.limit.rate:g}/s"
+        return f"resource {res.name!r} is at its cluster-wide concurrency of {res.limit.concurrency}"
+
+    def _put(self, res: _Resource, units: int) -> None:
+        if res.slots is None:
+            return
+        res.slots.put(units)
+        res.freed.set()
+        target = res.slots.target_to_return()
+        if target is not None:
+            task = asyncio.ensure_future(self._lease_slots(res, target))
+            self._returns.add(task)
+            task.add_done_callback(self._returns.discard)
+
+    # -- Redis ------------------------------------------------------------------
+
+    async def _refill_rate(self, res: _Resource, units: int) -> bool:
+        assert res.rate is not None
+        async with res.refill:
+            now = self.clock.now()
+            if res.rate.take(units, now):  # another waiter refilled meanwhile
+                return True
+            want = res.rate.want(units)
+            reply = await self._script(res, RATE_SCRIPT, [self._prefix + res.name + ":rate"],
+                                       [repr(res.limit.rate), round(res.limit.window * 1000), want])
+            if reply is None:
+                return False
+            granted, index, left_ms, used = (int(x) for x in reply)
+            res.use.cluster_used = used
+            res.rate.grant(granted, index, left_ms / 1000.0, now)
+            return res.rate.take(units, self.clock.now())
+
+    async def _refill_slots(self, res: _Resource, units: int) -> bool:
+        assert res.slots is not None
+        async with res.refill:
+            if res.slots.take(units, self.clock.now()):
+                return True
+            await self._lease_slots(res, res.slots.target_for(units))
+            return res.slots.take(units, self.clock.now())
+
+    async def _lease_slots(self, res: _Resource, target: int) -> None:
+        assert res.slots is not None
+        sent = self.clock.now()
+        keys = [self._prefix + res.name + ":held", self._prefix + res.name + ":until"]
+        reply = await self._script(res, SLOTS_SCRIPT, keys, [res.limit.concurrency, self.instance_id, target,
+                                                             round(res.limit.lease_ttl * 1000)])
+        if reply is None:
+            return
+        held, total = (int(x) for x in reply)
+        res.use.cluster_used = total
+        res.slots.grant(held, sent)
+        if held and self._renewer is None:
+            self._renewer = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        """Every ``lease_ttl / 3``: renew the slots in use, give the idle ones back."""
+        try:
+            while any(r.slots is not None and r.slots.leased for r in self.resources.values()):
+                ttl = min(r.limit.lease_ttl for r in self.resources.values() if r.slots is not None)
+                await self.clock.sleep(ttl / 3)
+                for res in self.resources.values():
+                    if res.slots is not None and res.slots.leased:
+                        await self._lease_slots(res, res.slots.target_at_renewal())
+        finally:
+            self._renewer = None
+
+    async def _script(self, res: _Resource, script: str, keys: list[str], args: list[Any]) -> list[Any] | None:
+        res.use.leases += 1
+        try:
+            if self._redis is None:
+                self._redis = self._redis_factory()
+            reply = list(await self._redis.eval(script, len(keys), *keys, *args))
+            res.use.failing = False
+            return reply
+        except Exception as exc:  # redis-py raises many unrelated types; all mean "no units now"
+            res.use.errors += 1
+            res.use.failing = True
+            self._throttle.log(f"lease:{res.name}", logging.WARNING, "cannot lease resource %s from Redis: %s",
+                               res.name, clip(str(exc)))
+            return None
