@@ -62,7 +62,8 @@ class CallLimits:
     @property
     def load(self) -> int:
         """Calls running plus calls queued on this instance (what callers choosing by load want)."""
-        return self.service.load
+        # A call waiting at its method's gate has not reached the service's yet.
+        return self.service.load + sum(gate.queued for gate in self.methods.values())
 
     async def enter(self, handler: Handler, cost: int, deadline: float | None) -> None:
         """Pass every limit of ``handler``'s call; pair every return with :meth:`leave`.
