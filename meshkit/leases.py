@@ -15,11 +15,16 @@ next batch asks for what this instance spent in its last window, so an idle
 instance strands little.
 
 :class:`SlotLease` holds concurrency slots. Redis keeps every instance's
-holding with an expiry (``ttl``); the instance renews it every ``ttl / 3``
-and, since the renewal left before Redis stamped it, stops taking new slots
-at ``sent + ttl`` by its own clock if renewals fail. Idle slots go back: all
-of them at a renewal, and down to one batch as soon as more than two
-batches are idle (so at most one return per batch of calls).
+holding and demand (slots in use plus calls waiting) with an expiry
+(``ttl``); the instance renews it every ``ttl / 3`` and, since the renewal
+left before Redis stamped it, stops taking new slots at ``sent + ttl`` by its
+own clock if renewals fail. Idle slots go back: all of them at a renewal,
+and down to one batch as soon as more than two batches are idle (so at most
+one return per batch of calls). Under contention every instance with demand
+has a fair *share* of the limit (``limit // d`` each, the remainder
+rotating every ``ttl``): an instance over its share takes no new slot and
+returns each one a finished call frees, so a busy instance cannot starve
+the others by reusing its own slots forever.
 """
 
 from __future__ import annotations
@@ -58,13 +63,12 @@ class RateLease:
     expires: float = 0.0  # local clock time the tokens lapse
     spent_in_window: int = 0  # spent from the current window's leases
     spent_last_window: int = 0
+    drained: bool = False  # the cluster had no more tokens in window ``index``
+    next_window: float = 0.0  # local clock time by which the next window has surely begun at Redis
 
     def take(self, n: int, now: float) -> bool:
         """Spend ``n`` tokens if the lease holds them and has not lapsed."""
-        if now >= self.expires:
-            self._roll(-1)
-            return False
-        if self.tokens < n:
+        if now >= self.expires or self.tokens < n:  # lapsed tokens stay until the next grant rolls them
             return False
         self.tokens -= n
         self.spent_in_window += n
@@ -75,23 +79,30 @@ class RateLease:
         cap = batch_size(self.rate * self.window, self.fraction, n)
         return max(n, min(cap, self.spent_last_window))
 
-    def grant(self, granted: int, index: int, left: float, sent: float) -> None:
-        """Record Redis's answer: ``granted`` tokens of window ``index``, ``left`` seconds of it at Redis.
+    def grant(self, granted: int, wanted: int, index: int, left: float, sent: float, received: float) -> None:
+        """Record Redis's answer: ``granted`` of ``wanted`` tokens of window ``index``, ``left`` s of it at Redis.
 
-        ``sent`` is the local time the request left; the tokens lapse at
-        ``sent + left``, never later than the window's real end.
+        ``sent`` and ``received`` are the local times the request left and its
+        answer came. The tokens lapse at ``sent + left``, never later than the
+        window's real end; the next window has surely begun by ``received + left``.
         """
         if index != self.index:
             self._roll(index)
         self.tokens += granted
         self.expires = sent + left
+        self.next_window = received + left
+        self.drained = granted < wanted
+
+    def should_ask(self, now: float) -> bool:
+        """Whether asking Redis can help now: not while the cluster is known drained until the next window."""
+        return not (self.drained and now < self.next_window)
 
     def _roll(self, index: int) -> None:
-        if self.spent_in_window or index != -1:
-            self.spent_last_window = self.spent_in_window
+        self.spent_last_window = self.spent_in_window
         self.spent_in_window = 0
         self.tokens = 0
         self.index = index
+        self.drained = False
 
 
 @dataclass(slots=True)
@@ -104,13 +115,20 @@ class SlotLease:
     leased: int = 0  # slots Redis counts as this instance's
     in_use: int = 0
     expires: float = 0.0  # local clock time the lease lapses unless renewed
+    share: int = 0  # this instance's fair share, as Redis last said (set by grant)
+    waiting: int = 0  # calls on this instance waiting for a slot (told to Redis as demand)
 
     def take(self, n: int, now: float) -> bool:
-        """Use ``n`` slots if the lease has them free and has not lapsed."""
-        if now >= self.expires or self.leased - self.in_use < n:
+        """Use ``n`` slots if the lease has them free, within the share, and has not lapsed."""
+        if now >= self.expires or self.in_use + n > min(self.leased, self.share):
             return False
         self.in_use += n
         return True
+
+    @property
+    def demand(self) -> int:
+        """Slots this instance would use now: in use plus waited for."""
+        return self.in_use + self.waiting
 
     def put(self, n: int) -> None:
         """Give back ``n`` slots taken by :meth:`take` (to the lease, not yet to Redis)."""
@@ -125,19 +143,25 @@ class SlotLease:
         return self.in_use + max(n, self.batch)
 
     def target_to_return(self) -> int | None:
-        """The holding to shrink to after a :meth:`put`, or ``None`` while few enough are idle."""
-        idle = self.leased - self.in_use
-        if idle > 2 * self.batch:
-            return self.in_use + self.batch
-        return None
+        """The holding to shrink to after a :meth:`put`, or ``None`` while it may be kept.
+
+        Down to one spare batch when more than two batches are idle, and never
+        above the share (nor below what is in use).
+        """
+        keep = self.leased
+        if self.leased - self.in_use > 2 * self.batch:
+            keep = self.in_use + self.batch
+        keep = min(keep, max(self.in_use, self.share))
+        return keep if keep < self.leased else None
 
     def target_at_renewal(self) -> int:
         """The holding to renew: only the slots in use (idle ones go back to the cluster)."""
         return self.in_use
 
-    def grant(self, held: int, sent: float) -> None:
-        """Record Redis's answer: this instance now holds ``held`` slots, until ``sent + ttl``."""
+    def grant(self, held: int, share: int, sent: float) -> None:
+        """Record Redis's answer: ``held`` slots until ``sent + ttl``, and a fair share of ``share``."""
         self.leased = held
+        self.share = share
         self.expires = sent + self.ttl
 
     @property

@@ -12,11 +12,14 @@ cluster's arithmetic atomically, on Redis's own clock:
           wanted. Grants ``min(wanted, quota - used)`` of the current window
           (its counter ``<KEYS[1]>:<index>`` expires after three windows) and
           returns ``[granted, index, ms left in the window, used]``.
-``SLOTS`` ``KEYS`` = ``<ns>:res:<name>:held`` (hash instance → slots) and
-          ``<ns>:res:<name>:until`` (sorted set instance → expiry ms);
-          ``ARGV`` = limit, instance id, target holding, ttl (ms). Drops
-          lapsed holdings, sets this instance's to ``min(target, room)`` and
-          returns ``[held, total held]``.
+``SLOTS`` ``KEYS`` = ``<ns>:res:<name>:held`` (hash instance → slots),
+          ``<ns>:res:<name>:until`` (sorted set instance → expiry ms) and
+          ``<ns>:res:<name>:want`` (hash instance → demand); ``ARGV`` =
+          limit, instance id, target holding, ttl (ms), slots in use, demand.
+          Drops lapsed instances, records the demand, computes this
+          instance's fair share among those with demand, sets its holding to
+          ``min(target, room, max(share, in use))`` and returns
+          ``[held, total held, share]``.
 
 A Redis failure counts as "no units": the call waits (up to its deadline)
 or fails ``resource_exhausted`` saying the limit could not be checked, and
@@ -65,24 +68,40 @@ SLOTS_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit, me, target, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local in_use, want = tonumber(ARGV[5]), tonumber(ARGV[6])
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('HDEL', KEYS[1], gone)
+  redis.call('HDEL', KEYS[3], gone)
   redis.call('ZREM', KEYS[2], gone)
+end
+if want > 0 then redis.call('HSET', KEYS[3], me, want) else redis.call('HDEL', KEYS[3], me) end
+local names = redis.call('HKEYS', KEYS[3])
+table.sort(names)
+local d = #names
+local share = limit
+if d > 0 then
+  share = 0
+  for i, name in ipairs(names) do
+    if name == me then
+      local extra = limit % d
+      local rot = math.floor(now / ttl) % d
+      share = math.floor(limit / d)
+      if (i - 1 - rot) % d < extra then share = share + 1 end
+    end
+  end
 end
 local mine = tonumber(redis.call('HGET', KEYS[1], me) or '0')
 local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(v) end
-local held = math.max(0, math.min(target, limit - (total - mine)))
-if held > 0 then
-  redis.call('HSET', KEYS[1], me, held)
+local held = math.max(0, math.min(target, limit - (total - mine), math.max(share, in_use)))
+if held > 0 then redis.call('HSET', KEYS[1], me, held) else redis.call('HDEL', KEYS[1], me) end
+if held > 0 or want > 0 then
   redis.call('ZADD', KEYS[2], now + ttl, me)
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
-  redis.call('PEXPIRE', KEYS[2], ttl * 2)
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl * 2) end
 else
-  redis.call('HDEL', KEYS[1], me)
   redis.call('ZREM', KEYS[2], me)
 end
-return {held, total - mine + held}
+return {held, total - mine + held, share}
 """
 
 # While the cluster has no units: how often a waiting caller asks Redis again, at most.
@@ -113,6 +132,8 @@ class _Resource:
     use: ResourceUse = field(default_factory=ResourceUse)
     refill: asyncio.Lock = field(default_factory=asyncio.Lock)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
+    # While the cluster has no free slot: no Redis round trip before this (local clock); one poll per instance.
+    slots_retry_at: float = 0.0
 
 
 class ResourcePool:
@@ -174,8 +195,8 @@ class ResourcePool:
         if self._renewer is not None:
             self._renewer.cancel()
         for res in self.resources.values():
-            if res.slots is not None and res.slots.leased:
-                res.slots.in_use = 0
+            if res.slots is not None and (res.slots.leased or res.slots.waiting):
+                res.slots.in_use = res.slots.waiting = 0
                 await self._lease_slots(res, 0)
         if self._redis is not None:
             await self._redis.aclose()
@@ -184,7 +205,7 @@ class ResourcePool:
     # -- taking ---------------------------------------------------------------
 
     async def _take(self, res: _Resource, units: int, deadline: float | None, wait: bool) -> None:
-        rate_done = False
+        rate_done = res.rate is None
         while True:
             now = self.clock.now()
             if not rate_done and res.rate is not None:
@@ -203,16 +224,22 @@ class ResourcePool:
             res.use.waited += 1
             res.freed.clear()
             timer = self.clock.call_later(pause, res.freed.set)
+            if res.slots is not None:
+                res.slots.waiting += 1
             try:
                 await res.freed.wait()
             finally:
                 timer.cancel()
+                if res.slots is not None:
+                    res.slots.waiting -= 1
 
     def _pause(self, res: _Resource, rate_done: bool) -> float:
         """How long to wait before trying again: to the next rate window, or one slot poll."""
+        if res.use.failing:
+            return SLOT_POLL
         if not rate_done and res.rate is not None:
-            return max(0.001, min(res.rate.expires - self.clock.now(), res.limit.window))
-        return SLOT_POLL
+            return max(0.001, min(res.rate.next_window - self.clock.now(), res.limit.window))
+        return max(0.001, min(SLOT_POLL, res.slots_retry_at - self.clock.now()))
 
     def _why(self, res: _Resource, rate_done: bool) -> str:
         if res.use.failing:
@@ -240,6 +267,8 @@ class ResourcePool:
             now = self.clock.now()
             if res.rate.take(units, now):  # another waiter refilled meanwhile
                 return True
+            if not res.rate.should_ask(now):  # drained until the next window: Redis cannot help
+                return False
             want = res.rate.want(units)
             reply = await self._script(res, RATE_SCRIPT, [self._prefix + res.name + ":rate"],
                                        [repr(res.limit.rate), round(res.limit.window * 1000), want])
@@ -247,39 +276,48 @@ class ResourcePool:
                 return False
             granted, index, left_ms, used = (int(x) for x in reply)
             res.use.cluster_used = used
-            res.rate.grant(granted, index, left_ms / 1000.0, now)
+            res.rate.grant(granted, want, index, left_ms / 1000.0, now, self.clock.now())
             return res.rate.take(units, self.clock.now())
 
     async def _refill_slots(self, res: _Resource, units: int) -> bool:
         assert res.slots is not None
         async with res.refill:
+            now = self.clock.now()
+            if res.slots.take(units, now):
+                return True
+            if now < res.slots_retry_at:  # the cluster was full a moment ago: wait for a put or the poll
+                return False
+            await self._lease_slots(res, res.slots.target_for(units), asking=units)
             if res.slots.take(units, self.clock.now()):
                 return True
-            await self._lease_slots(res, res.slots.target_for(units))
-            return res.slots.take(units, self.clock.now())
+            res.slots_retry_at = self.clock.now() + SLOT_POLL
+            return False
 
-    async def _lease_slots(self, res: _Resource, target: int) -> None:
+    async def _lease_slots(self, res: _Resource, target: int, asking: int = 0) -> None:
+        """Ask Redis to set this instance's holding to ``target``, telling it the demand (plus ``asking``)."""
         assert res.slots is not None
         sent = self.clock.now()
-        keys = [self._prefix + res.name + ":held", self._prefix + res.name + ":until"]
+        slots = res.slots
+        keys = [self._prefix + res.name + suffix for suffix in (":held", ":until", ":want")]
         reply = await self._script(res, SLOTS_SCRIPT, keys, [res.limit.concurrency, self.instance_id, target,
-                                                             round(res.limit.lease_ttl * 1000)])
+                                                             round(res.limit.lease_ttl * 1000), slots.in_use,
+                                                             slots.demand + asking])
         if reply is None:
             return
-        held, total = (int(x) for x in reply)
+        held, total, share = (int(x) for x in reply)
         res.use.cluster_used = total
-        res.slots.grant(held, sent)
-        if held and self._renewer is None:
+        slots.grant(held, share, sent)
+        if (held or slots.waiting) and self._renewer is None:
             self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
         """Every ``lease_ttl / 3``: renew the slots in use, give the idle ones back."""
         try:
-            while any(r.slots is not None and r.slots.leased for r in self.resources.values()):
+            while any(r.slots is not None and (r.slots.leased or r.slots.waiting) for r in self.resources.values()):
                 ttl = min(r.limit.lease_ttl for r in self.resources.values() if r.slots is not None)
                 await self.clock.sleep(ttl / 3)
                 for res in self.resources.values():
-                    if res.slots is not None and res.slots.leased:
+                    if res.slots is not None and (res.slots.leased or res.slots.waiting):
                         await self._lease_slots(res, res.slots.target_at_renewal())
         finally:
             self._renewer = None
