@@ -43,7 +43,7 @@ from .keys import Keys
 from .leases import RateLease, SlotLease
 from .untrusted import LogThrottle, clip
 
-__all__ = ["RATE_SCRIPT", "SLOTS_SCRIPT", "ResourcePool", "ResourceUse"]
+__all__ = ["RATE_SCRIPT", "SLOTS_SCRIPT", "USAGE_SCRIPT", "ResourcePool", "ResourceUse", "cluster_usage"]
 
 log = logging.getLogger("meshkit.resources")
 
@@ -102,6 +102,24 @@ else
   redis.call('ZREM', KEYS[2], me)
 end
 return {held, total - mine + held, share}
+"""
+
+USAGE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local w = tonumber(ARGV[1])
+local idx = math.floor(now / w)
+local used = {}
+for i = 0, 9 do used[i + 1] = tonumber(redis.call('GET', KEYS[1] .. ':' .. (idx - i)) or '0') end
+local live = redis.call('ZRANGEBYSCORE', KEYS[3], now, '+inf')
+local held, want = {}, {}
+for _, name in ipairs(live) do
+  table.insert(held, name)
+  table.insert(held, tonumber(redis.call('HGET', KEYS[2], name) or '0'))
+  table.insert(want, name)
+  table.insert(want, tonumber(redis.call('HGET', KEYS[4], name) or '0'))
+end
+return {used, held, want}
 """
 
 # While the cluster has no units: how often a waiting caller asks Redis again, at most.
@@ -336,3 +354,21 @@ class ResourcePool:
             self._throttle.log(f"lease:{res.name}", logging.WARNING, "cannot lease resource %s from Redis: %s",
                                res.name, clip(str(exc)))
             return None
+
+
+async def cluster_usage(redis: Any, namespace: str, name: str, limit: ResourceLimit) -> dict[str, Any]:
+    """What the cluster uses of resource ``name`` now, read (never written) from Redis.
+
+    ``rate_used``: units granted in each of the last 10 windows, newest
+    first; ``held`` and ``wanted``: slots held and demanded per live instance.
+    """
+    prefix = Keys(namespace).resource_prefix + name
+    keys = [prefix + ":rate", prefix + ":held", prefix + ":until", prefix + ":want"]
+    used, held, wanted = await redis.eval(USAGE_SCRIPT, len(keys), *keys, round(limit.window * 1000))
+
+    def pairs(flat: list[Any]) -> dict[str, int]:
+        names = (k.decode() if isinstance(k, bytes) else str(k) for k in flat[::2])
+        return {k: int(v) for k, v in zip(names, flat[1::2], strict=True)}
+
+    return {"resource": name, "rate": limit.rate, "window": limit.window, "concurrency": limit.concurrency,
+            "rate_used": [int(u) for u in used], "held": pairs(held), "wanted": pairs(wanted)}

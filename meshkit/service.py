@@ -344,7 +344,7 @@ class Service:
             started_at=self.started_at,
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
-        )
+        ).with_signatures({n: h.types.text() for n, h in self._table.methods.items() if h.types is not None})
 
     def _machine_name(self) -> str:
         # The record's host names the machine for people; a host name the

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
-from collections import Counter
+import os
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from meshkit import AsyncClient, BadArgumentsError, CallError, RemoteError, ResourceExhaustedError, Settings
+from meshkit.testing import settings_env
 
 pytestmark = pytest.mark.integration
 
 LIMITED = "tests.integration.services.limited:Limited"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def resources_file(tmp_path: Path, **limit: float) -> dict[str, str]:
@@ -152,3 +158,36 @@ async def instance_use(settings: Settings, count: int) -> list[dict[str, Any]]:
             answer = await client.call("limited", "resource_use")
             found[answer["instance"]] = answer["use"]
     return list(found.values())
+
+
+def run_meshkit(*args: str, settings: Settings, config: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
+    env.update(settings_env(settings), PYTHONPATH=str(ROOT), **config)
+    return subprocess.run([sys.executable, "-m", "meshkit", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_cli_shows_signatures_and_the_clusters_resource_use(
+        start_service, mesh_client, mesh_settings: Settings, tmp_path: Path) -> None:
+    config = resources_file(tmp_path, rate=1000, concurrency=5, window=1.0)  # ten windows: 10 s
+    start_service(LIMITED, count=2, env=config)
+    listed = run_meshkit("ls", "limited", "--json", settings=mesh_settings, config=config)
+    assert listed.returncode == 0, listed.stderr
+    records = json.loads(listed.stdout)
+    assert [r["signatures"]["typed"] for r in records] == ["(n: int, s: str) -> str"] * 2
+    assert records[0]["signatures"]["hold"] == "(seconds: float) -> str"
+
+    bad = run_meshkit("call", "limited", "typed", '"5"', "6", settings=mesh_settings, config=config)
+    assert bad.returncode == 1
+    assert "parameter 'n' expects int" in bad.stderr and "typed(n: int, s: str) -> str" in bad.stderr, bad.stderr
+
+    for _ in range(30):
+        mesh_client.call("limited", "pay")
+    shown = run_meshkit("resources", "--json", settings=mesh_settings, config=config)
+    assert shown.returncode == 0, shown.stderr
+    [usage] = json.loads(shown.stdout)
+    assert usage["resource"] == "payments_api" and usage["rate"] == 1000 and usage["concurrency"] == 5
+    assert 1 <= sum(usage["rate_used"]) <= 30  # the last ten windows' grants (batches: a few more than spent)
+    table = run_meshkit("resources", settings=mesh_settings, config=config)
+    assert table.stdout.split("\n")[0].split()[:3] == ["RESOURCE", "RATE/S", "WINDOW"]
+    assert "payments_api" in table.stdout

@@ -204,3 +204,25 @@ def test_resource_tables_are_read_from_the_config_file(tmp_path: Any) -> None:
     path.write_text('[resources.payments_api]\nrate = 50\nconcurrency = 4\n')
     limits = Settings.load(path, env={}).resource_limits()
     assert limits["payments_api"].rate == 50 and limits["payments_api"].concurrency == 4
+
+
+def test_a_gateway_client_gets_resource_exhausted_as_its_own_json_rpc_code() -> None:
+    from meshkit.errors import RefusedError, ResourceExhaustedError
+    from meshkit.gateway.jsonrpc import RESOURCE_EXHAUSTED, error_for
+
+    exc = ResourceExhaustedError("resource 'payments_api' is at its cluster-wide rate of 5/s")
+    assert error_for(exc) == (RESOURCE_EXHAUSTED, "resource 'payments_api' is at its cluster-wide rate of 5/s",
+                              {"code": "resource_exhausted"})
+    assert error_for(RefusedError("low difficulty", client_code=23))[0] == 23  # other refusals as before
+
+
+def test_the_record_carries_signatures_only_while_it_fits() -> None:
+    from meshkit.record import MAX_RECORD_BYTES, InstanceRecord
+
+    record = InstanceRecord("limited", "abc123", "tcp://127.0.0.1:5000", "host", 1, methods=("typed",))
+    with_sig = record.with_signatures({"typed": "(n: int, s: str) -> str"})
+    assert InstanceRecord.from_json(with_sig.to_json()).signatures == {"typed": "(n: int, s: str) -> str"}
+    many = {f"m{i}": "(" + "x" * 290 + ")" for i in range(MAX_RECORD_BYTES // 250)}
+    assert record.with_signatures(many) is record  # no room: the record goes without
+    with pytest.raises(ValueError, match="signatures"):
+        InstanceRecord.from_json(with_sig.to_json().replace("(n: int", "(\\u0000n"))
