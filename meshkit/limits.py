@@ -26,6 +26,7 @@ from .concurrency import Gate, Shed
 from .config import Settings
 from .errors import OVERLOADED, RefusedError
 from .handlers import Handler, HandlerTable
+from .metrics import Metrics
 from .resources import ResourcePool
 from .storage import redis_client
 
@@ -43,7 +44,7 @@ class CallLimits:
 
     def __init__(self, service: str, table: HandlerTable, settings: Settings, *, instance_id: str = "",
                  clock: Clock = SYSTEM_CLOCK, redis: Callable[[], Any] | None = None,
-                 on_use: Callable[[str, int], None] | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.clock = clock
         queued, queued_bytes = settings.max_queued_calls, settings.max_queued_call_bytes
         self.service = Gate(f"service {service}", settings.max_concurrency, queued, queued_bytes)
@@ -55,7 +56,7 @@ class CallLimits:
         self.resources: ResourcePool | None = None
         if any(h.uses for h in table.methods.values()):
             self.resources = ResourcePool(settings, instance_id or uuid.uuid4().hex[:12],
-                                          redis or (lambda: redis_client(settings)), clock=clock, on_use=on_use)
+                                          redis or (lambda: redis_client(settings)), clock=clock, metrics=metrics)
             for name, h in table.methods.items():
                 self.resources.check_declared(name, h.uses)
 

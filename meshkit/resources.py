@@ -41,6 +41,7 @@ from .config import ResourceLimit, Settings
 from .errors import ConfigError, ResourceExhaustedError
 from .keys import Keys
 from .leases import RateLease, SlotLease
+from .metrics import Metrics
 from .untrusted import LogThrottle, clip
 
 __all__ = ["RATE_SCRIPT", "SLOTS_SCRIPT", "USAGE_SCRIPT", "ResourcePool", "ResourceUse", "cluster_usage"]
@@ -158,18 +159,18 @@ class ResourcePool:
     """This instance's leases of every configured resource (see the module doc).
 
     ``redis`` is a factory for the asyncio Redis client, called on first use
-    (only instances whose methods use resources ever connect). ``on_use``
-    (``name, units``) is told of every unit spent, for metrics.
+    (only instances whose methods use resources ever connect). ``metrics``
+    counts units spent, waits, refusals and Redis round trips per resource.
     """
 
     def __init__(self, settings: Settings, instance_id: str, redis: Callable[[], Any], *,
-                 clock: Clock = SYSTEM_CLOCK, on_use: Callable[[str, int], None] | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, metrics: Metrics | None = None) -> None:
         self.instance_id = instance_id
         self.clock = clock
         self._redis_factory = redis
         self._redis: Any = None
         self._prefix = Keys(settings.namespace).resource_prefix
-        self._on_use = on_use
+        self._metrics = metrics or Metrics("", "", "")
         self._throttle = LogThrottle(log, _LOG_INTERVAL, clock=clock.now)
         self._renewer: asyncio.Task[None] | None = None
         self._returns: set[asyncio.Future[None]] = set()  # slot returns under way
@@ -231,15 +232,16 @@ class ResourcePool:
             if rate_done and (res.slots is None or res.slots.take(units, now)
                               or await self._refill_slots(res, units)):
                 res.use.used += units
-                if self._on_use is not None:
-                    self._on_use(res.name, units)
+                self._metrics.resource_used(res.name, units)
                 return
             pause = self._pause(res, rate_done)
             if not wait or (deadline is not None and self.clock.now() + pause >= deadline):
                 # Rate tokens this attempt took stay spent: a refund would cost a Redis trip per refusal.
                 res.use.exhausted += 1
+                self._metrics.resource_event(res.name, "exhausted")
                 raise ResourceExhaustedError(self._why(res, rate_done))
             res.use.waited += 1
+            self._metrics.resource_event(res.name, "waited")
             res.freed.clear()
             timer = self.clock.call_later(pause, res.freed.set)
             if res.slots is not None:
@@ -342,6 +344,7 @@ class ResourcePool:
 
     async def _script(self, res: _Resource, script: str, keys: list[str], args: list[Any]) -> list[Any] | None:
         res.use.leases += 1
+        self._metrics.resource_event(res.name, "lease")
         try:
             if self._redis is None:
                 self._redis = self._redis_factory()
@@ -351,6 +354,7 @@ class ResourcePool:
         except Exception as exc:  # redis-py raises many unrelated types; all mean "no units now"
             res.use.errors += 1
             res.use.failing = True
+            self._metrics.resource_event(res.name, "lease_error")
             self._throttle.log(f"lease:{res.name}", logging.WARNING, "cannot lease resource %s from Redis: %s",
                                res.name, clip(str(exc)))
             return None

@@ -98,7 +98,7 @@ class Server:
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
         # Concurrency gates and resource leases, passed before each handler runs (docs/limits.md).
-        self.limits = CallLimits(service, table, settings, clock=clock, on_use=metrics.resource_used)
+        self.limits = CallLimits(service, table, settings, clock=clock, metrics=metrics)
         self._calls_by_peer: dict[bytes, Budget] = {}
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
