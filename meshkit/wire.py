@@ -81,7 +81,11 @@ draining               the instance is shutting down and did not start the work;
 reply_too_large        the result exceeded the server's maximum message size
 overloaded             past a receiver limit: too many calls in flight or pushes queued
                        for this connection, or the instance holds too much (in
-                       requests or bytes); not run (a publisher counts it undelivered)
+                       requests or bytes), or a method's or service's concurrency
+                       limit and its queue are full; not run (a publisher counts
+                       it undelivered)
+resource_exhausted     a named resource the method uses is at its cluster-wide limit
+                       and the method does not wait for it; not run
 ====================================================================================
 
 A server answers every request it can attribute to a sender, including
