@@ -38,13 +38,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import msgspec  # noqa: E402
+import msgspec
 
-from meshkit.config import Settings  # noqa: E402
-from meshkit.handlers import HandlerTable, rpc  # noqa: E402
-from meshkit.invoke import invoke  # noqa: E402
-from meshkit.limits import CallLimits  # noqa: E402
-from meshkit.signature import ArgumentTypes  # noqa: E402
+from meshkit.config import Settings
+from meshkit.handlers import HandlerTable, rpc
+from meshkit.invoke import invoke
+from meshkit.limits import CallLimits
+from meshkit.signature import ArgumentTypes
 
 
 @dataclasses.dataclass
