@@ -191,3 +191,41 @@ def test_the_cli_shows_signatures_and_the_clusters_resource_use(
     table = run_meshkit("resources", settings=mesh_settings, config=config)
     assert table.stdout.split("\n")[0].split()[:3] == ["RESOURCE", "RATE/S", "WINDOW"]
     assert "payments_api" in table.stdout
+
+
+def test_slots_of_an_instance_killed_mid_call_lapse_after_the_lease_ttl(
+        start_service, mesh_settings: Settings, tmp_path: Path) -> None:
+    ttl = 1.0
+    config = resources_file(tmp_path, concurrency=2, lease_ttl=ttl)
+    [doomed] = start_service(LIMITED, env=config)
+
+    async def main() -> float:
+        async with AsyncClient(mesh_settings) as client:
+            holding = [asyncio.ensure_future(client.call("limited", "pay", [30.0], timeout=60)) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while True:  # both slots held: a third call is refused at once
+                assert time.monotonic() < deadline
+                try:
+                    await client.call("limited", "pay_now", [0.0])
+                except ResourceExhaustedError:
+                    break
+                await asyncio.sleep(0.02)
+            start_service(LIMITED, env=config)
+            doomed.kill()
+            killed = time.monotonic()
+            while True:  # the dead instance's holding lapses after the ttl; then the survivor gets the slots
+                assert time.monotonic() - killed < ttl + 5
+                try:
+                    await client.call("limited", "pay_now", [0.0])
+                    break
+                except CallError:  # resource_exhausted, or lost_peer/timeout from the dead one
+                    await asyncio.sleep(0.02)
+            for task in holding:
+                task.cancel()
+            await asyncio.gather(*holding, return_exceptions=True)
+            return time.monotonic() - killed
+
+    lapsed = asyncio.run(main())
+    # Renewed every ttl / 3, so the last renewal was at most that long before the kill.
+    assert ttl * 2 / 3 - 0.1 <= lapsed <= ttl + 1.0, lapsed
+    print(f"slots of a killed instance free after {lapsed:.2f} s (lease_ttl {ttl} s)")

@@ -226,3 +226,22 @@ def test_the_record_carries_signatures_only_while_it_fits() -> None:
     assert record.with_signatures(many) is record  # no room: the record goes without
     with pytest.raises(ValueError, match="signatures"):
         InstanceRecord.from_json(with_sig.to_json().replace("(n: int", "(\\u0000n"))
+
+
+def test_a_service_default_concurrency_comes_from_its_services_table() -> None:
+    settings = Settings(service_overrides={"limited": {"max_concurrency": 3, "max_queued_calls": 7}})
+    own = settings.for_service("limited")
+    assert (own.max_concurrency, own.max_queued_calls) == (3, 7)
+    assert settings.for_service("other").max_concurrency == 0
+
+    async def main() -> None:
+        with limited_server(max_concurrency=3, max_queued_calls=7) as (server, svc, pump):
+            for i in range(12):
+                server._on_message(call(i, "free", i))
+            await turns()
+            assert (server.limits.service.running, server.limits.service.queued) == (3, 7)
+            assert sorted(codes(pump)) == [10, 11]
+            svc.gate.set()
+            await settle(server)
+
+    asyncio.run(main())
