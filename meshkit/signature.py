@@ -86,10 +86,15 @@ class ArgumentTypes:
     def of(cls, fn: Callable[..., Any], signature: inspect.Signature | None = None) -> ArgumentTypes:
         """Read ``fn``'s annotations (string annotations resolved in its module).
 
-        Raises ``TypeError`` naming the parameter when an annotation cannot be
+        Raises ``TypeError`` naming the function when an annotation cannot be
         resolved: a method whose check cannot be built must not start unchecked.
+        A callable that is no function or method (a ``functools.partial``, an
+        object with ``__call__``, as ``Service.add_subscription`` may get) has
+        its parameters left free.
         """
         signature = signature or inspect.signature(fn)
+        if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+            return cls([Param(p.name, p.kind, None, p.default) for p in signature.parameters.values()], None)
         try:
             hints = typing.get_type_hints(fn)
         except Exception as exc:  # NameError for a forward reference, and others

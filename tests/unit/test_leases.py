@@ -27,7 +27,7 @@ def test_batch_is_a_fraction_of_the_limit_at_least_what_is_wanted() -> None:
 
 
 def test_rate_tokens_are_spent_until_the_window_ends_by_the_local_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)  # binary fractions at the boundary: no rounding
     lease = RateLease(rate=100, window=0.1, fraction=0.5)
     assert not lease.take(1, clock.now())  # nothing leased yet
     sent = clock.now()
@@ -38,8 +38,10 @@ def test_rate_tokens_are_spent_until_the_window_ends_by_the_local_clock() -> Non
     sent = clock.now()
     lease.grant(2, 2, index=42, left=0.05, sent=sent, received=clock.now())  # a refill in the same window adds
     assert lease.take(2, clock.now())
-    lease.grant(3, 3, index=42, left=0.05, sent=clock.now(), received=clock.now())
-    clock.advance(0.05)  # the lease lapses at sent + left: never later than the window's real end
+    sent = clock.now()
+    clock.advance(0.015625)  # the round trip
+    lease.grant(3, 3, index=42, left=0.03125, sent=sent, received=clock.now())
+    clock.advance(0.015625)  # the lease lapses at sent + left (not received + left): never after the window's end
     assert not lease.take(1, clock.now())
     lease.grant(1, 1, index=43, left=0.1, sent=clock.now(), received=clock.now())
     assert (lease.tokens, lease.spent_last_window) == (1, 7)  # the lapsed 3 are gone with their window
@@ -92,14 +94,14 @@ def test_many_idle_slots_go_back_down_to_one_batch() -> None:
 
 
 def test_a_lease_not_renewed_in_time_lapses_by_the_local_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=0.0)  # binary fractions below: no rounding at the boundary
     lease = SlotLease(limit=10, fraction=0.1, ttl=3.0)
     sent = clock.now()
-    clock.advance(0.2)  # Redis stamped the lease after the request left
+    clock.advance(0.25)  # Redis stamped the lease after the request left
     lease.grant(5, share=40, sent=sent)
-    clock.advance(2.7)
+    clock.advance(2.5)
     assert lease.take(1, clock.now())
-    clock.advance(0.1)  # sent + ttl: no new slots, whatever Redis thinks
+    clock.advance(0.25)  # sent + ttl: no new slots, whatever Redis thinks
     assert not lease.take(1, clock.now())
 
 

@@ -105,3 +105,15 @@ def test_text_of_free_and_defaulted_parameters() -> None:
         pass
 
     assert ArgumentTypes.of(f).text() == "(a, b: int = 3, *rest, name: str = 'x', **kw)"
+
+
+def test_callables_that_are_no_function_have_free_parameters() -> None:
+    import functools
+
+    class Handler:
+        def __call__(self, payload: int) -> None:
+            pass
+
+    for fn in (Handler(), functools.partial(typed, 2)):
+        types = ArgumentTypes.of(fn)  # type: ignore[arg-type]
+        assert types.checks is False and types.apply(["x"], {}) == (["x"], {})
