@@ -15,11 +15,15 @@ cluster's arithmetic atomically, on Redis's own clock:
 ``SLOTS`` ``KEYS`` = ``<ns>:res:<name>:held`` (hash instance → slots),
           ``<ns>:res:<name>:until`` (sorted set instance → expiry ms) and
           ``<ns>:res:<name>:want`` (hash instance → demand); ``ARGV`` =
-          limit, instance id, target holding, ttl (ms), slots in use, demand.
+          limit, instance id, target holding, ttl (ms), slots the instance
+          may be using while the request travels (its current lease), demand.
           Drops lapsed instances, records the demand, computes this
           instance's fair share among those with demand, sets its holding to
           ``min(target, room, max(share, in use))`` and returns
-          ``[held, total held, share]``.
+          ``[held, total held, share]``. Requests of one instance and resource
+          go one at a time, and a shrinking holding shrinks locally before
+          the request leaves, so Redis never counts fewer slots than the
+          instance may be using.
 
 A Redis failure counts as "no units": the call waits (up to its deadline)
 or fails ``resource_exhausted`` saying the limit could not be checked, and
@@ -149,7 +153,9 @@ class _Resource:
     rate: RateLease | None
     slots: SlotLease | None
     use: ResourceUse = field(default_factory=ResourceUse)
-    refill: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refill: asyncio.Lock = field(default_factory=asyncio.Lock)  # one refill at a time; others wait and reuse it
+    # One SLOTS round trip at a time: replies then apply in the order Redis saw the requests.
+    lease_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     # While the cluster has no free slot: no Redis round trip before this (local clock); one poll per instance.
     slots_retry_at: float = 0.0
@@ -216,7 +222,7 @@ class ResourcePool:
         for res in self.resources.values():
             if res.slots is not None and (res.slots.leased or res.slots.waiting):
                 res.slots.in_use = res.slots.waiting = 0
-                await self._lease_slots(res, 0)
+                await self._lease_slots(res, "close")
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -273,9 +279,8 @@ class ResourcePool:
             return
         res.slots.put(units)
         res.freed.set()
-        target = res.slots.target_to_return()
-        if target is not None:
-            task = asyncio.ensure_future(self._lease_slots(res, target))
+        if res.slots.target_to_return() is not None:
+            task = asyncio.ensure_future(self._lease_slots(res, "return"))
             self._returns.add(task)
             task.add_done_callback(self._returns.discard)
 
@@ -307,27 +312,44 @@ class ResourcePool:
                 return True
             if now < res.slots_retry_at:  # the cluster was full a moment ago: wait for a put or the poll
                 return False
-            await self._lease_slots(res, res.slots.target_for(units), asking=units)
+            await self._lease_slots(res, "grow", asking=units)
             if res.slots.take(units, self.clock.now()):
                 return True
             res.slots_retry_at = self.clock.now() + SLOT_POLL
             return False
 
-    async def _lease_slots(self, res: _Resource, target: int, asking: int = 0) -> None:
-        """Ask Redis to set this instance's holding to ``target``, telling it the demand (plus ``asking``)."""
-        assert res.slots is not None
-        sent = self.clock.now()
+    async def _lease_slots(self, res: _Resource, kind: str, asking: int = 0) -> None:
+        """One SLOTS round trip: ``kind`` is ``"grow"`` (by ``asking``), ``"return"``, ``"renew"`` or ``"close"``.
+
+        One at a time per resource, the target computed once the turn comes,
+        so each answer describes the latest request. A holding that shrinks
+        shrinks here first, before Redis hears of it: this instance never uses
+        a slot that Redis may already have handed to another.
+        """
         slots = res.slots
-        keys = [self._prefix + res.name + suffix for suffix in (":held", ":until", ":want")]
-        reply = await self._script(res, SLOTS_SCRIPT, keys, [res.limit.concurrency, self.instance_id, target,
-                                                             round(res.limit.lease_ttl * 1000), slots.in_use,
-                                                             slots.demand + asking])
-        if reply is None:
-            return
-        held, total, share = (int(x) for x in reply)
-        res.use.cluster_used = total
-        slots.grant(held, share, sent)
-        if (held or slots.waiting) and self._renewer is None:
+        assert slots is not None
+        async with res.lease_lock:
+            if kind == "grow":
+                target: int | None = slots.target_for(asking)
+            elif kind == "return":
+                target = slots.target_to_return()
+            else:
+                target = slots.target_at_renewal() if kind == "renew" else 0
+            if target is None:
+                return
+            slots.leased = min(slots.leased, target)
+            sent = self.clock.now()
+            keys = [self._prefix + res.name + suffix for suffix in (":held", ":until", ":want")]
+            reply = await self._script(res, SLOTS_SCRIPT, keys, [res.limit.concurrency, self.instance_id, target,
+                                                                 round(res.limit.lease_ttl * 1000),
+                                                                 # what may be in use while this travels
+                                                                 slots.leased, slots.demand + asking])
+            if reply is None:
+                return
+            held, total, share = (int(x) for x in reply)
+            res.use.cluster_used = total
+            slots.grant(held, share, sent)
+        if (slots.leased or slots.waiting) and self._renewer is None:
             self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
@@ -338,7 +360,7 @@ class ResourcePool:
                 await self.clock.sleep(ttl / 3)
                 for res in self.resources.values():
                     if res.slots is not None and (res.slots.leased or res.slots.waiting):
-                        await self._lease_slots(res, res.slots.target_at_renewal())
+                        await self._lease_slots(res, "renew")
         finally:
             self._renewer = None
 
