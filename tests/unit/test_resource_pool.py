@@ -105,3 +105,41 @@ def test_slots_are_given_back_at_close() -> None:
         assert p.resources["api"].slots is not None and p.resources["api"].slots.leased == 0
 
     asyncio.run(main())
+
+
+class GatedRedis(ScriptedRedis):
+    """A ScriptedRedis whose answers wait until ``gate`` is set (a slow round trip)."""
+
+    def __init__(self, replies: list[Any]) -> None:
+        super().__init__(replies)
+        self.gate = asyncio.Event()
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        self.calls.append((script, keys_and_args))
+        await self.gate.wait()
+        return self.replies.pop(0)
+
+
+def test_slots_being_given_back_are_not_used_while_redis_hears_of_it() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        redis = GatedRedis([[5, 5, 10], [3, 3, 10]])
+        p = pool(redis, clock, concurrency=10, lease_fraction=0.1)  # batches of 1
+        res = p.resources["api"]
+        assert res.slots is not None
+        first = asyncio.ensure_future(p.acquire({"api": 5}, None, wait=True))
+        await turns()
+        redis.gate.set()
+        await first
+        redis.gate.clear()
+        p.release({"api": 3})  # 3 idle > 2 batches: 2 go back (keep one spare), sent in the background
+        await turns()
+        assert len(redis.calls) == 2 and redis.calls[1][1][5] == 3  # target: 2 in use + 1 spare
+        assert res.slots.leased == 3  # shrunk before Redis answered
+        assert res.slots.take(1, clock.now()) and not res.slots.take(1, clock.now())
+        redis.gate.set()
+        await turns()
+        assert (res.slots.leased, res.slots.in_use) == (3, 3)
+        await p.close()
+
+    asyncio.run(main())
