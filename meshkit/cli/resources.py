@@ -4,7 +4,7 @@ One row per ``[resources.<name>]`` table of the settings (docs/limits.md):
 its limits, the units granted in the current rate window and per second
 (the last ``1 / window`` windows), and the concurrency slots held and wanted
 by the live instances, read from Redis (never written). An unreachable
-Redis exits 1; no resources configured prints nothing and exits 0.
+Redis exits 1; no resources configured says so on stderr and exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -33,6 +34,9 @@ def add_commands(sub: Any) -> None:
 def cmd_resources(args: argparse.Namespace) -> int:
     settings = registry_choice(args).settings
     limits = settings.resource_limits()
+    if not limits:
+        print("no [resources.<name>] tables in the settings (MESHKIT_CONFIG or --config)", file=sys.stderr)
+        return EXIT_OK
 
     async def read() -> list[dict[str, Any]]:
         redis = redis_client(settings)
