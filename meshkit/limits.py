@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock
+from .codes import ErrorCode
 from .concurrency import Gate, Shed
 from .config import Settings
-from .errors import OVERLOADED, RefusedError
+from .errors import RefusedError
 from .handlers import Handler, HandlerTable
 from .metrics import Metrics
 from .resources import ResourcePool
@@ -36,7 +37,7 @@ __all__ = ["CallLimits", "Overloaded"]
 class Overloaded(RefusedError):
     """Answered ``overloaded``: the call found every slot taken and the queue full; it did not run."""
 
-    code = OVERLOADED
+    code = ErrorCode.OVERLOADED
 
 
 class CallLimits:

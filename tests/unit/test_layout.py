@@ -14,12 +14,12 @@ PACKAGE = ROOT / "meshkit"
 
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
+    ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context",
                     "leases", "signature", "concurrency")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
-    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "server",
+    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
                "exchange")),
     ("service", ("service", "runner")),
     ("roles", ("gateway", "haproxy", "stack", "testing")),
