@@ -60,6 +60,7 @@ from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import invoke
+from .limits import CallLimits
 from .metrics import Metrics
 from .quota import CallQuota
 from .timing import wait_event
@@ -113,6 +114,8 @@ class Server:
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
         self.quota = CallQuota(settings, self.held)  # what calls hold, per connection
+        # Concurrency gates and resource leases, passed before each handler runs (docs/limits.md).
+        self.limits = CallLimits(service, table, settings, clock=clock, metrics=metrics)
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
         self._answers = Answers(settings, self._throttle)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
@@ -349,7 +352,8 @@ class Server:
         set_current(ctx)  # this task runs in its own copy of the context
         try:
             try:
-                result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
+                result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
+                                      limits=self.limits, cost=cost)
                 code, frames = self._answers.reply(header, result)
             except Exception as exc:
                 code, frames = self._answers.failure(header, handler.name, exc)

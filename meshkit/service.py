@@ -312,6 +312,7 @@ class Service:
 
     async def _close(self) -> None:
         if self._server is not None:
+            await self._server.limits.close()  # held resource slots go back to the cluster
             self._server.close()
         await self.client.close()
         if self._own_registry:
@@ -343,7 +344,7 @@ class Service:
             started_at=self.started_at,
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
-        )
+        ).with_signatures({n: h.types.text() for n, h in self._table.methods.items() if h.types is not None})
 
     def _machine_name(self) -> str:
         # The record's host names the machine for people; a host name the

@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..config import Settings
-from ..errors import CallTimeoutError, MeshError, NoInstanceError
+from ..errors import BadArgumentsError, CallTimeoutError, MeshError, NoInstanceError
 from ..record import InstanceRecord
 from ..rundir import RegistryChoice, choose_registry
 from ..untrusted import clip
@@ -170,6 +170,13 @@ def _call(args: argparse.Namespace) -> Any:
             raise NoInstanceError(
                 f"{exc.message} in namespace {settings.namespace} (meshkit ls lists what is there)",
                 service=exc.service, method=exc.method) from None
+        except BadArgumentsError as exc:
+            # The records carry each method's signature (when they had room): show it.
+            known = {r.signatures[args.method] for r in client.instances(args.service) if args.method in r.signatures}
+            if not known:
+                raise
+            raise BadArgumentsError(f"{exc.message}; {clip(args.method)}{clip(sorted(known)[0], 300)}",
+                                    service=exc.service, method=exc.method) from None
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

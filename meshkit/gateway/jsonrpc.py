@@ -77,6 +77,8 @@ leaves the connection open.
                               send; this one was not run
 -32013  address_limited       too many connections from the client's address, or
                               connecting too fast (``data.reason``) (*closes*)
+-32014  resource_exhausted    a cluster-wide resource the backend method uses is
+                              at its limit (``docs/limits.md``); it was not run
 (any)   refused               the backend refused the request on purpose
                               (:class:`~meshkit.errors.RefusedError`): its
                               ``client_code`` is the code (-32005 without one)
@@ -126,6 +128,7 @@ BATCH_TOO_LARGE = -32010
 BANNED = -32011
 RATE_LIMITED = -32012
 ADDRESS_LIMITED = -32013
+RESOURCE_EXHAUSTED = -32014
 
 #: Items a batch may hold by default (``max_batch``).
 MAX_BATCH = 64
@@ -165,6 +168,7 @@ _FROM_MESH: Mapping[str, int] = {
     "unknown_method": METHOD_NOT_FOUND,
     "bad_arguments": INVALID_PARAMS,
     "handler_error": HANDLER_ERROR,
+    "resource_exhausted": RESOURCE_EXHAUSTED,
 }
 
 RequestId = str | int | float | None
@@ -284,7 +288,7 @@ def error_for(exc: CallError) -> tuple[int, str, dict[str, Any]]:
     """The JSON-RPC ``(code, message, data)`` for a failed mesh call."""
     code = _FROM_MESH.get(exc.code, INTERNAL_ERROR)
     data: dict[str, Any] = {"code": clip(exc.code, 60)}
-    if isinstance(exc, RefusedError):
+    if isinstance(exc, RefusedError) and exc.code not in _FROM_MESH:  # not a limit's refusal
         # The backend chose this answer: its number (if any) and its words, nothing added.
         code = exc.client_code if exc.client_code is not None else HANDLER_ERROR
         return code, clip(exc.message, _MESSAGE_LIMIT), data
