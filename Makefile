@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy ip  # ip (Debian's iproute2) builds the namespace test hosts
+SYSTEM_PROGRAMS := redis-server haproxy ip chromium  # ip (Debian's iproute2) builds the namespace test hosts; chromium runs the panel's browser tests
 PYTEST_ARGS ?=
 INSTALL_LOG ?= .run/install.log
 

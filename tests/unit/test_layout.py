@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
     ("service", ("service", "runner")),
-    ("roles", ("gateway", "haproxy", "stack", "testing")),
+    ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
 ]
 
