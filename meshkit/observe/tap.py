@@ -197,9 +197,10 @@ class TapSet:
         """Close taps past their time or not polled for :data:`IDLE_CLOSE_S` seconds."""
         now = self.now()
         for tap in list(self.taps.values()):
-            if now >= tap.expires or now - tap.last_poll > IDLE_CLOSE_S:
+            idle = now - tap.last_poll > IDLE_CLOSE_S
+            if now >= tap.expires:
                 tap.closed = True
-            if tap.closed and not tap.queue:
+            if idle or (tap.closed and not tap.queue):  # nobody reads an idle tap's queue
                 self._forget(tap.id)
 
     def offer(self, service: str, method: str, meta: Mapping[str, str], status: str, duration_us: int,
