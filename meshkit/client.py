@@ -49,6 +49,7 @@ from .errors import (
     error_from_wire,
 )
 from .metrics import Metrics
+from .observe.observer import Observer
 from .peer import Peer, Pending
 from .pool import PeerPool
 from .publish import publish, push_one
@@ -89,6 +90,7 @@ class AsyncClient:
         self.metrics = metrics or Metrics("", "", "")
         self.pool = PeerPool(settings, self.registry, self._ctx)
         self._started = False
+        self.observer: Observer | None = None  # set by a Service: client spans go to its buffer
 
     async def start(self) -> None:
         """Load the registry view (if this client owns it) and start following it."""
@@ -135,8 +137,14 @@ class AsyncClient:
         timeout: float | None = None,
         wait: bool = False,
         meta: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> Any:
         """Call ``service.method(*args, **kwargs)`` on one instance; return its result.
+
+        ``traceparent`` (a W3C header value) makes the call part of that
+        trace instead of the current one: make one with
+        ``TraceContext.new_root()`` to learn the trace id of a call made
+        outside any handler (``meshkit trace`` finds it afterwards).
 
         Raises a :class:`~meshkit.errors.CallError` subclass on failure (see
         the module doc for which and when), ``ValueError`` for a service or
@@ -147,8 +155,11 @@ class AsyncClient:
         _check_name("service", service, self.settings.max_name_length)
         _check_name("method", method, self.settings.max_name_length)
         started = time.monotonic()
-        deadline, trace, meta = self._outgoing(timeout, meta)
+        deadline, trace, meta = self._outgoing(timeout, meta, traceparent)
         body = wire.pack([list(args), dict(kwargs or {})])
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the client span: the callee's span is its child
         traceparent = trace.traceparent()
         tried: set[str] = set()
         code: str | None = None
@@ -175,7 +186,32 @@ class AsyncClient:
             code = getattr(exc, "code", "cancelled")
             raise
         finally:
-            self.metrics.call_made(service, method, (time.monotonic() - started) * 1000, code)
+            elapsed = time.monotonic() - started
+            self.metrics.call_made(service, method, elapsed * 1000, code)
+            if observer is not None:
+                observer.span(trace, f"{service}.{method}", "client", start_unix, elapsed, code or "ok")
+
+    async def call_instance(self, instance_id: str, method: str, *args: Any, timeout: float | None = None,
+                            **kwargs: Any) -> Any:
+        """Call ``method`` on the one instance ``instance_id`` (draining or not); never sent elsewhere.
+
+        Raises :class:`NoInstanceError` if the registry view has no such
+        instance or it cannot take the call now, else what :meth:`call` raises.
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        _check_name("method", method, self.settings.max_name_length)
+        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
+        peer = self.pool.peer_for(record) if record is not None else None
+        if record is None or peer is None:
+            raise NoInstanceError(f"no live instance {clip(instance_id)!r}", method=method)
+        deadline, trace, meta = self._outgoing(timeout, None)
+        body = wire.pack([list(args), kwargs])
+        try:
+            return await self._send_call(peer, record.service, method, body, deadline, trace.traceparent(), meta)
+        except _Retry:
+            raise NoInstanceError(f"instance {clip(instance_id)!r} did not take {clip(method)}",
+                                  service=record.service, method=method) from None
 
     async def _send_call(
         self,
@@ -270,20 +306,22 @@ class AsyncClient:
             raise ClientClosedError("client is closed")
 
     def _outgoing(
-        self, timeout: float | None, meta: Mapping[str, str] | None
+        self, timeout: float | None, meta: Mapping[str, str] | None, traceparent: str | None = None
     ) -> tuple[float, TraceContext, Mapping[str, str] | None]:
         """Deadline (monotonic), span and metadata for an outgoing message."""
         deadline = time.monotonic() + (self.settings.call_timeout if timeout is None else timeout)
         ctx = current_call()
         if ctx is None:
-            return deadline, TraceContext.new_root(), meta
+            trace = TraceContext.new_root() if traceparent is None else TraceContext.named(traceparent)
+            return deadline, trace, meta
+        trace = ctx.trace if traceparent is None else TraceContext.named(traceparent)
         if ctx.deadline is not None:
             deadline = min(deadline, ctx.deadline)
         if meta:
             merged = dict(ctx.meta)
             merged.update(meta)
-            return deadline, ctx.trace, merged
-        return deadline, ctx.trace, ctx.meta
+            return deadline, trace, merged
+        return deadline, trace, ctx.meta
 
     # -- publishing -----------------------------------------------------------
 
@@ -301,8 +339,14 @@ class AsyncClient:
         _check_name("topic", topic, self.settings.max_name_length)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the producer span
         subscribers, delivered = await publish(self.pool, topic, payload, deadline, trace.traceparent(), meta)
         self.metrics.published(topic, subscribers, delivered)
+        if observer is not None:
+            observer.span(trace, f"publish {topic}", "producer", start_unix, time.time() - start_unix, "ok",
+                          {"subscribers": subscribers, "delivered": delivered})
         return delivered
 
     async def push_to(self, instance_id: str, topic: str, payload: Any, *,

@@ -57,6 +57,9 @@ from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
 from .metrics import Metrics
+from .observe.introspect import PREFIX as RESERVED_PREFIX
+from .observe.introspect import Introspection
+from .observe.observer import Observer
 from .record import DRAINING as STATE_DRAINING
 from .record import UP
 from .timing import DeadlineCancel, wait_event
@@ -113,6 +116,10 @@ class Server:
         self.sock = sock
         self.endpoint = ""
         self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
+        # Observability hooks (meshkit.observe), set by the Service: spans and stats of
+        # what is served, and the reserved _mesh.* methods.
+        self.observer: Observer | None = None
+        self.reserved: Introspection | None = None
 
     def bind(self, address: str | None = None) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint.
@@ -260,6 +267,10 @@ class Server:
             self._reject(identity, header.id, "unknown_service",
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
+        if self.reserved is not None and header.name.startswith(RESERVED_PREFIX):
+            # Before the draining check and the budgets: a busy or draining instance still answers.
+            self.reserved.serve(identity, header, body, self._send)
+            return
         handler = self.table.methods.get(header.name)
         if handler is None:
             self._reject(identity, header.id, "unknown_method",
@@ -329,6 +340,8 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, _caller(identity, ctx.meta), False) \
+            if self.observer is not None else None
         code: str | None = None
         try:
             result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
@@ -347,6 +360,8 @@ class Server:
         except Exception as exc:
             code, frames = self._handler_failed(header, handler.name, exc)
         self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
+        if seen is not None and self.observer is not None:
+            self.observer.finished(seen, code, frames, args)
         self._send(identity, frames)
 
     def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
@@ -399,6 +414,8 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, _caller(identity, ctx.meta), True) \
+            if self.observer is not None else None
         code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
@@ -417,6 +434,8 @@ class Server:
             code, frames = self._handler_failed(header, cause, exc)
         finally:
             reset_current(token)
+        if seen is not None and self.observer is not None:
+            self.observer.finished(seen, code, frames, payload)
         # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
@@ -427,3 +446,9 @@ def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
     log.debug("%s refused: %s", clip(header.name), clip(exc.message))
     return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
                                        type(exc).__name__)
+
+
+def _caller(identity: bytes, meta: Any) -> str:
+    """Who sent a request, for people: the gateway client's address if any, else the connection."""
+    client = meta.get("client") if meta else None
+    return str(client) if client else identity.hex()[:16]

@@ -1,0 +1,152 @@
+"""The one object per instance that the server, the client and user spans report to.
+
+:meth:`Observer.started` and :meth:`Observer.finished` bracket every call
+and push served (the server calls them); :meth:`Observer.record` takes
+client and user spans. From them it keeps, bounded: the
+:class:`~.spans.SpanBuffer`, the per-method :class:`~.stats.Stats`, the
+calls in flight, the open taps, and it writes the per-call log lines of
+``docs/logging.md``: one ``call served`` line at DEBUG per call served (when
+DEBUG is on, for everyone or for the call's metadata, see
+:mod:`.logfilter`) and one ``call failed`` line at WARNING per failed call.
+
+Cost per call, measured on ``bench/rpc.py``: see ``docs/observability.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import wire
+from ..errors import ProtocolError
+from ..trace import TraceContext
+from ..untrusted import clip
+from .logfilter import LogRules
+from .options import ObserveOptions
+from .spans import OK, Span, SpanBuffer
+from .stats import Counter, Stats
+from .tap import TapSet
+
+log = logging.getLogger("meshkit.calls")
+
+MAX_CRASHES = 32  # periodic-task failures remembered
+
+
+class Active:
+    """A call or push being served."""
+
+    __slots__ = ("caller", "counter", "meta", "name", "push", "start", "start_unix", "trace")
+
+    def __init__(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+                 push: bool, counter: Counter) -> None:
+        self.name = name
+        self.trace = trace
+        self.meta = meta
+        self.caller = caller
+        self.push = push
+        self.counter = counter
+        self.start = time.perf_counter()
+        self.start_unix = time.time()
+
+
+class Observer:
+    """What one instance knows about its own work (see the module doc)."""
+
+    def __init__(self, service: str, instance: str, host: str, options: ObserveOptions | None = None,
+                 rules: LogRules | None = None, now: Callable[[], float] = time.monotonic) -> None:
+        self.service = service
+        self.instance = instance
+        self.host = host
+        self.options = options or ObserveOptions()
+        o = self.options
+        self.spans = SpanBuffer(o.span_buffer_count, o.span_buffer_bytes, o.spans_per_bucket, o.error_spans)
+        self.stats = Stats()
+        self.taps = TapSet(o.max_taps, o.hidden_keys, now)
+        self.rules = rules or LogRules()
+        self.active: dict[int, Active] = {}
+        self.crashes: deque[dict[str, Any]] = deque(maxlen=MAX_CRASHES)
+        self.exporter: Callable[[Span], None] | None = None
+
+    def started(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+                push: bool = False) -> Active:
+        """A call (or push) began; hand the result to :meth:`finished`."""
+        counter = self.stats.counter(push, name)
+        counter.in_flight += 1
+        active = Active(name, trace, meta, caller, push, counter)
+        self.active[id(active)] = active
+        return active
+
+    def finished(self, active: Active, code: str | None, frames: list[bytes] | None = None,
+                 args: Any = None) -> None:
+        """It ended with error ``code`` (``None``: ok); ``frames`` is the answer, read only on failure."""
+        duration_us = int((time.perf_counter() - active.start) * 1_000_000)
+        self.active.pop(id(active), None)
+        message = _error_message(frames) if code is not None and frames else ""
+        active.counter.finish(duration_us, code, message)
+        status = code or OK
+        trace = active.trace
+        span: Span | None = None
+        if self.options.spans and trace.sampled:
+            span = Span(trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance, self.host,
+                        active.name, "consumer" if active.push else "server", int(active.start_unix * 1_000_000),
+                        duration_us, status, {"error": message} if message else None)
+            self.record(span)
+        if self.taps:
+            self.taps.offer(self.service, active.name, active.meta, status, duration_us,
+                            lambda: (span or self._span_of(active, duration_us, status)).to_dict(), args)
+        self._log(active, duration_us, code, message)
+
+    def record(self, span: Span) -> None:
+        """Keep a finished span (a client or user span, or a server one from :meth:`finished`)."""
+        self.spans.add(span)
+        if self.exporter is not None:
+            self.exporter(span)
+
+    def span(self, trace: TraceContext, name: str, kind: str, start_unix: float, duration_s: float,
+             status: str = OK, attrs: dict[str, Any] | None = None) -> None:
+        """Record a span of this instance that ended now."""
+        if self.options.spans and trace.sampled:
+            self.record(Span(trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance,
+                             self.host, name, kind, int(start_unix * 1_000_000), int(duration_s * 1_000_000),
+                             status, attrs))
+
+    def inflight(self) -> list[dict[str, Any]]:
+        """The calls and pushes being served now, oldest first."""
+        now = time.perf_counter()
+        return [{"method": a.name, "push": a.push, "caller": a.caller, "age_ms": round((now - a.start) * 1000, 1),
+                 "trace_id": a.trace.trace_id, "meta": self.taps.visible(a.meta)}
+                for a in sorted(self.active.values(), key=lambda a: a.start)]
+
+    def periodic_failed(self, task: str, exc: BaseException) -> None:
+        """A periodic task's run raised (it keeps running): remembered for ``_mesh.info``."""
+        self.crashes.append({"task": task, "unix": time.time(), "type": type(exc).__name__,
+                             "message": clip(str(exc))})
+
+    def _span_of(self, active: Active, duration_us: int, status: str) -> Span:
+        t = active.trace
+        return Span(t.trace_id, t.span_id, t.parent_id, self.service, self.instance, self.host, active.name,
+                    "consumer" if active.push else "server", int(active.start_unix * 1_000_000), duration_us,
+                    status)
+
+    def _log(self, active: Active, duration_us: int, code: str | None, message: str) -> None:
+        what = "push" if active.push else "call"
+        if code is not None:
+            if log.isEnabledFor(logging.WARNING):
+                log.warning("%s %s failed: %s %s", what, active.name, code, message,
+                            extra={"method": active.name, "status": code, "duration_ms": duration_us / 1000,
+                                   "caller": active.caller})
+            return
+        if self.rules.level_for(active.meta) <= logging.DEBUG and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s served", what, active.name,
+                      extra={"method": active.name, "status": OK, "duration_ms": duration_us / 1000,
+                             "caller": active.caller})
+
+
+def _error_message(frames: list[bytes]) -> str:
+    try:
+        return clip(wire.decode_error_body(frames[-1]).message)
+    except (ProtocolError, IndexError):
+        return ""
