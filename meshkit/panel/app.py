@@ -5,7 +5,7 @@ Routes::
     GET /                  the page (static/index.html; with panel.js and panel.css, no other asset)
     GET /static/{file}     panel.js, panel.css
     GET /api/state         the last state read (Panel.state), as JSON
-    GET /api/trace/{id}    {"trace_id": id, "spans": [...]}: every span of that trace live instances hold
+    GET /api/trace/{id}    {"trace_id", "spans": [...], "missing": {instance: why}}: that trace's spans
     GET /ws                the live feed (protocol below)
 
 The WebSocket carries JSON text frames. The panel sends ``{"type": "state",
@@ -114,10 +114,10 @@ async def _api_trace(request: web.Request) -> web.Response:
     if not TRACE_ID.fullmatch(trace_id):
         return web.json_response({"error": f"a trace id is 32 hex digits, got {clip(trace_id)}"}, status=400)
     try:
-        spans = await request.app[PANEL_KEY].trace(trace_id)
+        answer = await request.app[PANEL_KEY].trace(trace_id)
     except Exception as exc:
         return web.json_response({"error": clip(str(exc) or type(exc).__name__)}, status=502)
-    return web.json_response({"trace_id": trace_id, "spans": spans}, dumps=lambda v: json.dumps(v, default=str))
+    return web.json_response(answer, dumps=lambda v: json.dumps(v, default=str))
 
 
 def _same_origin(request: web.Request) -> bool:

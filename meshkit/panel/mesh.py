@@ -9,14 +9,12 @@ callers check their shape before using them.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ..client import AsyncClient
+from ..observe import query
 from ..record import InstanceRecord
-
-MAX_TRACE_SPANS = 2000  # spans of one trace asked of one instance
 
 
 class MeshReader(Protocol):
@@ -35,8 +33,8 @@ class MeshReader(Protocol):
         """``_mesh.spans(...)`` of that instance: its most recent spans (of ``trace_id`` only, if given)."""
         ...
 
-    async def trace(self, trace_id: str) -> list[Mapping[str, Any]]:
-        """Every span of ``trace_id`` that any live instance still holds."""
+    async def trace(self, trace_id: str) -> Mapping[str, Any]:
+        """``{"spans": [...], "missing": {instance: why}}``: every span of ``trace_id`` live instances hold."""
         ...
 
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
@@ -54,11 +52,11 @@ class MeshReader(Protocol):
 
 
 class ObserveReader:
-    """:class:`MeshReader` over one started :class:`~meshkit.client.AsyncClient`.
+    """:class:`MeshReader` over one started :class:`~meshkit.client.AsyncClient` and :mod:`meshkit.observe.query`.
 
     Every ``_mesh.*`` call goes to one instance by id
-    (:meth:`AsyncClient.call_instance`) and is bounded by ``timeout``
-    seconds; :meth:`trace` asks every live instance at once.
+    (:func:`meshkit.observe.query.ask`) and is bounded by ``timeout``
+    seconds; :meth:`trace` is :func:`meshkit.observe.query.trace`.
     """
 
     def __init__(self, client: AsyncClient, timeout: float = 1.5) -> None:
@@ -66,39 +64,33 @@ class ObserveReader:
         self.timeout = timeout
 
     def instances(self) -> list[InstanceRecord]:
-        return self.client.registry.instances()
+        return [r for r in self.client.registry.instances() if not r.service.startswith("_")]
 
-    async def _call(self, record: InstanceRecord, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self.client.call_instance(record.instance_id, method, *args, timeout=self.timeout, **kwargs)
+    async def _ask(self, record: InstanceRecord, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await query.ask(self.client, record.instance_id, method, *args, timeout=self.timeout, **kwargs)
 
     async def stats(self, record: InstanceRecord) -> Mapping[str, Any]:
-        answer = await self._call(record, "_mesh.stats")
+        answer = await self._ask(record, "stats")
         return answer if isinstance(answer, Mapping) else {}
 
     async def spans(self, record: InstanceRecord, trace_id: str | None = None,
                     limit: int = 200) -> list[Mapping[str, Any]]:
-        answer = await self._call(record, "_mesh.spans", trace_id=trace_id, limit=limit)
+        answer = await self._ask(record, "spans", trace_id=trace_id, limit=limit)
         found = answer.get("spans") if isinstance(answer, Mapping) else answer
         return [s for s in found if isinstance(s, Mapping)] if isinstance(found, list) else []
 
-    async def trace(self, trace_id: str) -> list[Mapping[str, Any]]:
-        answers = await asyncio.gather(*(self.spans(r, trace_id=trace_id, limit=MAX_TRACE_SPANS)
-                                         for r in self.instances()), return_exceptions=True)
-        spans: dict[tuple[str, str], Mapping[str, Any]] = {}
-        for answer in answers:
-            if isinstance(answer, list):
-                for span in answer:
-                    spans[(str(span.get("instance")), str(span.get("span_id")))] = span
-        return sorted(spans.values(), key=lambda s: int(s.get("start_unix_us") or 0))
+    async def trace(self, trace_id: str) -> Mapping[str, Any]:
+        answer = await query.trace(self.client, trace_id, timeout=self.timeout)
+        return {"spans": answer.get("spans", []), "missing": answer.get("missing", {})}
 
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:
-        return str(await self._call(record, "_mesh.tap.open", filter=dict(filter), max_rps=max_rps,
-                                    max_events=max_events, ttl_s=ttl_s))
+        return str(await self._ask(record, "tap.open", filter=dict(filter), max_rps=max_rps,
+                                   max_events=max_events, ttl_s=ttl_s))
 
     async def tap_poll(self, record: InstanceRecord, tap_id: str, after: int) -> Mapping[str, Any]:
-        answer = await self._call(record, "_mesh.tap.poll", tap_id, after=after)
+        answer = await self._ask(record, "tap.poll", tap_id, after=after)
         return answer if isinstance(answer, Mapping) else {}
 
     async def tap_close(self, record: InstanceRecord, tap_id: str) -> None:
-        await self._call(record, "_mesh.tap.close", tap_id)
+        await self._ask(record, "tap.close", tap_id)

@@ -164,7 +164,11 @@ class Panel:
                 log.warning("panel refresh failed: %s", clip(str(exc) or type(exc).__name__))
             await asyncio.sleep(self.refresh)  # the refresh period, not a readiness wait
 
-    async def trace(self, trace_id: str) -> list[Mapping[str, Any]]:
-        """Every span of ``trace_id`` the live instances still hold (see :meth:`MeshReader.trace`)."""
-        spans = await self.reader.trace(trace_id)
-        return [s for s in spans if isinstance(s, Mapping)]
+    async def trace(self, trace_id: str) -> dict[str, Any]:
+        """``{"trace_id", "spans", "missing"}``: the spans of ``trace_id`` live instances hold, by start."""
+        answer = await self.reader.trace(trace_id)
+        spans = answer.get("spans")
+        missing = answer.get("missing")
+        return {"trace_id": trace_id,
+                "spans": [s for s in spans if isinstance(s, Mapping)] if isinstance(spans, list) else [],
+                "missing": dict(missing) if isinstance(missing, Mapping) else {}}

@@ -14,11 +14,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq.asyncio
 from aiohttp import web
@@ -30,14 +28,12 @@ from ..stack.control import CircusControl
 from .app import make_app
 from .circus import CircusView, RestartCounter, follow_events
 from .feed import DEFAULT_MAX_BYTES
+from .location import remove_url, write_url
 from .mesh import ObserveReader
 from .panel import Panel
 from .servers import ServersView
 
 log = logging.getLogger("meshkit.panel")
-
-URL_FILE = "panel.url"
-
 
 @dataclass(frozen=True)
 class PanelOptions:
@@ -65,19 +61,6 @@ class PanelOptions:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
-
-
-def url_path(run_dir: str) -> Path:
-    return Path(run_dir) / URL_FILE
-
-
-def read_url(run_dir: str) -> str | None:
-    """The URL a panel of this run directory wrote, or None."""
-    try:
-        text = url_path(run_dir).read_text().strip()
-    except OSError:
-        return None
-    return text if text.startswith("http://") and len(text) < 200 else None
 
 
 def _url(host: str, port: int) -> str:
@@ -119,17 +102,14 @@ async def serve(settings: Settings, options: PanelOptions, run_dir: str | None =
         port = int(runner.addresses[0][1])
         url = _url(options.host, port)
         if run_dir is not None:
-            tmp = url_path(run_dir).with_suffix(".tmp")
-            tmp.write_text(url + "\n")
-            os.replace(tmp, url_path(run_dir))
+            write_url(run_dir, url)
         log.info("panel listening on %s", url)
         if on_ready is not None:
             on_ready(url)
         await stopping.wait()
     finally:
         if run_dir is not None:
-            with contextlib.suppress(OSError):
-                url_path(run_dir).unlink()
+            remove_url(run_dir)
         for task in background:
             task.cancel()
         for task in background:

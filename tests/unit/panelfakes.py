@@ -40,8 +40,8 @@ class FakeReader:
                     limit: int = 200) -> list[Mapping[str, Any]]:
         return self.spans_of.get(record.instance_id, [])[:limit]
 
-    async def trace(self, trace_id: str) -> list[Mapping[str, Any]]:
-        return [s for s in self.trace_spans if s.get("trace_id") == trace_id]
+    async def trace(self, trace_id: str) -> Mapping[str, Any]:
+        return {"spans": [s for s in self.trace_spans if s.get("trace_id") == trace_id], "missing": {}}
 
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:

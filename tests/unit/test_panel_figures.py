@@ -75,7 +75,7 @@ def test_edges_are_drawn_from_spans_whose_parent_is_in_another_service() -> None
         span("t2", "a2", "gone", "hop-a"),  # parent forgotten: no edge
         span("t3", "a3", "x", "hop-a"), span("t3", "x", None, "gateway", kind="client"),
     ]
-    edges = call_edges(spans + [spans[1]])  # a span read twice counts once
+    edges = call_edges([*spans, spans[1]])  # a span read twice counts once
     assert edges == [{"from": "gateway", "to": "hop-a", "calls": 2}, {"from": "hop-a", "to": "hop-b", "calls": 1}]
     assert call_edges([{"span_id": 1}, "junk", {"parent_id": ["x"]}]) == []  # type: ignore[list-item]
 
@@ -86,7 +86,8 @@ def test_topology_groups_instances_by_service_and_host_with_state() -> None:
     names = [s["name"] for s in topo["services"]]
     assert names == ["a", "b", "client-gone"]
     a = topo["services"][0]
-    assert [(h["host"], [i["instance"] for i in h["instances"]]) for h in a["hosts"]] == [("h1", ["a1"]), ("h2", ["a2"])]
+    grouped = [(h["host"], [i["instance"] for i in h["instances"]]) for h in a["hosts"]]
+    assert grouped == [("h1", ["a1"]), ("h2", ["a2"])]
     assert a["hosts"][1]["instances"][0]["state"] == "unreachable"
     assert topo["services"][1]["hosts"][0]["instances"][0]["state"] == "draining"
     assert topo["services"][2]["hosts"] == []

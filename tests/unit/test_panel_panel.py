@@ -29,7 +29,8 @@ class Clock:
 def test_a_refresh_reads_every_instance_and_feeds_every_tab() -> None:
     reader = FakeReader(record("hop-a", "a1"), record("hop-b", "b1"), record("hop-b", "b2"))
     reader.stats_of = {"a1": stats(10), "b1": stats(0), "b2": TimeoutError("no answer")}
-    reader.spans_of = {"a1": [span("t1", "a", None, "hop-a", start=5), span("t1", "ac", "a", "hop-a", "client", start=5)],
+    reader.spans_of = {"a1": [span("t1", "a", None, "hop-a", start=5),
+                              span("t1", "ac", "a", "hop-a", "client", start=5)],
                        "b1": [span("t1", "b", "ac", "hop-b", start=6, status="error")]}
     clock = Clock()
     panel = Panel(reader, clock=clock)
