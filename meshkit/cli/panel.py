@@ -2,10 +2,11 @@
 
 ``meshkit panel [--host H] [--port N] [--run-dir DIR] [--refresh S] [--tap-max-rps N]``
     Serve the panel on ``H:N`` (default ``127.0.0.1``, a port the kernel
-    chooses) and print its URL. With a stack running from the run directory
-    (``--run-dir``, ``MESHKIT_RUN_DIR`` or ``.run``) it also shows Circus's
-    watchers and HAProxy's servers, writes its URL to ``DIR/panel.url`` (what
-    ``meshkit status`` prints) and reads the stack's registry. Each option's
+    chooses) and print its URL. When the run directory exists (``--run-dir``,
+    ``MESHKIT_RUN_DIR`` or ``.run``) it writes its URL to ``DIR/panel.url``
+    (what ``meshkit status`` prints) and shows the Circus watchers and
+    HAProxy servers running from there; without ``MESHKIT_REDIS_URL`` it
+    reads the registry of the stack there. Each option's
     default may also come from ``[services.panel]`` in the settings file or a
     ``MESHKIT_PANEL_<OPTION>`` variable (``MESHKIT_PANEL_PORT=8700``).
     Listening on anything but loopback prints a warning: the panel has no
@@ -22,8 +23,6 @@ import os
 import sys
 from typing import Any
 
-from ..errors import ConfigError
-from ..rundir import stack_environment
 from .mesh import registry_choice
 
 
@@ -46,12 +45,10 @@ def cmd_panel(args: argparse.Namespace) -> int:
     options = settings.section(PanelOptions, "panel")
     changes = {name: value for name, value in (("host", args.host), ("port", args.port), ("refresh", args.refresh),
                                                ("tap_max_rps", args.tap_max_rps)) if value is not None}
-    try:
-        options = dataclasses.replace(options, **changes)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    options = dataclasses.replace(options, **changes)  # PanelOptions checks them (ConfigError)
     run_dir = os.path.abspath(args.run_dir or settings.run_dir)
-    stack = run_dir if stack_environment(run_dir) is not None else None
+    # The run directory gets the URL file; Circus and HAProxy are shown when their sockets are there.
+    stack = run_dir if os.path.isdir(run_dir) else None
     configure_logging(settings, "panel", str(os.getpid()))
     if not options.loopback:
         print(f"warning: the panel listens on {options.host}: it has no login, anyone who reaches it sees "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ class CircusView:
 
     def read(self) -> dict[str, Any]:
         """``{"watchers": [...]}``, or ``{"error": why}`` when circusd does not answer."""
+        if not os.path.exists(os.path.join(self.run_dir, "circus.sock")):
+            return {"error": f"no circusd runs from {clip(self.run_dir)}"}
         try:
             statuses = self.control.status()
             now = self.clock()

@@ -85,7 +85,8 @@ class ObserveReader:
 
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:
-        return str(await self._ask(record, "tap.open", filter=dict(filter), max_rps=max_rps,
+        # The filter goes positionally: the reserved method names its parameter raw_filter.
+        return str(await self._ask(record, "tap.open", dict(filter), max_rps=max_rps,
                                    max_events=max_events, ttl_s=ttl_s))
 
     async def tap_poll(self, record: InstanceRecord, tap_id: str, after: int) -> Mapping[str, Any]:

@@ -41,6 +41,7 @@ def test_exits_are_counted_per_watcher_and_abnormal_ones_apart() -> None:
 
 
 def test_the_view_joins_status_processes_restarts_and_flap_stops(tmp_path: Path) -> None:
+    (tmp_path / "circus.sock").touch()
     (tmp_path / "flapped.json").write_text(json.dumps({"jobs": {"at": 10.0, "exits": 6, "window": 10.0}}))
     counter = RestartCounter(clock=lambda: 99.0)
     counter.handle("watcher.mining.reap", {"exit_code": -9})
@@ -58,6 +59,8 @@ def test_the_view_joins_status_processes_restarts_and_flap_stops(tmp_path: Path)
 
 def test_circusd_not_answering_is_shown_not_raised(tmp_path: Path) -> None:
     control = FakeControl()
+    view = CircusView(control, str(tmp_path), RestartCounter())
+    assert "no circusd runs from" in view.read()["error"]
+    (tmp_path / "circus.sock").touch()
     control.fail = True
-    answer = CircusView(control, str(tmp_path), RestartCounter()).read()
-    assert "did not answer" in answer["error"]
+    assert "did not answer" in view.read()["error"]
