@@ -54,8 +54,13 @@ class PanelProcess:
 
 
 def taps_open(settings: Settings, instance_id: str) -> int:
-    """How many taps the instance says it has open (its ``_mesh.info``)."""
+    """How many taps the instance says it has open (its ``_mesh.info``).
+
+    Asked from a thread of its own, so that it works under a running event
+    loop too (Playwright's sync API runs one in the test's thread).
+    """
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from meshkit import AsyncClient
     from meshkit.observe import query
@@ -64,4 +69,5 @@ def taps_open(settings: Settings, instance_id: str) -> int:
         async with AsyncClient(settings) as client:
             return int((await query.info(client, instance_id))["taps_open"])
 
-    return asyncio.run(ask())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, ask()).result(30)

@@ -112,12 +112,16 @@ def test_a_tab_taps_with_a_filter_and_closing_it_closes_the_taps(
             await ws.send_json({"op": "tap", "filter": {"where": {"bad key": "x"}}})
             error = await _frames(ws, lambda f: f["type"] == "error", WAIT)
             assert "where key" in error["message"]
-            await asyncio.sleep(0.6)  # the panel opens at most two taps a second per tab
             await ws.send_json({"op": "tap", "filter": {"service": "panel-front", "where": {"customer": "c1"}},
                                 "max_rps": 5})
             opened = await _frames(ws, lambda f: f["type"] == "tap", WAIT)
             assert opened["state"] == "open" and opened["max_rps"] == 5
             events = [await _frames(ws, lambda f: f["type"] == "event", WAIT) for _ in range(3)]
+            # A second tap replaces the first (at once, or when the half-second between two taps is over).
+            await ws.send_json({"op": "tap", "filter": {"service": "panel-front", "where": {"customer": "c2"}}})
+            again = await _frames(ws, lambda f: f["type"] == "tap", WAIT)
+            assert again["state"] == "open" and again["filter"]["where"] == {"customer": "c2"}
+            await _frames(ws, lambda f: f["type"] == "event" and f["event"]["meta"]["customer"] == "c2", WAIT)
             assert front.record is not None
             assert await asyncio.to_thread(taps_open, mesh_settings, front.record.instance_id) == 1
         return events

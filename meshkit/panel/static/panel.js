@@ -158,7 +158,8 @@ function renderHAProxy(haproxy) {
 
 function addEvent(msg) {
   const e = msg.event || {};
-  const name = e.name || [e.service, e.method].filter(Boolean).join(".");
+  // A server span is named by its method, a client span by service.method already.
+  const name = e.name && e.name.includes(".") ? e.name : [e.service, e.name || e.method].filter(Boolean).join(".");
   const at = e.start_unix_us ? new Date(e.start_unix_us / 1000) : new Date();
   const extra = [];
   if (e.meta && Object.keys(e.meta).length) extra.push(Object.entries(e.meta).map(([k, v]) => `${k}=${v}`).join(" "));
