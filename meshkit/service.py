@@ -180,12 +180,14 @@ class Service:
         """Push to one instance by id and wait for its answer (see :meth:`AsyncClient.push_to`)."""
         await self.client.push_to(instance_id, topic, payload, timeout=timeout)
 
-    def span(self, name: str, **attrs: Any) -> UserSpan:
+    def span(self, name: str, *, traceparent: str | None = None, kind: str = "internal",
+             **attrs: Any) -> UserSpan:
         """A user span for a handler: ``with self.span("sql", query=q) as s: ...; s.set("rows", n)``.
 
-        Sync or async ``with``; see :mod:`meshkit.observe.user`.
+        Sync or async ``with``; see :mod:`meshkit.observe.user`. ``traceparent``
+        makes it a child of that span instead of the current one.
         """
-        return UserSpan(self.observer, name, attrs)
+        return UserSpan(self.observer, name, attrs, traceparent=traceparent, kind=kind)
 
     def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,

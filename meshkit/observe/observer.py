@@ -38,18 +38,24 @@ MAX_CRASHES = 32  # periodic-task failures remembered
 class Active:
     """A call or push being served."""
 
-    __slots__ = ("caller", "counter", "meta", "name", "push", "start", "start_unix", "trace")
+    __slots__ = ("counter", "identity", "meta", "name", "push", "start", "start_unix", "trace")
 
-    def __init__(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+    def __init__(self, name: str, trace: TraceContext, meta: Mapping[str, str], identity: bytes,
                  push: bool, counter: Counter) -> None:
         self.name = name
         self.trace = trace
         self.meta = meta
-        self.caller = caller
+        self.identity = identity
         self.push = push
         self.counter = counter
         self.start = time.perf_counter()
         self.start_unix = time.time()
+
+    @property
+    def caller(self) -> str:
+        """Who sent it, for people: the gateway client's address if any, else the connection's id."""
+        client = self.meta.get("client")
+        return str(client) if client else self.identity.hex()[:16]
 
 
 class Observer:
@@ -70,12 +76,12 @@ class Observer:
         self.crashes: deque[dict[str, Any]] = deque(maxlen=MAX_CRASHES)
         self.exporter: Callable[[Span], None] | None = None
 
-    def started(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+    def started(self, name: str, trace: TraceContext, meta: Mapping[str, str], identity: bytes,
                 push: bool = False) -> Active:
         """A call (or push) began; hand the result to :meth:`finished`."""
         counter = self.stats.counter(push, name)
         counter.in_flight += 1
-        active = Active(name, trace, meta, caller, push, counter)
+        active = Active(name, trace, meta, identity, push, counter)
         self.active[id(active)] = active
         return active
 
