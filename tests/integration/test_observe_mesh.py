@@ -20,9 +20,9 @@ import pytest
 from haproxykit import Sync, kill_haproxy
 from lineclient import LineClient
 
-from meshkit import AsyncClient, NoInstanceError, Settings
+from meshkit import AsyncClient, HandlerError, NoInstanceError, Settings
 from meshkit.observe import query
-from meshkit.testing import ServiceProcess, settings_env, wait_until
+from meshkit.testing import settings_env, wait_until
 from meshkit.testing.processes import tcp_listener
 from meshkit.trace import TraceContext
 
@@ -92,7 +92,7 @@ def test_a_request_through_haproxy_and_the_gateway_is_one_tree_for_meshkit_trace
     ], lines
     [top] = got["tree"]
     assert top["parent_id"] == root.span_id and top["attrs"]["conn"].startswith(gw.record.instance_id)
-    sql = [s for _, s in walk(got["tree"]) if s["name"] == "sql"][0]
+    sql = next(s for _, s in walk(got["tree"]) if s["name"] == "sql")
     assert sql["attrs"] == {"query": "select * from orders where customer = 'c42'", "rows": 3}
     assert {s["host"] for s in got["spans"]} and all(s["status"] == "ok" for s in got["spans"])
 
@@ -155,7 +155,7 @@ def test_the_span_buffer_stays_bounded_under_a_flood_and_keeps_slow_and_failed_c
     [b] = start_service(B, env={"MESHKIT_TRACE_B_SPAN_BUFFER_BYTES": str(limit)})
     instance = b.record.instance_id
     assert mesh_client.call("trace-b", "slow", [0.3]) == 0.3
-    with pytest.raises(Exception, match="the one failure"):
+    with pytest.raises(HandlerError, match="the one failure"):
         mesh_client.call("trace-b", "fail", ["the one failure"])
     mesh_client.call("trace-b", "flood", [20_000, 2000], timeout=60)  # fill the buffer: its steady state
     before = mesh_client.call("trace-b", "rss_kib")
@@ -234,7 +234,7 @@ def test_log_level_for_one_customer_and_a_warning_per_failed_call(
     assert set_rule.returncode == 0 and "DEBUG where {'customer': 'c1'}" in set_rule.stdout, set_rule
     for customer in ("c1", "c2", "c1", "c2"):
         mesh_client.call("trace-b", "lookup", [customer], meta={"customer": customer})
-    with pytest.raises(Exception):
+    with pytest.raises(HandlerError):
         mesh_client.call("trace-b", "fail", ["bad input"], meta={"customer": "c2"})
 
     def lines() -> list[dict[str, Any]]:
