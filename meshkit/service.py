@@ -72,6 +72,7 @@ from .metrics import Metrics
 from .observe.introspect import Introspection, describe
 from .observe.observer import Observer
 from .observe.options import ObserveOptions
+from .observe.otlp import OtlpExport, start_export
 from .observe.user import UserSpan
 from .record import DRAINING, UP, InstanceRecord
 from .registration import Registration
@@ -132,6 +133,7 @@ class Service:
         self.observer = Observer(self.name, self.instance_id, self._machine_name(),
                                  self.settings.section(ObserveOptions, self.name))
         self.client.observer = self.observer
+        self._export: OtlpExport | None = None
         self._server: Server | None = None
         self._registration: Registration | None = None
         self._periodic: list[Supervised] = []
@@ -275,6 +277,7 @@ class Service:
         self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics,
                               clock=self.clock)
         self._server.observer = self.observer
+        self._export = start_export(self.observer)
         self._server.reserved = Introspection(self.observer, functools.partial(describe, self),
                                               self.settings.max_message_size)
         self._server.bind(self._bind_address)
@@ -333,6 +336,8 @@ class Service:
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._export is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._export.close)  # flushes: may block
         await self.client.close()
         if self._own_registry:
             await self.registry.close()
