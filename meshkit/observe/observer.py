@@ -145,19 +145,18 @@ class Observer:
                     duration_us, status)
 
     def _log(self, active: Active, duration_us: int, code: str | None, message: str) -> None:
+        """The per-call lines of docs/logging.md: ``call served`` at DEBUG, ``call failed`` at WARNING."""
         what = "push" if active.push else "call"
+        extra = {"method": active.name, "status": code or OK, "duration_ms": duration_us / 1000,
+                 "caller": active.caller}
         if code is not None:
             if log.isEnabledFor(logging.WARNING):
-                log.warning("%s %s failed: %s %s", what, active.name, code, message,
-                            extra={"method": active.name, "status": code, "duration_ms": duration_us / 1000,
-                                   "caller": active.caller})
+                log.warning("%s failed", what, extra={**extra, "error": message})
             return
         # isEnabledFor first: it is cached, and false unless someone asked for DEBUG.
         if log.isEnabledFor(logging.DEBUG) and (not self.rules.rules or self.rules.level_for(active.meta)
                                                 <= logging.DEBUG):
-            log.debug("%s %s served", what, active.name,
-                      extra={"method": active.name, "status": OK, "duration_ms": duration_us / 1000,
-                             "caller": active.caller})
+            log.debug("%s served", what, extra=extra)
 
 
 def _error_message(frames: list[bytes]) -> str:

@@ -241,12 +241,15 @@ def test_log_level_for_one_customer_and_a_warning_per_failed_call(
         return [json.loads(raw) for raw in Path(b.log_path).read_text().splitlines() if raw.startswith("{")]
 
     def served() -> list[dict[str, Any]]:
-        return [r for r in lines() if r["event"] == "call lookup served"]
+        return [r for r in lines() if r["event"] == "call served" and r["method"] == "lookup"]
 
-    wait_until(lambda: len(served()) >= 2 and any(r["event"].startswith("call fail failed") for r in lines()),
-               WAIT, "the per-call log lines")
-    assert len(served()) == 2 and all(r["level"] == "DEBUG" and r["method"] == "lookup" for r in served())
-    [warning] = [r for r in lines() if r["event"].startswith("call fail failed")]
+    def failed() -> list[dict[str, Any]]:
+        return [r for r in lines() if r["event"] == "call failed"]
+
+    wait_until(lambda: len(served()) >= 2 and failed(), WAIT, "the per-call log lines")
+    assert len(served()) == 2 and all(r["level"] == "DEBUG" and r["logger"] == "meshkit.calls" for r in served())
+    [warning] = failed()
     assert warning["level"] == "WARNING" and warning["status"] == "handler_error" and warning["trace_id"]
+    assert warning["method"] == "fail" and warning["error"] == "bad input" and warning["duration_ms"] >= 0
     reset = cli(mesh_settings, "log-level", "trace-b", "reset", "--where", "customer=c1")
     assert reset.returncode == 0 and "where" not in reset.stdout, reset
