@@ -340,8 +340,7 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
-        seen = self.observer.started(header.name, ctx.trace, ctx.meta, _caller(identity, ctx.meta), False) \
-            if self.observer is not None else None
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
         code: str | None = None
         try:
             result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
@@ -414,8 +413,7 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
-        seen = self.observer.started(header.name, ctx.trace, ctx.meta, _caller(identity, ctx.meta), True) \
-            if self.observer is not None else None
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity, True) if self.observer else None
         code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
@@ -446,9 +444,3 @@ def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
     log.debug("%s refused: %s", clip(header.name), clip(exc.message))
     return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
                                        type(exc).__name__)
-
-
-def _caller(identity: bytes, meta: Any) -> str:
-    """Who sent a request, for people: the gateway client's address if any, else the connection."""
-    client = meta.get("client") if meta else None
-    return str(client) if client else identity.hex()[:16]

@@ -72,6 +72,7 @@ from .metrics import Metrics
 from .observe.introspect import Introspection, describe
 from .observe.observer import Observer
 from .observe.options import ObserveOptions
+from .observe.otlp import OtlpExport, start_export
 from .observe.user import UserSpan
 from .record import DRAINING, UP, InstanceRecord
 from .registration import Registration
@@ -132,6 +133,7 @@ class Service:
         self.observer = Observer(self.name, self.instance_id, self._machine_name(),
                                  self.settings.section(ObserveOptions, self.name))
         self.client.observer = self.observer
+        self._export: OtlpExport | None = None
         self._server: Server | None = None
         self._registration: Registration | None = None
         self._periodic: list[Supervised] = []
@@ -180,12 +182,14 @@ class Service:
         """Push to one instance by id and wait for its answer (see :meth:`AsyncClient.push_to`)."""
         await self.client.push_to(instance_id, topic, payload, timeout=timeout)
 
-    def span(self, name: str, **attrs: Any) -> UserSpan:
+    def span(self, name: str, *, traceparent: str | None = None, kind: str = "internal",
+             **attrs: Any) -> UserSpan:
         """A user span for a handler: ``with self.span("sql", query=q) as s: ...; s.set("rows", n)``.
 
-        Sync or async ``with``; see :mod:`meshkit.observe.user`.
+        Sync or async ``with``; see :mod:`meshkit.observe.user`. ``traceparent``
+        makes it a child of that span instead of the current one.
         """
-        return UserSpan(self.observer, name, attrs)
+        return UserSpan(self.observer, name, attrs, traceparent=traceparent, kind=kind)
 
     def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
@@ -273,6 +277,7 @@ class Service:
         self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics,
                               clock=self.clock)
         self._server.observer = self.observer
+        self._export = start_export(self.observer)
         self._server.reserved = Introspection(self.observer, functools.partial(describe, self),
                                               self.settings.max_message_size)
         self._server.bind(self._bind_address)
@@ -331,6 +336,8 @@ class Service:
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._export is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._export.close)  # flushes: may block
         await self.client.close()
         if self._own_registry:
             await self.registry.close()

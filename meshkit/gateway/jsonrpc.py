@@ -101,7 +101,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CallError, HandlerError, RefusedError
@@ -180,6 +180,7 @@ class Request:
     method: str
     params: list[Any] | dict[str, Any] | None
     notification: bool = False
+    traceparent: str | None = field(default=None, compare=False)  # the client's W3C trace context, if sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +262,9 @@ def parse_request(doc: Any) -> Item:
     params = doc.get("params")
     if "params" in doc and not isinstance(params, (list, dict)):
         return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
-    return Request(rid, method, params, notification=not has_id)
+    traceparent = doc.get("traceparent")  # an extension member: the trace this request belongs to
+    traceparent = traceparent if isinstance(traceparent, str) and len(traceparent) == 55 else None
+    return Request(rid, method, params, notification=not has_id, traceparent=traceparent)
 
 
 def _valid_id(value: Any) -> bool:

@@ -46,8 +46,14 @@ class LogRules(logging.Filter):
     def __init__(self, root: logging.Logger | None = None) -> None:
         super().__init__()
         self.root = root or logging.getLogger()
-        self.base = self.root.getEffectiveLevel()
+        # Read when first needed: the runner configures logging after the service is built.
+        self._base: int | None = None
         self.rules: dict[frozenset[tuple[str, str]], int] = {}
+
+    @property
+    def base(self) -> int:
+        """The level for calls no rule matches (the root logger's, until a rule or a level is set)."""
+        return self.root.getEffectiveLevel() if self._base is None else self._base
 
     def level_for(self, meta: Mapping[str, str]) -> int:
         """The lowest level written for a call with ``meta``."""
@@ -59,8 +65,10 @@ class LogRules(logging.Filter):
 
     def set(self, level: Any, where: Any = None) -> dict[str, Any]:
         """Apply a rule (see the module doc); answers :meth:`describe`."""
+        if self._base is None:
+            self._base = self.root.getEffectiveLevel()  # no rule yet: the root's level is the base
         if where is None:
-            self.base = parse_level(level)
+            self._base = parse_level(level)
         else:
             if not isinstance(where, dict) or not where or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in where.items()):

@@ -26,7 +26,7 @@ from ..trace import TraceContext
 from ..untrusted import clip
 from .logfilter import LogRules
 from .options import ObserveOptions
-from .spans import OK, Span, SpanBuffer
+from .spans import OK, Span, SpanBuffer, bucket_of
 from .stats import Counter, Stats
 from .tap import TapSet
 
@@ -38,18 +38,23 @@ MAX_CRASHES = 32  # periodic-task failures remembered
 class Active:
     """A call or push being served."""
 
-    __slots__ = ("caller", "counter", "meta", "name", "push", "start", "start_unix", "trace")
+    __slots__ = ("counter", "identity", "meta", "name", "push", "start", "trace")
 
-    def __init__(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+    def __init__(self, name: str, trace: TraceContext, meta: Mapping[str, str], identity: bytes,
                  push: bool, counter: Counter) -> None:
         self.name = name
         self.trace = trace
         self.meta = meta
-        self.caller = caller
+        self.identity = identity
         self.push = push
         self.counter = counter
         self.start = time.perf_counter()
-        self.start_unix = time.time()
+
+    @property
+    def caller(self) -> str:
+        """Who sent it, for people: the gateway client's address if any, else the connection's id."""
+        client = self.meta.get("client")
+        return str(client) if client else self.identity.hex()[:16]
 
 
 class Observer:
@@ -66,38 +71,46 @@ class Observer:
         self.stats = Stats()
         self.taps = TapSet(o.max_taps, o.hidden_keys, now)
         self.rules = rules or LogRules()
-        self.active: dict[int, Active] = {}
+        self.active: set[Active] = set()
+        # One clock read per call: wall time is the performance counter plus this offset.
+        self._unix_offset = time.time() - time.perf_counter()
+        self._spans_on = self.options.spans
         self.crashes: deque[dict[str, Any]] = deque(maxlen=MAX_CRASHES)
         self.exporter: Callable[[Span], None] | None = None
 
-    def started(self, name: str, trace: TraceContext, meta: Mapping[str, str], caller: str,
+    def started(self, name: str, trace: TraceContext, meta: Mapping[str, str], identity: bytes,
                 push: bool = False) -> Active:
         """A call (or push) began; hand the result to :meth:`finished`."""
         counter = self.stats.counter(push, name)
         counter.in_flight += 1
-        active = Active(name, trace, meta, caller, push, counter)
-        self.active[id(active)] = active
+        active = Active(name, trace, meta, identity, push, counter)
+        self.active.add(active)
         return active
 
     def finished(self, active: Active, code: str | None, frames: list[bytes] | None = None,
                  args: Any = None) -> None:
         """It ended with error ``code`` (``None``: ok); ``frames`` is the answer, read only on failure."""
         duration_us = int((time.perf_counter() - active.start) * 1_000_000)
-        self.active.pop(id(active), None)
+        self.active.discard(active)
         message = _error_message(frames) if code is not None and frames else ""
-        active.counter.finish(duration_us, code, message)
+        bucket = bucket_of(duration_us)
+        active.counter.finish(bucket, code, message)
         status = code or OK
         trace = active.trace
         span: Span | None = None
-        if self.options.spans and trace.sampled:
+        if self._spans_on and trace.sampled:
             span = Span(trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance, self.host,
-                        active.name, "consumer" if active.push else "server", int(active.start_unix * 1_000_000),
-                        duration_us, status, {"error": message} if message else None)
-            self.record(span)
-        if self.taps:
+                        active.name, "consumer" if active.push else "server",
+                        int((active.start + self._unix_offset) * 1_000_000), duration_us, status,
+                        {"error": message} if message else None)
+            self.spans.add(span, bucket)
+            if self.exporter is not None:
+                self.exporter(span)
+        if self.taps.taps:
             self.taps.offer(self.service, active.name, active.meta, status, duration_us,
                             lambda: (span or self._span_of(active, duration_us, status)).to_dict(), args)
-        self._log(active, duration_us, code, message)
+        if code is not None or log.isEnabledFor(logging.DEBUG):
+            self._log(active, duration_us, code, message)
 
     def record(self, span: Span) -> None:
         """Keep a finished span (a client or user span, or a server one from :meth:`finished`)."""
@@ -118,7 +131,7 @@ class Observer:
         now = time.perf_counter()
         return [{"method": a.name, "push": a.push, "caller": a.caller, "age_ms": round((now - a.start) * 1000, 1),
                  "trace_id": a.trace.trace_id, "meta": self.taps.visible(a.meta)}
-                for a in sorted(self.active.values(), key=lambda a: a.start)]
+                for a in sorted(self.active, key=lambda a: a.start)]
 
     def periodic_failed(self, task: str, exc: BaseException) -> None:
         """A periodic task's run raised (it keeps running): remembered for ``_mesh.info``."""
@@ -128,21 +141,22 @@ class Observer:
     def _span_of(self, active: Active, duration_us: int, status: str) -> Span:
         t = active.trace
         return Span(t.trace_id, t.span_id, t.parent_id, self.service, self.instance, self.host, active.name,
-                    "consumer" if active.push else "server", int(active.start_unix * 1_000_000), duration_us,
-                    status)
+                    "consumer" if active.push else "server", int((active.start + self._unix_offset) * 1_000_000),
+                    duration_us, status)
 
     def _log(self, active: Active, duration_us: int, code: str | None, message: str) -> None:
+        """The per-call lines of docs/logging.md: ``call served`` at DEBUG, ``call failed`` at WARNING."""
         what = "push" if active.push else "call"
+        extra = {"method": active.name, "status": code or OK, "duration_ms": duration_us / 1000,
+                 "caller": active.caller}
         if code is not None:
             if log.isEnabledFor(logging.WARNING):
-                log.warning("%s %s failed: %s %s", what, active.name, code, message,
-                            extra={"method": active.name, "status": code, "duration_ms": duration_us / 1000,
-                                   "caller": active.caller})
+                log.warning("%s failed", what, extra={**extra, "error": message})
             return
-        if self.rules.level_for(active.meta) <= logging.DEBUG and log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s served", what, active.name,
-                      extra={"method": active.name, "status": OK, "duration_ms": duration_us / 1000,
-                             "caller": active.caller})
+        # isEnabledFor first: it is cached, and false unless someone asked for DEBUG.
+        if log.isEnabledFor(logging.DEBUG) and (not self.rules.rules or self.rules.level_for(active.meta)
+                                                <= logging.DEBUG):
+            log.debug("%s served", what, extra=extra)
 
 
 def _error_message(frames: list[bytes]) -> str:

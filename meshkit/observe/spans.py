@@ -16,9 +16,10 @@ does, so the spans an on-call engineer wants survive a flood of fast ones:
   million fast calls;
 * the latest ``errors`` failed spans.
 
-A span in several stores is held once. The whole buffer is bounded in
-estimated bytes too (:meth:`Span.cost`): past ``max_bytes`` the oldest
-recent spans go first, then the oldest of the bucket samples.
+A span in several stores is held once (and counted once per store). The
+whole buffer is bounded in estimated bytes too (:meth:`Span.cost`): past
+``max_bytes`` the oldest recent spans go first, then the oldest of the
+bucket samples.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Span:
         "name",
         "parent_id",
         "service",
+        "size",
         "span_id",
         "start_unix_us",
         "status",
@@ -98,6 +100,7 @@ class Span:
         self.duration_us = duration_us
         self.status = status
         self.attrs = attrs
+        self.size = 0  # cost(), stamped when a SpanBuffer keeps it
 
     def cost(self) -> int:
         """Estimated bytes this span holds (ids and names are shared or short; attrs dominate)."""
@@ -116,7 +119,12 @@ class Span:
 
 
 class SpanBuffer:
-    """The spans one instance keeps, bounded in count and bytes (see the module doc)."""
+    """The spans one instance keeps, bounded in count and bytes (see the module doc).
+
+    Bytes are counted per store, so a span kept in two stores counts twice:
+    the bound is conservative, and adding a span costs no bookkeeping of
+    who holds what (this runs for every call served).
+    """
 
     def __init__(self, count: int = 2048, max_bytes: int = 2 * 1024 * 1024, per_bucket: int = 8,
                  errors: int = 128) -> None:
@@ -129,51 +137,44 @@ class SpanBuffer:
         self._recent: deque[Span] = deque()
         self._buckets: list[deque[Span]] = [deque() for _ in BUCKET_BOUNDS_US]
         self._errors: deque[Span] = deque()
-        self._holds: dict[int, int] = {}  # id(span) -> how many stores hold it
 
     def __len__(self) -> int:
-        return len(self._holds)
+        return sum(1 for _ in self.spans())
 
-    def add(self, span: Span) -> None:
-        """Keep ``span`` (evicting what the bounds require)."""
+    def add(self, span: Span, bucket: int | None = None) -> None:
+        """Keep ``span`` (evicting what the bounds require); ``bucket`` is its :func:`bucket_of`, if known."""
         self.recorded += 1
-        self._hold(span, self._recent, self.count)
-        self._hold(span, self._buckets[bucket_of(span.duration_us)], self.per_bucket)
+        size = span.size = span.cost()
+        recent = self._recent
+        recent.append(span)
+        added = size
+        if len(recent) > self.count:
+            added -= recent.popleft().size
+        store = self._buckets[bucket_of(span.duration_us) if bucket is None else bucket]
+        store.append(span)
+        added += size
+        if len(store) > self.per_bucket:
+            added -= store.popleft().size
         if span.status != OK:
-            self._hold(span, self._errors, self.max_errors)
+            self._errors.append(span)
+            added += size
+            if len(self._errors) > self.max_errors:
+                added -= self._errors.popleft().size
+        self.bytes += added
         while self.bytes > self.max_bytes and self._shed():
             pass
-
-    def _hold(self, span: Span, store: deque[Span], limit: int) -> None:
-        key = id(span)
-        held = self._holds.get(key, 0)
-        if not held:
-            self.bytes += span.cost()
-        self._holds[key] = held + 1
-        store.append(span)
-        if len(store) > limit:
-            self._release(store.popleft())
-
-    def _release(self, span: Span) -> None:
-        key = id(span)
-        held = self._holds[key] - 1
-        if held:
-            self._holds[key] = held
-        else:
-            del self._holds[key]
-            self.bytes -= span.cost()
 
     def _shed(self) -> bool:
         """Drop the oldest recent span, else the oldest bucket sample; False when nothing is left."""
         if self._recent:
-            self._release(self._recent.popleft())
+            self.bytes -= self._recent.popleft().size
             return True
         fullest = max(self._buckets, key=len)
         if fullest:
-            self._release(fullest.popleft())
+            self.bytes -= fullest.popleft().size
             return True
         if self._errors:
-            self._release(self._errors.popleft())
+            self.bytes -= self._errors.popleft().size
             return True
         return False
 

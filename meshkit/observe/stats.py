@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .spans import BUCKET_BOUNDS_US, bucket_of
+from .spans import BUCKET_BOUNDS_US
 
 MAX_NAMES = 1024  # methods or topics counted per instance; a peer cannot grow this without bound
 
@@ -34,10 +34,11 @@ class Counter:
         self.buckets = [0] * len(BUCKET_BOUNDS_US)
         self.in_flight = 0
 
-    def finish(self, duration_us: int, code: str | None, message: str = "") -> None:
+    def finish(self, bucket: int, code: str | None, message: str = "") -> None:
+        """One call ended, its latency in bucket ``bucket`` (:func:`~.spans.bucket_of`)."""
         self.calls += 1
         self.in_flight -= 1
-        self.buckets[bucket_of(duration_us)] += 1
+        self.buckets[bucket] += 1
         if code is not None:
             self.errors[code] = self.errors.get(code, 0) + 1
             self.last_error = {"code": code, "message": message, "unix": time.time()}

@@ -150,10 +150,10 @@ class TapSet:
     def __bool__(self) -> bool:
         return bool(self.taps)
 
-    def open(self, raw_filter: Any = None, max_rps: float = 20, max_events: int = 1000,
+    def open(self, filter: Any = None, max_rps: float = 20, max_events: int = 1000,  # "filter": the wire name
              ttl_s: float = 60) -> str:
         """Open a tap; its id. :class:`TapError` for bad limits or when ``max_taps`` are open."""
-        flt = TapFilter.parse(raw_filter)
+        flt = TapFilter.parse(filter)
         for name, value, top in (("max_rps", max_rps, MAX_RPS), ("max_events", max_events, MAX_EVENTS),
                                  ("ttl_s", ttl_s, MAX_TTL_S)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top:

@@ -38,10 +38,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 class UserSpan:
     """A context manager (sync or async) that records one ``internal`` span on ``observer``."""
 
-    def __init__(self, observer: Observer | None, name: str, attrs: dict[str, Any]) -> None:
+    def __init__(self, observer: Observer | None, name: str, attrs: dict[str, Any], *,
+                 traceparent: str | None = None, kind: str = "internal") -> None:
         self.observer = observer
         self.name = name
         self.attrs = dict(attrs)
+        self.kind = kind
+        self.status: str | None = None  # set by set_status, else from the exception leaving the span
+        self._parent = TraceContext.named(traceparent) if traceparent else None
         self.trace: TraceContext | None = None
         self._token: contextvars.Token[CallContext | None] | None = None
         self._start = 0.0
@@ -51,13 +55,22 @@ class UserSpan:
         """Add or replace an attribute."""
         self.attrs[key] = value
 
+    def set_status(self, status: str) -> None:
+        """Mark the span failed with ``status`` (an error code), whatever happens after."""
+        self.status = status
+
+    @property
+    def trace_id(self) -> str:
+        """The trace this span belongs to (known once entered)."""
+        return self.trace.trace_id if self.trace is not None else ""
+
     def __enter__(self) -> UserSpan:
         ctx = current_call()
         if ctx is None:
-            self.trace = TraceContext.new_root()
+            self.trace = self._parent.child() if self._parent else TraceContext.new_root()
             ctx = CallContext(self.observer.service if self.observer else "", self.name, self.trace)
         else:
-            self.trace = ctx.trace.child()
+            self.trace = (self._parent or ctx.trace).child()
             ctx = dataclasses.replace(ctx, trace=self.trace)
         self._token = set_current(ctx)
         self._start_unix = time.time()
@@ -69,11 +82,11 @@ class UserSpan:
         duration = time.perf_counter() - self._start
         if self._token is not None:
             reset_current(self._token)
-        status = OK if exc is None else str(getattr(exc, "code", "") or type(exc).__name__)
-        if exc is not None:
+        status = self.status or (OK if exc is None else str(getattr(exc, "code", "") or type(exc).__name__))
+        if exc is not None and "error" not in self.attrs:
             self.attrs.setdefault("error", str(exc))
         if self.observer is not None and self.trace is not None:
-            self.observer.span(self.trace, self.name, "internal", self._start_unix, duration, status,
+            self.observer.span(self.trace, self.name, self.kind, self._start_unix, duration, status,
                                clean_attrs(self.attrs))
 
     async def __aenter__(self) -> UserSpan:

@@ -42,7 +42,7 @@ def test_byte_bound_sheds_the_oldest_first() -> None:
     assert buf.bytes <= 50_000
     assert 0 < len(buf) < 100
     assert buf.find(limit=1)[0].start_unix_us == 999
-    assert buf.bytes == sum(s.cost() for s in buf.spans())
+    assert buf.bytes >= sum(s.cost() for s in buf.spans())  # counted per store: conservative
 
 
 def test_find_by_trace_and_service_and_bad_select() -> None:
@@ -66,8 +66,8 @@ def test_stats_count_errors_and_buckets_and_bound_names() -> None:
     stats = Stats()
     c = stats.counter(False, "m")
     c.in_flight += 2
-    c.finish(50, None)
-    c.finish(5_000, "handler_error", "boom")
+    c.finish(bucket_of(50), None)
+    c.finish(bucket_of(5_000), "handler_error", "boom")
     d = stats.to_dict()["methods"]["m"]
     assert d["calls"] == 2 and d["errors"] == {"handler_error": 1} and d["in_flight"] == 0
     assert d["buckets"][1] == 1 and d["buckets"][3] == 1 and d["last_error"]["message"] == "boom"
