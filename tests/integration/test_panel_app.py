@@ -136,7 +136,7 @@ def test_a_tab_taps_with_a_filter_and_closing_it_closes_the_taps(
     assert {e["instance"] for e in events} == {front.record.instance_id}
     assert all(e["event"]["meta"]["customer"] == "c1" for e in events)
     # The tab has gone: the panel closed its tap at once, long before an idle tap closes by itself (5 s).
-    wait_until(lambda: taps_open(mesh_settings, front.record.instance_id) == 0 if front.record else False, 3.0,
+    wait_until(lambda: taps_open(mesh_settings, front.record.instance_id) == 0 if front.record else False, 4.0,
                "the panel to close the tap of the closed tab")
 
 
