@@ -127,6 +127,7 @@ class _Open:
     record: InstanceRecord
     tap_id: str
     after: int = 0
+    dropped: int = 0  # events the instance counted over the rate limit (not sent)
 
 
 class TapSession:
@@ -184,6 +185,10 @@ class TapSession:
             after = answer.get("next") if isinstance(answer, Mapping) else None
             if isinstance(after, int) and not isinstance(after, bool):
                 tap.after = after
+            dropped = answer.get("dropped") if isinstance(answer, Mapping) else None
+            if isinstance(dropped, int) and not isinstance(dropped, bool) and dropped > tap.dropped:
+                tap.dropped = dropped
+                self.emit({"type": "tap", "state": "limited", "instance": instance, "dropped": dropped})
             if isinstance(answer, Mapping) and answer.get("closed") is True:
                 self.open.pop(instance, None)
                 self.finished.add(instance)

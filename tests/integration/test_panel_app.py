@@ -117,6 +117,20 @@ def test_a_tab_taps_with_a_filter_and_closing_it_closes_the_taps(
             opened = await _frames(ws, lambda f: f["type"] == "tap", WAIT)
             assert opened["state"] == "open" and opened["max_rps"] == 5
             events = [await _frames(ws, lambda f: f["type"] == "event", WAIT) for _ in range(3)]
+            # The traffic is far above 5 calls a second: the instance sends 5 a second (plus its
+            # bucket's first burst) and says how many it left out.
+            counted, limited, until = 0, 0, time.monotonic() + 3.0
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), left)
+                except asyncio.TimeoutError:
+                    break
+                frame = json.loads(msg.data)
+                counted += frame["type"] == "event"
+                if frame["type"] == "tap" and frame["state"] == "limited":
+                    limited = frame["dropped"]
+            assert 5 <= counted <= 5 * 3 + 5 + 2, counted
+            assert limited > counted, (limited, counted)
             # A second tap replaces the first (at once, or when the half-second between two taps is over).
             await ws.send_json({"op": "tap", "filter": {"service": "panel-front", "where": {"customer": "c2"}}})
             again = await _frames(ws, lambda f: f["type"] == "tap", WAIT)

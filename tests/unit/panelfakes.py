@@ -26,6 +26,7 @@ class FakeReader:
         self.pending: dict[str, list[dict[str, Any]]] = {}  # tap id -> events not yet polled
         self.tap_closed: set[str] = set()  # tap ids that report closed=True on their next poll
         self.polls: list[tuple[str, int]] = []
+        self.dropped: dict[str, int] = {}  # tap id -> events it says it dropped over its rate limit
 
     def instances(self) -> list[InstanceRecord]:
         return list(self.records)
@@ -59,7 +60,8 @@ class FakeReader:
     async def tap_poll(self, record: InstanceRecord, tap_id: str, after: int) -> Mapping[str, Any]:
         self.polls.append((tap_id, after))
         events, self.pending[tap_id] = self.pending.get(tap_id, []), []
-        return {"events": events, "next": after + len(events), "closed": tap_id in self.tap_closed}
+        return {"events": events, "next": after + len(events), "closed": tap_id in self.tap_closed,
+                "dropped": self.dropped.get(tap_id, 0)}
 
     async def tap_close(self, record: InstanceRecord, tap_id: str) -> None:
         self.closed.append(tap_id)

@@ -132,3 +132,22 @@ def test_garbage_poll_answers_do_not_stop_the_session() -> None:
     run(session.poll_once())
     assert [e["event"] for e in emitted] == [{"ok": 1}]
     assert "a1" in session.open and session.open["a1"].after == 0
+
+
+def test_events_an_instance_dropped_over_the_rate_limit_are_reported_once_per_increase() -> None:
+    reader = FakeReader(record("a", "a1"))
+    emitted: list[dict[str, Any]] = []
+    session = TapSession(reader, TapFilter(), emitted.append)
+
+    async def main() -> None:
+        await session.sync()
+        await session.poll_once()
+        reader.dropped["tap-a1-0"] = 7
+        await session.poll_once()
+        await session.poll_once()
+        reader.dropped["tap-a1-0"] = 9
+        await session.poll_once()
+
+    run(main())
+    assert emitted == [{"type": "tap", "state": "limited", "instance": "a1", "dropped": 7},
+                       {"type": "tap", "state": "limited", "instance": "a1", "dropped": 9}]

@@ -257,7 +257,9 @@ function connect() {
     const msg = JSON.parse(m.data);
     if (msg.type === "state") renderState(msg);
     else if (msg.type === "event") addEvent(msg);
-    else if (msg.type === "tap") {
+    else if (msg.type === "tap" && msg.state === "limited") {
+      $("#notice").textContent = `rate limit: ${msg.instance} left out ${msg.dropped} events`;
+    } else if (msg.type === "tap") {
       $("#tap-state").textContent = msg.state === "open"
         ? `tapping ${JSON.stringify(msg.filter)} at most ${msg.max_rps}/s` : msg.state === "closed" ? "not tapping"
         : `tap on ${msg.instance} ended`;
