@@ -23,6 +23,7 @@ from typing import Any
 from ..record import InstanceRecord
 
 MAX_EDGES = 500  # caller→callee pairs kept for the drawing
+_EDGE_KINDS = {None: "call", "server": "call", "consumer": "push"}  # span kind of the receiving side
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,14 @@ class _Sum:
     last_error_at: float = -1.0
 
 
-def _methods(reading: StatsReading) -> dict[str, Mapping[str, Any]]:
-    methods = reading.stats.get("methods")
-    if not isinstance(methods, Mapping):
-        return {}
-    return {str(k): v for k, v in methods.items() if isinstance(v, Mapping)}
+def _methods(reading: StatsReading) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """``(kind, name) -> counters``: ``call`` for the ``methods`` table, ``push`` for ``pushes`` (topics)."""
+    found: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for kind, table in (("call", "methods"), ("push", "pushes")):
+        entries = reading.stats.get(table)
+        if isinstance(entries, Mapping):
+            found.update({(kind, str(k)): v for k, v in entries.items() if isinstance(v, Mapping)})
+    return found
 
 
 def _bounds(readings: Iterable[StatsReading]) -> list[int]:
@@ -102,21 +106,22 @@ def _bounds(readings: Iterable[StatsReading]) -> list[int]:
 
 
 def method_rows(current: Sequence[StatsReading], previous: Mapping[str, StatsReading]) -> list[dict[str, Any]]:
-    """One row per (service, method), summed over the instances in ``current``.
+    """One row per (service, kind, method or topic), summed over the instances in ``current``.
 
+    ``kind`` is ``call`` (a method served) or ``push`` (a topic received).
     ``previous`` maps an instance id to its reading one refresh earlier; an
     instance without one (new, or restarted: its counters went down)
     contributes to the totals but not to the rates. Rows are sorted by
-    service, then method.
+    service, kind, then method.
     """
     bounds = _bounds(current)
     size = len(bounds)
-    sums: dict[tuple[str, str], _Sum] = {}
+    sums: dict[tuple[str, str, str], _Sum] = {}
     for reading in current:
         before = previous.get(reading.instance)
         old = _methods(before) if before is not None else {}
         for name, now in _methods(reading).items():
-            row = sums.setdefault((reading.service, name), _Sum(buckets=[0] * size, delta_buckets=[0] * size))
+            row = sums.setdefault((reading.service, *name), _Sum(buckets=[0] * size, delta_buckets=[0] * size))
             calls, errors = _int(now.get("calls")), _errors(now.get("errors"))
             buckets = _buckets(now.get("buckets"), size)
             row.calls += calls
@@ -143,10 +148,10 @@ def method_rows(current: Sequence[StatsReading], previous: Mapping[str, StatsRea
             row.delta_buckets = [a + max(0, b - c) for a, b, c in
                                  zip(row.delta_buckets, buckets, old_buckets, strict=True)]
     rows = []
-    for (service, method), s in sorted(sums.items()):
+    for (service, kind, method), s in sorted(sums.items()):
         latency = s.delta_buckets if sum(s.delta_buckets) else s.buckets
         rows.append({
-            "service": service, "method": method, "instances": s.instances,
+            "service": service, "kind": kind, "method": method, "instances": s.instances,
             "calls": s.calls, "errors": s.errors, "in_flight": s.in_flight,
             "rate": s.calls_delta / s.seconds if s.seconds else None,
             "error_rate": s.errors_delta / s.seconds if s.seconds else None,
@@ -158,17 +163,17 @@ def method_rows(current: Sequence[StatsReading], previous: Mapping[str, StatsRea
 
 
 def call_edges(spans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Caller → callee service pairs with how many calls the spans show, most first.
+    """Caller → callee service pairs with how many calls (or pushes) the spans show, most first.
 
-    A call is counted once, at its server span: the span whose parent is a
-    span of another service (the caller's client span, or its server span
+    A call is counted once, at its server span (a push at its consumer span,
+    ``kind`` ``push``): the span whose parent is a span of another service (the caller's client span, or its server span
     when the caller recorded no client span). Spans whose parent is not
     among ``spans`` (a caller outside the mesh, or one whose buffer forgot
     it) draw no edge.
     """
     spans = [s for s in spans if isinstance(s, Mapping)]
     service_of = {s.get("span_id"): s.get("service") for s in spans if isinstance(s.get("span_id"), str)}
-    counts: dict[tuple[str, str], int] = {}
+    counts: dict[tuple[str, str, str], int] = {}
     seen: set[tuple[str, str]] = set()
     for span in spans:
         parent = span.get("parent_id")
@@ -176,15 +181,17 @@ def call_edges(spans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         caller = service_of.get(parent) if isinstance(parent, str) else None
         if not isinstance(caller, str) or not isinstance(callee, str) or caller == callee:
             continue
-        if span.get("kind") not in (None, "server", "consumer"):
+        raw_kind = span.get("kind")
+        kind = _EDGE_KINDS.get(raw_kind) if raw_kind is None or isinstance(raw_kind, str) else None
+        if kind is None:
             continue
         key = (str(span.get("trace_id")), str(span.get("span_id")))
         if key in seen:
             continue  # the same span read twice (two refreshes overlap)
         seen.add(key)
-        counts[(caller, callee)] = counts.get((caller, callee), 0) + 1
+        counts[(caller, callee, kind)] = counts.get((caller, callee, kind), 0) + 1
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:MAX_EDGES]
-    return [{"from": a, "to": b, "calls": n} for (a, b), n in ordered]
+    return [{"from": a, "to": b, "kind": k, "calls": n} for (a, b, k), n in ordered]
 
 
 def topology(records: Iterable[InstanceRecord], unreachable: Iterable[str],

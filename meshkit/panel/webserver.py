@@ -25,6 +25,7 @@ from ..client import AsyncClient
 from ..config import Settings
 from ..errors import ConfigError
 from ..stack.control import CircusControl
+from ..tasks import Supervised, supervise
 from .app import make_app
 from .circus import CircusView, RestartCounter, follow_events
 from .feed import DEFAULT_MAX_BYTES
@@ -82,14 +83,14 @@ async def serve(settings: Settings, options: PanelOptions, run_dir: str | None =
     client = AsyncClient(settings)
     await client.start()
     circus = servers = None
-    background: list[asyncio.Task[None]] = []
+    background: list[Supervised] = []
     if run_dir is not None:
         counter = RestartCounter()
         control = CircusControl(f"ipc://{run_dir}/circus.sock", None, timeout=2.0)
         circus = CircusView(control, run_dir, counter)
         servers = ServersView.in_run_dir(run_dir)
-        background.append(asyncio.create_task(
-            follow_events(f"ipc://{run_dir}/circus-pubsub.sock", counter, zctx)))
+        pubsub = f"ipc://{run_dir}/circus-pubsub.sock"
+        background.append(supervise("panel.circus-events", lambda: follow_events(pubsub, counter, zctx), logger=log))
     panel = Panel(ObserveReader(client), circus=circus, servers=servers, refresh=options.refresh)
     app = make_app(panel, loopback_only=options.loopback, queue_bytes=options.queue_bytes,
                    tap_max_rps=options.tap_max_rps, tap_ttl_s=options.tap_ttl_s)
@@ -97,7 +98,7 @@ async def serve(settings: Settings, options: PanelOptions, run_dir: str | None =
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port)
     await site.start()
-    background.append(asyncio.create_task(panel.run()))
+    background.append(supervise("panel.refresh", panel.run, logger=log))
     try:
         port = int(runner.addresses[0][1])
         url = _url(options.host, port)
@@ -110,11 +111,12 @@ async def serve(settings: Settings, options: PanelOptions, run_dir: str | None =
     finally:
         if run_dir is not None:
             remove_url(run_dir)
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop_ in background:
+            loop_.cancel()
+        for loop_ in background:
+            if loop_.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_.task
         await runner.cleanup()  # closes every WebSocket, whose handlers close their taps
         await client.close()
         zctx.term()

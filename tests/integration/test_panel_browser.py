@@ -129,7 +129,7 @@ def drive(browser: Any, url: str, procs: tuple[ServiceProcess, ...], haproxy: Sy
     expect(waterfall).to_contain_text("sql", timeout=WAIT_MS)
     expect(waterfall).to_contain_text("customer=alice-2", timeout=WAIT_MS)
     # The call graph drawn from spans, and the methods' figures.
-    expect(page.locator('line.edge[data-edge="panel-front>panel-back"]')).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator('path.edge[data-edge="panel-front>panel-back"]')).to_have_count(1, timeout=WAIT_MS)
     expect(page.locator('tr.method[data-method="panel-back.ship"]')).to_be_visible(timeout=WAIT_MS)
 
     shot = tmp_path / "panel.png"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from test_stack import CRASHER, meshkit, stack_files
 from meshkit.panel.location import read_url
 from meshkit.stack.control import CircusControl
 from meshkit.stack.processes import stack_processes, terminate
-from meshkit.testing import wait_until
+from meshkit.testing import find_program, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,8 @@ def test_the_stacks_panel_shows_circus_and_haproxy(tmp_path: Path) -> None:
         crasher = watchers(url)["crasher"]
         assert crasher["status"] == "stopped (flapping)" and crasher["flapped"]["exits"] == 4
 
+        look(url, tmp_path)
+
         panel_pid = control.pids("panel")[0]
         down = meshkit("down", "--run-dir", str(run_dir), env=env)
         assert down.returncode == 0, down.stdout + down.stderr
@@ -73,3 +76,28 @@ def test_the_stacks_panel_shows_circus_and_haproxy(tmp_path: Path) -> None:
         assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     finally:
         terminate(stack_processes(str(run_dir)), grace=5)
+
+
+def look(url: str, tmp_path: Path) -> None:
+    """The same in a real browser: the Circus and HAProxy tables as the page draws them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    wait_ms = 20_000
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=find_program("chromium"),
+                                         args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1300})
+            page.goto(url)
+            expect(page.locator('tr.watcher[data-watcher="crasher"]')).to_contain_text(
+                "stopped (flapping)", timeout=wait_ms)
+            expect(page.locator('tr.watcher[data-watcher="mining"]')).to_contain_text("active", timeout=wait_ms)
+            expect(page.locator("tr.server")).to_have_count(2, timeout=wait_ms)
+            expect(page.locator('tr.instance[data-service="mining"]')).to_have_count(2, timeout=wait_ms)
+            shot = tmp_path / "panel-stack.png"
+            page.screenshot(path=str(shot), full_page=True)
+            copy_to = os.environ.get("MESHKIT_PANEL_SCREENSHOT")
+            if copy_to and os.path.isdir(os.path.dirname(copy_to) or "."):
+                shutil.copyfile(shot, copy_to.replace(".png", "-stack.png"))
+        finally:
+            browser.close()

@@ -49,6 +49,13 @@ def test_a_first_reading_or_a_restarted_instance_gives_totals_but_no_rate() -> N
     assert row["rate"] is None
 
 
+def test_topics_received_are_rows_of_kind_push() -> None:
+    reading = stats(4)
+    reading["pushes"] = {"pool.job": {"calls": 2, "errors": {}, "buckets": [0, 2, 0, 0, 0, 0, 0, 0], "in_flight": 0}}
+    rows = method_rows([StatsReading("mining", "m1", 1.0, reading)], {})
+    assert [(r["kind"], r["method"], r["calls"]) for r in rows] == [("call", "m", 4), ("push", "pool.job", 2)]
+
+
 def test_the_latest_error_of_any_instance_is_shown() -> None:
     old = {"code": "timeout", "message": "slow", "unix": 100.0}
     new = {"code": "bad_arguments", "message": "no", "unix": 200.0}
@@ -76,8 +83,17 @@ def test_edges_are_drawn_from_spans_whose_parent_is_in_another_service() -> None
         span("t3", "a3", "x", "hop-a"), span("t3", "x", None, "gateway", kind="client"),
     ]
     edges = call_edges([*spans, spans[1]])  # a span read twice counts once
-    assert edges == [{"from": "gateway", "to": "hop-a", "calls": 2}, {"from": "hop-a", "to": "hop-b", "calls": 1}]
-    assert call_edges([{"span_id": 1}, "junk", {"parent_id": ["x"]}]) == []  # type: ignore[list-item]
+    assert edges == [{"from": "gateway", "to": "hop-a", "kind": "call", "calls": 2},
+                     {"from": "hop-a", "to": "hop-b", "kind": "call", "calls": 1}]
+    assert call_edges([{"span_id": 1}, "junk", {"parent_id": ["x"]},  # type: ignore[list-item]
+                       {"span_id": "p", "service": "a"}, {"parent_id": "p", "service": "b", "kind": ["x"]}]) == []
+
+
+def test_a_push_is_an_edge_of_its_own_kind() -> None:
+    spans = [span("t", "p", None, "jobs", kind="producer"), span("t", "c", "p", "mining", kind="consumer"),
+             span("u", "m", None, "mining", kind="client"), span("u", "j", "m", "jobs")]
+    assert call_edges(spans) == [{"from": "jobs", "to": "mining", "kind": "push", "calls": 1},
+                                 {"from": "mining", "to": "jobs", "kind": "call", "calls": 1}]
 
 
 def test_topology_groups_instances_by_service_and_host_with_state() -> None:

@@ -70,54 +70,59 @@ function renderTopology(topo) {
 }
 
 function drawGraph(topo) {
-  // Services in columns by call depth (callers left of callees), edges as arrows with counts.
+  // Services in columns by call depth (callers left of callees; pushes and cycles do not move them),
+  // edges as curves bent to one side so that A→B and B→A stay apart; pushes dashed.
   const svg = $("#graph");
   const ns = "http://www.w3.org/2000/svg";
+  const svgEl = (tag, attrs) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
   const names = topo.services.map((s) => s.name);
   const depth = Object.fromEntries(names.map((n) => [n, 0]));
-  for (let pass = 0; pass < names.length; pass++) {
-    for (const e of topo.edges) if (e.from !== e.to && depth[e.to] <= depth[e.from]) depth[e.to] = depth[e.from] + 1;
+  const calls = topo.edges.filter((e) => e.kind !== "push" && e.from !== e.to);
+  for (let pass = 0; pass < Math.min(names.length, 8); pass++) {
+    for (const e of calls) if (e.from in depth && e.to in depth && depth[e.to] <= depth[e.from]) depth[e.to] = depth[e.from] + 1;
   }
   const columns = {};
   for (const n of names) (columns[Math.min(depth[n], 8)] ||= []).push(n);
-  const width = svg.clientWidth || 600, colCount = Object.keys(columns).length || 1;
+  const keys = Object.keys(columns).map(Number).sort((a, b) => a - b);
+  const width = svg.clientWidth || 600;
   const rowsMax = Math.max(1, ...Object.values(columns).map((c) => c.length));
-  const height = Math.max(120, rowsMax * 44 + 20);
+  const height = Math.max(120, rowsMax * 50 + 30);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.style.height = height + "px";
+  const step = keys.length > 1 ? (width - 170) / (keys.length - 1) : 0;
   const pos = {};
-  Object.keys(columns).sort((a, b) => a - b).forEach((col, ci) => {
-    columns[col].forEach((n, ri) => { pos[n] = { x: 20 + ci * ((width - 160) / Math.max(1, colCount - 1 || 1)), y: 20 + ri * 44 }; });
-  });
+  keys.forEach((col, ci) => columns[col].forEach((n, ri) => { pos[n] = { x: 20 + ci * step, y: 20 + ri * 50 }; }));
   const count = Object.fromEntries(topo.services.map((s) => [s.name, s.hosts.reduce((k, h) => k + h.instances.length, 0)]));
-  const nodes = [];
-  const defs = document.createElementNS(ns, "defs");
+  const defs = svgEl("defs", {});
   defs.innerHTML = '<marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0L10,5L0,10z" fill="#6b6f73"/></marker>';
-  nodes.push(defs);
+  const nodes = [defs];
   for (const e of topo.edges) {
     const a = pos[e.from], b = pos[e.to];
-    if (!a || !b) continue;
-    const line = document.createElementNS(ns, "line");
-    line.setAttribute("x1", a.x + 130); line.setAttribute("y1", a.y + 14);
-    line.setAttribute("x2", b.x); line.setAttribute("y2", b.y + 14);
-    line.setAttribute("stroke", "#6b6f73"); line.setAttribute("marker-end", "url(#arrow)");
-    line.setAttribute("class", "edge"); line.setAttribute("data-edge", e.from + ">" + e.to);
-    const label = document.createElementNS(ns, "text");
-    label.setAttribute("x", (a.x + 130 + b.x) / 2); label.setAttribute("y", (a.y + b.y) / 2 + 10);
-    label.textContent = e.calls;
-    nodes.push(line, label);
+    if (!a || !b || e.from === e.to) continue;
+    const forward = a.x <= b.x;
+    const x1 = forward ? a.x + 130 : a.x, x2 = forward ? b.x : b.x + 130;
+    const y1 = a.y + 14, y2 = b.y + 14;
+    const bend = (forward ? -1 : 1) * (18 + Math.abs(y2 - y1) / 4);
+    const mx = (x1 + x2) / 2, my = (y1 + y2) / 2 + bend;
+    nodes.push(svgEl("path", { d: `M${x1},${y1} Q${mx},${my} ${x2},${y2}`, fill: "none", stroke: "#6b6f73",
+      "stroke-dasharray": e.kind === "push" ? "4 3" : "", "marker-end": "url(#arrow)", class: "edge",
+      "data-edge": e.from + ">" + e.to, "data-kind": e.kind || "call" }));
+    // The label sits on the curve's own midpoint (a quadratic Bézier's: P0/4 + C/2 + P2/4).
+    const label = svgEl("text", { x: (x1 + 2 * mx + x2) / 4, y: (y1 + 2 * my + y2) / 4 - 3, "text-anchor": "middle" });
+    label.textContent = `${e.calls} ${e.kind === "push" ? "push" : "call"}${e.calls === 1 ? "" : e.kind === "push" ? "es" : "s"}`;
+    nodes.push(label);
   }
   for (const n of names) {
-    const g = document.createElementNS(ns, "g");
-    g.setAttribute("class", "node"); g.setAttribute("data-service", n);
-    const rect = document.createElementNS(ns, "rect");
-    rect.setAttribute("x", pos[n].x); rect.setAttribute("y", pos[n].y);
-    rect.setAttribute("width", 130); rect.setAttribute("height", 28); rect.setAttribute("rx", 4);
-    rect.setAttribute("fill", count[n] ? "#e8f1fb" : "#f6e7e7"); rect.setAttribute("stroke", "#3b6fb6");
-    const text = document.createElementNS(ns, "text");
-    text.setAttribute("x", pos[n].x + 8); text.setAttribute("y", pos[n].y + 18);
+    const g = svgEl("g", { class: "node", "data-service": n });
+    g.append(svgEl("rect", { x: pos[n].x, y: pos[n].y, width: 130, height: 28, rx: 4,
+      fill: count[n] ? "#e8f1fb" : "#f6e7e7", stroke: "#3b6fb6" }));
+    const text = svgEl("text", { x: pos[n].x + 8, y: pos[n].y + 18 });
     text.textContent = `${n} ×${count[n] || 0}`;
-    g.append(rect, text);
+    g.append(text);
     nodes.push(g);
   }
   svg.replaceChildren(...nodes);
@@ -125,10 +130,10 @@ function drawGraph(topo) {
 
 function renderMethods(rows) {
   fill($("#methods tbody"), rows.map((r) => el("tr", { class: "method", "data-method": r.service + "." + r.method },
-    cell(r.service), cell(r.method), cell(r.instances, "num"), cell(fmtRate(r.rate), "num"),
+    cell(r.service), cell(r.kind === "push" ? `${r.method} (push)` : r.method), cell(r.instances, "num"), cell(fmtRate(r.rate), "num"),
     cell(fmtRate(r.error_rate), "num"), cell(fmtUs(r.p50_us), "num"), cell(fmtUs(r.p99_us), "num"),
     cell(r.in_flight, "num"), cell(r.calls, "num"), cell(r.errors, "num"),
-    cell(r.last_error ? `${r.last_error.code}: ${r.last_error.message || ""}` : "", r.last_error ? "status-error" : ""))));
+    cell(r.last_error ? `${r.last_error.code}: ${r.last_error.message || ""}` : "", r.last_error ? "wrap status-error" : "wrap"))));
 }
 
 function renderTraces(traces) {
@@ -142,9 +147,9 @@ function renderCircus(circus) {
   const watchers = (circus && circus.watchers) || [];
   fill($("#circus tbody"), watchers.map((w) => el("tr", { class: "watcher", "data-watcher": w.name },
     cell(w.name), cell(w.status, w.flapped ? "flapped" : "state-" + w.status), cell(w.numprocesses, "num"),
-    cell(w.processes.map((p) => `${p.pid} (${fmtAge(p.age_s)})`).join(", ")),
+    cell(w.processes.map((p) => `${p.pid} (${fmtAge(p.age_s)})`).join(", "), "wrap"),
     cell(w.restarts, "num"), cell(w.abnormal_exits, w.abnormal_exits ? "num status-error" : "num"),
-    cell(w.last_exit_at ? `code ${w.last_exit_code} at ${new Date(w.last_exit_at * 1000).toLocaleTimeString()}` : ""))));
+    cell(w.last_exit_at ? `code ${w.last_exit_code} at ${new Date(w.last_exit_at * 1000).toLocaleTimeString()}` : "", "wrap"))));
 }
 
 function renderHAProxy(haproxy) {
