@@ -6,7 +6,7 @@ process. The test drives the page as a person would: it must list the
 running instances and HAProxy's server, show calls made through HAProxy in
 the live flow, narrow them to one client connection with a ``where`` filter,
 and draw the two-hop waterfall of a call's trace when its trace id is
-clicked. A screenshot is saved in the test's tmp dir (and, when the
+clicked or typed. A screenshot is saved in the test's tmp dir (and, when the
 directory exists, copied to ``MESHKIT_PANEL_SCREENSHOT``).
 """
 
@@ -120,9 +120,22 @@ def drive(browser: Any, url: str, procs: tuple[ServiceProcess, ...], haproxy: Sy
     assert flow.filter(has_text="bob-2").count() == 0
     assert flow.filter(has_text=f"conn={bob_conn}").count() == 0
 
+    # A trace id typed: a bad one is refused in words, the call's own draws its waterfall.
+    trace_id = mine.locator("a.trace").get_attribute("data-trace")
+    assert trace_id and len(trace_id) == 32
+    waterfall = page.locator("#waterfall")
+    page.fill("#trace-id", "not-a-trace")
+    page.press("#trace-id", "Enter")
+    expect(page.locator("#trace-state")).to_contain_text("32 hex digits", timeout=WAIT_MS)
+    page.fill("#trace-id", trace_id)
+    page.press("#trace-id", "Enter")
+    expect(waterfall.locator('.span-row[data-service="panel-back"]').first).to_be_visible(timeout=WAIT_MS)
+    page.fill("#trace-id", "not-a-trace")
+    page.press("#trace-id", "Enter")
+    expect(waterfall.locator(".span-row")).to_have_count(0, timeout=WAIT_MS)
+
     # Click the call's trace id: the waterfall shows both hops and the user span in the back.
     mine.locator("a.trace").click()
-    waterfall = page.locator("#waterfall")
     expect(waterfall.locator('.span-row[data-service="panel-front"]').first).to_be_visible(timeout=WAIT_MS)
     expect(waterfall.locator('.span-row[data-service="panel-back"]').first).to_be_visible(timeout=WAIT_MS)
     expect(waterfall.locator('.span-row[data-service="gateway"]').first).to_be_visible(timeout=WAIT_MS)
