@@ -104,7 +104,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CallError, HandlerError, RefusedError
+from ..errors import CallError, HandlerError, MeshError, RefusedError
 from ..untrusted import clip
 
 PARSE_ERROR = -32700
@@ -416,7 +416,7 @@ def notification_line(method: str, params: Any) -> bytes:
     return _dump({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-class RpcError(Exception):
+class RpcError(MeshError):
     """Raised by a call function: the request fails with this JSON-RPC error."""
 
     def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:

@@ -275,7 +275,7 @@ def test_a_call_in_flight_when_its_client_closes_fails_with_client_closed(
     client = Client(mesh_settings)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(client.call, "echo", "sleep", [3.0])
-        wait_until(lambda: any(p.pending for p in client._client.pool._peers.values()), 5,
+        wait_until(lambda: client.in_flight == 1, 5,
                    "the call to be in flight")
         client.close()
         # Not LostPeerError (the instance is fine) and not a retry on a closed client.
