@@ -140,7 +140,7 @@ def test_introspection_is_answered_by_a_busy_and_by_a_draining_instance(
                 await asyncio.sleep(0.02)
             assert [c["method"] for c in await in_flight()] == ["hold"]
             assert (await query.ask(client, instance, "log_level"))["level"] == "INFO"
-            with pytest.raises(NoInstanceError, match="not available|did not take"):  # a user method: refused
+            with pytest.raises(NoInstanceError, match=r"not available|did not take"):  # a user method: refused
                 await client.call_instance(instance, "release", timeout=WAIT)
             assert await client.publish("trace-b.release", {}) == 1  # pushes are still served
             assert await held == "released"
