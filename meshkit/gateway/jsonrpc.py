@@ -181,6 +181,7 @@ class Request:
     params: list[Any] | dict[str, Any] | None
     notification: bool = False
     traceparent: str | None = field(default=None, compare=False)  # the client's W3C trace context, if sent
+    want_trace: bool = field(default=False, compare=False)  # "trace": true, or a traceparent: errors name the trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +265,8 @@ def parse_request(doc: Any) -> Item:
         return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
     traceparent = doc.get("traceparent")  # an extension member: the trace this request belongs to
     traceparent = traceparent if isinstance(traceparent, str) and len(traceparent) == 55 else None
-    return Request(rid, method, params, notification=not has_id, traceparent=traceparent)
+    return Request(rid, method, params, notification=not has_id, traceparent=traceparent,
+                   want_trace=traceparent is not None or doc.get("trace") is True)
 
 
 def _valid_id(value: Any) -> bool:
