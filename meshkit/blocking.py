@@ -62,6 +62,11 @@ class Client:
         return self._run(self._client.call(service, method, args, kwargs, timeout=timeout,
                                            wait=wait, meta=meta, traceparent=traceparent))
 
+    def call_instance(self, instance_id: str, method: str, *args: Any, timeout: float | None = None,
+                      **kwargs: Any) -> Any:
+        """Call ``method`` on exactly the instance ``instance_id``; see :meth:`AsyncClient.call_instance`."""
+        return self._run(self._client.call_instance(instance_id, method, *args, timeout=timeout, **kwargs))
+
     def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """Push to every subscriber of ``topic``; see :meth:`AsyncClient.publish`."""
         return self._run(self._client.publish(topic, payload, timeout=timeout))
@@ -69,6 +74,11 @@ class Client:
     def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
         """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
         return ServiceProxy(self.call, name, timeout, wait)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this client waiting for their answers now (a snapshot, readable from any thread)."""
+        return self._client.exchange.in_flight
 
     def instances(self, service: str | None = None) -> list[InstanceRecord]:
         """The cached registry view (no Redis round trip)."""

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import names
+from .codes import InstanceState
 from .errors import ConfigError
 from .untrusted import clip
 
-UP = "up"
-DRAINING = "draining"
+UP = InstanceState.UP
+DRAINING = InstanceState.DRAINING
 STATES = (UP, DRAINING)
 
 MAX_RECORD_BYTES = 64 * 1024  # the whole JSON text; 1,000 methods of 40 characters take 45 KiB

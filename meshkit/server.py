@@ -32,6 +32,11 @@ unless told), so unit tests drive them with :class:`meshkit.testing.FakeClock`.
 
 Draining (see :meth:`Server.drain`): new CALLs are answered ``draining`` (the
 caller sends them elsewhere, nothing ran); pushes and work in flight finish.
+
+Method names starting with :data:`RESERVED_PREFIX` (``_mesh.``) belong to the
+framework: a service's own table may not use them (:class:`ConfigError`), and
+they are served from :meth:`Server.add_framework_method`'s table, also while
+draining (they report on the instance, they do not do its work).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import asyncio
 import functools
 import logging
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -48,26 +52,28 @@ from typing import Any
 import zmq
 
 from . import wire
+from .answers import Answers
 from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
+from .codes import ErrorCode, InstanceState
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
+from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
-from .invoke import BadArguments, invoke
+from .invoke import invoke
 from .metrics import Metrics
-from .observe.introspect import PREFIX as RESERVED_PREFIX
 from .observe.introspect import Introspection
 from .observe.observer import Observer
-from .record import DRAINING as STATE_DRAINING
-from .record import UP
-from .timing import DeadlineCancel, wait_event
+from .timing import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.server")
+
+# Method names under this prefix are the framework's, never a service's.
+RESERVED_PREFIX = "_mesh."
 
 
 class Server:
@@ -84,14 +90,18 @@ class Server:
         *,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        reserved = sorted(name for name in table.methods if name.startswith(RESERVED_PREFIX))
+        if reserved:
+            raise ConfigError(f"method names starting with {RESERVED_PREFIX!r} are reserved: {reserved}")
         self.service = service
         self.clock = clock
         self.table = table
+        self._framework: dict[str, Handler] = {}
         table.cache_bytes = settings.topic_cache_bytes
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
-        self.state = UP
+        self.state: str = InstanceState.UP  # or DRAINING
         self.inflight = 0
         self.dropped = 0  # messages neither answered nor served (answers sent to a server)
         # Monotonic time of the last CALL received. Pushes do not count: they
@@ -101,6 +111,7 @@ class Server:
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
         self._calls_by_peer: dict[bytes, Budget] = {}
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
+        self._answers = Answers(settings, self._throttle)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -147,6 +158,16 @@ class Server:
     def start(self) -> None:
         self.pump.start()
 
+    def add_framework_method(self, name: str, fn: Callable[..., Any]) -> None:
+        """Serve ``fn`` as the framework method ``name`` (which must start with ``_mesh.``).
+
+        ``fn`` is called like an ``@rpc`` handler (async on the loop, plain in
+        the thread pool) and is served while draining too.
+        """
+        if not name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"framework method names start with {RESERVED_PREFIX!r}: {clip(name)!r}")
+        self._framework[name] = Handler(name, fn, asyncio.iscoroutinefunction(fn))
+
     async def drain(self, grace: float, quiet: float = 0.3) -> bool:
         """Stop taking new calls; wait for work in flight, up to ``grace`` seconds.
 
@@ -156,7 +177,7 @@ class Server:
         do not restart the quiet period, queued ones are finished like calls.
         Returns False if work was still running when the grace period ended.
         """
-        self.state = STATE_DRAINING
+        self.state = InstanceState.DRAINING
         deadline = self.clock.now() + grace
         while True:
             left = deadline - self.clock.now()
@@ -189,12 +210,8 @@ class Server:
             self._drop("empty message")
             return
         identity = frames[0]
-        if len(frames) != 3:
-            self._reject(identity, self._readable_id(frames), "bad_request",
-                         f"expected 2 frames, got {len(frames) - 1}")
-            return
         try:
-            header = wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+            header = wire.split_request(frames[1:], max_size=self.settings.max_header_size,
                                         max_name=self.settings.max_name_length)
         except ProtocolError as exc:
             self._reject(identity, exc.id, exc.code, str(exc))
@@ -205,19 +222,10 @@ class Server:
         elif kind == wire.PUSH:
             self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.PING:
-            self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
+            # What max_inflight bounds: calls being served and pushes queued or running.
+            self._send(identity, wire.encode_pong(header.id, self.state, self.held.count))
         else:
             self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
-
-    def _readable_id(self, frames: list[bytes]) -> int:
-        """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
-        if len(frames) < 2:
-            return 0
-        try:
-            return wire.decode_header(frames[1], max_size=self.settings.max_header_size,
-                                      max_name=self.settings.max_name_length).id
-        except ProtocolError as exc:
-            return exc.id
 
     def _reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         """Answer ``code``; ``message`` must already be short (remote values clipped)."""
@@ -256,28 +264,29 @@ class Server:
             self._idle.set()
 
     def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
-        self.metrics.incr(f"rejected.{OVERLOADED}")
-        self._send(identity, wire.encode_error(request_id, OVERLOADED, f"{what} refused: {why}"))
+        self.metrics.incr(f"rejected.{ErrorCode.OVERLOADED}")
+        self._send(identity, wire.encode_error(request_id, ErrorCode.OVERLOADED, f"{what} refused: {why}"))
 
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         self.last_call = self.clock.now()
         if header.target != self.service:
-            self._reject(identity, header.id, "unknown_service",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
-        if self.reserved is not None and header.name.startswith(RESERVED_PREFIX):
+        if self.reserved is not None and header.name in self.reserved.methods:
             # Before the draining check and the budgets: a busy or draining instance still answers.
             self.reserved.serve(identity, header, body, self._send)
             return
-        handler = self.table.methods.get(header.name)
+        framework = header.name.startswith(RESERVED_PREFIX)
+        handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
-        if self.state != UP:
-            self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
+        if self.state != InstanceState.UP and not framework:
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
         # Refused before decoding when even the undecoded size does not fit.
         if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
@@ -288,7 +297,7 @@ class Server:
             self._reject(identity, header.id, exc.code, str(exc))
             return
         if header.timeout_ms == 0:
-            self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed"))
             return
         # Charged once decoded: what a body takes in memory is only known then.
         cost = request_cost(header_frame, body, containers)
@@ -341,57 +350,21 @@ class Server:
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
         seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
-        code: str | None = None
         try:
             result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
-            code, frames = self._reply(header, result)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{handler.name}", logging.WARNING,
-                               "bad arguments for %s: %s", header.name, exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except DeadlineCancel:
-            code = DEADLINE_EXCEEDED
-            self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
-            frames = wire.encode_error(header.id, code, "deadline passed while running")
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
+            code, frames = self._answers.reply(header, result)
         except Exception as exc:
-            code, frames = self._handler_failed(header, handler.name, exc)
+            code, frames = self._answers.failure(header, handler.name, exc)
         self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
         if seen is not None and self.observer is not None:
             self.observer.finished(seen, code, frames, args)
         self._send(identity, frames)
 
-    def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
-        try:
-            frames = wire.encode_reply(header.id, result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            code = "handler_error"
-            self._throttle.log(f"unencodable:{header.name}", logging.ERROR,
-                               "%s returned a value MessagePack cannot encode: %s", header.name, clip(exc))
-            return code, wire.encode_error(header.id, code, f"result cannot be encoded: {clip(exc)}",
-                                           type(exc).__name__)
-        if len(frames[1]) > self.settings.max_message_size:
-            return REPLY_TOO_LARGE, wire.encode_error(
-                header.id, REPLY_TOO_LARGE,
-                f"result of {len(frames[1])} bytes exceeds max_message_size {self.settings.max_message_size}")
-        return None, frames
-
-    def _handler_failed(self, header: wire.Header, cause: str, exc: BaseException) -> tuple[str, list[bytes]]:
-        # ``cause`` names the handler, not the topic: a prefix subscriber may
-        # see endless distinct topics, and each must not earn its own line.
-        self._throttle.log(f"handler_error:{cause}", logging.ERROR, "handler %s raised %s: %s",
-                           clip(header.name), type(exc).__name__, clip(str(exc), wire.MAX_ERROR_MESSAGE), exc_info=exc)
-        tb = clip("".join(traceback.format_exception(exc)), wire.MAX_ERROR_TRACEBACK) if self.settings.debug else None
-        return "handler_error", wire.encode_error(
-            header.id, "handler_error", clip(str(exc), wire.MAX_ERROR_MESSAGE), type(exc).__name__, tb)
-
     # -- pushes ---------------------------------------------------------------
 
     def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         if not self.table.topic_handlers(header.name):
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
         refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
@@ -414,22 +387,14 @@ class Server:
                           None, header.meta or {})
         token = set_current(ctx)
         seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity, True) if self.observer else None
-        code: str | None = None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
                 await invoke(handler, [payload], {}, None, self.executor, self.clock)
-            frames = wire.encode_ack(header.id)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
-                               "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
+            code, frames = self._answers.ack(header)
         except Exception as exc:
-            code, frames = self._handler_failed(header, cause, exc)
+            code, frames = self._answers.failure(header, cause, exc)
         finally:
             reset_current(token)
         if seen is not None and self.observer is not None:
@@ -438,9 +403,3 @@ class Server:
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
 
-
-def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
-    # A refusal is the handler's answer, not its failure: no traceback, no error log.
-    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
-    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
-                                       type(exc).__name__)

@@ -3,7 +3,7 @@
 ``meshkit trace TRACE_ID [--json]``        the spans of one trace from every live instance, as a waterfall
 ``meshkit trace --slow|--errors SERVICE``  recent slow or failed traces of a service (their ids, to expand)
 ``meshkit inspect INSTANCE [--json]``      one instance's info, stats, calls in flight, recent spans
-``meshkit stats [SERVICE] [--watch S]``    per-method rates, error rates, p50/p99 across instances
+``meshkit stats [SERVICE] [--watch]``      per-method rates, error rates, p50/p99 across instances
 ``meshkit tap [SERVICE[.METHOD]] [--where K=V ...] [--max-rps N] [--errors] [--min-latency-ms MS]``
                                            live calls and pushes, rate-limited at each instance
 ``meshkit log-level SERVICE LEVEL [--where K=V ...]``  a run-time log level, for all or matching calls
@@ -53,8 +53,9 @@ def add_commands(sub: Any) -> None:
 
     stats = sub.add_parser("stats", help="per-method rates, errors and latencies across instances")
     stats.add_argument("service", nargs="?")
-    stats.add_argument("--watch", type=positive_seconds, metavar="SECONDS",
-                       help="print again every SECONDS, with rates (Ctrl-C stops)")
+    stats.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
+                       help="rates are measured over this window (default 1)")
+    stats.add_argument("--watch", action="store_true", help="print again every interval (Ctrl-C stops)")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
 
@@ -143,7 +144,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     async def work(client: AsyncClient) -> int:
         sampler = query.StatsSampler()
+        await query.stats(client, args.service, sampler)  # the start of the first window
         while True:
+            await asyncio.sleep(args.interval)  # the window the rates are measured over
             got = await query.stats(client, args.service, sampler)
             if args.json:
                 print(json.dumps(got, default=json_default), flush=True)
@@ -151,7 +154,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 print(render.stats_table(got), flush=True)
             if not args.watch:
                 return EXIT_OK
-            await asyncio.sleep(args.watch)  # the refresh period the user asked for
             if not args.json:
                 print()
 

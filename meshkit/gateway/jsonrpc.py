@@ -104,7 +104,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CallError, HandlerError, RefusedError
+from ..errors import CallError, HandlerError, MeshError, RefusedError
 from ..untrusted import clip
 
 PARSE_ERROR = -32700
@@ -181,6 +181,7 @@ class Request:
     params: list[Any] | dict[str, Any] | None
     notification: bool = False
     traceparent: str | None = field(default=None, compare=False)  # the client's W3C trace context, if sent
+    want_trace: bool = field(default=False, compare=False)  # "trace": true, or a traceparent: errors name the trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +265,8 @@ def parse_request(doc: Any) -> Item:
         return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
     traceparent = doc.get("traceparent")  # an extension member: the trace this request belongs to
     traceparent = traceparent if isinstance(traceparent, str) and len(traceparent) == 55 else None
-    return Request(rid, method, params, notification=not has_id, traceparent=traceparent)
+    return Request(rid, method, params, notification=not has_id, traceparent=traceparent,
+                   want_trace=traceparent is not None or doc.get("trace") is True)
 
 
 def _valid_id(value: Any) -> bool:
@@ -416,7 +418,7 @@ def notification_line(method: str, params: Any) -> bytes:
     return _dump({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-class RpcError(Exception):
+class RpcError(MeshError):
     """Raised by a call function: the request fails with this JSON-RPC error."""
 
     def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:

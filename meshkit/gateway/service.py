@@ -302,7 +302,7 @@ class Gateway(Service):
                 self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
             else:
                 self._judge(conn, "client" if remote_type in self._client_faults else "ok")
-            raise RpcError(code, message, {**data, "trace_id": span.trace_id}) from None
+            raise RpcError(code, message, {**data, "trace_id": span.trace_id} if request.want_trace else data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
         except (TypeError, ValueError, OverflowError) as exc:

@@ -21,17 +21,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..context import current_call
-from ..errors import RefusedError
 from ..untrusted import clip
 
 MAX_RULES = 16
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-class LogLevelError(RefusedError):
-    """A log-level request the instance refuses (an unknown level, a bad ``where``)."""
-
-    code = "bad_log_level"
+class LogLevelError(ValueError):
+    """A log-level request the instance refuses: an unknown level, a bad ``where`` (``bad_arguments``)."""
 
 
 def parse_level(level: Any) -> int:

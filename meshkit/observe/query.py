@@ -13,6 +13,7 @@ never fatal.
   p50/p99 from the buckets;
 * :func:`trace` — every span of a trace, from every live instance, as a tree;
 * :func:`slow_or_failed` — recent slow or failed traces of a service;
+* :func:`recent` — the newest spans everywhere, and who calls whom;
 * :class:`Tap` — an async iterator over tap events from many instances.
 """
 
@@ -170,6 +171,26 @@ async def trace(client: AsyncClient, trace_id: str, timeout: float = ASK_TIMEOUT
             merged.setdefault(span["span_id"], span)
     spans = sorted(merged.values(), key=lambda s: s["start_unix_us"])
     return {"trace_id": trace_id, "spans": spans, "tree": build_tree(spans), "missing": missing}
+
+
+async def recent(client: AsyncClient, service: str | None = None, limit: int = 200,
+                 timeout: float = ASK_TIMEOUT) -> dict[str, Any]:
+    """The newest spans of every live instance (of ``service``, or all): ``{spans, calls, missing}``.
+
+    ``calls`` is who calls whom, drawn from the client spans: ``[{from, to,
+    calls, errors}]`` (``to`` is the service a client span named) — the
+    topology a panel draws.
+    """
+    answers, missing = await ask_all(client, _records(client, service), "spans", limit=limit, timeout=timeout)
+    spans = sorted((s for found in answers.values() for s in found), key=lambda s: s["start_unix_us"])
+    edges: dict[tuple[str, str], dict[str, Any]] = {}
+    for span in spans:
+        if span["kind"] == "client" and "." in span["name"]:
+            key = (span["service"], span["name"].split(".", 1)[0])
+            edge = edges.setdefault(key, {"from": key[0], "to": key[1], "calls": 0, "errors": 0})
+            edge["calls"] += 1
+            edge["errors"] += span["status"] != "ok"
+    return {"spans": spans, "calls": [edges[k] for k in sorted(edges)], "missing": missing}
 
 
 async def slow_or_failed(client: AsyncClient, service: str, select: str, limit: int = 20,

@@ -31,7 +31,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import RefusedError
 from ..untrusted import clip
 
 MAX_RPS = 1000
@@ -45,10 +44,8 @@ MAX_META_TEXT = 128
 MAX_ARGS_TEXT = 256
 
 
-class TapError(RefusedError):
-    """A tap request the instance refuses: a bad filter, too many taps, an unknown id."""
-
-    code = "bad_tap"
+class TapError(ValueError):
+    """A tap request the instance refuses: a bad filter, too many taps, an unknown id (``bad_arguments``)."""
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ PACKAGE = ROOT / "meshkit"
 
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
+    ("foundation", ("codes", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke")),
+    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "answers")),
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange", "observe")),
     ("service", ("service", "runner")),
