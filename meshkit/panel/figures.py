@@ -165,15 +165,17 @@ def method_rows(current: Sequence[StatsReading], previous: Mapping[str, StatsRea
 def call_edges(spans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Caller → callee service pairs with how many calls (or pushes) the spans show, most first.
 
-    A call is counted once, at its server span (a push at its consumer span,
-    ``kind`` ``push``): the span whose parent is a span of another service (the caller's client span, or its server span
-    when the caller recorded no client span). Spans whose parent is not
-    among ``spans`` (a caller outside the mesh, or one whose buffer forgot
-    it) draw no edge.
+    A call is counted once, at its server span (a push at its consumer span:
+    ``kind`` ``push``), the span whose parent is a span of another service
+    (the caller's client span, or its server span when the caller recorded
+    no client span); ``errors`` counts those whose status is not ``ok``.
+    Spans whose parent is not among ``spans`` (a caller outside the mesh, or
+    one whose buffer forgot it) draw no edge.
     """
     spans = [s for s in spans if isinstance(s, Mapping)]
     service_of = {s.get("span_id"): s.get("service") for s in spans if isinstance(s.get("span_id"), str)}
     counts: dict[tuple[str, str, str], int] = {}
+    failed: dict[tuple[str, str, str], int] = {}
     seen: set[tuple[str, str]] = set()
     for span in spans:
         parent = span.get("parent_id")
@@ -190,8 +192,11 @@ def call_edges(spans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue  # the same span read twice (two refreshes overlap)
         seen.add(key)
         counts[(caller, callee, kind)] = counts.get((caller, callee, kind), 0) + 1
+        if span.get("status") not in (None, "ok"):
+            failed[(caller, callee, kind)] = failed.get((caller, callee, kind), 0) + 1
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:MAX_EDGES]
-    return [{"from": a, "to": b, "kind": k, "calls": n} for (a, b, k), n in ordered]
+    return [{"from": a, "to": b, "kind": k, "calls": n, "errors": failed.get((a, b, k), 0)}
+            for (a, b, k), n in ordered]
 
 
 def topology(records: Iterable[InstanceRecord], unreachable: Iterable[str],

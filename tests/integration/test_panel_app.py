@@ -63,7 +63,7 @@ def test_the_page_and_the_state_show_the_running_instances(
         row = rows.get(("panel-back", "ship"))
         edges = doc["topology"]["edges"]
         return bool(row and row["calls"] == 5 and row["p50_us"] and
-                    {"from": "panel-front", "to": "panel-back", "kind": "call", "calls": 5} in edges)
+                    {"from": "panel-front", "to": "panel-back", "kind": "call", "calls": 5, "errors": 0} in edges)
     wait_until(figures, WAIT, "calls, latency and the front→back edge to show")
 
     spare.signal_and_wait(signal.SIGKILL, 5)  # its record outlives it (TTL), the panel must not

@@ -83,17 +83,17 @@ def test_edges_are_drawn_from_spans_whose_parent_is_in_another_service() -> None
         span("t3", "a3", "x", "hop-a"), span("t3", "x", None, "gateway", kind="client"),
     ]
     edges = call_edges([*spans, spans[1]])  # a span read twice counts once
-    assert edges == [{"from": "gateway", "to": "hop-a", "kind": "call", "calls": 2},
-                     {"from": "hop-a", "to": "hop-b", "kind": "call", "calls": 1}]
+    assert edges == [{"from": "gateway", "to": "hop-a", "kind": "call", "calls": 2, "errors": 0},
+                     {"from": "hop-a", "to": "hop-b", "kind": "call", "calls": 1, "errors": 0}]
     assert call_edges([{"span_id": 1}, "junk", {"parent_id": ["x"]},  # type: ignore[list-item]
                        {"span_id": "p", "service": "a"}, {"parent_id": "p", "service": "b", "kind": ["x"]}]) == []
 
 
 def test_a_push_is_an_edge_of_its_own_kind() -> None:
     spans = [span("t", "p", None, "jobs", kind="producer"), span("t", "c", "p", "mining", kind="consumer"),
-             span("u", "m", None, "mining", kind="client"), span("u", "j", "m", "jobs")]
-    assert call_edges(spans) == [{"from": "jobs", "to": "mining", "kind": "push", "calls": 1},
-                                 {"from": "mining", "to": "jobs", "kind": "call", "calls": 1}]
+             span("u", "m", None, "mining", kind="client"), span("u", "j", "m", "jobs", status="timeout")]
+    assert call_edges(spans) == [{"from": "jobs", "to": "mining", "kind": "push", "calls": 1, "errors": 0},
+                                 {"from": "mining", "to": "jobs", "kind": "call", "calls": 1, "errors": 1}]
 
 
 def test_topology_groups_instances_by_service_and_host_with_state() -> None:

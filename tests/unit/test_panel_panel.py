@@ -43,7 +43,7 @@ def test_a_refresh_reads_every_instance_and_feeds_every_tab() -> None:
     services = {s["name"]: s for s in state["topology"]["services"]}
     states = {i["instance"]: i["state"] for s in services.values() for h in s["hosts"] for i in h["instances"]}
     assert states == {"a1": "up", "b1": "up", "b2": "unreachable"}
-    assert state["topology"]["edges"] == [{"from": "hop-a", "to": "hop-b", "kind": "call", "calls": 1}]
+    assert state["topology"]["edges"] == [{"from": "hop-a", "to": "hop-b", "kind": "call", "calls": 1, "errors": 1}]
     assert state["traces"] == [{"trace_id": "t1", "service": "hop-a", "name": "hop-a.m", "start_unix_us": 5,
                                 "duration_us": 10, "failed": True}]
     assert state["circus"] is None and state["haproxy"] is None

@@ -113,7 +113,9 @@ function drawGraph(topo) {
       "data-edge": e.from + ">" + e.to, "data-kind": e.kind || "call" }));
     // The label sits on the curve's own midpoint (a quadratic Bézier's: P0/4 + C/2 + P2/4).
     const label = svgEl("text", { x: (x1 + 2 * mx + x2) / 4, y: (y1 + 2 * my + y2) / 4 - 3, "text-anchor": "middle" });
-    label.textContent = `${e.calls} ${e.kind === "push" ? "push" : "call"}${e.calls === 1 ? "" : e.kind === "push" ? "es" : "s"}`;
+    label.textContent = `${e.calls} ${e.kind === "push" ? "push" : "call"}${e.calls === 1 ? "" : e.kind === "push" ? "es" : "s"}` +
+      (e.errors ? `, ${e.errors} failed` : "");
+    if (e.errors) label.setAttribute("fill", "#c53030");
     nodes.push(label);
   }
   for (const n of names) {
