@@ -6,6 +6,7 @@ Routes::
     GET /static/{file}     panel.js, panel.css
     GET /api/state         the last state read (Panel.state), as JSON
     GET /api/trace/{id}    {"trace_id", "spans": [...], "missing": {instance: why}}: that trace's spans
+    GET /api/instance/{id} {"info", "stats", "inflight", "spans", "errors"}: one instance, as meshkit inspect
     GET /ws                the live feed (protocol below)
 
 The WebSocket carries JSON text frames. The panel sends ``{"type": "state",
@@ -71,6 +72,7 @@ def make_app(panel: Panel, *, loopback_only: bool = True, queue_bytes: int = DEF
     app.router.add_get("/static/{name}", _static_file)
     app.router.add_get("/api/state", _api_state)
     app.router.add_get("/api/trace/{trace_id}", _api_trace)
+    app.router.add_get("/api/instance/{instance_id}", _api_instance)
     app.router.add_get("/ws", _websocket)
     app.on_shutdown.append(_close_tabs)
     return app
@@ -115,6 +117,17 @@ async def _api_trace(request: web.Request) -> web.Response:
         return web.json_response({"error": f"a trace id is 32 hex digits, got {clip(trace_id)}"}, status=400)
     try:
         answer = await request.app[PANEL_KEY].trace(trace_id)
+    except Exception as exc:
+        return web.json_response({"error": clip(str(exc) or type(exc).__name__)}, status=502)
+    return web.json_response(answer, dumps=lambda v: json.dumps(v, default=str))
+
+
+async def _api_instance(request: web.Request) -> web.Response:
+    instance_id = request.match_info["instance_id"]
+    try:
+        answer = await request.app[PANEL_KEY].inspect(instance_id)
+    except ValueError as exc:
+        return web.json_response({"error": clip(str(exc), 300)}, status=400)
     except Exception as exc:
         return web.json_response({"error": clip(str(exc) or type(exc).__name__)}, status=502)
     return web.json_response(answer, dumps=lambda v: json.dumps(v, default=str))

@@ -37,6 +37,10 @@ class MeshReader(Protocol):
         """``{"spans": [...], "missing": {instance: why}}``: every span of ``trace_id`` live instances hold."""
         ...
 
+    async def inspect(self, instance_id: str) -> Mapping[str, Any]:
+        """``{info, stats, inflight, spans, errors}`` of one instance (what ``meshkit inspect`` shows)."""
+        ...
+
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:
         """``_mesh.tap.open(...)`` on that instance; the tap's id."""
@@ -82,6 +86,9 @@ class ObserveReader:
     async def trace(self, trace_id: str) -> Mapping[str, Any]:
         answer = await query.trace(self.client, trace_id, timeout=self.timeout)
         return {"spans": answer.get("spans", []), "missing": answer.get("missing", {})}
+
+    async def inspect(self, instance_id: str) -> Mapping[str, Any]:
+        return await query.inspect_instance(self.client, instance_id)
 
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:

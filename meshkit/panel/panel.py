@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from .. import names
 from ..record import InstanceRecord
 from ..untrusted import clip
 from .circus import CircusView
@@ -172,3 +173,11 @@ class Panel:
         return {"trace_id": trace_id,
                 "spans": [s for s in spans if isinstance(s, Mapping)] if isinstance(spans, list) else [],
                 "missing": dict(missing) if isinstance(missing, Mapping) else {}}
+
+    async def inspect(self, instance_id: str) -> dict[str, Any]:
+        """What one instance says of itself: ``{info, stats, inflight, spans, errors}``.
+
+        ``ValueError`` for an id that is no instance id of the registry's grammar.
+        """
+        names.validate_instance_id(instance_id)
+        return dict(await self.reader.inspect(instance_id))

@@ -33,11 +33,15 @@ def panel(mesh_settings: Settings, tmp_path: Path) -> Iterator[PanelProcess]:
     assert proc.stop() == 0, proc.log()
 
 
-def state(url: str) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session, session.get(url + "api/state") as response:
+def get(url: str) -> dict[str, Any]:
+    async def fetch() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
             return dict(await response.json())
-    return asyncio.run(get())
+    return asyncio.run(fetch())
+
+
+def state(url: str) -> dict[str, Any]:
+    return get(url + "api/state")
 
 
 def instance_states(doc: dict[str, Any]) -> dict[str, str]:
@@ -79,6 +83,10 @@ def test_the_page_and_the_state_show_the_running_instances(
                     session.get(url + "api/trace/not-hex") as bad:
                 return index.status, text, js.status, missing.status, bad.status
     status, text, js, missing, bad = asyncio.run(page())
+    assert front.record is not None
+    inside = get(url + f"api/instance/{front.record.instance_id}")
+    assert inside["info"]["service"] == "panel-front" and "stats" in inside and "inflight" in inside
+    assert "error" in get(url + "api/instance/no:such")
     assert (status, js, missing, bad) == (200, 200, 404, 400)
     assert "<title>meshkit panel</title>" in text and "http" not in text.replace('"http://www.w3.org', "")
 

@@ -94,6 +94,12 @@ def drive(browser: Any, url: str, procs: tuple[ServiceProcess, ...], haproxy: Sy
     expect(page.locator(f'tr.server[data-server="{gateway.record.instance_id}"]')).to_contain_text(
         "up", timeout=WAIT_MS)
 
+    # Look inside one instance: its methods with their signatures, what it holds.
+    assert front.record is not None
+    page.click(f'tr.instance[data-instance="{front.record.instance_id}"]')
+    expect(page.locator("#inspect")).to_contain_text("order(customer", timeout=WAIT_MS)
+    expect(page.locator("#inspect")).to_contain_text("calls in flight now", timeout=WAIT_MS)
+
     alice, bob = clients(f"127.0.0.1:{haproxy.port}"), clients(f"127.0.0.1:{haproxy.port}")
     alice_conn = alice.call("mesh.hello")["result"]["connection"]
     bob_conn = bob.call("mesh.hello")["result"]["connection"]

@@ -44,6 +44,9 @@ class FakeReader:
     async def trace(self, trace_id: str) -> Mapping[str, Any]:
         return {"spans": [s for s in self.trace_spans if s.get("trace_id") == trace_id], "missing": {}}
 
+    async def inspect(self, instance_id: str) -> Mapping[str, Any]:
+        return {"info": {"instance": instance_id}, "stats": {}, "inflight": [], "spans": [], "errors": []}
+
     async def tap_open(self, record: InstanceRecord, filter: Mapping[str, Any], max_rps: float,
                        max_events: int, ttl_s: float) -> str:
         tap_id = f"tap-{record.instance_id}-{len(self.opened)}"

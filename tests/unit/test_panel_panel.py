@@ -75,3 +75,14 @@ def test_a_slow_tab_drops_states_and_is_told() -> None:
     assert slow.queue.queued_bytes <= 3000
     first = json.loads(slow.queue.take() or "")
     assert first["type"] == "dropped" and first["count"] > 0
+
+
+def test_inspect_checks_the_instance_id_before_asking() -> None:
+    panel = Panel(FakeReader())
+    assert asyncio.run(panel.inspect("a1"))["info"] == {"instance": "a1"}
+    for bad in ("", "a b", "x" * 65, "a:b"):
+        try:
+            asyncio.run(panel.inspect(bad))
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} was not refused")

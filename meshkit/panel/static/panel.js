@@ -58,7 +58,8 @@ function renderTopology(topo) {
   for (const service of topo.services) {
     for (const host of service.hosts) {
       for (const inst of host.instances) {
-        rows.push(el("tr", { class: "instance", "data-service": service.name, "data-instance": inst.instance },
+        rows.push(el("tr", { class: "instance", "data-service": service.name, "data-instance": inst.instance,
+                             title: "look inside", on: { click: () => inspect(inst.instance) } },
           cell(service.name), cell(host.host), cell(inst.instance), cell(inst.pid, "num"),
           cell(inst.state, "state-" + inst.state), cell(inst.version || ""),
           cell(inst.started_at ? fmtAge(now - inst.started_at) : null, "num")));
@@ -159,6 +160,32 @@ function renderHAProxy(haproxy) {
   const servers = (haproxy && haproxy.servers) || [];
   fill($("#haproxy tbody"), servers.map((s) => el("tr", { class: "server", "data-server": s.name },
     cell(s.backend), cell(s.name), cell(s.address), cell(s.state, "state-" + s.state), cell(s.checked ? "yes" : "no"))));
+}
+
+// -- one instance -----------------------------------------------------------------------
+
+async function inspect(id) {
+  const box = $("#inspect");
+  box.textContent = `asking ${id}…`;
+  let answer;
+  try {
+    answer = await (await fetch("/api/instance/" + encodeURIComponent(id))).json();
+  } catch (err) { box.textContent = "failed: " + err; return; }
+  if (answer.error) { box.textContent = `${id}: ${answer.error}`; return; }
+  const i = answer.info || {};
+  const facts = [`${i.service} ${i.instance}${i.version ? " v" + i.version : ""} on ${i.host}, pid ${i.pid}, ${i.state}, up ${fmtAge(i.uptime_s)}`,
+    `in flight ${i.in_flight}, held ${JSON.stringify(i.held || {})}, spans kept ${(i.spans || {}).kept}, taps open ${i.taps_open}`];
+  const parts = [el("h3", {}, `instance ${id}`), ...facts.map((f) => el("div", {}, f))];
+  if ((i.methods || []).length) parts.push(el("div", { class: "methods-list" }, "methods: " + i.methods.map((m) => m.signature).join(", ")));
+  for (const crash of i.recent_crashes || []) parts.push(el("div", { class: "status-error" }, "crash: " + JSON.stringify(crash)));
+  if (i.periodic_failures && Object.keys(i.periodic_failures).length) parts.push(el("div", { class: "status-error" }, "periodic failures: " + JSON.stringify(i.periodic_failures)));
+  const inflight = answer.inflight || [];
+  parts.push(el("div", {}, `${inflight.length} calls in flight now`));
+  for (const c of inflight) parts.push(el("div", {}, `${c.method} from ${c.caller} for ${c.age_ms} ms `, c.trace_id ? traceLink(c.trace_id) : ""));
+  const errors = answer.errors || [];
+  if (errors.length) parts.push(el("div", {}, "recent failures: ", ...errors.slice(0, 10).flatMap((e) => [traceLink(e.trace_id), ` ${e.name} ${e.status}; `])));
+  box.className = "";
+  box.replaceChildren(...parts);
 }
 
 // -- live flow ------------------------------------------------------------------------
