@@ -10,6 +10,12 @@ of at most ``max_batch`` of them, 64 by default). A request is::
 
 (``"jsonrpc"`` may be absent, as Stratum v1 clients send it; any other value is invalid.)
 
+Two optional members tie a request to a trace (``docs/observability.md``):
+``"traceparent"``, a W3C trace context (``00-<32 hex>-<16 hex>-<2 hex>``;
+anything else is ignored), makes the request's spans part of that trace;
+with it, or with ``"trace": true``, an error answer's ``data`` carries
+``"trace_id"``, the id ``meshkit trace`` takes.
+
 ``params`` is optional; an array becomes positional arguments, an object
 keyword arguments. ``id`` is a string, a finite number or null (a number
 too large for a double, like ``1e400``, is an invalid request: no answer

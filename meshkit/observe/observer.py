@@ -26,7 +26,7 @@ from ..trace import TraceContext
 from ..untrusted import clip
 from .logfilter import LogRules
 from .options import ObserveOptions
-from .spans import OK, Span, SpanBuffer, bucket_of
+from .spans import OK, AttrValue, Row, Span, SpanBuffer, bucket_of, row_cost
 from .stats import Counter, Stats
 from .tap import TapSet
 
@@ -97,18 +97,20 @@ class Observer:
         active.counter.finish(bucket, code, message)
         status = code or OK
         trace = active.trace
-        span: Span | None = None
+        row: Row | None = None
         if self._spans_on and trace.sampled:
-            span = Span(trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance, self.host,
-                        active.name, "consumer" if active.push else "server",
-                        int((active.start + self._unix_offset) * 1_000_000), duration_us, status,
-                        {"error": message} if message else None)
-            self.spans.add(span, bucket)
+            attrs: dict[str, AttrValue] | None = {"error": message} if message else None
+            row = (trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance, self.host,
+                   active.name, "consumer" if active.push else "server",
+                   int((active.start + self._unix_offset) * 1_000_000), duration_us, status, attrs,
+                   row_cost(active.name, attrs))
+            self.spans.add_row(row, bucket)
             if self.exporter is not None:
-                self.exporter(span)
+                self.exporter(Span.of(row))
         if self.taps.taps:
             self.taps.offer(self.service, active.name, active.meta, status, duration_us,
-                            lambda: (span or self._span_of(active, duration_us, status)).to_dict(), args)
+                            lambda: (Span.of(row) if row else self._span_of(active, duration_us, status)).to_dict(),
+                            args)
         if code is not None or log.isEnabledFor(logging.DEBUG):
             self._log(active, duration_us, code, message)
 

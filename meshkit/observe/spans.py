@@ -27,7 +27,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from ..untrusted import clip
 
@@ -66,6 +66,26 @@ def clean_attrs(raw: Mapping[str, Any]) -> dict[str, AttrValue]:
     return out
 
 
+# A kept span is a plain tuple, in this order, with its estimated size last.
+# Why a tuple: CPython stops tracking a tuple of strings, numbers and None in
+# its garbage collector, so thousands of long-lived spans do not make every
+# collection longer. Kept as objects, they cost about 5% more CPU per call
+# served on bench/rpc.py's server (an A/B in one process: 7.7 µs against 1.6
+# µs for the hooks themselves).
+Row = tuple[str, str, "str | None", str, str, str, str, str, int, int, str, "dict[str, AttrValue] | None", int]
+_STATUS: Final = 10
+_SIZE: Final = 12
+
+
+def row_cost(name: str, attrs: dict[str, AttrValue] | None) -> int:
+    """Estimated bytes a span holds (ids and names are shared or short; attributes dominate)."""
+    total = _SPAN_OVERHEAD + len(name)
+    if attrs:
+        for key, value in attrs.items():
+            total += _ATTR_OVERHEAD + len(key) + (len(value) if isinstance(value, str) else 8)
+    return total
+
+
 class Span:
     """One finished span (the fields of the module doc)."""
 
@@ -78,7 +98,6 @@ class Span:
         "name",
         "parent_id",
         "service",
-        "size",
         "span_id",
         "start_unix_us",
         "status",
@@ -100,15 +119,21 @@ class Span:
         self.duration_us = duration_us
         self.status = status
         self.attrs = attrs
-        self.size = 0  # cost(), stamped when a SpanBuffer keeps it
+
+    @classmethod
+    def of(cls, row: Row) -> Span:
+        """The span a buffer kept as ``row``."""
+        return cls(*row[:12])
+
+    def row(self) -> Row:
+        """The span as a buffer keeps it."""
+        return (self.trace_id, self.span_id, self.parent_id, self.service, self.instance, self.host, self.name,
+                self.kind, self.start_unix_us, self.duration_us, self.status, self.attrs,
+                row_cost(self.name, self.attrs))
 
     def cost(self) -> int:
-        """Estimated bytes this span holds (ids and names are shared or short; attrs dominate)."""
-        total = _SPAN_OVERHEAD + len(self.name)
-        if self.attrs:
-            for key, value in self.attrs.items():
-                total += _ATTR_OVERHEAD + len(key) + (len(value) if isinstance(value, str) else 8)
-        return total
+        """Estimated bytes this span holds when kept (see :func:`row_cost`)."""
+        return row_cost(self.name, self.attrs)
 
     def to_dict(self) -> dict[str, Any]:
         """The span as ``_mesh.spans`` answers it."""
@@ -134,32 +159,36 @@ class SpanBuffer:
         self.max_errors = errors
         self.bytes = 0
         self.recorded = 0  # spans ever added
-        self._recent: deque[Span] = deque()
-        self._buckets: list[deque[Span]] = [deque() for _ in BUCKET_BOUNDS_US]
-        self._errors: deque[Span] = deque()
+        self._recent: deque[Row] = deque()
+        self._buckets: list[deque[Row]] = [deque() for _ in BUCKET_BOUNDS_US]
+        self._errors: deque[Row] = deque()
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.spans())
+        return sum(1 for _ in self._rows())
 
     def add(self, span: Span, bucket: int | None = None) -> None:
         """Keep ``span`` (evicting what the bounds require); ``bucket`` is its :func:`bucket_of`, if known."""
+        self.add_row(span.row(), bucket)
+
+    def add_row(self, row: Row, bucket: int | None = None) -> None:
+        """Keep a span given as a :data:`Row` (the server's path: no :class:`Span` object is made)."""
         self.recorded += 1
-        size = span.size = span.cost()
+        size = row[_SIZE]
         recent = self._recent
-        recent.append(span)
+        recent.append(row)
         added = size
         if len(recent) > self.count:
-            added -= recent.popleft().size
-        store = self._buckets[bucket_of(span.duration_us) if bucket is None else bucket]
-        store.append(span)
+            added -= recent.popleft()[_SIZE]
+        store = self._buckets[bucket_of(row[9]) if bucket is None else bucket]
+        store.append(row)
         added += size
         if len(store) > self.per_bucket:
-            added -= store.popleft().size
-        if span.status != OK:
-            self._errors.append(span)
+            added -= store.popleft()[_SIZE]
+        if row[_STATUS] != OK:
+            self._errors.append(row)
             added += size
             if len(self._errors) > self.max_errors:
-                added -= self._errors.popleft().size
+                added -= self._errors.popleft()[_SIZE]
         self.bytes += added
         while self.bytes > self.max_bytes and self._shed():
             pass
@@ -167,25 +196,28 @@ class SpanBuffer:
     def _shed(self) -> bool:
         """Drop the oldest recent span, else the oldest bucket sample; False when nothing is left."""
         if self._recent:
-            self.bytes -= self._recent.popleft().size
+            self.bytes -= self._recent.popleft()[_SIZE]
             return True
         fullest = max(self._buckets, key=len)
         if fullest:
-            self.bytes -= fullest.popleft().size
+            self.bytes -= fullest.popleft()[_SIZE]
             return True
         if self._errors:
-            self.bytes -= self._errors.popleft().size
+            self.bytes -= self._errors.popleft()[_SIZE]
             return True
         return False
 
-    def spans(self) -> Iterable[Span]:
-        """Every span kept, each once, oldest store order first."""
+    def _rows(self) -> Iterable[Row]:
         seen: set[int] = set()
         for store in (self._recent, *self._buckets, self._errors):
-            for span in store:
-                if id(span) not in seen:
-                    seen.add(id(span))
-                    yield span
+            for row in store:
+                if id(row) not in seen:
+                    seen.add(id(row))
+                    yield row
+
+    def spans(self) -> Iterable[Span]:
+        """Every span kept, each once, oldest store order first."""
+        return (Span.of(row) for row in self._rows())
 
     def find(self, trace_id: str | None = None, select: str | None = None, service: str | None = None,
              limit: int = 200) -> list[Span]:
@@ -198,16 +230,16 @@ class SpanBuffer:
         if select not in (None, "slow", "errors"):
             raise ValueError(f"select must be 'slow' or 'errors', got {clip(str(select))!r}")
         if select == "errors":
-            found = [s for s in self._errors if _matches(s, trace_id, service)]
-            return list(reversed(found))[:limit]
-        found = [s for s in self.spans() if _matches(s, trace_id, service)]
+            found = [r for r in self._errors if _matches(r, trace_id, service)]
+            return [Span.of(r) for r in reversed(found)][:limit]
+        rows = [r for r in self._rows() if _matches(r, trace_id, service)]
         if select == "slow":
-            found = [s for s in found if s.kind in ("server", "consumer")]
-            found.sort(key=lambda s: s.duration_us, reverse=True)
-            return found[:limit]
-        found.sort(key=lambda s: s.start_unix_us)
-        return found[-limit:]
+            rows = [r for r in rows if r[7] in ("server", "consumer")]
+            rows.sort(key=lambda r: r[9], reverse=True)
+            return [Span.of(r) for r in rows[:limit]]
+        rows.sort(key=lambda r: r[8])
+        return [Span.of(r) for r in rows[-limit:]]
 
 
-def _matches(span: Span, trace_id: str | None, service: str | None) -> bool:
-    return (trace_id is None or span.trace_id == trace_id) and (service is None or span.service == service)
+def _matches(row: Row, trace_id: str | None, service: str | None) -> bool:
+    return (trace_id is None or row[0] == trace_id) and (service is None or row[3] == service)

@@ -64,3 +64,16 @@ def test_stats_table_and_event_line() -> None:
 def test_bad_command_lines_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_gateway_reads_a_traceparent_and_a_trace_request() -> None:
+    from meshkit.gateway.jsonrpc import Request, parse_request
+
+    tp = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    got = parse_request({"method": "a.b", "id": 1, "traceparent": tp})
+    assert isinstance(got, Request) and got.traceparent == tp and got.want_trace
+    asked = parse_request({"method": "a.b", "id": 1, "trace": True})
+    assert isinstance(asked, Request) and asked.traceparent is None and asked.want_trace
+    for ignored in ({"traceparent": 42}, {"traceparent": "x" * 55 + "y"}, {"trace": "yes"}):
+        plain = parse_request({"method": "a.b", "id": 1, **ignored})
+        assert isinstance(plain, Request) and not plain.want_trace and plain == Request(1, "a.b", None)
