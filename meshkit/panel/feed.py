@@ -7,7 +7,9 @@ the text frames waiting for one WebSocket, at most ``max_bytes`` of them
 frame that does not fit is dropped and counted, and the next frame the
 sender takes (:meth:`SendQueue.get`) is a ``{"type": "dropped", "count": N}``
 notice, so the page can tell its user that it missed some. A frame larger
-than the whole bound is dropped the same way.
+than the whole bound is dropped the same way. A frame put with a ``kind``
+(the periodic state) replaces the one of that kind still waiting, so a slow
+tab catches up on the latest state instead of a backlog.
 
 Pure: no I/O; the WebSocket sender in :mod:`.app` awaits :meth:`get`.
 """
@@ -28,7 +30,7 @@ class SendQueue:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._frames: deque[tuple[str, int]] = deque()
+        self._frames: deque[tuple[str, int, str | None]] = deque()
         self._bytes = 0
         self.dropped = 0  # frames dropped and not yet reported to the browser
         self.dropped_total = 0
@@ -42,15 +44,26 @@ class SendQueue:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: str) -> bool:
-        """Queue ``frame``; False if it was dropped (the queue is full, or closed)."""
+    def put(self, frame: str, kind: str | None = None) -> bool:
+        """Queue ``frame``; False if it was dropped (the queue is full, or closed).
+
+        A frame with a ``kind`` replaces the one of the same kind still
+        waiting, if any: a slow tab gets the latest state, not a backlog of
+        stale ones.
+        """
         size = len(frame.encode())
+        if kind is not None and not self.closed:
+            for i, (_, old_size, old_kind) in enumerate(self._frames):
+                if old_kind == kind:
+                    del self._frames[i]
+                    self._bytes -= old_size
+                    break
         if self.closed or self._bytes + size > self.max_bytes:
             self.dropped += 1
             self.dropped_total += 1
             self._ready.set()  # the notice itself is worth waking the sender for
             return False
-        self._frames.append((frame, size))
+        self._frames.append((frame, size, kind))
         self._bytes += size
         self._ready.set()
         return True
@@ -63,7 +76,7 @@ class SendQueue:
             return notice
         if not self._frames:
             return None
-        frame, size = self._frames.popleft()
+        frame, size, _ = self._frames.popleft()
         self._bytes -= size
         return frame
 

@@ -150,9 +150,11 @@ class Panel:
         return state
 
     def broadcast(self, message: Mapping[str, Any]) -> None:
+        """Queue ``message`` for every tab (a state replaces the one a slow tab has not taken yet)."""
         frame = json.dumps(message, default=str)
+        kind = "state" if message.get("type") == "state" else None
         for feed in list(self.feeds):
-            feed.queue.put(frame)
+            feed.queue.put(frame, kind)
 
     async def run(self) -> None:
         """Refresh every ``refresh`` seconds until cancelled; a failed refresh is logged and retried."""

@@ -69,3 +69,13 @@ def test_a_closed_queue_refuses_frames() -> None:
 def test_the_bound_must_be_positive() -> None:
     with pytest.raises(ValueError):
         SendQueue(0)
+
+
+def test_a_frame_of_a_kind_replaces_the_waiting_one_of_that_kind() -> None:
+    queue = SendQueue(100)
+    queue.put("state-1", "state")
+    queue.put("event-1")
+    queue.put("state-2", "state")
+    queue.put("event-2")
+    assert queue.queued_bytes == len("event-1state-2event-2")
+    assert [queue.take() for _ in range(4)] == ["event-1", "state-2", "event-2", None]
