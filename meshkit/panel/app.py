@@ -209,9 +209,12 @@ async def _start_tap(panel: Panel, feed: Feed, request: dict[str, Any], options:
 
     session = TapSession(panel.reader, tap_filter, emit,
                          max_rps=min(float(asked), limit), ttl_s=float(options["tap_ttl_s"]))
+    # "open" is said once the instances' taps are open, so what the tab sees from then on is caught.
+    await session.sync()
     feed.tap = (session, asyncio.create_task(session.run()))
     feed.queue.put(json.dumps({"type": "tap", "state": "open", "filter": tap_filter.to_json(),
-                               "max_rps": session.max_rps, "ttl_s": session.ttl_s}))
+                               "max_rps": session.max_rps, "ttl_s": session.ttl_s,
+                               "instances": sorted(session.open)}))
 
 
 async def _stop_tap(feed: Feed) -> None:

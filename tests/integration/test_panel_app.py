@@ -124,6 +124,7 @@ def test_a_tab_taps_with_a_filter_and_closing_it_closes_the_taps(
                                 "max_rps": 5})
             opened = await _frames(ws, lambda f: f["type"] == "tap", WAIT)
             assert opened["state"] == "open" and opened["max_rps"] == 5
+            assert opened["instances"] == [front.record.instance_id] if front.record else False
             events = [await _frames(ws, lambda f: f["type"] == "event", WAIT) for _ in range(3)]
             # The traffic is far above 5 calls a second: the instance sends 5 a second (plus its
             # bucket's first burst) and says how many it left out.

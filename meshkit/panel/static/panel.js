@@ -295,7 +295,8 @@ function connect() {
       $("#notice").textContent = `rate limit: ${msg.instance} left out ${msg.dropped} events`;
     } else if (msg.type === "tap") {
       $("#tap-state").textContent = msg.state === "open"
-        ? `tapping ${JSON.stringify(msg.filter)} at most ${msg.max_rps}/s` : msg.state === "closed" ? "not tapping"
+        ? `tapping ${JSON.stringify(msg.filter)} on ${msg.instances.length} instances, at most ${msg.max_rps}/s`
+        : msg.state === "closed" ? "not tapping"
         : `tap on ${msg.instance} ended`;
     } else if (msg.type === "dropped") $("#notice").textContent = `this tab was slow: ${msg.count} updates dropped`;
     else if (msg.type === "error") $("#notice").textContent = "refused: " + msg.message;
