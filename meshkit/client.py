@@ -235,7 +235,7 @@ class AsyncClient:
                 continue
             self._check_size(peer, message)
             try:
-                answer = await self.exchange.request(peer, message, deadline)
+                answer = await self.exchange.start(peer, message, deadline)
             except NotDelivered:
                 retry = True
             except LostInFlight:

@@ -36,6 +36,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,6 +99,9 @@ class Exchange:
         on_idle: Callable[[Peer], None] = _nothing,
     ) -> None:
         self._clock = clock
+        # The system clock is read and scheduled on directly: this is the hot path of every call.
+        self._system = clock is SYSTEM_CLOCK
+        self._now = time.monotonic if self._system else clock.now
         self._ids = itertools.count((rng or random.Random()).getrandbits(32) + 1)
         self._tables: dict[Peer, dict[int, _Entry]] = {}
         self._on_idle = on_idle
@@ -121,22 +125,26 @@ class Exchange:
         if it has passed already and :class:`NotDelivered` if the peer cannot
         take the frames; in both cases nothing was sent.
         """
-        remaining = deadline - self._clock.now()
+        remaining = deadline - self._now()
         if remaining <= 0:
             raise DeadlinePassed()
         request_id = next(self._ids)
-        if not peer.send(message.frames(request_id, wire.timeout_ms(remaining))):
+        if not peer.send(message.frames(request_id, int(remaining * 1000))):  # wire.timeout_ms, inlined
             raise NotDelivered(f"{peer.key} could not take the request")
-        future: asyncio.Future[wire.Answer] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[wire.Answer] = loop.create_future()
         table = self._tables.get(peer)
         if table is None:
             table = self._tables[peer] = {}
-        table[request_id] = _Entry(future, self._clock.call_later(remaining, self._expire, peer, request_id))
+        timer = (loop.call_later if self._system else self._clock.call_later)(
+            remaining, self._expire, peer, request_id)
+        table[request_id] = _Entry(future, timer)
         return future
 
-    async def request(self, peer: Peer, message: Outgoing, deadline: float) -> wire.Answer:
-        """:meth:`start`, then wait for the answer; raises the outcome if it is not an answer."""
-        return await self.start(peer, message, deadline)
+    def forget(self, peer: Peer) -> None:
+        """Drop ``peer``'s (empty) table: its owner closed it with nothing in flight."""
+        if not self._tables.get(peer):  # a request still in flight is settled by abandon() only
+            self._tables.pop(peer, None)
 
     def receive(self, peer: Peer, frames: list[bytes]) -> None:
         """Settle the request that the answer ``frames`` from ``peer`` is for (never raises)."""
@@ -181,10 +189,8 @@ class Exchange:
         if entry is None:
             return None
         entry.timer.cancel()
-        if not table:
-            del self._tables[peer]
-            if peer.draining:
-                self._on_idle(peer)
+        if not table and peer.draining:
+            self._on_idle(peer)
         return entry.future
 
     def _expire(self, peer: Peer, request_id: int) -> None:

@@ -169,6 +169,7 @@ class PeerPool:
         if self.registry.get(peer.key) is None and self._peers.get(peer.key) is peer:
             del self._peers[peer.key]
             peer.close()
+            self.exchange.forget(peer)
 
     def _on_registry_change(self) -> None:
         for key, peer in list(self._peers.items()):
@@ -178,6 +179,7 @@ class PeerPool:
                 if not self.exchange.load(peer):
                     peer.close()
                     del self._peers[key]
+                    self.exchange.forget(peer)
                 else:
                     peer.mark_draining()
             else:

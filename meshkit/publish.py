@@ -97,7 +97,7 @@ async def push_one(
     if peer is None or peer.state == FAILED:
         raise LostPeerError(f"instance {record.key} is not reachable")
     try:
-        answer = await pool.exchange.request(peer, message, deadline)
+        answer = await pool.exchange.start(peer, message, deadline)
     except NotDelivered:
         raise LostPeerError(f"instance {record.key} is not reachable") from None
     except LostInFlight:

@@ -243,3 +243,20 @@ def test_the_exchange_types_its_peers_as_peers() -> None:
     # The fake above stands in for exactly what the exchange uses of a Peer.
     used = {"send", "key", "mark_draining", "retire", "draining"}
     assert used <= set(dir(Peer)) | {"key", "draining"}
+
+
+def test_forgetting_a_closed_peer_never_loses_a_request_in_flight() -> None:
+    async def test(rig: Rig) -> None:
+        idle, busy = FakePeer("cart:a"), FakePeer("cart:b")
+        done = rig.start(idle)
+        rig.answer(idle, wire.encode_reply(idle.last_id(), 1))
+        await done
+        waiting = rig.start(busy)
+        rig.exchange.forget(idle)  # type: ignore[arg-type]
+        rig.exchange.forget(busy)  # type: ignore[arg-type]
+        assert rig.load(busy) == 1
+        rig.exchange.abandon(busy, lost=True)  # type: ignore[arg-type]
+        with pytest.raises(LostInFlight):
+            await waiting
+
+    run(test)

@@ -620,3 +620,15 @@ def test_containers_are_counted_exactly_and_limited() -> None:
     blob = wire.pack([bytes(range(256)) * 40, {"a": [1]}])
     assert wire.unpack_body(blob, max_containers=3) == ([bytes(range(256)) * 40, {"a": [1]}], 3)
     assert wire.decode_call(wire.pack([[1, [2]], {"k": {}}]), 1) == ([1, [2]], {"k": {}}, 5)
+
+
+def test_pack_is_packb_and_safe_from_many_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    values = [[i, "x" * (i % 50), b"\x00" * (i % 7), {"k": [i] * (i % 5)}] for i in range(2000)]
+    with ThreadPoolExecutor(4) as pool:
+        packed = list(pool.map(wire.pack, values))
+    assert packed == [msgpack.packb(v, use_bin_type=True) for v in values]
+    with pytest.raises(TypeError):
+        wire.pack({1, 2})
+    assert wire.pack([1]) == b"\x91\x01"  # a failed pack leaves nothing behind in the packer
