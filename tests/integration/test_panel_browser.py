@@ -66,7 +66,7 @@ def test_the_panel_in_a_browser_shows_the_mesh_the_live_flow_filtered_and_a_wate
         # Playwright's sync API runs an event loop in this thread from here on (see panelkit.taps_open).
         with sync_playwright() as driver:
             browser = driver.chromium.launch(executable_path=find_program("chromium"),
-                                             args=["--no-sandbox", "--disable-gpu"])
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
             try:
                 drive(browser, url, (back, front, gateway), haproxy, clients, mesh_settings, tmp_path)
             finally:

@@ -85,7 +85,7 @@ def look(url: str, tmp_path: Path) -> None:
     wait_ms = 20_000
     with sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=find_program("chromium"),
-                                         args=["--no-sandbox", "--disable-gpu"])
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1300})
             page.goto(url)
