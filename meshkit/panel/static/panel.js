@@ -112,8 +112,11 @@ function drawGraph(topo) {
     nodes.push(svgEl("path", { d: `M${x1},${y1} Q${mx},${my} ${x2},${y2}`, fill: "none", stroke: "#6b6f73",
       "stroke-dasharray": e.kind === "push" ? "4 3" : "", "marker-end": "url(#arrow)", class: "edge",
       "data-edge": e.from + ">" + e.to, "data-kind": e.kind || "call" }));
-    // The label sits on the curve's own midpoint (a quadratic Bézier's: P0/4 + C/2 + P2/4).
-    const label = svgEl("text", { x: (x1 + 2 * mx + x2) / 4, y: (y1 + 2 * my + y2) / 4 - 3, "text-anchor": "middle" });
+    // The label sits on the curve, a third of the way from its caller (the Bézier's point at t),
+    // so that labels of edges that meet at one service do not land on each other.
+    const t = 0.33, u = 1 - t;
+    const label = svgEl("text", { x: u * u * x1 + 2 * u * t * mx + t * t * x2,
+      y: u * u * y1 + 2 * u * t * my + t * t * y2 - 3, "text-anchor": "middle" });
     label.textContent = `${e.calls} ${e.kind === "push" ? "push" : "call"}${e.calls === 1 ? "" : e.kind === "push" ? "es" : "s"}` +
       (e.errors ? `, ${e.errors} failed` : "");
     if (e.errors) label.setAttribute("fill", "#c53030");
