@@ -62,6 +62,8 @@ from .inbox import PushInbox
 from .invoke import invoke
 from .limits import CallLimits
 from .metrics import Metrics
+from .observe.introspect import Introspection
+from .observe.observer import Observer
 from .quota import CallQuota
 from .timing import wait_event
 from .trace import TraceContext
@@ -131,6 +133,10 @@ class Server:
         self.sock = sock
         self.endpoint = ""
         self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
+        # Observability hooks (meshkit.observe), set by the Service: spans and stats of
+        # what is served, and the reserved _mesh.* methods.
+        self.observer: Observer | None = None
+        self.reserved: Introspection | None = None
 
     def bind(self, address: str | None = None) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint.
@@ -281,6 +287,10 @@ class Server:
             self._reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
+        if self.reserved is not None and header.name in self.reserved.methods:
+            # Before the draining check and the budgets: a busy or draining instance still answers.
+            self.reserved.serve(identity, header, body, self._send)
+            return
         framework = header.name.startswith(RESERVED_PREFIX)
         handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
@@ -350,6 +360,7 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
         try:
             try:
                 result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
@@ -358,6 +369,8 @@ class Server:
             except Exception as exc:
                 code, frames = self._answers.failure(header, handler.name, exc)
             self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
+            if seen is not None and self.observer is not None:
+                self.observer.finished(seen, code, frames, args)
             self._send(identity, frames)
         finally:
             self._release_call(identity, cost)
@@ -388,6 +401,7 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity, True) if self.observer else None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
             for handler in self.table.topic_handlers(header.name):
@@ -398,6 +412,8 @@ class Server:
             code, frames = self._answers.failure(header, cause, exc)
         finally:
             reset_current(token)
+        if seen is not None and self.observer is not None:
+            self.observer.finished(seen, code, frames, payload)
         # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)

@@ -10,6 +10,12 @@ of at most ``max_batch`` of them, 64 by default). A request is::
 
 (``"jsonrpc"`` may be absent, as Stratum v1 clients send it; any other value is invalid.)
 
+Two optional members tie a request to a trace (``docs/observability.md``):
+``"traceparent"``, a W3C trace context (``00-<32 hex>-<16 hex>-<2 hex>``;
+anything else is ignored), makes the request's spans part of that trace;
+with it, or with ``"trace": true``, an error answer's ``data`` carries
+``"trace_id"``, the id ``meshkit trace`` takes.
+
 ``params`` is optional; an array becomes positional arguments, an object
 keyword arguments. ``id`` is a string, a finite number or null (a number
 too large for a double, like ``1e400``, is an invalid request: no answer
@@ -103,7 +109,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CallError, HandlerError, MeshError, RefusedError
@@ -184,6 +190,8 @@ class Request:
     method: str
     params: list[Any] | dict[str, Any] | None
     notification: bool = False
+    traceparent: str | None = field(default=None, compare=False)  # the client's W3C trace context, if sent
+    want_trace: bool = field(default=False, compare=False)  # "trace": true, or a traceparent: errors name the trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +273,10 @@ def parse_request(doc: Any) -> Item:
     params = doc.get("params")
     if "params" in doc and not isinstance(params, (list, dict)):
         return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
-    return Request(rid, method, params, notification=not has_id)
+    traceparent = doc.get("traceparent")  # an extension member: the trace this request belongs to
+    traceparent = traceparent if isinstance(traceparent, str) and len(traceparent) == 55 else None
+    return Request(rid, method, params, notification=not has_id, traceparent=traceparent,
+                   want_trace=traceparent is not None or doc.get("trace") is True)
 
 
 def _valid_id(value: Any) -> bool:

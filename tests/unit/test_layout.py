@@ -20,9 +20,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
-               "exchange")),
+               "exchange", "observe")),
     ("service", ("service", "runner")),
-    ("roles", ("gateway", "haproxy", "stack", "testing")),
+    ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
 ]
 
