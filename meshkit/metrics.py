@@ -139,6 +139,7 @@ class Metrics:
         self._base = ".".join([*head, sanitize(service)]) + "."
         self._names: dict[tuple[str, ...], str] = {}
         self._dotted_names: dict[str, str] = {}
+        self._served: dict[str, tuple[str, str]] = {}
         self._client: _UdpClient | None = None
         self._dropped_at_close = 0
         self.flush_interval = float(flush_interval)
@@ -315,7 +316,10 @@ class Metrics:
         """One call served: ``rpc.<method>.calls``, ``.latency``, errors by code."""
         if self._client is None:
             return
-        calls, latency = self.name("rpc", method, "calls"), self.name("rpc", method, "latency")
+        pair = self._served.get(method)
+        if pair is None:
+            pair = self._served_names(method)
+        calls, latency = pair
         with self._lock:
             tally = self._tally
             tally.count(calls, 1)
@@ -324,6 +328,13 @@ class Metrics:
                 tally.count(self.name("rpc", method, "errors", error_code), 1)
                 tally.count(self.name("errors", error_code), 1)
         self._recorded()
+
+    def _served_names(self, method: str) -> tuple[str, str]:
+        # One lookup per served call instead of two; bounded like the other caches.
+        if len(self._served) >= _CACHE_LIMIT:
+            self._served.clear()
+        pair = self._served[method] = (self.name("rpc", method, "calls"), self.name("rpc", method, "latency"))
+        return pair
 
     def call_made(self, service: str, method: str, ms: float, error_code: str | None) -> None:
         """One call made: ``client.<service>.<method>.calls``, ``.latency``, ``.errors.<code>``."""

@@ -49,7 +49,7 @@ class Tally:
         self.timers: dict[str, _Timer] = {}
         self.gauges: dict[str, tuple[bool, float]] = {}  # name -> (absolute, value)
         self.names_dropped = 0
-        self._random = random.Random()
+        self._random = random.Random().random
 
     def __len__(self) -> int:
         return len(self.counts) + len(self.timers) + len(self.gauges)
@@ -81,7 +81,7 @@ class Tally:
             timer.samples.append(ms)
         else:
             # Algorithm R: every value seen so far stays in the sample with equal chance.
-            slot = self._random.randrange(timer.seen)
+            slot = int(self._random() * timer.seen)  # randrange costs 5x more, per call
             if slot < self.samples:
                 timer.samples[slot] = ms
 
