@@ -213,6 +213,13 @@ class Metrics:
     def _recorded(self) -> None:
         """After a record: make sure a flush will come (called outside the lock)."""
         if self._armed:
+            if self._clock.now() < self._due + self.flush_interval:
+                return
+            # The timer is a whole interval late: its loop stopped or closed. Flush
+            # from here, and let the next figure arm a timer wherever it is recorded.
+            self._armed = False
+            self._timer = None
+            self.flush()
             return
         loop: asyncio.AbstractEventLoop | None
         try:
@@ -224,6 +231,7 @@ class Metrics:
                     self.flush()
                 return
             self._armed = True
+            self._due = self._clock.now() + self.flush_interval
             try:
                 loop.call_soon_threadsafe(self._arm_on_loop)
             except RuntimeError:  # the loop closed in between: flush here instead
@@ -232,6 +240,7 @@ class Metrics:
             return
         self._loop = loop
         self._armed = True
+        self._due = self._clock.now() + self.flush_interval
         self._timer = self._clock.call_later(self.flush_interval, self._on_timer)
 
     def _arm_on_loop(self) -> None:

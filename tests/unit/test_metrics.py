@@ -6,7 +6,8 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -469,5 +470,36 @@ def test_from_settings_takes_the_flush_interval_and_name_cap(listener: Listener)
         for i in range(8):
             m.incr(f"n{i}")
         assert m.names_dropped == 1
+    finally:
+        m.close()
+
+
+class _Never:
+    def cancel(self) -> None:
+        pass
+
+
+class StoppedLoopClock(FakeClock):
+    """A clock whose timers never run, like ``call_later`` on a loop that stopped."""
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Any:
+        return _Never()
+
+
+def test_a_timer_whose_loop_stopped_does_not_hold_figures_back(listener: Listener) -> None:
+    clock = StoppedLoopClock()
+    m = Metrics(listener.address, "mk", "echo", flush_interval=1.0, clock=clock)
+
+    async def record() -> None:
+        m.incr("x")  # arms a timer on this loop, which ends before it fires
+
+    try:
+        asyncio.run(record())
+        clock.advance(1.5)
+        m.incr("x")  # late, but within a whole interval of the due time: still the timer's job
+        assert listener.nothing_pending()
+        clock.advance(0.5)
+        m.incr("x")
+        assert listener.lines() == ["mk.echo.x:3|c"]
     finally:
         m.close()
