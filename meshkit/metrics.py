@@ -35,13 +35,13 @@ import asyncio
 import logging
 import math
 import re
-import socket
 import threading
 
 from .clock import SYSTEM_CLOCK, Clock, TimerHandle
 from .config import Settings
+from .datagrams import UdpSender, pack, parse_address
 from .errors import ConfigError
-from .tally import Tally, pack
+from .tally import Tally
 
 __all__ = ["Metrics", "sanitize"]
 
@@ -67,46 +67,6 @@ def sanitize(part: str) -> str:
 
 def _sanitize_dotted(name: str) -> str:
     return ".".join(p or "_" for p in _UNSAFE_NAME.sub("_", name).split("."))
-
-
-def _parse_address(address: str) -> tuple[str, int, bool]:
-    """``host:port`` or ``[v6addr]:port`` as (host, port, ipv6)."""
-    host, sep, port_text = address.rpartition(":")
-    ipv6 = host.startswith("[") and host.endswith("]")
-    if ipv6:
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"statsd_address must be host:port, got {address!r}")
-    return host, int(port_text), ipv6
-
-
-class _UdpClient:
-    """A non-blocking, connected UDP socket that counts the datagrams it could not send."""
-
-    def __init__(self, host: str, port: int, ipv6: bool) -> None:
-        family = socket.AF_INET6 if ipv6 else socket.AF_INET
-        addr = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4]
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.dropped = 0
-        try:
-            # Non-blocking: a full buffer must cost a lost metric, not a stalled handler.
-            # Connected: the kernel skips a route lookup per send, and reports a
-            # refused port instead of dropping silently, so losses can be counted.
-            self._sock.setblocking(False)
-            self._sock.connect(addr)
-        except OSError:
-            self._sock.close()
-            raise
-
-    def send(self, data: bytes) -> None:
-        try:
-            self._sock.send(data)
-        except (OSError, ValueError, AttributeError):
-            # AttributeError: a send racing close() from another thread finds no socket.
-            self.dropped += 1
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 class Metrics:
@@ -140,7 +100,7 @@ class Metrics:
         self._names: dict[tuple[str, ...], str] = {}
         self._dotted_names: dict[str, str] = {}
         self._served: dict[str, tuple[str, str]] = {}
-        self._client: _UdpClient | None = None
+        self._client: UdpSender | None = None
         self._dropped_at_close = 0
         self.flush_interval = float(flush_interval)
         self._max_names = max_names
@@ -154,9 +114,9 @@ class Metrics:
         self._due = clock.now() + self.flush_interval  # for figures recorded with no loop
         if not address:
             return
-        host, port, ipv6 = _parse_address(address)
+        host, port, ipv6 = parse_address(address)
         try:
-            self._client = _UdpClient(host, port, ipv6)
+            self._client = UdpSender(host, port, ipv6)
         except OSError as exc:
             _log.warning(
                 "statsd address %s unusable, metrics disabled: %s",

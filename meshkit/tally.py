@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["Tally", "pack"]
+__all__ = ["Tally"]
 
 
 class _Timer:
@@ -113,24 +113,3 @@ class Tally:
             else:
                 out.append(f"{name}:{shown}|g")
         return out
-
-
-def pack(lines: list[str], size: int) -> list[bytes]:
-    """``lines`` joined by newlines into datagrams of at most ``size`` bytes.
-
-    A single line longer than ``size`` goes alone in its own datagram rather
-    than being cut (a cut line would be a wrong figure, not a missing one).
-    """
-    datagrams: list[bytes] = []
-    current: list[bytes] = []
-    length = 0
-    for line in lines:
-        data = line.encode("ascii")
-        if current and length + 1 + len(data) > size:
-            datagrams.append(b"\n".join(current))
-            current, length = [], 0
-        length += len(data) + (1 if current else 0)
-        current.append(data)
-    if current:
-        datagrams.append(b"\n".join(current))
-    return datagrams

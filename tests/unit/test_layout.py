@@ -15,7 +15,8 @@ PACKAGE = ROOT / "meshkit"
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
-                    "tally", "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
+                    "tally", "datagrams", "programs", "tasks", "sections", "config", "decoder", "transport",
+                    "context")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "answers", "quota")),
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),

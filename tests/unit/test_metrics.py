@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from meshkit.config import Settings
+from meshkit.datagrams import pack
 from meshkit.errors import ConfigError
 from meshkit.metrics import Metrics, sanitize
 from meshkit.testing import FakeClock
@@ -503,3 +504,9 @@ def test_a_timer_whose_loop_stopped_does_not_hold_figures_back(listener: Listene
         assert listener.lines() == ["mk.echo.x:3|c"]
     finally:
         m.close()
+
+
+def test_lines_are_packed_whole_into_datagrams_of_at_most_the_size() -> None:
+    lines = ["a" * 10, "b" * 10, "c" * 10, "d" * 40, "e"]
+    assert pack(lines, 21) == [b"a" * 10 + b"\n" + b"b" * 10, b"c" * 10, b"d" * 40, b"e"]
+    assert pack([], 512) == []
