@@ -214,6 +214,23 @@ class Metrics:
             if error_code is not None:
                 pipe.incr(self.name("client", service, method, "errors", error_code))
 
+    def call_retried(self, service: str, reason: str, allowed: bool) -> None:
+        """A retry of a call to ``service`` after ``reason``: ``client.<service>.retries.<reason>``
+        if the retry budget allowed it, else ``client.<service>.retries_refused.<reason>``."""
+        client = self._client
+        if client is not None:
+            client.incr(self.name("client", service, "retries" if allowed else "retries_refused", reason))
+
+    def instance_ejected(self, service: str, ejected_now: int) -> None:
+        """An instance of ``service`` was ejected: ``client.<service>.ejections`` counts it and
+        the gauge ``client.<service>.ejected`` is how many are ejected now."""
+        client = self._client
+        if client is None:
+            return
+        with client.pipeline() as pipe:
+            pipe.incr(self.name("client", service, "ejections"))
+            pipe.gauge(self.name("client", service, "ejected"), ejected_now)
+
     def inflight(self, n: int) -> None:
         """Gauge ``inflight``: calls and pushes being served right now."""
         client = self._client

@@ -11,8 +11,11 @@ seconds while the registry still lists it. Choosing reads only memory.
 Instance choice is load-aware: of the available instances, two are drawn at
 random and the one with fewer requests in flight from this process wins
 ("power of two choices"); instances with a live connection are preferred over
-ones still connecting. The random draws come from ``rng`` and the time from
-``clock``, both given to the constructor, so tests can replay them.
+ones still connecting. Instances this caller has ejected for failing
+(:mod:`meshkit.ejection`, :attr:`PeerPool.ejector`) are left out of choice
+until their probe; the pool's :attr:`PeerPool.retry_budget`
+(:mod:`meshkit.retrybudget`) is what the client draws its retries from.
+The random draws come from ``rng`` and the time from ``clock``, both given to the constructor, so tests can replay them.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import zmq
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
+from .ejection import Ejector
 from .errors import ClientClosedError
 from .exchange import Exchange
-from .peer import CONNECTED, FAILED, Peer
+from .peer import CONNECTED, CONNECTING, FAILED, Peer
 from .record import InstanceRecord
 from .registry import Registry
+from .retrybudget import RetryBudget
 from .timing import wait_event
 
 log = logging.getLogger("meshkit.pool")
@@ -73,6 +78,8 @@ class PeerPool:
         self._rng = rng or random.Random()
         self._connect = connect
         self.exchange = Exchange(settings, clock=clock, rng=self._rng, on_idle=self._on_peer_idle)
+        self.ejector = Ejector(settings, clock=clock, rng=self._rng)
+        self.retry_budget = RetryBudget(settings, clock=clock)
         self._peers: dict[str, Peer] = {}
         self._failed_at: dict[str, float] = {}
         self._pid = os.getpid()
@@ -99,8 +106,9 @@ class PeerPool:
         """An available instance of ``service`` not in ``exclude``, or ``None``."""
         connected: list[Peer] = []
         connecting: list[Peer] = []
+        allows = self.ejector.allows
         for record in self.registry.instances(service):
-            if record.key in exclude or not record.is_up:
+            if record.key in exclude or not record.is_up or not allows(record.key):
                 continue
             peer = self.peer_for(record)
             if peer is None or not peer.available:
@@ -114,6 +122,27 @@ class PeerPool:
         a, b = self._rng.sample(candidates, 2)
         load = self.exchange.load
         return a if load(a) <= load(b) else b
+
+    def racing(self, service: str, exclude: set[str]) -> bool:
+        """Whether several instances of ``service`` (not in ``exclude``) are still connecting, none connected.
+
+        Then a caller waits for the first handshake (:meth:`wait_changed`)
+        rather than queue its request behind one that may never complete.
+        """
+        connecting = 0
+        for record in self.registry.instances(service):
+            peer = self._peers.get(record.key)
+            if (peer is None or record.key in exclude or not peer.available
+                    or not self.ejector.allows(record.key)):
+                continue
+            if peer.state == CONNECTED:
+                return False
+            connecting += peer.state == CONNECTING
+        return connecting > 1
+
+    def instance_keys(self, service: str) -> list[str]:
+        """The keys of ``service``'s instances in the registry view (what ejection shares are of)."""
+        return [r.key for r in self.registry.instances(service)]
 
     def peer_for(self, record: InstanceRecord) -> Peer | None:
         """The peer of ``record``, connecting if needed; ``None`` while it is left alone after a failure."""
@@ -185,4 +214,5 @@ class PeerPool:
             else:
                 peer.update(record)
         self._failed_at = {k: t for k, t in self._failed_at.items() if self.registry.get(k) is not None}
+        self.ejector.forget(r.key for r in self.registry.instances())
         self.notify()

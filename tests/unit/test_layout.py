@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "answers")),
     ("registry", ("storage", "registry", "registration", "rundir")),
-    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
+    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange", "ejection",
+               "retrybudget")),
     ("service", ("service", "runner")),
     ("roles", ("gateway", "haproxy", "stack", "testing")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
