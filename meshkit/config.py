@@ -87,6 +87,7 @@ class Settings:
     retry_ratio: float = 0.2  # retries allowed as a share of calls over retry_window
     retry_min_per_second: float = 10.0  # retries allowed on top, per second of the window
     retry_window: float = 10.0
+    load_report_interval: float = 1.0  # each client PINGs its connected peers for their load; 0: never
     debug: bool = False  # send handler tracebacks to callers
     statsd_address: str = ""  # host:port; empty disables metrics
     statsd_prefix: str = "meshkit"
@@ -128,6 +129,8 @@ class Settings:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.eject_max_time < self.eject_base_time:
             raise ConfigError("need eject_base_time <= eject_max_time")
+        if not isinstance(self.load_report_interval, (int, float)) or not 0 <= self.load_report_interval < math.inf:
+            raise ConfigError(f"load_report_interval must be >= 0 seconds, got {self.load_report_interval!r}")
         for name, top in (("eject_jitter", 1.0), ("eject_max_share", 1.0), ("retry_ratio", math.inf),
                           ("retry_min_per_second", math.inf)):
             value = getattr(self, name)

@@ -126,3 +126,31 @@ def test_a_saturated_service_gets_no_retry_storm(start_service: StartService,
     # floor of 10 a second over the 10 s window (the run is shorter than the window).
     assert attempts - calls == retried
     assert retried <= 0.2 * calls + 10 * 10 + 1
+
+
+def test_choice_follows_the_load_instances_report(start_service: StartService,
+                                                  mesh_settings: Settings) -> None:
+    """A caller avoids an instance another caller keeps busy, which its own counts cannot show."""
+    busy, idle = start_service(ECHO, count=2)
+    assert busy.record is not None and idle.record is not None
+
+    async def main() -> tuple[list[str], int | None]:
+        async with AsyncClient(mesh_settings) as other, AsyncClient(mesh_settings) as caller:
+            held = [asyncio.ensure_future(other.call_instance(busy.record.instance_id, "sleep", 4.0))
+                    for _ in range(30)]
+            assert await caller.call("echo", "echo", [0]) == 0  # connect to some instance
+            deadline = time.monotonic() + 5.0
+            while (caller.pool.reported_load(busy.record.key) or 0) < 30:
+                assert time.monotonic() < deadline, "no PONG reported the busy instance's load"
+                await caller.call("echo", "echo", [0])  # connects to both meanwhile
+                await asyncio.sleep(0.02)
+            served = [await caller.call("echo", "sleep", [0.0]) for _ in range(40)]
+            for call in held:
+                call.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            return served, caller.pool.reported_load(busy.record.key)
+
+    served, reported = asyncio.run(main())
+    print(f"\nload reports: the busy instance reported {reported} in flight; "
+          f"{served.count(busy.record.instance_id)} of 40 calls went to it")
+    assert served.count(busy.record.instance_id) <= 2

@@ -10,9 +10,10 @@ import asyncio
 from typing import Any
 
 import pytest
-from test_client_pick import FakePeer, Mesh, _error, _lose, _reply
+from test_client_pick import FakePeer, Mesh, _answer, _error, _lose, _reply
 from test_client_pick import mesh as mesh  # the fixture
 
+from meshkit import wire
 from meshkit.config import Settings
 from meshkit.ejection import Health
 from meshkit.errors import HandlerError, LostPeerError, RemoteError
@@ -135,3 +136,43 @@ def test_a_lone_connecting_instance_is_sent_the_call_at_once(mesh: Mesh) -> None
         return await mesh.client.call("cart", "add", timeout=2.0)
 
     assert asyncio.run(main()) == "ok"
+
+
+def test_choice_uses_the_load_the_instances_report(mesh: Mesh) -> None:
+    busy = mesh.add("busy")
+    idle = mesh.add("idle", load=2)  # this caller's own requests: more on "idle"
+    pongs = {busy: ["up", 40], idle: ["up", 2]}  # but "busy" holds 40 calls of other callers
+
+    async def main() -> tuple[int, int]:
+        mesh.connect(busy, idle)
+        for key in (busy, idle):
+            mesh.peer(key).on_send = _answer(lambda rid, key=key: wire.encode_pong(rid, *pongs[key]))
+        mesh.pool.start()
+        before = [mesh.pick() for _ in range(20)]
+        mesh.clock.advance(mesh.settings.load_report_interval)  # the pool PINGs both
+        await asyncio.sleep(0)  # the fake peers answer on the next turn
+        await asyncio.sleep(0)
+        assert (mesh.pool.reported_load(busy), mesh.pool.reported_load(idle)) == (40, 2)
+        after = [mesh.pick() for _ in range(20)]
+        mesh.pool.close()
+        return before.count(busy), after.count(busy)
+
+    before, after = asyncio.run(main())
+    assert before == 20, "by its own counts alone the caller prefers busy"
+    assert after == 0
+
+
+def test_a_pong_saying_draining_marks_the_peer(mesh: Mesh) -> None:
+    key = mesh.add("a")
+
+    async def main() -> None:
+        mesh.connect(key)
+        mesh.peer(key).on_send = _answer(lambda rid: wire.encode_pong(rid, "draining", 0))
+        mesh.pool.start()
+        mesh.clock.advance(mesh.settings.load_report_interval)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        mesh.pool.close()
+
+    asyncio.run(main())
+    assert mesh.peer(key).draining
