@@ -238,8 +238,9 @@ class AsyncClient:
             try:
                 answer = await self.exchange.start(peer, message, deadline)
             except NotDelivered:
-                reason = "not_delivered"
+                reason = "not_delivered"  # it cannot have run: another instance may take it
             except LostInFlight:
+                # It may have run: again elsewhere only if the method says that is safe.
                 self._instance_failed(peer)
                 if pool.closed or only is not None or method not in peer.record.idempotent:
                     if pool.closed:

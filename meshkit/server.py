@@ -11,16 +11,14 @@ message it can attribute to a sender:
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
   after another, in arrival order, and each is acknowledged when done.
-* a handler (of a CALL or a PUSH) that raises :class:`~meshkit.errors.RefusedError`
-  answers with that error's code and message, and nothing is logged above debug.
-* a PING is answered with the state and the number of requests in flight.
+* what a handler returned or raised becomes the answer in :mod:`meshkit.answers`.
+* a PING is answered with the state and the number of requests held.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
 
-What a peer can make the server hold is bounded in requests and bytes (see
-:mod:`meshkit.budget` and the ``max_*`` settings): calls being served per
-connection, pushes queued per connection, and everything held by the
-instance. A request past a bound is answered ``overloaded`` and not run.
+What a peer can make the server hold is bounded in requests and bytes
+(:mod:`meshkit.quota`, :mod:`meshkit.inbox` and the ``max_*`` settings); a
+request past a bound is answered ``overloaded`` and not run.
 Every remote value echoed into an answer or a log line is clipped, and log
 lines caused by remote input are throttled (one per cause per
 ``Settings.log_repeat_interval``, with a count of the rest). Answers sent to
@@ -63,6 +61,7 @@ from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import invoke
 from .metrics import Metrics
+from .quota import CallQuota
 from .timing import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
@@ -74,6 +73,9 @@ log = logging.getLogger("meshkit.server")
 RESERVED_PREFIX = "_mesh."
 
 _UP = InstanceState.UP  # read once per call: an enum attribute costs a lookup each time
+# The inflight gauge is sent at most this often (seconds), and whenever it is
+# zero: a datagram per call cost more than the gauge is worth (docs/performance.md).
+INFLIGHT_REPORT_INTERVAL = 0.1
 
 
 class Server:
@@ -103,13 +105,14 @@ class Server:
         self.metrics = metrics
         self.state: str = InstanceState.UP  # or DRAINING
         self.inflight = 0
+        self._inflight_reported = -INFLIGHT_REPORT_INTERVAL  # the first change is reported
         self.dropped = 0  # messages neither answered nor served (answers sent to a server)
         # Monotonic time of the last CALL received. Pushes do not count: they
         # are served while draining, so a steady publisher must not be able
         # to hold a stopping instance for its whole grace period.
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
-        self._calls_by_peer: dict[bytes, Budget] = {}
+        self.quota = CallQuota(settings, self.held)  # what calls hold, per connection
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
         self._answers = Answers(settings, self._throttle)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
@@ -120,9 +123,7 @@ class Server:
         sock.setsockopt(zmq.LINGER, 2000)  # let the last replies out on close
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        # ZeroMQ drops (and disconnects) a sender whose message exceeds this,
-        # before Python ever sees it; the header allowance keeps the limit
-        # about the payload.
+        # ZeroMQ drops (and disconnects) a sender whose frame exceeds this; 4 KiB is the header's allowance.
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
@@ -141,9 +142,8 @@ class Server:
         host = self.settings.bind_host
         address = f"tcp://{'*' if host in ('0.0.0.0', '') else host}"
         if self.settings.port_min:
-            port = self.sock.bind_to_random_port(
-                address, self.settings.port_min, self.settings.port_max + 1, max_tries=200
-            )
+            port = self.sock.bind_to_random_port(address, self.settings.port_min, self.settings.port_max + 1,
+                                                 max_tries=200)
         else:
             self.sock.bind(f"{address}:0")
             last = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -247,7 +247,7 @@ class Server:
     def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
         self.inflight += 1
-        self.metrics.inflight(self.inflight)
+        self._report_inflight()
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._task_done, on_done))
@@ -255,9 +255,16 @@ class Server:
     def _task_done(self, on_done: Callable[[], None], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.inflight -= 1
+        self._report_inflight()
         on_done()
         if not self.inflight and not self._pushes.busy:
             self._idle.set()
+
+    def _report_inflight(self) -> None:
+        now = self.clock.now()
+        if not self.inflight or now - self._inflight_reported >= INFLIGHT_REPORT_INTERVAL:
+            self._inflight_reported = now
+            self.metrics.inflight(self.inflight)
 
     def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
         self.metrics.incr(f"rejected.{ErrorCode.OVERLOADED}")
@@ -296,28 +303,17 @@ class Server:
         if not self._admit_call(identity, header.id, cost):
             return
         self.inflight += 1
-        self.metrics.inflight(self.inflight)
+        self._report_inflight()
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
         self._tasks.add(asyncio.ensure_future(
             self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost)))
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
-        """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``.
-
-        With ``take=False`` only checks that it fits (answering ``overloaded`` if not).
-        """
-        peer = self._calls_by_peer.get(identity)
-        if peer is None:
-            peer = Budget(self.settings.max_calls_per_peer, self.settings.max_call_bytes_per_peer)
-        if not peer.fits(cost):
-            why = f"this connection has {peer.count} calls ({peer.bytes} bytes) in flight"
-        elif not self.held.fits(cost):
-            why = f"the instance holds {self.held.count} requests ({self.held.bytes} bytes)"
-        else:
+        """Charge a call to the quota (with ``take=False`` only check it fits), or answer ``overloaded``."""
+        why = self.quota.refusal(identity, cost)
+        if why is None:
             if take:
-                peer.take(cost)
-                self.held.take(cost)
-                self._calls_by_peer[identity] = peer
+                self.quota.take(identity, cost)
             return True
         self._throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
         self._overloaded(identity, request_id, "call", why)
@@ -327,14 +323,10 @@ class Server:
         """A call ended: give back what it held and count it out of flight."""
         self._tasks.discard(asyncio.current_task())
         self.inflight -= 1
+        self._report_inflight()
         if not self.inflight and not self._pushes.busy:
             self._idle.set()
-        self.held.give(cost)
-        peer = self._calls_by_peer.get(identity)
-        if peer is not None:
-            peer.give(cost)
-            if not peer.count:
-                del self._calls_by_peer[identity]
+        self.quota.give(identity, cost)
 
     async def _run_call(
         self,

@@ -283,3 +283,19 @@ def test_a_call_in_flight_when_its_client_closes_fails_with_client_closed(
             waiting.result(5)
     with pytest.raises(meshkit.ClientClosedError):
         client.call("echo", "echo", [1])
+
+
+def test_call_instance_reaches_each_named_instance_and_only_it(start_service, mesh_client: Client) -> None:
+    procs = start_service(ECHO, count=3)
+    ids = [p.record.instance_id for p in procs]
+    wait_until(lambda: {r.instance_id for r in mesh_client.instances("echo")} >= set(ids), 5,
+               "the client to see every instance")
+    for iid in ids:
+        # whoami names the instance that served it: no other one ever does.
+        assert {mesh_client.call_instance(iid, "whoami", timeout=5) for _ in range(5)} == {iid}
+    assert mesh_client.call_instance(ids[0], "echo", value=[1, "x"]) == [1, "x"]
+    with pytest.raises(meshkit.NoInstanceError, match="nope"):
+        mesh_client.call_instance("nope", "whoami")
+    with pytest.raises(meshkit.UnknownMethodError):
+        mesh_client.call_instance(ids[1], "_mesh.nothing")
+    assert mesh_client.in_flight == 0
