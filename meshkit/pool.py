@@ -31,6 +31,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -154,6 +155,27 @@ class PeerPool:
             return a if load(a) <= load(b) else b
         reported = self._reported.get
         return a if max(load(a), reported(a.key, 0)) <= max(load(b), reported(b.key, 0)) else b
+
+    def failover_report(self) -> dict[str, Any]:
+        """What this caller's failover machinery holds (served as ``_mesh.failover``, shown by ``meshkit ejections``).
+
+        ``instances``: one row per instance with failures or ejections on
+        record (``key``, ``service``, ``health``, ``failures`` in a row,
+        ``ejections``, ``ejected_for`` seconds); ``retries``: the budget's
+        ``allowed`` and ``refused`` counts and the retries ``available`` now.
+        """
+        budget = self.retry_budget
+        return {
+            "instances": [{"key": s.key, "service": s.service, "health": str(s.health), "failures": s.failures,
+                           "ejections": s.ejections, "ejected_for": round(s.ejected_for, 3)}
+                          for s in self.ejector.snapshot()],
+            "retries": {"allowed": budget.retried, "refused": budget.refused,
+                        "available": round(budget.available, 1)},
+        }
+
+    async def serve_failover_report(self) -> dict[str, Any]:
+        """:meth:`failover_report` as a framework method: async, so it reads the pool on its own loop."""
+        return self.failover_report()
 
     def reported_load(self, key: str) -> int | None:
         """The in-flight count instance ``key`` last reported (``None`` before its first PONG)."""

@@ -258,6 +258,8 @@ class Service:
         self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics,
                               clock=self.clock)
         self._server.bind(self._bind_address)
+        # The failover state of this instance's own calls, for `meshkit ejections` (docs/failover.md).
+        self._server.add_framework_method("_mesh.failover", self.client.pool.serve_failover_report)
         self._server.start()
         await self.client.start()
         if self._own_registry:

@@ -8,6 +8,7 @@
 ``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 ``meshkit ban ls|add|rm``                 client-address bans every gateway enforces (:mod:`.ban`)
+``meshkit ejections [SERVICE]``           instances each caller ejected, its retry budget (:mod:`.ejections`)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
@@ -95,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _commands() -> list[Callable[[Any], None]]:
     from .ban import add_commands as ban_commands
+    from .ejections import add_commands as ejection_commands
     from .haproxy import add_commands as haproxy_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
     from .stack import add_commands as stack_commands
 
-    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands]
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, ejection_commands]

@@ -7,16 +7,20 @@ See docs/failover.md. Timings are from the calling side, on a shared machine.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import pytest
+from test_cli import clean_env
 
 from meshkit import AsyncClient, Client, HandlerError, Settings, wire
 from meshkit.ejection import Health
 from meshkit.errors import CallError
-from meshkit.testing import RedisServer, StartService, read_records, test_settings
+from meshkit.testing import RedisServer, StartService, read_records, settings_env, test_settings
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +158,27 @@ def test_choice_follows_the_load_instances_report(start_service: StartService,
     print(f"\nload reports: the busy instance reported {reported} in flight; "
           f"{served.count(busy.record.instance_id)} of 40 calls went to it")
     assert served.count(busy.record.instance_id) <= 2
+
+
+def test_meshkit_ejections_shows_what_each_caller_ejected(start_service: StartService, mesh_client: Client,
+                                                          mesh_settings: Settings) -> None:
+    """An instance's own calls eject the failing instance; ``meshkit ejections`` shows it from outside."""
+    settings = mesh_settings.replace(eject_base_time=30.0)  # still ejected when the commands look
+    (bad,) = start_service(FLAKY, env={"FLAKY_FAIL": "1"}, settings=settings)
+    (good,) = start_service(FLAKY, settings=settings)
+    assert bad.record is not None and good.record is not None
+    failed = mesh_client.call_instance(good.record.instance_id, "call_work", 60)
+    assert 7 <= failed < 30, failed
+    env = clean_env(**settings_env(mesh_settings))
+    result = subprocess.run([sys.executable, "-m", "meshkit", "ejections", "flaky", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert set(reports) == {bad.record.key, good.record.key}
+    (row,) = reports[good.record.key]["instances"]
+    assert (row["key"], row["health"], row["ejections"]) == (bad.record.key, "ejected", 1)
+    assert reports[bad.record.key]["instances"] == []  # it called nobody
+    text = subprocess.run([sys.executable, "-m", "meshkit", "ejections"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert bad.record.key in text.stdout and "ejected" in text.stdout and "RETRIES" in text.stdout

@@ -20,3 +20,14 @@ class Flaky(meshkit.Service):
         if self.failing:
             raise RuntimeError("this instance fails every call")
         return self.instance_id
+
+    @meshkit.rpc
+    async def call_work(self, n: int) -> int:
+        """Call ``flaky.work`` ``n`` times through this instance's own client; return how many failed."""
+        failed = 0
+        for _ in range(n):
+            try:
+                await self.client.call("flaky", "work")
+            except meshkit.HandlerError:
+                failed += 1
+        return failed
