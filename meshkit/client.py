@@ -222,6 +222,7 @@ class AsyncClient:
         service, method = message.service, message.method
         pool = self.pool
         ejector = pool.ejector
+        watched = ejector.records  # empty (nothing to tell the ejector of a success) nearly always
         pool.retry_budget.called()
         tried: set[str] = set()
         while True:
@@ -234,7 +235,8 @@ class AsyncClient:
                 await self._wait_for_handshake(service, method, deadline)
                 continue
             self._check_size(peer, message)
-            ejector.sent(peer.key)
+            if watched:
+                ejector.sent(peer.key)
             try:
                 answer = await self.exchange.start(peer, message, deadline)
             except NotDelivered:
@@ -255,7 +257,8 @@ class AsyncClient:
             else:
                 error = answer.error
                 if error is None:
-                    ejector.succeeded(peer.key)
+                    if watched:
+                        ejector.succeeded(peer.key)
                     return _result(answer, service, method)
                 if error.code != ErrorCode.OVERLOADED or only is not None:
                     if error.code in ejector.codes:

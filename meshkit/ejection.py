@@ -83,7 +83,9 @@ class Ejector:
         self.codes = frozenset(c.strip() for c in settings.eject_codes.split(",") if c.strip())
         self._clock = clock
         self._rng = rng or random.Random()
-        self._records: dict[str, _Record] = {}
+        # Instances with failures or ejections on record (never rebound: callers on the hot path
+        # test it for emptiness before calling in).
+        self.records: dict[str, _Record] = {}
         self.ejections_total = 0  # ejections made, ever (a metric)
 
     @property
@@ -92,14 +94,14 @@ class Ejector:
 
     def health(self, key: str) -> Health:
         """``key``'s health now (an ejection that ran out is ``PROBING``)."""
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None or not record.ejected_until:
             return Health.HEALTHY
         return Health.EJECTED if self._clock.now() < record.ejected_until else Health.PROBING
 
     def allows(self, key: str) -> bool:
         """Whether a request may be sent to ``key`` now: healthy, or probing with no probe out."""
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None or not record.ejected_until:
             return True
         now = self._clock.now()
@@ -109,13 +111,13 @@ class Ejector:
 
     def sent(self, key: str) -> None:
         """A request was sent to ``key``: if it is probing, that request is its probe."""
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is not None and record.ejected_until and self._clock.now() >= record.ejected_until:
             record.probe_started = self._clock.now()
 
     def succeeded(self, key: str) -> None:
         """``key`` answered well: its failures in a row are over, a probe returns it to traffic."""
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None:
             return
         now = self._clock.now()
@@ -127,7 +129,7 @@ class Ejector:
             record.ejected_until = 0.0
             record.probe_started = None
             return
-        del self._records[key]
+        del self.records[key]
 
     def failed(self, key: str, service: str, instances: Iterable[str]) -> bool:
         """Count a failure of ``key`` (an instance of ``service``, whose instances are ``instances``).
@@ -136,9 +138,9 @@ class Ejector:
         """
         if not self.enabled:
             return False
-        record = self._records.get(key)
+        record = self.records.get(key)
         if record is None:
-            record = self._records[key] = _Record(service)
+            record = self.records[key] = _Record(service)
         now = self._clock.now()
         if record.ejected_until and now < record.ejected_until:
             return False  # already out; a late failure changes nothing
@@ -164,19 +166,19 @@ class Ejector:
         return out + 1 <= max(1, int(self._share * len(instances)))
 
     def _is_out(self, key: str, now: float) -> bool:
-        record = self._records.get(key)
+        record = self.records.get(key)
         return record is not None and record.ejected_until > 0 and now < record.ejected_until
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the state of instances not in ``keep`` (they left the registry)."""
         kept = set(keep)
-        for key in [k for k in self._records if k not in kept]:
-            del self._records[key]
+        for key in [k for k in self.records if k not in kept]:
+            del self.records[key]
 
     def ejected(self, service: str | None = None) -> int:
         """How many instances (of ``service``, or of all) are ejected now."""
         now = self._clock.now()
-        return sum(1 for k, r in self._records.items()
+        return sum(1 for k, r in self.records.items()
                    if (service is None or r.service == service) and self._is_out(k, now))
 
     def snapshot(self) -> list[EjectionState]:
@@ -184,4 +186,4 @@ class Ejector:
         now = self._clock.now()
         return [EjectionState(k, r.service, self.health(k), r.failures, r.ejections,
                               max(0.0, r.ejected_until - now) if r.ejected_until else 0.0)
-                for k, r in sorted(self._records.items())]
+                for k, r in sorted(self.records.items())]

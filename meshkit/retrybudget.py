@@ -16,6 +16,7 @@ time. (Not :mod:`meshkit.budget`, which bounds the bytes a server holds.)
 from __future__ import annotations
 
 import math
+import time
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
@@ -29,14 +30,15 @@ class RetryBudget:
         self._window = max(1, math.ceil(settings.retry_window))
         self._floor = settings.retry_min_per_second * self._window
         self._clock = clock
+        self._now = time.monotonic if clock is SYSTEM_CLOCK else clock.now  # read on every call
         self._calls = [0] * self._window
         self._retries = [0] * self._window
-        self._second = int(clock.now())
+        self._second = int(self._now())
         self.retried = 0  # retries allowed, ever (a metric)
         self.refused = 0  # retries refused for want of budget, ever (a metric)
 
     def _advance(self) -> int:
-        second = int(self._clock.now())
+        second = int(self._now())
         if second != self._second:
             if second - self._second >= self._window:
                 self._calls = [0] * self._window
