@@ -237,8 +237,11 @@ class AsyncClient:
             self._check_size(peer, message)
             if watched:
                 ejector.sent(peer.key)
+            sent = False
             try:
-                answer = await self.exchange.start(peer, message, deadline)
+                future = self.exchange.start(peer, message, deadline)
+                sent = True
+                answer = await future
             except NotDelivered:
                 reason = "not_delivered"  # it cannot have run: another instance may take it
             except LostInFlight:
@@ -251,7 +254,8 @@ class AsyncClient:
                                         service=service, method=method) from None
                 reason = "lost_peer"
             except DeadlinePassed:
-                self._instance_failed(peer)
+                if sent:  # late before it was sent is no fault of the instance
+                    self._instance_failed(peer)
                 raise CallTimeoutError(f"{service}.{method} got no reply within its deadline",
                                        service=service, method=method) from None
             else:

@@ -176,3 +176,24 @@ def test_a_pong_saying_draining_marks_the_peer(mesh: Mesh) -> None:
 
     asyncio.run(main())
     assert mesh.peer(key).draining
+
+
+def test_timeouts_count_against_the_instance_only_once_sent(mesh: Mesh) -> None:
+    key = mesh.add("slow")
+    other = mesh.add("other")
+
+    async def main() -> None:
+        mesh.connect(key, other)
+        for peer in (key, other):
+            mesh.peer(peer).on_send = None  # never answers
+        call = asyncio.ensure_future(mesh.client.call("cart", "add", timeout=1.0))
+        await asyncio.sleep(0)
+        mesh.clock.advance(1.0)
+        with pytest.raises(TimeoutError):
+            await call
+        with pytest.raises(TimeoutError):
+            await mesh.client.call("cart", "add", timeout=0.0)  # late before anything was sent
+
+    asyncio.run(main())
+    (state,) = mesh.pool.ejector.snapshot()
+    assert state.failures == 1
