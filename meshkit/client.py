@@ -10,10 +10,21 @@ Contracts:
   never later than the deadline of the call being served). It travels in the
   message; the callee does not start work that is already late.
 * **Retries**: a request that cannot have run on its instance (no
-  connection, instance draining, the endpoint now serves another service) is
-  sent to another one. A request in flight
-  to an instance that is lost is retried only if the method is declared
-  ``idempotent``; otherwise it fails with :class:`LostPeerError`.
+  connection, connection refused, instance draining or ``overloaded``, the
+  endpoint now serves another service) is sent to another one at once. A
+  request in flight to an instance that is lost is retried only if the
+  method is declared ``idempotent``; otherwise it fails with
+  :class:`LostPeerError`. Every retry is drawn from the pool's retry budget
+  (:mod:`meshkit.retrybudget`); when it is spent the call fails with what
+  its last attempt came to (``overloaded``, :class:`LostPeerError`, or
+  :class:`NoInstanceError` for a request no instance took).
+* **Fail over at once**: while several instances are still connecting and
+  none is connected (a fresh client), a call waits for the first handshake
+  rather than queue behind one that may never complete; a refused
+  connection fails its peer at once (see :mod:`meshkit.peer`).
+* **Outlier ejection**: lost peers, deadlines passed and answers with one of
+  ``Settings.eject_codes`` count against the instance; enough in a row eject
+  it from this client's choice for a while (:mod:`meshkit.ejection`).
 * **No instance**: by default a call fails at once with
   :class:`NoInstanceError`. With ``wait=True`` it waits for an instance to
   appear, up to its deadline (then :class:`CallTimeoutError`).
@@ -49,7 +60,7 @@ from .errors import (
 from .exchange import DeadlinePassed, LostInFlight, NotDelivered
 from .metrics import Metrics
 from .observe.observer import Observer
-from .peer import FAILED, Peer
+from .peer import CONNECTING, FAILED, Peer
 from .pool import PeerPool
 from .publish import publish, push_one
 from .record import InstanceRecord
@@ -226,32 +237,100 @@ class AsyncClient:
                          only: InstanceRecord | None) -> Any:
         """Send to one instance after another until one answers (see the module doc for when it retries)."""
         service, method = message.service, message.method
+        pool = self.pool
+        ejector = pool.ejector
+        watched = ejector.records  # empty (nothing to tell the ejector of a success) nearly always
+        pool.retry_budget.called()
         tried: set[str] = set()
+        overloaded: wire.Answer | None = None  # the last instance's refusal, while no other has been tried
         while True:
             peer = self._choose(service, tried, only, method)
             if peer is None:
+                if overloaded is not None:  # every instance refused before running it: say so now
+                    return _result(overloaded, service, method)
                 await self._wait_for_instance(service, method, deadline, wait, bool(tried))
                 tried.clear()
                 continue
+            if peer.state == CONNECTING and only is None and pool.racing(service, tried):
+                await self._wait_for_handshake(service, method, deadline)
+                continue
             self._check_size(peer, message)
+            if watched:
+                ejector.sent(peer.key)
+            sent = False
             try:
-                answer = await self.exchange.start(peer, message, deadline)
+                future = self.exchange.start(peer, message, deadline)
+                sent = True
+                answer = await future
             except NotDelivered:
-                pass  # it cannot have run: another instance may take it
+                reason = "not_delivered"  # it cannot have run: another instance may take it
             except LostInFlight:
                 # It may have run: again elsewhere only if the method says that is safe.
-                retry = only is None and method in peer.record.idempotent
-                if not retry and not self.pool.closed:
+                self._instance_failed(peer)
+                if pool.closed or only is not None or method not in peer.record.idempotent:
+                    if pool.closed:
+                        raise ClientClosedError("client closed while the call was in flight") from None
                     raise LostPeerError(f"instance {peer.key} was lost with {service}.{method} in flight",
                                         service=service, method=method) from None
+                reason = "lost_peer"
             except DeadlinePassed:
+                if sent:  # late before it was sent is no fault of the instance
+                    self._instance_failed(peer)
                 raise CallTimeoutError(f"{service}.{method} got no reply within its deadline",
                                        service=service, method=method) from None
             else:
-                return _result(answer, service, method)
-            if self.pool.closed:
+                error = answer.error
+                if error is None:
+                    if watched:
+                        ejector.succeeded(peer.key)
+                    return _result(answer, service, method)
+                if error.code != ErrorCode.OVERLOADED or only is not None:
+                    if error.code in ejector.codes:
+                        self._instance_failed(peer)
+                    else:
+                        ejector.succeeded(peer.key)
+                    return _result(answer, service, method)
+                reason = "overloaded"  # refused before it ran: like draining, try another instance
+                overloaded = answer
+            if pool.closed:
                 raise ClientClosedError("client closed while the call was in flight")
             tried.add(peer.key)
+            self._take_retry(peer, message, reason, answer if reason == "overloaded" else None)
+
+    def _take_retry(self, peer: Peer, message: wire.CallMessage, reason: str,
+                    answer: wire.Answer | None) -> None:
+        """Draw a retry from the budget; if it is spent, raise what the last attempt came to."""
+        allowed = self.pool.retry_budget.allows()
+        self.metrics.call_retried(message.service, reason, allowed)
+        if allowed:
+            return
+        service, method = message.service, message.method
+        if answer is not None:
+            _result(answer, service, method)  # raises the overloaded error
+        if reason == "lost_peer":
+            raise LostPeerError(f"instance {peer.key} was lost with {service}.{method} in flight "
+                                "and the retry budget is spent", service=service, method=method)
+        raise NoInstanceError(f"instance {peer.key} did not take {service}.{method} "
+                              "and the retry budget is spent", service=service, method=method)
+
+    def _instance_failed(self, peer: Peer) -> None:
+        """Count a failure of ``peer``'s instance towards its ejection (see :mod:`meshkit.ejection`)."""
+        service = peer.record.service
+        ejector = self.pool.ejector
+        if ejector.failed(peer.key, service, self.pool.instance_keys(service)):
+            log.warning("ejected instance %s of %s after failures in a row (ejection %d)", peer.key,
+                        service, next((s.ejections for s in ejector.snapshot() if s.key == peer.key), 0))
+            self.metrics.instance_ejected(service, ejector.ejected(service))
+
+    async def _wait_for_handshake(self, service: str, method: str, deadline: float) -> None:
+        """Several instances are connecting and none is connected: wait for the first to finish (or fail)."""
+        remaining = deadline - self.clock.now()
+        if remaining <= 0:
+            raise CallTimeoutError(f"no instance of {service!r} connected for {method} within its deadline",
+                                   service=service, method=method)
+        await self.pool.wait_changed(min(remaining, self.settings.dead_after))
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
 
     def _check_size(self, peer: Peer, message: wire.CallMessage) -> None:
         limit = min(self.settings.max_message_size,

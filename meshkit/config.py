@@ -103,6 +103,17 @@ class Settings:
     handler_threads: int = 16
     ping_after: float = 0.25  # ZeroMQ heartbeat interval on each connection to a peer
     dead_after: float = 0.75  # no heartbeat answer (or no handshake) for this long: the peer is lost
+    # -- failing well (docs/failover.md): outlier ejection and the retry budget, per calling client.
+    eject_after_failures: int = 7  # failures in a row that eject an instance; 0 disables ejection
+    eject_codes: str = "handler_error"  # comma-separated error codes that count as failures
+    eject_base_time: float = 1.0  # first ejection; doubles with each further one
+    eject_max_time: float = 60.0
+    eject_jitter: float = 0.2  # each ejection time is scaled by a uniform draw in [1-j, 1+j]
+    eject_max_share: float = 0.5  # of a service's instances ejected at once (at least one)
+    retry_ratio: float = 0.2  # retries allowed as a share of calls over retry_window
+    retry_min_per_second: float = 10.0  # retries allowed on top, per second of the window
+    retry_window: float = 10.0
+    load_report_interval: float = 1.0  # each client PINGs its connected peers for their load; 0: never
     debug: bool = False  # send handler tracebacks to callers
     statsd_address: str = ""  # host:port; empty disables metrics
     statsd_prefix: str = "meshkit"
@@ -142,6 +153,7 @@ class Settings:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         self._check_limits()
         self.resource_limits()  # raises ConfigError for a bad [resources.<name>] table
+        self._check_failover()
 
     def resource_limits(self) -> dict[str, ResourceLimit]:
         """The ``[resources.<name>]`` tables, typed and checked (:class:`ConfigError` if one is bad)."""
@@ -153,6 +165,23 @@ class Settings:
                 raise ConfigError(f"resource names are 1-100 letters, digits and _, got {clip(name)!r}")
             found[name] = load_section(ResourceLimit, table, f"[resources.{name}]")
         return found
+
+    def _check_failover(self) -> None:
+        if type(self.eject_after_failures) is not int or self.eject_after_failures < 0:
+            raise ConfigError(f"eject_after_failures must be an integer >= 0, got {self.eject_after_failures!r}")
+        for name in ("eject_base_time", "eject_max_time", "retry_window"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.eject_max_time < self.eject_base_time:
+            raise ConfigError("need eject_base_time <= eject_max_time")
+        if not isinstance(self.load_report_interval, (int, float)) or not 0 <= self.load_report_interval < math.inf:
+            raise ConfigError(f"load_report_interval must be >= 0 seconds, got {self.load_report_interval!r}")
+        for name, top in (("eject_jitter", 1.0), ("eject_max_share", 1.0), ("retry_ratio", math.inf),
+                          ("retry_min_per_second", math.inf)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value <= top or math.isnan(value):
+                raise ConfigError(f"{name} must be a number in [0, {top}], got {value!r}")
 
     def _check_limits(self) -> None:
         minimums = {"max_header_size": 1024, "max_name_length": 1, "max_calls_per_peer": 1,

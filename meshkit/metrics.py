@@ -319,6 +319,17 @@ class Metrics:
                 tally.count(self.name("client", service, method, "errors", error_code), 1)
         self._recorded()
 
+    def call_retried(self, service: str, reason: str, allowed: bool) -> None:
+        """A retry of a call to ``service`` after ``reason``: ``client.<service>.retries.<reason>``
+        if the retry budget allowed it, else ``client.<service>.retries_refused.<reason>``."""
+        self._count(("client", service, "retries" if allowed else "retries_refused", reason))
+
+    def instance_ejected(self, service: str, ejected_now: int) -> None:
+        """An instance of ``service`` was ejected: ``client.<service>.ejections`` counts it and
+        the gauge ``client.<service>.ejected`` is how many are ejected now."""
+        self._count(("client", service, "ejections"))
+        self._gauge(("client", service, "ejected"), ejected_now)
+
     def inflight(self, n: int) -> None:
         """Gauge ``inflight``: calls and pushes being served right now."""
         self._gauge(("inflight",), n)

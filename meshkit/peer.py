@@ -8,6 +8,8 @@ from those events, not from the registry:
   own heartbeat (``ZMQ_HEARTBEAT_IVL``/``TIMEOUT``, from ``Settings.ping_after``
   and ``dead_after``) times out (the host or process hangs) — the peer is
   **lost**: requests in flight may have run;
+* the connection attempt fails (refused: nothing listens there any more) —
+  the peer is **unreachable** at once;
 * no connection is made within ``dead_after`` — the peer is **unreachable**:
   nothing was delivered, and closing the socket with ``LINGER 0`` makes sure
   nothing ever will be.
@@ -41,7 +43,9 @@ CONNECTING = PeerState.CONNECTING
 CONNECTED = PeerState.CONNECTED
 FAILED = PeerState.FAILED
 
-_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+# CONNECT_RETRIED: a connect attempt failed (refused, unreachable) before any handshake.
+_MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+                   | zmq.EVENT_CONNECT_RETRIED)
 
 
 class Peer:
@@ -162,3 +166,7 @@ class Peer:
                 self._on_state(self)
         elif event == zmq.EVENT_DISCONNECTED:
             self._fail(self.state == CONNECTED, "disconnected")
+        elif event == zmq.EVENT_CONNECT_RETRIED and self.state == CONNECTING:
+            # Refused (or otherwise failed) before any handshake: nothing can have
+            # been delivered, so say so now rather than after dead_after.
+            self._fail(False, "connection refused")

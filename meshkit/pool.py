@@ -9,29 +9,43 @@ and keeps a failed instance out of choice for :data:`RETRY_FAILED_AFTER`
 seconds while the registry still lists it. Choosing reads only memory.
 
 Instance choice is load-aware: of the available instances, two are drawn at
-random and the one with fewer requests in flight from this process wins
-("power of two choices"); instances with a live connection are preferred over
-ones still connecting. The random draws come from ``rng`` and the time from
-``clock``, both given to the constructor, so tests can replay them.
+random and the less loaded one wins ("power of two choices"). An instance's
+load is the larger of this process's requests in flight on it and what the
+instance itself last reported: every ``Settings.load_report_interval``
+seconds the pool PINGs each connected peer, and its PONG's in-flight count
+(every caller's calls, queued ones included) is kept until the next one, so
+many callers spread their load by what the instances hold, not only by what
+each of them sent. A PONG saying ``draining`` marks the peer draining.
+Instances with a live connection are preferred over ones still connecting. Instances this caller has ejected for failing
+(:mod:`meshkit.ejection`, :attr:`PeerPool.ejector`) are left out of choice
+until their probe; the pool's :attr:`PeerPool.retry_budget`
+(:mod:`meshkit.retrybudget`) is what the client draws its retries from.
+The random draws come from ``rng`` and the time from ``clock``, both given to the constructor, so tests can replay them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-from .clock import SYSTEM_CLOCK, Clock
+from . import wire
+from .clock import SYSTEM_CLOCK, Clock, TimerHandle
+from .codes import InstanceState
 from .config import Settings
+from .ejection import Ejector
 from .errors import ClientClosedError
-from .exchange import Exchange
-from .peer import CONNECTED, FAILED, Peer
+from .exchange import DeadlinePassed, Exchange, NotDelivered
+from .peer import CONNECTED, CONNECTING, FAILED, Peer
 from .record import InstanceRecord
 from .registry import Registry
+from .retrybudget import RetryBudget
 from .timing import wait_event
 
 log = logging.getLogger("meshkit.pool")
@@ -41,6 +55,18 @@ log = logging.getLogger("meshkit.pool")
 RETRY_FAILED_AFTER = 2.0
 
 Connect = Callable[["PeerPool", InstanceRecord], Peer]
+
+
+class _Ping:
+    """A PING as the exchange sends it (asks an instance for its state and load)."""
+
+    __slots__ = ()
+
+    def frames(self, id: int, timeout_ms: int | None) -> list[bytes]:
+        return wire.encode_ping(id)
+
+
+_PING = _Ping()
 
 
 def connect_zmq(pool: PeerPool, record: InstanceRecord) -> Peer:
@@ -73,14 +99,22 @@ class PeerPool:
         self._rng = rng or random.Random()
         self._connect = connect
         self.exchange = Exchange(settings, clock=clock, rng=self._rng, on_idle=self._on_peer_idle)
+        self.ejector = Ejector(settings, clock=clock, rng=self._rng)
+        self.retry_budget = RetryBudget(settings, clock=clock)
         self._peers: dict[str, Peer] = {}
         self._failed_at: dict[str, float] = {}
+        self._reported: dict[str, int] = {}  # instance key -> in-flight count of its last PONG
+        self._pinging: set[str] = set()
+        self._ping_timer: TimerHandle | None = None
         self._pid = os.getpid()
         self._available = asyncio.Event()
         self.closed = False
 
     def start(self) -> None:
+        """Follow the registry; start asking connected peers for their load (in the running loop)."""
         self.registry.add_listener(self._on_registry_change)
+        if self.settings.load_report_interval > 0 and self._ping_timer is None:
+            self._ping_timer = self.clock.call_later(self.settings.load_report_interval, self._ping_all)
 
     def close(self) -> None:
         """Retire every peer; what waits on them is settled (callers see ``closed``)."""
@@ -88,6 +122,9 @@ class PeerPool:
             return
         self.closed = True
         self.registry.remove_listener(self._on_registry_change)
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         for peer in list(self._peers.values()):
             peer.retire("closed by its client")
         self._peers.clear()
@@ -99,8 +136,9 @@ class PeerPool:
         """An available instance of ``service`` not in ``exclude``, or ``None``."""
         connected: list[Peer] = []
         connecting: list[Peer] = []
+        allows = self.ejector.allows
         for record in self.registry.instances(service):
-            if record.key in exclude or not record.is_up:
+            if record.key in exclude or not record.is_up or not allows(record.key):
                 continue
             peer = self.peer_for(record)
             if peer is None or not peer.available:
@@ -113,7 +151,88 @@ class PeerPool:
             return candidates[0]
         a, b = self._rng.sample(candidates, 2)
         load = self.exchange.load
-        return a if load(a) <= load(b) else b
+        if not self._reported:
+            return a if load(a) <= load(b) else b
+        reported = self._reported.get
+        return a if max(load(a), reported(a.key, 0)) <= max(load(b), reported(b.key, 0)) else b
+
+    def failover_report(self) -> dict[str, Any]:
+        """What this caller's failover machinery holds (served as ``_mesh.failover``, shown by ``meshkit ejections``).
+
+        ``instances``: one row per instance with failures or ejections on
+        record (``key``, ``service``, ``health``, ``failures`` in a row,
+        ``ejections``, ``ejected_for`` seconds); ``retries``: the budget's
+        ``allowed`` and ``refused`` counts and the retries ``available`` now.
+        """
+        budget = self.retry_budget
+        return {
+            "instances": [{"key": s.key, "service": s.service, "health": str(s.health), "failures": s.failures,
+                           "ejections": s.ejections, "ejected_for": round(s.ejected_for, 3)}
+                          for s in self.ejector.snapshot()],
+            "retries": {"allowed": budget.retried, "refused": budget.refused,
+                        "available": round(budget.available, 1)},
+        }
+
+    async def serve_failover_report(self) -> dict[str, Any]:
+        """:meth:`failover_report` as a framework method: async, so it reads the pool on its own loop."""
+        return self.failover_report()
+
+    def reported_load(self, key: str) -> int | None:
+        """The in-flight count instance ``key`` last reported (``None`` before its first PONG)."""
+        return self._reported.get(key)
+
+    def _ping_all(self) -> None:
+        """Ask every connected, undrained peer for its load (one PING each, none while one is out)."""
+        interval = self.settings.load_report_interval
+        self._ping_timer = None
+        if self.closed:
+            return
+        deadline = self.clock.now() + interval
+        for key, peer in list(self._peers.items()):
+            if peer.state != CONNECTED or peer.draining or key in self._pinging:
+                continue
+            try:
+                future = self.exchange.start(peer, _PING, deadline)
+            except (NotDelivered, DeadlinePassed):
+                continue
+            self._pinging.add(key)
+            future.add_done_callback(functools.partial(self._ponged, peer))
+        self._ping_timer = self.clock.call_later(interval, self._ping_all)
+
+    def _ponged(self, peer: Peer, future: asyncio.Future[wire.Answer]) -> None:
+        self._pinging.discard(peer.key)
+        if future.cancelled() or future.exception() is not None:
+            return  # lost, unreachable or late: the peer's own fate says what matters
+        answer = future.result()
+        value = answer.value
+        if answer.kind != wire.PONG or not isinstance(value, list) or len(value) != 2:
+            return
+        state, inflight = value
+        if type(inflight) is int and inflight >= 0 and self._peers.get(peer.key) is peer:
+            self._reported[peer.key] = inflight
+        if state == InstanceState.DRAINING:
+            peer.mark_draining()
+
+    def racing(self, service: str, exclude: set[str]) -> bool:
+        """Whether several instances of ``service`` (not in ``exclude``) are still connecting, none connected.
+
+        Then a caller waits for the first handshake (:meth:`wait_changed`)
+        rather than queue its request behind one that may never complete.
+        """
+        connecting = 0
+        for record in self.registry.instances(service):
+            peer = self._peers.get(record.key)
+            if (peer is None or record.key in exclude or not peer.available
+                    or not self.ejector.allows(record.key)):
+                continue
+            if peer.state == CONNECTED:
+                return False
+            connecting += peer.state == CONNECTING
+        return connecting > 1
+
+    def instance_keys(self, service: str) -> list[str]:
+        """The keys of ``service``'s instances in the registry view (what ejection shares are of)."""
+        return [r.key for r in self.registry.instances(service)]
 
     def peer_for(self, record: InstanceRecord) -> Peer | None:
         """The peer of ``record``, connecting if needed; ``None`` while it is left alone after a failure."""
@@ -161,6 +280,7 @@ class PeerPool:
             if self._peers.get(peer.key) is peer:
                 del self._peers[peer.key]
             self._failed_at[peer.key] = peer.failed_at
+            self._reported.pop(peer.key, None)
             self.exchange.abandon(peer, lost=peer.lost)
         self.notify()
 
@@ -185,4 +305,7 @@ class PeerPool:
             else:
                 peer.update(record)
         self._failed_at = {k: t for k, t in self._failed_at.items() if self.registry.get(k) is not None}
+        if self._reported:
+            self._reported = {k: n for k, n in self._reported.items() if k in self._peers}
+        self.ejector.forget(r.key for r in self.registry.instances())
         self.notify()

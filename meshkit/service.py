@@ -281,6 +281,8 @@ class Service:
         self._server.reserved = Introspection(self.observer, functools.partial(describe, self),
                                               self.settings.max_message_size)
         self._server.bind(self._bind_address)
+        # The failover state of this instance's own calls, for `meshkit ejections` (docs/failover.md).
+        self._server.add_framework_method("_mesh.failover", self.client.pool.serve_failover_report)
         self._server.start()
         await self.client.start()
         if self._own_registry:

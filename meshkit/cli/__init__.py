@@ -11,6 +11,7 @@
 ``meshkit resources [--json]``            cluster-wide use of each named resource (:mod:`.resources`)
 ``meshkit trace|inspect|stats|tap|log-level``  look inside the running mesh (:mod:`.observe`)
 ``meshkit panel``                         the browser control panel (:mod:`.panel`)
+``meshkit ejections [SERVICE]``           instances each caller ejected, its retry budget (:mod:`.ejections`)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _commands() -> list[Callable[[Any], None]]:
     from .ban import add_commands as ban_commands
+    from .ejections import add_commands as ejection_commands
     from .haproxy import add_commands as haproxy_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
@@ -107,4 +109,4 @@ def _commands() -> list[Callable[[Any], None]]:
     from .stack import add_commands as stack_commands
 
     return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, resources_commands,
-            observe_commands, panel_commands]
+            observe_commands, panel_commands, ejection_commands]
