@@ -1,0 +1,441 @@
+"""The edge at scale: N (10,000) connected clients through HAProxy to two gateways on one machine.
+
+Usage (from the project root)::
+
+    .venv/bin/python bench/edge.py --scale 10000          # a table
+    .venv/bin/python bench/edge.py --scale 10000 --json   # one JSON object on stdout
+    .venv/bin/python bench/edge_scale.py --clients 600    # the same code, directly
+
+Why two HAProxy processes. HAProxy holds two descriptors per proxied
+connection (client side and server side), so one process needs about 20,000
+for 10,000 connections. This container's hard ``RLIMIT_NOFILE`` is 20,000
+and cannot be raised (no ``CAP_SYS_RESOURCE``): one HAProxy tops out below
+10,000. So :class:`ScaleStack` runs ``--proxies`` (2) ``meshkit haproxy
+sync`` processes, each with its own HAProxy and run directory, on sockets
+bound here to **the same port** with ``SO_REUSEPORT``; the kernel spreads
+new connections across the listening sockets (by a hash of the 4-tuple), so
+each HAProxy holds about half and stays inside the limit. This is a real
+deployment shape (several HAProxy processes on one port, as ``nbproc`` did,
+or one per NUMA node), and each process health-checks both gateways on its
+own. The open-file limit of this process (inherited by every child) is
+raised from the soft to the hard limit first (``setrlimit``), and each
+HAProxy's ``maxconn`` is derived from it.
+
+The clients are ``--client-procs`` (10) processes of :mod:`edge_clients`
+(role ``hold``), 1,000 connections each. The **ramp is paced**: all
+processes together open ``--ramp-rate`` (400) connections a second, each
+one subscribing to ``bench.tick`` at once. During the ramp this process
+samples, every ``--sample`` (0.25) s, the CPU of every process group
+(``haproxy``, ``gateways``, ``backends``, ``redis``, ``clients``) and the
+time a fresh connection takes to get a ``mesh.ping`` answered by each
+gateway directly (what HAProxy's ``jsonrpc`` health check does, with a 300 ms
+timeout): that is what showed what starves the checks when the ramp is not
+paced. HAProxy's own verdicts are read from its sync processes' logs
+(``Server ... is DOWN``).
+
+Once every client is connected: memory per connection (RSS of each group
+with N connected minus before, over N; and the kernel's TCP memory from
+``/proc/net/sockstat``), then ``--requesters`` (1,000) of the connections
+each send ``echo.echo`` at ``--request-rate`` (1) a second while this process
+publishes ``--publishes`` (20) pushes on ``bench.tick``, one every
+``--push-every`` (1) s, each timed until the last client has it. Pass:
+every connection made, no error, no disconnect, no push lost, every request
+answered (``passed``; exit status 0, else 1). It is a benchmark: it prints
+figures; ``passed`` says whether the run was clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_clients import percentiles
+from edge_stack import TOPIC, ClientProc, EdgeStack, Groups, cpu_of, default_config, raise_open_files, rss_of
+from proofstack import LISTENER
+
+import meshkit
+from meshkit.haproxy.process import stop_haproxy
+from meshkit.testing import ProcessExitedError, settings_env, wait_until
+
+CHECK_TIMEOUT = 0.3  # HAProxy's default check timeout (meshkit.haproxy.config)
+PING = b'{"jsonrpc":"2.0","method":"mesh.ping","id":1}\n'
+
+
+def reuseport_sockets(count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one kernel-chosen port of 127.0.0.1, all ``SO_REUSEPORT``."""
+    socks: list[socket.socket] = []
+    port = 0
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        port = sock.getsockname()[1]
+        sock.listen(4096)
+        socks.append(sock)
+    return socks
+
+
+class ScaleStack(EdgeStack):
+    """:class:`EdgeStack` with ``proxies`` HAProxy processes sharing the public port (see the module doc)."""
+
+    proxies = 2
+
+    def start_haproxy(self) -> None:
+        assert self.settings is not None
+        self.listeners = reuseport_sockets(self.proxies)
+        self.public = self.listeners[0]
+        self.syncs: list[subprocess.Popen[bytes]] = []
+        env = {**os.environ, **settings_env(self.settings), **self.env}
+        for i, sock in enumerate(self.listeners):
+            config = self.workdir / f"haproxy-{i}.toml"
+            self.write_proxy_config_to(config)
+            fd = sock.fileno()
+            with open(self.workdir / f"haproxy-sync-{i}.log", "wb") as log:
+                self.syncs.append(subprocess.Popen(
+                    [sys.executable, "-m", "meshkit", "haproxy", "sync", "--config", str(config),
+                     "--bind", f"{LISTENER}=fd@{fd}", "--run-dir", str(self.workdir / f"haproxy-{i}")],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=(fd,)))
+        self.haproxy = self.syncs[0]
+        for i in range(self.proxies):
+            wait_until(lambda i=i: self._proxy_up(i), 30, f"HAProxy {i} to start", interval=0.2)
+        host, port = self.address
+        wanted = {g.record.instance_id for g in self.gateways if g.record is not None}
+        seen: set[str | None] = set()
+
+        def every_gateway_reachable() -> bool:
+            for sync in self.syncs:
+                if sync.poll() is not None:
+                    raise ProcessExitedError(f"haproxy sync exited with {sync.returncode}")
+            seen.update(asyncio.run(_probe_many(host, port, 8 * len(wanted))))
+            return wanted <= seen
+
+        wait_until(every_gateway_reachable, 30, "HAProxy to route to every gateway", interval=0.2)
+
+    def _proxy_up(self, i: int) -> bool:
+        if self.syncs[i].poll() is not None:
+            raise ProcessExitedError(f"haproxy sync {i} exited with {self.syncs[i].returncode}")
+        return (self.workdir / f"haproxy-{i}" / "haproxy.pid").exists()
+
+    def write_proxy_config_to(self, path: Path) -> None:
+        """One HAProxy's config: its share of the descriptors (two per connection) as ``maxconn``."""
+        maxconn = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2
+        path.write_text(
+            f"[haproxy]\nmaxconn = {maxconn}\nstop_timeout = 10.0\n"
+            f'\n[[frontend]]\nname = "{LISTENER}"\nbind = "127.0.0.1:3333"  # replaced by --bind\n'
+            f'service = "gateway"\nlistener = "{LISTENER}"\nmaxconn = {maxconn}\n')
+
+    def proxy_pids(self) -> list[int]:
+        """Every sync process and every HAProxy process (found by run directory on its command line)."""
+        run_dirs = [os.fsencode(str(self.workdir / f"haproxy-{i}")) for i in range(self.proxies)]
+        pids = {s.pid for s in self.syncs}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        line = f.read()
+                except OSError:
+                    continue
+                if any(d + b"/" in line or line.endswith(d) for d in run_dirs):
+                    pids.add(int(entry))
+        return sorted(pids)
+
+    def groups(self) -> Groups:
+        assert self.redis.process is not None
+        return {"haproxy": self.proxy_pids(), "gateways": [g.pid for g in self.gateways],
+                "backends": [b.pid for b in self.shares], "redis": [self.redis.process.pid]}
+
+    def check_downs(self) -> list[str]:
+        """Lines of the sync logs (HAProxy's stderr) saying a server went DOWN."""
+        out = []
+        for i in range(self.proxies):
+            text = (self.workdir / f"haproxy-sync-{i}.log").read_text(errors="replace")
+            out += [f"haproxy {i}: {line[-200:]}" for line in text.splitlines() if "is DOWN" in line]
+        return out
+
+    def stop(self) -> None:
+        for sync in getattr(self, "syncs", []):
+            if sync.poll() is None:
+                sync.send_signal(signal.SIGTERM)
+        for sync in getattr(self, "syncs", []):
+            try:
+                sync.wait(20)
+            except subprocess.TimeoutExpired:
+                sync.kill()
+                sync.wait(5)
+        self.haproxy = None
+        for gw in [*self.gateways, *self.shares]:
+            gw.kill()
+        for i in range(self.proxies):
+            stop_haproxy(self.workdir / f"haproxy-{i}", timeout=5.0)
+        for sock in getattr(self, "listeners", []):
+            sock.close()
+        self.public = None
+        self.redis.stop()
+
+
+async def _probe_many(host: str, port: int, count: int) -> list[str | None]:
+    from loadclients import probe_connection
+
+    return [await probe_connection(host, port, 1.0) for _ in range(count)]
+
+
+async def ping_time(host: str, port: int, timeout: float = 5.0) -> float | None:
+    """Seconds for a fresh connection to get ``mesh.ping`` answered, or None if it failed."""
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(PING)
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return time.monotonic() - t0 if b'"result"' in line else None
+    except (OSError, asyncio.TimeoutError):
+        return None
+    finally:
+        writer.close()
+
+
+def sockstat_tcp() -> dict[str, int]:
+    """``/proc/net/sockstat``'s TCP line: ``inuse``, ``orphan``, ``tw``, ``alloc``, ``mem`` (pages)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()[1:]
+                return {parts[i]: int(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+    return {}
+
+
+def fd_counts(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(len(os.listdir(f"/proc/{pid}/fd")))
+        except OSError:
+            pass
+    return out
+
+
+class ScaleRun:
+    """The ramp, the measurements and the verdict against a started :class:`ScaleStack`."""
+
+    def __init__(self, args: argparse.Namespace, stack: ScaleStack) -> None:
+        self.args = args
+        self.stack = stack
+        assert stack.settings is not None
+        self.env = settings_env(stack.settings) | stack.env
+        self.samples: list[dict[str, Any]] = []
+
+    async def sample_ramp(self, groups: Groups, done: asyncio.Event) -> None:
+        """CPU per group and each gateway's ping time, every ``--sample`` s until ``done``.
+
+        ``groups`` may gain a group meanwhile (the clients, once spawned).
+        """
+        addrs = self.stack.gateway_addresses()
+        last, last_t = cpu_of(groups), time.monotonic()
+        while not done.is_set():
+            pings = await asyncio.gather(*(ping_time(h, p) for h, p in addrs))
+            await asyncio.sleep(self.args.sample)
+            now, now_t = cpu_of(groups), time.monotonic()
+            span = now_t - last_t
+            self.samples.append({"t": round(now_t, 2), "ping_ms": [None if p is None else round(p * 1000, 1)
+                                                                   for p in pings],
+                                 "cpu": {k: round((now[k] - last.get(k, now[k])) / span, 2) for k in now}})
+            last, last_t = now, now_t
+
+    async def run(self) -> dict[str, Any]:
+        a = self.args
+        stack = self.stack
+        groups = stack.groups()
+        nprocs = a.client_procs
+        shares = [a.clients // nprocs + (i < a.clients % nprocs) for i in range(nprocs)]
+        req_shares = [a.requesters // nprocs + (i < a.requesters % nprocs) for i in range(nprocs)]
+        rss_before, sock_before = rss_of(groups), sockstat_tcp()
+        host, port = stack.address
+        ramp_done = asyncio.Event()
+        sampled = dict(groups)
+        sampler = asyncio.create_task(self.sample_ramp(sampled, ramp_done))
+        ramp_started = time.monotonic()
+        procs = [await ClientProc.spawn(
+            "hold", "--conns", str(n), "--topic", TOPIC, "--addr", f"{host}:{port}",
+            "--connect-rate", str(a.ramp_rate / nprocs), "--requesters", str(r),
+            "--request-rate", str(a.request_rate), env=self.env) for n, r in zip(shares, req_shares, strict=True)]
+        sampled["clients"] = [p.pid for p in procs]
+        try:
+            for proc in procs:
+                await proc.wait_ready(a.clients / a.ramp_rate + 120)
+        finally:
+            ramp_done.set()
+            await sampler
+        ramp_s = time.monotonic() - ramp_started
+        await asyncio.sleep(1.0)  # let the last subscriptions settle before reading memory
+        rss_after, sock_after = rss_of(groups), sockstat_tcp()
+        fds = {k: fd_counts(v) for k, v in groups.items() if k in ("haproxy", "gateways")}
+        pushes = await self.push_phase(procs, groups)
+        results = [await proc.result(120) for proc in procs]
+        for proc in procs:
+            await proc.close()
+        return self.report(results, pushes, ramp_s, rss_before, rss_after, sock_before, sock_after, fds)
+
+    async def push_phase(self, procs: list[ClientProc], groups: Groups) -> dict[str, Any]:
+        """Requests from the requesters and ``--publishes`` timed pushes, at once."""
+        a = self.args
+        assert self.stack.settings is not None
+        mesh = meshkit.AsyncClient(self.stack.settings)
+        await mesh.start()
+        loop = asyncio.get_running_loop()
+        all_groups = {**groups, "publisher": [os.getpid()], "clients": [p.pid for p in procs]}
+        before = cpu_of(all_groups)
+        started = time.monotonic()
+        for proc in procs:
+            proc.send("go")
+        times: list[float] = []
+        reached: list[int] = []
+        try:
+            for seq in range(a.publishes):
+                due = started + seq * a.push_every
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                t0 = time.monotonic()
+                reached.append(int(await mesh.publish(TOPIC, {"seq": seq, "t": t0})))
+                lasts = [await p.wait_seq(seq, loop.time() + a.push_timeout) for p in procs]
+                if None not in lasts:
+                    times.append(max(x for x in lasts if x is not None) - t0)
+        finally:
+            await mesh.close()
+        took = time.monotonic() - started
+        after = cpu_of(all_groups)
+        for proc in procs:
+            proc.send("done")
+        return {"times": times, "gateways_reached": reached, "seconds": took,
+                "cpu_s": {k: round(after[k] - before[k], 2) for k in after}}
+
+    def report(self, results: list[dict[str, Any]], pushes: dict[str, Any], ramp_s: float,
+               rss_before: dict[str, int], rss_after: dict[str, int], sock_before: dict[str, int],
+               sock_after: dict[str, int], fds: dict[str, list[int]]) -> dict[str, Any]:
+        a = self.args
+        n = sum(r["conns"] for r in results)
+        received = sum(r["received"] for r in results)
+        latencies = [x for r in results for x in r["latency_ns"]]
+        spread = percentiles([int(t * 1e9) for t in pushes["times"]])
+        req = percentiles(latencies)
+        pings = [p for s in self.samples for p in s["ping_ms"]]
+        failed_pings = sum(1 for p in pings if p is None)
+        slow_pings = sum(1 for p in pings if p is not None and p > CHECK_TIMEOUT * 1000)
+        peak_cpu: dict[str, float] = {}
+        for s in self.samples:
+            for k, v in s["cpu"].items():
+                peak_cpu[k] = max(peak_cpu.get(k, 0.0), v)
+        mean_cpu = {k: round(sum(s["cpu"].get(k, 0.0) for s in self.samples) / max(1, len(self.samples)), 2)
+                    for k in peak_cpu}
+        downs = self.stack.check_downs()
+        out: dict[str, Any] = {
+            "clients": n, "wanted": a.clients, "ramp_rate": a.ramp_rate, "ramp_s": round(ramp_s, 1),
+            "errors": sum(r["errors"] for r in results),
+            "error_kinds": _merge(r["error_kinds"] for r in results),
+            "disconnects": sum(r["disconnects"] for r in results),
+            "publishes": a.publishes, "pushes_complete": len(pushes["times"]),
+            "pushes_lost": n * a.publishes - received, "gateways_reached": pushes["gateways_reached"],
+            "fanout_p50_ms": round(spread["p50_us"] / 1000, 1), "fanout_p99_ms": round(spread["p99_us"] / 1000, 1),
+            "fanout_max_ms": round(max(pushes["times"], default=float("nan")) * 1000, 1),
+            "requesters": a.requesters, "requests": sum(r["requests"] for r in results),
+            "answered": sum(r["answered"] for r in results), "unanswered": sum(r["unanswered"] for r in results),
+            "request_p50_ms": round(req["p50_us"] / 1000, 2), "request_p99_ms": round(req["p99_us"] / 1000, 2),
+            "rss_per_conn_bytes": {k: round((rss_after[k] - rss_before[k]) / max(n, 1)) for k in rss_after},
+            "kernel_tcp_mem_per_conn_bytes": round(
+                (sock_after.get("mem", 0) - sock_before.get("mem", 0)) * os.sysconf("SC_PAGE_SIZE") / max(n, 1)),
+            "tcp_sockets": {"before": sock_before.get("inuse"), "after": sock_after.get("inuse")},
+            "fds_at_peak": fds,
+            "push_phase_cpu_s": pushes["cpu_s"], "push_phase_s": round(pushes["seconds"], 1),
+            "ramp": {"samples": len(self.samples), "ping_failed": failed_pings,
+                     "ping_over_300ms": slow_pings, "ping_max_ms": max((p for p in pings if p is not None),
+                                                                       default=None),
+                     "cpu_cores_mean": mean_cpu, "cpu_cores_peak": peak_cpu},
+            "check_downs": downs,
+        }
+        out["passed"] = (n == a.clients and not out["errors"] and not out["disconnects"]
+                         and not out["pushes_lost"] and not out["unanswered"]
+                         and out["answered"] == out["requests"] and not downs)
+        return out
+
+
+def _merge(docs: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for doc in docs:
+        for k, v in doc.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"{r['clients']:,} of {r['wanted']:,} clients connected through {r['machine']['proxies']} HAProxy "
+             f"processes to 2 gateways in {r['ramp_s']} s (paced at {r['ramp_rate']:g}/s)",
+             f"errors {r['errors']} {r['error_kinds']}, disconnects {r['disconnects']}, pushes lost "
+             f"{r['pushes_lost']}, unanswered {r['unanswered']}, HAProxy DOWN verdicts {len(r['check_downs'])}",
+             f"push fan-out to all: p50 {r['fanout_p50_ms']} ms, p99 {r['fanout_p99_ms']} ms, max "
+             f"{r['fanout_max_ms']} ms over {r['pushes_complete']}/{r['publishes']} pushes",
+             f"requests from {r['requesters']:,} connections: {r['answered']:,}/{r['requests']:,} answered, "
+             f"p50 {r['request_p50_ms']} ms, p99 {r['request_p99_ms']} ms",
+             f"RSS per connection (bytes): {r['rss_per_conn_bytes']}; kernel TCP memory per connection "
+             f"{r['kernel_tcp_mem_per_conn_bytes']} bytes",
+             f"descriptors at peak: {r['fds_at_peak']}",
+             f"ramp: gateway ping max {r['ramp']['ping_max_ms']} ms, {r['ramp']['ping_over_300ms']} over 300 ms, "
+             f"{r['ramp']['ping_failed']} failed; CPU cores mean {r['ramp']['cpu_cores_mean']} peak "
+             f"{r['ramp']['cpu_cores_peak']}",
+             f"push phase CPU seconds ({r['push_phase_s']} s): {r['push_phase_cpu_s']}",
+             f"machine: {r['machine']}",
+             "PASSED" if r["passed"] else "FAILED"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="N connections through HAProxy to two gateways (see the doc).")
+    add = p.add_argument
+    add("--json", action="store_true", help="print one JSON object")
+    add("--clients", type=int, default=10000, help="connections (10000)")
+    add("--client-procs", type=int, default=10, help="client processes (10)")
+    add("--proxies", type=int, default=2, help="HAProxy processes sharing the public port (2)")
+    add("--ramp-rate", type=float, default=400.0, help="new connections a second, all processes (400)")
+    add("--requesters", type=int, default=1000, help="connections that send requests (1000)")
+    add("--request-rate", type=float, default=1.0, help="requests a second per requester (1)")
+    add("--publishes", type=int, default=20, help="timed pushes (20)")
+    add("--push-every", type=float, default=1.0, help="seconds between pushes (1)")
+    add("--push-timeout", type=float, default=30.0, help="seconds a push may take to reach all (30)")
+    add("--sample", type=float, default=0.25, help="seconds between ramp samples (0.25)")
+    add("--workdir", help="keep the logs here (default: a temporary directory, removed)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    old, new = raise_open_files()
+    print(f"open-file limit raised from {old} to {new} (the hard limit)", file=sys.stderr)
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="meshkit-scale-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        stack = ScaleStack(default_config(), workdir)
+        stack.proxies = args.proxies
+        try:
+            stack.start()
+            report = asyncio.run(ScaleRun(args, stack).run())
+        finally:
+            stack.stop()
+    report["machine"] = {"nproc": os.cpu_count(), "open_files": [old, new], "proxies": args.proxies,
+                         "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
