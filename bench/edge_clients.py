@@ -315,7 +315,9 @@ class HoldTally:
 async def run_hold(args: argparse.Namespace) -> dict[str, Any]:
     tally, hold = PushTally(args.conns), HoldTally()
     loop = asyncio.get_running_loop()
-    started = loop.time()
+    # The ramp starts at --start-at (the machine's monotonic clock, the loop's clock
+    # here), so that no client connects while the other client processes still start.
+    started = max(loop.time(), args.start_at)
     gate = asyncio.Semaphore(50)
 
     async def connect(number: int) -> Holder:
@@ -373,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inflight", type=int, default=8)
     p.add_argument("--topic", default="bench.tick")
     p.add_argument("--connect-rate", type=float, default=50.0, help="hold: new connections a second")
+    p.add_argument("--start-at", type=float, default=0.0, help="hold: time.monotonic() to begin at")
     p.add_argument("--requesters", type=int, default=0, help="hold: connections that send requests")
     p.add_argument("--request-rate", type=float, default=1.0, help="hold: requests a second each")
     return p

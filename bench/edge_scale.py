@@ -22,16 +22,19 @@ raised from the soft to the hard limit first (``setrlimit``), and each
 HAProxy's ``maxconn`` is derived from it.
 
 The clients are ``--client-procs`` (10) processes of :mod:`edge_clients`
-(role ``hold``), 1,000 connections each. The **ramp is paced**: all
+(role ``hold``), 1,000 connections each. They are all started first and
+given ``--spawn-time`` (5 s) to import, so that ten Python start-ups do not
+land on the gateways' first seconds; then the **ramp is paced**: all
 processes together open ``--ramp-rate`` (400) connections a second, each
-one subscribing to ``bench.tick`` at once. During the ramp this process
-samples, every ``--sample`` (0.25) s, the CPU of every process group
-(``haproxy``, ``gateways``, ``backends``, ``redis``, ``clients``) and the
-time a fresh connection takes to get a ``mesh.ping`` answered by each
-gateway directly (what HAProxy's ``jsonrpc`` health check does, with a 300 ms
-timeout): that is what showed what starves the checks when the ramp is not
-paced. HAProxy's own verdicts are read from its sync processes' logs
-(``Server ... is DOWN``).
+one subscribing to ``bench.tick`` at once. Throughout (ramp and push
+phase) this process samples, every ``--sample`` (0.25) s, the CPU of every
+process group (``haproxy``, ``gateways``, ``backends``, ``redis``,
+``clients``), the time a fresh connection takes to get a ``mesh.ping``
+answered by each gateway directly (what HAProxy's ``jsonrpc`` health check
+does, with a 300 ms timeout), and the time each gateway's registry record
+has left to live (its heartbeat's lateness). That is what shows what starves
+the checks. HAProxy's own verdicts are read from its sync processes' logs
+(``Server ... is DOWN``); ``--series`` puts every sample in the JSON.
 
 Once every client is connected: memory per connection (RSS of each group
 with N connected minus before, over N; and the kernel's TCP memory from
@@ -65,7 +68,9 @@ from edge_stack import TOPIC, ClientProc, EdgeStack, Groups, cpu_of, default_con
 from proofstack import LISTENER
 
 import meshkit
+from meshkit.gateway import pooled_redis
 from meshkit.haproxy.process import stop_haproxy
+from meshkit.keys import Keys
 from meshkit.testing import ProcessExitedError, settings_env, wait_until
 
 CHECK_TIMEOUT = 0.3  # HAProxy's default check timeout (meshkit.haproxy.config)
@@ -236,23 +241,39 @@ class ScaleRun:
         assert stack.settings is not None
         self.env = settings_env(stack.settings) | stack.env
         self.samples: list[dict[str, Any]] = []
+        self.phase = "ramp"
 
-    async def sample_ramp(self, groups: Groups, done: asyncio.Event) -> None:
-        """CPU per group and each gateway's ping time, every ``--sample`` s until ``done``.
+    async def sample(self, groups: Groups, done: asyncio.Event) -> None:
+        """Every ``--sample`` s until ``done``: CPU per group, each gateway's ping time, and how
+        long each gateway's registry record has left to live.
 
-        ``groups`` may gain a group meanwhile (the clients, once spawned).
+        ``groups`` may gain a group meanwhile (the clients, once spawned). A
+        record is refreshed every ``heartbeat_interval`` (1 s) with a TTL of
+        ``ttl`` (5 s): the least time left (``ttl_ms``) shows how late the
+        gateway's heartbeat ran; at 0 the record expires and ``meshkit haproxy
+        sync`` takes the gateway out of HAProxy.
         """
+        settings = self.stack.settings
+        assert settings is not None
+        redis = pooled_redis(settings, max_connections=4)
+        keys = Keys(settings.namespace)
+        records = [keys.instance(g.record.key) for g in self.stack.gateways if g.record is not None]
         addrs = self.stack.gateway_addresses()
         last, last_t = cpu_of(groups), time.monotonic()
-        while not done.is_set():
-            pings = await asyncio.gather(*(ping_time(h, p) for h, p in addrs))
-            await asyncio.sleep(self.args.sample)
-            now, now_t = cpu_of(groups), time.monotonic()
-            span = now_t - last_t
-            self.samples.append({"t": round(now_t, 2), "ping_ms": [None if p is None else round(p * 1000, 1)
-                                                                   for p in pings],
-                                 "cpu": {k: round((now[k] - last.get(k, now[k])) / span, 2) for k in now}})
-            last, last_t = now, now_t
+        try:
+            while not done.is_set():
+                pings = await asyncio.gather(*(ping_time(h, p) for h, p in addrs))
+                ttls = [int(await redis.pttl(key)) for key in records]
+                await asyncio.sleep(self.args.sample)
+                now, now_t = cpu_of(groups), time.monotonic()
+                span = now_t - last_t
+                self.samples.append({
+                    "t": round(now_t, 2), "phase": self.phase,
+                    "ping_ms": [None if p is None else round(p * 1000, 1) for p in pings], "ttl_ms": ttls,
+                    "cpu": {k: round((now[k] - last.get(k, now[k])) / span, 2) for k in now}})
+                last, last_t = now, now_t
+        finally:
+            await redis.aclose()
 
     async def run(self) -> dict[str, Any]:
         a = self.args
@@ -263,26 +284,29 @@ class ScaleRun:
         req_shares = [a.requesters // nprocs + (i < a.requesters % nprocs) for i in range(nprocs)]
         rss_before, sock_before = rss_of(groups), sockstat_tcp()
         host, port = stack.address
-        ramp_done = asyncio.Event()
+        done = asyncio.Event()
         sampled = dict(groups)
-        sampler = asyncio.create_task(self.sample_ramp(sampled, ramp_done))
-        ramp_started = time.monotonic()
+        sampler = asyncio.create_task(self.sample(sampled, done))
+        ramp_started = time.monotonic() + a.spawn_time  # every client process started by then
         procs = [await ClientProc.spawn(
             "hold", "--conns", str(n), "--topic", TOPIC, "--addr", f"{host}:{port}",
             "--connect-rate", str(a.ramp_rate / nprocs), "--requesters", str(r),
-            "--request-rate", str(a.request_rate), env=self.env) for n, r in zip(shares, req_shares, strict=True)]
+            "--request-rate", str(a.request_rate), "--start-at", str(ramp_started),
+            env=self.env) for n, r in zip(shares, req_shares, strict=True)]
         sampled["clients"] = [p.pid for p in procs]
         try:
             for proc in procs:
-                await proc.wait_ready(a.clients / a.ramp_rate + 120)
+                await proc.wait_ready(a.spawn_time + a.clients / a.ramp_rate + 120)
+            ramp_s = time.monotonic() - ramp_started
+            self.phase = "connected"
+            await asyncio.sleep(1.0)  # let the last subscriptions settle before reading memory
+            rss_after, sock_after = rss_of(groups), sockstat_tcp()
+            fds = {k: fd_counts(v) for k, v in groups.items() if k in ("haproxy", "gateways")}
+            self.phase = "push"
+            pushes = await self.push_phase(procs, groups)
         finally:
-            ramp_done.set()
+            done.set()
             await sampler
-        ramp_s = time.monotonic() - ramp_started
-        await asyncio.sleep(1.0)  # let the last subscriptions settle before reading memory
-        rss_after, sock_after = rss_of(groups), sockstat_tcp()
-        fds = {k: fd_counts(v) for k, v in groups.items() if k in ("haproxy", "gateways")}
-        pushes = await self.push_phase(procs, groups)
         results = [await proc.result(120) for proc in procs]
         for proc in procs:
             await proc.close()
@@ -329,15 +353,8 @@ class ScaleRun:
         latencies = [x for r in results for x in r["latency_ns"]]
         spread = percentiles([int(t * 1e9) for t in pushes["times"]])
         req = percentiles(latencies)
-        pings = [p for s in self.samples for p in s["ping_ms"]]
-        failed_pings = sum(1 for p in pings if p is None)
-        slow_pings = sum(1 for p in pings if p is not None and p > CHECK_TIMEOUT * 1000)
-        peak_cpu: dict[str, float] = {}
-        for s in self.samples:
-            for k, v in s["cpu"].items():
-                peak_cpu[k] = max(peak_cpu.get(k, 0.0), v)
-        mean_cpu = {k: round(sum(s["cpu"].get(k, 0.0) for s in self.samples) / max(1, len(self.samples)), 2)
-                    for k in peak_cpu}
+        phases = {phase: _phase_summary([s for s in self.samples if s["phase"] == phase])
+                  for phase in ("ramp", "push")}
         downs = self.stack.check_downs()
         out: dict[str, Any] = {
             "clients": n, "wanted": a.clients, "ramp_rate": a.ramp_rate, "ramp_s": round(ramp_s, 1),
@@ -357,16 +374,29 @@ class ScaleRun:
             "tcp_sockets": {"before": sock_before.get("inuse"), "after": sock_after.get("inuse")},
             "fds_at_peak": fds,
             "push_phase_cpu_s": pushes["cpu_s"], "push_phase_s": round(pushes["seconds"], 1),
-            "ramp": {"samples": len(self.samples), "ping_failed": failed_pings,
-                     "ping_over_300ms": slow_pings, "ping_max_ms": max((p for p in pings if p is not None),
-                                                                       default=None),
-                     "cpu_cores_mean": mean_cpu, "cpu_cores_peak": peak_cpu},
+            "ramp": phases["ramp"], "push": phases["push"],
             "check_downs": downs,
         }
+        out["series"] = self.samples
         out["passed"] = (n == a.clients and not out["errors"] and not out["disconnects"]
                          and not out["pushes_lost"] and not out["unanswered"]
                          and out["answered"] == out["requests"] and not downs)
         return out
+
+
+def _phase_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pings, record TTLs and CPU over the samples of one phase."""
+    pings = [p for s in samples for p in s["ping_ms"]]
+    ttls = [t for s in samples for t in s["ttl_ms"]]
+    peak: dict[str, float] = {}
+    for s in samples:
+        for k, v in s["cpu"].items():
+            peak[k] = max(peak.get(k, 0.0), v)
+    mean = {k: round(sum(s["cpu"].get(k, 0.0) for s in samples) / max(1, len(samples)), 2) for k in peak}
+    return {"samples": len(samples), "ping_failed": sum(1 for p in pings if p is None),
+            "ping_over_300ms": sum(1 for p in pings if p is not None and p > CHECK_TIMEOUT * 1000),
+            "ping_max_ms": max((p for p in pings if p is not None), default=None),
+            "record_ttl_min_ms": min(ttls, default=None), "cpu_cores_mean": mean, "cpu_cores_peak": peak}
 
 
 def _merge(docs: Any) -> dict[str, int]:
@@ -390,8 +420,11 @@ def format_report(r: dict[str, Any]) -> str:
              f"{r['kernel_tcp_mem_per_conn_bytes']} bytes",
              f"descriptors at peak: {r['fds_at_peak']}",
              f"ramp: gateway ping max {r['ramp']['ping_max_ms']} ms, {r['ramp']['ping_over_300ms']} over 300 ms, "
-             f"{r['ramp']['ping_failed']} failed; CPU cores mean {r['ramp']['cpu_cores_mean']} peak "
-             f"{r['ramp']['cpu_cores_peak']}",
+             f"{r['ramp']['ping_failed']} failed; record TTL min {r['ramp']['record_ttl_min_ms']} ms; "
+             f"CPU cores mean {r['ramp']['cpu_cores_mean']} peak {r['ramp']['cpu_cores_peak']}",
+             f"push: gateway ping max {r['push']['ping_max_ms']} ms, {r['push']['ping_over_300ms']} over 300 ms, "
+             f"{r['push']['ping_failed']} failed; record TTL min {r['push']['record_ttl_min_ms']} ms; "
+             f"CPU cores mean {r['push']['cpu_cores_mean']} peak {r['push']['cpu_cores_peak']}",
              f"push phase CPU seconds ({r['push_phase_s']} s): {r['push_phase_cpu_s']}",
              f"machine: {r['machine']}",
              "PASSED" if r["passed"] else "FAILED"]
@@ -411,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--publishes", type=int, default=20, help="timed pushes (20)")
     add("--push-every", type=float, default=1.0, help="seconds between pushes (1)")
     add("--push-timeout", type=float, default=30.0, help="seconds a push may take to reach all (30)")
-    add("--sample", type=float, default=0.25, help="seconds between ramp samples (0.25)")
+    add("--sample", type=float, default=0.25, help="seconds between samples (0.25)")
+    add("--spawn-time", type=float, default=5.0, help="seconds the client processes get to start (5)")
+    add("--series", action="store_true", help="with --json: every sample too")
     add("--workdir", help="keep the logs here (default: a temporary directory, removed)")
     return p
 
@@ -433,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
     report["machine"] = {"nproc": os.cpu_count(), "open_files": [old, new], "proxies": args.proxies,
                          "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    if not args.series:
+        report.pop("series", None)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] else 1
 

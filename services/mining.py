@@ -103,7 +103,7 @@ class Mining(meshkit.Service):
         # so a pool without an announcer yet still starts (its first push will do).
         try:
             await asyncio.wait_for(self._load_once(), START_LOAD_WAIT)
-        except Exception as exc:  # noqa: BLE001 - no announcer yet: load in the background
+        except Exception as exc:  # no announcer yet: load in the background
             self.log.info("no recent jobs from the announcer at start: %s", clip(str(exc)))
         if not self.book.current:
             self._loading = asyncio.create_task(self._load_jobs(), name="mining-load-jobs")
