@@ -33,8 +33,10 @@ process group (``haproxy``, ``gateways``, ``backends``, ``redis``,
 answered by each gateway directly (what HAProxy's ``jsonrpc`` health check
 does, with a 300 ms timeout), and the time each gateway's registry record
 has left to live (its heartbeat's lateness). That is what shows what starves
-the checks. HAProxy's own verdicts are read from its sync processes' logs
-(``Server ... is DOWN``); ``--series`` puts every sample in the JSON.
+the checks. HAProxy's own verdicts are read from its stderr (``haproxy.log`` in each
+run directory: ``Server ... is DOWN``, with the server's sessions then, so
+a verdict can be placed in the ramp or after it); ``--series`` puts every
+sample in the JSON.
 
 Once every client is connected: memory per connection (RSS of each group
 with N connected minus before, over N; and the kernel's TCP memory from
@@ -53,6 +55,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -158,14 +161,20 @@ class ScaleStack(EdgeStack):
     def groups(self) -> Groups:
         assert self.redis.process is not None
         return {"haproxy": self.proxy_pids(), "gateways": [g.pid for g in self.gateways],
-                "backends": [b.pid for b in self.shares], "redis": [self.redis.process.pid]}
+                "backends": [b.pid for b in self.backends], "redis": [self.redis.process.pid]}
 
     def check_downs(self) -> list[str]:
-        """Lines of the sync logs (HAProxy's stderr) saying a server went DOWN."""
+        """HAProxy's own lines (its stderr, ``haproxy.log`` in its run directory) saying a server
+        went DOWN or the backend had none left, with the server's sessions at that moment."""
         out = []
         for i in range(self.proxies):
-            text = (self.workdir / f"haproxy-sync-{i}.log").read_text(errors="replace")
-            out += [f"haproxy {i}: {line[-200:]}" for line in text.splitlines() if "is DOWN" in line]
+            path = self.workdir / f"haproxy-{i}" / "haproxy.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            for line in text.splitlines():
+                if "is DOWN" in line or "no server available" in line:
+                    found = re.search(r"(Server \S+ is DOWN).*?(check duration: \d+ms).*?(\d+ sessions active)",
+                                      line)
+                    out.append(f"haproxy {i}: " + ("; ".join(found.groups()) if found else line[-120:]))
         return out
 
     def stop(self) -> None:
@@ -179,7 +188,7 @@ class ScaleStack(EdgeStack):
                 sync.kill()
                 sync.wait(5)
         self.haproxy = None
-        for gw in [*self.gateways, *self.shares]:
+        for gw in [*self.gateways, *self.backends]:
             gw.kill()
         for i in range(self.proxies):
             stop_haproxy(self.workdir / f"haproxy-{i}", timeout=5.0)
