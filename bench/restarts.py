@@ -458,6 +458,9 @@ def format_table(report: dict[str, Any]) -> str:
                  if k not in columns and k not in ("errors", "connects")}
         if extra:
             lines.append(f"{name:22} {json.dumps(extra)}")
+    for name, s in report["scenarios"].items():
+        if s.get("errors"):
+            lines.append(f"{name:22} errors {json.dumps(s['errors'])}")
     for check, ok in report["checks"].items():
         lines.append(f"{'PASS' if ok else 'FAIL'}  {check}")
     lines.append("PASSED" if report["passed"] else "FAILED")
