@@ -38,7 +38,8 @@ in Redis for the duplicate check.
 Options in ``[services.mining]``: ``share_interval`` (seconds, default 10),
 ``min_difficulty`` (default 2**-16, so a CPU miner finds shares),
 ``max_difficulty``, ``start_difficulty`` (default: the minimum),
-``retarget_interval``, ``burst_shares``.
+``retarget_interval``, ``burst_shares``. With ``min_difficulty`` equal to
+``max_difficulty`` the difficulty is fixed and no vardiff window is kept.
 
 A starting instance asks the announcer for its recent jobs before it
 registers (waiting up to 3 s for one), so no share reaches it for a job it
@@ -231,6 +232,8 @@ class Mining(meshkit.Service):
 
     async def _retarget(self, state: ConnectionState, conn_id: str, fields: Mapping[str, str],
                         job_id: str) -> None:
+        if self.vardiff.min_difficulty == self.vardiff.max_difficulty:
+            return  # a fixed difficulty: nothing to retarget, no window to keep in Redis
         now = time.time()
         vd = Vardiff.restore(self.vardiff, session.vardiff_state(fields, now))
         changed_at = fields.get("diff_job", "")
