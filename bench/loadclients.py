@@ -149,11 +149,12 @@ def _error_code(error: Any) -> Any:
 
 
 def _error_reason(error: Any) -> str:
-    """The stable ``data.code`` string of an error if it has one, else its number."""
+    """The stable ``data.code`` string of an error if it has one, else its number; a backend's
+    refusal with its Stratum number too (``refused:21`` is a stale share)."""
     data = error[2] if isinstance(error, list) and len(error) > 2 else (
         error.get("data") if isinstance(error, dict) else None)
     if isinstance(data, dict) and "code" in data:
-        return str(data["code"])
+        return f"refused:{_error_code(error)}" if data["code"] == "refused" else str(data["code"])
     return str(_error_code(error))
 
 
