@@ -98,6 +98,8 @@ class ScaleStack(EdgeStack):
     """:class:`EdgeStack` with ``proxies`` HAProxy processes sharing the public port (see the module doc)."""
 
     proxies = 2
+    check_timeout = ""  # HAProxy's check timeout ("1s"); empty: the shipped default (300 ms)
+    check_fall = 0  # failed checks before a server is DOWN; 0: the shipped default (2)
 
     def start_haproxy(self) -> None:
         assert self.settings is not None
@@ -138,8 +140,13 @@ class ScaleStack(EdgeStack):
     def write_proxy_config_to(self, path: Path) -> None:
         """One HAProxy's config: its share of the descriptors (two per connection) as ``maxconn``."""
         maxconn = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2
+        checks = ""
+        if self.check_timeout:
+            checks += f'\n[haproxy.timeouts]\ncheck = "{self.check_timeout}"\n'
+        if self.check_fall:
+            checks += f"\n[haproxy.check]\nfall = {self.check_fall}\n"
         path.write_text(
-            f"[haproxy]\nmaxconn = {maxconn}\nstop_timeout = 10.0\n"
+            f"[haproxy]\nmaxconn = {maxconn}\nstop_timeout = 10.0\n{checks}"
             f'\n[[frontend]]\nname = "{LISTENER}"\nbind = "127.0.0.1:3333"  # replaced by --bind\n'
             f'service = "gateway"\nlistener = "{LISTENER}"\nmaxconn = {maxconn}\n')
 
@@ -456,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sample", type=float, default=0.25, help="seconds between samples (0.25)")
     add("--spawn-time", type=float, default=5.0, help="seconds the client processes get to start (5)")
     add("--series", action="store_true", help="with --json: every sample too")
+    add("--check-timeout", default="", help='HAProxy check timeout, e.g. "1s" (default: shipped, 300ms)')
+    add("--check-fall", type=int, default=0, help="failed checks before DOWN (default: shipped, 2)")
     add("--workdir", help="keep the logs here (default: a temporary directory, removed)")
     return p
 
@@ -470,12 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         stack = ScaleStack(default_config(), workdir)
         stack.proxies = args.proxies
+        stack.check_timeout, stack.check_fall = args.check_timeout, args.check_fall
         try:
             stack.start()
             report = asyncio.run(ScaleRun(args, stack).run())
         finally:
             stack.stop()
     report["machine"] = {"nproc": os.cpu_count(), "open_files": [old, new], "proxies": args.proxies,
+                         "check_timeout": args.check_timeout or "300ms", "check_fall": args.check_fall or 2,
                          "loadavg_at_start": load_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     if not args.series:
         report.pop("series", None)
