@@ -36,7 +36,9 @@ has left to live (its heartbeat's lateness). That is what shows what starves
 the checks. HAProxy's own verdicts are read from its stderr (``haproxy.log`` in each
 run directory: ``Server ... is DOWN``, with the server's sessions then, so
 a verdict can be placed in the ramp or after it); ``--series`` puts every
-sample in the JSON.
+sample in the JSON. ``--check-timeout`` and ``--check-fall`` run HAProxy with
+other check settings than the shipped ones (300 ms, 2), to try what a large
+gateway needs.
 
 Once every client is connected: memory per connection (RSS of each group
 with N connected minus before, over N; and the kernel's TCP memory from
