@@ -327,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale:
         import edge_scale
 
-        return edge_scale.main(["--clients", str(args.scale), *(["--json"] if args.json else []), *rest])
+        raw = list(sys.argv[1:] if argv is None else argv)
+        at = next(i for i, a in enumerate(raw) if a == "--scale" or a.startswith("--scale="))
+        del raw[at:at + (1 if "=" in raw[at] else 2)]  # every other option is edge_scale's
+        return edge_scale.main(["--clients", str(args.scale), *raw])
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.quick:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = ("edge", "edge_baseline", "edge_clients", "edge_scale", "edge_stack", "rpc", "rpc_clients",
-           "rpc_peers", "rpc_report", "restarts")
+SCRIPTS = ("edge", "edge_baseline", "edge_clients", "edge_scale", "edge_scale_stack", "edge_stack", "rpc",
+           "rpc_clients", "rpc_peers", "rpc_report", "restarts")
 
 
 @pytest.fixture(scope="module")
