@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # services/ (the Stratum core) imports as in production
 
+from meshkit.codes import ErrorCode  # noqa: E402
 from services.stratum.mining import Work, search  # noqa: E402
 from services.stratum.target import share_target  # noqa: E402
 
@@ -154,7 +155,7 @@ def _error_reason(error: Any) -> str:
     data = error[2] if isinstance(error, list) and len(error) > 2 else (
         error.get("data") if isinstance(error, dict) else None)
     if isinstance(data, dict) and "code" in data:
-        return f"refused:{_error_code(error)}" if data["code"] == "refused" else str(data["code"])
+        return f"refused:{_error_code(error)}" if data["code"] == ErrorCode.REFUSED else str(data["code"])
     return str(_error_code(error))
 
 
