@@ -5,6 +5,7 @@ Usage (from the project root)::
     .venv/bin/python bench/edge.py              # a table (about a minute)
     .venv/bin/python bench/edge.py --quick      # a smoke run: small N, well under a minute
     .venv/bin/python bench/edge.py --json       # one JSON object on stdout
+    .venv/bin/python bench/edge.py --scale 10000  # N held clients, two HAProxy (edge_scale.py)
 
 It starts, in one run and on one machine, the meshkit stack (a private
 ``redis-server`` on a unix socket, 2 ``echo`` backends, 2 gateways and
@@ -316,11 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fanout", default="100,1000,5000", help="fan-out sizes, comma-separated")
     add("--publishes", type=int, default=20, help="pushes per fan-out size (20)")
     add("--push-timeout", type=float, default=20.0, help="seconds a push may take to reach all")
+    add("--scale", type=int, default=0, metavar="N",
+        help="instead: N clients held through two HAProxy processes (edge_scale.py; its options follow)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.scale:
+        import edge_scale
+
+        raw = list(sys.argv[1:] if argv is None else argv)
+        at = next(i for i, a in enumerate(raw) if a == "--scale" or a.startswith("--scale="))
+        del raw[at:at + (1 if "=" in raw[at] else 2)]  # every other option is edge_scale's
+        return edge_scale.main(["--clients", str(args.scale), *raw])
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.quick:
         args.repeat, args.calls, args.warmup, args.pipelined_calls = 1, 300, 50, 3000
         args.fanout, args.publishes = "50,200", 20

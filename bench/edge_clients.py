@@ -16,6 +16,11 @@ Roles:
                ``{"seq": i, "last": t}`` once every connection has push ``i`` (``t``: the
                ``time.monotonic()`` of the last arrival; the clock is the machine's, so
                the parent compares it with its own), and on ``done`` its totals
+``hold``       ``fanout`` for the scale run (:mod:`edge_scale`): the connections are opened
+               at ``--connect-rate`` a second (a paced ramp), and after ``go`` the first
+               ``--requesters`` of them each send ``echo.echo`` at ``--request-rate`` a
+               second until ``done``; it counts answers, wrong answers and every
+               connection that ended without being closed here (``disconnects``)
 
 Every request is ``echo.echo`` of a 16-byte string. No role asserts
 anything; a wrong answer is counted in ``errors``.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import sys
 import time
@@ -243,9 +249,123 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
             "per_seq": {str(k): v for k, v in sorted(tally.counts.items())}}
 
 
+class Holder(Subscriber):
+    """A fan-out connection that may also send requests and notices its own end."""
+
+    def __init__(self, tally: PushTally, topic: str, hold: HoldTally) -> None:
+        super().__init__(tally, topic)
+        self.hold = hold
+        self.sent_at: dict[int, int] = {}
+        self.next_id = 1  # 1 was the subscribe
+        self.closing = False
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        if len(self.buffer) > MAX_PARTIAL and self.transport is not None:
+            self.transport.close()
+        for line in lines:
+            if b'"method"' in line:
+                found = _SEQ.search(line)
+                if found is not None:
+                    self.tally.arrived(int(found.group(1)))
+                continue
+            if not self.subscribed.done():
+                self.subscribed.set_result(b'"result"' in line)
+                continue
+            self.answered(line)
+
+    def answered(self, line: bytes) -> None:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            self.hold.errors["bad_line"] += 1
+            return
+        sent = self.sent_at.pop(doc.get("id"), None) if isinstance(doc, dict) else None
+        if sent is None:
+            self.hold.errors["unexpected_line"] += 1
+            return
+        self.hold.latencies.append(time.perf_counter_ns() - sent)
+        if doc.get("result") != PAYLOAD:
+            self.hold.errors["wrong_answer"] += 1
+
+    def request(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.next_id += 1
+        self.sent_at[self.next_id] = time.perf_counter_ns()
+        self.hold.sent += 1
+        self.transport.write(_request(self.next_id))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.closing:
+            self.hold.disconnects += 1
+
+
+class HoldTally:
+    """The ``hold`` role's counts over every connection of the process."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.latencies: list[int] = []
+        self.errors: Counter[str] = Counter()
+        self.disconnects = 0
+
+
+async def run_hold(args: argparse.Namespace) -> dict[str, Any]:
+    tally, hold = PushTally(args.conns), HoldTally()
+    loop = asyncio.get_running_loop()
+    # The ramp starts at --start-at (the machine's monotonic clock, the loop's clock
+    # here), so that no client connects while the other client processes still start.
+    started = max(loop.time(), args.start_at)
+    gate = asyncio.Semaphore(50)
+
+    async def connect(number: int) -> Holder:
+        # A paced ramp: connection ``number`` starts at number / rate seconds.
+        await asyncio.sleep(max(0.0, started + number / args.connect_rate - loop.time()))
+        async with gate:
+            _, proto = await asyncio.wait_for(loop.create_connection(
+                lambda: Holder(tally, args.topic, hold), *_addr(args, number)), 60)
+            await asyncio.wait_for(proto.subscribed, 60)
+            return proto
+
+    conns = await asyncio.gather(*(connect(i) for i in range(args.conns)))
+    ramp_s = loop.time() - started
+    errors = sum(not c.subscribed.result() for c in conns)
+    lost_in_ramp = hold.disconnects
+    await _ready_then_go()
+    stop = asyncio.Event()
+
+    async def drive(conn: Holder) -> None:
+        await asyncio.sleep(random.random() / args.request_rate)  # spread the phases
+        while not stop.is_set():
+            conn.request()
+            await asyncio.sleep(1.0 / args.request_rate)
+
+    drivers = [asyncio.create_task(drive(c)) for c in conns[:args.requesters]]
+    while (line := await _stdin_line()) and line.strip() != "done":
+        pass
+    stop.set()
+    await asyncio.gather(*drivers)
+    deadline = loop.time() + 15
+    while any(c.sent_at for c in conns) and loop.time() < deadline:
+        await asyncio.sleep(0.05)  # the last answers
+    unanswered = sum(len(c.sent_at) for c in conns)
+    disconnects = hold.disconnects
+    for conn in conns:
+        conn.closing = True
+        if conn.transport is not None:
+            conn.transport.close()
+    return {"conns": len(conns), "ramp_s": round(ramp_s, 2), "received": sum(tally.counts.values()),
+            "errors": errors + sum(hold.errors.values()), "error_kinds": dict(hold.errors),
+            "disconnects": disconnects, "disconnects_in_ramp": lost_in_ramp, "requests": hold.sent,
+            "answered": len(hold.latencies), "unanswered": unanswered,
+            "latency_ns": hold.latencies, "per_seq": {str(k): v for k, v in sorted(tally.counts.items())}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Client processes of bench/edge.py.")
-    p.add_argument("role", choices=("seq", "pipelined", "fanout"))
+    p.add_argument("role", choices=("seq", "pipelined", "fanout", "hold"))
     p.add_argument("--target", choices=("lines", "mesh"), default="lines")
     p.add_argument("--addr", action="append", default=[],
                    help="host:port to connect to; repeat it to spread connections round robin")
@@ -254,12 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", type=int, default=64)
     p.add_argument("--inflight", type=int, default=8)
     p.add_argument("--topic", default="bench.tick")
+    p.add_argument("--connect-rate", type=float, default=50.0, help="hold: new connections a second")
+    p.add_argument("--start-at", type=float, default=0.0, help="hold: time.monotonic() to begin at")
+    p.add_argument("--requesters", type=int, default=0, help="hold: connections that send requests")
+    p.add_argument("--request-rate", type=float, default=1.0, help="hold: requests a second each")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"seq": run_seq, "pipelined": run_pipelined, "fanout": run_fanout}[args.role]
+    run = {"seq": run_seq, "pipelined": run_pipelined, "fanout": run_fanout, "hold": run_hold}[args.role]
     result = asyncio.run(run(args))
     print(_dumps({"result": result}), flush=True)
     sys.stdin.readline()  # stay alive until the parent has read this process's CPU counters

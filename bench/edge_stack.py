@@ -106,9 +106,9 @@ class EdgeStack(Stack):
             f'topics = ["{TOPIC.split(".")[0]}.*"]\n'
             'services = ["echo"]\n')
         self.env = {"MESHKIT_CONFIG": str(config_file)}
-        self.shares = [self.spawn(ECHO) for _ in range(self.config.backends)]
+        self.backends = [self.spawn(ECHO) for _ in range(self.config.backends)]
         self.gateways = [self.spawn(GATEWAY) for _ in range(self.config.gateways)]
-        for proc in [*self.shares, *self.gateways]:
+        for proc in [*self.backends, *self.gateways]:
             proc.wait_registered(60)
         self.start_haproxy()
 
@@ -152,7 +152,7 @@ class EdgeStack(Stack):
                 except OSError:
                     pass  # gone meanwhile
         return {"haproxy": sorted(proxy), "gateways": [g.pid for g in self.gateways],
-                "backends": [b.pid for b in self.shares]}
+                "backends": [b.pid for b in self.backends]}
 
 
 def default_config() -> ProofConfig:

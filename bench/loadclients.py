@@ -1,16 +1,26 @@
-"""Load clients for the restart proof: Stratum-like miners speaking JSON-RPC over TCP.
+"""Load clients for the restart proof: Stratum v1 miners over TCP that find real shares.
 
-Each :class:`Miner` holds one connection to the public port (through HAProxy),
-logs in, subscribes to ``jobs.*`` and then submits a share against the latest
-job it was told about at a steady rate, without waiting for answers (requests
-are pipelined, as a real miner's are). Everything that happens is counted in
+Each :class:`Miner` holds one connection to the public port (through HAProxy
+and a gateway speaking the ``stratum`` dialect) and does what a Stratum v1
+miner does against the demo pool (``services/mining.py``): ``mining.subscribe``
+(extranonce1, extranonce2 size), ``mining.authorize``, then it follows the
+``mining.set_difficulty`` and ``mining.notify`` the pool pushes to that
+connection. At a steady rate it searches nonces for the newest job with
+:func:`services.stratum.mining.search` (a fresh extranonce2 each time, so no
+share repeats) until the header hash meets the connection's share target,
+and submits the share with ``mining.submit``, without waiting for answers
+(requests are pipelined, as a real miner's are). Every third request is a
+``mining.stats`` instead, whose answer names the ``mining`` instance that
+served it (how the proof sees a new instance take traffic). A submit is
+*ok* when the pool answers ``true``; any Stratum error (stale, duplicate,
+low difficulty ...) is a *failure*. Everything that happens is counted in
 a :class:`Tally`, under the scenario that was running when it happened; a
 request counts under the scenario in which it was *sent*.
 
 A miner behaves the way the gateway protocol asks (``docs/gateway.md``): on a
 ``shutting_down`` notice it stops sending on that connection, opens a new one
 at once, and lets the old one deliver its remaining answers until the gateway
-closes it. On a ``mesh.reconnect`` notice (a stopping gateway moving its
+closes it. On a ``client.reconnect`` notice (a stopping gateway moving its
 clients in waves) it does the same, and closes the old connection itself
 once every request sent on it is answered. Any other end of a connection is a *disconnect*; a connection
 that HAProxy accepts and closes before the handshake is answered, or that
@@ -24,13 +34,25 @@ import contextlib
 import itertools
 import json
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # services/ (the Stratum core) imports as in production
+
+from meshkit.codes import ErrorCode  # noqa: E402
+from services.stratum.mining import Work, search  # noqa: E402
+from services.stratum.target import share_target  # noqa: E402
 
 TIMEOUT = -32000
 SHUTTING_DOWN = -32008
+STATS_EVERY = 3  # every third request asks mining.stats (which names the instance that served it)
+SEARCH = 1 << 20  # nonces tried per share at most (at the proof's difficulty a few dozen do)
 HANG_SLACK = 2.0  # an answer this much later than the deadline counts as hung
 DEADLINE_SLACK = 1.0  # a timeout error must arrive within this of the deadline
 
@@ -78,7 +100,7 @@ class Tally:
         self.gap_scenarios: set[str] = set()  # where a timeout at the deadline is not a failure
         self.first_served: dict[str, float] = {}  # backend instance id -> first request's send time
         self.last_push_at: dict[int, float] = {}  # miner number -> monotonic time
-        self.moved_at: list[float] = []  # when each mesh.reconnect notice arrived (monotonic)
+        self.moved_at: list[float] = []  # when each client.reconnect notice arrived (monotonic)
         # When each connection was opened (TCP connected through HAProxy): the rate at
         # which clients arrive at the edge, which the handshake's latency would blur.
         self.connected_at: list[float] = []
@@ -113,6 +135,28 @@ class _Session:
         self.ended = asyncio.Event()
         self.clean = False  # the gateway said shutting_down before closing
         self.ours = False  # we closed it (the run is over, or the handshake failed)
+        self.extranonce1 = b""
+        self.en2size = 4
+        self.en2 = 0  # the next extranonce2
+        self.target: int | None = None  # from the pool's mining.set_difficulty
+        self.has_work = asyncio.Event()
+
+
+def _error_code(error: Any) -> Any:
+    """The code of a Stratum error (``[code, message, data]``); a JSON-RPC 2.0 object's too."""
+    if isinstance(error, list) and error:
+        return error[0]
+    return error.get("code") if isinstance(error, dict) else None
+
+
+def _error_reason(error: Any) -> str:
+    """The stable ``data.code`` string of an error if it has one, else its number; a backend's
+    refusal with its Stratum number too (``refused:21`` is a stale share)."""
+    data = error[2] if isinstance(error, list) and len(error) > 2 else (
+        error.get("data") if isinstance(error, dict) else None)
+    if isinstance(data, dict) and "code" in data:
+        return f"refused:{_error_code(error)}" if data["code"] == ErrorCode.REFUSED else str(data["code"])
+    return str(_error_code(error))
 
 
 class Miner:
@@ -124,7 +168,8 @@ class Miner:
         self.port = port
         self.tally = tally
         self.interval = 1.0 / rate
-        self.job_id = ""
+        self.worker = f"miner{number}.rig"
+        self.work: Work | None = None  # the newest mining.notify, decoded
         self.ids = itertools.count(1)
         self.sessions: set[_Session] = set()
         self.gateways: Counter[str] = Counter()  # gateway instance id -> sessions opened there
@@ -159,18 +204,19 @@ class Miner:
         reading.add_done_callback(lambda _: self.sessions.discard(session))
         try:
             hello = await self._handshake(session, "mesh.hello", [])
-            login = await self._handshake(session, "shares.login", [f"miner{self.number}"])
-            await self._handshake(session, "mesh.subscribe", ["jobs.*"])
-        except (ConnectionError, asyncio.TimeoutError, KeyError):
+            subscribed = await self._handshake(session, "mining.subscribe", [f"meshkit-proof/{self.number}"])
+            _, extranonce1, en2size = subscribed["result"]
+            session.extranonce1, session.en2size = bytes.fromhex(extranonce1), int(en2size)
+            await self._handshake(session, "mining.authorize", [self.worker, "x"])
+            # The pool pushes set_difficulty and the current job once authorized.
+            await asyncio.wait_for(session.has_work.wait(), self.tally.request_timeout + HANG_SLACK)
+        except (ConnectionError, asyncio.TimeoutError, KeyError, ValueError, TypeError):
             if not session.clean:
                 tally.now().refused += 1
             await self._close(session)
             return None
         session.gateway = hello["result"]["gateway"]
         self.gateways[session.gateway] += 1
-        job = login["result"]["job"]
-        if job and not self.job_id:
-            self.job_id = job["job_id"]
         tally.now().connects += 1
         tally.connected_at.append(opened_at)
         return session
@@ -181,7 +227,7 @@ class Miner:
         session.handshake[rid] = future
         self._write(session, {"jsonrpc": "2.0", "method": method, "params": params, "id": rid})
         answer = await asyncio.wait_for(future, self.tally.request_timeout + HANG_SLACK)
-        if "result" not in answer:
+        if answer.get("error") is not None or answer.get("result") in (None, False):
             raise KeyError(f"{method} failed: {answer}")
         return answer
 
@@ -198,12 +244,25 @@ class Miner:
                 await asyncio.wait_for(session.told_to_leave.wait(), max(0.0, delay))
 
     def _submit(self, session: _Session) -> None:
+        """Send the next request: a share found for the newest job, or every third time ``mining.stats``."""
         rid = next(self.ids)
-        nonce = f"{random.getrandbits(32):08x}"
+        if rid % STATS_EVERY == 0:
+            doc: dict[str, Any] = {"id": rid, "method": "mining.stats", "params": []}
+        else:
+            work, target = self.work, session.target
+            if work is None or target is None:
+                return  # not possible once connected: the pool pushed both before
+            en2 = session.en2.to_bytes(session.en2size, "big")
+            session.en2 += 1
+            nonce = search(work.header_base(session.extranonce1, en2), 0, SEARCH, target)
+            if nonce is None:
+                self.tally.now().errors["no_share_found"] += 1
+                return
+            doc = {"id": rid, "method": "mining.submit",
+                   "params": [self.worker, work.job_id, en2.hex(), work.ntime_hex, f"{nonce:08x}"]}
         session.pending[rid] = _Pending(time.monotonic(), self.tally.scenario)
         self.tally.now().sent += 1
-        self._write(session, {"jsonrpc": "2.0", "method": "shares.submit",
-                              "params": [self.job_id, nonce], "id": rid})
+        self._write(session, doc)
 
     def _write(self, session: _Session, doc: dict[str, Any]) -> None:
         if not session.writer.is_closing():
@@ -223,22 +282,14 @@ class Miner:
 
     def _on_line(self, session: _Session, doc: dict[str, Any]) -> None:
         tally = self.tally
-        if "method" in doc:
-            if doc["method"] == "jobs.notify":
-                self.job_id = doc["params"]["job_id"]
-                tally.now().pushes += 1
-                tally.last_push_at[self.number] = time.monotonic()
-            elif doc["method"] == "mesh.reconnect" and not session.told_to_leave.is_set():
-                tally.moved_at.append(time.monotonic())
-                session.clean = True
-                session.told_to_leave.set()
-                leaving = asyncio.ensure_future(self._leave(session))
-                self._leaving.add(leaving)
-                leaving.add_done_callback(self._leaving.discard)
+        method = doc.get("method")
+        if method is not None:
+            self._on_notification(session, method, doc.get("params"))
             return
         rid = doc.get("id")
+        error = doc.get("error")
         if rid is None:
-            code = doc.get("error", {}).get("code")
+            code = _error_code(error)
             if code == SHUTTING_DOWN:
                 session.clean = True
                 session.told_to_leave.set()
@@ -257,21 +308,48 @@ class Miner:
         took = time.monotonic() - pending.sent_at
         if pending.hung:
             return  # already counted as hung
-        if "result" in doc:
+        result = doc.get("result")
+        if error is None and result not in (None, False):
             counts.ok += 1
             counts.latencies_ms.append(took * 1000)
-            served_by = doc["result"].get("served_by")
+            served_by = result.get("served_by") if isinstance(result, dict) else None
             if served_by and served_by not in tally.first_served:
                 tally.first_served[served_by] = pending.sent_at
             return
-        error = doc.get("error", {})
-        reason = str(error.get("data", {}).get("code", error.get("code")))
         at_deadline = abs(took - tally.request_timeout) <= DEADLINE_SLACK
-        if error.get("code") == TIMEOUT and at_deadline and pending.scenario in tally.gap_scenarios:
+        if _error_code(error) == TIMEOUT and at_deadline and pending.scenario in tally.gap_scenarios:
             counts.timeouts += 1
         else:
             counts.failed += 1
-            counts.errors[reason] += 1
+            counts.errors["rejected" if error is None else _error_reason(error)] += 1
+
+    def _on_notification(self, session: _Session, method: str, params: Any) -> None:
+        tally = self.tally
+        if method == "mining.notify":
+            try:
+                self.work = Work.from_notify(params)
+            except ValueError:
+                tally.now().errors["bad_notify"] += 1
+                return
+            tally.now().pushes += 1
+            tally.last_push_at[self.number] = time.monotonic()
+            if session.target is not None:
+                session.has_work.set()
+        elif method == "mining.set_difficulty":
+            try:
+                session.target = share_target(float(params[0]))
+            except (TypeError, ValueError, IndexError):
+                tally.now().errors["bad_difficulty"] += 1
+                return
+            if self.work is not None:
+                session.has_work.set()
+        elif method == "client.reconnect" and not session.told_to_leave.is_set():
+            tally.moved_at.append(time.monotonic())
+            session.clean = True
+            session.told_to_leave.set()
+            leaving = asyncio.ensure_future(self._leave(session))
+            self._leaving.add(leaving)
+            leaving.add_done_callback(self._leaving.discard)
 
     def _ended(self, session: _Session) -> None:
         if session.ended.is_set():

@@ -4,9 +4,19 @@ Nothing here picks a port: Redis listens on a unix socket, services and
 gateways bind port 0, and the public port is a socket bound on
 ``127.0.0.1:0`` here and handed to ``meshkit haproxy sync`` as ``fd@N``.
 
-For ``f_meshkit_restart`` the ``shares`` backends also run under a circusd of
-their own (:class:`CircusShares`, control sockets in ``<workdir>/circus``), so
-that ``meshkit restart shares`` is measured exactly as an operator runs it.
+The backends are the demo Stratum pool's (``docs/stratum.md``): ``mining``
+instances (:data:`MINING`, any of which judges any connection's shares) and
+the ``jobs`` announcer (:data:`JOBS`); the gateways speak the ``stratum``
+dialect and move their clients with ``client.reconnect``. The difficulty is
+pinned low (:data:`DIFFICULTY`, vardiff's minimum and maximum) so that the
+load clients find real shares with a few dozen hashes each, and no block is
+found during a run (``block_interval`` far longer than the run): a share
+racing a new block is rightly answered stale, which is the protocol at
+work, not a request lost by the infrastructure this proof is about.
+
+For ``f_meshkit_restart`` the ``mining`` backends also run under a circusd of
+their own (:class:`CircusMining`, control sockets in ``<workdir>/circus``), so
+that ``meshkit restart mining`` is measured exactly as an operator runs it.
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ from meshkit.testing import (
     wait_until,
 )
 
-SHARES = "services.shares:ShareLogger"
-JOBS = "services.jobs:JobAnnouncer"
+MINING = "services.mining:Mining"
+JOBS = "services.pooljobs:PoolJobs"
+BACKEND = "mining"  # the service the clients call, scaled and restarted by the scenarios
+DIFFICULTY = 2.0**-28  # about one hash in 16 is a share: real searching, little CPU
 GATEWAY = "meshkit.gateway:Gateway"
 LISTENER = "stratum"
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +64,7 @@ check_delay = 0.5
 pidfile = {run}/circusd.pid
 logoutput = {run}/circusd.log
 
-[watcher:shares]
+[watcher:mining]
 cmd = {python} -m meshkit run {target}
 working_dir = {root}
 numprocesses = {count}
@@ -60,13 +72,13 @@ copy_env = True
 stop_signal = TERM
 graceful_timeout = 15
 stderr_stream.class = FileStream
-stderr_stream.filename = {run}/shares.log
+stderr_stream.filename = {run}/mining.log
 """
 
 
 @dataclass
-class CircusShares:
-    """``shares`` backends under a circusd of their own, controlled like a real stack's."""
+class CircusMining:
+    """``mining`` backends under a circusd of their own, controlled like a real stack's."""
 
     run_dir: Path
     env: dict[str, str]
@@ -81,7 +93,7 @@ class CircusShares:
         """Start circusd and return once its ``count`` processes are registered ``up``."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ini = self.run_dir / "circus.ini"
-        ini.write_text(CIRCUS_INI.format(run=self.run_dir, python=sys.executable, target=SHARES,
+        ini.write_text(CIRCUS_INI.format(run=self.run_dir, python=sys.executable, target=MINING,
                                          root=ROOT, count=self.count))
         env = {**self.env, "MESHKIT_RUN_DIR": str(self.run_dir), STACK_MARKER: str(self.run_dir)}
         with open(self.run_dir / "circusd.out", "wb") as out:
@@ -96,11 +108,11 @@ class CircusShares:
                 raise ProcessExitedError(f"circusd exited with {self.circusd.returncode}")
             if not control.reachable():
                 return False
-            pids = set(control.pids("shares"))
-            up = {r.pid for r in read_records(settings, "shares") if r.is_up}
+            pids = set(control.pids(BACKEND))
+            up = {r.pid for r in read_records(settings, BACKEND) if r.is_up}
             return len(pids) == self.count and pids <= up
 
-        wait_until(registered, 30, "the Circus-run shares to register", interval=0.1)
+        wait_until(registered, 30, "the Circus-run mining backends to register", interval=0.1)
 
     def stop(self) -> None:
         if self.circusd is None:
@@ -150,7 +162,7 @@ class Stack:
     workdir: Path
     redis: RedisServer = field(default_factory=RedisServer)
     settings: Settings | None = None
-    shares: list[ServiceProcess] = field(default_factory=list)
+    backends: list[ServiceProcess] = field(default_factory=list)
     jobs: ServiceProcess | None = None
     gateways: list[ServiceProcess] = field(default_factory=list)
     haproxy: subprocess.Popen[bytes] | None = None
@@ -158,7 +170,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     sync_log: Path = Path()
     reloads: int = 0
-    circus: CircusShares | None = None
+    circus: CircusMining | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -179,18 +191,25 @@ class Stack:
             f"reconnect_rate = {cfg.reconnect_rate}\n"
             # Every miner comes from 127.0.0.1 (through HAProxy's PROXY header): no per-address limits.
             'limit_exempt = ["127.0.0.0/8"]\n'
-            'topics = ["jobs.*"]\n'
-            'services = ["shares", "jobs"]\n'
+            'dialect = "stratum"\n'
+            'reconnect_method = "client.reconnect"\n'
+            'topics = ["mining.notify"]\n'
+            'services = ["mining"]\n'
+            "\n[services.mining]\n"
+            f"min_difficulty = {DIFFICULTY!r}\nmax_difficulty = {DIFFICULTY!r}\n"
+            f"start_difficulty = {DIFFICULTY!r}\n"
             "\n[services.jobs]\n"
-            f"job_interval = {cfg.job_interval}\n")
+            f"job_interval = {cfg.job_interval}\n"
+            "block_interval = 1000000.0\n")
         self.env = {"MESHKIT_CONFIG": str(config_file)}
         self.jobs = self.spawn(JOBS)
-        self.shares = [self.spawn(SHARES) for _ in range(cfg.backends)]
+        self.jobs.wait_registered(30)  # first: a mining instance loads its jobs before it registers
+        self.backends = [self.spawn(MINING) for _ in range(cfg.backends)]
         self.gateways = [self.spawn(GATEWAY) for _ in range(cfg.gateways)]
-        for proc in [self.jobs, *self.shares, *self.gateways]:
+        for proc in [*self.backends, *self.gateways]:
             proc.wait_registered(30)
         client = self.redis.client()
-        wait_until(lambda: client.get(f"{settings.namespace}:jobs:current"), 10, "a first job")
+        wait_until(lambda: client.llen(f"{settings.namespace}:stratum:jobs"), 10, "a first job")
         client.close()
         self.start_haproxy()
 
@@ -205,10 +224,10 @@ class Stack:
         assert self.settings is not None
         return {**os.environ, **settings_env(self.settings), **self.env}
 
-    def start_circus_shares(self, count: int) -> CircusShares:
-        """``count`` shares backends under circusd (see :class:`CircusShares`); return once registered."""
+    def start_circus_mining(self, count: int) -> CircusMining:
+        """``count`` mining backends under circusd (see :class:`CircusMining`); return once registered."""
         assert self.settings is not None
-        self.circus = CircusShares(self.workdir / "circus", self.child_env(), count)
+        self.circus = CircusMining(self.workdir / "circus", self.child_env(), count)
         self.circus.start(self.settings)
         return self.circus
 
@@ -293,7 +312,7 @@ class Stack:
                 self.haproxy.wait(5)
         if self.circus is not None:
             self.circus.stop()
-        for proc in [*self.gateways, *self.shares, *([self.jobs] if self.jobs else [])]:
+        for proc in [*self.gateways, *self.backends, *([self.jobs] if self.jobs else [])]:
             proc.kill()
         # HAProxy outlives its sync process; only stop_haproxy stops it (softly: the gateways are gone).
         stop_haproxy(self.workdir / "haproxy", timeout=5.0)

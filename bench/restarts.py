@@ -5,39 +5,44 @@ Usage (from the project root)::
     .venv/bin/python bench/restarts.py            # a table
     .venv/bin/python bench/restarts.py --json     # one JSON object on stdout
 
-It starts a private ``redis-server``, 3 ``shares`` backends, the ``jobs``
-announcer, 2 gateways and ``meshkit haproxy sync`` (which runs HAProxy) on a
-public socket this process binds on ``127.0.0.1:0`` and hands over as a file
-descriptor (:mod:`proofstack`). Then ``--clients`` miners (:mod:`loadclients`) connect through
-HAProxy; each submits ``--rate`` shares per second and receives a job push
-every ``--job-interval`` seconds, while these scenarios run one after the
-other:
+It starts the demo Stratum v1 pool (``docs/stratum.md``): a private
+``redis-server``, 3 ``mining`` backends (``services/mining.py``), the ``jobs``
+announcer (``services/pooljobs.py``), 2 gateways speaking the ``stratum``
+dialect and ``meshkit haproxy sync`` (which runs HAProxy) on a public socket
+this process binds on ``127.0.0.1:0`` and hands over as a file descriptor
+(:mod:`proofstack`). Then ``--clients`` CPU miners (:mod:`loadclients`)
+connect through HAProxy: each subscribes and authorizes, gets its difficulty
+and jobs pushed (a ``mining.notify`` every ``--job-interval`` seconds), and
+sends ``--rate`` requests per second, real shares it found
+(``mining.submit``, judged by the pool for real) and every third one a
+``mining.stats``, while these scenarios run one after the other:
 
-``a_rolling_restart``   every backend (shares, then jobs) stopped with SIGTERM and
+``a_rolling_restart``   every backend (mining, then jobs) stopped with SIGTERM and
                         started again, one at a time
 ``b_kill_all``          every backend killed with SIGKILL at once, ``--gap`` seconds
                         with none, then all started again
-``c_scale``             shares scaled 3 -> 6 -> 2 (SIGTERM). ``first_traffic_s`` is the
+``c_scale``             mining scaled 3 -> 6 -> 2 (SIGTERM). ``first_traffic_s`` is the
                         longest, over the new instances, of the time from when this
                         process saw that instance registered (polling every 50 ms,
                         each instance timed as it appears) to the first request it
-                        served (0 if it served one first); it must be <= 1 s
+                        served (a ``mining.stats`` answer names its instance; 0 if
+                        it served one first); it must be <= 1 s
 ``d_haproxy_reload``    ``--reloads`` HAProxy reloads, with new connections opening
                         throughout (``--churn`` per second)
 ``e_gateway_drain``     one gateway stopped with SIGTERM: new connections must go to
                         the other; its clients keep working until it asks them to
-                        move (``mesh.reconnect``, in waves), and they leave cleanly
+                        move (``client.reconnect``, in waves), and they leave cleanly
 ``f_meshkit_restart``   the backends move under circusd (``--backends`` processes of a
-                        ``shares`` watcher; the proof's own leave with SIGTERM), then
-                        ``meshkit restart shares`` replaces them one at a time. The
+                        ``mining`` watcher; the proof's own leave with SIGTERM), then
+                        ``meshkit restart mining`` replaces them one at a time. The
                         registry is polled every 50 ms throughout: every process must
-                        be replaced, the number of ``up`` shares instances must never
+                        be replaced, the number of ``up`` mining instances must never
                         drop below ``--backends``, and each old process must leave only
                         after a replacement registered (``min_up``, ``order_ok``)
 ``g_gateway_rolling``   ``--rolling-clients`` more clients join (2,000 in all), then every
                         gateway is replaced one at a time (a new one routed by HAProxy,
                         then the old one stopped with SIGTERM). Each stopping gateway
-                        tells its clients ``mesh.reconnect`` in waves over
+                        tells its clients ``client.reconnect`` in waves over
                         ``--reconnect-window`` s, at most ``--reconnect-rate`` a second;
                         the clients honour it (stop sending there, collect their answers,
                         reconnect through HAProxy). Checks: nothing failed or lost, every
@@ -75,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from loadclients import HANG_SLACK, Churn, Miner, Tally
-from proofstack import GATEWAY, JOBS, SHARES, ProofConfig, Stack
+from proofstack import BACKEND, GATEWAY, JOBS, MINING, ProofConfig, Stack
 
 from meshkit.testing import ProcessExitedError, ServiceProcess, read_records
 
@@ -140,9 +145,9 @@ class Proof:
     async def a_rolling_restart(self) -> None:
         stack = self.stack
         exits = []
-        for i, old in enumerate(list(stack.shares)):
+        for i, old in enumerate(list(stack.backends)):
             exits.append(await asyncio.to_thread(old.terminate))
-            stack.shares[i] = await asyncio.to_thread(lambda: stack.start_many(SHARES, 1)[0])
+            stack.backends[i] = await asyncio.to_thread(lambda: stack.start_many(MINING, 1)[0])
         assert stack.jobs is not None
         exits.append(await asyncio.to_thread(stack.jobs.terminate))
         stack.jobs = await asyncio.to_thread(lambda: stack.start_many(JOBS, 1)[0])
@@ -153,15 +158,15 @@ class Proof:
         stack, cfg = self.stack, self.config
         self.tally.gap_scenarios.add("b_kill_all")
         assert stack.jobs is not None
-        victims = [*stack.shares, stack.jobs]
+        victims = [*stack.backends, stack.jobs]
         for proc in victims:
             proc.kill()
         await asyncio.sleep(cfg.gap)
-        count = len(stack.shares)
+        count = len(stack.backends)
         restarted_at = time.monotonic()
-        stack.jobs, *stack.shares = await asyncio.to_thread(
-            lambda: [stack.spawn(JOBS), *[stack.spawn(SHARES) for _ in range(count)]])
-        for proc in [stack.jobs, *stack.shares]:
+        stack.jobs, *stack.backends = await asyncio.to_thread(
+            lambda: [stack.spawn(JOBS), *[stack.spawn(MINING) for _ in range(count)]])
+        for proc in [stack.jobs, *stack.backends]:
             await asyncio.to_thread(proc.wait_registered, 30)
         back_at = time.monotonic()
         # Pushes resume: every connected miner hears of a new job.
@@ -181,16 +186,16 @@ class Proof:
 
     async def c_scale(self) -> None:
         stack, cfg = self.stack, self.config
-        count = max(0, cfg.scale_up_to - len(stack.shares))
-        added = await asyncio.to_thread(lambda: [stack.spawn(SHARES) for _ in range(count)])
+        count = max(0, cfg.scale_up_to - len(stack.backends))
+        added = await asyncio.to_thread(lambda: [stack.spawn(MINING) for _ in range(count)])
         registered = await self._registration_times(added, timeout=30)
-        stack.shares.extend(added)
+        stack.backends.extend(added)
         await asyncio.sleep(max(1.5, cfg.settle))  # the window in which each must take traffic
         # Negative when a request waiting in a gateway was its first: that counts as 0.
         delays = {iid: self.tally.first_served.get(iid, float("inf")) - at
                   for iid, at in registered.items()}
         info = self.extra["c_scale"]
-        info["scaled_up_to"] = len(stack.shares)
+        info["scaled_up_to"] = len(stack.backends)
         info["first_traffic_s"] = None
         if delays:  # none when scale_up_to is not above the backends running
             worst = max(delays.values())
@@ -198,10 +203,10 @@ class Proof:
                 info["first_traffic_s"] = round(max(0.0, worst), 3)
             self.checks["c_new_instances_take_traffic_within_1s"] = worst <= 1.0
         # Scale down: the oldest go, with SIGTERM, all at once.
-        leaving = stack.shares[:len(stack.shares) - cfg.scale_down_to]
-        stack.shares = stack.shares[len(leaving):]
+        leaving = stack.backends[:len(stack.backends) - cfg.scale_down_to]
+        stack.backends = stack.backends[len(leaving):]
         exits = await asyncio.gather(*(asyncio.to_thread(p.terminate) for p in leaving))
-        info["scaled_down_to"] = len(stack.shares)
+        info["scaled_down_to"] = len(stack.backends)
         self.checks["c_removed_exit_0"] = all(code == 0 for code in exits)
 
     async def _registration_times(self, procs: list[ServiceProcess], timeout: float) -> dict[str, float]:
@@ -220,7 +225,7 @@ class Proof:
         deadline = time.monotonic() + timeout
         while True:
             polled_at = time.monotonic()
-            for rec in await asyncio.to_thread(read_records, settings, "shares"):
+            for rec in await asyncio.to_thread(read_records, settings, BACKEND):
                 proc = waiting.pop(rec.pid, None) if rec.is_up else None
                 if proc is not None:
                     proc.record = rec
@@ -276,22 +281,22 @@ class Proof:
 
     async def f_meshkit_restart(self) -> None:
         stack, cfg = self.stack, self.config
-        circus = await asyncio.to_thread(stack.start_circus_shares, cfg.backends)
-        leaving, stack.shares = stack.shares, []
+        circus = await asyncio.to_thread(stack.start_circus_mining, cfg.backends)
+        leaving, stack.backends = stack.backends, []
         await asyncio.gather(*(asyncio.to_thread(p.terminate) for p in leaving))
-        old = set(await asyncio.to_thread(circus.control.pids, "shares"))
+        old = set(await asyncio.to_thread(circus.control.pids, BACKEND))
         timeline: list[tuple[float, set[int]]] = []
         done = asyncio.Event()
-        polling = asyncio.create_task(self._poll_up_shares(timeline, done))
+        polling = asyncio.create_task(self._poll_up_backends(timeline, done))
         started = time.monotonic()
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "meshkit", "restart", "shares", "--run-dir",
+            subprocess.run, [sys.executable, "-m", "meshkit", "restart", BACKEND, "--run-dir",
                              str(circus.run_dir)],
             env=stack.child_env(), capture_output=True, text=True, timeout=300)
         took = time.monotonic() - started
         done.set()
         await polling
-        new = set(await asyncio.to_thread(circus.control.pids, "shares"))
+        new = set(await asyncio.to_thread(circus.control.pids, BACKEND))
         up_counts = [len(pids) for _, pids in timeline]
         info = self.extra["f_meshkit_restart"]
         info.update(exit_code=result.returncode, replaced=len(old - new), restart_s=round(took, 2),
@@ -349,13 +354,13 @@ class Proof:
         self.checks["g_every_client_moved"] = len(moved) >= len(self.miners)
         self.checks["g_reconnects_within_rate"] = bool(moved) and max(peak_moved, peak_reconnects) <= allowed
 
-    async def _poll_up_shares(self, timeline: list[tuple[float, set[int]]], done: asyncio.Event) -> None:
-        """Append (time, pids of ``up`` shares records) every 50 ms until ``done`` (and once after)."""
+    async def _poll_up_backends(self, timeline: list[tuple[float, set[int]]], done: asyncio.Event) -> None:
+        """Append (time, pids of ``up`` mining records) every 50 ms until ``done`` (and once after)."""
         settings = self.stack.settings
         assert settings is not None
         while True:
             finished = done.is_set()
-            records = await asyncio.to_thread(read_records, settings, "shares")
+            records = await asyncio.to_thread(read_records, settings, BACKEND)
             timeline.append((time.monotonic(), {r.pid for r in records if r.is_up}))
             if finished:
                 return
@@ -453,6 +458,9 @@ def format_table(report: dict[str, Any]) -> str:
                  if k not in columns and k not in ("errors", "connects")}
         if extra:
             lines.append(f"{name:22} {json.dumps(extra)}")
+    for name, s in report["scenarios"].items():
+        if s.get("errors"):
+            lines.append(f"{name:22} errors {json.dumps(s['errors'])}")
     for check, ok in report["checks"].items():
         lines.append(f"{'PASS' if ok else 'FAIL'}  {check}")
     lines.append("PASSED" if report["passed"] else "FAILED")

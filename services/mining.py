@@ -26,6 +26,9 @@ in Redis for the duplicate check.
   :class:`~meshkit.RefusedError` with that ``client_code``; accepted shares
   drive the connection's vardiff, and a new difficulty is pushed to that
   connection alone.
+* ``stats`` answers the connection's counts, its difficulty and the
+  instance that answered (``served_by``: the restart proof sees with it
+  when a new instance takes traffic).
 * ``extranonce.subscribe`` answers ``true`` (the extranonce never changes
   during a connection, so no ``mining.set_extranonce`` is ever sent).
 * ``reconnect(conn, host, port, wait)`` sends ``client.reconnect`` to one
@@ -35,7 +38,12 @@ in Redis for the duplicate check.
 Options in ``[services.mining]``: ``share_interval`` (seconds, default 10),
 ``min_difficulty`` (default 2**-16, so a CPU miner finds shares),
 ``max_difficulty``, ``start_difficulty`` (default: the minimum),
-``retarget_interval``, ``burst_shares``.
+``retarget_interval``, ``burst_shares``. With ``min_difficulty`` equal to
+``max_difficulty`` the difficulty is fixed and no vardiff window is kept.
+
+A starting instance asks the announcer for its recent jobs before it
+registers (waiting up to 3 s for one), so no share reaches it for a job it
+has not heard of.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from services.stratum.vardiff import Vardiff, VardiffConfig
 NOTIFY_TOPIC = "mining.notify"  # the announcer's jobs, forwarded by gateways to subscribed miners
 JOB_TOPIC = "pool.job"  # the announcer's jobs, for mining instances
 EXTRANONCE2_SIZE = 4
+START_LOAD_WAIT = 3.0  # seconds a starting instance waits for the announcer's recent jobs
 ACCEPTED_KEEP = 600  # seconds the pool remembers a job's accepted hashes (jobs live far shorter)
 
 
@@ -90,7 +99,15 @@ class Mining(meshkit.Service):
         self._sends: set[asyncio.Task[None]] = set()
 
     async def on_start(self) -> None:
-        self._loading = asyncio.create_task(self._load_jobs(), name="mining-load-jobs")
+        # Before registering (the runner registers once on_start returns), so that no
+        # share reaches this instance before it knows the jobs miners work on; bounded,
+        # so a pool without an announcer yet still starts (its first push will do).
+        try:
+            await asyncio.wait_for(self._load_once(), START_LOAD_WAIT)
+        except Exception as exc:  # no announcer yet: load in the background
+            self.log.info("no recent jobs from the announcer at start: %s", clip(str(exc)))
+        if not self.book.current:
+            self._loading = asyncio.create_task(self._load_jobs(), name="mining-load-jobs")
 
     async def on_stop(self) -> None:
         if self._loading is not None:
@@ -102,12 +119,15 @@ class Mining(meshkit.Service):
         """The announcer's recent jobs, for an instance that starts after they were pushed."""
         while not self.book.current:
             try:
-                for data in await self.call("jobs", "recent", timeout=5.0, wait=True):
-                    if self.book.lookup(str(data.get("job_id"))).job is None:
-                        self.book.add(session.job_from_wire(data))
+                await self._load_once()
             except Exception as exc:  # no announcer yet: its first push will do as well
                 self.log.info("no recent jobs from the announcer yet: %s", clip(str(exc)))
                 await asyncio.sleep(1.0)
+
+    async def _load_once(self) -> None:
+        for data in await self.call("jobs", "recent", timeout=5.0, wait=True):
+            if self.book.lookup(str(data.get("job_id"))).job is None:
+                self.book.add(session.job_from_wire(data))
 
     @meshkit.subscribe(JOB_TOPIC)
     async def on_job(self, payload: Any) -> None:
@@ -172,12 +192,13 @@ class Mining(meshkit.Service):
 
     @meshkit.rpc
     async def stats(self) -> dict[str, Any]:
-        """The calling connection's counts and difficulty."""
+        """The calling connection's counts and difficulty, and the instance that answered."""
         state, _ = self._caller()
         fields = await state.all()
         return {"accepted": int(fields.get("accepted", 0)), "rejected": int(fields.get("rejected", 0)),
                 "difficulty": float(fields.get("difficulty", self.start_difficulty)),
-                "workers": sorted(k[2:] for k in fields if k.startswith("w:"))}
+                "workers": sorted(k[2:] for k in fields if k.startswith("w:")),
+                "served_by": self.instance_id}
 
     @meshkit.rpc
     async def reconnect(self, conn: str, host: str, port: int, wait: int = 0) -> bool:
@@ -211,6 +232,8 @@ class Mining(meshkit.Service):
 
     async def _retarget(self, state: ConnectionState, conn_id: str, fields: Mapping[str, str],
                         job_id: str) -> None:
+        if self.vardiff.min_difficulty == self.vardiff.max_difficulty:
+            return  # a fixed difficulty: nothing to retarget, no window to keep in Redis
         now = time.time()
         vd = Vardiff.restore(self.vardiff, session.vardiff_state(fields, now))
         changed_at = fields.get("diff_job", "")

@@ -16,6 +16,15 @@ So a miner never gets a job the ``mining`` instances do not know yet. Job
 ids are hex counters seeded from the clock, so they keep growing across
 restarts (``services.stratum.session`` compares them). ``recent`` answers the
 last 16 jobs, for a ``mining`` instance that starts later.
+
+The last 16 jobs are also kept in Redis (``<ns>:stratum:jobs``, a list of
+MessagePack maps, newest first, written before each job goes out), so a
+restarted announcer carries on where the last one stopped: it answers
+``recent`` with the jobs miners are still working on, and its first job
+says ``clean_jobs`` only if the chain moved (its template's ``prevhash``
+differs from the last job's). Without that, every restart of the announcer
+would throw away every miner's work in flight, as a new block does. Redis
+being unreachable at start only costs that: the announcer starts afresh.
 """
 
 from __future__ import annotations
@@ -25,8 +34,12 @@ import collections
 import time
 from typing import Any
 
+import msgpack
+
 import meshkit
+from meshkit.gateway import pooled_redis
 from meshkit.tasks import Supervised, supervise
+from meshkit.untrusted import clip
 from services.mining import JOB_TOPIC, NOTIFY_TOPIC
 from services.stratum import session
 from services.stratum.target import dsha256
@@ -55,14 +68,42 @@ class PoolJobs(meshkit.Service):
         self.recent_jobs: collections.deque[Job] = collections.deque(maxlen=16)
         self._announcer: Supervised | None = None
         self._new_block = True
+        self.redis = pooled_redis(self.settings, max_connections=4)
+        self._key = f"{self.settings.namespace}:stratum:jobs"
 
     async def on_start(self) -> None:
+        await self._resume()
         # Its own loop, not @periodic: the first job goes out at once.
         self._announcer = supervise("jobs-announce", self._announce_forever, logger=self.log)
 
     async def on_drain(self, grace: float) -> None:
         if self._announcer is not None:
             self._announcer.cancel()
+
+    async def on_stop(self) -> None:
+        await self.redis.aclose()
+
+    async def _resume(self) -> None:
+        """The jobs a previous announcer left in Redis (see the module doc)."""
+        try:
+            stored = await self.redis.lrange(self._key, 0, self.recent_jobs.maxlen or 16)
+        except Exception as exc:  # no Redis now: start afresh, as before there was one
+            self.log.warning("cannot read the last jobs, starting afresh: %s", clip(str(exc)))
+            return
+        jobs = []
+        for raw in reversed(stored):  # oldest first
+            try:
+                jobs.append(session.job_from_wire(msgpack.unpackb(raw, raw=False)))
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                self.log.warning("skipped a stored job: %s", clip(str(exc)))
+        if not jobs:
+            return
+        self.recent_jobs.extend(jobs)
+        last = jobs[-1]
+        self._seq = max(self._seq, session.job_seq(last.job_id))
+        self._new_block = last.prevhash != self.template.prevhash
+        self.log.info("resumed after job %s (%s)", last.job_id,
+                      "chain moved: next job is clean" if self._new_block else "same block")
 
     @meshkit.rpc(idempotent=True)
     async def recent(self) -> list[dict[str, Any]]:
@@ -86,11 +127,22 @@ class PoolJobs(meshkit.Service):
         """Cut the next job and push it to the mining instances, then to the miners."""
         job = self.next_job(time.time())
         self.recent_jobs.append(job)
+        await self._store(job)
         backends = await self.publish(JOB_TOPIC, session.job_to_wire(job))
         gateways = await self.publish(NOTIFY_TOPIC, job.notify_params())
         self.log.info("job %s (height %d%s) to %d mining instances and %d gateways", job.job_id,
                       job.height, ", clean" if job.clean_jobs else "", backends, gateways)
         return job
+
+    async def _store(self, job: Job) -> None:
+        """Keep ``job`` among the last ones in Redis (a failure is logged: the pool works on)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(self._key, msgpack.packb(session.job_to_wire(job), use_bin_type=True))
+                pipe.ltrim(self._key, 0, (self.recent_jobs.maxlen or 16) - 1)
+                await pipe.execute()
+        except Exception as exc:
+            self.log.warning("cannot store job %s: %s", job.job_id, clip(str(exc)))
 
     async def _announce_forever(self) -> None:
         while True:

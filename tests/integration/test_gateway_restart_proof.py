@@ -45,7 +45,7 @@ class Instance:
 
     def __init__(self, pid: int, delay: float) -> None:
         self.pid = pid
-        self.target = "services.shares:ShareLogger"
+        self.target = "services.mining:Mining"
         self.registers_at = time.monotonic() + delay
         self.record: Record | None = None
 
@@ -67,7 +67,7 @@ class Stack:
                                            scale_down_to=len(delays))
         self.settings = object()
         self.address = ("127.0.0.1", 1)
-        self.shares: list[Instance] = []
+        self.backends: list[Instance] = []
         self._delays = list(delays)
         self.spawned: list[Instance] = []
 

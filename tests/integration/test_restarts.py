@@ -1,8 +1,13 @@
-"""The restart proof (``bench/restarts.py``), scaled down: real HAProxy, gateways and backends
-(and, for ``meshkit restart``, backends under a real circusd).
+"""The restart proof (``bench/restarts.py``), scaled down: real HAProxy, gateways and the demo
+Stratum pool's backends (``services/mining.py``, ``services/pooljobs.py``; for ``meshkit
+restart``, ``mining`` under a real circusd).
+
+The clients are Stratum v1 miners (``bench/loadclients.py``): they subscribe, authorize,
+get their difficulty and jobs pushed, and submit real shares the pool judges; a rejected
+share (stale, duplicate, low difficulty) counts as a failed request.
 
 One run of every scenario under load (40 clients, 160 requests per second,
-pushes every second; 100 clients for the rolling restart of the gateways) is
+a job pushed every second; 100 clients for the rolling restart of the gateways) is
 shared by the tests below; each asserts one part of the report, so a failure
 names the scenario and shows its counts. The bench runs the same code at full
 size (200 clients, 600 requests per second; 2,000 clients for the gateways).
@@ -95,7 +100,7 @@ def test_a_draining_gateway_gets_no_new_clients_and_closes_its_own_cleanly(
     assert drain["misrouted_new_connections"] == 0 and drain["new_connections"] > 0
     assert drain["clients_on_stopped_gateway"] > 0
     assert drain["clean_closes"] >= drain["clients_on_stopped_gateway"]
-    # Its clients moved when told (mesh.reconnect, in waves after the listener's second of linger).
+    # Its clients moved when told (client.reconnect, in waves after the listener's second of linger).
     assert drain["drain_s"] >= 1.0
     assert report["checks"]["e_clients_closed_cleanly"]
 

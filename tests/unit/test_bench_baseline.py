@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = ("edge", "edge_baseline", "edge_clients", "edge_stack", "rpc", "rpc_clients", "rpc_peers",
-           "rpc_report", "restarts")
+SCRIPTS = ("edge", "edge_baseline", "edge_clients", "edge_scale", "edge_scale_stack", "edge_stack", "rpc",
+           "rpc_clients", "rpc_peers", "rpc_report", "restarts")
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,40 @@ def test_fanout_subscriber_counts_pushes_split_across_reads(bench: dict[str, Mod
     assert subscribed is True
     assert counts == {4: 1}
     assert json.loads(capsys.readouterr().out)["seq"] == 4  # the process reports push 4 complete
+
+
+def test_the_scale_run_defaults_to_ten_thousand_clients_over_two_proxies(bench: dict[str, ModuleType]) -> None:
+    args = bench["edge_scale"].build_parser().parse_args([])
+    assert (args.clients, args.proxies, args.client_procs) == (10000, 2, 10)
+    assert 0 < args.ramp_rate <= 1000, "the ramp is paced"
+
+
+def test_the_scale_runs_proxies_listen_on_one_port_and_each_takes_connections(
+    bench: dict[str, ModuleType],
+) -> None:
+    import socket
+
+    socks = bench["edge_scale"].reuseport_sockets(2)
+    clients: list[socket.socket] = []
+    try:
+        ports = {s.getsockname()[1] for s in socks}
+        assert len(ports) == 1 and 0 not in ports
+        port = ports.pop()
+        for s in socks:
+            s.setblocking(False)
+        accepted = [0, 0]
+        for _ in range(64):  # the kernel spreads them by a hash of the 4-tuple
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            for i, s in enumerate(socks):
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    continue
+                accepted[i] += 1
+                conn.close()
+        assert sum(accepted) == 64 and min(accepted) > 0, accepted
+    finally:
+        for c in clients:
+            c.close()
+        for s in socks:
+            s.close()
