@@ -15,7 +15,7 @@ PACKAGE = ROOT / "meshkit"
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
-                    "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
+                    "programs", "tasks", "sections", "redisconn", "config", "decoder", "transport", "context")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke")),
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
