@@ -319,4 +319,4 @@ def sync_client(url: str, *, timeout: float = 2.0) -> redis.Redis:
     cls: Callable[..., Any] = {"unix": SyncUnixConnection, "rediss": SyncSSLConnection}.get(
         target.scheme, SyncTCPConnection)
     pool = redis.ConnectionPool(connection_class=cls, retry=retry, **kwargs)
-    return redis.Redis(connection_pool=pool)
+    return redis.Redis.from_pool(pool)  # from_pool: closing the client closes its pool
