@@ -59,7 +59,8 @@ def start_redis(host: Host, directory: Path, *args: str, port: int = REDIS_PORT,
     listen = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
     proc = host.run([find_program("redis-server"), "--bind", host.address, *listen, "--protected-mode", "no",
                      "--unixsocket", str(sock), "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                     "--dir", str(directory), "--loglevel", "notice", *args], label=label)
+                     "--dir", str(directory), "--loglevel", "notice", "--repl-diskless-sync-delay", "0",
+                     *args], label=label)
     server = HostRedis(proc, host, port, sock)
     wait_until(lambda: running(proc) and server.client().ping(), 10.0,  # type: ignore[attr-defined]
                f"{label} on {host.name}")
