@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import redis
 from redis.exceptions import ReadOnlyError
+from rediskit import REDIS_PORT, HostRedis, start_redis
 
 from meshkit import Settings
 from meshkit.record import InstanceRecord
 from meshkit.registry import Registry
 from meshkit.testing import MakeHosts, test_settings
-from rediskit import REDIS_PORT, HostRedis, start_redis
 
 pytestmark = pytest.mark.integration
 
