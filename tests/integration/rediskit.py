@@ -19,6 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
+from meshkit.redisconn import sync_client
 from meshkit.testing import HostNetwork, HostProcess, find_program, wait_until
 from meshkit.testing.hosts import Host
 
@@ -39,9 +42,8 @@ class HostRedis:
     def unix_url(self) -> str:
         return f"unix://{self.socket}"
 
-    def client(self) -> object:
-        from meshkit.redisconn import sync_client
-
+    def client(self) -> redis.Redis:
+        """A blocking client on the unix socket (close it: ``with server.client() as c``)."""
         return sync_client(self.unix_url, timeout=2.0)
 
 
@@ -62,9 +64,13 @@ def start_redis(host: Host, directory: Path, *args: str, port: int = REDIS_PORT,
                      "--dir", str(directory), "--loglevel", "notice", "--repl-diskless-sync-delay", "0",
                      *args], label=label)
     server = HostRedis(proc, host, port, sock)
-    wait_until(lambda: running(proc) and server.client().ping(), 10.0,  # type: ignore[attr-defined]
-               f"{label} on {host.name}")
+    wait_until(lambda: running(proc) and _ping(server), 10.0, f"{label} on {host.name}")
     return server
+
+
+def _ping(server: HostRedis) -> bool:
+    with server.client() as client:
+        return bool(client.ping())
 
 
 def start_sentinel(host: Host, directory: Path, master: HostRedis, name: str, quorum: int = 2,
@@ -83,8 +89,7 @@ def start_sentinel(host: Host, directory: Path, master: HostRedis, name: str, qu
     ]) + "\n")
     proc = host.run([find_program("redis-server"), str(conf), "--sentinel"], label="sentinel")
     sentinel = HostRedis(proc, host, SENTINEL_PORT, sock)
-    wait_until(lambda: running(proc) and sentinel.client().ping(), 10.0,  # type: ignore[attr-defined]
-               f"sentinel on {host.name}")
+    wait_until(lambda: running(proc) and _ping(sentinel), 10.0, f"sentinel on {host.name}")
     return sentinel
 
 

@@ -61,10 +61,10 @@ async def _demote_and_follow(settings: Settings, a: HostRedis, b: HostRedis, cur
     try:
         await _until(lambda: view.get("echo:e1") is not None, 5.0, "the view to see e1")
         admin_a, admin_b = a.client(), b.client()
-        assert admin_a.exists(key) and not admin_b.exists(key)  # type: ignore[attr-defined]
+        assert admin_a.exists(key) and not admin_b.exists(key)
 
         # Demote A under everyone's feet, then say that B is the primary now.
-        admin_a.execute_command("REPLICAOF", b.host.address, str(b.port))  # type: ignore[attr-defined]
+        admin_a.execute_command("REPLICAOF", b.host.address, str(b.port))
         moved = current.with_name("current.sock.new")
         moved.symlink_to(b.socket)
         os.replace(moved, current)
@@ -75,7 +75,7 @@ async def _demote_and_follow(settings: Settings, a: HostRedis, b: HostRedis, cur
                 plain.set(f"{settings.namespace}:plain", "2")
 
         # meshkit: the next heartbeat gets READONLY, drops that connection and writes to B.
-        await _until(lambda: admin_b.exists(key), 5.0, "e1's heartbeat to reach B")  # type: ignore[attr-defined]
+        await _until(lambda: admin_b.exists(key), 5.0, "e1's heartbeat to reach B")
         assert first.healthy and not errors, (first.last_error, errors)
 
         # The view follows: a registration made after the switch, and a state change, are seen.
@@ -84,8 +84,10 @@ async def _demote_and_follow(settings: Settings, a: HostRedis, b: HostRedis, cur
         await first.set_state("draining")
         await _until(lambda: view.get("echo:e2") is not None and not view.get("echo:e1").is_up,  # type: ignore[union-attr]
                      5.0, "the view to see e2 and e1 draining")
-        assert admin_b.exists(settings.namespace + ":inst:echo:e2")  # type: ignore[attr-defined]
+        assert admin_b.exists(settings.namespace + ":inst:echo:e2")
         await second.stop()
+        admin_a.close()
+        admin_b.close()
     finally:
         await first.stop()
         await view.close()
