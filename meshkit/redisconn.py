@@ -15,7 +15,9 @@ is a :class:`~meshkit.errors.ConfigError` naming the URL, password masked):
 * ``unix://[user[:password]@]/path/to/redis.sock[?db=N]`` — a unix socket;
 * ``redis+sentinel://[user[:password]@]host:port,host:port,…/master[/db]`` — ask
   these Sentinels where the primary of ``master`` is, and ask again whenever
-  the connection to it is lost or it answers ``READONLY``. The user and
+  the connection to it is lost or it answers ``READONLY``. Every Sentinel is
+  asked (once, within the timeout) and the primary named by a majority of
+  them is taken (:class:`AsyncMajoritySentinel` says why). The user and
   password are those of the data nodes; the Sentinels are asked without.
 
 Every form also takes ``?password=…`` (redis-py's spelling; the same as
@@ -39,9 +41,11 @@ twice); timeouts are not retried, so an unreachable Redis fails in one
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -57,6 +61,7 @@ import redis.retry
 import redis.sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigError
 from .untrusted import clip
@@ -258,6 +263,54 @@ class SyncUnixConnection(_SyncRediscovering, syncconn.UnixDomainSocketConnection
     pass
 
 
+# -- Sentinels that must agree ---------------------------------------------
+
+def _majority(answers: list[object], service: str, check: Callable[[dict[str, Any], str], bool],
+              sentinels: int) -> tuple[str, int]:
+    """The primary's address that more than half of ``sentinels`` name; else ``MasterNotFoundError``."""
+    votes: Counter[tuple[str, int]] = Counter()
+    for masters in answers:
+        state = masters.get(service) if isinstance(masters, dict) else None
+        if state and check(state, service):
+            votes[(str(state["ip"]), int(state["port"]))] += 1
+    if votes:
+        address, count = votes.most_common(1)[0]
+        if count > sentinels // 2:
+            return address
+    raise redis.sentinel.MasterNotFoundError(
+        f"no primary for {clip(service)!r} named by a majority of the {sentinels} Sentinels "
+        f"({sum(votes.values())} answered: {dict(votes)})")
+
+
+class AsyncMajoritySentinel(aiosentinel.Sentinel):
+    """Asks every Sentinel at once and takes the primary a majority names.
+
+    redis-py takes the first Sentinel's word. A Sentinel that was cut off
+    during a failover still names the old primary when it comes back (until
+    its peers' hello messages reach it), and that old primary still accepts
+    writes until it is demoted: the first Sentinel's word would split the
+    registry in two for seconds. Sentinel itself fails over only with a
+    majority; clients follow only a majority too.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(*(s.sentinel_masters() for s in self.sentinels), return_exceptions=True)
+        return _majority(list(answers), service_name, self.check_master_state, len(self.sentinels))
+
+
+class SyncMajoritySentinel(redis.sentinel.Sentinel):
+    """:class:`AsyncMajoritySentinel` for blocking clients (the Sentinels asked one after another)."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers: list[object] = []
+        for sentinel in self.sentinels:
+            try:
+                answers.append(sentinel.sentinel_masters())
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                answers.append(exc)
+        return _majority(answers, service_name, self.check_master_state, len(self.sentinels))
+
+
 # -- clients ----------------------------------------------------------------
 
 def connection_kwargs(target: RedisTarget, timeout: float) -> dict[str, Any]:
@@ -275,6 +328,17 @@ def connection_kwargs(target: RedisTarget, timeout: float) -> dict[str, Any]:
     return kwargs
 
 
+def _sentinel_kwargs(timeout: float, no_retry: object) -> dict[str, Any]:
+    """How each Sentinel is asked: one try, ``timeout`` at most.
+
+    Not redis-py's default of ten retries with back-off: with one Sentinel
+    unreachable (its host cut off, often the primary's own), every lookup of
+    the primary would spend some fifteen seconds on it before asking the
+    next; one try each, and the next Sentinel is asked within ``timeout``.
+    """
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retry}
+
+
 def async_client(url: str, *, timeout: float = 1.0, max_connections: int | None = None,
                  blocking: bool = False) -> aioredis.Redis:
     """An asyncio client for ``url`` (bytes replies; see the module doc for READONLY and retries).
@@ -287,8 +351,9 @@ def async_client(url: str, *, timeout: float = 1.0, max_connections: int | None 
     kwargs = connection_kwargs(target, timeout)
     retry = aioretry.Retry(redis.backoff.NoBackoff(), RETRIES, supported_errors=(RedisConnectionError,))
     if target.scheme == "redis+sentinel":
-        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-            list(target.hosts), socket_timeout=timeout, socket_connect_timeout=timeout)
+        sentinel = AsyncMajoritySentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            list(target.hosts),
+            sentinel_kwargs=_sentinel_kwargs(timeout, aioretry.Retry(redis.backoff.NoBackoff(), 0)))
         if max_connections is not None:
             kwargs["max_connections"] = max_connections
         kwargs["retry"] = retry
@@ -311,8 +376,9 @@ def sync_client(url: str, *, timeout: float = 2.0) -> redis.Redis:
     kwargs = connection_kwargs(target, timeout)
     retry = redis.retry.Retry(redis.backoff.NoBackoff(), RETRIES, supported_errors=(RedisConnectionError,))
     if target.scheme == "redis+sentinel":
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
-            list(target.hosts), socket_timeout=timeout, socket_connect_timeout=timeout)
+        sentinel = SyncMajoritySentinel(  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            list(target.hosts),
+            sentinel_kwargs=_sentinel_kwargs(timeout, redis.retry.Retry(redis.backoff.NoBackoff(), 0)))
         kwargs["retry"] = retry
         client: redis.Redis = sentinel.master_for(target.master, **kwargs)  # type: ignore[no-untyped-call]
         return client

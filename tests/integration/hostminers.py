@@ -15,7 +15,8 @@ place):
 * ``{"k": "push", "c", "gw", "t", "m"}`` — a push (``mining.notify``) received;
 * ``{"k": "lost", "c", "gw", "t", "why"}`` — the connection broke (EOF, an
   error, or no answer within :data:`ANSWER_TIMEOUT`); the thread reconnects;
-* ``{"k": "hello", "c", "gw", "t"}`` — a (re)connection and its gateway.
+* ``{"k": "hello", "c", "gw", "t"}`` — a (re)connection and its gateway;
+* ``{"k": "auth", "c", "gw", "s", "e", "ok", "err"}`` — its subscribe and authorize (which need Redis).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from typing import Any
 
 ANSWER_TIMEOUT = 3.0
+SETUP_TIMEOUT = 10.0  # subscribe and authorize wait for Redis (a failover takes seconds)
 RUN_FOR = 90.0
 
 
@@ -43,11 +45,11 @@ class Connection:
         self.buf = b""
         self.next_id = 1
 
-    def request(self, method: str, params: list[Any], on_push: Any) -> Any:
+    def request(self, method: str, params: list[Any], on_push: Any, timeout: float = ANSWER_TIMEOUT) -> Any:
         rid = self.next_id
         self.next_id += 1
         self.sock.sendall(json.dumps({"id": rid, "method": method, "params": params}).encode() + b"\n")
-        deadline = time.monotonic() + ANSWER_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             doc = self._line(deadline)
             if doc.get("id") == rid:
@@ -100,8 +102,13 @@ def client(index: int, address: str, stop: str, out: Any, lock: threading.Lock, 
 
             gateway = held["gw"] = conn.request("mesh.hello", [], push)["result"]["gateway"]
             write(k="hello", gw=gateway, t=time.monotonic())
-            conn.request("mining.subscribe", ["hostminers/1"], push)
-            conn.request("mining.authorize", [f"{name}.rig", "x"], push)
+            # Both keep the connection's state in Redis (the extranonce counter, the workers).
+            started = time.monotonic()
+            subscribed = conn.request("mining.subscribe", ["hostminers/1"], push, SETUP_TIMEOUT)
+            authorized = conn.request("mining.authorize", [f"{name}.rig", "x"], push, SETUP_TIMEOUT)
+            write(k="auth", gw=gateway, s=started, e=time.monotonic(),
+                  ok=subscribed.get("error") is None and authorized.get("result") is True,
+                  err=subscribed.get("error") or authorized.get("error"))
             calls = 0
             while not os.path.exists(stop) and time.monotonic() < deadline and (not churn or calls < churn):
                 calls += 1

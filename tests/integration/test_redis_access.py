@@ -81,9 +81,9 @@ with Client(Settings.load()) as client:
 def acl_user(admin: redis.Redis, namespace: str, password: str) -> str:
     """A registry user that may touch only ``namespace``'s keys and channels (the rules docs/operations.md gives)."""
     user = f"reg-{namespace}"
-    admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{namespace}:*",
-                          f"&{namespace}:*", "+@read", "+@write", "+@keyspace", "+@pubsub", "+@scripting",
-                          "+@transaction", "+@connection", "-@dangerous")
+    admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "resetkeys", f"~{namespace}:*",
+                          "resetchannels", f"&{namespace}:*", "-@all", "+@read", "+@write", "+@keyspace",
+                          "+@pubsub", "+@scripting", "+@transaction", "+@connection", "-@dangerous")
     return user
 
 

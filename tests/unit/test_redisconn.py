@@ -11,6 +11,7 @@ import redis.asyncio.sentinel as aiosentinel
 from meshkit.config import Settings
 from meshkit.errors import ConfigError
 from meshkit.redisconn import (
+    AsyncMajoritySentinel,
     AsyncSSLConnection,
     AsyncUnixConnection,
     RedisTarget,
@@ -104,6 +105,11 @@ async def _make_clients() -> None:
     # redis-py's own Sentinel connection already turns READONLY into a reconnect.
     assert sentinel.connection_pool.connection_class is aiosentinel.SentinelManagedConnection
     assert sentinel.connection_pool.service_name == "main"
+    # Each Sentinel is asked once (an unreachable one must not hold up the lookup).
+    manager = sentinel.connection_pool.sentinel_manager
+    assert isinstance(manager, AsyncMajoritySentinel)
+    assert [s.get_retry().get_retries() for s in manager.sentinels] == [0, 0]
+    assert sentinel.connection_pool.connection_kwargs["retry"].get_retries() == 2
     await sentinel.aclose()
     sync_client("redis://db:6380/0").close()
 
@@ -112,3 +118,28 @@ def test_a_url_that_cannot_be_read_names_no_secret() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_redis_url("redis://reg:topsecret@db:notaport/0")
     assert "topsecret" not in str(caught.value) and "***" in str(caught.value)
+
+
+def _master(ip: str, ok: bool = True) -> dict[str, object]:
+    return {"main": {"ip": ip, "port": 6379, "is_master": ok}}
+
+
+def test_the_primary_is_the_one_a_majority_of_sentinels_names() -> None:
+    from redis.sentinel import MasterNotFoundError
+
+    from meshkit.redisconn import _majority
+
+    def check(state: dict[str, object], service: str) -> bool:
+        return bool(state["is_master"])
+
+    # A Sentinel back from a partition still names the old primary: outvoted.
+    assert _majority([_master("10.0.0.2"), _master("10.0.0.1"), _master("10.0.0.2")], "main", check, 3) == (
+        "10.0.0.2", 6379)
+    assert _majority([_master("10.0.0.2"), OSError("cut off"), _master("10.0.0.2")], "main", check, 3) == (
+        "10.0.0.2", 6379)
+    # One answer of three, or a split, or a primary its Sentinels see as down: no primary at all.
+    for answers in ([_master("10.0.0.2"), OSError(), OSError()],
+                    [_master("10.0.0.1"), _master("10.0.0.2"), OSError()],
+                    [_master("10.0.0.2", ok=False), _master("10.0.0.2", ok=False), _master("10.0.0.2")]):
+        with pytest.raises(MasterNotFoundError, match="majority of the 3 Sentinels"):
+            _majority(list(answers), "main", check, 3)
