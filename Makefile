@@ -8,7 +8,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy ip  # ip (Debian's iproute2) builds the namespace test hosts
+SYSTEM_PROGRAMS := redis-server haproxy ip openssl  # ip (Debian's iproute2) builds the namespace test hosts
+# openssl makes the TLS tests' certificates. Sentinel needs no package of its own: it is
+# `redis-server --sentinel` (Debian's redis-sentinel package only adds a service unit).
 PYTEST_ARGS ?=
 INSTALL_LOG ?= .run/install.log
 
