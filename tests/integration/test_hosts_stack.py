@@ -223,9 +223,10 @@ def test_one_circus_ini_on_three_hosts_through_a_cut_a_failover_and_a_dead_host(
     # listed for a TTL), the clients it lost reconnect to gateways on other hosts.
     rejoined = [e for e in final if e.kind == "hello" and cut_at < e.at < restored_at]
     assert rejoined and not [e for e in rejoined if e.gateway in h3_gateways], [e.raw for e in rejoined]
-    # Connections through other hosts' gateways: calls held up by the cut for about a second at most.
+    # Connections through other hosts' gateways: calls held up by the cut (over 0.5 s: this shared
+    # machine stalls a call for 0.3 s now and then) for about a second at most.
     others = [e for e in calls if e.gateway not in h3_gateways]
-    held = max((e.raw["e"] - cut_at for e in others if e.raw["e"] > cut_at and e.latency > 0.3
+    held = max((e.raw["e"] - cut_at for e in others if e.raw["e"] > cut_at and e.latency > 0.5
                 and e.raw["s"] < cut_at + 5.0), default=0.0)
     assert held < 2.0, held
     # Without Redis, and through the failover, every call between known instances is answered promptly.
