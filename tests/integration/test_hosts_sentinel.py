@@ -30,7 +30,8 @@ import pytest
 from rediskit import REDIS_PORT, SENTINEL_PORT, HostRedis, running, start_redis, start_sentinel
 from test_hosts import Call, bad_calls, read_calls
 
-from meshkit.testing import HostNetwork, MakeHosts, settings_env, test_settings, wait_until
+from meshkit import Settings
+from meshkit.testing import HostNetwork, MakeHosts, read_records, settings_env, test_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -137,12 +138,8 @@ def _replication(server: HostRedis) -> dict[str, object]:
     return info
 
 
-def _start_echo(net: HostNetwork, index: int, settings: object, server: HostRedis) -> str:
+def _start_echo(net: HostNetwork, index: int, settings: Settings, server: HostRedis) -> str:
     """An echo instance on host ``index`` (its own address), registered on ``server``; its instance id."""
-    from meshkit import Settings
-    from meshkit.testing import read_records
-
-    assert isinstance(settings, Settings)
     host = net[index]
     before = {r.instance_id for r in read_records(settings.replace(redis_url=server.unix_url), "echo")}
     env = settings_env(settings) | {"MESHKIT_BIND_HOST": host.address, "MESHKIT_ADVERTISE_HOST": host.address}

@@ -21,6 +21,7 @@ follow); and h3 dies outright. The test process reads Redis through unix sockets
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -136,6 +137,10 @@ def test_one_circus_ini_on_three_hosts_through_a_cut_a_failover_and_a_dead_host(
                     for r in read_records(unix, "gateway")}
     assert sorted(gateway_host.values()) == sorted(net[i].address for i in ROLES), gateway_host
     h3_gateways = {g for g, a in gateway_host.items() if a == net[3].address}
+
+    for index in (1, 2):  # each HAProxy's own sync has added every host's gateway, and it checks UP
+        wait_until(lambda i=index: _haproxy_up(runs[i]) == set(gateway_host.values()), 20.0,
+                   f"HAProxy on h{index} to have the gateways of every host up")
 
     out, stop = tmp_path / "events.jsonl", tmp_path / "stop"
     miners = [net[1].run([sys.executable, str(Path(__file__).with_name("hostminers.py")), str(out), str(stop),
@@ -257,6 +262,14 @@ def _gateways_serving(events: list[Event], since: float, tag: str = "") -> set[s
 
 def _calls_after(events: list[Event], since: float) -> int:
     return len([e for e in events if e.kind == "call" and e.raw["s"] > since])
+
+
+def _haproxy_up(run: Path) -> set[str]:
+    """The addresses of the gateway servers HAProxy (admin socket in ``run``) has up and in service."""
+    from meshkit.haproxy.runtime import RuntimeAPI
+
+    servers = asyncio.run(RuntimeAPI(run / "haproxy.sock").servers())
+    return {s.host for s in servers if s.backend.startswith("gateway") and s.up and not s.in_maintenance}
 
 
 def _auth_after(events: list[Event], since: float) -> int:
