@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy ip openssl  # ip (Debian's iproute2) builds the namespace test hosts
+SYSTEM_PROGRAMS := redis-server haproxy ip openssl chromium  # ip (Debian's iproute2) builds the namespace test hosts; chromium runs the panel's browser tests
 # openssl makes the TLS tests' certificates. Sentinel needs no package of its own: it is
 # `redis-server --sentinel` (Debian's redis-sentinel package only adds a service unit).
 PYTEST_ARGS ?=
@@ -96,7 +96,7 @@ $(BIN)/meshkit: setup.cfg pyproject.toml
 	    $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv package" >&2; exit 1; fi; }
 	@$(call logged,installing meshkit and its dependencies into $(VENV)) sh -c \
-	  '$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[dev]"'
+	  '$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[dev,otlp]"'
 	@touch $@
 
 # Installs what is missing from Debian's packages when we are root; otherwise
