@@ -8,7 +8,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy ip chromium  # ip (Debian's iproute2) builds the namespace test hosts; chromium runs the panel's browser tests
+SYSTEM_PROGRAMS := redis-server haproxy ip openssl chromium  # ip (Debian's iproute2) builds the namespace test hosts; chromium runs the panel's browser tests
+# openssl makes the TLS tests' certificates. Sentinel needs no package of its own: it is
+# `redis-server --sentinel` (Debian's redis-sentinel package only adds a service unit).
 PYTEST_ARGS ?=
 INSTALL_LOG ?= .run/install.log
 

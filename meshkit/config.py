@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from .errors import ConfigError
+from .redisconn import parse_redis_url
 from .sections import load_section, read_section
 from .untrusted import clip
 
@@ -133,9 +133,7 @@ class Settings:
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        scheme = urlparse(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"redis_url must be redis://, rediss:// or unix://, got {self.redis_url!r}")
+        parse_redis_url(self.redis_url)  # the URL forms are meshkit.redisconn's; ConfigError outside them
         if not self.namespace or ":" in self.namespace:
             raise ConfigError(f"namespace must be non-empty and contain no ':', got {self.namespace!r}")
         for name in ("heartbeat_interval", "ttl", "resync_interval", "call_timeout",

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import redis
 from redis.exceptions import RedisError
 
 from .config import DEFAULT_REDIS_URL, ENV_PREFIX, Settings
+from .errors import ConfigError
+from .redisconn import sync_client
 from .storage import redacted_url
 from .untrusted import clip
 
@@ -56,8 +57,8 @@ def local_redis_url(directory: str = LOCAL_REDIS_DIR) -> str:
 def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """Whether a Redis at ``url`` answers PING within ``timeout`` seconds (never raises)."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    except ValueError:
+        client = sync_client(url, timeout=timeout)
+    except (ValueError, ConfigError):
         return False
     try:
         return bool(client.ping())

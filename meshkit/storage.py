@@ -13,15 +13,14 @@ its own key. Names are glob-escaped in ``SCAN MATCH`` patterns.
 
 :func:`read_records` and :func:`load_records` read synchronously, for tools;
 the second turns an unreachable Redis into :class:`~meshkit.errors.RegistryUnreachableError`.
-A Redis URL shown in a log line or an error passes through :func:`redacted_url`.
+A Redis URL shown in a log line or an error passes through :func:`redacted_url`; every
+client is made by :mod:`meshkit.redisconn` (TLS, ACL users, Sentinel, a demoted primary).
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -30,6 +29,7 @@ from .config import Settings
 from .errors import RegistryUnreachableError
 from .keys import Keys
 from .record import MAX_RECORD_BYTES, InstanceRecord
+from .redisconn import async_client, redacted_url, sync_client
 from .untrusted import clip
 
 __all__ = ["SCAN_BATCH", "Keys", "load_records", "parse_stored", "read_records", "redacted_url",
@@ -38,35 +38,13 @@ __all__ = ["SCAN_BATCH", "Keys", "load_records", "parse_stored", "read_records",
 SCAN_BATCH = 500  # keys read per round trip
 
 
-def redacted_url(url: str) -> str:
-    """``url`` with any password (``user:pw@`` or ``?password=``) shown as ``***``, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user, colon, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)],
-                          safe="*/")
-        # Spelled out: urlunsplit drops the empty authority of unix:///path.
-        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-    except ValueError:
-        return "<unparsable redis url>"
-
-
 def redis_client(settings: Settings) -> aioredis.Redis:
-    """An asyncio Redis client for ``settings.redis_url`` with short timeouts.
+    """An asyncio Redis client for ``settings.redis_url`` with short timeouts (made by :mod:`meshkit.redisconn`).
 
     Short timeouts matter: a Redis outage must show up as quick errors in the
     background tasks, never as a stalled heartbeat.
     """
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-        decode_responses=False,
-    )
+    return async_client(settings.redis_url, timeout=1.0)
 
 
 def parse_stored(keys: Keys, key: bytes | str, value: object) -> InstanceRecord | None:
@@ -108,7 +86,7 @@ def read_records(settings: Settings, service: str | None = None) -> list[Instanc
     cannot be read; :func:`load_records` raises :class:`RegistryUnreachableError` instead.
     """
     keys = Keys(settings.namespace)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = sync_client(settings.redis_url, timeout=2.0)
     try:
         found = list(client.scan_iter(match=keys.match(service), count=SCAN_BATCH))
         records = []

@@ -20,12 +20,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..config import Settings
 from ..errors import ConfigError
 from ..gateway.bans import Ban, BanStore, normalize_address
+from ..redisconn import async_client
 from ..untrusted import clip
 from .args import positive_seconds
 from .mesh import registry_choice
@@ -61,7 +61,7 @@ def _address(text: str) -> str:
 
 def _run(settings: Settings, work: Callable[[BanStore], Awaitable[T]]) -> T:
     async def main() -> T:
-        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        client = async_client(settings.redis_url, timeout=5.0)
         try:
             return await work(BanStore(client, settings.namespace))
         finally:

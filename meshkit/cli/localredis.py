@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..errors import ConfigError, MeshError
 from ..programs import find_program
+from ..redisconn import sync_client
 from ..rundir import LOCAL_REDIS_DIR, LOCAL_REDIS_SOCKET, redis_answers, unix_url
 
 # The longest path a unix socket address holds on Linux (sun_path is 108 bytes, NUL included).
@@ -115,7 +115,7 @@ class LocalRedis:
                 return False
             os.kill(pid, signal.SIGTERM)  # running but not answering: hung, or still starting
         else:
-            client = redis.Redis(unix_socket_path=self.socket, socket_timeout=timeout)
+            client = sync_client(self.url, timeout=timeout)
             try:
                 client.shutdown(nosave=True)
             except RedisConnectionError:

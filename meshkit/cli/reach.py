@@ -16,13 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-import redis
 import zmq
 from redis.exceptions import RedisError
 from zmq.utils.monitor import recv_monitor_message
 
 from ..config import Settings
-from ..errors import RegistryUnreachableError
+from ..errors import ConfigError, RegistryUnreachableError
+from ..redisconn import sync_client
 from ..storage import redacted_url
 from ..untrusted import clip
 
@@ -37,9 +37,8 @@ _PROBE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CLOSED | zmq.EVENT_CO
 def check_registry(settings: Settings, timeout: float = 2.0) -> None:
     """Raise :class:`RegistryUnreachableError` unless the registry's Redis answers PING within ``timeout`` s."""
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
-                                      socket_connect_timeout=timeout)
-    except ValueError as exc:
+        client = sync_client(settings.redis_url, timeout=timeout)
+    except (ValueError, ConfigError) as exc:
         raise unreachable(settings, exc) from None
     try:
         client.ping()

@@ -42,6 +42,7 @@ from ..config import Settings
 from ..context import current_call
 from ..errors import MeshError
 from ..keys import Keys
+from ..redisconn import async_client
 from ..untrusted import clip
 
 log = logging.getLogger("meshkit.gateway.state")
@@ -94,10 +95,8 @@ def pooled_redis(settings: Settings, max_connections: int = 64) -> aioredis.Redi
     a gap with no backend. Here the 65th concurrent command waits its turn
     (up to 5 s) instead.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=max_connections, timeout=5.0,
-        socket_timeout=2.0, socket_connect_timeout=1.0)
-    return aioredis.Redis.from_pool(pool)
+    # Made by meshkit.redisconn like every Redis client (TLS, ACL user, Sentinel, READONLY).
+    return async_client(settings.redis_url, timeout=2.0, max_connections=max_connections, blocking=True)
 
 
 class ConnectionStore:

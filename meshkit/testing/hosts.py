@@ -237,6 +237,23 @@ class Host:
         for proc in self.processes:
             proc.kill()
 
+    def kill_everything(self) -> list[int]:
+        """SIGKILL every process inside this host's namespace, started here or not; their pids.
+
+        What :meth:`kill_all` misses: the daemons a started process left
+        behind (``meshkit up --daemon``'s circusd and everything under it).
+        """
+        pids = _namespace_pids(self.netns)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)  # inside a namespace this module created: ours
+            except ProcessLookupError:
+                pass
+        for proc in self.processes:
+            if proc.process.poll() is None:
+                proc.process.wait(10)
+        return pids
+
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.address}, {self.netns})"
 
@@ -323,21 +340,24 @@ def remove_namespaces(namespaces: Sequence[str]) -> None:
     for netns in namespaces:
         if netns not in present:
             continue
-        try:
-            pids = _run_ip(["netns", "pids", netns]).split()
-        except HostsUnavailableError:
-            pids = []
-        for pid in pids:
+        for pid in _namespace_pids(netns):
             # These are processes inside a namespace this module created: ours.
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
     for cmd in teardown_commands([n for n in namespaces if n in present]):
         try:
             _run_ip(cmd)
         except HostsUnavailableError:
             pass
+
+
+def _namespace_pids(netns: str) -> list[int]:
+    try:
+        return [int(p) for p in _run_ip(["netns", "pids", netns]).split() if p.isdigit()]
+    except HostsUnavailableError:
+        return []
 
 
 def _try_list() -> list[str]:

@@ -26,6 +26,7 @@ from ..config import TABLE_FIELDS, Settings
 from ..errors import ConfigError
 from ..programs import find_program as find_system_program
 from ..record import InstanceRecord
+from ..redisconn import sync_client
 from ..registry import read_records
 
 
@@ -113,7 +114,7 @@ class RedisServer:
             if self.process is not None:
                 raise ProcessExitedError(f"redis-server exited with {self.process.returncode}")
             return False
-        client = redis.Redis(unix_socket_path=self.socket_path, socket_timeout=0.5)
+        client = sync_client(self.url, timeout=0.5)
         try:
             return bool(client.ping())
         finally:
@@ -121,7 +122,7 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A synchronous client for inspecting the server."""
-        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=2.0)
+        return sync_client(self.url, timeout=2.0)
 
     def kill(self) -> None:
         """SIGKILL the server (an outage; all data is lost)."""
