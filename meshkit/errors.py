@@ -19,6 +19,7 @@ The tree says whose fault a failure is::
             ├── BadRequestError       the instance could not decode it  [bad_request]
             ├── UnsupportedVersionError  protocol version not spoken    [unsupported_version]
             ├── HandlerError          the handler raised                [handler_error]
+            ├── ForbiddenError        the access policy refused the caller [forbidden]
             └── RefusedError          the handler refused on purpose     [refused]
                 └── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
 
@@ -200,6 +201,12 @@ def _rebuild_handler_error(message: str, service: str, method: str, remote_type:
                         remote_traceback=remote_traceback)
 
 
+class ForbiddenError(RemoteError):
+    """The instance's access policy does not let this caller make this call or push (docs/security.md)."""
+
+    code = "forbidden"
+
+
 class RefusedError(RemoteError):
     """The handler refused the request on purpose (raise it to answer an error, not to report a bug).
 
@@ -244,6 +251,7 @@ DRAINING = "draining"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 REPLY_TOO_LARGE = "reply_too_large"
 OVERLOADED = "overloaded"
+FORBIDDEN = ForbiddenError.code
 
 _BY_CODE: dict[str, type[CallError]] = {
     cls.code: cls
@@ -259,6 +267,7 @@ _BY_CODE: dict[str, type[CallError]] = {
         BadRequestError,
         UnsupportedVersionError,
         HandlerError,
+        ForbiddenError,
         RefusedError,
         UnknownConnectionError,
     )

@@ -61,6 +61,7 @@ class InstanceRecord:
     started_at: float = 0.0
     listeners: Mapping[str, str] = field(default_factory=dict)
     max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
+    curve_key: str = ""  # its router's CurveZMQ public key (Z85); "": it serves without CURVE
 
     @property
     def key(self) -> str:
@@ -75,24 +76,24 @@ class InstanceRecord:
         return replace(self, state=state)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "service": self.service,
-                "instance_id": self.instance_id,
-                "endpoint": self.endpoint,
-                "host": self.host,
-                "pid": self.pid,
-                "version": self.version,
-                "methods": list(self.methods),
-                "idempotent": list(self.idempotent),
-                "topics": list(self.topics),
-                "state": self.state,
-                "started_at": self.started_at,
-                "listeners": dict(self.listeners),
-                "max_message_size": self.max_message_size,
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, Any] = {
+            "service": self.service,
+            "instance_id": self.instance_id,
+            "endpoint": self.endpoint,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "methods": list(self.methods),
+            "idempotent": list(self.idempotent),
+            "topics": list(self.topics),
+            "state": self.state,
+            "started_at": self.started_at,
+            "listeners": dict(self.listeners),
+            "max_message_size": self.max_message_size,
+        }
+        if self.curve_key:  # written only when set, so records without CURVE read as before
+            fields["curve_key"] = self.curve_key
+        return json.dumps(fields, separators=(",", ":"))
 
 
     @classmethod
@@ -135,6 +136,7 @@ class InstanceRecord:
                 started_at=float(raw.get("started_at", 0.0)),
                 listeners={str(k): str(v) for k, v in listeners.items()},
                 max_message_size=_integer(raw.get("max_message_size", 0)),
+                curve_key=str(raw.get("curve_key", "")),
             )
             record.check()
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
@@ -174,6 +176,7 @@ class InstanceRecord:
                 raise ValueError(f"listener {clip(name)!r}: {exc}") from None
         if not 0 <= self.max_message_size <= MAX_MESSAGE_SIZE:
             raise ValueError(f"max_message_size out of range: {clip(self.max_message_size)}")
+        names.validate_curve_key(self.curve_key)
 
     def validate(self) -> InstanceRecord:
         """Return the record if it may be written; raise :class:`ConfigError` saying why not.

@@ -47,12 +47,12 @@ from typing import Any
 
 import zmq
 
-from . import wire
+from . import access, wire, zap
 from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
+from .errors import DEADLINE_EXCEEDED, DRAINING, FORBIDDEN, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
 from .invoke import BadArguments, invoke
@@ -112,7 +112,10 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
-        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
+        # CurveZMQ and access control (meshkit.zap, meshkit.access); both None when CURVE is off.
+        self.door = zap.apply_server(sock, settings, ctx, lambda reason: metrics.incr(f"curve.refused.{reason}"))
+        self.guard = access.guard_for(settings, service, self.door.trust if self.door else None)
+        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval, user_id=self.door is not None)
 
     def bind(self, address: str | None = None) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint.
@@ -173,6 +176,8 @@ class Server:
         self.pump.stop()
         for task in self._tasks:
             task.cancel()
+        if self.door is not None:
+            self.door.close()
         self.sock.close()
 
     # -- receiving ------------------------------------------------------------
@@ -265,6 +270,11 @@ class Server:
             self._reject(identity, header.id, "unknown_method",
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
+        if self.guard is not None:  # access control: the caller is the ZAP User-Id (meshkit.access)
+            why = self.guard.call_refusal(self.pump.user_id, header.name, header.meta)
+            if why is not None:
+                self._reject(identity, header.id, FORBIDDEN, why)
+                return
         if self.state != UP:
             self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
             return
@@ -380,6 +390,11 @@ class Server:
             self._reject(identity, header.id, "unknown_method",
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
+        if self.guard is not None:  # access control: the caller is the ZAP User-Id (meshkit.access)
+            why = self.guard.push_refusal(self.pump.user_id, header.name)
+            if why is not None:
+                self._reject(identity, header.id, FORBIDDEN, why)
+                return
         refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
         if refused is not None:
             self._overloaded(identity, header.id, "push", refused)

@@ -15,6 +15,7 @@ from meshkit.errors import (
     CallTimeoutError,
     ClientClosedError,
     ConfigError,
+    ForbiddenError,
     HandlerError,
     LostPeerError,
     MeshError,
@@ -43,6 +44,7 @@ CALL_ERRORS: list[type[CallError]] = [
     BadRequestError,
     UnsupportedVersionError,
     HandlerError,
+    ForbiddenError,
     RefusedError,
     UnknownConnectionError,
 ]
@@ -66,6 +68,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     BadRequestError: RemoteError,
     UnsupportedVersionError: RemoteError,
     HandlerError: RemoteError,
+    ForbiddenError: RemoteError,
     RefusedError: RemoteError,
     UnknownConnectionError: RefusedError,
 }
@@ -82,6 +85,7 @@ CODES = {
     BadRequestError: "bad_request",
     UnsupportedVersionError: "unsupported_version",
     HandlerError: "handler_error",
+    ForbiddenError: "forbidden",
     RefusedError: "refused",
     UnknownConnectionError: "unknown_connection",
 }

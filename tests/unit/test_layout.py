@@ -16,7 +16,7 @@ PACKAGE = ROOT / "meshkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke")),
+    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "curve", "zap", "access")),
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
     ("service", ("service", "runner")),
