@@ -267,6 +267,10 @@ class TrustStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def keys(self) -> list[TrustedKey]:
+        """Every trusted key, as last read."""
+        return list(self._keys.values())
+
     def get(self, public: str) -> TrustedKey | None:
         """The trusted key ``public`` (Z85 text), or ``None`` (re-reading the directory if it changed)."""
         self.maybe_refresh()

@@ -8,6 +8,7 @@
 ``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 ``meshkit ban ls|add|rm``                 client-address bans every gateway enforces (:mod:`.ban`)
+``meshkit keys gen|show``                 CurveZMQ keypairs and trusted keys (:mod:`.keys`)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _commands() -> list[Callable[[Any], None]]:
     from .ban import add_commands as ban_commands
     from .haproxy import add_commands as haproxy_commands
+    from .keys import add_commands as keys_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
     from .stack import add_commands as stack_commands
 
-    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands]
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, keys_commands]
