@@ -2,8 +2,9 @@
 
 **When CURVE is on** (:func:`enabled`): ``Settings.curve`` is ``"on"`` or
 ``"off"``, or ``"auto"`` (the default), which means on whenever a key
-directory is configured (``key_dir``) or the advertised host is not a
-loopback address. So a single-machine dev setup (everything on
+directory is configured (``key_dir``), or the router binds anything but a
+loopback address (``bind_host``: a wildcard or a real interface), or the
+advertised host is not a loopback address. So a single-machine dev setup (everything on
 ``127.0.0.1``, the default) runs without keys, and anything other machines
 can reach refuses to start without them: CURVE on with no ``key_dir`` is a
 :class:`~meshkit.errors.ConfigError` naming the fix (``meshkit keys gen``).
@@ -84,7 +85,9 @@ def enabled(settings: Settings) -> bool:
         return True
     if settings.curve == "off":
         return False
-    return bool(settings.key_dir) or not is_loopback(settings.advertised_host)
+    wildcard = settings.bind_host in ("0.0.0.0", "::", "*", "")
+    return bool(settings.key_dir) or wildcard or not is_loopback(settings.bind_host) \
+        or not is_loopback(settings.advertised_host)
 
 
 def key_name(settings: Settings) -> str:
