@@ -80,6 +80,13 @@ DEFAULT_POLICY: Mapping[str, Any] = {
 
 
 @dataclass(frozen=True)
+class ServicesOption:
+    """The one gateway option the policy reads (``$services``): what a gateway lets clients call."""
+
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Policy:
     """The rules of one deployment: per caller and kind, the patterns it may use."""
 
@@ -250,8 +257,11 @@ class Guard:
         self._tokens: dict[str, Grant] = {}
 
     def gateway_services(self, caller: str) -> Sequence[str]:
-        value = self.settings.service_option(caller, "services", ())
-        return tuple(value) if isinstance(value, (list, tuple)) else ()
+        """The caller's ``services`` option, read as the gateway reads it (table, then environment)."""
+        try:
+            return self.settings.section(ServicesOption, caller).services
+        except ConfigError:
+            return ("",)  # unreadable: allow nothing rather than everything (no service is named "")
 
     def may_call(self, caller: str, service: str, method: str) -> bool:
         """Whether the static policy lets ``caller`` call ``service.method``."""

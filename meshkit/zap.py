@@ -139,6 +139,10 @@ class ZapHandler:
         self.doors.pop(domain, None)
         if not self.doors:
             self.pump.stop()
+            try:
+                self.sock.unbind(ZAP_ENDPOINT)  # at once, so a new handler of this context can bind it
+            except zmq.ZMQError:
+                pass
             self.sock.close(linger=0)
             if _handlers.get(self.ctx) is self:
                 del _handlers[self.ctx]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import zmq
 from meshkit import Client, ForbiddenError, Settings, access, curve, wire
 from meshkit.record import InstanceRecord
 from meshkit.registry import Registry
-from meshkit.testing import RedisServer, StartService, wait_until
+from meshkit.testing import RedisServer, StartService, settings_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +198,17 @@ def test_a_token_grants_one_method_until_it_expires(start_service: StartService,
 
         wait_until(refused, 5.0, "the token to expire")
         assert time.time() - issued >= 1.0  # it was honoured until (about) its expiry, not refused early
+
+
+def test_meshkit_ls_and_call_speak_curve(start_service: StartService, secure: Settings) -> None:
+    [vault] = start_service(VAULT, settings=secure)
+    env = {**os.environ, **settings_env(secure)}
+    listed = subprocess.run([sys.executable, "-m", "meshkit", "ls", "--json", "vault"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert vault.record is not None and row["instance_id"] == vault.record.instance_id
+    assert row["state"] == "up", row  # probed over CURVE: reachable
+    called = subprocess.run([sys.executable, "-m", "meshkit", "call", "vault", "read", '"k"'], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0 and json.loads(called.stdout) == "value of k", called.stderr
