@@ -34,6 +34,11 @@ def test_when_curve_is_on(kw: dict[str, object], on: bool) -> None:
     assert curve.enabled(_settings(**kw)) is on
 
 
+def test_the_curve_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match="curve must be"):
+        _settings(curve="yes")
+
+
 def test_curve_on_without_a_key_dir_says_how_to_fix_it() -> None:
     with pytest.raises(ConfigError, match="meshkit keys gen"):
         curve.load_keypair(_settings(advertise_host="198.18.0.2"))
@@ -144,6 +149,18 @@ def test_the_default_policy_lets_services_call_each_other_and_the_gateway_only_i
     assert vault.call_refusal(None, "read", None) == "the caller is not authenticated"
     anything = _guard(tmp_path, dict(access.DEFAULT_POLICY), "vault")  # an empty `services`: any service
     assert anything.call_refusal("gateway", "read", None) is None
+
+
+def test_the_gateway_services_rule_reads_the_option_from_the_environment_too(tmp_path: Path) -> None:
+    curve.generate(tmp_path, "x")
+    clock = [0.0]
+    settings = Settings.load(None, {"MESHKIT_GATEWAY_SERVICES": "vault,jobs"})
+    guard = access.Guard(access.Policy.from_data(access.DEFAULT_POLICY), "vault", curve.TrustStore(tmp_path),
+                         settings, clock=lambda: clock[0])
+    assert guard.call_refusal("gateway", "read", None) is None
+    other = access.Guard(access.Policy.from_data(access.DEFAULT_POLICY), "mining", curve.TrustStore(tmp_path),
+                         settings, clock=lambda: clock[0])
+    assert other.call_refusal("gateway", "submit", None) is not None
 
 
 def test_policy_patterns_and_topics(tmp_path: Path) -> None:
