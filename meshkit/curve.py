@@ -212,7 +212,8 @@ def key_dir(settings: Settings) -> Path:
     """The key directory, checked; ``ConfigError`` if CURVE is on without one."""
     if not settings.key_dir:
         raise ConfigError(
-            f"CurveZMQ is on (curve = {settings.curve!r}, advertised host {clip(settings.advertised_host)!r}) "
+            f"CurveZMQ is on (curve = {settings.curve!r}, bind_host {clip(settings.bind_host)!r}, "
+            f"advertised host {clip(settings.advertised_host)!r}) "
             "but key_dir is not set: set key_dir and run `meshkit keys gen NAME` there "
             "(docs/security.md), or set curve = \"off\" on a trusted network")
     folder = Path(settings.key_dir)

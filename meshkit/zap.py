@@ -43,6 +43,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import curve
 from .config import Settings
+from .errors import ConfigError
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
@@ -177,12 +178,18 @@ def apply_server(sock: zmq.Socket[bytes], settings: Settings, ctx: zmq.Context[z
     """Make ``sock`` (before it binds) a CURVE server admitting trusted keys; ``None`` if CURVE is off.
 
     Raises :class:`~meshkit.errors.ConfigError` if the keypair or the key
-    directory is missing or too open. Close the returned door before the socket.
+    directory is missing or too open, and then closes ``sock`` (it could only
+    serve without CURVE; an open socket would also keep its context from
+    terminating). Close the returned door before the socket.
     """
     if not curve.enabled(settings):
         return None
-    pair = curve.load_keypair(settings)
-    trust = curve.TrustStore.from_settings(settings)
+    try:
+        pair = curve.load_keypair(settings)
+        trust = curve.TrustStore.from_settings(settings)
+    except ConfigError:
+        sock.close(linger=0)
+        raise
     for problem in trust.problems:
         log.warning("key directory: %s", problem)
     door = Door(handler_for(ctx), sock, pair, trust, settings, on_refused)

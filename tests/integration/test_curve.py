@@ -22,7 +22,7 @@ import zmq
 from meshkit import Client, ForbiddenError, Settings, access, curve, wire
 from meshkit.record import InstanceRecord
 from meshkit.registry import Registry
-from meshkit.testing import RedisServer, StartService, settings_env, wait_until
+from meshkit.testing import RedisServer, ServiceProcess, StartService, settings_env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +212,21 @@ def test_meshkit_ls_and_call_speak_curve(start_service: StartService, secure: Se
     called = subprocess.run([sys.executable, "-m", "meshkit", "call", "vault", "read", '"k"'], env=env,
                             capture_output=True, text=True, timeout=60)
     assert called.returncode == 0 and json.loads(called.stdout) == "value of k", called.stderr
+
+
+@pytest.mark.parametrize("setup", ["open_secret", "no_key_dir"])
+def test_a_service_without_a_usable_keypair_does_not_start(secure: Settings, keys: Path, tmp_path: Path,
+                                                           setup: str) -> None:
+    if setup == "open_secret":
+        (keys / "vault.key_secret").chmod(0o644)
+        settings, expected = secure, "chmod 0600"
+    else:  # bound beyond loopback, hence CURVE on, with no keys configured
+        settings, expected = secure.replace(curve="auto", key_dir="", bind_host="0.0.0.0"), "meshkit keys gen"
+    proc = ServiceProcess(VAULT, settings, log_dir=str(tmp_path))
+    proc.spawn()
+    try:
+        assert proc.process is not None
+        assert proc.process.wait(30) == 1
+        assert expected in proc.tail() and "Traceback" not in proc.tail()
+    finally:
+        proc.kill()
