@@ -83,8 +83,8 @@ class Settings:
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"
     run_dir: str = ".run"
-    # -- CurveZMQ and access control (docs/security.md). "auto": on when key_dir is set or the
-    # advertised host is not a loopback address; "on" without key_dir is a start-up error.
+    # -- CurveZMQ and access control (docs/security.md). "auto": on when key_dir is set or the bind
+    # or advertised host is not a loopback address (meshkit.curve.enabled); on without key_dir: error.
     curve: str = "auto"  # "auto", "on" or "off"
     key_dir: str = ""  # directory of key files (meshkit keys gen); its *.key files are the trusted keys
     key_name: str = ""  # which keypair of key_dir this process uses; a service: its own name; else "client"

@@ -28,12 +28,22 @@ The handler must be registered *before* the server socket binds and must
 outlive it: libzmq lets any CURVE client in when no handler is listening.
 So :func:`apply_server` starts it first and a door holds it until closed,
 and ``ZAP_ENFORCE_DOMAIN`` is set where libzmq offers it.
+
+The handler answers from a thread of its own, not from the event loop: a
+handshake then completes however busy the server's loop is, as it does
+without CURVE (where libzmq's I/O thread alone answers it), so a caller's
+``dead_after`` connect deadline means the same with and without CURVE. In
+the restart proof under load, new instances whose loop was busy starting up
+missed that deadline when ZAP was answered from the loop. A door's counters
+and log throttle are shared by that thread and the loop (which reads the
+socket monitor) under a lock.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -71,6 +81,7 @@ class Door:
         self.domain = f"meshkit-{next(_domains)}".encode()
         self.refused: dict[str, int] = {UNTRUSTED: 0, HANDSHAKE: 0}
         self.admitted = 0
+        self._lock = threading.Lock()  # the ZAP thread and the loop both count refusals
         self._on_refused = on_refused
         self._throttle = LogThrottle(log, settings.log_repeat_interval)
         self._sock = sock
@@ -94,17 +105,19 @@ class Door:
         if service is None:
             self._refuse(UNTRUSTED, address, f"key {key[:8]}... is not trusted")
             return b"400", b"key not trusted", b""
-        self.admitted += 1
+        with self._lock:
+            self.admitted += 1
         return b"200", b"OK", service.encode()
 
     def _refuse(self, reason: str, address: bytes, why: str) -> None:
-        self.refused[reason] += 1
-        try:
-            self._on_refused(reason)
-        except Exception:  # a failing metric must not stop admissions
-            log.exception("refusal callback failed")
-        self._throttle.log(reason, logging.WARNING, "refused a connection from %s: %s",
-                           clip(address.decode(errors="replace")), why, extra={"refused": self.refused[reason]})
+        with self._lock:
+            self.refused[reason] += 1
+            try:
+                self._on_refused(reason)
+            except Exception:  # a failing metric must not stop admissions
+                log.exception("refusal callback failed")
+            self._throttle.log(reason, logging.WARNING, "refused a connection from %s: %s",
+                               clip(address.decode(errors="replace")), why, extra={"refused": self.refused[reason]})
 
     def _on_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
@@ -124,36 +137,68 @@ class Door:
 
 
 class ZapHandler:
-    """Answers the ZAP requests of one context by asking the door of each request's domain."""
+    """Answers the ZAP requests of one context, in a thread of its own, by asking each request's door."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self.ctx = ctx
-        self.doors: dict[bytes, Door] = {}
+        self.doors: dict[bytes, Door] = {}  # written by the loop, read by the thread (one dict operation each)
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(ZAP_ENDPOINT)
+        sock.bind(ZAP_ENDPOINT)  # here, so that a server binding right after is already covered
+        wake = f"inproc://meshkit-zap-stop-{id(self)}"
+        self._stop_rx: zmq.Socket[bytes] = ctx.socket(zmq.PAIR)
+        self._stop_rx.bind(wake)
+        self._stop_tx: zmq.Socket[bytes] = ctx.socket(zmq.PAIR)
+        self._stop_tx.connect(wake)
         self.sock = sock
-        self.pump = SocketPump(sock, self._on_request)
-        self.pump.start()
+        # The sockets above move to the thread (Thread.start is a full barrier), except _stop_tx.
+        self._thread = threading.Thread(target=self._serve, name="meshkit-zap", daemon=True)
+        self._thread.start()
 
     def leave(self, domain: bytes) -> None:
+        """Forget ``domain``; the last door out stops the thread (and frees the ZAP endpoint)."""
         self.doors.pop(domain, None)
-        if not self.doors:
-            self.pump.stop()
+        if self.doors:
+            return
+        if _handlers.get(self.ctx) is self:
+            del _handlers[self.ctx]
+        self._stop_tx.send(b"")
+        self._thread.join(5.0)
+        self._stop_tx.close(linger=0)
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._stop_rx, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if self._stop_rx in ready:
+                    return
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    reply = self._answer(frames)
+                    if reply is not None:
+                        self.sock.send_multipart(reply)
+        except Exception:  # a dead handler would stall every handshake: say so loudly
+            log.exception("ZAP handler stopped; new connections to this process cannot complete")
+        finally:
             try:
                 self.sock.unbind(ZAP_ENDPOINT)  # at once, so a new handler of this context can bind it
             except zmq.ZMQError:
                 pass
             self.sock.close(linger=0)
-            if _handlers.get(self.ctx) is self:
-                del _handlers[self.ctx]
+            self._stop_rx.close(linger=0)
 
-    def _on_request(self, frames: list[bytes]) -> None:
+    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
         # ROUTER framing: [routing id, empty, version, request id, domain, address,
         #                  identity, mechanism, credentials...]; only libzmq can reach inproc.
         if len(frames) < 8 or frames[1]:
             log.warning("malformed ZAP request of %d frames dropped", len(frames))
-            return
+            return None
         routing, _, version, request_id, domain, address, _identity, mechanism = frames[:8]
         door = self.doors.get(domain)
         if version != ZAP_VERSION:
@@ -162,11 +207,11 @@ class ZapHandler:
             status, text, user = b"400", b"unknown domain", b""
         else:
             status, text, user = door.decide(mechanism, frames[8:], address)
-        self.pump.send([routing, b"", ZAP_VERSION, request_id, status, text, user, b""])
+        return [routing, b"", ZAP_VERSION, request_id, status, text, user, b""]
 
 
 def handler_for(ctx: zmq.Context[zmq.Socket[bytes]]) -> ZapHandler:
-    """The context's ZAP handler, started if none is (call from the loop's thread)."""
+    """The context's ZAP handler, started if none is."""
     handler = _handlers.get(ctx)
     if handler is None:
         handler = _handlers[ctx] = ZapHandler(ctx)

@@ -112,6 +112,8 @@ def test_a_key_not_trusted_is_refused_and_counted(start_service: StartService, s
     stranger = _keypair(keys.parent / "elsewhere", "stranger")
     assert _raw_call(vault.record.endpoint, stranger, vault.record.curve_key) is None
     wait_until(lambda: _log_records(vault.log_path, "is not trusted"), 5.0, "the refusal to be logged")
+    [line] = _log_records(vault.log_path, "is not trusted")[:1]
+    assert line["refused"] == 1  # counted: the log line carries the count of refusals for that cause
     # The same DEALER with a trusted key is answered: the refusal was about the key alone.
     answer = _raw_call(vault.record.endpoint, _keypair(keys, "client"), vault.record.curve_key)
     assert answer is not None and wire.decode_header(answer[0]).kind == wire.REPLY
