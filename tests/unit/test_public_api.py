@@ -36,6 +36,7 @@ PUBLIC = [
     "RefusedError",
     "RegistryUnreachableError",
     "RemoteError",
+    "ResourceExhaustedError",
     "Service",
     "Settings",
     "UnknownConnectionError",
