@@ -171,6 +171,26 @@ def test_the_policy_refuses_a_forbidden_call(start_service: StartService, secure
     wait_until(lambda: _log_records(vault.log_path, "rejected a message: forbidden"), 5.0, "the log line")
 
 
+def test_the_policy_covers_the_reserved_mesh_methods(start_service: StartService, secure: Settings,
+                                                    tmp_path: Path) -> None:
+    # _mesh.* methods (introspection, taps, log levels) are answered even while busy or draining,
+    # but only to a caller the policy lets call them: "vault.*" covers them, "vault.read" does not.
+    settings = _policy(tmp_path, secure, '[default]\ncall = ["*"]\n\n'
+                                         '[services.client]\ncall = ["vault.read", "teller.*"]\n')
+    [vault] = start_service(VAULT, settings=settings)
+    [teller] = start_service(TELLER, settings=settings)
+    assert vault.record is not None and teller.record is not None
+    with Client(settings) as c:
+        wait_until(lambda: len(c.instances()) == 2, 5.0, "the client to see both instances")
+        with pytest.raises(ForbiddenError, match=r"may not call vault\._mesh\.info"):
+            c.call_instance(vault.record.instance_id, "_mesh.info", timeout=5)
+        with pytest.raises(ForbiddenError, match=r"may not call vault\._mesh\.log_level"):
+            c.call_instance(vault.record.instance_id, "_mesh.log_level", timeout=5)
+        assert c.call("vault", "read", ["k"]) == "value of k"  # the connection itself is fine
+        info = c.call_instance(teller.record.instance_id, "_mesh.info", timeout=5)
+        assert info["instance"] == teller.record.instance_id
+
+
 def test_a_token_grants_one_method_until_it_expires(start_service: StartService, secure: Settings,
                                                     tmp_path: Path) -> None:
     settings = _policy(tmp_path, secure, '[default]\ncall = ["*"]\n\n[services.client]\ncall = ["teller.*"]\n')
