@@ -33,6 +33,7 @@ from pathlib import Path
 
 from loadclients import probe_connection
 
+from meshkit import curve
 from meshkit.config import Settings
 from meshkit.haproxy.process import stop_haproxy
 from meshkit.stack.control import CircusControl, StackError
@@ -152,6 +153,7 @@ class ProofConfig:
     rolling_rate: float = 0.2
     reconnect_window: float = 8.0
     reconnect_rate: float = 200.0
+    curve: int = 0  # 1: CurveZMQ on every mesh connection (keys in the workdir; docs/security.md)
 
 
 @dataclass
@@ -181,7 +183,13 @@ class Stack:
     def start(self) -> None:
         cfg = self.config
         self.redis.start()
-        self.settings = settings = test_settings(self.redis.url, drain_grace=5.0)
+        secure: dict[str, str] = {}
+        if cfg.curve:
+            keys = self.workdir / "keys"
+            for name in ("mining", "jobs", "gateway", "client"):
+                curve.generate(keys, name)
+            secure = {"curve": "on", "key_dir": str(keys)}
+        self.settings = settings = test_settings(self.redis.url, drain_grace=5.0, **secure)
         config_file = self.workdir / "proof.toml"
         config_file.write_text(
             "[services.gateway]\n"

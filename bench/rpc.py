@@ -28,6 +28,10 @@ subset; the peers beside ``raw`` are described in :mod:`rpc_peers`):
 ``meshkit_statsd``
     The same, with statsd metrics on in server and client, sent to a local
     UDP socket nobody reads (a namespace and server of its own).
+``meshkit_curve``
+    The same with CurveZMQ on (``curve = "on"``, keypairs in a temporary key
+    directory): encryption, the ZAP handshake and the caller's User-Id read on
+    every message, as in a multi-host deployment.
 ``raw_blocking``, ``raw_batched``, ``nats``, ``meshkit_sync``
     Plain blocking pyzmq; zmq.asyncio draining every queued message per
     wake-up; NATS request/reply through a private ``nats-server``; and the
@@ -82,6 +86,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,16 +114,17 @@ from rpc_report import Runs, format_table, machine_info, print_profile, summariz
 
 import meshkit
 import meshkit.loops
+from meshkit import curve
 from meshkit.config import Settings
 from meshkit.registry import read_records
 from meshkit.testing import RedisServer, settings_env, test_settings
 
 BIG_SIZE = 64 * 1024
 SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_asyncio", "meshkit_statsd",
-           "meshkit_sync")
+           "meshkit_sync", "meshkit_curve")
 # The client of each of these runs on meshkit's own loop (uvloop, meshkit/loops.py), as its
 # server does; every other client, meshkit_asyncio's included, runs on asyncio's own loop.
-ON_MESHKIT_LOOP = ("meshkit", "meshkit_statsd", "meshkit_sync")
+ON_MESHKIT_LOOP = ("meshkit", "meshkit_statsd", "meshkit_sync", "meshkit_curve")
 ENDPOINT_SERVERS = ("raw", "raw_blocking", "raw_batched")  # print a tcp:// endpoint
 SERVER_OF = {"meshkit_sync": "meshkit"}  # the blocking client calls the meshkit server
 WORKLOADS = ("seq", "pipelined", "big")
@@ -157,7 +163,7 @@ def _child_main(system: str, profile_out: str | None, cpu: int | None, nats_url:
     serves: dict[str, Callable[[], int]] = {
         "raw": rpc_peers.serve_raw, "raw_blocking": rpc_peers.serve_blocking,
         "raw_batched": rpc_peers.serve_batched, "nats": lambda: rpc_peers.serve_nats(nats_url),
-        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit,
+        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit, "meshkit_curve": _serve_meshkit,
         "meshkit_asyncio": _serve_meshkit_asyncio}
     serve = serves[system]
     if not profile_out:
@@ -387,6 +393,12 @@ def _start_all(args: argparse.Namespace, redis_url: str, server_cpu: int | None,
         started.append(sink)
         settings["meshkit_statsd"] = test_settings(
             redis_url, statsd_address=f"127.0.0.1:{sink.getsockname()[1]}", **common)
+    if "meshkit_curve" in args.systems:
+        # CurveZMQ on both sides (docs/security.md): keypairs for the service and this client.
+        keys = tempfile.mkdtemp(prefix="meshkit-bench-keys-")
+        for name in (SERVICE, "client"):
+            curve.generate(keys, name)
+        settings["meshkit_curve"] = test_settings(redis_url, curve="on", key_dir=keys, **common)
     nats_url = ""
     if "nats" in args.systems:
         nats_server = rpc_peers.NatsServer()

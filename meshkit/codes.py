@@ -30,6 +30,8 @@ overloaded             past a receiver limit (calls in flight, pushes queued, by
                        queue full); not run (a publisher counts it undelivered)
 resource_exhausted     a named resource the method uses is at its cluster-wide limit
                        and the method does not wait for it; not run
+forbidden              the instance's access policy does not let this caller make this
+                       call or push (``docs/security.md``); not run
 =====================  ============================================================
 
 New codes may be added, so a receiver treats an unknown code as a generic
@@ -71,6 +73,7 @@ class ErrorCode(StrEnum):
     REPLY_TOO_LARGE = "reply_too_large"
     OVERLOADED = "overloaded"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    FORBIDDEN = "forbidden"
 
 
 class LocalCode(StrEnum):

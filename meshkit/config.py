@@ -122,6 +122,12 @@ class Settings:
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"
     run_dir: str = ".run"
+    # -- CurveZMQ and access control (docs/security.md). "auto": on when key_dir is set or the bind
+    # or advertised host is not a loopback address (meshkit.curve.enabled); on without key_dir: error.
+    curve: str = "auto"  # "auto", "on" or "off"
+    key_dir: str = ""  # directory of key files (meshkit keys gen); its *.key files are the trusted keys
+    key_name: str = ""  # which keypair of key_dir this process uses; a service: its own name; else "client"
+    access_policy: str = ""  # the access.toml file; empty: the built-in default policy
     service_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # -- call limits (docs/limits.md) ---------------------------------------------------------
     max_concurrency: int = 0  # calls of this service running at once on one instance; 0: no limit
@@ -147,6 +153,8 @@ class Settings:
             raise ConfigError("port_min..port_max must be a valid range, or both 0")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        if self.curve not in ("auto", "on", "off"):
+            raise ConfigError(f"curve must be 'auto', 'on' or 'off', got {self.curve!r}")
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         self._check_limits()

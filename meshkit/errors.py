@@ -20,6 +20,7 @@ it against the classes, subpackages included)::
     │       ├── BadRequestError          the instance could not decode it    [bad_request]
     │       ├── UnsupportedVersionError  protocol version not spoken         [unsupported_version]
     │       ├── HandlerError             the handler raised                  [handler_error]
+    │       ├── ForbiddenError           the access policy refused the caller [forbidden]
     │       └── RefusedError             the handler refused on purpose      [refused]
     │           ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
     │           ├── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
@@ -223,6 +224,12 @@ def _rebuild_handler_error(message: str, service: str, method: str, remote_type:
                         remote_traceback=remote_traceback)
 
 
+class ForbiddenError(RemoteError):
+    """The instance's access policy does not let this caller make this call or push (docs/security.md)."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class RefusedError(RemoteError):
     """The handler refused the request on purpose (raise it to answer an error, not to report a bug).
 
@@ -277,6 +284,7 @@ DRAINING = ErrorCode.DRAINING
 DEADLINE_EXCEEDED = ErrorCode.DEADLINE_EXCEEDED
 REPLY_TOO_LARGE = ErrorCode.REPLY_TOO_LARGE
 OVERLOADED = ErrorCode.OVERLOADED
+FORBIDDEN = ErrorCode.FORBIDDEN
 
 _BY_CODE: dict[str, type[CallError]] = {
     cls.code: cls
@@ -292,6 +300,7 @@ _BY_CODE: dict[str, type[CallError]] = {
         BadRequestError,
         UnsupportedVersionError,
         HandlerError,
+        ForbiddenError,
         RefusedError,
         UnknownConnectionError,
         ResourceExhaustedError,

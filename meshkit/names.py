@@ -18,6 +18,8 @@ written (:meth:`meshkit.record.InstanceRecord.validate`) and when one is read
 ``PORT``           a decimal integer 1..65535 (``[0-9]{1,5}``)
 ``ADDRESS``        ``HOST:PORT``; an IPv6 host may be written ``[v6]:PORT``
 ``ENDPOINT``       ``tcp://ADDRESS``
+``CURVE_KEY``      a CurveZMQ public key in Z85: 40 characters of
+                   ``[0-9a-zA-Z.:+=^!/*?&<>()[]{}@%$#-]``, or empty (no key)
 
 No name can hold ``:`` (the separator of the key layout ``<ns>:inst:<service>:<id>``)
 or ``*?[]`` (``SCAN MATCH`` wildcards); no host or address can hold a space,
@@ -35,6 +37,7 @@ from typing import Any
 from .untrusted import clip
 
 __all__ = [
+    "CURVE_KEY",
     "INSTANCE_ID",
     "LISTENER_NAME",
     "SCOPE_ID",
@@ -42,6 +45,7 @@ __all__ = [
     "is_ip_literal",
     "split_address",
     "validate_address",
+    "validate_curve_key",
     "validate_endpoint",
     "validate_host",
     "validate_instance_id",
@@ -58,6 +62,8 @@ _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 MAX_HOST = 253
 ENDPOINT_SCHEME = "tcp://"
+# Z85 (ZeroMQ RFC 32) encodes 32 key bytes as 40 characters of this alphabet.
+CURVE_KEY = re.compile(r"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 
 
 def _name(kind: str, pattern: re.Pattern[str], value: Any, rule: str) -> str:
@@ -166,4 +172,13 @@ def validate_endpoint(value: Any) -> str:
         split_address(value[len(ENDPOINT_SCHEME):])
     except ValueError as exc:
         raise ValueError(f"endpoint must be tcp://host:port: {exc}") from None
+    return value
+
+
+def validate_curve_key(value: Any) -> str:
+    """A Z85 CurveZMQ public key (40 characters), or ``""`` for none."""
+    if value == "":
+        return ""
+    if not isinstance(value, str) or CURVE_KEY.fullmatch(value) is None:
+        raise ValueError(f"curve key must be 40 Z85 characters, got {clip(value)!r}")
     return value

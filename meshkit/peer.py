@@ -31,9 +31,11 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from . import curve
 from .clock import SYSTEM_CLOCK, Clock, TimerHandle
 from .codes import PeerState
 from .config import Settings
+from .errors import ConfigError
 from .record import InstanceRecord
 from .transport import SocketPump
 
@@ -84,6 +86,11 @@ class Peer:
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, int(settings.ping_after * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(100, int(settings.dead_after * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(settings.dead_after * 1000)))
+        try:
+            curve.apply_client(sock, record.curve_key, settings)  # CurveZMQ when on (meshkit.curve)
+        except ConfigError:
+            sock.close(linger=0)
+            raise
         self._monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(record.endpoint)
         self.sock = sock

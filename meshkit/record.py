@@ -64,6 +64,7 @@ class InstanceRecord:
     started_at: float = 0.0
     listeners: Mapping[str, str] = field(default_factory=dict)
     max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
+    curve_key: str = ""  # its router's CurveZMQ public key (Z85); "": it serves without CURVE
     # method -> its signature in one line ("(n: int, s: str) -> str", meshkit.signature), when it fits
     signatures: Mapping[str, str] = field(default_factory=dict)
 
@@ -90,25 +91,27 @@ class InstanceRecord:
         return record if len(record.to_json().encode()) <= MAX_RECORD_BYTES else self
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "service": self.service,
-                "instance_id": self.instance_id,
-                "endpoint": self.endpoint,
-                "host": self.host,
-                "pid": self.pid,
-                "version": self.version,
-                "methods": list(self.methods),
-                "idempotent": list(self.idempotent),
-                "topics": list(self.topics),
-                "state": self.state,
-                "started_at": self.started_at,
-                "listeners": dict(self.listeners),
-                "max_message_size": self.max_message_size,
-                **({"signatures": dict(self.signatures)} if self.signatures else {}),
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, Any] = {
+            "service": self.service,
+            "instance_id": self.instance_id,
+            "endpoint": self.endpoint,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "methods": list(self.methods),
+            "idempotent": list(self.idempotent),
+            "topics": list(self.topics),
+            "state": self.state,
+            "started_at": self.started_at,
+            "listeners": dict(self.listeners),
+            "max_message_size": self.max_message_size,
+        }
+        # Optional fields are written only when set, so records without them read as before.
+        if self.signatures:
+            fields["signatures"] = dict(self.signatures)
+        if self.curve_key:
+            fields["curve_key"] = self.curve_key
+        return json.dumps(fields, separators=(",", ":"))
 
 
     @classmethod
@@ -154,6 +157,7 @@ class InstanceRecord:
                 started_at=float(raw.get("started_at", 0.0)),
                 listeners={str(k): str(v) for k, v in listeners.items()},
                 max_message_size=_integer(raw.get("max_message_size", 0)),
+                curve_key=str(raw.get("curve_key", "")),
                 signatures={str(k): v for k, v in signatures.items()},
             )
             record.check()
@@ -200,6 +204,7 @@ class InstanceRecord:
                                  f"characters, got {clip(text)!r}")
         if not 0 <= self.max_message_size <= MAX_MESSAGE_SIZE:
             raise ValueError(f"max_message_size out of range: {clip(self.max_message_size)}")
+        names.validate_curve_key(self.curve_key)
 
     def validate(self) -> InstanceRecord:
         """Return the record if it may be written; raise :class:`ConfigError` saying why not.

@@ -53,6 +53,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .access import record_filter
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
 from .record import MAX_RECORD_BYTES, InstanceRecord
@@ -119,6 +120,8 @@ class Registry:
         self.synced = False  # True once a full scan has succeeded
         self.connected = False  # whether the last Redis operation succeeded
         self.rejected = 0  # records and change messages refused so far
+        # CurveZMQ (meshkit.access): why a record is not believed; None when CURVE is off. Set by start().
+        self._refusal: Callable[[InstanceRecord], str | None] | None = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -139,6 +142,7 @@ class Registry:
         the error meanwhile, every :data:`OUTAGE_LOG_INTERVAL` seconds).
         """
         clock = self.clock
+        self._refusal = record_filter(self.settings)
         self._tasks = [
             supervise("meshkit-registry-watch", self._watch, logger=log, clock=clock.now, sleep=clock.sleep),
             supervise("meshkit-registry-resync", self._resync_loop, logger=log, clock=clock.now, sleep=clock.sleep),
@@ -202,6 +206,8 @@ class Registry:
     def apply(self, record: InstanceRecord | None, key: str | None = None) -> None:
         """Apply one change to the view (a record set, or ``key`` deleted)."""
         if record is not None:
+            if not self._trusted(record):
+                return
             self._missing_since.pop(record.key, None)  # its owner just wrote it: alive
             if self._records.get(record.key) == record:
                 return
@@ -293,9 +299,17 @@ class Registry:
                 name = clip(key.decode(errors="replace"))
                 self._reject(name, f"registry record {name}", str(exc))
                 continue
-            if record is not None:
+            if record is not None and self._trusted(record):
                 records.append(record)
         return records
+
+    def _trusted(self, record: InstanceRecord) -> bool:
+        """False (the record counted as rejected) if CurveZMQ is on and the record's key is not trusted."""
+        why = self._refusal(record) if self._refusal is not None else None
+        if why is not None:
+            name = clip(record.key)
+            self._reject(f"untrusted:{name}", f"registry record {name}", why)
+        return why is None
 
     async def resync(self) -> None:
         """Replace the view with a full scan of Redis (raises ``RedisError``)."""

@@ -49,7 +49,7 @@ from typing import Any
 
 import zmq
 
-from . import wire
+from . import access, wire, zap
 from .answers import Answers
 from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
@@ -132,7 +132,10 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
-        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
+        # CurveZMQ and access control (meshkit.zap, meshkit.access); both None when CURVE is off.
+        self.door = zap.apply_server(sock, settings, ctx, lambda reason: metrics.incr(f"curve.refused.{reason}"))
+        self.guard = access.guard_for(settings, service, self.door.trust if self.door else None)
+        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval, user_id=self.door is not None)
         # Observability hooks (meshkit.observe), set by the Service: spans and stats of
         # what is served, and the reserved _mesh.* methods.
         self.observer: Observer | None = None
@@ -206,6 +209,8 @@ class Server:
         self.pump.stop()
         for task in self._tasks:
             task.cancel()
+        if self.door is not None:
+            self.door.close()
         self.sock.close()
 
     # -- receiving ------------------------------------------------------------
@@ -238,6 +243,20 @@ class Server:
         self._throttle.log(code, logging.WARNING, "rejected a message: %s: %s", code, message,
                            extra={"code": code})
         self._send(identity, wire.encode_error(request_id, code, message))
+
+    def _call_forbidden(self, identity: bytes, header: wire.Header) -> bool:
+        """Answer ``forbidden`` and return True if the access policy refuses this call (meshkit.access).
+
+        The caller is the ZAP User-Id of the connection the call came on;
+        without CurveZMQ there is no guard and every call passes.
+        """
+        if self.guard is None:
+            return False
+        why = self.guard.call_refusal(self.pump.user_id, header.name, header.meta)
+        if why is None:
+            return False
+        self._reject(identity, header.id, ErrorCode.FORBIDDEN, why)
+        return True
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
@@ -288,14 +307,18 @@ class Server:
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
         if self.reserved is not None and header.name in self.reserved.methods:
-            # Before the draining check and the budgets: a busy or draining instance still answers.
-            self.reserved.serve(identity, header, body, self._send)
+            # Before the draining check and the budgets: a busy or draining instance still answers
+            # (but only a caller the access policy lets call it).
+            if not self._call_forbidden(identity, header):
+                self.reserved.serve(identity, header, body, self._send)
             return
         framework = header.name.startswith(RESERVED_PREFIX)
         handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
             self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no method {clip(header.name)!r}")
+            return
+        if self._call_forbidden(identity, header):
             return
         if self.state != _UP and not framework:
             self._send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
@@ -382,6 +405,11 @@ class Server:
             self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
+        if self.guard is not None:  # access control: the caller is the ZAP User-Id (meshkit.access)
+            why = self.guard.push_refusal(self.pump.user_id, header.name)
+            if why is not None:
+                self._reject(identity, header.id, ErrorCode.FORBIDDEN, why)
+                return
         refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
         if refused is not None:
             self._overloaded(identity, header.id, "push", refused)

@@ -112,6 +112,8 @@ class Service:
                 f"{type(self).__name__}.name must be 1-64 lower-case letters, digits, '_' or '-'; "
                 f"got {self.name!r}")
         self.settings = (settings or Settings.load()).for_service(self.name)
+        if not self.settings.key_name:  # CurveZMQ: a service uses its own keypair unless told (meshkit.curve)
+            self.settings = self.settings.replace(key_name=self.name)
         self.instance_id = uuid.uuid4().hex[:12]
         self.log = logging.getLogger(f"meshkit.service.{self.name}")
         self.clock = clock
@@ -371,6 +373,7 @@ class Service:
             started_at=self.started_at,
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
+            curve_key=self._server.door.public_key if self._server and self._server.door else "",  # CurveZMQ
         ).with_signatures({n: h.types.text() for n, h in self._table.methods.items() if h.types is not None})
 
     def _machine_name(self) -> str:

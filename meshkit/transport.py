@@ -58,8 +58,13 @@ class SocketPump:
     way to make the handler fail must not also fill the disk.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], on_message: MessageHandler, log_interval: float = 10.0) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], on_message: MessageHandler, log_interval: float = 10.0,
+                 *, user_id: bool = False) -> None:
         self.sock = sock
+        # CurveZMQ (meshkit.zap): with ``user_id``, :attr:`user_id` holds the ZAP
+        # User-Id of the message being delivered, while ``on_message`` runs.
+        self._read_user_id = user_id
+        self.user_id: str | None = None
         self.on_message = on_message
         self.dropped = 0
         self._throttle = LogThrottle(log, log_interval, max_causes=32)
@@ -120,7 +125,7 @@ class SocketPump:
             if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = self._recv_with_user_id() if self._read_user_id else sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             budget -= sum(map(len, frames))
@@ -133,3 +138,16 @@ class SocketPump:
             if self._fd < 0 or sock.closed:
                 return  # the handler stopped the pump or closed the socket
         self.kick()
+
+    def _recv_with_user_id(self) -> list[bytes]:
+        # Only a zmq.Frame carries the connection's properties, so the first
+        # frame is received without copying; the rest as usual (measured cost
+        # in docs/performance.md, "CurveZMQ").
+        first = self.sock.recv(_NOBLOCK, copy=False)
+        try:
+            self.user_id = cast(str, first.get("User-Id"))
+        except zmq.ZMQError:  # a connection ZAP did not authenticate has none
+            self.user_id = None
+        if not first.more:
+            return [first.bytes]
+        return [first.bytes, *self.sock.recv_multipart(_NOBLOCK)]

@@ -8,6 +8,7 @@
 ``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 ``meshkit ban ls|add|rm``                 client-address bans every gateway enforces (:mod:`.ban`)
+``meshkit keys gen|show``                 CurveZMQ keypairs and trusted keys (:mod:`.keys`)
 ``meshkit resources [--json]``            cluster-wide use of each named resource (:mod:`.resources`)
 ``meshkit trace|inspect|stats|tap|log-level``  look inside the running mesh (:mod:`.observe`)
 ``meshkit panel``                         the browser control panel (:mod:`.panel`)
@@ -101,6 +102,7 @@ def _commands() -> list[Callable[[Any], None]]:
     from .ban import add_commands as ban_commands
     from .ejections import add_commands as ejection_commands
     from .haproxy import add_commands as haproxy_commands
+    from .keys import add_commands as keys_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
     from .observe import add_commands as observe_commands
@@ -108,5 +110,5 @@ def _commands() -> list[Callable[[Any], None]]:
     from .resources import add_commands as resources_commands
     from .stack import add_commands as stack_commands
 
-    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, resources_commands,
-            observe_commands, panel_commands, ejection_commands]
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, keys_commands,
+            resources_commands, observe_commands, panel_commands, ejection_commands]

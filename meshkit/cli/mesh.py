@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     settings = registry_choice(args).settings
     records = _read_waiting(settings, args.service, args.wait, args.timeout)
-    reach = {} if args.no_probe else probe_instances((r.endpoint for r in records), settings.dead_after)
+    reach = {} if args.no_probe else probe_instances((r.endpoint for r in records), settings.dead_after,
+                                                     settings, {r.endpoint: r.curve_key for r in records})
     if args.json:
         print(json.dumps([_record_json(r, reach) for r in records], indent=2))
         return EXIT_OK

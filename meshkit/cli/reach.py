@@ -14,12 +14,13 @@ show a killed instance as ``up`` for the rest of its record's TTL.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import zmq
 from redis.exceptions import RedisError
 from zmq.utils.monitor import recv_monitor_message
 
+from .. import curve
 from ..config import Settings
 from ..errors import ConfigError, RegistryUnreachableError
 from ..redisconn import sync_client
@@ -58,28 +59,31 @@ def unreachable(settings: Settings, exc: BaseException) -> RegistryUnreachableEr
 PROBE_BATCH = 128
 
 
-def probe_instances(endpoints: Iterable[str], timeout: float) -> dict[str, str | None]:
+def probe_instances(endpoints: Iterable[str], timeout: float, settings: Settings | None = None,
+                    curve_keys: Mapping[str, str] | None = None) -> dict[str, str | None]:
     """For each endpoint, ``None`` if a ZeroMQ handshake with it completed within ``timeout`` s, else why not.
 
     Endpoints are tried :data:`PROBE_BATCH` at a time, so a listing of up to
     that many instances takes at most ``timeout``. A refused connection (the
     process is gone; its port is closed) is reported as soon as the kernel
     says so; a host or process that does not answer (stopped, firewalled)
-    when ``timeout`` runs out.
+    when ``timeout`` runs out. With CurveZMQ on in ``settings``, each endpoint
+    is probed as a CURVE client of its key in ``curve_keys`` (meshkit.curve).
     """
     unique = list(dict.fromkeys(endpoints))
     verdicts: dict[str, str | None] = {}
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         for start in range(0, len(unique), PROBE_BATCH):
-            verdicts.update(_probe_batch(ctx, unique[start:start + PROBE_BATCH], timeout))
+            verdicts.update(_probe_batch(ctx, unique[start:start + PROBE_BATCH], timeout, settings,
+                                         curve_keys or {}))
     finally:
         ctx.term()
     return verdicts
 
 
-def _probe_batch(ctx: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
-                 timeout: float) -> dict[str, str | None]:
+def _probe_batch(ctx: zmq.Context[zmq.Socket[bytes]], endpoints: list[str], timeout: float,
+                 settings: Settings | None, curve_keys: Mapping[str, str]) -> dict[str, str | None]:
     sockets: list[zmq.Socket[bytes]] = []
     waiting: dict[zmq.Socket[bytes], str] = {}
     verdicts: dict[str, str | None] = {}
@@ -92,7 +96,12 @@ def _probe_batch(ctx: zmq.Context[zmq.Socket[bytes]], endpoints: list[str],
             monitor = sock.get_monitor_socket(_PROBE_EVENTS)
             sockets.append(monitor)
             try:
+                if settings is not None:  # CurveZMQ when on (meshkit.curve)
+                    curve.apply_client(sock, curve_keys.get(endpoint, ""), settings)
                 sock.connect(endpoint)
+            except ConfigError as exc:
+                verdicts[endpoint] = clip(str(exc), 200)
+                continue
             except zmq.ZMQError as exc:
                 verdicts[endpoint] = f"bad endpoint ({exc})"
                 continue

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from meshkit import Settings
+from meshkit import Settings, curve
 from meshkit.testing import (
     HostNetwork,
     HostProcess,
@@ -122,7 +122,11 @@ def test_calls_cross_hosts_and_route_around_a_cut_and_a_dead_host(
         host_network: MakeHosts, tmp_path: Path) -> None:
     net = host_network(3)
     tcp_url, unix_url = start_redis(net, tmp_path)
-    settings = test_settings(tcp_url, ttl=TTL, heartbeat_interval=0.5, call_timeout=CALL_TIMEOUT)
+    keys = tmp_path / "keys"  # CurveZMQ is on across hosts (meshkit.curve): a keypair for each role
+    for name in ("echo", "client"):
+        curve.generate(keys, name)
+    settings = test_settings(tcp_url, ttl=TTL, heartbeat_interval=0.5, call_timeout=CALL_TIMEOUT,
+                             key_dir=str(keys))
     unix = settings.replace(redis_url=unix_url)
     h2_id = start_echo(net, 2, settings, unix)
     h3_id = start_echo(net, 3, settings, unix)

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context",
                     "leases", "signature", "concurrency", "tally", "datagrams", "redisconn")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota")),
+    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota", "curve", "zap", "access")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
                "exchange", "observe", "ejection", "retrybudget")),

@@ -25,6 +25,7 @@ PUBLIC = [
     "Client",
     "ClientClosedError",
     "ConfigError",
+    "ForbiddenError",
     "HandlerError",
     "InstanceRecord",
     "LostPeerError",
