@@ -73,6 +73,7 @@ from .keeper import StateKeeper
 from .options import GatewayOptions
 from .proxy_protocol import ProxyHeaderError
 from .push import DELIVER_TOPIC, deliver
+from .session import Session
 from .state import ConnectionGoneError, ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
@@ -97,7 +98,7 @@ class Gateway(Service):
         self.dialect = dialect.named(self.options.dialect)
         self.add_subscription(DELIVER_TOPIC, self._on_deliver)
         self.store = ConnectionStore(self.settings)
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, Session] = {}
         self.address = ""
         self._listener: asyncio.Server | None = None
         self._ids = itertools.count(1)
@@ -247,7 +248,7 @@ class Gateway(Service):
             self.metrics.gateway_clients(len(self.connections))
             self.keeper.closed(conn_id)
 
-    async def _refuse(self, conn: Connection, reason: str, error: Refusal) -> None:
+    async def _refuse(self, conn: Session, reason: str, error: Refusal) -> None:
         self.metrics.gateway_rejected(reason)
         self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
         conn.send(self.dialect.error_line(None, *error))
@@ -269,7 +270,7 @@ class Gateway(Service):
         # through a gap in which no instance of it is up.
         return service in self._known_services or bool(self.registry.instances(service))
 
-    async def _route(self, conn: Connection, request: Request) -> Any:
+    async def _route(self, conn: Session, request: Request) -> Any:
         """Run one client request as a mesh call; raise :class:`RpcError` on failure."""
         target = jsonrpc.split_method(request.method)
         if target is None:
@@ -280,7 +281,8 @@ class Gateway(Service):
         if not self._callable(service):
             self.metrics.gateway_rejected("method_not_found")
             raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {clip(service)!r}")
-        await self.keeper.ensure(conn)
+        if conn.stateful:
+            await self.keeper.ensure(conn)
         conn.services_used.add(service)
         params = request.params
         args = params if isinstance(params, list) else []
@@ -310,7 +312,7 @@ class Gateway(Service):
 
     # -- limits and bans ----------------------------------------------------------------
 
-    def _judge(self, conn: Connection, kind: str) -> None:
+    def _judge(self, conn: Session, kind: str) -> None:
         if self.guard.judge(conn.address, kind) and conn.address is not None:
             self.ban(conn.address, f"at least {self.options.ban_ratio:g} of "
                      f"{self.options.ban_min_requests} requests were bad")
