@@ -56,6 +56,7 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ..config import Settings
@@ -75,6 +76,7 @@ from .proxy_protocol import ProxyHeaderError
 from .push import DELIVER_TOPIC, deliver
 from .session import Session
 from .state import ConnectionGoneError, ConnectionStore
+from .web import WebListener
 
 log = logging.getLogger("meshkit.gateway")
 
@@ -101,6 +103,7 @@ class Gateway(Service):
         self.connections: dict[str, Session] = {}
         self.address = ""
         self._listener: asyncio.Server | None = None
+        self.web: WebListener | None = None
         self._ids = itertools.count(1)
         self._known_services: set[str] = set(self.options.services)
         self._no_connections = asyncio.Event()
@@ -108,7 +111,7 @@ class Gateway(Service):
         self._background: list[Supervised] = []
         # Log lines clients (or a Redis outage) can cause, once per cause per interval.
         self._throttle = LogThrottle(log)
-        self._conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
+        self.conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
         self.keeper = StateKeeper(self.store, self.instance_id, self._throttle, self._live_gateways)
         self.guard = Guard(self.options)
         self.bans = BanStore(self.store.redis, self.settings.namespace)
@@ -132,6 +135,13 @@ class Gateway(Service):
         if self.options.gone_after > 0:
             self._background.append(supervise("gateway-gone-watch", self._watch_gone, logger=log))
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
+        if self.options.web_listener:
+            self.web = WebListener(self)
+            web_port = await self.web.start(self._bind_host(), self._ports())
+            web_address = f"{self.settings.advertised_host}:{web_port}"
+            self.advertise_listener(self.options.web_listener, web_address)
+            log.info("listening for HTTP and WebSocket clients at %s (listener %r)", web_address,
+                     self.options.web_listener)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop as :meth:`Service.stop`; the grace defaults to the ``drain_grace`` option.
@@ -148,6 +158,8 @@ class Gateway(Service):
         await asyncio.sleep(min(_LISTEN_LINGER, grace))
         if self._listener is not None:
             self._listener.close()  # existing connections stay open
+        if self.web is not None:
+            self.web.stop_listening()  # HTTP requests now get 503: HAProxy retries them elsewhere
         mover: asyncio.Future[int] | None = None
         progress = moving.Progress()
         if self.options.reconnect_method and self.connections:
@@ -178,6 +190,8 @@ class Gateway(Service):
                              return_exceptions=True)
         for conn in list(self.connections.values()):
             conn.close(abort=True)
+        if self.web is not None:
+            await self.web.close()
         await self.keeper.wait()
         if self._listener is not None:
             self._listener.close()
@@ -185,12 +199,17 @@ class Gateway(Service):
 
     # -- accepting clients ------------------------------------------------------------
 
-    async def _listen(self) -> asyncio.Server:
+    def _bind_host(self) -> str:
         host = self.settings.bind_host
-        if host in ("", "*"):
-            host = "0.0.0.0"
+        return "0.0.0.0" if host in ("", "*") else host
+
+    def _ports(self) -> list[int]:
         low, high = self.settings.port_min, self.settings.port_max
-        ports = random.sample(range(low, high + 1), min(200, high - low + 1)) if low else [0]
+        return random.sample(range(low, high + 1), min(200, high - low + 1)) if low else [0]
+
+    async def _listen(self) -> asyncio.Server:
+        host = self._bind_host()
+        ports = self._ports()
         for port in ports:
             try:
                 return await asyncio.start_server(self._on_client, host, port,
@@ -201,8 +220,30 @@ class Gateway(Service):
                     raise
         raise OSError("no port to listen on")  # unreachable: ports is never empty
 
+    def new_id(self) -> str:
+        """A new connection id: ``<instance id>-<counter>`` (:mod:`.push` reads the instance from it)."""
+        return f"{self.instance_id}-{next(self._ids):x}"
+
+    def note_refusal(self, reason: str, message: str) -> None:
+        """Log (throttled per ``reason``) why a client was refused."""
+        self._throttle.log(reason, logging.WARNING, "%s", clip(message))
+
+    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None:
+        """Count ``conn`` among the connections (pushes reach it) while ``serving`` runs."""
+        self.connections[conn.id] = conn
+        self._no_connections.clear()
+        self.metrics.gateway_clients(len(self.connections))
+        try:
+            await serving
+        finally:
+            del self.connections[conn.id]
+            if not self.connections:
+                self._no_connections.set()
+            self.metrics.gateway_clients(len(self.connections))
+            self.keeper.closed(conn.id)
+
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn_id = f"{self.instance_id}-{next(self._ids):x}"
+        conn_id = self.new_id()
         accepted = time.monotonic()
         wait = self.options.proxy_timeout
         if self.options.proxy_protocol == "accept" and self.options.idle_timeout > 0:
@@ -214,16 +255,16 @@ class Gateway(Service):
             self.metrics.gateway_rejected("proxy_header")
             self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
                                clip(writer.get_extra_info("peername")), clip(str(exc)))
-            dropped = Connection(conn_id, reader, writer, options=self.options, call=self._route,
+            dropped = Connection(conn_id, reader, writer, options=self.options, call=self.route,
                                  metrics=self.metrics)
             dropped.close(abort=True)  # a reset: it never spoke our protocol
             await dropped.wait_closed()
             return
         peer, address = client_of(header, writer.get_extra_info("peername"))
-        conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
+        conn = Connection(conn_id, reader, writer, options=self.options, call=self.route,
                           metrics=self.metrics, gateway_id=self.instance_id,
-                          throttle=self._conn_throttle, initial=initial, peer=peer, address=address,
-                          request_bucket=self.guard.request_bucket(address), judge=self._judge)
+                          throttle=self.conn_throttle, initial=initial, peer=peer, address=address,
+                          request_bucket=self.guard.request_bucket(address), judge=self.judge)
         conn.last_active = accepted  # waiting for its header counts as idle time
         if len(self.connections) >= self.options.max_connections:
             # Connections that are closing count too, until their socket is gone.
@@ -235,18 +276,10 @@ class Gateway(Service):
         if refusal is not None:
             await self._refuse(conn, jsonrpc.REASONS[refusal[0]], refusal)
             return
-        self.connections[conn_id] = conn
-        self._no_connections.clear()
-        self.metrics.gateway_clients(len(self.connections))
         try:
-            await conn.serve()
+            await self.serve_session(conn, conn.serve())
         finally:
             self.guard.release(address)
-            del self.connections[conn_id]
-            if not self.connections:
-                self._no_connections.set()
-            self.metrics.gateway_clients(len(self.connections))
-            self.keeper.closed(conn_id)
 
     async def _refuse(self, conn: Session, reason: str, error: Refusal) -> None:
         self.metrics.gateway_rejected(reason)
@@ -270,7 +303,7 @@ class Gateway(Service):
         # through a gap in which no instance of it is up.
         return service in self._known_services or bool(self.registry.instances(service))
 
-    async def _route(self, conn: Session, request: Request) -> Any:
+    async def route(self, conn: Session, request: Request) -> Any:
         """Run one client request as a mesh call; raise :class:`RpcError` on failure."""
         target = jsonrpc.split_method(request.method)
         if target is None:
@@ -299,7 +332,7 @@ class Gateway(Service):
             if remote_type == BanClientError.__name__ and conn.address is not None:
                 self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
             else:
-                self._judge(conn, "client" if remote_type in self._client_faults else "ok")
+                self.judge(conn, "client" if remote_type in self._client_faults else "ok")
             raise RpcError(code, message, data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
@@ -307,14 +340,19 @@ class Gateway(Service):
             # The mesh encodes with MessagePack, which refuses e.g. integers over 64 bits.
             raise RpcError(jsonrpc.INVALID_PARAMS,
                            f"params cannot be sent: {clip(str(exc))}") from None
-        self._judge(conn, "ok")
+        self.judge(conn, "ok")
         return result
 
     # -- limits and bans ----------------------------------------------------------------
 
-    def _judge(self, conn: Session, kind: str) -> None:
-        if self.guard.judge(conn.address, kind) and conn.address is not None:
-            self.ban(conn.address, f"at least {self.options.ban_ratio:g} of "
+    def judge(self, conn: Session, kind: str) -> None:
+        """Count one request of ``conn`` for the ban policy (``ok``, ``invalid``, ``client``)."""
+        self.judge_address(conn.address, kind)
+
+    def judge_address(self, address: str | None, kind: str) -> None:
+        """Count one request from ``address`` for the ban policy; ban it when the policy says so."""
+        if self.guard.judge(address, kind) and address is not None:
+            self.ban(address, f"at least {self.options.ban_ratio:g} of "
                      f"{self.options.ban_min_requests} requests were bad")
 
     def ban(self, address: str, reason: str) -> Ban:
@@ -338,7 +376,7 @@ class Gateway(Service):
         for conn in list(self.connections.values()):
             if conn.address == ban.address and not conn.closed:
                 conn.send(line)
-                conn.close()
+                conn.close_for(jsonrpc.BANNED)
 
     async def _watch_gone(self) -> None:
         await moving.watch_gone(self.options, lambda: list(self.connections.values()),

@@ -117,6 +117,10 @@ class Session:
         """Return once the client's transport is gone."""
         raise NotImplementedError
 
+    def close_for(self, code: int) -> None:
+        """Close now because of error ``code``, already sent (a WebSocket says which in its close code)."""
+        self.close()
+
     async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
         """Close from the gateway's side without losing a request: tell, answer what came, close."""
         raise NotImplementedError
