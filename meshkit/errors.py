@@ -267,6 +267,22 @@ _BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError
 _BY_CODE[REPLY_TOO_LARGE] = MessageTooLargeError
 
 
+# -- begin: error codes of subsystems (gateway, issue #9 item 2) --------------------------
+def register_code(cls: type[RefusedError]) -> type[RefusedError]:
+    """Make ``cls.code`` a known wire code, so a caller receiving it raises ``cls`` (a decorator).
+
+    For refusals that other processes act on by code, never by class name
+    (the gateway's ``connection_gone``, ``client_fault``, ``ban_client``).
+    A code another class already holds is a ``ValueError``.
+    """
+    known = _BY_CODE.get(cls.code)
+    if known is not None and known is not cls:
+        raise ValueError(f"error code {cls.code!r} is already {known.__name__}'s")
+    _BY_CODE[cls.code] = cls
+    return cls
+# -- end: error codes of subsystems --------------------------------------------------------
+
+
 def error_from_wire(
     code: str,
     message: str,

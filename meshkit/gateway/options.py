@@ -64,9 +64,12 @@ ban_ratio           0.5                 ban when at least this share of ...
 ban_min_requests    500                 ... this many requests from the address was bad
 ban_on              invalid,client      what is bad: ``invalid`` requests (refused by
                                         the gateway) and ``client`` faults (backend
-                                        errors named in ``client_faults``)
-client_faults       ClientFaultError    exception class names a backend raises for the
-                                        client's fault (``BanClientError`` always bans)
+                                        errors: ``ClientFaultError`` and those named in
+                                        ``client_faults``)
+client_faults       (empty)             more error codes (``RefusedError`` subclasses'
+                                        ``code``), or class names of plain exceptions,
+                                        that are the client's fault (``client_fault``
+                                        always is; ``BanClientError`` always bans)
 max_addresses       100000              client addresses tracked for rates and bans
 ban_sync            30                  seconds between full reads of the bans in Redis
 reconnect_method    mesh.reconnect      notification asking clients to move when the
@@ -147,7 +150,7 @@ class GatewayOptions:
     ban_ratio: float = 0.5
     ban_min_requests: int = 500
     ban_on: tuple[str, ...] = ("invalid", "client")
-    client_faults: tuple[str, ...] = ("ClientFaultError",)
+    client_faults: tuple[str, ...] = ()
     max_addresses: int = 100000
     ban_sync: float = 30.0
     reconnect_method: str = "mesh.reconnect"

@@ -67,7 +67,7 @@ from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
 from . import dialect, jsonrpc, moving
 from .admission import Guard, Refusal, banned_error, client_of, read_proxy_header
-from .bans import Ban, BanClientError, BanStore, BanSync
+from .bans import Ban, BanClientError, BanStore, BanSync, ClientFaultError
 from .connection import Connection
 from .jsonrpc import Request, RpcError
 from .keeper import StateKeeper
@@ -116,7 +116,7 @@ class Gateway(Service):
         self.guard = Guard(self.options)
         self.bans = BanStore(self.store.redis, self.settings.namespace)
         self._ban_sync = BanSync(self.bans, self.guard.bans, self.options.ban_sync, self._banned)
-        self._client_faults = {*self.options.client_faults, BanClientError.__name__}
+        self._client_faults = set(self.options.client_faults)
 
     # -- lifecycle hooks ----------------------------------------------------------
 
@@ -325,14 +325,14 @@ class Gateway(Service):
                                             timeout=self.options.request_timeout, wait=True,
                                             meta={"conn": conn.id, "client": conn.peer})
         except CallError as exc:
-            remote_type = exc.remote_type if isinstance(exc, HandlerError) else ""
-            if remote_type == ConnectionGoneError.__name__:
+            # Told apart by wire code (the classes register theirs), never by class name.
+            if isinstance(exc, ConnectionGoneError):
                 self.keeper.lost(conn)
             code, message, data = jsonrpc.error_for(exc)
-            if remote_type == BanClientError.__name__ and conn.address is not None:
-                self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
+            if isinstance(exc, BanClientError) and conn.address is not None:
+                self.ban(conn.address, clip(exc.message, 200))
             else:
-                self.judge(conn, "client" if remote_type in self._client_faults else "ok")
+                self.judge(conn, "client" if self._client_fault(exc) else "ok")
             raise RpcError(code, message, data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
@@ -344,6 +344,12 @@ class Gateway(Service):
         return result
 
     # -- limits and bans ----------------------------------------------------------------
+
+    def _client_fault(self, exc: CallError) -> bool:
+        """Whether a backend's error is the client's fault: by its code (or a plain exception's type)."""
+        if isinstance(exc, ClientFaultError) or exc.code in self._client_faults:
+            return True
+        return isinstance(exc, HandlerError) and exc.remote_type in self._client_faults
 
     def judge(self, conn: Session, kind: str) -> None:
         """Count one request of ``conn`` for the ban policy (``ok``, ``invalid``, ``client``)."""

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 
 from ..config import Settings
 from ..context import current_call
-from ..errors import MeshError
+from ..errors import MeshError, RefusedError, register_code
 from ..keys import Keys
 from ..untrusted import clip
 
@@ -78,8 +78,15 @@ return restored
 Value = str | int | float
 
 
-class ConnectionGoneError(MeshError):
-    """The client connection closed (or never had state): its state cannot be written."""
+@register_code
+class ConnectionGoneError(RefusedError):
+    """The client connection closed (or never had state): its state cannot be written.
+
+    Raised in a backend and not caught, it reaches the gateway as code
+    ``connection_gone`` (the gateway then restores the state of an open connection).
+    """
+
+    code = "connection_gone"
 
 
 class NoConnectionError(MeshError):

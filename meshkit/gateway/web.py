@@ -49,15 +49,15 @@ from aiohttp import web
 
 from ..context import CallContext, reset_current, set_current
 from ..metrics import Metrics
-from ..untrusted import LogThrottle
 from ..trace import TraceContext
+from ..untrusted import LogThrottle
 from . import jsonrpc
 from .admission import Guard, banned_error
 from .dialect import Dialect
 from .jsonrpc import Request, RpcError
 from .limits import AddressBuckets
-from .proxy_front import Clients, ProxyFront, client_for
 from .options import GatewayOptions
+from .proxy_front import Clients, ProxyFront, client_for
 from .session import CallFunction, Session
 from .websocket import WsConnection
 
