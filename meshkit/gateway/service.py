@@ -53,9 +53,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
-import socket
-import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -66,16 +63,16 @@ from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
 from . import dialect, jsonrpc, moving
-from .admission import Guard, Refusal, banned_error, client_of, read_proxy_header
+from .admission import Guard, banned_error
 from .bans import Ban, BanClientError, BanStore, BanSync, ClientFaultError
-from .connection import Connection
 from .jsonrpc import Request, RpcError
 from .keeper import StateKeeper
+from .listening import bind_host, candidate_ports
 from .options import GatewayOptions
-from .proxy_protocol import ProxyHeaderError
 from .push import DELIVER_TOPIC, deliver
 from .session import Session
 from .state import ConnectionGoneError, ConnectionStore
+from .tcp import TcpListener
 from .web import WebListener
 
 log = logging.getLogger("meshkit.gateway")
@@ -102,7 +99,7 @@ class Gateway(Service):
         self.store = ConnectionStore(self.settings)
         self.connections: dict[str, Session] = {}
         self.address = ""
-        self._listener: asyncio.Server | None = None
+        self.tcp = TcpListener(self)
         self.web: WebListener | None = None
         self._ids = itertools.count(1)
         self._known_services: set[str] = set(self.options.services)
@@ -121,8 +118,7 @@ class Gateway(Service):
     # -- lifecycle hooks ----------------------------------------------------------
 
     async def on_start(self) -> None:
-        self._listener = await self._listen()
-        port = self._listener.sockets[0].getsockname()[1]
+        port = await self.tcp.start(bind_host(self.settings), candidate_ports(self.settings))
         self.address = f"{self.settings.advertised_host}:{port}"
         self.advertise_listener(self.options.listener, self.address)
         self.registry.add_listener(self._note_services)
@@ -137,7 +133,7 @@ class Gateway(Service):
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
         if self.options.web_listener:
             self.web = WebListener(self)
-            web_port = await self.web.start(self._bind_host(), self._ports())
+            web_port = await self.web.start(bind_host(self.settings), candidate_ports(self.settings))
             web_address = f"{self.settings.advertised_host}:{web_port}"
             self.advertise_listener(self.options.web_listener, web_address)
             log.info("listening for HTTP and WebSocket clients at %s (listener %r)", web_address,
@@ -156,8 +152,7 @@ class Gateway(Service):
         end = loop.time() + grace
         log.info("draining %d client connections (grace %.1fs)", len(self.connections), grace)
         await asyncio.sleep(min(_LISTEN_LINGER, grace))
-        if self._listener is not None:
-            self._listener.close()  # existing connections stay open
+        self.tcp.close()  # existing connections stay open
         if self.web is not None:
             self.web.stop_listening()  # HTTP requests now get 503: HAProxy retries them elsewhere
         mover: asyncio.Future[int] | None = None
@@ -193,32 +188,10 @@ class Gateway(Service):
         if self.web is not None:
             await self.web.close()
         await self.keeper.wait()
-        if self._listener is not None:
-            self._listener.close()
+        self.tcp.close()
         await self.store.aclose()
 
     # -- accepting clients ------------------------------------------------------------
-
-    def _bind_host(self) -> str:
-        host = self.settings.bind_host
-        return "0.0.0.0" if host in ("", "*") else host
-
-    def _ports(self) -> list[int]:
-        low, high = self.settings.port_min, self.settings.port_max
-        return random.sample(range(low, high + 1), min(200, high - low + 1)) if low else [0]
-
-    async def _listen(self) -> asyncio.Server:
-        host = self._bind_host()
-        ports = self._ports()
-        for port in ports:
-            try:
-                return await asyncio.start_server(self._on_client, host, port,
-                                                  family=socket.AF_INET if ":" not in host else 0,
-                                                  backlog=1024, reuse_address=True)
-            except OSError:
-                if port == ports[-1]:
-                    raise
-        raise OSError("no port to listen on")  # unreachable: ports is never empty
 
     def new_id(self) -> str:
         """A new connection id: ``<instance id>-<counter>`` (:mod:`.push` reads the instance from it)."""
@@ -241,52 +214,6 @@ class Gateway(Service):
                 self._no_connections.set()
             self.metrics.gateway_clients(len(self.connections))
             self.keeper.closed(conn.id)
-
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn_id = self.new_id()
-        accepted = time.monotonic()
-        wait = self.options.proxy_timeout
-        if self.options.proxy_protocol == "accept" and self.options.idle_timeout > 0:
-            # A silent client may have no header at all: do not hold it past its idle timeout.
-            wait = min(wait, self.options.idle_timeout)
-        try:
-            header, initial = await read_proxy_header(reader, self.options.proxy_protocol, wait)
-        except (ProxyHeaderError, ConnectionError, OSError) as exc:
-            self.metrics.gateway_rejected("proxy_header")
-            self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
-                               clip(writer.get_extra_info("peername")), clip(str(exc)))
-            dropped = Connection(conn_id, reader, writer, options=self.options, call=self.route,
-                                 metrics=self.metrics)
-            dropped.close(abort=True)  # a reset: it never spoke our protocol
-            await dropped.wait_closed()
-            return
-        peer, address = client_of(header, writer.get_extra_info("peername"))
-        conn = Connection(conn_id, reader, writer, options=self.options, call=self.route,
-                          metrics=self.metrics, gateway_id=self.instance_id,
-                          throttle=self.conn_throttle, initial=initial, peer=peer, address=address,
-                          request_bucket=self.guard.request_bucket(address), judge=self.judge)
-        conn.last_active = accepted  # waiting for its header counts as idle time
-        if len(self.connections) >= self.options.max_connections:
-            # Connections that are closing count too, until their socket is gone.
-            await self._refuse(conn, "too_many_connections", (
-                jsonrpc.TOO_MANY_CONNECTIONS,
-                f"gateway full ({self.options.max_connections} connections); retry later", {}))
-            return
-        refusal = self.guard.admit(address)
-        if refusal is not None:
-            await self._refuse(conn, jsonrpc.REASONS[refusal[0]], refusal)
-            return
-        try:
-            await self.serve_session(conn, conn.serve())
-        finally:
-            self.guard.release(address)
-
-    async def _refuse(self, conn: Session, reason: str, error: Refusal) -> None:
-        self.metrics.gateway_rejected(reason)
-        self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
-        conn.send(self.dialect.error_line(None, *error))
-        conn.close()
-        await conn.wait_closed()
 
     # -- requests ---------------------------------------------------------------------
 

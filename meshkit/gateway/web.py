@@ -42,23 +42,20 @@ import math
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from ..context import CallContext, reset_current, set_current
-from ..metrics import Metrics
 from ..trace import TraceContext
-from ..untrusted import LogThrottle
 from . import jsonrpc
-from .admission import Guard, banned_error
-from .dialect import Dialect
+from .admission import banned_error
 from .jsonrpc import Request, RpcError
 from .limits import AddressBuckets
-from .options import GatewayOptions
+from .listening import Host
 from .proxy_front import Clients, ProxyFront, client_for
-from .session import CallFunction, Session
+from .session import Session
 from .websocket import WsConnection
 
 _JSON_TYPES = ("application/json", "application/json-rpc")
@@ -87,31 +84,6 @@ class HttpExchange(Session):
             raise RpcError(jsonrpc.INVALID_REQUEST,
                            "subscriptions need a connection: use the WebSocket listener")
         return super()._builtin(request)
-
-
-class Host(Protocol):
-    """What the listener needs of its gateway (:class:`~meshkit.gateway.service.Gateway`)."""
-
-    instance_id: str
-    options: GatewayOptions
-    metrics: Metrics
-    guard: Guard
-    dialect: Dialect
-    conn_throttle: LogThrottle
-    connections: dict[str, Session]
-
-    @property
-    def route(self) -> CallFunction: ...
-
-    def new_id(self) -> str: ...
-
-    def judge(self, conn: Session, kind: str) -> None: ...
-
-    def judge_address(self, address: str | None, kind: str) -> None: ...
-
-    def note_refusal(self, reason: str, message: str) -> None: ...
-
-    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None: ...
 
 
 class WebListener:
