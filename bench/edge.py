@@ -316,11 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fanout", default="100,1000,5000", help="fan-out sizes, comma-separated")
     add("--publishes", type=int, default=20, help="pushes per fan-out size (20)")
     add("--push-timeout", type=float, default=20.0, help="seconds a push may take to reach all")
+    add("--web", action="store_true", help="HTTP and WebSocket beside TCP per request instead (bench/edge_http.py)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.web:  # the listeners' own cost: bench/edge_http.py, with the flags it shares
+        import edge_http
+        return edge_http.main([f for f in ("--quick", "--json") if getattr(args, f[2:])])
     if args.quick:
         args.repeat, args.calls, args.warmup, args.pipelined_calls = 1, 300, 50, 3000
         args.fanout, args.publishes = "50,200", 20
