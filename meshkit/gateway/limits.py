@@ -41,15 +41,20 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one; False (nothing spent) when the rate is exceeded."""
+        if not self.ready(now):
+            return False
+        if self.rate > 0:
+            self._tokens -= 1.0
+        return True
+
+    def ready(self, now: float) -> bool:
+        """Whether a token is there to take (nothing spent)."""
         if self.rate <= 0:
             return True
         elapsed = max(0.0, now - self._stamp)
         self._stamp = now
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._tokens >= 1.0
 
 
 class Exemptions:
@@ -140,10 +145,10 @@ class AddressBuckets:
         self.max_addresses = max(1, max_addresses)
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
-    def take(self, address: str, now: float) -> bool:
-        """Spend one of ``address``'s tokens; False (not spent) when it is over its rate."""
+    def bucket(self, address: str, now: float) -> TokenBucket | None:
+        """``address``'s bucket (made on first use); None when there is no limit."""
         if self.rate <= 0:
-            return True
+            return None
         bucket = self._buckets.get(address)
         if bucket is None:
             bucket = TokenBucket(self.rate, self.burst, now)
@@ -152,7 +157,12 @@ class AddressBuckets:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(address)
-        return bucket.take(now)
+        return bucket
+
+    def take(self, address: str, now: float) -> bool:
+        """Spend one of ``address``'s tokens; False (not spent) when it is over its rate."""
+        bucket = self.bucket(address, now)
+        return bucket is None or bucket.take(now)
 
     @property
     def tracked(self) -> int:

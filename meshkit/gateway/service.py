@@ -177,6 +177,9 @@ class Gateway(Service):
             conn.finish(jsonrpc.SHUTTING_DOWN, "gateway is shutting down; reconnect",
                         self.options.request_timeout)
             for conn in list(self.connections.values())))
+        if self.web is not None:
+            # HTTP requests already running are answered (new ones got 503 since the listener closed).
+            await self.web.wait_quiet(self.options.request_timeout + 1.0)
 
     async def on_stop(self) -> None:
         for loop in self._background:

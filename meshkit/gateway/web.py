@@ -96,6 +96,8 @@ class WebListener:
         self.buckets = AddressBuckets(self.options.request_rate, self.options.request_burst,
                                       self.options.max_addresses)
         self.in_flight = 0  # HTTP requests being answered
+        self._quiet = asyncio.Event()  # set while no HTTP request is being answered
+        self._quiet.set()
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -131,6 +133,13 @@ class WebListener:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+
+    async def wait_quiet(self, timeout: float) -> None:
+        """Return once no HTTP request is being answered, or after ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._quiet.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            pass
 
     async def close(self) -> None:
         """Close every HTTP connection (answers in flight get ``close_timeout`` s)."""
@@ -190,7 +199,8 @@ class WebListener:
             code, message, data = banned_error(ban)
             return self._error(request, 403, code, message, data,
                                retry_after=max(1, math.ceil(ban.until - time.time())))
-        if rate and not self.buckets.take(address, time.monotonic()):
+        bucket = self.buckets.bucket(address, time.monotonic()) if rate else None
+        if bucket is not None and not bucket.ready(time.monotonic()):
             gateway.metrics.gateway_rejected("rate_limited")
             return self._error(request, 429, jsonrpc.RATE_LIMITED,
                                f"more than {self.options.request_rate:g} requests per second "
@@ -217,6 +227,7 @@ class WebListener:
             return self._error(request, 415, jsonrpc.INVALID_REQUEST,
                                "Content-Type must be application/json")
         self.in_flight += 1
+        self._quiet.clear()
         try:
             try:
                 body = await request.read()
@@ -228,15 +239,20 @@ class WebListener:
             return await self._answer(request, body, peer, address)
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._quiet.set()
 
     async def _answer(self, request: web.Request, body: bytes, peer: str,
                       address: str | None) -> web.Response:
         gateway = self.gateway
         trace = TraceContext.from_traceparent(request.headers.get("traceparent"))
+        # Items spend the address's tokens one by one, as a connection's do.
+        bucket = (self.buckets.bucket(address, time.monotonic())
+                  if gateway.guard.limited(address) and address is not None else None)
         exchange = HttpExchange(gateway.new_id(), options=self.options, call=gateway.route,
                                 metrics=gateway.metrics, gateway_id=gateway.instance_id,
                                 throttle=gateway.conn_throttle, peer=peer, address=address,
-                                judge=gateway.judge)
+                                request_bucket=bucket, judge=gateway.judge)
         answered: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         if not body.strip():
             answered.set_result(exchange.error_line(jsonrpc.PARSE_ERROR, "empty body"))
