@@ -18,6 +18,9 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   and an unknown or closed connection is answered with
   :class:`~meshkit.errors.UnknownConnectionError`, never raised inside the gateway;
 * writes in its listener's dialect (:mod:`meshkit.gateway.dialect`);
+* with ``web_listener``, also serves HTTP (``POST /rpc``) and WebSocket
+  (``/ws``) on a second port advertised under that name (:mod:`.web`); all
+  three protocols run requests through one core (:mod:`.session`);
 * keeps per-connection state in Redis (:mod:`meshkit.gateway.state`, its life in
   :mod:`meshkit.gateway.keeper`), created
   before a connection's first mesh call (again on a later call if that

@@ -123,7 +123,8 @@ def test_http_bad_input_gets_json_rpc_errors_or_http_statuses(
     start_service: StartService, haproxy: WebSync
 ) -> None:
     start_service(PROBE)
-    start_gateways(start_service, max_line=4096, request_rate=5, request_burst=10)
+    start_gateways(start_service, max_line=4096, request_rate=5, request_burst=10,
+                   cors_origins="https://pool.example")
     up(haproxy)
 
     async def main() -> None:
@@ -145,6 +146,18 @@ def test_http_bad_input_gets_json_rpc_errors_or_http_statuses(
                 assert response.status == 405
             async with session.get(haproxy.url + "/health") as response:
                 assert response.status == 200 and await response.text() == "pong"
+            # CORS for the configured origin only; a preflight is answered.
+            _, _, allowed = await post(session, haproxy.url, rpc("mesh.ping"),
+                                       headers={"Content-Type": "application/json",
+                                                "Origin": "https://pool.example"})
+            assert allowed["Access-Control-Allow-Origin"] == "https://pool.example"
+            _, _, other = await post(session, haproxy.url, rpc("mesh.ping"),
+                                     headers={"Content-Type": "application/json",
+                                              "Origin": "https://evil.example"})
+            assert "Access-Control-Allow-Origin" not in other
+            async with session.options(haproxy.url + "/rpc", headers={
+                    "Origin": "https://pool.example", "Access-Control-Request-Method": "POST"}) as r:
+                assert r.status == 204 and "POST" in r.headers["Access-Control-Allow-Methods"]
             # A flood from one address: past its rate, 429 with Retry-After; nothing is lost.
             results = await asyncio.gather(*(post(session, haproxy.url, rpc("webprobe.echo", [i], i))
                                              for i in range(40)))

@@ -228,3 +228,30 @@ def test_a_gateway_stopped_under_steady_http_traffic_fails_no_request(
     ok, failures = asyncio.run(main())
     print(f"http answers {ok} across the stop")
     assert failures == [] and ok >= 100 * HTTP_LOOPS
+
+
+def test_websocket_clients_of_a_stopping_gateway_are_asked_to_move_then_closed_with_1001(
+    start_service: StartService, haproxy: WebSync
+) -> None:
+    start_service(PROBE)
+    [gw] = start_service(GATEWAY, env=web_env(drain_grace=3, reconnect_window=1))
+    haproxy.start()
+    wait_until(lambda: haproxy.web_up() >= 1, WAIT, "the web gateway up in HAProxy")
+
+    async def main() -> tuple[list[Any], int, str]:
+        async with connect(f"ws://127.0.0.1:{haproxy.web_port}/ws") as ws:
+            await ws.send(json.dumps(rpc("mesh.ping")))
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["result"] == "pong"
+            stopping = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+            got: list[Any] = []
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:  # a client that ignores the notice: it stays until the grace ends
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), WAIT)))
+            assert await stopping == 0
+            assert closed.value.rcvd is not None
+            return got, closed.value.rcvd.code, closed.value.rcvd.reason
+
+    got, code, reason = asyncio.run(main())
+    assert [d.get("method") for d in got][:1] == ["mesh.reconnect"]
+    assert got[-1]["error"]["code"] == -32008  # shutting_down, then the close that says so
+    assert (code, reason) == (1001, "shutting_down")
