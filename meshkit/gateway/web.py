@@ -12,7 +12,8 @@ Routes (``docs/gateway.md``):
     One JSON-RPC request or batch per request body (``Content-Type:
     application/json``). **200** with the answer for every JSON-RPC answer,
     errors included; **204** when the body held only notifications.
-    HTTP-level failures: **413** body over ``max_line`` bytes, **415** wrong
+    HTTP-level failures: **408** body not received within
+    ``request_timeout``, **413** body over ``max_line`` bytes, **415** wrong
     content type, **403** banned address (``Retry-After``: until the ban
     ends), **429** over ``request_rate`` for the address (``Retry-After``),
     **503** gateway full or stopping (``Retry-After: 1``; HAProxy retries
@@ -230,7 +231,12 @@ class WebListener:
         self._quiet.clear()
         try:
             try:
-                body = await request.read()
+                # A client sending its body slowly must not hold a slot for ever.
+                body = await asyncio.wait_for(request.read(), self.options.request_timeout)
+            except asyncio.TimeoutError:
+                self.gateway.metrics.gateway_rejected("slow_body")
+                return self._error(request, 408, jsonrpc.INVALID_REQUEST,
+                                   f"body not received within {self.options.request_timeout:g}s")
             except web.HTTPRequestEntityTooLarge:
                 self.gateway.metrics.gateway_rejected("line_too_long")
                 self.gateway.judge_address(address, "invalid")

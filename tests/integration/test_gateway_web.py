@@ -309,3 +309,36 @@ def _client_frame(payload: bytes) -> bytes:
                       bytes([0x80 | 126]) + size.to_bytes(2, "big") if size < 65536 else
                       bytes([0x80 | 127]) + size.to_bytes(8, "big"))
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_slow_http_clients_are_cut_off_and_others_are_served(
+    start_service: StartService, haproxy: WebSync
+) -> None:
+    start_service(PROBE)
+    start_gateways(start_service, request_timeout=1.0)
+    up(haproxy)
+
+    async def main() -> None:
+        async def raw(data: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", haproxy.web_port)
+            writer.write(data)
+            await writer.drain()
+            try:
+                return await asyncio.wait_for(reader.read(65536), WAIT)
+            finally:
+                writer.close()
+
+        started = time.monotonic()
+        # Headers that never end: HAProxy's "timeout http-request" (1 s here) answers 408.
+        headers_only = asyncio.ensure_future(raw(b"POST /rpc HTTP/1.1\r\nHost: x\r\n"))
+        # A body that never comes whole: the gateway gives up after request_timeout, 408.
+        body_short = asyncio.ensure_future(raw(
+            b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"jsonrpc\""))
+        async with aiohttp.ClientSession() as session:  # meanwhile, others are served
+            status, doc, _ = await post(session, haproxy.url, rpc("webprobe.echo", ["ok"]))
+            assert status == 200 and doc["result"] == "ok"
+        assert b" 408 " in (await headers_only).split(b"\r\n")[0]
+        assert b" 408 " in (await body_short).split(b"\r\n")[0]
+        assert time.monotonic() - started < WAIT
+    asyncio.run(main())

@@ -41,6 +41,7 @@ send_proxy = "v2"
 [haproxy.timeouts]
 tunnel = "1h"
 http_keep_alive = "10s"
+http_request = "1s"
 
 [haproxy.check]
 inter = "300ms"
