@@ -166,7 +166,10 @@ def test_http_bad_input_gets_json_rpc_errors_or_http_statuses(
             assert set(statuses) <= {200, 429}
             limited = next(h for s, _, h in results if s == 429)
             assert int(limited["Retry-After"]) >= 1
-            assert all(d["result"] == i for i, (s, d, _) in enumerate(results) if s == 200)
+            # A 200 is the answer, or (the tokens went to requests that raced it) rate_limited.
+            assert all(d.get("result") == i or d["error"]["code"] == jsonrpc.RATE_LIMITED
+                       for i, (s, d, _) in enumerate(results) if s == 200)
+            assert any(d.get("result") == i for i, (s, d, _) in enumerate(results) if s == 200)
     asyncio.run(main())
 
 
