@@ -345,3 +345,35 @@ def test_slow_http_clients_are_cut_off_and_others_are_served(
         assert b" 408 " in (await body_short).split(b"\r\n")[0]
         assert time.monotonic() - started < WAIT
     asyncio.run(main())
+
+
+def test_floods_of_connections_and_of_bad_bodies_meet_the_tcp_limits_and_ban_policy(
+    start_service: StartService, haproxy: WebSync
+) -> None:
+    start_service(PROBE)
+    start_gateways(start_service, max_per_address=2, ban_min_requests=4, ban_ratio=0.75)
+    up(haproxy)
+    url = f"ws://127.0.0.1:{haproxy.web_port}/ws"
+
+    async def main() -> None:
+        # Connections per address, as on TCP: the third upgrade is refused with 429.
+        async with connect(url) as first, connect(url) as second:
+            for ws in (first, second):
+                await ws.send(json.dumps(rpc("mesh.ping")))
+                assert json.loads(await asyncio.wait_for(ws.recv(), WAIT))["result"] == "pong"
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with connect(url):
+                    pass
+            assert refused.value.response.status_code == 429
+            assert int(refused.value.response.headers["Retry-After"]) >= 1
+        # The ban policy counts invalid HTTP bodies: 3 bad of 4 bans the address.
+        async with aiohttp.ClientSession() as session:
+            for body in (b"{nope", b"[]", b"{nope"):
+                status, doc, _ = await post(session, haproxy.url, body)
+                assert status == 200 and "error" in doc
+            # The fourth request counted (built-ins are not) is what bans.
+            status, doc, _ = await post(session, haproxy.url, rpc("webprobe.echo", [1]))
+            assert status == 200
+            status, doc, _ = await post(session, haproxy.url, rpc("webprobe.echo", [2]))
+            assert status == 403 and doc["error"]["code"] == jsonrpc.BANNED
+    asyncio.run(main())
