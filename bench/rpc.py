@@ -19,7 +19,12 @@ subset; the peers beside ``raw`` are described in :mod:`rpc_peers`):
     A real meshkit service (:class:`BenchService`) run by
     :func:`meshkit.runner.run`, registered in a private ``redis-server`` on a
     unix socket, bound on a kernel-chosen port, called through
-    :class:`meshkit.AsyncClient` found through the registry.
+    :class:`meshkit.AsyncClient` found through the registry. Server and
+    client run on meshkit's event loop (uvloop, :mod:`meshkit.loops`); every
+    other asyncio client here runs on asyncio's own loop, each system on a
+    loop of its own.
+``meshkit_asyncio``
+    The same on asyncio's own loop, server and client: what uvloop buys.
 ``meshkit_statsd``
     The same, with statsd metrics on in server and client, sent to a local
     UDP socket nobody reads (a namespace and server of its own).
@@ -103,12 +108,17 @@ from rpc_clients import (
 from rpc_report import Runs, format_table, machine_info, print_profile, summarize
 
 import meshkit
+import meshkit.loops
 from meshkit.config import Settings
 from meshkit.registry import read_records
 from meshkit.testing import RedisServer, settings_env, test_settings
 
 BIG_SIZE = 64 * 1024
-SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_statsd", "meshkit_sync")
+SYSTEMS = ("raw", "raw_blocking", "raw_batched", "nats", "meshkit", "meshkit_asyncio", "meshkit_statsd",
+           "meshkit_sync")
+# The client of each of these runs on meshkit's own loop (uvloop, meshkit/loops.py), as its
+# server does; every other client, meshkit_asyncio's included, runs on asyncio's own loop.
+ON_MESHKIT_LOOP = ("meshkit", "meshkit_statsd", "meshkit_sync")
 ENDPOINT_SERVERS = ("raw", "raw_blocking", "raw_batched")  # print a tcp:// endpoint
 SERVER_OF = {"meshkit_sync": "meshkit"}  # the blocking client calls the meshkit server
 WORKLOADS = ("seq", "pipelined", "big")
@@ -134,13 +144,21 @@ def _serve_meshkit() -> int:
     return run(BenchService, Settings.load())
 
 
+def _serve_meshkit_asyncio() -> int:
+    """The same on asyncio's own event loop instead of uvloop: what uvloop buys."""
+    from meshkit.runner import run
+
+    return run(BenchService, Settings.load(), loop_factory=asyncio.new_event_loop)
+
+
 def _child_main(system: str, profile_out: str | None, cpu: int | None, nats_url: str) -> int:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     serves: dict[str, Callable[[], int]] = {
         "raw": rpc_peers.serve_raw, "raw_blocking": rpc_peers.serve_blocking,
         "raw_batched": rpc_peers.serve_batched, "nats": lambda: rpc_peers.serve_nats(nats_url),
-        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit}
+        "meshkit": _serve_meshkit, "meshkit_statsd": _serve_meshkit,
+        "meshkit_asyncio": _serve_meshkit_asyncio}
     serve = serves[system]
     if not profile_out:
         return serve()
@@ -234,27 +252,39 @@ def _profiling(profiler: cProfile.Profile | None) -> Iterator[None]:
             profiler.disable()
 
 
-async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
-                        servers: dict[str, ServerProcess], nats_url: str) -> tuple[Runs, Runs]:
+def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
+                  servers: dict[str, ServerProcess], nats_url: str) -> tuple[Runs, Runs]:
     """Every measurement ``args.repeats`` times; returns (figures, CPU us per call).
 
     ``servers`` has one entry per system in ``args.systems`` (``meshkit_sync``
-    shares ``meshkit``'s), ``settings`` one per meshkit system.
+    shares ``meshkit``'s), ``settings`` one per meshkit system. Each system's
+    client lives on an event loop of its own (see :data:`ON_MESHKIT_LOOP`),
+    and each measurement runs that loop until it is done, so systems never
+    share a loop and never run at the same time.
     """
+    loops_of = {s: (meshkit.loops.new_event_loop() if s in ON_MESHKIT_LOOP else asyncio.new_event_loop())
+                for s in args.systems}
+    try:
+        return _measure_all(args, settings, servers, nats_url, loops_of)
+    finally:
+        for loop in loops_of.values():
+            loop.close()
+
+
+def _measure_all(args: argparse.Namespace, settings: dict[str, Settings], servers: dict[str, ServerProcess],
+                 nats_url: str, loops_of: dict[str, asyncio.AbstractEventLoop]) -> tuple[Runs, Runs]:
     clients: dict[str, Client] = {}
     profilers: dict[str, cProfile.Profile | None] = {}
     meters: dict[str, CpuMeter] = {}
     for system in args.systems:
         server = servers[SERVER_OF.get(system, system)]
-        clients[system] = await make_client(system, server, settings, nats_url)
+        clients[system] = loops_of[system].run_until_complete(make_client(system, server, settings, nats_url))
         profilers[system] = cProfile.Profile() if args.profile else None
         meters[system] = CpuMeter(server.process.pid)
     big = os.urandom(args.big_size)
     # Connection set-up and first-call costs stay out of every figure.
     for system, client in clients.items():
-        if await call_once(client, SMALL) != SMALL or await call_once(client, big) != big:
-            raise RuntimeError(f"{system} did not echo its payload")
-        await run_pipelined(client, SMALL, 500, args.inflight)
+        loops_of[system].run_until_complete(_warm_up(system, client, big, args.inflight))
 
     runs: Runs = {s: {"seq_p50_us": [], "seq_p99_us": [], "pipelined_calls_s": [], "big_MBps": []}
                   for s in clients}
@@ -267,32 +297,42 @@ async def run_benchmark(args: argparse.Namespace, settings: dict[str, Settings],
                 client, meter = clients[system], meters[system]
                 gc.collect()
                 with _profiling(profilers[system]):
-                    if kind == "seq":
-                        p50, p99 = await measure_seq(client, args.calls, args.warmup, meter)
-                        runs[system]["seq_p50_us"].append(p50)
-                        runs[system]["seq_p99_us"].append(p99)
-                        shown = f"p50 {p50:.0f} us  p99 {p99:.0f} us"
-                    elif kind == "pipelined":
-                        rate = await measure_throughput(client, SMALL, args.pipelined_calls,
-                                                        args.inflight, meter)
-                        runs[system]["pipelined_calls_s"].append(rate)
-                        shown = f"{rate:,.0f} calls/s"
-                    else:
-                        rate = await measure_throughput(client, big, args.big_calls,
-                                                        args.inflight, meter)
-                        mbps = rate * args.big_size / 1e6
-                        runs[system]["big_MBps"].append(mbps)
-                        shown = f"{mbps:,.1f} MB/s"
+                    shown = loops_of[system].run_until_complete(
+                        _measure(kind, client, meter, big, args, runs[system]))
                 cpu[system][f"{kind}_client"].append(meter.client_us)
                 cpu[system][f"{kind}_server"].append(meter.server_us)
                 _progress(f"repeat {r + 1}/{args.repeats}  {kind:<9}  {system:<7}  {shown:<26}"
                           f"cpu/call client {meter.client_us:5.1f} us  server {meter.server_us:5.1f} us")
     for system, client in clients.items():
-        await client.close()
+        loops_of[system].run_until_complete(client.close())
         profiler = profilers[system]
         if profiler is not None:
             profiler.dump_stats(os.path.join(args.profile, f"{system}-client.prof"))
     return runs, cpu
+
+
+async def _warm_up(system: str, client: Client, big: bytes, inflight: int) -> None:
+    if await call_once(client, SMALL) != SMALL or await call_once(client, big) != big:
+        raise RuntimeError(f"{system} did not echo its payload")
+    await run_pipelined(client, SMALL, 500, inflight)
+
+
+async def _measure(kind: str, client: Client, meter: CpuMeter, big: bytes, args: argparse.Namespace,
+                   runs: dict[str, list[float]]) -> str:
+    """One measurement of ``kind``, appended to ``runs``; returns it as text."""
+    if kind == "seq":
+        p50, p99 = await measure_seq(client, args.calls, args.warmup, meter)
+        runs["seq_p50_us"].append(p50)
+        runs["seq_p99_us"].append(p99)
+        return f"p50 {p50:.0f} us  p99 {p99:.0f} us"
+    if kind == "pipelined":
+        rate = await measure_throughput(client, SMALL, args.pipelined_calls, args.inflight, meter)
+        runs["pipelined_calls_s"].append(rate)
+        return f"{rate:,.0f} calls/s"
+    rate = await measure_throughput(client, big, args.big_calls, args.inflight, meter)
+    mbps = rate * args.big_size / 1e6
+    runs["big_MBps"].append(mbps)
+    return f"{mbps:,.1f} MB/s"
 
 
 def _progress(text: str) -> None:
@@ -337,6 +377,8 @@ def _start_all(args: argparse.Namespace, redis_url: str, server_cpu: int | None,
                               "log_level": "WARNING", "drain_grace": 2.0}
     settings = {"meshkit": test_settings(redis_url, **common)}
     settings["meshkit_sync"] = settings["meshkit"]
+    if "meshkit_asyncio" in args.systems:
+        settings["meshkit_asyncio"] = test_settings(redis_url, **common)  # a namespace of its own
     if "meshkit_statsd" in args.systems:
         # A UDP socket nobody reads: the datagrams are sent (the cost we want
         # to see) and then dropped by the kernel once its buffer is full.
@@ -386,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     running: list[Any] = []
     try:
         settings, servers, nats_url = _start_all(args, redis_server.url, server_cpu, running)
-        runs, cpu = asyncio.run(run_benchmark(args, settings, servers, nats_url))
+        runs, cpu = run_benchmark(args, settings, servers, nats_url)
     finally:
         for thing in reversed(running):
             if isinstance(thing, socket.socket):

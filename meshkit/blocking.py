@@ -1,9 +1,15 @@
 """``meshkit.Client``: the mesh for blocking code (scripts, web apps, the CLI).
 
-It runs an :class:`AsyncClient` on an event loop in a background thread and
-blocks the calling thread on each call, so the caller writes no asyncio. It
-is safe to share between threads. Results and errors are exactly those of
-:class:`AsyncClient`.
+It runs an :class:`AsyncClient` on an event loop (meshkit's, see
+:mod:`meshkit.loops`) in a background thread and blocks the calling thread
+on each call, so the caller writes no asyncio. It is safe to share between
+threads. Results and errors are exactly those of :class:`AsyncClient`.
+
+A call is handed to the loop with one ``call_soon_threadsafe`` and waited
+for on a plain lock that the call's task releases as it finishes: no
+``concurrent.futures.Future`` and no done-callback hop, which is most of
+what ``asyncio.run_coroutine_threadsafe`` costs per call (measured in
+``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
+from . import loops
 from .client import AsyncClient, ServiceProxy
 from .config import Settings
 from .errors import ClientClosedError
@@ -21,15 +28,38 @@ from .record import InstanceRecord
 T = TypeVar("T")
 
 
+class _Waiter:
+    """One blocked caller: the outcome of its coroutine, and a lock released when it is there."""
+
+    __slots__ = ("error", "lock", "value")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+async def _drive(coro: Coroutine[Any, Any, Any], waiter: _Waiter, tasks: set[asyncio.Task[None]]) -> None:
+    try:
+        waiter.value = await coro
+    except BaseException as exc:  # handed to the caller's thread, which raises it
+        waiter.error = exc
+    finally:
+        waiter.lock.release()
+        tasks.discard(asyncio.current_task())
+
+
 class Client:
     """A blocking mesh client. ``Client(settings)`` or ``Client(redis_url=..., namespace=...)``."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings.replace(**overrides) if settings else Settings.load(**overrides)
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="meshkit-client", daemon=True)
         self._thread.start()
         self._async: AsyncClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         try:
             self._async = self._run(self._make())
@@ -46,7 +76,17 @@ class Client:
         if self._closed:
             coro.close()
             raise ClientClosedError("client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        waiter = _Waiter()
+        self._loop.call_soon_threadsafe(self._start, coro, waiter)
+        if not waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"the client's loop did not finish within {timeout} s")
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value  # type: ignore[no-any-return]
+
+    def _start(self, coro: Coroutine[Any, Any, Any], waiter: _Waiter) -> None:
+        # In the loop's thread. The set holds each task until it ends (the loop keeps only weak references).
+        self._tasks.add(self._loop.create_task(_drive(coro, waiter, self._tasks)))
 
     @property
     def _client(self) -> AsyncClient:
@@ -56,10 +96,16 @@ class Client:
 
     def call(self, service: str, method: str, args: Sequence[Any] = (),
              kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
-             wait: bool = False, meta: Mapping[str, str] | None = None) -> Any:
+             wait: bool = False, meta: Mapping[str, str] | None = None,
+             traceparent: str | None = None) -> Any:
         """Call ``service.method(*args, **kwargs)``; see :meth:`AsyncClient.call`."""
         return self._run(self._client.call(service, method, args, kwargs, timeout=timeout,
-                                           wait=wait, meta=meta))
+                                           wait=wait, meta=meta, traceparent=traceparent))
+
+    def call_instance(self, instance_id: str, method: str, *args: Any, timeout: float | None = None,
+                      **kwargs: Any) -> Any:
+        """Call ``method`` on exactly the instance ``instance_id``; see :meth:`AsyncClient.call_instance`."""
+        return self._run(self._client.call_instance(instance_id, method, *args, timeout=timeout, **kwargs))
 
     def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """Push to every subscriber of ``topic``; see :meth:`AsyncClient.publish`."""
@@ -68,6 +114,11 @@ class Client:
     def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
         """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
         return ServiceProxy(self.call, name, timeout, wait)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this client waiting for their answers now (a snapshot, readable from any thread)."""
+        return self._client.exchange.in_flight
 
     def instances(self, service: str | None = None) -> list[InstanceRecord]:
         """The cached registry view (no Redis round trip)."""

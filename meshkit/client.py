@@ -27,7 +27,6 @@ Contracts:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,33 +35,29 @@ from typing import Any
 import zmq
 
 from . import wire
+from .codes import ErrorCode, LocalCode
 from .config import Settings
 from .context import current_call
 from .errors import (
-    DRAINING,
     CallTimeoutError,
     ClientClosedError,
     LostPeerError,
     MessageTooLargeError,
     NoInstanceError,
-    ProtocolError,
     error_from_wire,
 )
+from .exchange import DeadlinePassed, LostInFlight, NotDelivered
 from .metrics import Metrics
-from .peer import Peer, Pending
+from .observe.observer import Observer
+from .peer import FAILED, Peer
 from .pool import PeerPool
 from .publish import publish, push_one
+from .record import InstanceRecord
 from .registry import Registry
 from .trace import TraceContext
 from .untrusted import clip
 
 log = logging.getLogger("meshkit.client")
-
-_UNKNOWN_SERVICE = "unknown_service"
-
-
-class _Retry(Exception):
-    """Internal: the request did not run; send it to another instance."""
 
 
 class AsyncClient:
@@ -80,6 +75,7 @@ class AsyncClient:
         registry: Registry | None = None,
         zmq_context: zmq.Context[zmq.Socket[bytes]] | None = None,
         metrics: Metrics | None = None,
+        pool: PeerPool | None = None,
     ) -> None:
         self.settings = settings
         self._own_registry = registry is None
@@ -87,8 +83,12 @@ class AsyncClient:
         self._own_ctx = zmq_context is None
         self._ctx = zmq_context or zmq.Context()
         self.metrics = metrics or Metrics("", "", "")
-        self.pool = PeerPool(settings, self.registry, self._ctx)
+        # ``pool``: for tests, one over fake peers (its registry must be ``registry``).
+        self.pool = pool or PeerPool(settings, self.registry, self._ctx)
+        self.exchange = self.pool.exchange
+        self.clock = self.pool.clock
         self._started = False
+        self.observer: Observer | None = None  # set by a Service: client spans go to its buffer
 
     async def start(self) -> None:
         """Load the registry view (if this client owns it) and start following it."""
@@ -135,120 +135,138 @@ class AsyncClient:
         timeout: float | None = None,
         wait: bool = False,
         meta: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> Any:
         """Call ``service.method(*args, **kwargs)`` on one instance; return its result.
 
         Raises a :class:`~meshkit.errors.CallError` subclass on failure (see
         the module doc for which and when), ``ValueError`` for a service or
         method name longer than ``Settings.max_name_length``.
+
+        ``traceparent`` (a W3C header value) makes the call part of that
+        trace instead of the current one: make one with
+        ``TraceContext.new_root()`` to learn the trace id of a call made
+        outside any handler (``meshkit trace`` finds it afterwards).
         """
+        return await self._call(service, method, args, kwargs, timeout, wait, meta, None, traceparent)
+
+    async def call_instance(self, instance_id: str, method: str, *args: Any,
+                            timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method(*args, **kwargs)`` on the one instance ``instance_id``; return its result.
+
+        The instance is looked up in the registry view by id
+        (:class:`NoInstanceError` if it is not there). There is no failover:
+        if that instance does not take the call (it is draining, unreachable,
+        or left alone after a failure) the call fails with
+        :class:`NoInstanceError`; if it is lost with the call in flight, with
+        :class:`LostPeerError`, idempotent or not. Methods named
+        ``_mesh.*`` are the framework's own (see :mod:`meshkit.server`).
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        record = self._record_of(instance_id)
+        return await self._call(record.service, method, args, kwargs, timeout, False, None, record)
+
+    def _record_of(self, instance_id: str) -> InstanceRecord:
+        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
+        if record is None:
+            raise NoInstanceError(f"no live instance {clip(instance_id)!r}")
+        return record
+
+    def _choose(self, service: str, tried: set[str], only: InstanceRecord | None, method: str = "") -> Peer | None:
+        """The next instance to try: the pool's choice, or ``only`` (once, if it can take work)."""
+        if only is None:
+            return self.pool.pick(service, tried)
+        if tried:
+            raise NoInstanceError(f"instance {only.instance_id} did not take the call",
+                                  service=service)
+        peer = self.pool.peer_for(only)
+        # A draining instance still answers the framework's _mesh.* methods (introspection).
+        if peer is None or not (peer.available or (method.startswith("_mesh.") and peer.state != FAILED)):
+            raise NoInstanceError(f"instance {only.instance_id} is not available", service=service)
+        return peer
+
+    async def _call(
+        self,
+        service: str,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        timeout: float | None,
+        wait: bool,
+        meta: Mapping[str, str] | None,
+        only: InstanceRecord | None,
+        traceparent: str | None = None,
+    ) -> Any:
+        """The one place a call starts and finishes (``call_made`` counts it, whatever the outcome)."""
         if self.pool.closed:
             raise ClientClosedError("client is closed")
         _check_name("service", service, self.settings.max_name_length)
         _check_name("method", method, self.settings.max_name_length)
-        started = time.monotonic()
-        deadline, trace, meta = self._outgoing(timeout, meta)
-        body = wire.pack([list(args), dict(kwargs or {})])
-        traceparent = trace.traceparent()
-        tried: set[str] = set()
+        started = self.clock.now()
+        deadline, trace, meta = self._outgoing(timeout, meta, traceparent)
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the client span: the callee's span is its child
+        message = wire.CallMessage(service, method, wire.encode_call_body(args, kwargs or {}),
+                                   trace.traceparent(), meta)
         code: str | None = None
         try:
-            while True:
-                peer = self.pool.pick(service, tried)
-                if peer is None:
-                    await self._wait_for_instance(service, method, deadline, wait, bool(tried))
-                    tried.clear()
-                    continue
-                limit = min(self.settings.max_message_size,
-                            peer.record.max_message_size or self.settings.max_message_size)
-                if len(body) > limit:
-                    raise MessageTooLargeError(
-                        f"request of {len(body)} bytes exceeds {service}'s max_message_size {limit}",
-                        service=service, method=method)
-                try:
-                    return await self._send_call(peer, service, method, body, deadline, traceparent, meta)
-                except _Retry:
-                    if self.pool.closed:
-                        raise ClientClosedError("client closed while the call was in flight") from None
-                    tried.add(peer.key)
+            return await self._send_call(message, deadline, wait, only)
         except BaseException as exc:
-            code = getattr(exc, "code", "cancelled")
+            code = getattr(exc, "code", LocalCode.CANCELLED)
             raise
         finally:
-            self.metrics.call_made(service, method, (time.monotonic() - started) * 1000, code)
+            elapsed = self.clock.now() - started
+            self.metrics.call_made(service, method, elapsed * 1000, code)
+            if observer is not None:
+                observer.span(trace, f"{service}.{method}", "client", start_unix, elapsed, code or "ok")
 
-    async def _send_call(
-        self,
-        peer: Peer,
-        service: str,
-        method: str,
-        body: bytes,
-        deadline: float,
-        traceparent: str,
-        meta: Mapping[str, str] | None,
-    ) -> Any:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CallTimeoutError(f"{service}.{method} timed out", service=service, method=method)
-        loop = asyncio.get_running_loop()
-        request_id = self.pool.next_id()
-        header = wire.encode_call_header(request_id, service, method, int(remaining * 1000), traceparent, meta)
-        future: asyncio.Future[Any] = loop.create_future()
-        idempotent = method in peer.record.idempotent
-
-        def on_answer(kind: int, frame: bytes) -> None:
-            if future.done():
-                return
+    async def _send_call(self, message: wire.CallMessage, deadline: float, wait: bool,
+                         only: InstanceRecord | None) -> Any:
+        """Send to one instance after another until one answers (see the module doc for when it retries)."""
+        service, method = message.service, message.method
+        tried: set[str] = set()
+        while True:
+            peer = self._choose(service, tried, only, method)
+            if peer is None:
+                await self._wait_for_instance(service, method, deadline, wait, bool(tried))
+                tried.clear()
+                continue
+            self._check_size(peer, message)
             try:
-                if kind == wire.REPLY:
-                    future.set_result(wire.unpack(frame))
-                    return
-                if kind != wire.ERROR:
-                    raise ProtocolError("bad_request", f"unexpected answer kind {kind}")
-                err = wire.decode_error_body(frame)
-            except ProtocolError as exc:
-                future.set_exception(error_from_wire("bad_request", str(exc), service=service, method=method))
-                return
-            if err.code == DRAINING:
-                peer.draining = True
-                self.pool.notify()
-                future.set_exception(_Retry())
-            elif err.code == _UNKNOWN_SERVICE:
-                # The record is stale: its port now belongs to another
-                # service. Nothing ran; stop using that endpoint.
-                future.set_exception(_Retry())
-                peer.fail(lost=False, reason=f"serves another service now ({clip(err.message)})")
+                answer = await self.exchange.start(peer, message, deadline)
+            except NotDelivered:
+                pass  # it cannot have run: another instance may take it
+            except LostInFlight:
+                # It may have run: again elsewhere only if the method says that is safe.
+                retry = only is None and method in peer.record.idempotent
+                if not retry and not self.pool.closed:
+                    raise LostPeerError(f"instance {peer.key} was lost with {service}.{method} in flight",
+                                        service=service, method=method) from None
+            except DeadlinePassed:
+                raise CallTimeoutError(f"{service}.{method} got no reply within its deadline",
+                                       service=service, method=method) from None
             else:
-                future.set_exception(error_from_wire(
-                    err.code, err.message, service=service, method=method,
-                    remote_type=err.type, remote_traceback=err.traceback))
+                return _result(answer, service, method)
+            if self.pool.closed:
+                raise ClientClosedError("client closed while the call was in flight")
+            tried.add(peer.key)
 
-        def on_fail(lost: bool) -> None:
-            if future.done():
-                return
-            if lost and not idempotent and not self.pool.closed:
-                future.set_exception(LostPeerError(
-                    f"instance {peer.key} was lost with {service}.{method} in flight",
-                    service=service, method=method))
-            else:
-                future.set_exception(_Retry())
-
-        if not peer.send([header, body]):
-            raise _Retry()
-        peer.pending[request_id] = Pending(on_answer, on_fail)
-        timer = loop.call_later(remaining, _expire, future, service, method)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-            peer.pending.pop(request_id, None)
+    def _check_size(self, peer: Peer, message: wire.CallMessage) -> None:
+        limit = min(self.settings.max_message_size,
+                    peer.record.max_message_size or self.settings.max_message_size)
+        if len(message.body) > limit:
+            raise MessageTooLargeError(
+                f"request of {len(message.body)} bytes exceeds {message.service}'s max_message_size {limit}",
+                service=message.service, method=message.method)
 
     async def _wait_for_instance(
         self, service: str, method: str, deadline: float, wait: bool, tried_some: bool
     ) -> None:
         if not wait and not tried_some:
             raise NoInstanceError(f"no live instance of service {service!r}", service=service, method=method)
-        now = time.monotonic()
+        now = self.clock.now()
         if not wait:
             # Every instance refused (draining, unreachable): give the mesh a
             # moment to settle rather than failing a call nobody ran.
@@ -270,20 +288,22 @@ class AsyncClient:
             raise ClientClosedError("client is closed")
 
     def _outgoing(
-        self, timeout: float | None, meta: Mapping[str, str] | None
+        self, timeout: float | None, meta: Mapping[str, str] | None, traceparent: str | None = None
     ) -> tuple[float, TraceContext, Mapping[str, str] | None]:
         """Deadline (monotonic), span and metadata for an outgoing message."""
-        deadline = time.monotonic() + (self.settings.call_timeout if timeout is None else timeout)
+        deadline = self.clock.now() + (self.settings.call_timeout if timeout is None else timeout)
         ctx = current_call()
         if ctx is None:
-            return deadline, TraceContext.new_root(), meta
+            trace = TraceContext.new_root() if traceparent is None else TraceContext.named(traceparent)
+            return deadline, trace, meta
+        trace = ctx.trace if traceparent is None else TraceContext.named(traceparent)
         if ctx.deadline is not None:
             deadline = min(deadline, ctx.deadline)
         if meta:
             merged = dict(ctx.meta)
             merged.update(meta)
-            return deadline, ctx.trace, merged
-        return deadline, ctx.trace, ctx.meta
+            return deadline, trace, merged
+        return deadline, trace, ctx.meta
 
     # -- publishing -----------------------------------------------------------
 
@@ -301,8 +321,14 @@ class AsyncClient:
         _check_name("topic", topic, self.settings.max_name_length)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the producer span
         subscribers, delivered = await publish(self.pool, topic, payload, deadline, trace.traceparent(), meta)
         self.metrics.published(topic, subscribers, delivered)
+        if observer is not None:
+            observer.span(trace, f"publish {topic}", "producer", start_unix, time.time() - start_unix, "ok",
+                          {"subscribers": subscribers, "delivered": delivered})
         return delivered
 
     async def push_to(self, instance_id: str, topic: str, payload: Any, *,
@@ -319,9 +345,7 @@ class AsyncClient:
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
-        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
-        if record is None:
-            raise NoInstanceError(f"no live instance {instance_id!r}")
+        record = self._record_of(instance_id)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
         await push_one(self.pool, record, topic, payload, deadline, trace.traceparent(), meta)
@@ -333,10 +357,14 @@ def _check_name(what: str, name: str, limit: int) -> None:
         raise ValueError(f"{what} name of {len(name)} characters exceeds max_name_length {limit}: {clip(name)!r}")
 
 
-def _expire(future: asyncio.Future[Any], service: str, method: str) -> None:
-    if not future.done():
-        future.set_exception(CallTimeoutError(
-            f"{service}.{method} got no reply within its deadline", service=service, method=method))
+def _result(answer: wire.Answer, service: str, method: str) -> Any:
+    """The value of a CALL's answer, or the error it carries, raised."""
+    if answer.kind == wire.REPLY:
+        return answer.value
+    err = answer.error or wire.ErrorBody(ErrorCode.BAD_REQUEST,
+                                         f"a CALL answered by {wire.KIND_NAMES[answer.kind]}")
+    raise error_from_wire(err.code, err.message, service=service, method=method,
+                          remote_type=err.type, remote_traceback=err.traceback)
 
 
 class ServiceProxy:

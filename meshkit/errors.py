@@ -1,37 +1,60 @@
 """Every exception meshkit raises, rooted at :class:`MeshError`.
 
-The tree says whose fault a failure is::
+The tree says whose fault a failure is (``tests/unit/test_errors.py`` pins
+it against the classes, subpackages included)::
 
     MeshError
-    ├── ConfigError              your settings are wrong (raised before anything runs)
-    ├── ClientClosedError        you used a client or service after closing it
-    ├── RegistryUnreachableError the registry's Redis did not answer (not: "no instances")
-    ├── ProtocolError            bytes that are not valid meshkit frames (local decode)
-    └── CallError                a call or publish did not produce a result
-        ├── NoInstanceError      no live instance of the service is known  [no_instance]
-        ├── CallTimeoutError     the deadline passed before a reply      [timeout]
-        ├── LostPeerError        the instance died with the call in flight [lost_peer]
-        ├── MessageTooLargeError the request exceeded the size limit      [too_large]
-        └── RemoteError          the instance answered with an error
-            ├── UnknownServiceError   the instance is not that service  [unknown_service]
-            ├── UnknownMethodError    no such @rpc method               [unknown_method]
-            ├── BadArgumentsError     arguments do not fit the method   [bad_arguments]
-            ├── BadRequestError       the instance could not decode it  [bad_request]
-            ├── UnsupportedVersionError  protocol version not spoken    [unsupported_version]
-            ├── HandlerError          the handler raised                [handler_error]
-            └── RefusedError          the handler refused on purpose     [refused]
-                └── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+    ├── ConfigError                 your settings are wrong (raised before anything runs)
+    ├── ClientClosedError           you used a client or service after closing it
+    ├── RegistryUnreachableError    the registry's Redis did not answer (not: "no instances")
+    ├── ProtocolError               bytes that are not valid meshkit frames (local decode)
+    ├── CallError                   a call or publish did not produce a result
+    │   ├── NoInstanceError         no live instance of the service is known      [no_instance]
+    │   ├── CallTimeoutError        the deadline passed before a reply (a TimeoutError too) [timeout]
+    │   ├── LostPeerError           the instance died with the call in flight     [lost_peer]
+    │   ├── MessageTooLargeError    the request exceeded the size limit           [too_large]
+    │   └── RemoteError             the instance answered with an error
+    │       ├── UnknownServiceError      the instance is not that service    [unknown_service]
+    │       ├── UnknownMethodError       no such @rpc method                 [unknown_method]
+    │       ├── BadArgumentsError        arguments do not fit the method     [bad_arguments]
+    │       ├── BadRequestError          the instance could not decode it    [bad_request]
+    │       ├── UnsupportedVersionError  protocol version not spoken         [unsupported_version]
+    │       ├── HandlerError             the handler raised                  [handler_error]
+    │       └── RefusedError             the handler refused on purpose      [refused]
+    │           ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+    │           ├── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
+    │           ├── Overloaded           (limits) a concurrency gate and its queue are full [overloaded]
+    │           ├── ClientFaultError     (gateway) a handler blames the gateway's client [client_fault]
+    │           │   └── BanClientError       ... and asks for its address to be banned [ban_client]
+    │           └── ConnectionGoneError  (gateway) the client connection closed [connection_gone]
+    ├── HAProxyError                (haproxy) HAProxy could not be driven
+    │   ├── HAProxyUnreachableError     its runtime API or master CLI did not answer
+    │   ├── RuntimeCommandError         it refused a runtime command
+    │   ├── ConfigCheckError            ``haproxy -c`` rejected a rendered configuration
+    │   └── ReloadError                 a reload did not bring up a new worker
+    ├── StackError                  (stack) a Circus control command failed
+    │   └── RestartFailed               a rolling restart stopped part-way
+    ├── NoConnectionError           (gateway) the call did not come through a gateway
+    ├── ProxyHeaderError            (gateway) not a valid PROXY protocol header
+    ├── RpcError                    (gateway) a call function's JSON-RPC error
+    ├── LocalRedisError             (cli) the background Redis could not be started or stopped
+    └── UsageError                  (cli) the command line is wrong
 
-Errors cross the wire as the stable string codes in brackets (see
-:mod:`meshkit.wire`), never as pickles or import paths. ``draining`` and
-``deadline_exceeded`` are codes the client consumes itself: the first makes it
-retry on another instance, the second becomes :class:`CallTimeoutError`.
+Errors cross the wire as the stable string codes in brackets (the
+vocabulary is :mod:`meshkit.codes`), never as pickles or import paths.
+``draining`` and ``deadline_exceeded`` are codes the client consumes itself:
+the first makes it retry on another instance, the second becomes
+:class:`CallTimeoutError`. A service defines its own codes by subclassing
+:class:`RefusedError` and calling :func:`register_error_code`: its handlers
+raise the class, the code travels, and the caller gets the class back.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from .codes import ErrorCode, LocalCode
 
 
 class MeshError(Exception):
@@ -54,7 +77,7 @@ class RegistryUnreachableError(MeshError):
     the Redis URL with its password masked, and the cause.
     """
 
-    code = "registry_unreachable"
+    code: str = LocalCode.REGISTRY_UNREACHABLE
 
     def __init__(self, url: str, cause: str) -> None:
         super().__init__(f"registry unreachable at {url}: {cause}")
@@ -69,7 +92,7 @@ class ProtocolError(MeshError):
     """Bytes received do not form a valid meshkit message."""
 
     def __init__(self, code: str, message: str, id: int = 0) -> None:
-        super().__init__(message)
+        super().__init__(message)  # ``code`` is an ErrorCode (bad_request, unsupported_version)
         self.code = code
         self.id = id  # the request id, when the header was readable; else 0
 
@@ -80,7 +103,7 @@ class ProtocolError(MeshError):
 class CallError(MeshError):
     """A call or publish failed; ``code`` is the stable wire code."""
 
-    code = "call_error"
+    code: str = LocalCode.CALL_ERROR
 
     def __init__(self, message: str = "", *, service: str = "", method: str = "") -> None:
         super().__init__(message or self.code)
@@ -103,13 +126,13 @@ def _rebuild(cls: type[CallError], message: str, service: str, method: str) -> C
 class NoInstanceError(CallError):
     """No live instance of the service is registered (or none came up in time)."""
 
-    code = "no_instance"
+    code = LocalCode.NO_INSTANCE
 
 
-class CallTimeoutError(CallError):
-    """The call's deadline passed before a reply arrived."""
+class CallTimeoutError(CallError, TimeoutError):
+    """The call's deadline passed before a reply arrived (also a built-in :class:`TimeoutError`)."""
 
-    code = "timeout"
+    code = LocalCode.TIMEOUT
 
 
 class LostPeerError(CallError):
@@ -119,49 +142,49 @@ class LostPeerError(CallError):
     when the method is declared ``idempotent``.
     """
 
-    code = "lost_peer"
+    code = LocalCode.LOST_PEER
 
 
 class MessageTooLargeError(CallError):
     """The encoded message exceeds the configured maximum message size."""
 
-    code = "too_large"
+    code = LocalCode.TOO_LARGE
 
 
 class RemoteError(CallError):
     """The remote instance answered with an error."""
 
-    code = "remote_error"
+    code: str = LocalCode.REMOTE_ERROR
 
 
 class UnknownServiceError(RemoteError):
     """The instance reached is not the service that was asked for."""
 
-    code = "unknown_service"
+    code = ErrorCode.UNKNOWN_SERVICE
 
 
 class UnknownMethodError(RemoteError):
     """The service has no ``@rpc`` method of that name."""
 
-    code = "unknown_method"
+    code = ErrorCode.UNKNOWN_METHOD
 
 
 class BadArgumentsError(RemoteError):
     """The arguments do not match the method's signature."""
 
-    code = "bad_arguments"
+    code = ErrorCode.BAD_ARGUMENTS
 
 
 class BadRequestError(RemoteError):
     """The instance could not decode the request (bad frames, header or payload)."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class UnsupportedVersionError(RemoteError):
     """The instance does not speak the protocol version the request used."""
 
-    code = "unsupported_version"
+    code = ErrorCode.UNSUPPORTED_VERSION
 
 
 class HandlerError(RemoteError):
@@ -171,7 +194,7 @@ class HandlerError(RemoteError):
     ``remote_traceback`` is only filled when the remote runs in debug mode.
     """
 
-    code = "handler_error"
+    code = ErrorCode.HANDLER_ERROR
 
     def __init__(
         self,
@@ -209,7 +232,7 @@ class RefusedError(RemoteError):
     wire it leads the message as ``"[23] "``.
     """
 
-    code = "refused"
+    code: str = ErrorCode.REFUSED  # str: subclasses registered by services bring their own codes
 
     def __init__(self, message: str = "", *, client_code: int | None = None, service: str = "",
                  method: str = "") -> None:
@@ -233,17 +256,27 @@ def _rebuild_refused(cls: type[RefusedError], message: str, client_code: int | N
 class UnknownConnectionError(RefusedError):
     """A gateway has no open connection with that id (it closed, or never was)."""
 
-    code = "unknown_connection"
+    code = ErrorCode.UNKNOWN_CONNECTION
+
+
+class ResourceExhaustedError(RefusedError):
+    """A named resource the method uses (``@rpc(uses=...)``) is at its cluster-wide limit; not run.
+
+    Raised by the server before the handler when the method does not wait for
+    the resource (or its deadline would pass first); see ``docs/limits.md``.
+    """
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 _CLIENT_CODE = re.compile(r"\[(-?\d{1,9})\] (.*)", re.DOTALL)
 
 
-# Codes the server may send that the client handles itself.
-DRAINING = "draining"
-DEADLINE_EXCEEDED = "deadline_exceeded"
-REPLY_TOO_LARGE = "reply_too_large"
-OVERLOADED = "overloaded"
+# Codes the server may send that the client handles itself (kept as names for importers).
+DRAINING = ErrorCode.DRAINING
+DEADLINE_EXCEEDED = ErrorCode.DEADLINE_EXCEEDED
+REPLY_TOO_LARGE = ErrorCode.REPLY_TOO_LARGE
+OVERLOADED = ErrorCode.OVERLOADED
 
 _BY_CODE: dict[str, type[CallError]] = {
     cls.code: cls
@@ -261,26 +294,36 @@ _BY_CODE: dict[str, type[CallError]] = {
         HandlerError,
         RefusedError,
         UnknownConnectionError,
+        ResourceExhaustedError,
     )
 }
 _BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError
 _BY_CODE[REPLY_TOO_LARGE] = MessageTooLargeError
+_BUILT_IN = frozenset(_BY_CODE) | frozenset(ErrorCode) | frozenset(LocalCode)
+_CODE_GRAMMAR = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
-# -- begin: error codes of subsystems (gateway, issue #9 item 2) --------------------------
-def register_code(cls: type[RefusedError]) -> type[RefusedError]:
-    """Make ``cls.code`` a known wire code, so a caller receiving it raises ``cls`` (a decorator).
+def register_error_code(cls: type[RefusedError]) -> type[RefusedError]:
+    """Make ``cls.code`` a wire code that is rebuilt as ``cls`` when received (usable as a decorator).
 
-    For refusals that other processes act on by code, never by class name
-    (the gateway's ``connection_gone``, ``client_fault``, ``ban_client``).
-    A code another class already holds is a ``ValueError``.
+    ``cls`` must subclass :class:`RefusedError` (a handler raises it to
+    answer with that code) and define its own ``code``: 1-64 characters of
+    ``a-z``, ``0-9`` and ``_``, starting with a letter, not one of meshkit's
+    own (:mod:`meshkit.codes`). Registering the same class again is a no-op;
+    another class for a registered code is a ``ValueError``.
     """
-    known = _BY_CODE.get(cls.code)
+    if not (isinstance(cls, type) and issubclass(cls, RefusedError)):
+        raise TypeError(f"{cls!r} must be a RefusedError subclass")
+    code = cls.__dict__.get("code")
+    if not isinstance(code, str) or _CODE_GRAMMAR.fullmatch(code) is None:
+        raise ValueError(f"{cls.__name__}.code must match {_CODE_GRAMMAR.pattern}, got {code!r}")
+    if code in _BUILT_IN:
+        raise ValueError(f"{code!r} is one of meshkit's own codes")
+    known = _BY_CODE.get(code)
     if known is not None and known is not cls:
-        raise ValueError(f"error code {cls.code!r} is already {known.__name__}'s")
-    _BY_CODE[cls.code] = cls
+        raise ValueError(f"code {code!r} is already registered for {known.__qualname__}")
+    _BY_CODE[code] = cls
     return cls
-# -- end: error codes of subsystems --------------------------------------------------------
 
 
 def error_from_wire(

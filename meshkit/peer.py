@@ -12,49 +12,45 @@ from those events, not from the registry:
   nothing was delivered, and closing the socket with ``LINGER 0`` makes sure
   nothing ever will be.
 
-Either way the socket is closed and every request waiting on it is failed
-through its :class:`Pending` so the client can retry or report.
+Either way the socket is closed and the peer reports that it failed, and
+whether it was :attr:`Peer.lost` (connected, so requests in flight may have
+run), to its owner; the :class:`~meshkit.exchange.Exchange` settles what was
+in flight. The owner changes a peer only through its verbs:
+:meth:`~Peer.update` (a new record), :meth:`~Peer.mark_draining` (it answered
+``draining``) and :meth:`~Peer.retire` (stop using it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from .clock import SYSTEM_CLOCK, Clock, TimerHandle
+from .codes import PeerState
 from .config import Settings
 from .record import InstanceRecord
 from .transport import SocketPump
 
 log = logging.getLogger("meshkit.peer")
 
-CONNECTING = "connecting"
-CONNECTED = "connected"
-FAILED = "failed"
+CONNECTING = PeerState.CONNECTING
+CONNECTED = PeerState.CONNECTED
+FAILED = PeerState.FAILED
 
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
-@dataclass(slots=True)
-class Pending:
-    """A request waiting for its answer on one peer.
-
-    ``on_answer(kind, body_frame)`` is called with the answer; ``on_fail(lost)``
-    when the peer fails first (``lost`` is False if it was never reached).
-    """
-
-    on_answer: Callable[[int, bytes], None]
-    on_fail: Callable[[bool], None]
-
-
 class Peer:
-    """One remote instance as seen from this process."""
+    """One remote instance as seen from this process.
+
+    ``on_message(peer, frames)`` gets every message the instance sends;
+    ``on_state(peer)`` is called when :attr:`state` or :attr:`draining`
+    changed (once with ``FAILED``, which is final).
+    """
 
     def __init__(
         self,
@@ -63,16 +59,19 @@ class Peer:
         settings: Settings,
         on_message: Callable[[Peer, list[bytes]], None],
         on_state: Callable[[Peer], None],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.record = record
         self.key = record.key
         self.settings = settings
         self.state = CONNECTING
         self.draining = not record.is_up  # also set when it answers "draining"
-        self.pending: dict[int, Pending] = {}
+        self.lost = False  # failed while connected: what was in flight may have run
         self.failed_at = 0.0
+        self.reason = ""  # why it failed
         self._on_state = on_state
-        self._created = time.monotonic()
+        self._clock = clock
         sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -88,19 +87,12 @@ class Peer:
         self._monitor_pump = SocketPump(self._monitor, self._on_monitor)
         self.pump.start()
         self._monitor_pump.start()
-        loop = asyncio.get_running_loop()
-        self._connect_timer: asyncio.TimerHandle | None = loop.call_later(
-            settings.dead_after, self._connect_timeout
-        )
+        self._connect_timer: TimerHandle | None = clock.call_later(settings.dead_after, self._connect_timeout)
 
     @property
     def available(self) -> bool:
         """Whether new work may be sent here."""
         return self.state != FAILED and not self.draining
-
-    @property
-    def load(self) -> int:
-        return len(self.pending)
 
     def send(self, frames: list[bytes]) -> bool:
         """Queue frames for the peer; False if it cannot take them (not sent)."""
@@ -109,6 +101,7 @@ class Peer:
         return self.pump.send(frames)
 
     def update(self, record: InstanceRecord) -> None:
+        """Take the instance's newer record (its state decides :attr:`draining`)."""
         self.record = record
         if record.is_up and self.draining and self.state != FAILED:
             # The registry says up again (e.g. the drain was cancelled).
@@ -116,22 +109,28 @@ class Peer:
         elif not record.is_up:
             self.draining = True
 
-    def fail(self, lost: bool, reason: str) -> None:
-        """Close the connection and fail everything waiting on it."""
+    def mark_draining(self) -> None:
+        """The instance answered ``draining``: send it no new work until its record says ``up``."""
+        if not self.draining:
+            self.draining = True
+            self._on_state(self)
+
+    def retire(self, reason: str) -> None:
+        """Stop using this instance now: close the connection; nothing in flight counts as run."""
+        self._fail(False, reason)
+
+    def _fail(self, lost: bool, reason: str) -> None:
         if self.state == FAILED:
             return
-        level = logging.WARNING if self.pending else logging.INFO
-        log.log(level, "peer %s at %s %s (%d in flight)", self.key, self.record.endpoint,
-                reason, len(self.pending))
         self.state = FAILED
-        self.failed_at = time.monotonic()
+        self.lost = lost
+        self.reason = reason
+        self.failed_at = self._clock.now()
         self.close()
-        pending, self.pending = self.pending, {}
-        for item in pending.values():
-            item.on_fail(lost)
         self._on_state(self)
 
     def close(self) -> None:
+        """Close the sockets (no event is reported; :meth:`retire` is the verb that reports)."""
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
@@ -150,7 +149,7 @@ class Peer:
         # elsewhere as "never delivered".
         self._monitor_pump.drain()
         if self.state == CONNECTING:
-            self.fail(lost=False, reason=f"not reachable within {self.settings.dead_after:.2f}s")
+            self._fail(False, f"not reachable within {self.settings.dead_after:.2f}s")
 
     def _on_monitor(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)["event"]
@@ -162,4 +161,4 @@ class Peer:
                     self._connect_timer = None
                 self._on_state(self)
         elif event == zmq.EVENT_DISCONNECTED:
-            self.fail(lost=self.state == CONNECTED, reason="disconnected")
+            self._fail(self.state == CONNECTED, "disconnected")

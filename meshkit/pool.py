@@ -1,36 +1,38 @@
 """This process's connections to other instances, kept in step with the registry view.
 
-A :class:`PeerPool` makes a :class:`~meshkit.peer.Peer` the first time an
-instance is chosen, routes every answer to the request waiting for it, closes
-peers whose instance left the registry once nothing is in flight on them, and
-keeps a failed instance out of choice for :data:`RETRY_FAILED_AFTER` seconds
-while the registry still lists it. Choosing reads only memory.
+A :class:`PeerPool` chooses instances and owns the lives of their
+:class:`~meshkit.peer.Peer` connections: it makes a peer the first time an
+instance is chosen, hands every message a peer receives to its
+:class:`~meshkit.exchange.Exchange` (which owns what is in flight), closes
+peers whose instance left the registry once nothing is in flight on them,
+and keeps a failed instance out of choice for :data:`RETRY_FAILED_AFTER`
+seconds while the registry still lists it. Choosing reads only memory.
 
 Instance choice is load-aware: of the available instances, two are drawn at
 random and the one with fewer requests in flight from this process wins
 ("power of two choices"); instances with a live connection are preferred over
-ones still connecting.
+ones still connecting. The random draws come from ``rng`` and the time from
+``clock``, both given to the constructor, so tests can replay them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import random
-import time
+from collections.abc import Callable
 
 import zmq
 
-from . import wire
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
-from .errors import ClientClosedError, ProtocolError
+from .errors import ClientClosedError
+from .exchange import Exchange
 from .peer import CONNECTED, FAILED, Peer
 from .record import InstanceRecord
 from .registry import Registry
 from .timing import wait_event
-from .untrusted import LogThrottle
 
 log = logging.getLogger("meshkit.pool")
 
@@ -38,39 +40,58 @@ log = logging.getLogger("meshkit.pool")
 # (while the registry still lists it).
 RETRY_FAILED_AFTER = 2.0
 
+Connect = Callable[["PeerPool", InstanceRecord], Peer]
+
+
+def connect_zmq(pool: PeerPool, record: InstanceRecord) -> Peer:
+    """The production ``connect``: a :class:`Peer` over a ZeroMQ DEALER in the pool's context."""
+    return Peer(record, pool.ctx, pool.settings, pool.peer_message, pool.peer_changed, clock=pool.clock)
+
 
 class PeerPool:
-    """Peers of one client, chosen from ``registry``; sockets made in ``ctx``."""
+    """Peers of one client, chosen from ``registry``; sockets made in ``ctx``.
 
-    def __init__(self, settings: Settings, registry: Registry, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    ``connect(pool, record)`` makes the peer of a newly chosen instance
+    (default :func:`connect_zmq`); the peer must report its messages to
+    :meth:`peer_message` and its changes to :meth:`peer_changed`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        connect: Connect = connect_zmq,
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self._ctx = ctx
+        self.ctx = ctx
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self._connect = connect
+        self.exchange = Exchange(settings, clock=clock, rng=self._rng, on_idle=self._on_peer_idle)
         self._peers: dict[str, Peer] = {}
         self._failed_at: dict[str, float] = {}
-        self._ids = itertools.count(random.getrandbits(32) + 1)
         self._pid = os.getpid()
         self._available = asyncio.Event()
-        self._throttle = LogThrottle(log, settings.log_repeat_interval)
-        self.dropped = 0  # answers that matched nothing or could not be read
         self.closed = False
 
     def start(self) -> None:
         self.registry.add_listener(self._on_registry_change)
 
     def close(self) -> None:
-        """Close every peer; what waits on them is failed (callers see ``closed``)."""
+        """Retire every peer; what waits on them is settled (callers see ``closed``)."""
         if self.closed:
             return
         self.closed = True
         self.registry.remove_listener(self._on_registry_change)
         for peer in list(self._peers.values()):
-            peer.fail(lost=True, reason="closed by its client")
+            peer.retire("closed by its client")
         self._peers.clear()
         self._available.set()
-
-    def next_id(self) -> int:
-        return next(self._ids)
 
     # -- choosing -------------------------------------------------------------
 
@@ -90,8 +111,9 @@ class PeerPool:
             return None
         if len(candidates) == 1:
             return candidates[0]
-        a, b = random.sample(candidates, 2)
-        return a if a.load <= b.load else b
+        a, b = self._rng.sample(candidates, 2)
+        load = self.exchange.load
+        return a if load(a) <= load(b) else b
 
     def peer_for(self, record: InstanceRecord) -> Peer | None:
         """The peer of ``record``, connecting if needed; ``None`` while it is left alone after a failure."""
@@ -101,16 +123,16 @@ class PeerPool:
         if self.closed:
             raise ClientClosedError("client is closed")
         failed = self._failed_at.get(record.key)
-        if failed is not None and time.monotonic() - failed < RETRY_FAILED_AFTER:
+        if failed is not None and self.clock.now() - failed < RETRY_FAILED_AFTER:
             return None
         if os.getpid() != self._pid:
             raise ClientClosedError("a client cannot be used across fork(); make a new one")
-        peer = Peer(record, self._ctx, self.settings, self._on_peer_message, self._on_peer_state)
+        peer = self._connect(self, record)
         self._peers[record.key] = peer
         return peer
 
     def next_retry(self, service: str) -> float | None:
-        """When (monotonic) the earliest failed instance of ``service`` may be tried again."""
+        """When (on the pool's clock) the earliest failed instance of ``service`` may be tried again."""
         times = [self._failed_at[r.key] + RETRY_FAILED_AFTER
                  for r in self.registry.instances(service) if r.key in self._failed_at]
         return min(times) if times else None
@@ -126,42 +148,41 @@ class PeerPool:
 
     # -- events from peers and the registry -------------------------------------
 
-    def _on_peer_state(self, peer: Peer) -> None:
+    def peer_message(self, peer: Peer, frames: list[bytes]) -> None:
+        """A message from ``peer``: an answer, for the exchange."""
+        self.exchange.receive(peer, frames)
+
+    def peer_changed(self, peer: Peer) -> None:
+        """``peer`` connected, was marked draining, or failed (then it is forgotten and its requests settled)."""
         if peer.state == FAILED:
+            in_flight = self.exchange.load(peer)
+            log.log(logging.WARNING if in_flight else logging.INFO, "peer %s at %s %s (%d in flight)",
+                    peer.key, peer.record.endpoint, peer.reason, in_flight)
             if self._peers.get(peer.key) is peer:
                 del self._peers[peer.key]
             self._failed_at[peer.key] = peer.failed_at
+            self.exchange.abandon(peer, lost=peer.lost)
         self.notify()
+
+    def _on_peer_idle(self, peer: Peer) -> None:
+        # Nothing left in flight on a draining peer: close it if its instance left the registry.
+        if self.registry.get(peer.key) is None and self._peers.get(peer.key) is peer:
+            del self._peers[peer.key]
+            peer.close()
+            self.exchange.forget(peer)
 
     def _on_registry_change(self) -> None:
         for key, peer in list(self._peers.items()):
             record = self.registry.get(key)
             if record is None:
                 # Gone from the registry: finish what is in flight, then close.
-                if not peer.pending:
+                if not self.exchange.load(peer):
                     peer.close()
                     del self._peers[key]
+                    self.exchange.forget(peer)
                 else:
-                    peer.draining = True
+                    peer.mark_draining()
             else:
                 peer.update(record)
         self._failed_at = {k: t for k, t in self._failed_at.items() if self.registry.get(k) is not None}
         self.notify()
-
-    def _on_peer_message(self, peer: Peer, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            self.dropped += 1
-            self._throttle.log("frames", logging.WARNING, "dropping %d-frame message from %s", len(frames), peer.key)
-            return
-        try:
-            header = wire.decode_header(frames[0])
-        except ProtocolError as exc:
-            self.dropped += 1
-            self._throttle.log(exc.code, logging.WARNING, "dropping malformed answer from %s: %s", peer.key, exc)
-            return
-        pending = peer.pending.pop(header.id, None)
-        if pending is not None:
-            pending.on_answer(header.kind, frames[1])
-        if peer.draining and not peer.pending and self.registry.get(peer.key) is None:
-            peer.close()
-            self._peers.pop(peer.key, None)

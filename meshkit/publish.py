@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from . import wire
-from .errors import CallTimeoutError, LostPeerError, MessageTooLargeError, ProtocolError, error_from_wire
-from .peer import FAILED, Pending
+from .codes import ErrorCode
+from .errors import CallTimeoutError, LostPeerError, MessageTooLargeError, error_from_wire
+from .exchange import DeadlinePassed, LostInFlight, NotDelivered
+from .peer import FAILED
 from .pool import PeerPool
 from .record import InstanceRecord
 from .untrusted import clip
@@ -39,44 +40,33 @@ async def publish(
     traceparent: str,
     meta: Mapping[str, str] | None,
 ) -> tuple[int, int]:
-    """Push ``payload`` to every subscriber of ``topic``; wait for ACKs until ``deadline`` (monotonic).
+    """Push ``payload`` to every subscriber of ``topic``; wait for ACKs until ``deadline`` (pool's clock).
 
     Returns ``(subscribers, delivered)``. Raises :class:`MessageTooLargeError`
     if the payload exceeds this process's own limit; a subscriber whose limit
     is smaller is skipped (and logged), never disconnected.
     """
-    body = wire.encode_push_body(payload)
-    if len(body) > pool.settings.max_message_size:
-        raise MessageTooLargeError(
-            f"payload of {len(body)} bytes exceeds max_message_size {pool.settings.max_message_size}")
-    loop = asyncio.get_running_loop()
-    timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+    message = wire.PushMessage(topic, wire.encode_push_body(payload), traceparent, meta)
+    size = len(message.body)
+    if size > pool.settings.max_message_size:
+        raise MessageTooLargeError(f"payload of {size} bytes exceeds max_message_size {pool.settings.max_message_size}")
     subscribers = pool.registry.subscribers(topic)
-    waits: dict[asyncio.Future[bool], tuple[Any, int]] = {}
+    waits: list[asyncio.Future[wire.Answer]] = []
     for record in subscribers:
         peer = pool.peer_for(record)
         if peer is None or peer.state == FAILED:
             continue
-        if record.max_message_size and len(body) > record.max_message_size:
+        if record.max_message_size and size > record.max_message_size:
             log.warning("not pushing %s to %s: %d bytes exceed its limit of %d",
-                        clip(topic), record.key, len(body), record.max_message_size)
+                        clip(topic), record.key, size, record.max_message_size)
             continue
-        request_id = pool.next_id()
-        header = wire.encode_push_header(request_id, topic, timeout_ms, traceparent, meta)
-        if not peer.send([header, body]):
+        try:
+            waits.append(pool.exchange.start(peer, message, deadline))
+        except (NotDelivered, DeadlinePassed):
             continue
-        future: asyncio.Future[bool] = loop.create_future()
-        peer.pending[request_id] = Pending(_on_ack(future), _on_fail(future))
-        waits[future] = (peer, request_id)
-    delivered = 0
-    if waits:
-        done, not_done = await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()))
-        delivered = sum(1 for f in done if not f.cancelled() and f.result())
-        for future in not_done:
-            # Forget it, or the subscriber's load would count it for ever.
-            peer, request_id = waits[future]
-            peer.pending.pop(request_id, None)
-            future.cancel()
+    # Every wait settles by the deadline at the latest (the exchange's timers).
+    answers = await asyncio.gather(*waits, return_exceptions=True)
+    delivered = sum(1 for a in answers if isinstance(a, wire.Answer) and a.kind == wire.ACK)
     return len(subscribers), delivered
 
 
@@ -96,60 +86,26 @@ async def push_one(
     such connection, ``unknown_method`` when it has no handler for the topic),
     :class:`CallTimeoutError` with no answer by ``deadline``,
     :class:`LostPeerError` when the connection to it failed with the push in
-    flight (it may or may not have run), :class:`MessageTooLargeError` for an
-    oversized payload.
+    flight (it may or may not have run) or could not be made,
+    :class:`MessageTooLargeError` for an oversized payload.
     """
-    body = wire.encode_push_body(payload)
+    message = wire.PushMessage(topic, wire.encode_push_body(payload), traceparent, meta)
     limit = min(pool.settings.max_message_size, record.max_message_size or pool.settings.max_message_size)
-    if len(body) > limit:
-        raise MessageTooLargeError(f"payload of {len(body)} bytes exceeds max_message_size {limit}")
+    if len(message.body) > limit:
+        raise MessageTooLargeError(f"payload of {len(message.body)} bytes exceeds max_message_size {limit}")
     peer = pool.peer_for(record)
     if peer is None or peer.state == FAILED:
         raise LostPeerError(f"instance {record.key} is not reachable")
-    future: asyncio.Future[tuple[int, bytes] | None] = asyncio.get_running_loop().create_future()
-
-    def on_answer(kind: int, frame: bytes) -> None:
-        if not future.done():
-            future.set_result((kind, frame))
-
-    def on_fail(lost: bool) -> None:
-        if not future.done():
-            future.set_result(None)
-
-    request_id = pool.next_id()
-    timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-    header = wire.encode_push_header(request_id, topic, timeout_ms, traceparent, meta)
-    if not peer.send([header, body]):
-        raise LostPeerError(f"instance {record.key} is not reachable")
-    peer.pending[request_id] = Pending(on_answer, on_fail)
     try:
-        answer = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
+        answer = await pool.exchange.start(peer, message, deadline)
+    except NotDelivered:
+        raise LostPeerError(f"instance {record.key} is not reachable") from None
+    except LostInFlight:
+        raise LostPeerError(f"instance {record.key} was lost with a push in flight") from None
+    except DeadlinePassed:
         raise CallTimeoutError(f"push to {record.key} got no answer within its deadline") from None
-    finally:
-        peer.pending.pop(request_id, None)
-    if answer is None:
-        raise LostPeerError(f"instance {record.key} was lost with a push in flight")
-    kind, frame = answer
-    if kind == wire.ACK:
+    if answer.kind == wire.ACK:
         return
-    try:
-        err = wire.decode_error_body(frame)
-    except ProtocolError as exc:
-        raise error_from_wire("bad_request", str(exc)) from None
+    err = answer.error or wire.ErrorBody(ErrorCode.BAD_REQUEST, f"a PUSH answered by {wire.KIND_NAMES[answer.kind]}")
     raise error_from_wire(err.code, err.message, service=record.service, method=topic,
                           remote_type=err.type, remote_traceback=err.traceback)
-
-
-def _on_ack(future: asyncio.Future[bool]) -> Callable[[int, bytes], None]:
-    def on_answer(kind: int, frame: bytes) -> None:
-        if not future.done():
-            future.set_result(kind == wire.ACK)
-    return on_answer
-
-
-def _on_fail(future: asyncio.Future[bool]) -> Callable[[bool], None]:
-    def on_fail(lost: bool) -> None:
-        if not future.done():
-            future.set_result(False)
-    return on_fail

@@ -16,7 +16,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
+from . import loops
 from .config import Settings
 from .errors import ConfigError
 from .logs import configure_logging
@@ -42,8 +44,12 @@ def load_class(target: str) -> type[Service]:
     return cls
 
 
-def run(cls: type[Service], settings: Settings | None = None) -> int:
+def run(cls: type[Service], settings: Settings | None = None, *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
     """Run one instance of ``cls`` until SIGTERM/SIGINT; return the exit code.
+
+    The event loop is uvloop's (see :mod:`meshkit.loops`) unless
+    ``loop_factory`` makes another (``asyncio.new_event_loop``, to compare).
 
     If plain handlers are still running in their threads once the instance
     has stopped (the grace period ran out), the process exits at once with
@@ -51,7 +57,7 @@ def run(cls: type[Service], settings: Settings | None = None) -> int:
     for them at interpreter exit would stretch the grace period without end.
     """
     settings = settings or Settings.load()
-    code = asyncio.run(_serve(cls, settings))
+    code = loops.run(_serve(cls, settings), factory=loop_factory)
     _exit_if_threads_remain(code)
     return code
 

@@ -11,16 +11,14 @@ message it can attribute to a sender:
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
   after another, in arrival order, and each is acknowledged when done.
-* a handler (of a CALL or a PUSH) that raises :class:`~meshkit.errors.RefusedError`
-  answers with that error's code and message, and nothing is logged above debug.
-* a PING is answered with the state and the number of requests in flight.
+* what a handler returned or raised becomes the answer in :mod:`meshkit.answers`.
+* a PING is answered with the state and the number of requests held.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
 
-What a peer can make the server hold is bounded in requests and bytes (see
-:mod:`meshkit.budget` and the ``max_*`` settings): calls being served per
-connection, pushes queued per connection, and everything held by the
-instance. A request past a bound is answered ``overloaded`` and not run.
+What a peer can make the server hold is bounded in requests and bytes
+(:mod:`meshkit.quota`, :mod:`meshkit.inbox` and the ``max_*`` settings); a
+request past a bound is answered ``overloaded`` and not run.
 Every remote value echoed into an answer or a log line is clipped, and log
 lines caused by remote input are throttled (one per cause per
 ``Settings.log_repeat_interval``, with a count of the rest). Answers sent to
@@ -32,6 +30,11 @@ unless told), so unit tests drive them with :class:`meshkit.testing.FakeClock`.
 
 Draining (see :meth:`Server.drain`): new CALLs are answered ``draining`` (the
 caller sends them elsewhere, nothing ran); pushes and work in flight finish.
+
+Method names starting with :data:`RESERVED_PREFIX` (``_mesh.``) belong to the
+framework: a service's own table may not use them (:class:`ConfigError`), and
+they are served from :meth:`Server.add_framework_method`'s table, also while
+draining (they report on the instance, they do not do its work).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import asyncio
 import functools
 import logging
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -48,23 +50,35 @@ from typing import Any
 import zmq
 
 from . import wire
+from .answers import Answers
 from .budget import Budget, request_cost
 from .clock import SYSTEM_CLOCK, Clock
+from .codes import ErrorCode, InstanceState
 from .config import Settings
 from .context import CallContext, reset_current, set_current
-from .errors import DEADLINE_EXCEEDED, DRAINING, OVERLOADED, REPLY_TOO_LARGE, ProtocolError, RefusedError
+from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
 from .inbox import PushInbox
-from .invoke import BadArguments, invoke
+from .invoke import invoke
+from .limits import CallLimits
 from .metrics import Metrics
-from .record import DRAINING as STATE_DRAINING
-from .record import UP
-from .timing import DeadlineCancel, wait_event
+from .observe.introspect import Introspection
+from .observe.observer import Observer
+from .quota import CallQuota
+from .timing import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.server")
+
+# Method names under this prefix are the framework's, never a service's.
+RESERVED_PREFIX = "_mesh."
+
+_UP = InstanceState.UP  # read once per call: an enum attribute costs a lookup each time
+# The inflight gauge is sent at most this often (seconds), and whenever it is
+# zero: a datagram per call cost more than the gauge is worth (docs/performance.md).
+INFLIGHT_REPORT_INTERVAL = 0.1
 
 
 class Server:
@@ -81,23 +95,31 @@ class Server:
         *,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        reserved = sorted(name for name in table.methods if name.startswith(RESERVED_PREFIX))
+        if reserved:
+            raise ConfigError(f"method names starting with {RESERVED_PREFIX!r} are reserved: {reserved}")
         self.service = service
         self.clock = clock
         self.table = table
+        self._framework: dict[str, Handler] = {}
         table.cache_bytes = settings.topic_cache_bytes
         self.settings = settings
         self.executor = executor
         self.metrics = metrics
-        self.state = UP
+        self.state: str = InstanceState.UP  # or DRAINING
         self.inflight = 0
+        self._inflight_reported = -INFLIGHT_REPORT_INTERVAL  # the first change is reported
         self.dropped = 0  # messages neither answered nor served (answers sent to a server)
         # Monotonic time of the last CALL received. Pushes do not count: they
         # are served while draining, so a steady publisher must not be able
         # to hold a stopping instance for its whole grace period.
         self.last_call = 0.0
         self.held = Budget(settings.max_inflight, settings.max_inflight_bytes)  # the whole instance
-        self._calls_by_peer: dict[bytes, Budget] = {}
+        self.quota = CallQuota(settings, self.held)  # what calls hold, per connection
+        # Concurrency gates and resource leases, passed before each handler runs (docs/limits.md).
+        self.limits = CallLimits(service, table, settings, clock=clock, metrics=metrics)
         self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
+        self._answers = Answers(settings, self._throttle)
         self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -106,13 +128,15 @@ class Server:
         sock.setsockopt(zmq.LINGER, 2000)  # let the last replies out on close
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        # ZeroMQ drops (and disconnects) a sender whose message exceeds this,
-        # before Python ever sees it; the header allowance keeps the limit
-        # about the payload.
+        # ZeroMQ drops (and disconnects) a sender whose frame exceeds this; 4 KiB is the header's allowance.
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_size + 4096)
         self.sock = sock
         self.endpoint = ""
         self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval)
+        # Observability hooks (meshkit.observe), set by the Service: spans and stats of
+        # what is served, and the reserved _mesh.* methods.
+        self.observer: Observer | None = None
+        self.reserved: Introspection | None = None
 
     def bind(self, address: str | None = None) -> str:
         """Bind on a kernel-chosen (or configured-range) port; return the advertised endpoint.
@@ -127,9 +151,8 @@ class Server:
         host = self.settings.bind_host
         address = f"tcp://{'*' if host in ('0.0.0.0', '') else host}"
         if self.settings.port_min:
-            port = self.sock.bind_to_random_port(
-                address, self.settings.port_min, self.settings.port_max + 1, max_tries=200
-            )
+            port = self.sock.bind_to_random_port(address, self.settings.port_min, self.settings.port_max + 1,
+                                                 max_tries=200)
         else:
             self.sock.bind(f"{address}:0")
             last = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -140,6 +163,16 @@ class Server:
     def start(self) -> None:
         self.pump.start()
 
+    def add_framework_method(self, name: str, fn: Callable[..., Any]) -> None:
+        """Serve ``fn`` as the framework method ``name`` (which must start with ``_mesh.``).
+
+        ``fn`` is called like an ``@rpc`` handler (async on the loop, plain in
+        the thread pool) and is served while draining too.
+        """
+        if not name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"framework method names start with {RESERVED_PREFIX!r}: {clip(name)!r}")
+        self._framework[name] = Handler(name, fn, asyncio.iscoroutinefunction(fn))
+
     async def drain(self, grace: float, quiet: float = 0.3) -> bool:
         """Stop taking new calls; wait for work in flight, up to ``grace`` seconds.
 
@@ -149,7 +182,7 @@ class Server:
         do not restart the quiet period, queued ones are finished like calls.
         Returns False if work was still running when the grace period ended.
         """
-        self.state = STATE_DRAINING
+        self.state = InstanceState.DRAINING
         deadline = self.clock.now() + grace
         while True:
             left = deadline - self.clock.now()
@@ -182,12 +215,8 @@ class Server:
             self._drop("empty message")
             return
         identity = frames[0]
-        if len(frames) != 3:
-            self._reject(identity, self._readable_id(frames), "bad_request",
-                         f"expected 2 frames, got {len(frames) - 1}")
-            return
         try:
-            header = wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+            header = wire.split_request(frames[1:], max_size=self.settings.max_header_size,
                                         max_name=self.settings.max_name_length)
         except ProtocolError as exc:
             self._reject(identity, exc.id, exc.code, str(exc))
@@ -198,19 +227,10 @@ class Server:
         elif kind == wire.PUSH:
             self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.PING:
-            self._send(identity, wire.encode_pong(header.id, self.state, self.inflight))
+            # What max_inflight bounds: calls being served and pushes queued or running.
+            self._send(identity, wire.encode_pong(header.id, self.state, self.held.count))
         else:
             self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
-
-    def _readable_id(self, frames: list[bytes]) -> int:
-        """The request id of a message with the wrong frame count, if its header is readable (else 0)."""
-        if len(frames) < 2:
-            return 0
-        try:
-            return wire.decode_header(frames[1], max_size=self.settings.max_header_size,
-                                      max_name=self.settings.max_name_length).id
-        except ProtocolError as exc:
-            return exc.id
 
     def _reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         """Answer ``code``; ``message`` must already be short (remote values clipped)."""
@@ -236,7 +256,7 @@ class Server:
     def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
         self.inflight += 1
-        self.metrics.inflight(self.inflight)
+        self._report_inflight()
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._task_done, on_done))
@@ -244,29 +264,41 @@ class Server:
     def _task_done(self, on_done: Callable[[], None], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.inflight -= 1
+        self._report_inflight()
         on_done()
         if not self.inflight and not self._pushes.busy:
             self._idle.set()
 
+    def _report_inflight(self) -> None:
+        now = self.clock.now()
+        if not self.inflight or now - self._inflight_reported >= INFLIGHT_REPORT_INTERVAL:
+            self._inflight_reported = now
+            self.metrics.inflight(self.inflight)
+
     def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
-        self.metrics.incr(f"rejected.{OVERLOADED}")
-        self._send(identity, wire.encode_error(request_id, OVERLOADED, f"{what} refused: {why}"))
+        self.metrics.incr(f"rejected.{ErrorCode.OVERLOADED}")
+        self._send(identity, wire.encode_error(request_id, ErrorCode.OVERLOADED, f"{what} refused: {why}"))
 
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         self.last_call = self.clock.now()
         if header.target != self.service:
-            self._reject(identity, header.id, "unknown_service",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
-        handler = self.table.methods.get(header.name)
+        if self.reserved is not None and header.name in self.reserved.methods:
+            # Before the draining check and the budgets: a busy or draining instance still answers.
+            self.reserved.serve(identity, header, body, self._send)
+            return
+        framework = header.name.startswith(RESERVED_PREFIX)
+        handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
-        if self.state != UP:
-            self._send(identity, wire.encode_error(header.id, DRAINING, "instance is draining"))
+        if self.state != _UP and not framework:
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
         # Refused before decoding when even the undecoded size does not fit.
         if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
@@ -277,44 +309,37 @@ class Server:
             self._reject(identity, header.id, exc.code, str(exc))
             return
         if header.timeout_ms == 0:
-            self._send(identity, wire.encode_error(header.id, DEADLINE_EXCEEDED, "deadline already passed"))
+            self._send(identity, wire.encode_error(header.id, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed"))
             return
         # Charged once decoded: what a body takes in memory is only known then.
         cost = request_cost(header_frame, body, containers)
         if not self._admit_call(identity, header.id, cost):
             return
-        release = functools.partial(self._release_call, identity, cost)
-        self._spawn(self._run_call(identity, header, handler, args, kwargs, self._deadline(header)), release)
+        self.inflight += 1
+        self._report_inflight()
+        # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
+        self._tasks.add(asyncio.ensure_future(
+            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost)))
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
-        """Charge a call to its connection's and the instance's budgets, or answer ``overloaded``.
-
-        With ``take=False`` only checks that it fits (answering ``overloaded`` if not).
-        """
-        peer = self._calls_by_peer.get(identity)
-        if peer is None:
-            peer = Budget(self.settings.max_calls_per_peer, self.settings.max_call_bytes_per_peer)
-        if not peer.fits(cost):
-            why = f"this connection has {peer.count} calls ({peer.bytes} bytes) in flight"
-        elif not self.held.fits(cost):
-            why = f"the instance holds {self.held.count} requests ({self.held.bytes} bytes)"
-        else:
+        """Charge a call to the quota (with ``take=False`` only check it fits), or answer ``overloaded``."""
+        why = self.quota.refusal(identity, cost)
+        if why is None:
             if take:
-                peer.take(cost)
-                self.held.take(cost)
-                self._calls_by_peer[identity] = peer
+                self.quota.take(identity, cost)
             return True
         self._throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
         self._overloaded(identity, request_id, "call", why)
         return False
 
     def _release_call(self, identity: bytes, cost: int) -> None:
-        self.held.give(cost)
-        peer = self._calls_by_peer.get(identity)
-        if peer is not None:
-            peer.give(cost)
-            if not peer.count:
-                del self._calls_by_peer[identity]
+        """A call ended: give back what it held and count it out of flight."""
+        self._tasks.discard(asyncio.current_task())
+        self.inflight -= 1
+        self._report_inflight()
+        if not self.inflight and not self._pushes.busy:
+            self._idle.set()
+        self.quota.give(identity, cost)
 
     async def _run_call(
         self,
@@ -324,60 +349,37 @@ class Server:
         args: list[Any],
         kwargs: dict[str, Any],
         deadline: float | None,
+        cost: int,
     ) -> None:
+        """Serve one admitted call: the one place a served call starts and finishes.
+
+        A task cancelled before it started (only :meth:`close` does that)
+        releases nothing: the server is going away.
+        """
         started = self.clock.now()
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           deadline, header.meta or {})
         set_current(ctx)  # this task runs in its own copy of the context
-        code: str | None = None
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
         try:
-            result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
-            code, frames = self._reply(header, result)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{handler.name}", logging.WARNING,
-                               "bad arguments for %s: %s", header.name, exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except DeadlineCancel:
-            code = DEADLINE_EXCEEDED
-            self._throttle.log(f"deadline:{handler.name}", logging.INFO, "%s cancelled at its deadline", header.name)
-            frames = wire.encode_error(header.id, code, "deadline passed while running")
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
-        except Exception as exc:
-            code, frames = self._handler_failed(header, handler.name, exc)
-        self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
-        self._send(identity, frames)
-
-    def _reply(self, header: wire.Header, result: Any) -> tuple[str | None, list[bytes]]:
-        try:
-            frames = wire.encode_reply(header.id, result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            code = "handler_error"
-            self._throttle.log(f"unencodable:{header.name}", logging.ERROR,
-                               "%s returned a value MessagePack cannot encode: %s", header.name, clip(exc))
-            return code, wire.encode_error(header.id, code, f"result cannot be encoded: {clip(exc)}",
-                                           type(exc).__name__)
-        if len(frames[1]) > self.settings.max_message_size:
-            return REPLY_TOO_LARGE, wire.encode_error(
-                header.id, REPLY_TOO_LARGE,
-                f"result of {len(frames[1])} bytes exceeds max_message_size {self.settings.max_message_size}")
-        return None, frames
-
-    def _handler_failed(self, header: wire.Header, cause: str, exc: BaseException) -> tuple[str, list[bytes]]:
-        # ``cause`` names the handler, not the topic: a prefix subscriber may
-        # see endless distinct topics, and each must not earn its own line.
-        self._throttle.log(f"handler_error:{cause}", logging.ERROR, "handler %s raised %s: %s",
-                           clip(header.name), type(exc).__name__, clip(str(exc), wire.MAX_ERROR_MESSAGE), exc_info=exc)
-        tb = clip("".join(traceback.format_exception(exc)), wire.MAX_ERROR_TRACEBACK) if self.settings.debug else None
-        return "handler_error", wire.encode_error(
-            header.id, "handler_error", clip(str(exc), wire.MAX_ERROR_MESSAGE), type(exc).__name__, tb)
+            try:
+                result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
+                                      limits=self.limits, cost=cost)
+                code, frames = self._answers.reply(header, result)
+            except Exception as exc:
+                code, frames = self._answers.failure(header, handler.name, exc)
+            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
+            if seen is not None and self.observer is not None:
+                self.observer.finished(seen, code, frames, args)
+            self._send(identity, frames)
+        finally:
+            self._release_call(identity, cost)
 
     # -- pushes ---------------------------------------------------------------
 
     def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         if not self.table.topic_handlers(header.name):
-            self._reject(identity, header.id, "unknown_method",
+            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
             return
         refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
@@ -399,31 +401,20 @@ class Server:
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
                           None, header.meta or {})
         token = set_current(ctx)
-        code: str | None = None
+        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity, True) if self.observer else None
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:
             for handler in self.table.topic_handlers(header.name):
                 cause = handler.name  # the pattern, for prefix subscribers
                 await invoke(handler, [payload], {}, None, self.executor, self.clock)
-            frames = wire.encode_ack(header.id)
-        except BadArguments as exc:
-            code = "bad_arguments"
-            self._throttle.log(f"bad_arguments:{cause}", logging.ERROR,
-                               "subscriber for %s must take one payload argument: %s", clip(header.name), exc)
-            frames = wire.encode_error(header.id, code, str(exc))
-        except RefusedError as exc:
-            code, frames = _refused(header, exc)
+            code, frames = self._answers.ack(header)
         except Exception as exc:
-            code, frames = self._handler_failed(header, cause, exc)
+            code, frames = self._answers.failure(header, cause, exc)
         finally:
             reset_current(token)
+        if seen is not None and self.observer is not None:
+            self.observer.finished(seen, code, frames, payload)
         # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
         self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
         self._send(identity, frames)
 
-
-def _refused(header: wire.Header, exc: RefusedError) -> tuple[str, list[bytes]]:
-    # A refusal is the handler's answer, not its failure: no traceback, no error log.
-    log.debug("%s refused: %s", clip(header.name), clip(exc.message))
-    return exc.code, wire.encode_error(header.id, exc.code, clip(exc.wire_message, wire.MAX_ERROR_MESSAGE),
-                                       type(exc).__name__)

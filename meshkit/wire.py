@@ -1,119 +1,57 @@
-"""The meshkit wire protocol, version 1. This docstring is the specification.
+"""The meshkit wire protocol, version 1: the codec, and the summary of its spec.
 
-Transport
----------
-Every service instance binds one ZeroMQ ``ROUTER`` socket (ZMTP 3 over TCP).
-A peer talks to it through a ``DEALER`` socket connected to the endpoint the
-instance registered. Every message is a ZeroMQ multipart message of exactly
-**two frames**, ``[header, body]``, as sent by the DEALER (the ROUTER sees its
-own routing-id frame in front, and puts it back in front of its answer). Both
-frames are MessagePack (https://msgpack.org): strings are ``str`` (UTF-8),
-binary data is ``bin``; maps may have non-string keys.
+The full specification, for implementers in other languages, is
+``docs/protocol.md``; this summary and the golden vectors in
+``tests/unit/test_wire.py`` are kept in step with it.
 
-Header
-------
-A MessagePack array whose first three items are always::
+Every instance binds one ZeroMQ ``ROUTER``; peers talk to it through a
+``DEALER``. Every message is exactly **two frames**, ``[header, body]``, both
+MessagePack (strings ``str``, binary ``bin``, maps may have non-string keys).
+The header is ``[version, kind, id]`` for answers and PING, and
+``[version, kind, id, target, name, timeout_ms, traceparent, meta]`` for
+requests: ``version`` 1; ``id`` an unsigned 64-bit int chosen by the
+requester, echoed in the answer, not reused while in flight; ``target`` the
+service (PUSH: ``""``); ``name`` the method or topic; ``timeout_ms`` the time
+left in whole milliseconds, rounded down (nil: no deadline); ``traceparent``
+W3C trace context or nil; ``meta`` a str-to-str map or nil.
 
-    [version, kind, id]
-
-``version`` is the integer ``1``. ``kind`` is one of the integers below.
-``id`` is an unsigned 64-bit integer chosen by the sender of a request and
-echoed in its answer; a peer must not reuse an id while the request is in
-flight. Requests (CALL, PUSH) carry five more items::
-
-    [version, kind, id, target, name, timeout_ms, traceparent, meta]
-
-=============  =====================================================================
-target         CALL: the service name the sender means to reach. PUSH: ``""``.
-name           CALL: the method name. PUSH: the topic.
-timeout_ms     time left until the caller's deadline, in milliseconds at the moment
-               of sending (an int >= 0), or nil for no deadline. The receiver
-               measures its own deadline from when it received the message; work
-               whose deadline has passed is not started.
-traceparent    W3C trace context ``00-<32 hex trace id>-<16 hex parent span>-<2 hex
-               flags>`` (a str), or nil. The receiver's span is its child.
-meta           map of str to str passed from caller to callee and on to nested calls
-               (the gateway puts its client connection id under ``"conn"``), or nil.
-=============  =====================================================================
-
-Answers (REPLY, ERROR, ACK, PONG) and PING carry only the three common items.
-
-Kinds and bodies
-----------------
 ====  =====  ===============================================================
 kind  name   body
 ====  =====  ===============================================================
-1     CALL   ``[args, kwargs]``: an array of positional arguments and a map of
-             keyword arguments (str keys). Answered by REPLY or ERROR.
-2     REPLY  the return value: any MessagePack value.
-3     ERROR  a map ``{"code": str, "message": str}`` plus, for ``handler_error``,
-             ``"type"`` (the exception's class name) and, only when the server
-             runs in debug mode, ``"traceback"`` (str).
-4     PUSH   the published payload: any MessagePack value. Answered by ACK once
-             the subscriber's handler has run (or ERROR if it raised).
+1     CALL   ``[args, kwargs]``. Answered by REPLY or ERROR.
+2     REPLY  the return value.
+3     ERROR  ``{"code", "message"}`` (+ ``"type"``, ``"traceback"`` in debug mode,
+             ``"supported"`` versions for ``unsupported_version``).
+4     PUSH   the payload. Answered by ACK once the handlers ran, or ERROR.
 5     ACK    nil.
-6     PING   nil. Answered by PONG: a cheap "are you there, and how busy?" for
-             tools and other clients (meshkit's own client relies on the
-             connection's state and ZMTP heartbeats instead).
-7     PONG   ``[state, inflight]``: the instance's state (``"up"`` or
-             ``"draining"``) and how many requests it is serving.
+6     PING   nil. Answered by PONG.
+7     PONG   ``[state, inflight]``: ``"up"``/``"draining"``, requests being served.
 ====  =====  ===============================================================
 
-Error codes
------------
-Stable strings; new codes may be added, so a client must treat an unknown
-code as a generic remote error.
+Error codes are the stable strings of :class:`meshkit.codes.ErrorCode`; an
+unknown one is a generic remote error. A server answers every request it can
+attribute to a sender, malformed ones with ``bad_request`` (echoing the id
+when it can be read, else 0); a client never answers an answer, and drops
+and counts one it cannot read or match. A header over ``max_header_size``
+bytes (:data:`MAX_HEADER_SIZE`) or a name over ``max_name_length``
+characters (:data:`MAX_NAME_LENGTH`) is ``bad_request``; decoded ERROR fields
+are bounded (:data:`MAX_ERROR_MESSAGE` ...).
 
-=====================  ============================================================
-unknown_service        the instance is not the service named in ``target``
-unknown_method         no such method, or no handler for the topic
-bad_arguments          the arguments do not fit the method's signature
-bad_request            malformed message: wrong frame count, header or body not
-                       MessagePack, wrong item types (``id`` 0 when unknown)
-unsupported_version    header version is not 1; the message lists supported ones
-handler_error          the handler raised; ``type`` and ``message`` describe it
-refused                the handler refused on purpose (``RefusedError``); a message
-                       starting ``"[N] "`` carries a client-facing code ``N``
-unknown_connection     (a gateway's ``gateway.deliver`` PUSH) no such open connection
-deadline_exceeded      the deadline passed before the work started; not run
-draining               the instance is shutting down and did not start the work;
-                       the caller should send it to another instance
-reply_too_large        the result exceeded the server's maximum message size
-overloaded             past a receiver limit: too many calls in flight or pushes queued
-                       for this connection, or the instance holds too much (in
-                       requests or bytes); not run (a publisher counts it undelivered)
-====================================================================================
-
-A server answers every request it can attribute to a sender, including
-malformed ones (with ``bad_request``). Messages larger than the receiver's
-maximum message size are dropped by ZeroMQ itself (the connection is reset),
-so a sender must check sizes before sending.
-
-Limits
-------
-What a peer can make a receiver hold (calls in flight and pushes queued, per
-connection and in all) is bounded in requests and in bytes, and a request
-past a bound is answered ``overloaded`` (see ``docs/protocol.md``, "Receiver
-limits", and :mod:`meshkit.budget`). A receiver also refuses, with
-``bad_request``, a header frame longer than ``max_header_size`` bytes
-(default :data:`MAX_HEADER_SIZE`, 64 KiB) and a ``target`` or ``name``
-longer than ``max_name_length`` characters (default :data:`MAX_NAME_LENGTH`,
-256). The id of a malformed header is echoed whenever its first three items
-can be read from the first :data:`meshkit.decoder.ID_PEEK_BYTES` bytes (4 KiB),
-whatever follows them and however deeply they are nested. Values echoed into
-error messages are clipped (:func:`meshkit.untrusted.clip`), and an ERROR
-body's fields are bounded on decoding (:data:`MAX_ERROR_MESSAGE` characters
-of message, and so on), so an answer is never larger than a few kilobytes
-because of what a peer sent.
+Production encodes and decodes through this module alone: senders build a
+:class:`CallMessage` or :class:`PushMessage` (body encoded once) and ask it for
+each attempt's frames; servers use :func:`split_request`, clients :func:`decode_answer`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from .codes import ErrorCode, LocalCode
 
 # Re-exported (``as``): the bounded decoding is part of what this module offers.
 from .decoder import CONTAINER_COST as CONTAINER_COST
@@ -135,27 +73,20 @@ ACK = 5
 PING = 6
 PONG = 7
 
-KIND_NAMES = {
-    CALL: "CALL",
-    REPLY: "REPLY",
-    ERROR: "ERROR",
-    PUSH: "PUSH",
-    ACK: "ACK",
-    PING: "PING",
-    PONG: "PONG",
-}
+KIND_NAMES = {CALL: "CALL", REPLY: "REPLY", ERROR: "ERROR", PUSH: "PUSH", ACK: "ACK", PING: "PING",
+              PONG: "PONG"}
 _REQUEST_KINDS = frozenset((CALL, PUSH))
-_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG))
+_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG))  # the kinds with a 3-item header
+_ANSWERS_TO_CLIENTS = frozenset((REPLY, ERROR, ACK, PONG))
 
 _NIL = b"\xc0"
+_packers = threading.local()
 _MAX_ID = 2**64 - 1
 
-# Defaults of the receiver's limits (Settings.max_header_size, .max_name_length).
-# A request header is eight short items: 64 KiB leaves room for a large meta
-# map, and bounds what a malformed header can cost to decode.
+# Defaults of Settings.max_header_size and .max_name_length. 64 KiB leaves room
+# for a large meta map and bounds what a malformed header costs to decode; 256
+# characters is far beyond any real name and bounds a topic cache's entries.
 MAX_HEADER_SIZE = 64 * 1024
-# Method, topic and service names; 256 is far beyond any real one, and bounds
-# what a subscriber's topic cache can hold per entry.
 MAX_NAME_LENGTH = 256
 # Bounds on a decoded ERROR body (characters), whatever the peer sent.
 MAX_ERROR_CODE = 64
@@ -177,10 +108,6 @@ class Header:
     traceparent: str | None = None
     meta: dict[str, str] | None = None
 
-    @property
-    def is_request(self) -> bool:
-        return self.kind in _REQUEST_KINDS
-
 
 @dataclass(frozen=True, slots=True)
 class ErrorBody:
@@ -193,8 +120,12 @@ class ErrorBody:
 
 
 def pack(value: Any) -> bytes:
-    """Encode one body value (raises ``TypeError`` for non-MessagePack values)."""
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    """Encode one value (raises ``TypeError`` for non-MessagePack values); thread-safe."""
+    try:  # ``packb`` would build a Packer per call (5x the packing, profiled): one per thread
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)  # type: ignore[no-any-return]
 
 
 def unpack(frame: bytes) -> Any:
@@ -202,42 +133,56 @@ def unpack(frame: bytes) -> Any:
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types (StackError for deep nesting)
-        raise ProtocolError("bad_request", f"frame is not valid MessagePack: {why(exc)}") from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is not valid MessagePack: {why(exc)}") from None
+
+
+def timeout_ms(seconds: float) -> int:
+    """``timeout_ms`` for ``seconds`` left: whole milliseconds, rounded down, never negative."""
+    return max(0, int(seconds * 1000))
+
+
+@dataclass(slots=True)
+class CallMessage:
+    """A CALL as its sender holds it: the body encoded once, a header made per attempt."""
+
+    service: str
+    method: str
+    body: bytes
+    traceparent: str | None = None
+    meta: Mapping[str, str] | None = None
+
+    def frames(self, id: int, timeout_ms: int | None) -> list[bytes]:
+        """The two frames of this CALL sent with ``id`` and ``timeout_ms``."""
+        return [pack([VERSION, CALL, id, self.service, self.method, timeout_ms, self.traceparent,
+                      self.meta or None]), self.body]
+
+
+@dataclass(slots=True)
+class PushMessage:
+    """A PUSH as its publisher holds it: the payload encoded once for every subscriber."""
+
+    topic: str
+    body: bytes
+    traceparent: str | None = None
+    meta: Mapping[str, str] | None = None
+
+    def frames(self, id: int, timeout_ms: int | None) -> list[bytes]:
+        """The two frames of this PUSH sent with ``id`` and ``timeout_ms``."""
+        return [pack([VERSION, PUSH, id, "", self.topic, timeout_ms, self.traceparent, self.meta or None]),
+                self.body]
+
+
+def encode_call_body(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+    """A CALL body, ``[args, kwargs]`` (raises ``TypeError`` for non-MessagePack values)."""
+    return pack([list(args), dict(kwargs)])
 
 
 def encode_call(
-    id: int,
-    service: str,
-    method: str,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    timeout_ms: int | None,
-    traceparent: str | None,
-    meta: Mapping[str, str] | None,
+    id: int, service: str, method: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+    timeout_ms: int | None, traceparent: str | None, meta: Mapping[str, str] | None,
 ) -> list[bytes]:
-    """Frames of a CALL."""
-    return [encode_call_header(id, service, method, timeout_ms, traceparent, meta),
-            pack([list(args), dict(kwargs)])]
-
-
-def encode_call_header(
-    id: int, service: str, method: str, timeout_ms: int | None, traceparent: str | None,
-    meta: Mapping[str, str] | None,
-) -> bytes:
-    """Encode a CALL header (the client encodes the body once, before any retry)."""
-    return pack([VERSION, CALL, id, service, method, timeout_ms, traceparent, meta or None])
-
-
-def encode_push(
-    id: int,
-    topic: str,
-    payload: Any,
-    timeout_ms: int | None,
-    traceparent: str | None,
-    meta: Mapping[str, str] | None,
-) -> list[bytes]:
-    """Frames of a PUSH."""
-    return [encode_push_header(id, topic, timeout_ms, traceparent, meta), pack(payload)]
+    """Frames of a CALL: what :class:`CallMessage` sends."""
+    return CallMessage(service, method, encode_call_body(args, kwargs), traceparent, meta).frames(id, timeout_ms)
 
 
 def encode_push_body(payload: Any) -> bytes:
@@ -245,16 +190,12 @@ def encode_push_body(payload: Any) -> bytes:
     return pack(payload)
 
 
-def encode_push_header(
-    id: int, topic: str, timeout_ms: int | None, traceparent: str | None, meta: Mapping[str, str] | None
-) -> bytes:
-    """Encode a PUSH header (the body is encoded once per publish)."""
-    return pack([VERSION, PUSH, id, "", topic, timeout_ms, traceparent, meta or None])
-
-
-def encode_answer_header(kind: int, id: int) -> bytes:
-    """Header of a REPLY, ERROR, ACK, PING or PONG."""
-    return pack([VERSION, kind, id])
+def encode_push(
+    id: int, topic: str, payload: Any, timeout_ms: int | None, traceparent: str | None,
+    meta: Mapping[str, str] | None,
+) -> list[bytes]:
+    """Frames of a PUSH: what :class:`PushMessage` sends."""
+    return PushMessage(topic, encode_push_body(payload), traceparent, meta).frames(id, timeout_ms)
 
 
 def encode_reply(id: int, result: Any) -> list[bytes]:
@@ -265,12 +206,14 @@ def encode_reply(id: int, result: Any) -> list[bytes]:
 def encode_error(
     id: int, code: str, message: str, type: str = "", traceback: str | None = None
 ) -> list[bytes]:
-    """Frames of an ERROR."""
-    body: dict[str, str] = {"code": code, "message": message}
+    """Frames of an ERROR (``unsupported_version`` also lists the versions spoken)."""
+    body: dict[str, Any] = {"code": str(code), "message": message}
     if type:
         body["type"] = type
     if traceback:
         body["traceback"] = traceback
+    if code == ErrorCode.UNSUPPORTED_VERSION:
+        body["supported"] = list(SUPPORTED_VERSIONS)
     return [pack([VERSION, ERROR, id]), pack(body)]
 
 
@@ -286,7 +229,7 @@ def encode_ping(id: int) -> list[bytes]:
 
 def encode_pong(id: int, state: str, inflight: int) -> list[bytes]:
     """Frames of a PONG."""
-    return [pack([VERSION, PONG, id]), pack([state, inflight])]
+    return [pack([VERSION, PONG, id]), pack([str(state), inflight])]
 
 
 def decode_header(
@@ -294,29 +237,28 @@ def decode_header(
 ) -> Header:
     """Decode and validate a header frame.
 
-    Raises :class:`ProtocolError` with code ``bad_request`` for anything
-    malformed (including a frame over ``max_size`` bytes and a target or name
-    over ``max_name`` characters) and ``unsupported_version`` for a version
-    other than 1. ``exc.id`` is the request id when it could be read (see
-    :func:`meshkit.decoder.peek_id`), else 0. Never raises anything else, and the error
-    message is short whatever the frame holds.
+    Raises only :class:`ProtocolError`: ``bad_request`` for anything malformed
+    (a frame over ``max_size`` bytes, a name over ``max_name`` characters
+    included), ``unsupported_version`` for a version other than 1, with a
+    short message and ``exc.id`` the request id when readable
+    (:func:`peek_id`), else 0.
     """
     if len(frame) > max_size:
-        raise ProtocolError("bad_request", f"header of {len(frame)} bytes exceeds the limit of {max_size}",
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"header of {len(frame)} bytes exceeds the limit of {max_size}",
                             peek_id(frame))
     try:
         raw = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # several unrelated types, StackError for deep nesting
-        raise ProtocolError("bad_request", f"header is not valid MessagePack: {why(exc)}",
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"header is not valid MessagePack: {why(exc)}",
                             peek_id(frame)) from None
     if not isinstance(raw, list) or len(raw) < 3:
-        raise ProtocolError("bad_request", "header must be an array of at least 3 items")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "header must be an array of at least 3 items")
     version, kind, id = raw[0], raw[1], raw[2]
     if type(id) is not int or not 0 <= id <= _MAX_ID:
-        raise ProtocolError("bad_request", "header id must be an unsigned 64-bit integer")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "header id must be an unsigned 64-bit integer")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
-            "unsupported_version",
+            ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {clip(version)} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
             id,
         )
@@ -352,10 +294,63 @@ def _request_header(raw: list[Any], max_name: int) -> Header:
     return Header(version, kind, id, target, name, timeout_ms, traceparent, meta)
 
 
+def split_request(
+    frames: list[bytes], *, max_size: int = MAX_HEADER_SIZE, max_name: int = MAX_NAME_LENGTH
+) -> Header:
+    """Check the frame count of a message a server received (no identity frame) and decode its header.
+
+    Raises :class:`ProtocolError` as :func:`decode_header` does, and
+    ``bad_request`` for any count but two (with the first frame's id if
+    readable, else 0). The body is left to the caller, to decode once admitted.
+    """
+    if len(frames) != 2:
+        id = 0
+        if frames:
+            try:
+                id = decode_header(frames[0], max_size=max_size, max_name=max_name).id
+            except ProtocolError as exc:
+                id = exc.id
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected 2 frames, got {len(frames)}", id)
+    return decode_header(frames[0], max_size=max_size, max_name=max_name)
+
+
+@dataclass(slots=True)
+class Answer:
+    """A decoded answer: ``value`` of a REPLY or PONG; ``error`` of an ERROR or of an unreadable body."""
+
+    id: int
+    kind: int
+    value: Any = None
+    error: ErrorBody | None = None
+
+
+def decode_answer(frames: list[bytes]) -> Answer:
+    """Decode an answer (REPLY, ERROR, ACK, PONG) a client received.
+
+    Raises :class:`ProtocolError` when no request can be matched (not two
+    frames, an unreadable header, not an answer kind). An unreadable body
+    becomes a ``bad_request`` :attr:`Answer.error`: its request fails at once.
+    """
+    if len(frames) != 2:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected 2 frames, got {len(frames)}")
+    header = decode_header(frames[0])
+    kind = header.kind
+    if kind not in _ANSWERS_TO_CLIENTS:
+        raise _bad(header.id, f"a client is not sent a {KIND_NAMES[kind]}")
+    try:
+        if kind == REPLY or kind == PONG:
+            return Answer(header.id, kind, unpack(frames[1]))
+        if kind == ERROR:
+            return Answer(header.id, kind, None, decode_error_body(frames[1]))
+        return Answer(header.id, kind)
+    except ProtocolError as exc:
+        return Answer(header.id, ERROR, None,
+                      ErrorBody(ErrorCode.BAD_REQUEST, f"malformed {KIND_NAMES[kind]} body: {exc}"))
+
+
 def decode_call_body(frame: bytes, id: int) -> tuple[list[Any], dict[str, Any]]:
     """Decode a CALL body into ``(args, kwargs)``; ``bad_request`` if malformed."""
-    args, kwargs, _ = decode_call(frame, id)
-    return args, kwargs
+    return decode_call(frame, id)[:2]
 
 
 def decode_call(
@@ -381,7 +376,7 @@ def decode_error_body(frame: bytes) -> ErrorBody:
     """Decode an ERROR body; tolerate missing fields from other implementations."""
     body = unpack(frame)
     if type(body) is not dict:
-        return ErrorBody("bad_request", f"malformed ERROR body: {clip(body)}")
+        return ErrorBody(ErrorCode.BAD_REQUEST, f"malformed ERROR body: {clip(body)}")
     code = body.get("code")
     message = body.get("message")
     etype = body.get("type")
@@ -389,7 +384,7 @@ def decode_error_body(frame: bytes) -> ErrorBody:
     # Bounded here, once: the fields become exception text that callers log and
     # pass on (a gateway shows them to its clients).
     return ErrorBody(
-        _bounded(code, MAX_ERROR_CODE) if isinstance(code, str) else "remote_error",
+        _bounded(code, MAX_ERROR_CODE) if isinstance(code, str) else LocalCode.REMOTE_ERROR,
         _bounded(message, MAX_ERROR_MESSAGE) if isinstance(message, str) else "",
         _bounded(etype, MAX_ERROR_TYPE) if isinstance(etype, str) else "",
         _bounded(tb, MAX_ERROR_TRACEBACK) if isinstance(tb, str) else None,
@@ -401,4 +396,4 @@ def _bounded(text: str, limit: int) -> str:
 
 
 def _bad(id: int, message: str) -> ProtocolError:
-    return ProtocolError("bad_request", message, id)
+    return ProtocolError(ErrorCode.BAD_REQUEST, message, id)

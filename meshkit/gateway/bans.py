@@ -47,7 +47,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..errors import RefusedError, register_code
+from ..codes import GatewayCode
+from ..errors import RefusedError, register_error_code
 from ..untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.gateway.bans")
@@ -58,7 +59,7 @@ MAX_REASON = 200
 _MAX_MESSAGE = 1024
 
 
-@register_code
+@register_error_code
 class ClientFaultError(RefusedError):
     """Raised by a backend handler: the request failed through the client's fault (counts towards a ban).
 
@@ -66,14 +67,14 @@ class ClientFaultError(RefusedError):
     ``client_code``, if given, as the JSON-RPC code), the gateway counts it.
     """
 
-    code = "client_fault"
+    code = GatewayCode.CLIENT_FAULT
 
 
-@register_code
+@register_error_code
 class BanClientError(ClientFaultError):
     """Raised by a backend handler: ban the client's address now (the message is the reason; code ``ban_client``)."""
 
-    code = "ban_client"
+    code = GatewayCode.BAN_CLIENT
 
 
 def normalize_address(text: str) -> str:

@@ -38,9 +38,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..codes import GatewayCode
 from ..config import Settings
 from ..context import current_call
-from ..errors import MeshError, RefusedError, register_code
+from ..errors import MeshError, RefusedError, register_error_code
 from ..keys import Keys
 from ..untrusted import clip
 
@@ -78,7 +79,7 @@ return restored
 Value = str | int | float
 
 
-@register_code
+@register_error_code
 class ConnectionGoneError(RefusedError):
     """The client connection closed (or never had state): its state cannot be written.
 
@@ -86,7 +87,7 @@ class ConnectionGoneError(RefusedError):
     ``connection_gone`` (the gateway then restores the state of an open connection).
     """
 
-    code = "connection_gone"
+    code = GatewayCode.CONNECTION_GONE
 
 
 class NoConnectionError(MeshError):

@@ -120,7 +120,7 @@ def test_a_thousand_big_pushes_do_not_grow_the_subscriber_past_its_bound(start_s
         refused: list[tuple[wire.Header, Any]] = []
         for burst in range(40):
             for i in range(burst * 25, burst * 25 + 25):
-                raw.send([wire.encode_push_header(i, f"jobs.{i}", 5000, None, None), payload])
+                raw.send([wire.PushMessage(f"jobs.{i}", b"").frames(i, 5000)[0], payload])
             refused += until_pong(raw)
             peak = max(peak, rss(sink))
         assert set(codes(refused)) == {"overloaded"}
@@ -165,12 +165,12 @@ def test_full_push_queue_is_logged_once_per_episode_with_a_count(start_service, 
     burst = 2000
     with RawPeer(zmq_ctx, sink.record.endpoint) as raw:
         for i in range(burst):
-            raw.send([wire.encode_push_header(i, "jobs.new", 5000, None, None), wire.pack(i)])
+            raw.send([wire.PushMessage("jobs.new", b"").frames(i, 5000)[0], wire.pack(i)])
         refused = until_pong(raw)
         assert codes(refused) == ["overloaded"] * (burst - 10)
         mesh_client.call("sink", "release")
         assert codes(collect(raw, 10, timeout=10)) == ["ACK"] * 10
-        header, _ = raw.answer([wire.encode_push_header(burst, "jobs.new", 5000, None, None), wire.pack(0)])
+        header, _ = raw.answer([wire.PushMessage("jobs.new", b"").frames(burst, 5000)[0], wire.pack(0)])
         assert header.kind == wire.ACK
 
     def episode_logged() -> bool:

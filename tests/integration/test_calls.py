@@ -175,22 +175,26 @@ def test_deadline_crosses_hops(start_service, mesh_client: Client) -> None:
 # -- what crosses a hop -----------------------------------------------------------
 
 
-def check_chain(spans: dict[str, dict[str, object]]) -> None:
+def check_chain(spans: dict[str, dict[str, object]], mesh_client: Client) -> None:
     outer, inner = spans["outer"], spans["inner"]
     assert len(str(outer["trace_id"])) == 32 and set(str(outer["trace_id"])) <= HEX
     assert inner["trace_id"] == outer["trace_id"]
-    assert inner["parent_id"] == outer["span_id"]
     assert inner["span_id"] != outer["span_id"]
     assert outer["parent_id"] is not None  # the client's own span
+    # Between the two, the relay's client span of the inner call (docs/observability.md).
+    [relay] = [r for r in mesh_client.instances() if r.service == "relay"]
+    kept = mesh_client.call_instance(relay.instance_id, "_mesh.spans", trace_id=outer["trace_id"])
+    [hop] = [s for s in kept if s["kind"] == "client"]
+    assert hop["parent_id"] == outer["span_id"] and inner["parent_id"] == hop["span_id"]
 
 
 @pytest.mark.parametrize("method", ["nested_span", "nested_span_plain"])
 def test_trace_propagates(start_service, mesh_client: Client, method: str) -> None:
     start_service(RELAY)
     first = mesh_client.call("relay", method)
-    check_chain(first)
+    check_chain(first, mesh_client)
     second = mesh_client.call("relay", method)
-    check_chain(second)
+    check_chain(second, mesh_client)
     assert second["outer"]["trace_id"] != first["outer"]["trace_id"]  # one trace per root call
 
 
@@ -275,7 +279,7 @@ def test_a_call_in_flight_when_its_client_closes_fails_with_client_closed(
     client = Client(mesh_settings)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(client.call, "echo", "sleep", [3.0])
-        wait_until(lambda: any(p.pending for p in client._client.pool._peers.values()), 5,
+        wait_until(lambda: client.in_flight == 1, 5,
                    "the call to be in flight")
         client.close()
         # Not LostPeerError (the instance is fine) and not a retry on a closed client.
@@ -283,3 +287,19 @@ def test_a_call_in_flight_when_its_client_closes_fails_with_client_closed(
             waiting.result(5)
     with pytest.raises(meshkit.ClientClosedError):
         client.call("echo", "echo", [1])
+
+
+def test_call_instance_reaches_each_named_instance_and_only_it(start_service, mesh_client: Client) -> None:
+    procs = start_service(ECHO, count=3)
+    ids = [p.record.instance_id for p in procs]
+    wait_until(lambda: {r.instance_id for r in mesh_client.instances("echo")} >= set(ids), 5,
+               "the client to see every instance")
+    for iid in ids:
+        # whoami names the instance that served it: no other one ever does.
+        assert {mesh_client.call_instance(iid, "whoami", timeout=5) for _ in range(5)} == {iid}
+    assert mesh_client.call_instance(ids[0], "echo", value=[1, "x"]) == [1, "x"]
+    with pytest.raises(meshkit.NoInstanceError, match="nope"):
+        mesh_client.call_instance("nope", "whoami")
+    with pytest.raises(meshkit.UnknownMethodError):
+        mesh_client.call_instance(ids[1], "_mesh.nothing")
+    assert mesh_client.in_flight == 0

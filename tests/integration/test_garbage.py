@@ -74,10 +74,10 @@ ANSWERED: list[tuple[str, list[bytes], str, int]] = [
     ("unknown method", [call_header(37, name="nosuch"), ARGS], "unknown_method", 37),
     ("bad arguments", [call_header(38), pack([[1, 2, 3], {}])], "bad_arguments", 38),
     ("deadline already 0", [call_header(39, timeout_ms=0), ARGS], "deadline_exceeded", 39),
-    ("push, unknown topic", [wire.encode_push_header(40, "nobody", 1000, None, None), b"\xc0"],
+    ("push, unknown topic", [wire.PushMessage("nobody", b"").frames(40, 1000)[0], b"\xc0"],
      "unknown_method", 40),
     ("push, body not MessagePack",
-     [wire.encode_push_header(41, "echo.events", 1000, None, None), b"\xc1"], "bad_request", 41),
+     [wire.PushMessage("echo.events", b"").frames(41, 1000)[0], b"\xc1"], "bad_request", 41),
     # Nested past what repr() survives: the message used to be dropped unanswered.
     ("version 1,000 deep", [call_header(42, version=nested(1000)), ARGS], "unsupported_version", 42),
     ("kind 1,000 deep", [call_header(43, kind=nested(1000)), ARGS], "bad_request", 43),

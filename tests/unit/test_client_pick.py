@@ -1,61 +1,89 @@
 """How the client chooses an instance, without sockets.
 
 The client's registry view is filled by hand with ``Registry.apply`` and its
-pool's ``peer_for`` is replaced by a factory of fake peers, so nothing touches
-the network. The last tests drive one call end to end against a fake peer to
-check what the chosen instance is sent and how its answers are handled.
+pool is given a ``connect`` that makes fake peers (the seam the real ZeroMQ
+peers plug into), a seeded random generator and a :class:`FakeClock`, so
+nothing touches the network and the draws and the time can be replayed. A
+peer's load is real: requests held in flight on it through the pool's
+exchange. The last tests drive calls end to end against fake peers to check
+what the chosen instance is sent and how its answers are handled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import zmq
 
-from meshkit import pool as pool_module
 from meshkit import wire
 from meshkit.client import AsyncClient
 from meshkit.config import Settings
 from meshkit.errors import LostPeerError, NoInstanceError, UnknownMethodError
 from meshkit.peer import CONNECTED, CONNECTING, FAILED
-from meshkit.pool import PeerPool
+from meshkit.pool import RETRY_FAILED_AFTER, PeerPool
 from meshkit.record import DRAINING, InstanceRecord
 from meshkit.registry import Registry
+from meshkit.testing import FakeClock
+
+SEED = 20240601
+HOLD = wire.CallMessage("cart", "add", wire.encode_call_body((), {}))
 
 
 class FakePeer:
-    """Stands in for :class:`meshkit.peer.Peer`: the attributes ``PeerPool.pick`` reads."""
+    """Stands in for :class:`meshkit.peer.Peer`: what the pool and the exchange use of it."""
 
-    def __init__(self, record: InstanceRecord, state: str = CONNECTED, draining: bool = False,
-                 load: int = 0) -> None:
+    def __init__(self, pool: PeerPool, record: InstanceRecord, state: str = CONNECTED,
+                 draining: bool = False) -> None:
+        self.pool = pool
         self.record = record
         self.key = record.key
         self.state = state
         self.draining = draining
-        self.pending: dict[int, Any] = {-i: None for i in range(1, load + 1)}
+        self.lost = False
+        self.failed_at = 0.0
+        self.reason = ""
         self.sent: list[list[bytes]] = []
+        self.recording = True
         self.on_send: Callable[[FakePeer, list[bytes]], None] | None = None
 
     @property
     def available(self) -> bool:
         return self.state != FAILED and not self.draining
 
-    @property
-    def load(self) -> int:
-        return len(self.pending)
-
     def send(self, frames: list[bytes]) -> bool:
         if self.state == FAILED:
             return False
-        self.sent.append(frames)
+        if self.recording:
+            self.sent.append(frames)
         if self.on_send is not None:
             asyncio.get_running_loop().call_soon(self.on_send, self, frames)
         return True
+
+    def update(self, record: InstanceRecord) -> None:
+        self.record = record
+        self.draining = not record.is_up
+
+    def mark_draining(self) -> None:
+        self.draining = True
+        self.pool.peer_changed(self)  # type: ignore[arg-type]
+
+    def retire(self, reason: str) -> None:
+        self.fail(False, reason)
+
+    def fail(self, lost: bool, reason: str = "failed in a test") -> None:
+        if self.state == FAILED:
+            return
+        self.state, self.lost, self.reason = FAILED, lost, reason
+        self.failed_at = self.pool.clock.now()
+        self.pool.peer_changed(self)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        pass
 
 
 class Mesh:
@@ -64,39 +92,62 @@ class Mesh:
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         self.settings = Settings.load(env={})
         self.registry = Registry(self.settings)
-        self.client = AsyncClient(self.settings, registry=self.registry, zmq_context=ctx)
+        self.clock = FakeClock()
+        self.rng = random.Random(SEED)
+        self.pool = PeerPool(self.settings, self.registry, ctx, clock=self.clock, rng=self.rng,
+                             connect=self._connect)
+        self.client = AsyncClient(self.settings, registry=self.registry, zmq_context=ctx, pool=self.pool)
         self.specs: dict[str, dict[str, Any]] = {}
-        self.refused: set[str] = set()
+        self.loads: dict[str, int] = {}
         self.connects: list[str] = []
-        self.pool = self.client.pool
-        self.pool.peer_for = self._peer_for  # type: ignore[method-assign, assignment]
+        self.peers: dict[str, FakePeer] = {}
 
     def add(self, iid: str, *, service: str = "cart", up: bool = True,
-            idempotent: tuple[str, ...] = (), **peer: Any) -> str:
+            idempotent: tuple[str, ...] = (), load: int = 0, **peer: Any) -> str:
         record = InstanceRecord(service, iid, f"tcp://127.0.0.1:{5000 + len(self.specs)}", "h", 1,
                                 methods=("add",), idempotent=idempotent,
                                 state="up" if up else DRAINING)
         self.registry.apply(record)
         self.specs[record.key] = peer
+        self.loads[record.key] = load
         return record.key
 
-    def _peer_for(self, record: InstanceRecord) -> FakePeer | None:
-        existing = self.pool._peers.get(record.key)
-        if existing is not None:
-            return existing  # type: ignore[return-value]
+    def _connect(self, pool: PeerPool, record: InstanceRecord) -> FakePeer:
         self.connects.append(record.key)
-        if record.key in self.refused:
-            return None  # what the real peer_for does for a recently failed instance
-        peer = FakePeer(record, **self.specs.get(record.key, {}))
-        self.pool._peers[record.key] = peer  # type: ignore[assignment]
+        peer = FakePeer(pool, record, **self.specs.get(record.key, {}))
+        self.peers[record.key] = peer
+        self.occupy(peer, self.loads.get(record.key, 0))
         return peer
 
+    def occupy(self, peer: FakePeer, n: int) -> None:
+        """Hold ``n`` requests in flight on ``peer`` (never answered), through the real exchange."""
+        peer.recording = False
+        for _ in range(n):
+            self.pool.exchange.start(peer, HOLD, self.clock.now() + 3600)  # type: ignore[arg-type]
+        peer.recording = True
+
+    def connect(self, *keys: str) -> None:
+        for key in keys:
+            record = self.registry.get(key)
+            assert record is not None
+            self.pool.peer_for(record)
+
     def peer(self, key: str) -> FakePeer:
-        return self.pool._peers[key]  # type: ignore[return-value]
+        return self.peers[key]
 
     def pick(self, service: str = "cart", exclude: set[str] | None = None) -> str | None:
         peer = self.pool.pick(service, exclude or set())
         return None if peer is None else peer.key
+
+
+def in_loop(test: Callable[..., None]) -> Callable[..., None]:
+    """Run a synchronous test body in a running event loop (the exchange holds futures)."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        async def body() -> None:
+            test(*args, **kwargs)
+        asyncio.run(body())
+    return run
 
 
 @pytest.fixture
@@ -109,11 +160,9 @@ def mesh() -> Iterator[Mesh]:
 
 
 @pytest.fixture
-def rng(monkeypatch: pytest.MonkeyPatch) -> random.Random:
-    """A seeded ``random`` for the client module (power-of-two draws)."""
-    seeded = random.Random(20240601)
-    monkeypatch.setattr(pool_module, "random", seeded)
-    return seeded
+def rng(mesh: Mesh) -> random.Random:
+    """The pool's seeded generator (power-of-two draws)."""
+    return mesh.rng
 
 
 def test_nothing_known(mesh: Mesh) -> None:
@@ -143,33 +192,41 @@ def test_draining_record_is_skipped_without_connecting(mesh: Mesh) -> None:
     assert mesh.connects == [new]
 
 
+@in_loop
 def test_draining_peer_is_skipped(mesh: Mesh) -> None:
     mesh.add("a", draining=True)  # it answered "draining" before the registry said so
     b = mesh.add("b", load=50)
     assert mesh.pick() == b
 
 
+@in_loop
 def test_failed_peer_is_skipped(mesh: Mesh) -> None:
     mesh.add("a", state=FAILED)
     b = mesh.add("b", load=50)
     assert mesh.pick() == b
 
 
+@in_loop
 def test_recently_failed_instance_is_skipped(mesh: Mesh) -> None:
     a = mesh.add("a")
     b = mesh.add("b", load=50)
-    mesh.refused.add(a)
+    mesh.connect(a)
+    mesh.peer(a).fail(False)
     assert mesh.pick() == b
+    assert mesh.connects == [a, b]  # the failed one was not connected again
 
 
 def test_nothing_available(mesh: Mesh) -> None:
     mesh.add("a", state=FAILED)
     mesh.add("b", draining=True)
     mesh.add("c", up=False)
-    mesh.refused.add(mesh.add("d"))
+    d = mesh.add("d")
+    mesh.connect(d)
+    mesh.peer(d).fail(False)
     assert mesh.pick() is None
 
 
+@in_loop
 def test_connected_preferred_over_connecting(mesh: Mesh, rng: random.Random) -> None:
     connecting = [mesh.add(f"new{i}", state=CONNECTING) for i in range(3)]
     busy = mesh.add("busy", state=CONNECTED, load=1000)
@@ -183,6 +240,7 @@ def test_connecting_used_when_nothing_is_connected(mesh: Mesh) -> None:
     assert mesh.pick() == a
 
 
+@in_loop
 def test_two_candidates_the_less_loaded_wins(mesh: Mesh, rng: random.Random) -> None:
     mesh.add("busy", load=5)
     idle = mesh.add("idle", load=1)
@@ -190,6 +248,7 @@ def test_two_candidates_the_less_loaded_wins(mesh: Mesh, rng: random.Random) -> 
         assert mesh.pick() == idle
 
 
+@in_loop
 def test_power_of_two_choices(mesh: Mesh, rng: random.Random) -> None:
     loads = {"l0": 0, "l3": 3, "l6": 6, "l9": 9}
     keys = [mesh.add(name, load=load) for name, load in loads.items()]
@@ -199,7 +258,7 @@ def test_power_of_two_choices(mesh: Mesh, rng: random.Random) -> None:
     for _ in range(300):
         replica.setstate(rng.getstate())
         a, b = replica.sample([mesh.peer(k) for k in keys], 2)
-        expected = a if a.load <= b.load else b
+        expected = a if loads[a.key[5:]] <= loads[b.key[5:]] else b
         chosen = mesh.pick()
         assert chosen == expected.key
         counts[chosen] += 1
@@ -207,15 +266,18 @@ def test_power_of_two_choices(mesh: Mesh, rng: random.Random) -> None:
     assert counts["cart:l0"] > counts["cart:l3"] > counts["cart:l6"] > 0
 
 
+@in_loop
 def test_load_follows_pending_requests(mesh: Mesh, rng: random.Random) -> None:
     a, b = mesh.add("a"), mesh.add("b")
     mesh.pick()
-    mesh.peer(a).pending.update({1: None, 2: None})
+    mesh.occupy(mesh.peer(a), 2)
+    assert mesh.pool.exchange.load(mesh.peer(a)) == 2  # type: ignore[arg-type]
     assert mesh.pick() == b
-    mesh.peer(b).pending.update({3: None, 4: None, 5: None})
+    mesh.occupy(mesh.peer(b), 3)
     assert mesh.pick() == a
 
 
+@in_loop
 def test_exclusions(mesh: Mesh, rng: random.Random) -> None:
     a = mesh.add("a", load=0)
     b = mesh.add("b", load=10)
@@ -232,32 +294,51 @@ def test_excluded_instances_are_not_connected(mesh: Mesh) -> None:
     assert mesh.connects == [b]
 
 
-def test_real_connect_waits_after_a_failure(mesh: Mesh) -> None:
-    # The real peer_for, for an instance that failed just now: no peer, no socket.
+@in_loop
+def test_a_failed_instance_is_connected_again_after_the_retry_interval(mesh: Mesh) -> None:
     key = mesh.add("a")
     record = mesh.registry.get(key)
     assert record is not None
-    mesh.pool._failed_at[key] = time.monotonic()
-    assert PeerPool.peer_for(mesh.pool, record) is None
-    assert mesh.pool._peers == {}
+    mesh.connect(key)
+    mesh.peer(key).fail(False)
+    assert mesh.pool.peer_for(record) is None
+    assert mesh.pool.next_retry("cart") == mesh.clock.now() + RETRY_FAILED_AFTER
+    mesh.clock.advance(RETRY_FAILED_AFTER - 0.01)
+    assert mesh.pool.peer_for(record) is None
+    mesh.clock.advance(0.01)
+    assert mesh.pool.peer_for(record) is not None
+    assert mesh.connects == [key, key]
 
 
 # -- one call against fake peers ---------------------------------------------------
 
 
-def _answer(kind: int, body: bytes) -> Callable[[FakePeer, list[bytes]], None]:
+def _answer(make: Callable[[int], list[bytes]]) -> Callable[[FakePeer, list[bytes]], None]:
+    """Answer each request with the frames ``make(request_id)``, as the instance's router would."""
     def on_send(peer: FakePeer, frames: list[bytes]) -> None:
         header = wire.decode_header(frames[0])
-        peer.pending[header.id].on_answer(kind, body)
+        peer.pool.peer_message(peer, make(header.id))  # type: ignore[arg-type]
     return on_send
+
+
+def _reply(value: Any) -> Callable[[FakePeer, list[bytes]], None]:
+    return _answer(lambda request_id: wire.encode_reply(request_id, value))
+
+
+def _error(code: str, message: str) -> Callable[[FakePeer, list[bytes]], None]:
+    return _answer(lambda request_id: wire.encode_error(request_id, code, message))
+
+
+def _lose(peer: FakePeer, frames: list[bytes]) -> None:
+    peer.fail(True, "disconnected")
 
 
 def test_the_chosen_peer_gets_a_spec_conformant_call(mesh: Mesh) -> None:
     key = mesh.add("a")
 
     async def main() -> Any:
-        mesh.pool.peer_for(mesh.registry.get(key))  # type: ignore[arg-type]
-        mesh.peer(key).on_send = _answer(wire.REPLY, wire.pack({"total": 3}))
+        mesh.connect(key)
+        mesh.peer(key).on_send = _reply({"total": 3})
         return await mesh.client.call("cart", "add", [1, 2], {"qty": 1}, timeout=2.0,
                                       meta={"conn": "c1"})
 
@@ -269,7 +350,7 @@ def test_the_chosen_peer_gets_a_spec_conformant_call(mesh: Mesh) -> None:
     assert header.timeout_ms is not None and 1900 <= header.timeout_ms <= 2000
     assert header.traceparent is not None and len(header.traceparent) == 55
     assert wire.decode_call_body(frames[1], header.id) == ([1, 2], {"qty": 1})
-    assert mesh.peer(key).pending == {}  # nothing left behind
+    assert mesh.pool.exchange.in_flight == 0  # nothing left behind
 
 
 def test_a_draining_answer_sends_the_call_elsewhere(mesh: Mesh, rng: random.Random) -> None:
@@ -277,9 +358,9 @@ def test_a_draining_answer_sends_the_call_elsewhere(mesh: Mesh, rng: random.Rand
     second = mesh.add("second", load=5)
 
     async def main() -> Any:
-        mesh.pick()
-        mesh.peer(first).on_send = _answer(wire.ERROR, wire.encode_error(0, "draining", "bye")[1])
-        mesh.peer(second).on_send = _answer(wire.REPLY, wire.pack("ok"))
+        mesh.connect(first, second)
+        mesh.peer(first).on_send = _error("draining", "bye")
+        mesh.peer(second).on_send = _reply("ok")
         return await mesh.client.call("cart", "add", timeout=2.0)
 
     assert asyncio.run(main()) == "ok"
@@ -291,9 +372,8 @@ def test_remote_errors_are_raised_not_retried(mesh: Mesh) -> None:
     key = mesh.add("a")
 
     async def main() -> Any:
-        mesh.pick()
-        error = wire.encode_error(0, "unknown_method", "no")[1]
-        mesh.peer(key).on_send = _answer(wire.ERROR, error)
+        mesh.connect(key)
+        mesh.peer(key).on_send = _error("unknown_method", "no")
         return await mesh.client.call("cart", "nope", timeout=2.0)
 
     with pytest.raises(UnknownMethodError, match="no") as info:
@@ -310,16 +390,10 @@ def test_lost_peer_is_retried_only_for_idempotent_methods(
     first = mesh.add("first", load=0, idempotent=flags)
     second = mesh.add("second", load=5, idempotent=flags)
 
-    def lose(peer: FakePeer, frames: list[bytes]) -> None:
-        peer.state = FAILED
-        for item in list(peer.pending.values()):
-            if item is not None:
-                item.on_fail(True)
-
     async def main() -> Any:
-        mesh.pick()
-        mesh.peer(first).on_send = lose
-        mesh.peer(second).on_send = _answer(wire.REPLY, wire.pack("ok"))
+        mesh.connect(first, second)
+        mesh.peer(first).on_send = _lose
+        mesh.peer(second).on_send = _reply("ok")
         return await mesh.client.call("cart", "add", timeout=2.0)
 
     if outcome == "lost":
@@ -336,3 +410,74 @@ def test_no_instance_fails_at_once(mesh: Mesh) -> None:
 
     with pytest.raises(NoInstanceError):
         asyncio.run(main())
+
+
+# -- calling one chosen instance ---------------------------------------------------
+
+
+def test_call_instance_reaches_exactly_that_instance(mesh: Mesh, rng: random.Random) -> None:
+    idle = mesh.add("idle", load=0)
+    busy = mesh.add("busy", load=50)
+
+    async def main() -> Any:
+        mesh.connect(idle, busy)
+        for key in (idle, busy):
+            mesh.peer(key).on_send = _reply(key)
+        return await mesh.client.call_instance("busy", "add", 1, qty=2, timeout=2.0)
+
+    assert asyncio.run(main()) == busy  # the load-aware choice would have been "idle"
+    assert mesh.peer(idle).sent == []
+    (frames,) = mesh.peer(busy).sent
+    header = wire.decode_header(frames[0])
+    assert (header.target, header.name) == ("cart", "add")
+    assert wire.decode_call_body(frames[1], header.id) == ([1], {"qty": 2})
+
+
+def test_call_instance_of_an_unknown_id_fails_without_sending(mesh: Mesh) -> None:
+    mesh.add("a")
+
+    async def main() -> Any:
+        return await mesh.client.call_instance("nope", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="nope"):
+        asyncio.run(main())
+    assert mesh.connects == []
+
+
+def test_call_instance_does_not_fail_over_when_the_instance_is_draining(mesh: Mesh) -> None:
+    first = mesh.add("first")
+    second = mesh.add("second")
+
+    async def main() -> Any:
+        mesh.connect(first, second)
+        mesh.peer(first).on_send = _error("draining", "bye")
+        mesh.peer(second).on_send = _reply("ok")
+        return await mesh.client.call_instance("first", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="first did not take the call"):
+        asyncio.run(main())
+    assert len(mesh.peer(first).sent) == 1 and mesh.peer(second).sent == []
+
+
+def test_call_instance_of_an_unavailable_instance_fails_at_once(mesh: Mesh) -> None:
+    mesh.add("gone", state=FAILED)
+
+    async def main() -> Any:
+        return await mesh.client.call_instance("gone", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="gone is not available"):
+        asyncio.run(main())
+
+
+def test_call_instance_lost_in_flight_is_not_retried_even_when_idempotent(mesh: Mesh) -> None:
+    first = mesh.add("first", idempotent=("add",))
+    second = mesh.add("second", idempotent=("add",))
+
+    async def main() -> Any:
+        mesh.connect(first, second)
+        mesh.peer(first).on_send = _lose
+        return await mesh.client.call_instance("first", "add", timeout=2.0)
+
+    with pytest.raises(LostPeerError):
+        asyncio.run(main())
+    assert mesh.peer(second).sent == []

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import pkgutil
+import re
 
 import pytest
 
@@ -24,6 +27,7 @@ from meshkit.errors import (
     RefusedError,
     RegistryUnreachableError,
     RemoteError,
+    ResourceExhaustedError,
     UnknownConnectionError,
     UnknownMethodError,
     UnknownServiceError,
@@ -45,6 +49,7 @@ CALL_ERRORS: list[type[CallError]] = [
     HandlerError,
     RefusedError,
     UnknownConnectionError,
+    ResourceExhaustedError,
 ]
 
 # The tree drawn in the errors module's docstring: class -> parent.
@@ -68,6 +73,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     HandlerError: RemoteError,
     RefusedError: RemoteError,
     UnknownConnectionError: RefusedError,
+    ResourceExhaustedError: RefusedError,
 }
 
 CODES = {
@@ -84,14 +90,61 @@ CODES = {
     HandlerError: "handler_error",
     RefusedError: "refused",
     UnknownConnectionError: "unknown_connection",
+    ResourceExhaustedError: "resource_exhausted",
 }
 
 
-def test_tree_matches_the_docstring() -> None:
-    for cls, parent in TREE.items():
-        assert cls.__bases__ == (parent,), cls
+def drawn_tree() -> dict[str, str]:
+    """Class name -> parent name, read from the tree drawn in the errors module's docstring."""
+    lines = (errors.__doc__ or "").split("::", 1)[1].split("\n\n", 2)[1].splitlines()
+    parents: dict[str, str] = {}
+    path: list[str] = []
+    for line in lines:
+        match = re.match(r"\s*((?:[│ ] {3})*)(?:[├└]── )?(\w+)", line)
+        assert match is not None, line
+        depth = len(match.group(1)) // 4 + (1 if "── " in line else 0)
+        del path[depth:]
+        parents[match.group(2)] = path[-1] if path else "Exception"
+        path.append(match.group(2))
+    return parents
+
+
+def every_mesh_error() -> set[type[MeshError]]:
+    """Every subclass of MeshError that the package (and its subpackages) define."""
+    for info in pkgutil.walk_packages(meshkit.__path__, "meshkit."):
+        if not info.name.endswith("__main__"):  # running it is the CLI
+            importlib.import_module(info.name)
+    found: set[type[MeshError]] = set()
+    todo: list[type[MeshError]] = [MeshError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__.startswith("meshkit") and cls not in found:
+            found.add(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_the_drawn_tree_is_every_mesh_error_with_its_parent() -> None:
+    drawn = drawn_tree()
+    classes = every_mesh_error()
+    assert set(drawn) == {cls.__name__ for cls in classes}
+    for cls in classes:
+        (parent,) = [base for base in cls.__bases__ if issubclass(base, Exception)
+                     and (base is Exception or base.__module__.startswith("meshkit"))]
+        assert drawn[cls.__name__] == parent.__name__, cls
         assert cls.__doc__, f"{cls.__name__} needs a one-line docstring"
-        assert cls.__name__ in (errors.__doc__ or ""), cls
+
+
+def test_the_tree_of_the_errors_module() -> None:
+    for cls, parent in TREE.items():
+        assert parent in cls.__bases__, cls
+    assert CallTimeoutError.__bases__ == (CallError, TimeoutError)
+    assert isinstance(CallTimeoutError("late"), TimeoutError)
+
+
+def test_rpc_error_of_the_gateway_is_a_mesh_error() -> None:
+    from meshkit.gateway.jsonrpc import RpcError
+    assert issubclass(RpcError, MeshError)
 
 
 def test_every_exception_in_the_module_is_in_the_tree() -> None:
@@ -228,3 +281,50 @@ def test_a_refusal_keeps_its_client_code_across_the_wire() -> None:
     assert plain.message == "no connection abc-1"
     copy = pickle.loads(pickle.dumps(sent))
     assert (type(copy), copy.client_code, copy.message) == (RefusedError, 23, "Low difficulty share")
+
+
+class QuotaExceededError(RefusedError):
+    """A service's own refusal, sent as its own code."""
+
+    code = "quota_exceeded_test"
+
+
+def test_a_service_registers_its_own_code_and_gets_its_class_back() -> None:
+    assert errors.register_error_code(QuotaExceededError) is QuotaExceededError
+    errors.register_error_code(QuotaExceededError)  # again: a no-op
+    got = error_from_wire("quota_exceeded_test", "[7] slow down", service="s", method="m")
+    assert type(got) is QuotaExceededError
+    assert (got.client_code, got.message, got.code) == (7, "slow down", "quota_exceeded_test")
+
+
+def test_registering_a_bad_or_taken_code_is_refused() -> None:
+    class Builtin(RefusedError):
+        code = "draining"
+
+    class Taken(RefusedError):
+        code = "quota_exceeded_test"
+
+    class Shouting(RefusedError):
+        code = "Bad Code"
+
+    class Inherited(RefusedError):
+        """Defines no code of its own."""
+
+    errors.register_error_code(QuotaExceededError)
+    with pytest.raises(ValueError, match="meshkit's own"):
+        errors.register_error_code(Builtin)
+    with pytest.raises(ValueError, match="already registered"):
+        errors.register_error_code(Taken)
+    with pytest.raises(ValueError, match="must match"):
+        errors.register_error_code(Shouting)
+    with pytest.raises(ValueError, match="must match"):
+        errors.register_error_code(Inherited)
+    with pytest.raises(TypeError):
+        errors.register_error_code(HandlerError)  # type: ignore[arg-type]
+
+
+def test_codes_are_str_enums_equal_to_their_wire_strings() -> None:
+    from meshkit.codes import ErrorCode, InstanceState, LocalCode
+    assert ErrorCode.DRAINING == "draining" and f"{ErrorCode.DRAINING}" == "draining"
+    assert InstanceState.DRAINING == errors.DRAINING
+    assert all(cls.code in set(ErrorCode) | set(LocalCode) for cls in CODES)

@@ -171,7 +171,7 @@ def test_decoding_memory_is_bounded(frame: bytes) -> None:
        st.none() | st.text(max_size=60), st.none() | st.dictionaries(st.text(), st.text(), max_size=4))
 def test_every_valid_request_header_round_trips(id: int, target: str, name: str, timeout_ms: int | None,
                                                  traceparent: str | None, meta: dict[str, str] | None) -> None:
-    header = wire.decode_header(wire.encode_call_header(id, target, name, timeout_ms, traceparent, meta))
+    header = wire.decode_header(wire.CallMessage(target, name, b"", traceparent, meta).frames(id, timeout_ms)[0])
     assert (header.kind, header.id, header.target, header.name) == (wire.CALL, id, target, name)
     assert (header.timeout_ms, header.traceparent, header.meta) == (timeout_ms, traceparent, meta or None)
 

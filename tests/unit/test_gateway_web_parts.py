@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from meshkit.errors import ConfigError, RefusedError, error_from_wire, register_code
+from meshkit.errors import ConfigError, RefusedError, error_from_wire, register_error_code
 from meshkit.gateway import GatewayOptions, jsonrpc
 from meshkit.gateway.bans import BanClientError, ClientFaultError
 from meshkit.gateway.jsonrpc import Request
@@ -178,4 +178,4 @@ def test_the_gateways_errors_travel_as_codes() -> None:
         code = "client_fault"
 
     with pytest.raises(ValueError, match="client_fault"):
-        register_code(Taken)
+        register_error_code(Taken)

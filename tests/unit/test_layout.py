@@ -14,13 +14,15 @@ PACKAGE = ROOT / "meshkit"
 
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
-                    "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke")),
-    ("registry", ("storage", "registry", "registration", "rundir")),
-    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
+    ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
+                    "programs", "tasks", "sections", "config", "decoder", "transport", "context",
+                    "leases", "signature", "concurrency")),
+    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota")),
+    ("registry", ("storage", "registry", "registration", "rundir", "resources")),
+    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
+               "exchange", "observe")),
     ("service", ("service", "runner")),
-    ("roles", ("gateway", "haproxy", "stack", "testing")),
+    ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
 ]
 

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 from inprocess import Shop, advance_until_done, run, signalled, turns
 
-from meshkit.errors import BadArgumentsError, CallTimeoutError, HandlerError, UnknownMethodError
+import meshkit
+from meshkit.errors import BadArgumentsError, CallTimeoutError, ConfigError, HandlerError, UnknownMethodError
 from meshkit.record import DRAINING
-from meshkit.testing import ServiceHarness
+from meshkit.testing import FakeClock, ServiceHarness
 
 
 def test_an_async_and_a_plain_handler_answer_over_the_wire() -> None:
@@ -101,3 +102,41 @@ def test_a_drain_that_runs_out_of_grace_reports_it() -> None:
         assert await call == "released"
 
     run(test)
+
+
+def test_call_instance_reaches_the_service_through_the_real_router() -> None:
+    async def test(h: ServiceHarness[Shop]) -> object:
+        return await h.client.call_instance(h.service.instance_id, "double", 4, timeout=5.0)
+
+    assert run(test) == 8
+
+
+def test_framework_methods_are_reserved_and_served_while_draining() -> None:
+    async def test(h: ServiceHarness[Shop]) -> None:
+        server = h.service._server
+        assert server is not None
+        server.add_framework_method("_mesh.state", lambda: server.state)
+        with pytest.raises(ValueError, match=r"_mesh\."):
+            server.add_framework_method("state", lambda: None)
+        iid = h.service.instance_id
+        assert await h.client.call_instance(iid, "_mesh.state", timeout=5.0) == "up"
+        with pytest.raises(UnknownMethodError, match=r"_mesh\.other"):
+            await h.client.call_instance(iid, "_mesh.other", timeout=5.0)
+        server.state = DRAINING
+        assert await h.client.call_instance(iid, "_mesh.state", timeout=5.0) == DRAINING
+
+    run(test)
+
+
+def test_a_service_method_in_the_reserved_namespace_is_a_config_error() -> None:
+    class Bad(Shop):
+        @meshkit.rpc(name="_mesh.mine")
+        async def mine(self) -> None:
+            return None
+
+    async def main() -> None:
+        async with ServiceHarness(Bad, clock=FakeClock()):
+            pass
+
+    with pytest.raises(ConfigError, match="reserved"):
+        asyncio.run(main())

@@ -30,7 +30,7 @@ def test_calls_in_flight_per_connection_are_bounded_in_count() -> None:
             probe.gate.set()
             await settle(server)
             assert sorted(_codes(answers(pump, A))) == ["REPLY"] * 5 + ["overloaded"] * 3
-            assert (server.held.count, server.held.bytes, server._calls_by_peer) == (0, 0, {})
+            assert (server.held.count, server.held.bytes, server.quota.connections) == (0, 0, 0)
 
     asyncio.run(main())
 

@@ -86,7 +86,7 @@ def test_call_vector() -> None:
     assert _hex(frames) == [CALL_HEADER, CALL_BODY]
     header = wire.decode_header(bytes.fromhex(CALL_HEADER))
     assert header == wire.Header(1, wire.CALL, 1, "echo", "echo", 5000, TRACEPARENT, {"conn": "c1"})
-    assert header.is_request
+    assert header.kind in (wire.CALL, wire.PUSH)
     assert wire.decode_call_body(bytes.fromhex(CALL_BODY), 1) == ([42], {})
 
 
@@ -107,7 +107,7 @@ def test_reply_vector() -> None:
     assert _hex(wire.encode_reply(1, 42)) == [REPLY_HEADER, REPLY_BODY]
     header = wire.decode_header(bytes.fromhex(REPLY_HEADER))
     assert header == wire.Header(1, wire.REPLY, 1)
-    assert not header.is_request
+    assert header.kind not in (wire.CALL, wire.PUSH)
     assert wire.unpack(bytes.fromhex(REPLY_BODY)) == 42
 
 
@@ -149,14 +149,19 @@ def test_push_vector() -> None:
     assert _hex(frames) == [PUSH_HEADER, PUSH_BODY]
     header = wire.decode_header(bytes.fromhex(PUSH_HEADER))
     assert header == wire.Header(1, wire.PUSH, 2, "", "jobs.new", 1000, None, None)
-    assert header.is_request
+    assert header.kind in (wire.CALL, wire.PUSH)
     assert wire.unpack(bytes.fromhex(PUSH_BODY)) == {"height": 100}
 
 
 def test_push_split_encoding_matches() -> None:
-    header = wire.encode_push_header(2, "jobs.new", 1000, None, None)
-    body = wire.encode_push_body({"height": 100})
-    assert [header.hex(), body.hex()] == [PUSH_HEADER, PUSH_BODY]
+    message = wire.PushMessage("jobs.new", wire.encode_push_body({"height": 100}))
+    assert _hex(message.frames(2, 1000)) == [PUSH_HEADER, PUSH_BODY]
+
+
+def test_the_call_message_production_sends_is_the_golden_vector() -> None:
+    message = wire.CallMessage("echo", "echo", wire.encode_call_body([42], {}), TRACEPARENT, {"conn": "c1"})
+    assert _hex(message.frames(1, 5000)) == [CALL_HEADER, CALL_BODY]
+    assert wire.timeout_ms(5.0009) == 5000 and wire.timeout_ms(0.0004) == 0 and wire.timeout_ms(-1) == 0
 
 
 def test_ack_ping_pong_vectors() -> None:
@@ -170,9 +175,52 @@ def test_ack_ping_pong_vectors() -> None:
     assert wire.unpack(bytes.fromhex(PONG_BODY)) == ["up", 0]
 
 
-def test_answer_header_helper() -> None:
-    assert wire.encode_answer_header(wire.REPLY, 1).hex() == REPLY_HEADER
-    assert wire.encode_answer_header(wire.ACK, 2).hex() == ACK_HEADER
+def test_answers_decode_with_their_bodies() -> None:
+    reply = wire.decode_answer([bytes.fromhex(REPLY_HEADER), bytes.fromhex(REPLY_BODY)])
+    assert reply == wire.Answer(1, wire.REPLY, 42)
+    error = wire.decode_answer([bytes.fromhex(ERROR_HEADER), bytes.fromhex(ERROR_BODY)])
+    assert error == wire.Answer(1, wire.ERROR, None, wire.ErrorBody("handler_error", "boom", "ValueError"))
+    assert wire.decode_answer([bytes.fromhex(ACK_HEADER), bytes.fromhex(NIL)]) == wire.Answer(2, wire.ACK)
+    assert wire.decode_answer([bytes.fromhex(PONG_HEADER), bytes.fromhex(PONG_BODY)]).value == ["up", 0]
+
+
+def test_an_unreadable_answer_body_fails_its_request_as_bad_request() -> None:
+    answer = wire.decode_answer([bytes.fromhex(REPLY_HEADER), b"\xc1"])
+    assert (answer.id, answer.kind) == (1, wire.ERROR)
+    assert answer.error is not None and answer.error.code == "bad_request"
+    assert "malformed REPLY body" in answer.error.message
+
+
+@pytest.mark.parametrize("frames", [
+    [bytes.fromhex(REPLY_HEADER)],
+    [bytes.fromhex(REPLY_HEADER), b"\x2a", b"\x2a"],
+    [b"\xc1", b"\x2a"],
+    [bytes.fromhex(CALL_HEADER), bytes.fromhex(CALL_BODY)],  # a request sent to a client
+    [bytes.fromhex(PING_HEADER), bytes.fromhex(NIL)],
+])
+def test_what_no_request_can_be_matched_with_is_a_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode_answer(frames)
+
+
+@pytest.mark.parametrize(("frames", "expected_id"), [
+    ([], 0),
+    ([bytes.fromhex(CALL_HEADER)], 1),
+    ([bytes.fromhex(CALL_HEADER), b"", b""], 1),
+    ([b"\xc1"], 0),
+])
+def test_a_request_with_the_wrong_frame_count_is_bad_request_with_the_readable_id(
+    frames: list[bytes], expected_id: int
+) -> None:
+    with pytest.raises(ProtocolError, match="expected 2 frames") as info:
+        wire.split_request(frames)
+    assert (info.value.code, info.value.id) == ("bad_request", expected_id)
+
+
+def test_unsupported_version_lists_the_versions_spoken() -> None:
+    frames = wire.encode_error(9, "unsupported_version", "protocol version 2 is not supported")
+    assert wire.unpack(frames[1])["supported"] == [1]
+    assert "supported" not in wire.unpack(wire.encode_error(9, "bad_request", "no")[1])
 
 
 def test_strings_are_str_and_binary_is_bin() -> None:
@@ -572,3 +620,15 @@ def test_containers_are_counted_exactly_and_limited() -> None:
     blob = wire.pack([bytes(range(256)) * 40, {"a": [1]}])
     assert wire.unpack_body(blob, max_containers=3) == ([bytes(range(256)) * 40, {"a": [1]}], 3)
     assert wire.decode_call(wire.pack([[1, [2]], {"k": {}}]), 1) == ([1, [2]], {"k": {}}, 5)
+
+
+def test_pack_is_packb_and_safe_from_many_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    values = [[i, "x" * (i % 50), b"\x00" * (i % 7), {"k": [i] * (i % 5)}] for i in range(2000)]
+    with ThreadPoolExecutor(4) as pool:
+        packed = list(pool.map(wire.pack, values))
+    assert packed == [msgpack.packb(v, use_bin_type=True) for v in values]
+    with pytest.raises(TypeError):
+        wire.pack({1, 2})
+    assert wire.pack([1]) == b"\x91\x01"  # a failed pack leaves nothing behind in the packer

@@ -1,0 +1,199 @@
+"""Request correlation: ids, what is in flight on each peer, deadlines, answers.
+
+One :class:`Exchange` serves one client (it belongs to the client's
+:class:`~meshkit.pool.PeerPool`). It is the only place that knows a request
+id. :meth:`Exchange.start` gives the request an id, sends its frames to the
+peer, enters it in that peer's table and starts its deadline timer; every
+request started is then **settled exactly once**, here, by the first of:
+
+* its answer (:meth:`Exchange.receive`): the :class:`~meshkit.wire.Answer`
+  (a REPLY, an ACK, a PONG, or an ERROR the caller must see);
+* an answer that says it did not run: ``draining`` (the peer is marked
+  draining) or ``unknown_service`` (the endpoint now serves another
+  service: the peer is retired) — :class:`NotDelivered`;
+* the peer failing first (:meth:`Exchange.abandon`): :class:`LostInFlight`
+  if the peer was connected (the request may have run), else
+  :class:`NotDelivered` (it never reached the instance);
+* its deadline: :class:`DeadlinePassed`.
+
+Settling removes the entry and cancels the timer; an answer that arrives
+later (or matches nothing, or comes from another peer than the one asked)
+is dropped and counted in :attr:`Exchange.dropped`, as is an answer that
+cannot be read. A request that could not be sent at all raises
+:class:`NotDelivered` from :meth:`~Exchange.start` itself. The waiter giving
+up (a cancelled call) settles nothing: the entry stays until its answer or
+deadline, which is also how long the instance is still working on it, so a
+peer's :meth:`~Exchange.load` keeps counting it.
+
+The three outcomes are internal: :mod:`meshkit.client` and
+:mod:`meshkit.publish` turn them into retries and
+:class:`~meshkit.errors.CallError` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import wire
+from .clock import SYSTEM_CLOCK, Clock, TimerHandle
+from .codes import ErrorCode
+from .config import Settings
+from .errors import ProtocolError
+from .peer import Peer
+from .untrusted import LogThrottle, clip
+
+log = logging.getLogger("meshkit.exchange")
+
+
+class NotDelivered(Exception):
+    """The request cannot have run: not sent, never reached the instance, or refused unstarted."""
+
+
+class LostInFlight(Exception):
+    """The peer was lost with the request in flight: it may have run."""
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline passed before its answer arrived (or before it was sent)."""
+
+
+class Outgoing(Protocol):
+    """A request as its sender holds it (:class:`~meshkit.wire.CallMessage`, :class:`~meshkit.wire.PushMessage`)."""
+
+    def frames(self, id: int, timeout_ms: int | None) -> list[bytes]:
+        """The frames of one attempt."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    future: asyncio.Future[wire.Answer]
+    timer: TimerHandle
+
+
+def _nothing(peer: Peer) -> None:
+    return None
+
+
+class Exchange:
+    """Correlates one client's requests with their answers (see the module doc).
+
+    ``on_idle(peer)`` is called when the last request in flight on a
+    draining peer is settled (its owner may close it). Ids start at a random
+    32-bit value drawn from ``rng``, so a restarted client does not reuse
+    the ids its predecessor left in flight.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        on_idle: Callable[[Peer], None] = _nothing,
+    ) -> None:
+        self._clock = clock
+        # The system clock is read and scheduled on directly: this is the hot path of every call.
+        self._system = clock is SYSTEM_CLOCK
+        self._now = time.monotonic if self._system else clock.now
+        self._ids = itertools.count((rng or random.Random()).getrandbits(32) + 1)
+        self._tables: dict[Peer, dict[int, _Entry]] = {}
+        self._on_idle = on_idle
+        self._throttle = LogThrottle(log, settings.log_repeat_interval)
+        self.dropped = 0  # answers that matched nothing or could not be read
+
+    def load(self, peer: Peer) -> int:
+        """How many requests are in flight on ``peer`` (what instance choice compares)."""
+        table = self._tables.get(peer)
+        return len(table) if table else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on every peer."""
+        return sum(map(len, self._tables.values()))
+
+    def start(self, peer: Peer, message: Outgoing, deadline: float) -> asyncio.Future[wire.Answer]:
+        """Send ``message`` to ``peer``; return the future that settles it (see the module doc).
+
+        ``deadline`` is on this exchange's clock. Raises :class:`DeadlinePassed`
+        if it has passed already and :class:`NotDelivered` if the peer cannot
+        take the frames; in both cases nothing was sent.
+        """
+        remaining = deadline - self._now()
+        if remaining <= 0:
+            raise DeadlinePassed()
+        request_id = next(self._ids)
+        if not peer.send(message.frames(request_id, int(remaining * 1000))):  # wire.timeout_ms, inlined
+            raise NotDelivered(f"{peer.key} could not take the request")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[wire.Answer] = loop.create_future()
+        table = self._tables.get(peer)
+        if table is None:
+            table = self._tables[peer] = {}
+        timer = (loop.call_later if self._system else self._clock.call_later)(
+            remaining, self._expire, peer, request_id)
+        table[request_id] = _Entry(future, timer)
+        return future
+
+    def forget(self, peer: Peer) -> None:
+        """Drop ``peer``'s (empty) table: its owner closed it with nothing in flight."""
+        if not self._tables.get(peer):  # a request still in flight is settled by abandon() only
+            self._tables.pop(peer, None)
+
+    def receive(self, peer: Peer, frames: list[bytes]) -> None:
+        """Settle the request that the answer ``frames`` from ``peer`` is for (never raises)."""
+        try:
+            answer = wire.decode_answer(frames)
+        except ProtocolError as exc:
+            self.dropped += 1
+            self._throttle.log(exc.code, logging.WARNING, "dropping an unreadable answer from %s: %s", peer.key, exc)
+            return
+        future = self._settle(peer, answer.id)
+        if future is None:
+            self.dropped += 1  # late (after its deadline), or never asked of this peer
+            return
+        if future.done():
+            return  # its waiter gave up
+        error = answer.error
+        if error is None:
+            future.set_result(answer)
+        elif error.code == ErrorCode.DRAINING:
+            future.set_exception(NotDelivered(f"{peer.key} is draining"))
+            peer.mark_draining()
+        elif error.code == ErrorCode.UNKNOWN_SERVICE:
+            # The record is stale: its endpoint now belongs to another service.
+            future.set_exception(NotDelivered(f"{peer.key} serves another service"))
+            peer.retire(f"serves another service now ({clip(error.message)})")
+        else:
+            future.set_result(answer)
+
+    def abandon(self, peer: Peer, *, lost: bool) -> None:
+        """Settle everything in flight on ``peer``, which failed: lost if ``lost``, else not delivered."""
+        table = self._tables.pop(peer, None)
+        if not table:
+            return
+        for entry in table.values():
+            entry.timer.cancel()
+            if not entry.future.done():
+                entry.future.set_exception(LostInFlight() if lost else NotDelivered(f"{peer.key} was not reached"))
+
+    def _settle(self, peer: Peer, request_id: int) -> asyncio.Future[wire.Answer] | None:
+        table = self._tables.get(peer)
+        entry = table.pop(request_id, None) if table else None
+        if entry is None:
+            return None
+        entry.timer.cancel()
+        if not table and peer.draining:
+            self._on_idle(peer)
+        return entry.future
+
+    def _expire(self, peer: Peer, request_id: int) -> None:
+        future = self._settle(peer, request_id)
+        if future is not None and not future.done():
+            future.set_exception(DeadlinePassed())
