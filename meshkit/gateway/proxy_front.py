@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .admission import MAX_HEADER, client_of
 from .proxy_protocol import V1_PREFIX, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
@@ -54,8 +54,9 @@ class ProxyFront(asyncio.Protocol):
         self._handed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's transports (meshkit/loops.py) implement
+        # asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         if self._mode == "off":
             self._hand_over(None, b"")
             return

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from meshkit import loops
 from meshkit.errors import ConfigError, RefusedError, error_from_wire, register_error_code
 from meshkit.gateway import GatewayOptions, jsonrpc
 from meshkit.gateway.bans import BanClientError, ClientFaultError
@@ -109,6 +110,38 @@ def test_off_mode_reads_no_header() -> None:
         _, transport, inner, clients, _ = front("off")
         assert inner.made and client_for(clients, transport)[1] == "10.0.0.1"
     asyncio.run(main())
+
+
+def test_the_front_hands_a_real_connection_over_on_meshkits_loop() -> None:
+    # uvloop's transports implement asyncio.Transport without subclassing it.
+    async def main() -> tuple[bytes, str]:
+        loop = asyncio.get_running_loop()
+        inner = Recorder()
+        got = loop.create_future()
+        clients: Clients = weakref.WeakKeyDictionary()
+
+        class Inner(Recorder):
+            def data_received(self, data: bytes) -> None:
+                inner.data += data
+                if inner.data.endswith(b"\n") and not got.done():
+                    got.set_result(inner.data)
+
+        server = await loop.create_server(
+            lambda: ProxyFront(Inner, clients, "require", 5.0, got.set_exception), "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(V2_TCP4 + b"GET /health\n")
+            data = await asyncio.wait_for(got, 5.0)
+            (peer, _), = clients.values()
+            writer.close()
+            return data, peer
+        finally:
+            server.close()
+
+    data, peer = loops.run(main())
+    assert data == b"GET /health\n"
+    assert peer.startswith("198.51.100.7")
 
 
 def test_close_codes_say_why() -> None:
