@@ -106,6 +106,8 @@ class Settings:
     debug: bool = False  # send handler tracebacks to callers
     statsd_address: str = ""  # host:port; empty disables metrics
     statsd_prefix: str = "meshkit"
+    statsd_flush_interval: float = 1.0  # seconds between sends of the figures gathered in process
+    statsd_max_names: int = 1000  # distinct metric names held per flush interval; more are counted, not sent
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"
     run_dir: str = ".run"

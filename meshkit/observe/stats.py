@@ -35,13 +35,20 @@ class Counter:
         self.in_flight = 0
 
     def finish(self, bucket: int, code: str | None, message: str = "") -> None:
-        """One call ended, its latency in bucket ``bucket`` (:func:`~.spans.bucket_of`)."""
+        """One call ended, its latency in bucket ``bucket`` (:func:`~.spans.bucket_of`).
+
+        (:meth:`meshkit.observe.observer.Observer.finished` does the same inline.)
+        """
         self.calls += 1
         self.in_flight -= 1
         self.buckets[bucket] += 1
         if code is not None:
-            self.errors[code] = self.errors.get(code, 0) + 1
-            self.last_error = {"code": code, "message": message, "unix": time.time()}
+            self.failed(code, message)
+
+    def failed(self, code: str, message: str) -> None:
+        """Count an error ``code`` and remember it as the last one."""
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self.last_error = {"code": code, "message": message, "unix": time.time()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "errors": dict(self.errors), "last_error": self.last_error,

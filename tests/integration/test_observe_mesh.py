@@ -172,8 +172,11 @@ def test_the_span_buffer_stays_bounded_under_a_flood_and_keeps_slow_and_failed_c
     assert after - before < 8 * 1024, (before, after)
 
     slow = cli(mesh_settings, "trace", "--slow", "trace-b", "--json")
-    ranked = [s["name"] for s in json.loads(slow.stdout)]
-    assert ranked[:3] == ["flood", "flood", "slow"], ranked  # the floods themselves took seconds
+    ranked = json.loads(slow.stdout)
+    names = [s["name"] for s in ranked]
+    # The 0.3 s call survived 80,000 spans and 500 fast calls; only the two floods may rank above it.
+    assert "slow" in names[:3] and set(names[:names.index("slow")]) <= {"flood"}, names
+    assert ranked[names.index("slow")]["duration_us"] >= 250_000  # the event loop may wake a little early
     errors = json.loads(cli(mesh_settings, "trace", "--errors", "trace-b", "--json").stdout)
     assert [e["name"] for e in errors] == ["fail"] and errors[0]["attrs"]["error"] == "the one failure"
     stats = cli(mesh_settings, "stats", "trace-b")

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "meshkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context",
-                    "leases", "signature", "concurrency")),
+                    "leases", "signature", "concurrency", "tally", "datagrams")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
