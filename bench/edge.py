@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--push-timeout", type=float, default=20.0, help="seconds a push may take to reach all")
     add("--scale", type=int, default=0, metavar="N",
         help="instead: N clients held through two HAProxy processes (edge_scale.py; its options follow)")
+    add("--web", action="store_true", help="HTTP and WebSocket beside TCP per request instead (bench/edge_http.py)")
     return p
 
 
@@ -333,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         return edge_scale.main(["--clients", str(args.scale), *raw])
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.web:  # the listeners' own cost: bench/edge_http.py, with the flags it shares
+        import edge_http
+        return edge_http.main([f for f in ("--quick", "--json") if getattr(args, f[2:])])
     if args.quick:
         args.repeat, args.calls, args.warmup, args.pipelined_calls = 1, 300, 50, 3000
         args.fanout, args.publishes = "50,200", 20

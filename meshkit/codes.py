@@ -36,8 +36,8 @@ forbidden              the instance's access policy does not let this caller mak
 
 New codes may be added, so a receiver treats an unknown code as a generic
 remote error. A service adds its own with
-:func:`meshkit.errors.register_error_code` (the gateway's
-``connection_gone``), so its errors travel as codes, never as class names.
+:func:`meshkit.errors.register_error_code`, so its errors travel as codes,
+never as class names; the gateway's are :class:`GatewayCode`.
 :class:`LocalCode` names the codes of failures the caller reports itself,
 which never cross the wire.
 """
@@ -74,6 +74,19 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     FORBIDDEN = "forbidden"
+
+
+class GatewayCode(StrEnum):
+    """The codes the gateway registers (``register_error_code``) for backend errors it acts on.
+
+    They are not meshkit's own codes: a backend raises the gateway's
+    :class:`~meshkit.errors.RefusedError` subclasses, and the gateway tells
+    them apart by these codes, never by class name.
+    """
+
+    CONNECTION_GONE = "connection_gone"  # the client connection closed: restore its state
+    CLIENT_FAULT = "client_fault"  # the client's fault: counts towards a ban
+    BAN_CLIENT = "ban_client"  # ban the client's address now
 
 
 class LocalCode(StrEnum):

@@ -24,7 +24,10 @@ it against the classes, subpackages included)::
     │       └── RefusedError             the handler refused on purpose      [refused]
     │           ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
     │           ├── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
-    │           └── Overloaded           (limits) a concurrency gate and its queue are full [overloaded]
+    │           ├── Overloaded           (limits) a concurrency gate and its queue are full [overloaded]
+    │           ├── ClientFaultError     (gateway) a handler blames the gateway's client [client_fault]
+    │           │   └── BanClientError       ... and asks for its address to be banned [ban_client]
+    │           └── ConnectionGoneError  (gateway) the client connection closed [connection_gone]
     ├── HAProxyError                (haproxy) HAProxy could not be driven
     │   ├── HAProxyUnreachableError     its runtime API or master CLI did not answer
     │   ├── RuntimeCommandError         it refused a runtime command
@@ -32,9 +35,6 @@ it against the classes, subpackages included)::
     │   └── ReloadError                 a reload did not bring up a new worker
     ├── StackError                  (stack) a Circus control command failed
     │   └── RestartFailed               a rolling restart stopped part-way
-    ├── ClientFaultError            (gateway) a handler blames the gateway's client
-    │   └── BanClientError              ... and asks for its address to be banned
-    ├── ConnectionGoneError         (gateway) the client connection closed
     ├── NoConnectionError           (gateway) the call did not come through a gateway
     ├── ProxyHeaderError            (gateway) not a valid PROXY protocol header
     ├── RpcError                    (gateway) a call function's JSON-RPC error
@@ -239,7 +239,7 @@ class RefusedError(RemoteError):
     wire it leads the message as ``"[23] "``.
     """
 
-    code = ErrorCode.REFUSED
+    code: str = ErrorCode.REFUSED  # str: subclasses registered by services bring their own codes
 
     def __init__(self, message: str = "", *, client_code: int | None = None, service: str = "",
                  method: str = "") -> None:

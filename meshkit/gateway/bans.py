@@ -22,11 +22,15 @@ the next full read. ``meshkit ban ls|add|rm`` works on the same hash.
 
 Backends take part in two ways, with no call into the gateway:
 
-* raise :class:`ClientFaultError` (or an exception whose class name the
-  gateway's ``client_faults`` option lists): the client gets the error, and
-  it counts as bad for the policy;
-* raise :class:`BanClientError`: the client gets the error and its address
-  is banned at once for ``ban_time`` (the reason is the error's message).
+* raise :class:`ClientFaultError` (wire code ``client_fault``; or an error
+  whose code, or for a plain exception its class name, the gateway's
+  ``client_faults`` option lists): the client gets the error, and it counts
+  as bad for the policy;
+* raise :class:`BanClientError` (code ``ban_client``): the client gets the
+  error and its address is banned at once for ``ban_time`` (the reason is
+  the error's message).
+
+The gateway tells them apart by their wire codes, never by class names.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..errors import MeshError
+from ..codes import GatewayCode
+from ..errors import RefusedError, register_error_code
 from ..untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.gateway.bans")
@@ -54,12 +59,22 @@ MAX_REASON = 200
 _MAX_MESSAGE = 1024
 
 
-class ClientFaultError(MeshError):
-    """Raised by a backend handler: the request failed through the client's fault (counts towards a ban)."""
+@register_error_code
+class ClientFaultError(RefusedError):
+    """Raised by a backend handler: the request failed through the client's fault (counts towards a ban).
+
+    It travels as code ``client_fault``: the client gets the message (and
+    ``client_code``, if given, as the JSON-RPC code), the gateway counts it.
+    """
+
+    code = GatewayCode.CLIENT_FAULT
 
 
+@register_error_code
 class BanClientError(ClientFaultError):
-    """Raised by a backend handler: ban the client's address now (the message is the reason)."""
+    """Raised by a backend handler: ban the client's address now (the message is the reason; code ``ban_client``)."""
+
+    code = GatewayCode.BAN_CLIENT
 
 
 def normalize_address(text: str) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from ..untrusted import LogThrottle, clip
-from .connection import Connection
+from .session import Session
 from .state import ConnectionStore
 
 log = logging.getLogger("meshkit.gateway")
@@ -55,7 +55,7 @@ class StateKeeper:
         self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
         self._background: set[asyncio.Task[None]] = set()
 
-    async def ensure(self, conn: Connection) -> None:
+    async def ensure(self, conn: Session) -> None:
         """Create ``conn``'s state before its mesh call, unless that was done (never raises)."""
         opening = self._opening.get(conn.id)
         if opening is None or _failed(opening):
@@ -65,7 +65,7 @@ class StateKeeper:
         if not opening.done():
             await asyncio.shield(opening)  # a cancelled request must not cancel the write
 
-    def lost(self, conn: Connection) -> None:
+    def lost(self, conn: Session) -> None:
         """A backend found no state for open ``conn``: create it again now."""
         opening = self._opening.get(conn.id)
         if conn.closed or (opening is not None and not opening.done()):
@@ -91,7 +91,7 @@ class StateKeeper:
         if self._background:
             await asyncio.wait(self._background, timeout=timeout)
 
-    async def sweep(self, connections: Mapping[str, Connection]) -> int:
+    async def sweep(self, connections: Mapping[str, Session]) -> int:
         """One sweep (see the module doc); returns how many connections' state was deleted."""
         await self._restore(connections)
         live = await self._live_gateways()
@@ -108,7 +108,7 @@ class StateKeeper:
         removed += await self.store.reconcile(self.instance_id, connections)
         return removed
 
-    def _open(self, conn: Connection) -> asyncio.Task[bool]:
+    def _open(self, conn: Session) -> asyncio.Task[bool]:
         """Start creating ``conn``'s state (idempotent) and make that its latest task."""
         task = asyncio.create_task(self._create(conn.id, conn.peer), name=f"gateway-state-{conn.id}")
         self._opening[conn.id] = task
@@ -130,7 +130,7 @@ class StateKeeper:
         await opening  # never deletes before the create landed
         await self.store.close(conn_id, self.instance_id)
 
-    async def _restore(self, connections: Mapping[str, Connection]) -> None:
+    async def _restore(self, connections: Mapping[str, Session]) -> None:
         peers: dict[str, str] = {}
         for conn_id, opening in self._opening.items():
             conn = connections.get(conn_id)

@@ -6,6 +6,7 @@
 * :class:`Exemptions` — networks (``127.0.0.0/8``, ``::1``) that no limit or
   ban applies to: behind an HAProxy that sends no PROXY header every client
   is HAProxy's own address, and limiting it would limit everyone.
+* :class:`AddressBuckets` — a request-rate bucket per address (HTTP requests).
 * :class:`AddressLimits` — at most ``max_per_address`` open connections per
   address and a connection rate per address. It remembers at most
   ``max_addresses`` rate buckets (the least recently seen is forgotten
@@ -40,15 +41,20 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend one token if there is one; False (nothing spent) when the rate is exceeded."""
+        if not self.ready(now):
+            return False
+        if self.rate > 0:
+            self._tokens -= 1.0
+        return True
+
+    def ready(self, now: float) -> bool:
+        """Whether a token is there to take (nothing spent)."""
         if self.rate <= 0:
             return True
         elapsed = max(0.0, now - self._stamp)
         self._stamp = now
         self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._tokens >= 1.0
 
 
 class Exemptions:
@@ -123,4 +129,42 @@ class AddressLimits:
     @property
     def tracked(self) -> int:
         """Addresses whose connection rate is remembered (at most ``max_addresses``)."""
+        return len(self._buckets)
+
+
+class AddressBuckets:
+    """A request-rate bucket per client address, for HTTP (a request is not a connection).
+
+    Remembers at most ``max_addresses`` buckets, the least recently seen
+    forgotten first, as :class:`AddressLimits` does.
+    """
+
+    def __init__(self, rate: float, burst: int, max_addresses: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_addresses = max(1, max_addresses)
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def bucket(self, address: str, now: float) -> TokenBucket | None:
+        """``address``'s bucket (made on first use); None when there is no limit."""
+        if self.rate <= 0:
+            return None
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, now)
+            self._buckets[address] = bucket
+            if len(self._buckets) > self.max_addresses:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(address)
+        return bucket
+
+    def take(self, address: str, now: float) -> bool:
+        """Spend one of ``address``'s tokens; False (not spent) when it is over its rate."""
+        bucket = self.bucket(address, now)
+        return bucket is None or bucket.take(now)
+
+    @property
+    def tracked(self) -> int:
+        """Addresses whose request rate is remembered (at most ``max_addresses``)."""
         return len(self._buckets)

@@ -53,7 +53,8 @@ limit_exempt        127.0.0.0/8,::1     networks no limit or ban applies to
 max_per_address     256                 open connections per client address
 connect_rate        20                  new connections per second per address ...
 connect_burst       40                  ... beyond a burst of this many
-request_rate        100                 requests per second per connection ...
+request_rate        100                 requests per second per connection (per address
+                                        for HTTP requests) ...
 request_burst       200                 ... beyond a burst of this many (the rest are
                                         answered ``rate_limited``, not run)
 ban_time            600                 seconds the policy (or ``BanClientError``) bans an
@@ -63,9 +64,12 @@ ban_ratio           0.5                 ban when at least this share of ...
 ban_min_requests    500                 ... this many requests from the address was bad
 ban_on              invalid,client      what is bad: ``invalid`` requests (refused by
                                         the gateway) and ``client`` faults (backend
-                                        errors named in ``client_faults``)
-client_faults       ClientFaultError    exception class names a backend raises for the
-                                        client's fault (``BanClientError`` always bans)
+                                        errors: ``ClientFaultError`` and those named in
+                                        ``client_faults``)
+client_faults       (empty)             more error codes (``RefusedError`` subclasses'
+                                        ``code``), or class names of plain exceptions,
+                                        that are the client's fault (``client_fault``
+                                        always is; ``BanClientError`` always bans)
 max_addresses       100000              client addresses tracked for rates and bans
 ban_sync            30                  seconds between full reads of the bans in Redis
 reconnect_method    mesh.reconnect      notification asking clients to move when the
@@ -82,6 +86,21 @@ gone_after          0                   seconds a called service may have no ins
 gone_method         mesh.service_gone   that notification (params ``{"service"}``)
 gone_disconnect     false               also close the clients that used it
 ==================  ==================  =============================================
+
+HTTP and WebSocket (``docs/gateway.md``, :mod:`.web`); the limits above apply
+to them too (a body or message is bounded by ``max_line``):
+
+==================  ==========  ====================================================
+web_listener        (empty)     listener name of the HTTP/WebSocket port advertised
+                                in the registry (``web``); empty: no such listener
+http_path           /rpc        where JSON-RPC requests are POSTed
+ws_path             /ws         where WebSocket clients connect
+health_path         /health     HAProxy's ``http-check`` (``200 pong``)
+cors_origins        (empty)     origins browsers may call from (``*``: any); empty:
+                                no CORS headers
+ws_heartbeat        30          seconds between the gateway's pings; a pong must
+                                come within half of it; 0: no pings
+==================  ==========  ====================================================
 """
 
 from __future__ import annotations
@@ -131,7 +150,7 @@ class GatewayOptions:
     ban_ratio: float = 0.5
     ban_min_requests: int = 500
     ban_on: tuple[str, ...] = ("invalid", "client")
-    client_faults: tuple[str, ...] = ("ClientFaultError",)
+    client_faults: tuple[str, ...] = ()
     max_addresses: int = 100000
     ban_sync: float = 30.0
     reconnect_method: str = "mesh.reconnect"
@@ -141,6 +160,12 @@ class GatewayOptions:
     gone_after: float = 0.0
     gone_method: str = "mesh.service_gone"
     gone_disconnect: bool = False
+    web_listener: str = ""
+    http_path: str = "/rpc"
+    ws_path: str = "/ws"
+    health_path: str = "/health"
+    cors_origins: tuple[str, ...] = ()
+    ws_heartbeat: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.listener:
@@ -183,6 +208,21 @@ class GatewayOptions:
                 raise ConfigError(f"gateway reconnect_address must be host:port, "
                                   f"got {self.reconnect_address!r}")
         Exemptions(self.limit_exempt)  # raises ConfigError for a bad network
+        self._check_web()
+
+    def _check_web(self) -> None:
+        paths = (self.http_path, self.ws_path, self.health_path)
+        if any(not p.startswith("/") or any(c in p for c in " ?#") for p in paths):
+            raise ConfigError(f"gateway http_path, ws_path and health_path must be paths "
+                              f"starting with /, got {list(paths)}")
+        if len(set(paths)) != 3:
+            raise ConfigError(f"gateway http_path, ws_path and health_path must differ, "
+                              f"got {list(paths)}")
+        if self.ws_heartbeat < 0:
+            raise ConfigError("gateway ws_heartbeat must be >= 0")
+        if self.web_listener and self.web_listener == self.listener:
+            raise ConfigError(f"gateway web_listener must differ from listener "
+                              f"({self.listener!r})")
 
     @classmethod
     def from_settings(cls, settings: Settings, service: str = "gateway",

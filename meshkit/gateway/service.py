@@ -18,6 +18,9 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   and an unknown or closed connection is answered with
   :class:`~meshkit.errors.UnknownConnectionError`, never raised inside the gateway;
 * writes in its listener's dialect (:mod:`meshkit.gateway.dialect`);
+* with ``web_listener``, also serves HTTP (``POST /rpc``) and WebSocket
+  (``/ws``) on a second port advertised under that name (:mod:`.web`); all
+  three protocols run requests through one core (:mod:`.session`);
 * keeps per-connection state in Redis (:mod:`meshkit.gateway.state`, its life in
   :mod:`meshkit.gateway.keeper`), created
   before a connection's first mesh call (again on a later call if that
@@ -53,9 +56,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
-import socket
-import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ..config import Settings
@@ -65,15 +66,17 @@ from ..service import Service
 from ..tasks import Supervised, supervise
 from ..untrusted import LogThrottle, clip
 from . import dialect, jsonrpc, moving
-from .admission import Guard, Refusal, banned_error, client_of, read_proxy_header
-from .bans import Ban, BanClientError, BanStore, BanSync
-from .connection import Connection
+from .admission import Guard, banned_error
+from .bans import Ban, BanClientError, BanStore, BanSync, ClientFaultError
 from .jsonrpc import Request, RpcError
 from .keeper import StateKeeper
+from .listening import bind_host, candidate_ports
 from .options import GatewayOptions
-from .proxy_protocol import ProxyHeaderError
 from .push import DELIVER_TOPIC, deliver
+from .session import Session
 from .state import ConnectionGoneError, ConnectionStore
+from .tcp import TcpListener
+from .web import WebListener
 
 log = logging.getLogger("meshkit.gateway")
 
@@ -97,9 +100,10 @@ class Gateway(Service):
         self.dialect = dialect.named(self.options.dialect)
         self.add_subscription(DELIVER_TOPIC, self._on_deliver)
         self.store = ConnectionStore(self.settings)
-        self.connections: dict[str, Connection] = {}
+        self.connections: dict[str, Session] = {}
         self.address = ""
-        self._listener: asyncio.Server | None = None
+        self.tcp = TcpListener(self)
+        self.web: WebListener | None = None
         self._ids = itertools.count(1)
         self._known_services: set[str] = set(self.options.services)
         self._no_connections = asyncio.Event()
@@ -107,18 +111,17 @@ class Gateway(Service):
         self._background: list[Supervised] = []
         # Log lines clients (or a Redis outage) can cause, once per cause per interval.
         self._throttle = LogThrottle(log)
-        self._conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
+        self.conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
         self.keeper = StateKeeper(self.store, self.instance_id, self._throttle, self._live_gateways)
         self.guard = Guard(self.options)
         self.bans = BanStore(self.store.redis, self.settings.namespace)
         self._ban_sync = BanSync(self.bans, self.guard.bans, self.options.ban_sync, self._banned)
-        self._client_faults = {*self.options.client_faults, BanClientError.__name__}
+        self._client_faults = set(self.options.client_faults)
 
     # -- lifecycle hooks ----------------------------------------------------------
 
     async def on_start(self) -> None:
-        self._listener = await self._listen()
-        port = self._listener.sockets[0].getsockname()[1]
+        port = await self.tcp.start(bind_host(self.settings), candidate_ports(self.settings))
         self.address = f"{self.settings.advertised_host}:{port}"
         self.advertise_listener(self.options.listener, self.address)
         self.registry.add_listener(self._note_services)
@@ -131,6 +134,13 @@ class Gateway(Service):
         if self.options.gone_after > 0:
             self._background.append(supervise("gateway-gone-watch", self._watch_gone, logger=log))
         log.info("listening for clients at %s (listener %r)", self.address, self.options.listener)
+        if self.options.web_listener:
+            self.web = WebListener(self)
+            web_port = await self.web.start(bind_host(self.settings), candidate_ports(self.settings))
+            web_address = f"{self.settings.advertised_host}:{web_port}"
+            self.advertise_listener(self.options.web_listener, web_address)
+            log.info("listening for HTTP and WebSocket clients at %s (listener %r)", web_address,
+                     self.options.web_listener)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop as :meth:`Service.stop`; the grace defaults to the ``drain_grace`` option.
@@ -145,8 +155,9 @@ class Gateway(Service):
         end = loop.time() + grace
         log.info("draining %d client connections (grace %.1fs)", len(self.connections), grace)
         await asyncio.sleep(min(_LISTEN_LINGER, grace))
-        if self._listener is not None:
-            self._listener.close()  # existing connections stay open
+        self.tcp.close()  # existing connections stay open
+        if self.web is not None:
+            self.web.stop_listening()  # HTTP requests now get 503: HAProxy retries them elsewhere
         mover: asyncio.Future[int] | None = None
         progress = moving.Progress()
         if self.options.reconnect_method and self.connections:
@@ -169,6 +180,9 @@ class Gateway(Service):
             conn.finish(jsonrpc.SHUTTING_DOWN, "gateway is shutting down; reconnect",
                         self.options.request_timeout)
             for conn in list(self.connections.values())))
+        if self.web is not None:
+            # HTTP requests already running are answered (new ones got 503 since the listener closed).
+            await self.web.wait_quiet(self.options.request_timeout + 1.0)
 
     async def on_stop(self) -> None:
         for loop in self._background:
@@ -177,82 +191,35 @@ class Gateway(Service):
                              return_exceptions=True)
         for conn in list(self.connections.values()):
             conn.close(abort=True)
+        if self.web is not None:
+            await self.web.close()
         await self.keeper.wait()
-        if self._listener is not None:
-            self._listener.close()
+        self.tcp.close()
         await self.store.aclose()
 
     # -- accepting clients ------------------------------------------------------------
 
-    async def _listen(self) -> asyncio.Server:
-        host = self.settings.bind_host
-        if host in ("", "*"):
-            host = "0.0.0.0"
-        low, high = self.settings.port_min, self.settings.port_max
-        ports = random.sample(range(low, high + 1), min(200, high - low + 1)) if low else [0]
-        for port in ports:
-            try:
-                return await asyncio.start_server(self._on_client, host, port,
-                                                  family=socket.AF_INET if ":" not in host else 0,
-                                                  backlog=1024, reuse_address=True)
-            except OSError:
-                if port == ports[-1]:
-                    raise
-        raise OSError("no port to listen on")  # unreachable: ports is never empty
+    def new_id(self) -> str:
+        """A new connection id: ``<instance id>-<counter>`` (:mod:`.push` reads the instance from it)."""
+        return f"{self.instance_id}-{next(self._ids):x}"
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn_id = f"{self.instance_id}-{next(self._ids):x}"
-        accepted = time.monotonic()
-        wait = self.options.proxy_timeout
-        if self.options.proxy_protocol == "accept" and self.options.idle_timeout > 0:
-            # A silent client may have no header at all: do not hold it past its idle timeout.
-            wait = min(wait, self.options.idle_timeout)
-        try:
-            header, initial = await read_proxy_header(reader, self.options.proxy_protocol, wait)
-        except (ProxyHeaderError, ConnectionError, OSError) as exc:
-            self.metrics.gateway_rejected("proxy_header")
-            self._throttle.log("proxy_header", logging.WARNING, "closing %s from %s: %s", conn_id,
-                               clip(writer.get_extra_info("peername")), clip(str(exc)))
-            dropped = Connection(conn_id, reader, writer, options=self.options, call=self._route,
-                                 metrics=self.metrics)
-            dropped.close(abort=True)  # a reset: it never spoke our protocol
-            await dropped.wait_closed()
-            return
-        peer, address = client_of(header, writer.get_extra_info("peername"))
-        conn = Connection(conn_id, reader, writer, options=self.options, call=self._route,
-                          metrics=self.metrics, gateway_id=self.instance_id,
-                          throttle=self._conn_throttle, initial=initial, peer=peer, address=address,
-                          request_bucket=self.guard.request_bucket(address), judge=self._judge)
-        conn.last_active = accepted  # waiting for its header counts as idle time
-        if len(self.connections) >= self.options.max_connections:
-            # Connections that are closing count too, until their socket is gone.
-            await self._refuse(conn, "too_many_connections", (
-                jsonrpc.TOO_MANY_CONNECTIONS,
-                f"gateway full ({self.options.max_connections} connections); retry later", {}))
-            return
-        refusal = self.guard.admit(address)
-        if refusal is not None:
-            await self._refuse(conn, jsonrpc.REASONS[refusal[0]], refusal)
-            return
-        self.connections[conn_id] = conn
+    def note_refusal(self, reason: str, message: str) -> None:
+        """Log (throttled per ``reason``) why a client was refused."""
+        self._throttle.log(reason, logging.WARNING, "%s", clip(message))
+
+    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None:
+        """Count ``conn`` among the connections (pushes reach it) while ``serving`` runs."""
+        self.connections[conn.id] = conn
         self._no_connections.clear()
         self.metrics.gateway_clients(len(self.connections))
         try:
-            await conn.serve()
+            await serving
         finally:
-            self.guard.release(address)
-            del self.connections[conn_id]
+            del self.connections[conn.id]
             if not self.connections:
                 self._no_connections.set()
             self.metrics.gateway_clients(len(self.connections))
-            self.keeper.closed(conn_id)
-
-    async def _refuse(self, conn: Connection, reason: str, error: Refusal) -> None:
-        self.metrics.gateway_rejected(reason)
-        self._throttle.log(reason, logging.WARNING, "refusing %s: %s", conn.peer, error[1])
-        conn.send(self.dialect.error_line(None, *error))
-        conn.close()
-        await conn.wait_closed()
+            self.keeper.closed(conn.id)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -269,7 +236,7 @@ class Gateway(Service):
         # through a gap in which no instance of it is up.
         return service in self._known_services or bool(self.registry.instances(service))
 
-    async def _route(self, conn: Connection, request: Request) -> Any:
+    async def route(self, conn: Session, request: Request) -> Any:
         """Run one client request as a mesh call; raise :class:`RpcError` on failure."""
         target = jsonrpc.split_method(request.method)
         if target is None:
@@ -280,7 +247,8 @@ class Gateway(Service):
         if not self._callable(service):
             self.metrics.gateway_rejected("method_not_found")
             raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"unknown service {clip(service)!r}")
-        await self.keeper.ensure(conn)
+        if conn.stateful:
+            await self.keeper.ensure(conn)
         conn.services_used.add(service)
         params = request.params
         args = params if isinstance(params, list) else []
@@ -294,14 +262,14 @@ class Gateway(Service):
                                                 meta={"conn": conn.id, "client": conn.peer})
         except CallError as exc:
             span.set_status(exc.code)
-            remote_type = exc.remote_type if isinstance(exc, HandlerError) else ""
-            if remote_type == ConnectionGoneError.__name__:
+            # Told apart by wire code (the classes register theirs), never by class name.
+            if isinstance(exc, ConnectionGoneError):
                 self.keeper.lost(conn)
             code, message, data = jsonrpc.error_for(exc)
-            if remote_type == BanClientError.__name__ and conn.address is not None:
-                self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
+            if isinstance(exc, BanClientError) and conn.address is not None:
+                self.ban(conn.address, clip(exc.message, 200))
             else:
-                self._judge(conn, "client" if remote_type in self._client_faults else "ok")
+                self.judge(conn, "client" if self._client_fault(exc) else "ok")
             raise RpcError(code, message, {**data, "trace_id": span.trace_id} if request.want_trace else data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
@@ -309,14 +277,25 @@ class Gateway(Service):
             # The mesh encodes with MessagePack, which refuses e.g. integers over 64 bits.
             raise RpcError(jsonrpc.INVALID_PARAMS,
                            f"params cannot be sent: {clip(str(exc))}") from None
-        self._judge(conn, "ok")
+        self.judge(conn, "ok")
         return result
 
     # -- limits and bans ----------------------------------------------------------------
 
-    def _judge(self, conn: Connection, kind: str) -> None:
-        if self.guard.judge(conn.address, kind) and conn.address is not None:
-            self.ban(conn.address, f"at least {self.options.ban_ratio:g} of "
+    def _client_fault(self, exc: CallError) -> bool:
+        """Whether a backend's error is the client's fault: by its code (or a plain exception's type)."""
+        if isinstance(exc, ClientFaultError) or exc.code in self._client_faults:
+            return True
+        return isinstance(exc, HandlerError) and exc.remote_type in self._client_faults
+
+    def judge(self, conn: Session, kind: str) -> None:
+        """Count one request of ``conn`` for the ban policy (``ok``, ``invalid``, ``client``)."""
+        self.judge_address(conn.address, kind)
+
+    def judge_address(self, address: str | None, kind: str) -> None:
+        """Count one request from ``address`` for the ban policy; ban it when the policy says so."""
+        if self.guard.judge(address, kind) and address is not None:
+            self.ban(address, f"at least {self.options.ban_ratio:g} of "
                      f"{self.options.ban_min_requests} requests were bad")
 
     def ban(self, address: str, reason: str) -> Ban:
@@ -340,7 +319,7 @@ class Gateway(Service):
         for conn in list(self.connections.values()):
             if conn.address == ban.address and not conn.closed:
                 conn.send(line)
-                conn.close()
+                conn.close_for(jsonrpc.BANNED)
 
     async def _watch_gone(self) -> None:
         await moving.watch_gone(self.options, lambda: list(self.connections.values()),

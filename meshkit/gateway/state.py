@@ -38,9 +38,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..codes import GatewayCode
 from ..config import Settings
 from ..context import current_call
-from ..errors import MeshError
+from ..errors import MeshError, RefusedError, register_error_code
 from ..keys import Keys
 from ..redisconn import async_client
 from ..untrusted import clip
@@ -79,8 +80,15 @@ return restored
 Value = str | int | float
 
 
-class ConnectionGoneError(MeshError):
-    """The client connection closed (or never had state): its state cannot be written."""
+@register_error_code
+class ConnectionGoneError(RefusedError):
+    """The client connection closed (or never had state): its state cannot be written.
+
+    Raised in a backend and not caught, it reaches the gateway as code
+    ``connection_gone`` (the gateway then restores the state of an open connection).
+    """
+
+    code = GatewayCode.CONNECTION_GONE
 
 
 class NoConnectionError(MeshError):

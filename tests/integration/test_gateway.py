@@ -346,7 +346,7 @@ def test_state_is_created_again_by_the_next_request_after_a_failure_or_a_loss(
     # The backend finds the state gone; the gateway hears it and creates it again.
     lost = early.call("gwprobe.remember", ["worker", "w2"])
     assert error_code(lost) == jsonrpc.HANDLER_ERROR
-    assert lost["error"]["data"]["type"] == "ConnectionGoneError"
+    assert lost["error"]["data"]["code"] == "connection_gone"  # its wire code, not a class name
     assert early.call("gwprobe.remember", ["worker", "w3"])["result"] == {"worker": "w3", "calls": "1"}
     # A first mesh call while Redis is away: creating the state fails (the
     # call itself needs none) ...

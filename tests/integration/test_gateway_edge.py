@@ -312,7 +312,9 @@ def test_backends_mark_client_faults_and_ask_for_bans(start_service: StartServic
     miner = from_address(clients, address, "192.0.2.30")
     assert miner.call("edgeprobe.whoami")["result"]["client"] == "192.0.2.30:40000"
     faults = [miner.call("edgeprobe.fault") for _ in range(2)]
-    assert {f["error"]["data"]["type"] for f in faults} == {"ClientFaultError"}
+    # The fault travels as its code, and the client gets the backend's message as it is.
+    assert {f["error"]["data"]["code"] for f in faults} == {"client_fault"}
+    assert {f["error"]["message"] for f in faults} == {"invalid share"}
     miner.request("edgeprobe.fault")  # 3 bad of 4: this one bans (and is answered by the ban)
     assert error_code(miner.recv()) == jsonrpc.BANNED
     honest = from_address(clients, address, "192.0.2.31")

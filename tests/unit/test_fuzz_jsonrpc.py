@@ -93,7 +93,7 @@ def handle(line: bytes) -> tuple[bytes, jsonrpc.Line | None, float]:
         writer = FakeWriter()
         conn = Connection("gw-1", asyncio.StreamReader(), writer,  # type: ignore[arg-type]
                           options=OPTIONS, call=route, metrics=Metrics("", "", "gateway"))
-        conn._on_line(line)
+        conn.handle_line(line)
         while conn._tasks:
             await asyncio.wait(set(conn._tasks), timeout=2.0)
         return bytes(writer.data)

@@ -683,12 +683,6 @@ def test_method_names_are_clipped_in_errors() -> None:
 def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
     from meshkit.gateway import Gateway
 
-    class Listener:
-        sockets = [type("Sock", (), {"getsockname": lambda self: ("127.0.0.1", 1)})()]
-
-        def close(self) -> None:
-            pass
-
     class Poisoned:
         """A connection whose state makes the sweep raise once (bad data), then is idle."""
 
@@ -711,8 +705,8 @@ def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
     async def main() -> None:
         gateway = Gateway(Settings.load(env={}, service_overrides={"gateway": {"idle_timeout": 0.2}}))
 
-        async def listen() -> Any:
-            return Listener()
+        async def listen(host: str, ports: list[int]) -> int:
+            return 1  # no socket in unit tests
 
         async def no_sweep() -> int:
             return 0
@@ -720,7 +714,7 @@ def test_the_idle_sweep_survives_an_exception_and_is_restarted() -> None:
         async def no_ban_sync() -> None:  # no Redis in unit tests
             return None
 
-        gateway._listen = listen  # type: ignore[method-assign]
+        gateway.tcp.start = listen  # type: ignore[method-assign]
         gateway.sweep_state = no_sweep  # type: ignore[method-assign]
         gateway._ban_sync.run = no_ban_sync  # type: ignore[method-assign]
         poisoned = Poisoned()

@@ -235,6 +235,10 @@ def test_render_contents() -> None:
     assert "retry-on conn-failure empty-response response-timeout 503" in text
     assert "option redispatch 1" in text
     assert "http-check send meth GET uri /health" in text
+    # The http check begins with the PROXY header too, and must see a 200.
+    assert "http-check connect default\n" in text and "http-check expect status 200\n" in text
+    # The client's address reaches gateways by PROXY v2, never by a header clients can forge.
+    assert "forwardfor" not in text
     assert "\n\n\n" not in text and text.endswith("\n")
     assert "log " not in text  # no connection logs unless configured
     assert "    log stderr format short daemon info\n" in render(build_model(config(log="stderr format short "

@@ -1,0 +1,277 @@
+"""The semantics of one client, whatever carries its messages: TCP lines, WebSocket or HTTP.
+
+A :class:`Session` is the one place where a client message (a request, a
+batch or a notification, as one line of JSON) becomes answers: the TCP
+listener (:mod:`.connection`), the WebSocket listener and the HTTP listener
+(:mod:`.web`) subclass it and add only how bytes come in and go out.
+
+Contracts of :class:`Session`:
+
+* **Requests run concurrently**, at most ``max_inflight`` per session; one
+  over the limit is answered ``too_many_in_flight`` and not run. Answers go
+  out in completion order, one answer (a line) per message.
+* **Batches are bounded**: at most ``max_batch`` items (a larger one is
+  refused whole with ``batch_too_large``), their mesh calls count against
+  ``max_inflight`` like single requests, and their answer is cut to
+  ``max_output`` bytes (:func:`~meshkit.gateway.jsonrpc.answer_line`).
+* **Bad input costs one answer, never the session.** Invalid messages and
+  params get a JSON-RPC error; an answer JSON cannot hold becomes an
+  ``internal_error`` for that request alone.
+* **Rate.** With a ``request_bucket``, a request over the client's request
+  rate is answered ``rate_limited`` and not run. ``judge(session, kind)``
+  hears of each invalid message or item (``"invalid"``), for the ban policy.
+* **Built-in methods** (``mesh.*``, :mod:`meshkit.gateway.builtin`) are
+  answered here; everything else goes to the ``call`` function given by the
+  gateway, which sees the session (its ``id``, ``peer``, ``address``).
+* **Where answers go.** :meth:`handle_line` hands the answer line to
+  ``reply`` (default: :meth:`send`), exactly once per message, with ``None``
+  when the message asked for no answer (notifications only, a blank line).
+* **Echoes are clipped** (:func:`meshkit.untrusted.clip`), and log lines a
+  client can cause are throttled (:class:`~meshkit.untrusted.LogThrottle`).
+
+A subclass provides :meth:`send`, :meth:`close` and :meth:`wait_closed`,
+sets :attr:`closed` when it closes, and calls :meth:`cancel_work` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..metrics import Metrics
+from ..topics import topic_matches
+from ..untrusted import LogThrottle, clip
+from . import builtin, dialect, jsonrpc
+from .jsonrpc import Invalid, Request, RpcError
+from .limits import TokenBucket
+from .options import GatewayOptions
+
+log = logging.getLogger("meshkit.gateway.connection")
+
+CallFunction = Callable[["Session", Request], Awaitable[Any]]
+JudgeFunction = Callable[["Session", str], None]
+Reply = Callable[[bytes | None], object]
+Doc = dict[str, Any] | None  # a response object, or None for a notification
+
+
+class Session:
+    """One client's requests, answers and subscriptions (see the module doc)."""
+
+    #: Whether the session is a connection that lives on (its Redis state is kept,
+    #: pushes can reach it); False for one HTTP request.
+    stateful = True
+
+    def __init__(
+        self,
+        conn_id: str,
+        *,
+        options: GatewayOptions,
+        call: CallFunction,
+        metrics: Metrics,
+        gateway_id: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        throttle: LogThrottle | None = None,
+        peer: str = "",
+        address: str | None = None,
+        request_bucket: TokenBucket | None = None,
+        judge: JudgeFunction | None = None,
+    ) -> None:
+        self.id = conn_id
+        self.options = options
+        self.dialect = dialect.named(options.dialect)
+        self.gateway_id = gateway_id
+        self.subscriptions: set[str] = set()
+        self.inflight = 0
+        #: The client's IP address (from the PROXY header behind HAProxy); None: not limited.
+        self.address = address
+        self.peer = peer  # "ip:port" of the client, for logs and the connection's state
+        self.services_used: set[str] = set()  # services this client called (told if one is gone)
+        self._bucket = request_bucket
+        self._judge = judge
+        self._call = call
+        self._metrics = metrics
+        self._clock = clock
+        # Shared by the gateway's sessions, so a flood of clients logs once.
+        self._throttle = throttle or LogThrottle(log)
+        self.last_active = clock()
+        self.closed = False
+        self.done = asyncio.Event()
+        self._quiet = asyncio.Event()  # set while nothing is in flight
+        self._quiet.set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- what a carrier provides ------------------------------------------------
+
+    def send(self, line: bytes) -> bool:
+        """Queue one line (an answer or a push) for the client; False if it is (now) closed."""
+        raise NotImplementedError
+
+    def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
+        """Stop now; with ``code``, tell the client why first (see the subclass)."""
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        """Return once the client's transport is gone."""
+        raise NotImplementedError
+
+    def close_for(self, code: int) -> None:
+        """Close now because of error ``code``, already sent (a WebSocket says which in its close code)."""
+        self.close()
+
+    async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
+        """Close from the gateway's side without losing a request: tell, answer what came, close."""
+        raise NotImplementedError
+
+    # -- shared by every carrier --------------------------------------------------
+
+    def idle(self, now: float) -> bool:
+        """Whether it is open, nothing was received for ``idle_timeout`` s and nothing is in flight."""
+        timeout = self.options.idle_timeout
+        return (timeout > 0 and not self.closed and not self.inflight
+                and now - self.last_active >= timeout)
+
+    def push(self, topic: str, line: bytes) -> bool:
+        """Send a pushed notification if the client subscribed to ``topic``."""
+        if self.closed or not topic_matches(self.subscriptions, topic):
+            return False
+        return self.send(line)
+
+    def cancel_work(self) -> None:
+        """Cancel every request in flight (on close)."""
+        for task in self._tasks:
+            task.cancel()
+
+    def handle_line(self, line: bytes, reply: Reply | None = None) -> int:
+        """Handle one message; return how many items it held (at least 1), its cost in turns."""
+        self._metrics.gateway_message("in")
+        answer = reply or self._send_answer
+        parsed = jsonrpc.parse_line(line, self.options.max_batch)
+        if parsed is None:
+            answer(None)
+            return 1
+        immediate: list[dict[str, Any] | None] = []
+        running: list[Awaitable[dict[str, Any] | None]] = []
+        for item in parsed.items:
+            outcome = self._prepare(item)
+            if isinstance(outcome, dict) or outcome is None:
+                immediate.append(outcome)
+            else:
+                running.append(outcome)
+        if not running:
+            answer(self._answer(parsed.batch, immediate))
+            return len(parsed.items)
+        # Tasks at once (not coroutines for later) so every request starts now
+        # and each is cancelled on close even if the answer is never sent.
+        calls = [self._track(asyncio.ensure_future(c)) for c in running]
+        self._track(asyncio.ensure_future(self._complete(parsed.batch, immediate, calls, answer)))
+        return len(parsed.items)
+
+    def error_line(self, code: int, message: str, data: dict[str, Any] | None = None) -> bytes:
+        """An error with ``id`` null in this session's dialect, counted and judged as invalid input."""
+        self._metrics.gateway_rejected(jsonrpc.REASONS.get(code, "error"))
+        self._report("invalid")
+        return self.dialect.error_line(None, code, message, data)
+
+    def _send_answer(self, line: bytes | None) -> None:
+        if line is not None:
+            self.send(line)
+
+    def _track(self, task: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _prepare(self, item: jsonrpc.Item) -> dict[str, Any] | Awaitable[Doc] | None:
+        """An answer now (or None: a notification), or an awaitable that produces it."""
+        if isinstance(item, Invalid):
+            self._metrics.gateway_rejected(jsonrpc.REASONS[item.code])
+            self._report("invalid")
+            return self.dialect.error_doc(item.id, item.code, item.message, item.data)
+        if self._bucket is not None and not self._bucket.take(self._clock()):
+            self._metrics.gateway_rejected("rate_limited")
+            return None if item.notification else self.dialect.error_doc(
+                item.id, jsonrpc.RATE_LIMITED,
+                f"more than {self.options.request_rate:g} requests per second; not run")
+        if item.method.startswith("mesh."):
+            doc = self._run_builtin(item)
+            return None if item.notification else doc
+        if self.inflight >= self.options.max_inflight:
+            self._metrics.gateway_rejected("too_many_in_flight")
+            if item.notification:
+                return None
+            return self.dialect.error_doc(item.id, jsonrpc.TOO_MANY_IN_FLIGHT,
+                                          f"more than {self.options.max_inflight} requests in "
+                                          "flight on this connection; not run")
+        # Counted now, not when the coroutine starts, so later items of the
+        # same line (a batch) see it.
+        self.inflight += 1
+        self._quiet.clear()
+        return self._run(item)
+
+    def _run_builtin(self, item: Request) -> dict[str, Any]:
+        try:
+            result = self._builtin(item)
+        except RpcError as exc:
+            self._metrics.gateway_rejected(jsonrpc.REASONS.get(exc.code, "error"))
+            return self.dialect.error_doc(item.id, exc.code, exc.message, exc.data)
+        except Exception as exc:
+            # A bug in a built-in must cost its answer, not the session
+            # (raised here, it would end the carrier's read loop).
+            self._throttle.log("builtin_failed", logging.ERROR, "built-in %s on %s failed",
+                               clip(item.method), self.id, exc_info=True)
+            self._metrics.gateway_rejected("internal_error")
+            return self.dialect.error_doc(item.id, jsonrpc.INTERNAL_ERROR,
+                                          f"internal error: {type(exc).__name__}")
+        return self.dialect.result_doc(item.id, result)
+
+    async def _run(self, request: Request) -> dict[str, Any] | None:
+        try:
+            result = await self._call(self, request)
+            doc = self.dialect.result_doc(request.id, result)
+        except RpcError as exc:
+            doc = self.dialect.error_doc(request.id, exc.code, exc.message, exc.data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._throttle.log("request_failed", logging.ERROR, "request %s on %s failed",
+                               clip(request.method), self.id, exc_info=True)
+            doc = self.dialect.error_doc(request.id, jsonrpc.INTERNAL_ERROR,
+                                         f"internal error: {type(exc).__name__}")
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.last_active = self._clock()
+                self._quiet.set()
+        return None if request.notification else doc
+
+    async def _complete(self, batch: bool, immediate: list[dict[str, Any] | None],
+                        calls: list[asyncio.Future[Any]], answer: Reply) -> None:
+        done = await asyncio.gather(*calls)
+        answer(self._answer(batch, [*immediate, *done]))
+
+    def _answer(self, batch: bool, docs: list[dict[str, Any] | None]) -> bytes | None:
+        answers = [d for d in docs if d is not None]
+        if not answers:
+            return None
+        line, problems = self.dialect.answer_line(answers, batch, self.options.max_output)
+        for problem in problems:
+            self._throttle.log("answer_replaced", logging.WARNING, "on %s: %s", self.id, problem)
+        return line
+
+    async def wait_quiet(self, timeout: float) -> None:
+        """Return once nothing is in flight, or after ``timeout`` s (logged)."""
+        try:
+            await asyncio.wait_for(self._quiet.wait(), timeout)
+        except asyncio.TimeoutError:
+            self._throttle.log("closing_in_flight", logging.WARNING,
+                               "closing %s with %d requests still in flight", self.id, self.inflight)
+
+    def _builtin(self, request: Request) -> Any:
+        return builtin.call(self, request)
+
+    def _report(self, kind: str) -> None:
+        if self._judge is not None:
+            self._judge(self, kind)
