@@ -27,6 +27,7 @@ Contracts:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -97,9 +98,13 @@ class AsyncClient:
             await self.registry.start()
 
     async def close(self) -> None:
-        """Close every connection; waiting calls fail with :class:`ClientClosedError`."""
+        """Close every connection; waiting calls fail with :class:`ClientClosedError`.
+
+        Instances that hear CANCEL are told of every call still in flight first.
+        """
         if self.pool.closed:
             return
+        self.exchange.cancel_all()
         self.pool.close()
         if self._own_registry:
             await self.registry.close()
@@ -218,7 +223,12 @@ class AsyncClient:
                 continue
             self._check_size(peer, message)
             try:
-                answer = await self.exchange.start(peer, message, deadline)
+                future = self.exchange.start(peer, message, deadline)
+                try:
+                    answer = await future
+                except asyncio.CancelledError:  # the caller gave up (its task, wait_for): tell the instance
+                    self.exchange.withdraw(peer, future)
+                    raise
             except NotDelivered:
                 pass  # it cannot have run: another instance may take it
             except LostInFlight:

@@ -62,6 +62,7 @@ class InstanceRecord:
     started_at: float = 0.0
     listeners: Mapping[str, str] = field(default_factory=dict)
     max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
+    features: tuple[str, ...] = ()  # optional protocol features it speaks (``wire.FEATURES``: "cancel")
 
     @property
     def key(self) -> str:
@@ -76,24 +77,24 @@ class InstanceRecord:
         return replace(self, state=state)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "service": self.service,
-                "instance_id": self.instance_id,
-                "endpoint": self.endpoint,
-                "host": self.host,
-                "pid": self.pid,
-                "version": self.version,
-                "methods": list(self.methods),
-                "idempotent": list(self.idempotent),
-                "topics": list(self.topics),
-                "state": self.state,
-                "started_at": self.started_at,
-                "listeners": dict(self.listeners),
-                "max_message_size": self.max_message_size,
-            },
-            separators=(",", ":"),
-        )
+        fields: dict[str, Any] = {
+            "service": self.service,
+            "instance_id": self.instance_id,
+            "endpoint": self.endpoint,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "methods": list(self.methods),
+            "idempotent": list(self.idempotent),
+            "topics": list(self.topics),
+            "state": self.state,
+            "started_at": self.started_at,
+            "listeners": dict(self.listeners),
+            "max_message_size": self.max_message_size,
+        }
+        if self.features:  # written only when there are some: the record of a peer without any is as before
+            fields["features"] = list(self.features)
+        return json.dumps(fields, separators=(",", ":"))
 
 
     @classmethod
@@ -116,7 +117,7 @@ class InstanceRecord:
     def from_dict(cls, raw: Any) -> InstanceRecord:
         """Build a record from decoded JSON; raise ``ValueError`` as :meth:`from_json` does."""
         try:
-            for name in ("methods", "idempotent", "topics"):
+            for name in ("methods", "idempotent", "topics", "features"):
                 if not isinstance(raw.get(name, []), list):
                     raise TypeError(f"{name} must be a list")
             listeners = raw.get("listeners", {})
@@ -136,6 +137,7 @@ class InstanceRecord:
                 started_at=float(raw.get("started_at", 0.0)),
                 listeners={str(k): str(v) for k, v in listeners.items()},
                 max_message_size=_integer(raw.get("max_message_size", 0)),
+                features=_strings(raw.get("features", ())),
             )
             record.check()
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
@@ -153,7 +155,7 @@ class InstanceRecord:
             raise ValueError(f"pid out of range: {clip(self.pid)}")
         if VERSION.fullmatch(self.version) is None:
             raise ValueError(f"version must be 0-64 printable characters, got {clip(self.version)!r}")
-        for field_name in ("methods", "idempotent", "topics"):
+        for field_name in ("methods", "idempotent", "topics", "features"):
             items = getattr(self, field_name)
             if len(items) > MAX_ITEMS:
                 raise ValueError(f"{field_name}: {len(items)} entries, more than {MAX_ITEMS}")

@@ -13,6 +13,10 @@ message it can attribute to a sender:
   after another, in arrival order, and each is acknowledged when done.
 * what a handler returned or raised becomes the answer in :mod:`meshkit.answers`.
 * a PING is answered with the state and the number of requests held.
+* a CANCEL (never answered) cancels the sender's call of that id, if it is
+  still running (:mod:`meshkit.cancels`): an async handler's task is
+  cancelled, a plain handler's ``current_call().cancelled`` becomes true;
+  either way no answer is sent for it.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
 
@@ -52,8 +56,9 @@ import zmq
 from . import wire
 from .answers import Answers
 from .budget import Budget, request_cost
+from .cancels import Running, RunningCalls
 from .clock import SYSTEM_CLOCK, Clock
-from .codes import ErrorCode, InstanceState
+from .codes import ErrorCode, InstanceState, LocalCode
 from .config import Settings
 from .context import CallContext, reset_current, set_current
 from .errors import ConfigError, ProtocolError
@@ -72,6 +77,7 @@ log = logging.getLogger("meshkit.server")
 # Method names under this prefix are the framework's, never a service's.
 RESERVED_PREFIX = "_mesh."
 
+_CANCELLED = LocalCode.CANCELLED
 _UP = InstanceState.UP  # read once per call: an enum attribute costs a lookup each time
 # The inflight gauge is sent at most this often (seconds), and whenever it is
 # zero: a datagram per call cost more than the gauge is worth (docs/performance.md).
@@ -119,6 +125,7 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.running = RunningCalls()  # admitted calls, for CANCEL
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)  # let the last replies out on close
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -217,6 +224,9 @@ class Server:
             self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
             self._on_push(identity, header, frames[1], frames[2])
+        elif kind == wire.CANCEL:
+            if self.running.cancel(identity, header.id):
+                self.metrics.incr("cancelled")
         elif kind == wire.PING:
             # What max_inflight bounds: calls being served and pushes queued or running.
             self._send(identity, wire.encode_pong(header.id, self.state, self.held.count))
@@ -305,8 +315,10 @@ class Server:
         self.inflight += 1
         self._report_inflight()
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
-        self._tasks.add(asyncio.ensure_future(
-            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost)))
+        entry = self.running.add(identity, header.id, handler.is_async)
+        task = entry.task = asyncio.ensure_future(
+            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry))
+        self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
         """Charge a call to the quota (with ``take=False`` only check it fits), or answer ``overloaded``."""
@@ -319,8 +331,9 @@ class Server:
         self._overloaded(identity, request_id, "call", why)
         return False
 
-    def _release_call(self, identity: bytes, cost: int) -> None:
+    def _release_call(self, identity: bytes, cost: int, request_id: int, entry: Running) -> None:
         """A call ended: give back what it held and count it out of flight."""
+        self.running.remove(identity, request_id, entry)
         self._tasks.discard(asyncio.current_task())
         self.inflight -= 1
         self._report_inflight()
@@ -337,26 +350,38 @@ class Server:
         kwargs: dict[str, Any],
         deadline: float | None,
         cost: int,
+        entry: Running,
     ) -> None:
         """Serve one admitted call: the one place a served call starts and finishes.
 
         A task cancelled before it started (only :meth:`close` does that)
-        releases nothing: the server is going away.
+        releases nothing: the server is going away. A cancelled call (CANCEL)
+        is counted served with code ``cancelled`` and not answered.
         """
         started = self.clock.now()
+        flag = entry.flag
+        entry.started = True
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          deadline, header.meta or {})
+                          deadline, header.meta or {}, flag)
         set_current(ctx)  # this task runs in its own copy of the context
         try:
+            if flag.is_set:  # cancelled before it started
+                raise asyncio.CancelledError()
             try:
                 result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock)
                 code, frames = self._answers.reply(header, result)
             except Exception as exc:
                 code, frames = self._answers.failure(header, handler.name, exc)
+            if flag.is_set:
+                raise asyncio.CancelledError()  # a plain handler that finished after its CANCEL
             self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
             self._send(identity, frames)
+        except asyncio.CancelledError:
+            if not flag.is_set:
+                raise  # close(): the server is going away
+            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, _CANCELLED)
         finally:
-            self._release_call(identity, cost)
+            self._release_call(identity, cost, header.id, entry)
 
     # -- pushes ---------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 
 import zmq
 
-from . import names
+from . import names, wire
 from .client import AsyncClient, ServiceProxy
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
@@ -343,6 +343,7 @@ class Service:
             started_at=self.started_at,
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
+            features=wire.FEATURES,
         )
 
     def _machine_name(self) -> str:

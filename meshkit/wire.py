@@ -26,6 +26,10 @@ kind  name   body
 5     ACK    nil.
 6     PING   nil. Answered by PONG.
 7     PONG   ``[state, inflight]``: ``"up"``/``"draining"``, requests being served.
+8     CANCEL nil; ``id`` names a CALL the sender still has in flight. Never
+             answered. Sent only to an instance whose record lists
+             ``"cancel"`` in ``features`` (version 1 peers without it answer
+             an unknown kind ``bad_request``, which the caller drops).
 ====  =====  ===============================================================
 
 Error codes are the stable strings of :class:`meshkit.codes.ErrorCode`; an
@@ -72,11 +76,16 @@ PUSH = 4
 ACK = 5
 PING = 6
 PONG = 7
+CANCEL = 8
+
+# What an instance's record lists in ``features`` when it understands CANCEL.
+FEATURE_CANCEL = "cancel"
+FEATURES = (FEATURE_CANCEL,)
 
 KIND_NAMES = {CALL: "CALL", REPLY: "REPLY", ERROR: "ERROR", PUSH: "PUSH", ACK: "ACK", PING: "PING",
-              PONG: "PONG"}
+              PONG: "PONG", CANCEL: "CANCEL"}
 _REQUEST_KINDS = frozenset((CALL, PUSH))
-_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG))  # the kinds with a 3-item header
+_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG, CANCEL))  # the kinds with a 3-item header
 _ANSWERS_TO_CLIENTS = frozenset((REPLY, ERROR, ACK, PONG))
 
 _NIL = b"\xc0"
@@ -225,6 +234,11 @@ def encode_ack(id: int) -> list[bytes]:
 def encode_ping(id: int) -> list[bytes]:
     """Frames of a PING."""
     return [pack([VERSION, PING, id]), _NIL]
+
+
+def encode_cancel(id: int) -> list[bytes]:
+    """Frames of a CANCEL of the CALL ``id``."""
+    return [pack([VERSION, CANCEL, id]), _NIL]
 
 
 def encode_pong(id: int, state: str, inflight: int) -> list[bytes]:
