@@ -50,6 +50,8 @@ class CallContext:
     deadline: float | None = None
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     flag: CancelFlag = field(default_factory=CancelFlag)
+    push_seq: int | None = None  # a push: its number in its publisher's stream (None: not numbered)
+    gap: int = 0  # a push: how many pushes of its stream this subscriber missed just before it
 
     @property
     def cancelled(self) -> bool:

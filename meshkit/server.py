@@ -67,6 +67,7 @@ from .inbox import PushInbox
 from .invoke import invoke
 from .metrics import Metrics
 from .quota import CallQuota
+from .sequence import PushSequences
 from .timing import wait_event
 from .trace import TraceContext
 from .transport import SocketPump
@@ -126,6 +127,7 @@ class Server:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.running = RunningCalls()  # admitted calls, for CANCEL
+        self.sequences = PushSequences()  # numbered push streams, for gaps
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)  # let the last replies out on close
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -406,8 +408,11 @@ class Server:
             self._overloaded(identity, header.id, "push", refused)
 
     async def _run_push(self, identity: bytes, header: wire.Header, payload: Any, received: float) -> None:
+        meta, seq, gap = self.sequences.observe(header.meta)  # in each stream's order: pushes run in turn
+        if gap:
+            self.metrics.incr("push.missed", gap)
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          None, header.meta or {})
+                          None, meta, push_seq=seq, gap=gap)
         token = set_current(ctx)
         cause = "push"  # then the handler's pattern; never the topic, which the peer chose
         try:

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "answers", "quota",
-                    "cancels")),
+                    "cancels", "sequence")),
     ("registry", ("storage", "registry", "registration", "rundir")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
     ("service", ("service", "runner")),
