@@ -54,13 +54,14 @@ class RunningCalls:
         if self._calls.get(key) is entry:
             del self._calls[key]
 
-    def cancel(self, identity: bytes, request_id: int) -> bool:
-        """Cancel the call ``request_id`` of ``identity``; False if there is none."""
+    def cancel(self, identity: bytes, request_id: int, reason: str) -> bool:
+        """Cancel the call ``request_id`` of ``identity`` for ``reason``; False if there is none."""
         entry = self._calls.pop((identity, request_id), None)
         if entry is None:
             self.unmatched += 1
             return False
         self.cancelled += 1
+        entry.flag.reason = reason
         entry.flag.is_set = True
         if entry.is_async and entry.started and entry.task is not None:
             entry.task.cancel()

@@ -30,10 +30,11 @@ _EMPTY: Mapping[str, str] = {}
 class CancelFlag:
     """Set once, when the caller of the call being served gave up (read from any thread)."""
 
-    __slots__ = ("is_set",)
+    __slots__ = ("is_set", "reason")
 
     def __init__(self) -> None:
         self.is_set = False  # a bool store is atomic: no lock needed to set or read it
+        self.reason = ""  # why, once set: the CANCEL's reason (``wire.CANCELLED``, ``DEADLINE``, ``CLOSED``)
 
 
 @dataclass(frozen=True, slots=True)

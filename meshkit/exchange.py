@@ -52,6 +52,7 @@ from . import wire
 from .clock import SYSTEM_CLOCK, Clock, TimerHandle
 from .codes import ErrorCode
 from .config import Settings
+from .context import current_call
 from .errors import ProtocolError
 from .peer import Peer
 from .untrusted import LogThrottle, clip
@@ -164,18 +165,29 @@ class Exchange:
         request_id = next((rid for rid, entry in table.items() if entry.future is future), None)
         if request_id is not None:
             self._settle(peer, request_id)
-            self._cancel(peer, request_id)
+            self._cancel(peer, request_id, self._why_withdrawn())
 
     def cancel_all(self) -> None:
         """CANCEL everything in flight on peers that can hear it (the client is closing; nothing is settled)."""
         for peer, table in self._tables.items():
             if table and wire.FEATURE_CANCEL in peer.record.features:
                 for request_id in table:
-                    self._cancel(peer, request_id)
+                    self._cancel(peer, request_id, wire.CLOSED)
                 peer.close_linger_ms = _CANCEL_LINGER_MS
 
-    def _cancel(self, peer: Peer, request_id: int) -> None:
-        if peer.send(wire.encode_cancel(request_id)):
+    def _why_withdrawn(self) -> str:
+        """The reason a waiter gave up, passed down a chain: a handler cancelled for its deadline says so."""
+        ctx = current_call()  # the call being served by the task that made this request, if any
+        if ctx is None:
+            return wire.CANCELLED
+        if ctx.flag.is_set:
+            return ctx.flag.reason or wire.CANCELLED
+        if ctx.deadline is not None and self._now() >= ctx.deadline:
+            return wire.DEADLINE  # the handler's own deadline cancelled it
+        return wire.CANCELLED
+
+    def _cancel(self, peer: Peer, request_id: int, reason: str) -> None:
+        if peer.send(wire.encode_cancel(request_id, reason)):
             self.cancels_sent += 1
 
     def forget(self, peer: Peer) -> None:
@@ -235,6 +247,6 @@ class Exchange:
         if future is not None:
             if wire.FEATURE_CANCEL in peer.record.features:
                 # The instance stops at its own deadline too, but its clock started later than ours.
-                self._cancel(peer, request_id)
+                self._cancel(peer, request_id, wire.DEADLINE)
             if not future.done():
                 future.set_exception(DeadlinePassed())

@@ -68,7 +68,7 @@ from .invoke import invoke
 from .metrics import Metrics
 from .quota import CallQuota
 from .sequence import PushSequences
-from .timing import wait_event
+from .timing import DeadlineCancel, wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
@@ -227,7 +227,7 @@ class Server:
         elif kind == wire.PUSH:
             self._on_push(identity, header, frames[1], frames[2])
         elif kind == wire.CANCEL:
-            if self.running.cancel(identity, header.id):
+            if self.running.cancel(identity, header.id, wire.decode_cancel_reason(frames[2])):
                 self.metrics.incr("cancelled")
         elif kind == wire.PING:
             # What max_inflight bounds: calls being served and pushes queued or running.
@@ -381,7 +381,10 @@ class Server:
         except asyncio.CancelledError:
             if not flag.is_set:
                 raise  # close(): the server is going away
-            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, _CANCELLED)
+            code = _CANCELLED
+            if flag.reason == wire.DEADLINE:  # the caller's deadline: as if ours had passed (logged alike)
+                code = self._answers.failure(header, handler.name, DeadlineCancel())[0]
+            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
         finally:
             self._release_call(identity, cost, header.id, entry)
 

@@ -26,8 +26,8 @@ kind  name   body
 5     ACK    nil.
 6     PING   nil. Answered by PONG.
 7     PONG   ``[state, inflight]``: ``"up"``/``"draining"``, requests being served.
-8     CANCEL nil; ``id`` names a CALL the sender still has in flight. Never
-             answered. Sent only to an instance whose record lists
+8     CANCEL nil or why: ``"cancelled"``, ``"deadline"``, ``"closed"``; ``id``
+             names a CALL the sender still has in flight. Never answered. Sent only to an instance whose record lists
              ``"cancel"`` in ``features`` (version 1 peers without it answer
              an unknown kind ``bad_request``, which the caller drops).
 ====  =====  ===============================================================
@@ -81,6 +81,11 @@ CANCEL = 8
 # What an instance's record lists in ``features`` when it understands CANCEL.
 FEATURE_CANCEL = "cancel"
 FEATURES = (FEATURE_CANCEL,)
+# Why a caller cancelled (a CANCEL's body; nil and anything unknown read as CANCELLED).
+CANCELLED = "cancelled"  # its waiting task was cancelled
+DEADLINE = "deadline"  # its deadline passed: the callee treats it as its own deadline
+CLOSED = "closed"  # its client (or the gateway connection it came through) closed
+_CANCEL_REASONS = frozenset((CANCELLED, DEADLINE, CLOSED))
 
 KIND_NAMES = {CALL: "CALL", REPLY: "REPLY", ERROR: "ERROR", PUSH: "PUSH", ACK: "ACK", PING: "PING",
               PONG: "PONG", CANCEL: "CANCEL"}
@@ -236,9 +241,20 @@ def encode_ping(id: int) -> list[bytes]:
     return [pack([VERSION, PING, id]), _NIL]
 
 
-def encode_cancel(id: int) -> list[bytes]:
-    """Frames of a CANCEL of the CALL ``id``."""
-    return [pack([VERSION, CANCEL, id]), _NIL]
+def encode_cancel(id: int, reason: str | None = None) -> list[bytes]:
+    """Frames of a CANCEL of the CALL ``id``, saying why (``reason``) or not (nil)."""
+    return [pack([VERSION, CANCEL, id]), _NIL if reason is None else pack(reason)]
+
+
+def decode_cancel_reason(frame: bytes) -> str:
+    """Why a CANCEL was sent: one of the known reasons, :data:`CANCELLED` for nil or anything else."""
+    if len(frame) > 16:  # no known reason is longer: not worth decoding
+        return CANCELLED
+    try:
+        reason = unpack(frame)
+    except ProtocolError:
+        return CANCELLED
+    return reason if reason in _CANCEL_REASONS else CANCELLED
 
 
 def encode_pong(id: int, state: str, inflight: int) -> list[bytes]:

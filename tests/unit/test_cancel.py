@@ -20,10 +20,12 @@ import meshkit
 from meshkit import wire
 from meshkit.cancels import RunningCalls
 from meshkit.config import Settings
+from meshkit.context import CallContext, reset_current, set_current
 from meshkit.errors import ProtocolError
 from meshkit.exchange import DeadlinePassed, Exchange
 from meshkit.record import InstanceRecord
 from meshkit.testing import FakeClock, ServiceHarness
+from meshkit.trace import TraceContext
 
 CANCEL_HEADER = "93010802"  # [1, 8, 2]
 CANCEL_BODY = "c0"  # nil
@@ -38,6 +40,14 @@ def test_cancel_golden_vector() -> None:
     assert [f.hex() for f in wire.encode_cancel(2)] == [CANCEL_HEADER, CANCEL_BODY]
     assert wire.decode_header(bytes.fromhex(CANCEL_HEADER)) == wire.Header(1, wire.CANCEL, 2)
     assert [f.hex() for f in wire.encode_cancel(2**64 - 1)] == ["930108cfffffffffffffffff", "c0"]
+    assert [f.hex() for f in wire.encode_cancel(2, "deadline")] == [CANCEL_HEADER, "a8646561646c696e65"]
+
+
+def test_a_cancels_reason_is_one_of_three_and_anything_else_reads_as_cancelled() -> None:
+    for reason in ("cancelled", "deadline", "closed"):
+        assert wire.decode_cancel_reason(wire.encode_cancel(1, reason)[1]) == reason
+    for body in (b"\xc0", wire.pack("later"), wire.pack(7), b"\xc1", wire.pack("x" * 100)):
+        assert wire.decode_cancel_reason(body) == "cancelled"
 
 
 def test_a_cancel_header_has_three_items_and_a_client_is_never_sent_one() -> None:
@@ -75,6 +85,9 @@ class FakePeer:
     def kinds(self) -> list[tuple[int, int]]:
         return [(h.kind, h.id) for h in (wire.decode_header(f[0]) for f in self.sent)]
 
+    def reasons(self) -> list[str]:
+        return [wire.decode_cancel_reason(f[1]) for f in self.sent if wire.decode_header(f[0]).kind == wire.CANCEL]
+
 
 def run(test: Callable[[Exchange, FakeClock], Coroutine[Any, Any, None]]) -> None:
     async def main() -> None:
@@ -92,6 +105,7 @@ def test_a_withdrawn_request_is_cancelled_on_a_peer_that_hears_cancel_and_settle
         exchange.withdraw(peer, future)  # type: ignore[arg-type]
         assert peer.kinds() == [(wire.CALL, rid), (wire.CANCEL, rid)]
         assert exchange.load(peer) == 0 and exchange.cancels_sent == 1  # type: ignore[arg-type]
+        assert peer.reasons() == ["cancelled"]
         exchange.receive(peer, wire.encode_error(rid, "bad_request", "x"))  # type: ignore[arg-type]
         assert exchange.dropped == 1  # what comes back for it is dropped
         clock.advance(10)
@@ -119,7 +133,7 @@ def test_a_deadline_passing_sends_a_cancel() -> None:
         clock.advance(0.999)
         assert len(peer.sent) == 1
         clock.advance(0.002)
-        assert [k for k, _ in peer.kinds()] == [wire.CALL, wire.CANCEL]
+        assert [k for k, _ in peer.kinds()] == [wire.CALL, wire.CANCEL] and peer.reasons() == ["deadline"]
         with pytest.raises(DeadlinePassed):
             await future
     run(test)
@@ -133,7 +147,24 @@ def test_closing_cancels_everything_in_flight_and_lingers_to_deliver_it() -> Non
         calls = [rid for _, rid in peer.kinds()]
         exchange.cancel_all()
         assert peer.kinds()[3:] == [(wire.CANCEL, rid) for rid in calls]
+        assert peer.reasons() == ["closed"] * 3
         assert peer.close_linger_ms > 0
+    run(test)
+
+
+def test_a_handler_cancelled_for_its_deadline_passes_the_reason_down_the_chain() -> None:
+    async def test(exchange: Exchange, clock: FakeClock) -> None:
+        peer = FakePeer(wire.FEATURES)
+        served = CallContext("hop", "m", TraceContext.new_root(), clock.now() + 5)
+        served.flag.is_set, served.flag.reason = True, "deadline"  # what a CANCEL "deadline" did upstream
+        ours = CallContext("hop", "m", TraceContext.new_root(), clock.now())  # its own deadline, now
+        for ctx in (served, ours, None):
+            token = set_current(ctx)
+            future = exchange.start(peer, CALL, clock.now() + 5)  # type: ignore[arg-type]
+            future.cancel()
+            exchange.withdraw(peer, future)  # type: ignore[arg-type]
+            reset_current(token)
+        assert peer.reasons() == ["deadline", "deadline", "cancelled"]
     run(test)
 
 
@@ -144,8 +175,8 @@ def test_running_calls_cancel_only_the_senders_own_call_and_only_once() -> None:
     calls = RunningCalls()
     a = calls.add(b"A", 1, is_async=False)
     b = calls.add(b"B", 1, is_async=False)
-    assert calls.cancel(b"A", 1) and a.flag.is_set and not b.flag.is_set
-    assert not calls.cancel(b"A", 1) and not calls.cancel(b"A", 2)
+    assert calls.cancel(b"A", 1, "closed") and a.flag.is_set and not b.flag.is_set and a.flag.reason == "closed"
+    assert not calls.cancel(b"A", 1, "cancelled") and not calls.cancel(b"A", 2, "cancelled")
     assert (calls.cancelled, calls.unmatched, len(calls)) == (1, 2, 1)
     calls.remove(b"B", 1, b)
     assert len(calls) == 0
@@ -157,7 +188,7 @@ def test_an_unstarted_task_is_flagged_not_cancelled() -> None:
         calls = RunningCalls()
         entry = calls.add(b"A", 1, is_async=True)
         entry.task = asyncio.ensure_future(asyncio.sleep(0))
-        calls.cancel(b"A", 1)
+        calls.cancel(b"A", 1, "cancelled")
         assert entry.flag.is_set and not entry.task.cancelled()
         await entry.task
     asyncio.run(main())
