@@ -27,7 +27,7 @@ from . import wire
 
 __all__ = ["SEQ_KEY", "PushSequences", "PushStreams", "SequencedPush"]
 
-SEQ_KEY = "seq"
+SEQ_KEY = "_seq"  # underscored: not a name callers pick for their own metadata
 # Streams a subscriber remembers; past this the one heard from longest ago is forgotten.
 MAX_STREAMS = 4096
 _NO_META: Mapping[str, str] = {}

@@ -19,7 +19,7 @@ class GapProbe(meshkit.Service):
     async def on_push(self, payload: Any) -> None:
         call = meshkit.current_call()
         assert call is not None
-        self._seen.append([payload, call.push_seq, call.gap, "seq" in call.meta])
+        self._seen.append([payload, call.push_seq, call.gap, "_seq" in call.meta])
         await asyncio.sleep(0.02)  # slow enough that a burst overflows a short queue
 
     @meshkit.rpc
