@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SYSTEM_PROGRAMS := redis-server haproxy ip  # ip (Debian's iproute2) builds the namespace test hosts
+SYSTEM_PROGRAMS := redis-server haproxy ip chromium  # ip (Debian's iproute2) builds the namespace test hosts; chromium runs the panel's browser tests
 PYTEST_ARGS ?=
 INSTALL_LOG ?= .run/install.log
 
@@ -94,7 +94,7 @@ $(BIN)/meshkit: setup.cfg pyproject.toml
 	    $(PYTHON) -m venv $(VENV); \
 	  else echo "error: '$(PYTHON) -m venv' failed; install your distribution's python3-venv package" >&2; exit 1; fi; }
 	@$(call logged,installing meshkit and its dependencies into $(VENV)) sh -c \
-	  '$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[dev]"'
+	  '$(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[dev,otlp]"'
 	@touch $@
 
 # Installs what is missing from Debian's packages when we are root; otherwise

@@ -96,10 +96,11 @@ class Client:
 
     def call(self, service: str, method: str, args: Sequence[Any] = (),
              kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
-             wait: bool = False, meta: Mapping[str, str] | None = None) -> Any:
+             wait: bool = False, meta: Mapping[str, str] | None = None,
+             traceparent: str | None = None) -> Any:
         """Call ``service.method(*args, **kwargs)``; see :meth:`AsyncClient.call`."""
         return self._run(self._client.call(service, method, args, kwargs, timeout=timeout,
-                                           wait=wait, meta=meta))
+                                           wait=wait, meta=meta, traceparent=traceparent))
 
     def call_instance(self, instance_id: str, method: str, *args: Any, timeout: float | None = None,
                       **kwargs: Any) -> Any:

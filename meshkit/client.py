@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,8 @@ from .errors import (
 )
 from .exchange import DeadlinePassed, LostInFlight, NotDelivered
 from .metrics import Metrics
-from .peer import Peer
+from .observe.observer import Observer
+from .peer import FAILED, Peer
 from .pool import PeerPool
 from .publish import publish, push_one
 from .record import InstanceRecord
@@ -87,6 +89,7 @@ class AsyncClient:
         self.exchange = self.pool.exchange
         self.clock = self.pool.clock
         self._started = False
+        self.observer: Observer | None = None  # set by a Service: client spans go to its buffer
 
     async def start(self) -> None:
         """Load the registry view (if this client owns it) and start following it."""
@@ -137,14 +140,20 @@ class AsyncClient:
         timeout: float | None = None,
         wait: bool = False,
         meta: Mapping[str, str] | None = None,
+        traceparent: str | None = None,
     ) -> Any:
         """Call ``service.method(*args, **kwargs)`` on one instance; return its result.
 
         Raises a :class:`~meshkit.errors.CallError` subclass on failure (see
         the module doc for which and when), ``ValueError`` for a service or
         method name longer than ``Settings.max_name_length``.
+
+        ``traceparent`` (a W3C header value) makes the call part of that
+        trace instead of the current one: make one with
+        ``TraceContext.new_root()`` to learn the trace id of a call made
+        outside any handler (``meshkit trace`` finds it afterwards).
         """
-        return await self._call(service, method, args, kwargs, timeout, wait, meta, None)
+        return await self._call(service, method, args, kwargs, timeout, wait, meta, None, traceparent)
 
     async def call_instance(self, instance_id: str, method: str, *args: Any,
                             timeout: float | None = None, **kwargs: Any) -> Any:
@@ -169,7 +178,7 @@ class AsyncClient:
             raise NoInstanceError(f"no live instance {clip(instance_id)!r}")
         return record
 
-    def _choose(self, service: str, tried: set[str], only: InstanceRecord | None) -> Peer | None:
+    def _choose(self, service: str, tried: set[str], only: InstanceRecord | None, method: str = "") -> Peer | None:
         """The next instance to try: the pool's choice, or ``only`` (once, if it can take work)."""
         if only is None:
             return self.pool.pick(service, tried)
@@ -177,7 +186,8 @@ class AsyncClient:
             raise NoInstanceError(f"instance {only.instance_id} did not take the call",
                                   service=service)
         peer = self.pool.peer_for(only)
-        if peer is None or not peer.available:
+        # A draining instance still answers the framework's _mesh.* methods (introspection).
+        if peer is None or not (peer.available or (method.startswith("_mesh.") and peer.state != FAILED)):
             raise NoInstanceError(f"instance {only.instance_id} is not available", service=service)
         return peer
 
@@ -191,6 +201,7 @@ class AsyncClient:
         wait: bool,
         meta: Mapping[str, str] | None,
         only: InstanceRecord | None,
+        traceparent: str | None = None,
     ) -> Any:
         """The one place a call starts and finishes (``call_made`` counts it, whatever the outcome)."""
         if self.pool.closed:
@@ -198,7 +209,10 @@ class AsyncClient:
         _check_name("service", service, self.settings.max_name_length)
         _check_name("method", method, self.settings.max_name_length)
         started = self.clock.now()
-        deadline, trace, meta = self._outgoing(timeout, meta)
+        deadline, trace, meta = self._outgoing(timeout, meta, traceparent)
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the client span: the callee's span is its child
         message = wire.CallMessage(service, method, wire.encode_call_body(args, kwargs or {}),
                                    trace.traceparent(), meta)
         code: str | None = None
@@ -208,7 +222,10 @@ class AsyncClient:
             code = getattr(exc, "code", LocalCode.CANCELLED)
             raise
         finally:
-            self.metrics.call_made(service, method, (self.clock.now() - started) * 1000, code)
+            elapsed = self.clock.now() - started
+            self.metrics.call_made(service, method, elapsed * 1000, code)
+            if observer is not None:
+                observer.span(trace, f"{service}.{method}", "client", start_unix, elapsed, code or "ok")
 
     async def _send_call(self, message: wire.CallMessage, deadline: float, wait: bool,
                          only: InstanceRecord | None) -> Any:
@@ -216,7 +233,7 @@ class AsyncClient:
         service, method = message.service, message.method
         tried: set[str] = set()
         while True:
-            peer = self._choose(service, tried, only)
+            peer = self._choose(service, tried, only, method)
             if peer is None:
                 await self._wait_for_instance(service, method, deadline, wait, bool(tried))
                 tried.clear()
@@ -281,20 +298,22 @@ class AsyncClient:
             raise ClientClosedError("client is closed")
 
     def _outgoing(
-        self, timeout: float | None, meta: Mapping[str, str] | None
+        self, timeout: float | None, meta: Mapping[str, str] | None, traceparent: str | None = None
     ) -> tuple[float, TraceContext, Mapping[str, str] | None]:
         """Deadline (monotonic), span and metadata for an outgoing message."""
         deadline = self.clock.now() + (self.settings.call_timeout if timeout is None else timeout)
         ctx = current_call()
         if ctx is None:
-            return deadline, TraceContext.new_root(), meta
+            trace = TraceContext.new_root() if traceparent is None else TraceContext.named(traceparent)
+            return deadline, trace, meta
+        trace = ctx.trace if traceparent is None else TraceContext.named(traceparent)
         if ctx.deadline is not None:
             deadline = min(deadline, ctx.deadline)
         if meta:
             merged = dict(ctx.meta)
             merged.update(meta)
-            return deadline, ctx.trace, merged
-        return deadline, ctx.trace, ctx.meta
+            return deadline, trace, merged
+        return deadline, trace, ctx.meta
 
     # -- publishing -----------------------------------------------------------
 
@@ -312,8 +331,14 @@ class AsyncClient:
         _check_name("topic", topic, self.settings.max_name_length)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
+        observer, start_unix = self.observer, time.time()
+        if observer is not None:
+            trace = trace.child()  # the producer span
         subscribers, delivered = await publish(self.pool, topic, payload, deadline, trace.traceparent(), meta)
         self.metrics.published(topic, subscribers, delivered)
+        if observer is not None:
+            observer.span(trace, f"publish {topic}", "producer", start_unix, time.time() - start_unix, "ok",
+                          {"subscribers": subscribers, "delivered": delivered})
         return delivered
 
     async def push_to(self, instance_id: str, topic: str, payload: Any, *,

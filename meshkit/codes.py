@@ -26,7 +26,10 @@ draining               the instance is shutting down and did not start the work;
                        the caller should send it to another instance
 reply_too_large        the result exceeded the server's maximum message size
 overloaded             past a receiver limit (calls in flight, pushes queued, bytes
-                       held); not run (a publisher counts it undelivered)
+                       held, or a method's or service's concurrency limit and its
+                       queue full); not run (a publisher counts it undelivered)
+resource_exhausted     a named resource the method uses is at its cluster-wide limit
+                       and the method does not wait for it; not run
 =====================  ============================================================
 
 New codes may be added, so a receiver treats an unknown code as a generic
@@ -67,6 +70,7 @@ class ErrorCode(StrEnum):
     DRAINING = "draining"
     REPLY_TOO_LARGE = "reply_too_large"
     OVERLOADED = "overloaded"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
 
 
 class LocalCode(StrEnum):

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError
 from .sections import load_section, read_section
+from .untrusted import clip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,8 +40,33 @@ T = TypeVar("T")
 
 ENV_PREFIX = "MESHKIT_"
 # Fields that hold tables, not values: never read from a variable or coerced.
-TABLE_FIELDS = frozenset({"service_overrides", "environment"})
+TABLE_FIELDS = frozenset({"service_overrides", "environment", "resources"})
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # Redis's own default; `meshkit up` starts a private one instead
+
+
+@dataclass(frozen=True)
+class ResourceLimit:
+    """One ``[resources.<name>]`` table: a cluster-wide limit on a named resource (docs/limits.md).
+
+    ``rate`` units per second and/or ``concurrency`` units in use at once, over
+    every instance (0: that limit is off). Instances lease units in batches of
+    ``lease_fraction`` of the limit; rate windows are ``window`` seconds long;
+    a concurrency lease lapses ``lease_ttl`` seconds after its last renewal.
+    """
+
+    rate: float = 0.0
+    concurrency: int = 0
+    window: float = 0.1
+    lease_fraction: float = 0.1
+    lease_ttl: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.rate) or self.rate < 0 or self.concurrency < 0:
+            raise ConfigError("resource rate and concurrency must be non-negative")
+        if not self.rate and not self.concurrency:
+            raise ConfigError("a resource needs a rate, a concurrency or both")
+        if not 0.01 <= self.window <= 60 or not 0 < self.lease_fraction <= 1 or not 0.3 <= self.lease_ttl <= 600:
+            raise ConfigError("resource window must be 0.01-60 s, lease_fraction in (0, 1], lease_ttl 0.3-600 s")
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,12 @@ class Settings:
     log_level: str = "INFO"
     run_dir: str = ".run"
     service_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # -- call limits (docs/limits.md) ---------------------------------------------------------
+    max_concurrency: int = 0  # calls of this service running at once on one instance; 0: no limit
+    max_queued_calls: int = 1000  # calls waiting for a slot of a limited method or service; past it: overloaded
+    max_queued_call_bytes: int = 16 * 1024 * 1024  # bytes those waiting calls hold
+    # [resources.<name>] tables: cluster-wide limits of named resources (ResourceLimit's fields).
+    resources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # The MESHKIT_* variables load() saw; sections read theirs here, never from os.environ.
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -107,12 +139,25 @@ class Settings:
         if self.max_message_size < 1024:
             raise ConfigError("max_message_size must be at least 1024 bytes")
         self._check_limits()
+        self.resource_limits()  # raises ConfigError for a bad [resources.<name>] table
+
+    def resource_limits(self) -> dict[str, ResourceLimit]:
+        """The ``[resources.<name>]`` tables, typed and checked (:class:`ConfigError` if one is bad)."""
+        if not isinstance(self.resources, Mapping):
+            raise ConfigError("[resources] must be a table of tables")
+        found = {}
+        for name, table in self.resources.items():
+            if not isinstance(name, str) or not name or len(name) > 100 or not name.replace("_", "a").isalnum():
+                raise ConfigError(f"resource names are 1-100 letters, digits and _, got {clip(name)!r}")
+            found[name] = load_section(ResourceLimit, table, f"[resources.{name}]")
+        return found
 
     def _check_limits(self) -> None:
         minimums = {"max_header_size": 1024, "max_name_length": 1, "max_calls_per_peer": 1,
                     "max_call_bytes_per_peer": 1, "max_queued_pushes": 1, "max_queued_push_bytes": 1,
                     "max_inflight": 1, "max_inflight_bytes": 1,
-                    "max_body_containers": 1024, "topic_cache_bytes": 0, "max_log_line": 1024}
+                    "max_body_containers": 1024, "topic_cache_bytes": 0, "max_log_line": 1024,
+                    "max_concurrency": 0, "max_queued_calls": 0, "max_queued_call_bytes": 0}
         for name, least in minimums.items():
             value = getattr(self, name)
             if type(value) is not int or value < least:
@@ -146,6 +191,7 @@ class Settings:
             if not isinstance(services, dict):
                 raise ConfigError(f"{file}: [services] must be a table of tables")
             values["service_overrides"] = services
+            values["resources"] = data.get("resources", {})
         values.update(read_section(cls, {}, "environment", env=env, env_prefix=ENV_PREFIX, skip=TABLE_FIELDS))
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

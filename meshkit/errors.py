@@ -21,7 +21,9 @@ it against the classes, subpackages included)::
     │       ├── UnsupportedVersionError  protocol version not spoken         [unsupported_version]
     │       ├── HandlerError             the handler raised                  [handler_error]
     │       └── RefusedError             the handler refused on purpose      [refused]
-    │           └── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+    │           ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
+    │           ├── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
+    │           └── Overloaded           (limits) a concurrency gate and its queue are full [overloaded]
     ├── HAProxyError                (haproxy) HAProxy could not be driven
     │   ├── HAProxyUnreachableError     its runtime API or master CLI did not answer
     │   ├── RuntimeCommandError         it refused a runtime command
@@ -257,6 +259,16 @@ class UnknownConnectionError(RefusedError):
     code = ErrorCode.UNKNOWN_CONNECTION
 
 
+class ResourceExhaustedError(RefusedError):
+    """A named resource the method uses (``@rpc(uses=...)``) is at its cluster-wide limit; not run.
+
+    Raised by the server before the handler when the method does not wait for
+    the resource (or its deadline would pass first); see ``docs/limits.md``.
+    """
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
 _CLIENT_CODE = re.compile(r"\[(-?\d{1,9})\] (.*)", re.DOTALL)
 
 
@@ -282,6 +294,7 @@ _BY_CODE: dict[str, type[CallError]] = {
         HandlerError,
         RefusedError,
         UnknownConnectionError,
+        ResourceExhaustedError,
     )
 }
 _BY_CODE[DEADLINE_EXCEEDED] = CallTimeoutError

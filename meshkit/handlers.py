@@ -2,7 +2,14 @@
 
 ``@rpc`` marks a method callers can call; ``@rpc(idempotent=True)`` also
 allows meshkit to retry it on another instance when the first one is lost
-mid-call. ``@subscribe("topic")`` marks a handler for pushed messages
+mid-call. Limits (``docs/limits.md``): ``@rpc(max_concurrency=4)`` lets at
+most 4 calls of the method run at once on an instance (``max_queued`` more
+wait, default ``Settings.max_queued_calls``; past that, ``overloaded``);
+``@rpc(uses={"payments_api": 1})`` takes units of named cluster-wide
+resources before each call, waiting for them up to the call's deadline, or
+refusing at once with ``resource_exhausted`` under ``wait_for_resources=False``.
+Annotated parameters are checked (and converted where unambiguous) before
+the handler runs (:mod:`meshkit.signature`). ``@subscribe("topic")`` marks a handler for pushed messages
 (``"prefix.*"`` matches every topic under ``prefix.``). ``@periodic(seconds)``
 marks a background task run every ``seconds`` while the instance is up.
 
@@ -15,10 +22,11 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
+from .signature import ArgumentTypes
 from .topics import topic_matches
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,21 +50,39 @@ class Handler:
     fn: Callable[..., Any]
     is_async: bool
     idempotent: bool = False
-    signature: inspect.Signature | None = field(default=None, compare=False, repr=False)
+    max_concurrency: int = 0  # calls of this method running at once on an instance; 0: no limit of its own
+    max_queued: int | None = None  # calls waiting for a slot; None: Settings.max_queued_calls
+    uses: Mapping[str, int] = field(default_factory=dict, compare=False)  # resource name -> units per call
+    wait_for_resources: bool = True  # wait up to the deadline for resource units, or refuse at once
+    params: inspect.Signature | None = field(default=None, compare=False, repr=False)
+    types: ArgumentTypes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Computed once: inspect.signature costs several times the bind itself.
-        if self.signature is None:
-            object.__setattr__(self, "signature", inspect.signature(self.fn))
+        if self.params is None:
+            object.__setattr__(self, "params", inspect.signature(self.fn))
+        if self.types is None:
+            object.__setattr__(self, "types", ArgumentTypes.of(self.fn, self.params))
 
     def check_arguments(self, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Why ``args``/``kwargs`` do not fit the signature, or ``None`` if they do."""
-        assert self.signature is not None
+        assert self.params is not None
         try:
-            self.signature.bind(*args, **kwargs)
+            self.params.bind(*args, **kwargs)
         except TypeError as exc:
             return str(exc)
         return None
+
+    def signature(self) -> dict[str, Any]:
+        """The method's signature as JSON-able data (:meth:`meshkit.signature.ArgumentTypes.describe`)."""
+        assert self.types is not None
+        found = self.types.describe()
+        found["idempotent"] = self.idempotent
+        if self.max_concurrency:
+            found["max_concurrency"] = self.max_concurrency
+        if self.uses:
+            found["uses"] = dict(self.uses)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +96,27 @@ class Periodic:
 @overload
 def rpc(fn: F) -> F: ...
 @overload
-def rpc(*, idempotent: bool = False, name: str | None = None) -> Callable[[F], F]: ...
+def rpc(*, idempotent: bool = False, name: str | None = None, max_concurrency: int = 0,
+        max_queued: int | None = None, uses: Mapping[str, int] | None = None,
+        wait_for_resources: bool = True) -> Callable[[F], F]: ...
 
 
-def rpc(fn: Any = None, *, idempotent: bool = False, name: str | None = None) -> Any:
-    """Mark a method as callable over the mesh (``@rpc`` or ``@rpc(idempotent=True)``)."""
+def rpc(fn: Any = None, *, idempotent: bool = False, name: str | None = None, max_concurrency: int = 0,
+        max_queued: int | None = None, uses: Mapping[str, int] | None = None,
+        wait_for_resources: bool = True) -> Any:
+    """Mark a method as callable over the mesh (``@rpc`` or ``@rpc(idempotent=True, ...)``; module doc)."""
+    if type(max_concurrency) is not int or max_concurrency < 0:
+        raise TypeError(f"max_concurrency must be a non-negative int, got {max_concurrency!r}")
+    if max_queued is not None and (type(max_queued) is not int or max_queued < 0):
+        raise TypeError(f"max_queued must be a non-negative int or None, got {max_queued!r}")
+    units = dict(uses or {})
+    for resource, n in units.items():
+        if not isinstance(resource, str) or not resource or type(n) is not int or n < 1:
+            raise TypeError(f"uses maps resource names to positive ints, got {resource!r}: {n!r}")
 
     def mark(f: F) -> F:
-        setattr(f, _RPC, {"name": name or f.__name__, "idempotent": idempotent})
+        setattr(f, _RPC, {"name": name or f.__name__, "idempotent": idempotent, "max_concurrency": max_concurrency,
+                          "max_queued": max_queued, "uses": units, "wait_for_resources": wait_for_resources})
         return f
 
     return mark(fn) if fn is not None else mark
@@ -140,9 +179,8 @@ class HandlerTable:
                 is_async = inspect.iscoroutinefunction(value)
                 rpc_mark, topic_mark, every = marks
                 if rpc_mark is not None:
-                    methods[rpc_mark["name"]] = Handler(
-                        rpc_mark["name"], bound, is_async, rpc_mark["idempotent"]
-                    )
+                    options = {k: v for k, v in rpc_mark.items() if k != "name"}
+                    methods[rpc_mark["name"]] = Handler(rpc_mark["name"], bound, is_async, **options)
                 if topic_mark is not None:
                     for topic in topic_mark:
                         topics.setdefault(topic, []).append(Handler(topic, bound, is_async))

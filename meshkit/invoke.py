@@ -1,10 +1,16 @@
-"""Running one handler with the arguments a peer sent, under its deadline.
+"""Running one handler with the arguments a peer sent, under its deadline and limits.
 
-:func:`invoke` runs an ``async`` handler in the current task (cancelled at
-the deadline, raising :class:`~meshkit.timing.DeadlineCancel`) and a plain
-one in the executor (not started if its deadline passed while it waited for a
-thread). Arguments that do not fit the handler raise :class:`BadArguments`
-with a short text: a keyword name is the peer's choice, and may be megabytes.
+:func:`invoke` first checks the arguments: their types against the
+handler's annotations (:mod:`meshkit.signature`, converting where
+unambiguous), then their fit to its signature; arguments that do not fit
+raise :class:`BadArguments` with a short text (a keyword name is the peer's
+choice, and may be megabytes). Then, given ``limits``, the call passes its
+method's and service's concurrency gates and takes its resources
+(:mod:`meshkit.limits`), which may refuse it before it runs or make it wait,
+up to its deadline. Then an ``async`` handler runs in the current task
+(cancelled at the deadline, raising :class:`~meshkit.timing.DeadlineCancel`)
+and a plain one in the executor (not started if its deadline passed while it
+waited for a thread). Whatever the limits gave is given back when it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock
 from .handlers import Handler
+from .limits import CallLimits
+from .signature import ArgumentTypeError
 from .timing import DeadlineCancel, run_with_deadline
 from .untrusted import clip
 
@@ -27,15 +35,34 @@ _PROBLEM_LIMIT = 500
 
 
 class BadArguments(Exception):
-    """The arguments do not fit the handler's signature (the message says why, clipped)."""
+    """The arguments do not fit the handler's signature or types (the message says why, clipped)."""
 
 
 async def invoke(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadline: float | None,
-                 executor: Executor, clock: Clock = SYSTEM_CLOCK) -> Any:
+                 executor: Executor, clock: Clock = SYSTEM_CLOCK, *, limits: CallLimits | None = None,
+                 cost: int = 0) -> Any:
     """Run ``handler(*args, **kwargs)`` and return its result (see the module doc).
 
-    ``deadline`` is in ``clock`` time.
+    ``deadline`` is in ``clock`` time; ``cost`` is what the call holds in
+    bytes (it bounds the bytes waiting in a gate's queue).
     """
+    types = handler.types
+    if types is not None and types.checks:
+        try:
+            args, kwargs = types.apply(args, kwargs)
+        except ArgumentTypeError as exc:
+            raise BadArguments(clip(str(exc), _PROBLEM_LIMIT)) from None
+    if limits is None:
+        return await _run(handler, args, kwargs, deadline, executor, clock)
+    await limits.enter(handler, cost, deadline)
+    try:
+        return await _run(handler, args, kwargs, deadline, executor, clock)
+    finally:
+        limits.leave(handler)
+
+
+async def _run(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadline: float | None,
+               executor: Executor, clock: Clock) -> Any:
     if handler.is_async:
         try:
             coro = handler.fn(*args, **kwargs)

@@ -39,6 +39,7 @@ class Keys:
         self.changes = f"{namespace}:changes"
         self.connection_prefix = f"{namespace}:conn:"
         self.gateway_prefix = f"{namespace}:gwconns:"
+        self.resource_prefix = f"{namespace}:res:"  # + <name>:rate:<window>, :held, :until (meshkit.resources)
 
     def instance(self, key: str) -> str:
         """Redis key of the record whose :attr:`InstanceRecord.key` is ``key``."""

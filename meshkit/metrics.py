@@ -266,6 +266,18 @@ class Metrics:
         if client is not None:
             client.incr(self.name("flap", "stopped", watcher))
 
+    def resource_used(self, resource: str, units: int) -> None:
+        """Count ``units`` of a named resource spent by a call: ``resource.<name>.used`` (docs/limits.md)."""
+        client = self._client
+        if client is not None:
+            client.incr(self.name("resource", resource, "used"), units)
+
+    def resource_event(self, resource: str, event: str) -> None:
+        """Count one ``waited``, ``exhausted``, ``lease`` or ``lease_error``: ``resource.<name>.<event>``."""
+        client = self._client
+        if client is not None:
+            client.incr(self.name("resource", resource, event))
+
     def registry_error(self) -> None:
         """Count one failed registry operation (Redis unreachable, timeout, ...)."""
         client = self._client

@@ -36,6 +36,8 @@ MAX_PID = 2**31 - 1
 MAX_MESSAGE_SIZE = 2**40  # what a record may advertise as its largest request
 # A method or topic: 1-200 characters, no whitespace or control characters.
 TOKEN = re.compile(r"[^\x00-\x20\x7f-\x9f]{1,200}")
+# A method's one-line signature: 0-300 characters, no control characters.
+SIGNATURE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,300}")
 # A version: 0-64 characters, no control characters.
 VERSION = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,64}")
 
@@ -63,6 +65,8 @@ class InstanceRecord:
     listeners: Mapping[str, str] = field(default_factory=dict)
     max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
     features: tuple[str, ...] = ()  # optional protocol features it speaks (``wire.FEATURES``: "cancel")
+    # method -> its signature in one line ("(n: int, s: str) -> str", meshkit.signature), when it fits
+    signatures: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -75,6 +79,16 @@ class InstanceRecord:
 
     def with_state(self, state: str) -> InstanceRecord:
         return replace(self, state=state)
+
+    def with_signatures(self, signatures: Mapping[str, str]) -> InstanceRecord:
+        """This record carrying ``signatures`` if it still fits :data:`MAX_RECORD_BYTES`, else as it is.
+
+        Signatures are a convenience for tools (``meshkit ls --json``, ``meshkit
+        call``); a service with very many methods goes without them rather than
+        without a record.
+        """
+        record = replace(self, signatures=dict(signatures))
+        return record if len(record.to_json().encode()) <= MAX_RECORD_BYTES else self
 
     def to_json(self) -> str:
         fields: dict[str, Any] = {
@@ -92,8 +106,11 @@ class InstanceRecord:
             "listeners": dict(self.listeners),
             "max_message_size": self.max_message_size,
         }
-        if self.features:  # written only when there are some: the record of a peer without any is as before
+        # Optional fields are written only when set: a record without them reads as before.
+        if self.features:
             fields["features"] = list(self.features)
+        if self.signatures:
+            fields["signatures"] = dict(self.signatures)
         return json.dumps(fields, separators=(",", ":"))
 
 
@@ -123,6 +140,9 @@ class InstanceRecord:
             listeners = raw.get("listeners", {})
             if not isinstance(listeners, dict):
                 raise TypeError("listeners must be an object")
+            signatures = raw.get("signatures", {})
+            if not isinstance(signatures, dict) or not all(isinstance(v, str) for v in signatures.values()):
+                raise TypeError("signatures must be an object of strings")
             record = cls(
                 service=str(raw["service"]),
                 instance_id=str(raw["instance_id"]),
@@ -138,6 +158,7 @@ class InstanceRecord:
                 listeners={str(k): str(v) for k, v in listeners.items()},
                 max_message_size=_integer(raw.get("max_message_size", 0)),
                 features=_strings(raw.get("features", ())),
+                signatures={str(k): v for k, v in signatures.items()},
             )
             record.check()
         except (KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
@@ -175,6 +196,12 @@ class InstanceRecord:
                 names.validate_address(address)
             except ValueError as exc:
                 raise ValueError(f"listener {clip(name)!r}: {exc}") from None
+        if len(self.signatures) > MAX_ITEMS:
+            raise ValueError(f"signatures: {len(self.signatures)} entries, more than {MAX_ITEMS}")
+        for method, text in self.signatures.items():
+            if TOKEN.fullmatch(method) is None or SIGNATURE.fullmatch(text) is None:
+                raise ValueError(f"signatures: {clip(method)!r} must be a method name with 0-300 printable "
+                                 f"characters, got {clip(text)!r}")
         if not 0 <= self.max_message_size <= MAX_MESSAGE_SIZE:
             raise ValueError(f"max_message_size out of range: {clip(self.max_message_size)}")
 

@@ -69,6 +69,11 @@ from .context import current_call, set_current
 from .errors import ClientClosedError, ConfigError
 from .handlers import Handler, HandlerTable, Periodic
 from .metrics import Metrics
+from .observe.introspect import Introspection, describe
+from .observe.observer import Observer
+from .observe.options import ObserveOptions
+from .observe.otlp import OtlpExport, start_export
+from .observe.user import UserSpan
 from .record import DRAINING, UP, InstanceRecord
 from .registration import Registration
 from .registry import Registry
@@ -124,6 +129,11 @@ class Service:
         self.registry = registry or Registry(self.settings, on_rejected=self._count_rejected, clock=clock)
         self.client = AsyncClient(self.settings, registry=self.registry,
                                   zmq_context=self._zmq, metrics=self.metrics)
+        # What this instance knows about its own work (meshkit.observe; docs/observability.md).
+        self.observer = Observer(self.name, self.instance_id, self._machine_name(),
+                                 self.settings.section(ObserveOptions, self.name))
+        self.client.observer = self.observer
+        self._export: OtlpExport | None = None
         self._server: Server | None = None
         self._registration: Registration | None = None
         self._periodic: list[Supervised] = []
@@ -171,6 +181,15 @@ class Service:
                       timeout: float | None = None) -> None:
         """Push to one instance by id and wait for its answer (see :meth:`AsyncClient.push_to`)."""
         await self.client.push_to(instance_id, topic, payload, timeout=timeout)
+
+    def span(self, name: str, *, traceparent: str | None = None, kind: str = "internal",
+             **attrs: Any) -> UserSpan:
+        """A user span for a handler: ``with self.span("sql", query=q) as s: ...; s.set("rows", n)``.
+
+        Sync or async ``with``; see :mod:`meshkit.observe.user`. ``traceparent``
+        makes it a child of that span instead of the current one.
+        """
+        return UserSpan(self.observer, name, attrs, traceparent=traceparent, kind=kind)
 
     def call_blocking(self, service: str, method: str, args: Sequence[Any] = (),
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
@@ -257,6 +276,10 @@ class Service:
         self.started_at = time.time()
         self._server = Server(self.name, self._table, self.settings, self._zmq, self._executor, self.metrics,
                               clock=self.clock)
+        self._server.observer = self.observer
+        self._export = start_export(self.observer)
+        self._server.reserved = Introspection(self.observer, functools.partial(describe, self),
+                                              self.settings.max_message_size)
         self._server.bind(self._bind_address)
         self._server.start()
         await self.client.start()
@@ -312,7 +335,10 @@ class Service:
 
     async def _close(self) -> None:
         if self._server is not None:
+            await self._server.limits.close()  # held resource slots go back to the cluster
             self._server.close()
+        if self._export is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._export.close)  # flushes: may block
         await self.client.close()
         if self._own_registry:
             await self.registry.close()
@@ -344,7 +370,7 @@ class Service:
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
             features=wire.FEATURES,
-        )
+        ).with_signatures({n: h.types.text() for n, h in self._table.methods.items() if h.types is not None})
 
     def _machine_name(self) -> str:
         # The record's host names the machine for people; a host name the
@@ -381,6 +407,7 @@ class Service:
             raise
         except Exception as exc:  # the next run comes anyway: one bad tick must not end the task
             self.periodic_failures += 1
+            self.observer.periodic_failed(job.name, exc)
             self._periodic_log.log(f"{job.name}:{type(exc).__name__}", logging.ERROR,
                                    "periodic task %s failed (it keeps running): %s: %s", job.name,
                                    type(exc).__name__, clip(str(exc)), exc_info=exc,

@@ -54,6 +54,23 @@ class TraceContext:
                     return cls(trace_id, _new_span_id(), parent_id, int(flags, 16) & 1 == 1)
         return cls.new_root()
 
+    @classmethod
+    def named(cls, value: str) -> TraceContext:
+        """The span named by the header ``value`` itself (a caller-supplied parent), else a new root."""
+        child = cls.from_traceparent(value)
+        if child.parent_id is None:
+            return child
+        return cls(child.trace_id, child.parent_id, None, child.sampled)
+
+    def child(self) -> TraceContext:
+        """A new span of the same trace whose parent is this one (a client span, a user span)."""
+        return TraceContext(self.trace_id, _new_span_id(), self.span_id, self.sampled)
+
+    @staticmethod
+    def is_valid_id(trace_id: str) -> bool:
+        """Whether ``trace_id`` is a W3C trace id: 32 lower-case hex digits, not all zero."""
+        return len(trace_id) == 32 and _is_hex(trace_id) and trace_id != "0" * 32
+
     def traceparent(self) -> str:
         """The header value that makes the receiver's span a child of this one."""
         return f"{_VERSION}-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"

@@ -8,6 +8,9 @@
 ``meshkit haproxy render|sync|stop``      HAProxy in front of the gateways (docs/haproxy.md)
 ``meshkit up|down|status|scale|start|stop``  the Circus stack (docs/operations.md)
 ``meshkit ban ls|add|rm``                 client-address bans every gateway enforces (:mod:`.ban`)
+``meshkit resources [--json]``            cluster-wide use of each named resource (:mod:`.resources`)
+``meshkit trace|inspect|stats|tap|log-level``  look inside the running mesh (:mod:`.observe`)
+``meshkit panel``                         the browser control panel (:mod:`.panel`)
 
 Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
@@ -98,6 +101,10 @@ def _commands() -> list[Callable[[Any], None]]:
     from .haproxy import add_commands as haproxy_commands
     from .localredis import add_commands as redis_commands
     from .mesh import add_commands as mesh_commands
+    from .observe import add_commands as observe_commands
+    from .panel import add_commands as panel_commands
+    from .resources import add_commands as resources_commands
     from .stack import add_commands as stack_commands
 
-    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands]
+    return [mesh_commands, redis_commands, haproxy_commands, stack_commands, ban_commands, resources_commands,
+            observe_commands, panel_commands]

@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..config import Settings
-from ..errors import CallTimeoutError, MeshError, NoInstanceError
+from ..errors import BadArgumentsError, CallTimeoutError, MeshError, NoInstanceError
 from ..record import InstanceRecord
 from ..rundir import RegistryChoice, choose_registry
 from ..untrusted import clip
@@ -65,6 +65,8 @@ def add_commands(sub: Any) -> None:
     call.add_argument("--wait", action="store_true", help="wait for an instance up to the timeout")
     call.add_argument("--json", action="store_true",
                       help='print {"result": ...} or {"error": {"code": ..., "message": ...}} on stdout')
+    call.add_argument("--trace", action="store_true",
+                      help="print the call's trace id on stderr (for meshkit trace TRACE_ID)")
     call.set_defaults(func=cmd_call, intermixed="args")
 
     publish = sub.add_parser("publish", help="push a JSON payload to a topic's subscribers")
@@ -162,14 +164,28 @@ def _call(args: argparse.Namespace) -> Any:
 
     values, kwargs = parse_call_args(args.args, raw=args.raw)  # before any I/O: bad input costs nothing
     settings = registry_choice(args).settings
+    traceparent = None
+    if getattr(args, "trace", False):
+        from ..trace import TraceContext
+
+        root = TraceContext.new_root()
+        traceparent = root.traceparent()
+        print(f"trace: {root.trace_id}", file=sys.stderr, flush=True)
     with Client(settings) as client:
         try:
             return client.call(args.service, args.method, values, kwargs, timeout=args.timeout,
-                               wait=args.wait)
+                               wait=args.wait, traceparent=traceparent)
         except NoInstanceError as exc:
             raise NoInstanceError(
                 f"{exc.message} in namespace {settings.namespace} (meshkit ls lists what is there)",
                 service=exc.service, method=exc.method) from None
+        except BadArgumentsError as exc:
+            # The records carry each method's signature (when they had room): show it.
+            known = {r.signatures[args.method] for r in client.instances(args.service) if args.method in r.signatures}
+            if not known:
+                raise
+            raise BadArgumentsError(f"{exc.message}; {clip(args.method)}{clip(sorted(known)[0], 300)}",
+                                    service=exc.service, method=exc.method) from None
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

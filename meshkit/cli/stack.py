@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from ..config import Settings
+from ..panel.location import read_url
 from ..registry import read_records
 from ..stack.console import say
 from ..stack.control import StackError
@@ -165,6 +166,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     sockets = stack.control.sockets()
     if sockets:
         print("\npublic sockets: " + ", ".join(f"{k}={v}" for k, v in sorted(sockets.items())))
+    panel = read_url(stack.run_dir)
+    if panel:
+        print(f"control panel: {panel}")
     return 0
 
 

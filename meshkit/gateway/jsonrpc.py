@@ -10,6 +10,12 @@ of at most ``max_batch`` of them, 64 by default). A request is::
 
 (``"jsonrpc"`` may be absent, as Stratum v1 clients send it; any other value is invalid.)
 
+Two optional members tie a request to a trace (``docs/observability.md``):
+``"traceparent"``, a W3C trace context (``00-<32 hex>-<16 hex>-<2 hex>``;
+anything else is ignored), makes the request's spans part of that trace;
+with it, or with ``"trace": true``, an error answer's ``data`` carries
+``"trace_id"``, the id ``meshkit trace`` takes.
+
 ``params`` is optional; an array becomes positional arguments, an object
 keyword arguments. ``id`` is a string, a finite number or null (a number
 too large for a double, like ``1e400``, is an invalid request: no answer
@@ -77,6 +83,8 @@ leaves the connection open.
                               send; this one was not run
 -32013  address_limited       too many connections from the client's address, or
                               connecting too fast (``data.reason``) (*closes*)
+-32014  resource_exhausted    a cluster-wide resource the backend method uses is
+                              at its limit (``docs/limits.md``); it was not run
 (any)   refused               the backend refused the request on purpose
                               (:class:`~meshkit.errors.RefusedError`): its
                               ``client_code`` is the code (-32005 without one)
@@ -101,7 +109,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CallError, HandlerError, MeshError, RefusedError
@@ -126,6 +134,7 @@ BATCH_TOO_LARGE = -32010
 BANNED = -32011
 RATE_LIMITED = -32012
 ADDRESS_LIMITED = -32013
+RESOURCE_EXHAUSTED = -32014
 
 #: Items a batch may hold by default (``max_batch``).
 MAX_BATCH = 64
@@ -165,6 +174,7 @@ _FROM_MESH: Mapping[str, int] = {
     "unknown_method": METHOD_NOT_FOUND,
     "bad_arguments": INVALID_PARAMS,
     "handler_error": HANDLER_ERROR,
+    "resource_exhausted": RESOURCE_EXHAUSTED,
 }
 
 RequestId = str | int | float | None
@@ -180,6 +190,8 @@ class Request:
     method: str
     params: list[Any] | dict[str, Any] | None
     notification: bool = False
+    traceparent: str | None = field(default=None, compare=False)  # the client's W3C trace context, if sent
+    want_trace: bool = field(default=False, compare=False)  # "trace": true, or a traceparent: errors name the trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +273,10 @@ def parse_request(doc: Any) -> Item:
     params = doc.get("params")
     if "params" in doc and not isinstance(params, (list, dict)):
         return Invalid(rid, INVALID_REQUEST, "params must be an array or an object")
-    return Request(rid, method, params, notification=not has_id)
+    traceparent = doc.get("traceparent")  # an extension member: the trace this request belongs to
+    traceparent = traceparent if isinstance(traceparent, str) and len(traceparent) == 55 else None
+    return Request(rid, method, params, notification=not has_id, traceparent=traceparent,
+                   want_trace=traceparent is not None or doc.get("trace") is True)
 
 
 def _valid_id(value: Any) -> bool:
@@ -284,7 +299,7 @@ def error_for(exc: CallError) -> tuple[int, str, dict[str, Any]]:
     """The JSON-RPC ``(code, message, data)`` for a failed mesh call."""
     code = _FROM_MESH.get(exc.code, INTERNAL_ERROR)
     data: dict[str, Any] = {"code": clip(exc.code, 60)}
-    if isinstance(exc, RefusedError):
+    if isinstance(exc, RefusedError) and exc.code not in _FROM_MESH:  # not a limit's refusal
         # The backend chose this answer: its number (if any) and its words, nothing added.
         code = exc.client_code if exc.client_code is not None else HANDLER_ERROR
         return code, clip(exc.message, _MESSAGE_LIMIT), data

@@ -285,11 +285,15 @@ class Gateway(Service):
         params = request.params
         args = params if isinstance(params, list) else []
         kwargs = params if isinstance(params, dict) else {}
+        # The request's span (docs/observability.md): a child of the client's traceparent, if sent.
+        span = self.span(request.method, traceparent=request.traceparent, kind="server", conn=conn.id)
         try:
-            result = await self.client.call(service, method, args, kwargs,
-                                            timeout=self.options.request_timeout, wait=True,
-                                            meta={"conn": conn.id, "client": conn.peer})
+            with span:
+                result = await self.client.call(service, method, args, kwargs,
+                                                timeout=self.options.request_timeout, wait=True,
+                                                meta={"conn": conn.id, "client": conn.peer})
         except CallError as exc:
+            span.set_status(exc.code)
             remote_type = exc.remote_type if isinstance(exc, HandlerError) else ""
             if remote_type == ConnectionGoneError.__name__:
                 self.keeper.lost(conn)
@@ -298,7 +302,7 @@ class Gateway(Service):
                 self.ban(conn.address, clip(getattr(exc, "message", ""), 200))
             else:
                 self._judge(conn, "client" if remote_type in self._client_faults else "ok")
-            raise RpcError(code, message, data) from None
+            raise RpcError(code, message, {**data, "trace_id": span.trace_id} if request.want_trace else data) from None
         except ClientClosedError:
             raise RpcError(jsonrpc.SHUTTING_DOWN, "gateway is shutting down") from None
         except (TypeError, ValueError, OverflowError) as exc:

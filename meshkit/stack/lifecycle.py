@@ -29,6 +29,7 @@ import psutil
 
 from ..config import Settings
 from ..haproxy.process import stop_haproxy
+from ..panel.location import wait_for_url
 from ..registry import read_records
 from ..untrusted import clip
 from .circusd import startup_failure
@@ -244,6 +245,7 @@ def welcome(stack: Stack, settings: Settings) -> None:
     sockets = stack.control.sockets()
     stratum = sockets.get("stratum", "?")
     port = stratum.rsplit(":", 1)[-1]
+    panel = wait_for_url(stack.run_dir, 5.0) if "panel" in stack.control.watchers() else None
     say(
         f"\nmeshkit stack is up (run dir {stack.run_dir}; logs in it).\n"
         f"  A Stratum v1 pool listens on port {port}; mine on it with:\n"
@@ -259,7 +261,8 @@ def welcome(stack: Stack, settings: Settings) -> None:
         "    .venv/bin/meshkit scale mining 4\n"
         "    .venv/bin/meshkit restart mining\n"
         "    .venv/bin/meshkit down\n"
-        f"  Your own services join this stack with: export MESHKIT_REDIS_URL={settings.redis_url}\n",
+        f"  Your own services join this stack with: export MESHKIT_REDIS_URL={settings.redis_url}\n"
+        + (f"  The control panel (loopback; docs/panel.md for an ssh tunnel): {panel}\n" if panel else ""),
         sys.stdout,
     )
 

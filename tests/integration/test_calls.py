@@ -175,22 +175,26 @@ def test_deadline_crosses_hops(start_service, mesh_client: Client) -> None:
 # -- what crosses a hop -----------------------------------------------------------
 
 
-def check_chain(spans: dict[str, dict[str, object]]) -> None:
+def check_chain(spans: dict[str, dict[str, object]], mesh_client: Client) -> None:
     outer, inner = spans["outer"], spans["inner"]
     assert len(str(outer["trace_id"])) == 32 and set(str(outer["trace_id"])) <= HEX
     assert inner["trace_id"] == outer["trace_id"]
-    assert inner["parent_id"] == outer["span_id"]
     assert inner["span_id"] != outer["span_id"]
     assert outer["parent_id"] is not None  # the client's own span
+    # Between the two, the relay's client span of the inner call (docs/observability.md).
+    [relay] = [r for r in mesh_client.instances() if r.service == "relay"]
+    kept = mesh_client.call_instance(relay.instance_id, "_mesh.spans", trace_id=outer["trace_id"])
+    [hop] = [s for s in kept if s["kind"] == "client"]
+    assert hop["parent_id"] == outer["span_id"] and inner["parent_id"] == hop["span_id"]
 
 
 @pytest.mark.parametrize("method", ["nested_span", "nested_span_plain"])
 def test_trace_propagates(start_service, mesh_client: Client, method: str) -> None:
     start_service(RELAY)
     first = mesh_client.call("relay", method)
-    check_chain(first)
+    check_chain(first, mesh_client)
     second = mesh_client.call("relay", method)
-    check_chain(second)
+    check_chain(second, mesh_client)
     assert second["outer"]["trace_id"] != first["outer"]["trace_id"]  # one trace per root call
 
 

@@ -429,7 +429,8 @@ _NOISE = re.compile(r'"level":"(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR|CRITIC
 # health check of a gateway that has just exited, the last gateway gone, and
 # its soft stop; also a server added through the runtime API (which HAProxy
 # creates in maintenance and reports leaving it), as for a gateway whose record
-# the sync watcher read only after ``meshkit up`` had seen the first one UP. They are HAProxy's account of a shutdown, not meshkit's errors.
+# the sync watcher read only after ``meshkit up`` had seen the first one UP.
+# They are HAProxy's account of a shutdown, not meshkit's errors.
 _HAPROXY_NOTICE = re.compile(r"^\[(WARNING|ALERT)\]\s+\(\d+\) : (CLI : )?(backend 'gateway\.\S+' has no server "
                              r"available!|Server gateway\.\S+ (enters drain state|"
                              r"is going DOWN for maintenance|is DOWN|remains in forced drain mode|was DOWN and now|"

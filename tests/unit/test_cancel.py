@@ -252,6 +252,11 @@ def test_a_cancelled_caller_cancels_the_async_handler() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert server.inflight == 0 and len(server.running) == 0 and server.running.cancelled == 1
+            # The observer saw it end: nothing left in flight, one call failed "cancelled".
+            observer = h.service.observer
+            counter = observer.stats.counter(False, "wait")
+            assert not observer.active and counter.in_flight == 0
+            assert counter.calls == 1 and counter.errors == {"cancelled": 1}
     asyncio.run(main())
 
 

@@ -27,6 +27,7 @@ from meshkit.errors import (
     RefusedError,
     RegistryUnreachableError,
     RemoteError,
+    ResourceExhaustedError,
     UnknownConnectionError,
     UnknownMethodError,
     UnknownServiceError,
@@ -48,6 +49,7 @@ CALL_ERRORS: list[type[CallError]] = [
     HandlerError,
     RefusedError,
     UnknownConnectionError,
+    ResourceExhaustedError,
 ]
 
 # The tree drawn in the errors module's docstring: class -> parent.
@@ -71,6 +73,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     HandlerError: RemoteError,
     RefusedError: RemoteError,
     UnknownConnectionError: RefusedError,
+    ResourceExhaustedError: RefusedError,
 }
 
 CODES = {
@@ -87,6 +90,7 @@ CODES = {
     HandlerError: "handler_error",
     RefusedError: "refused",
     UnknownConnectionError: "unknown_connection",
+    ResourceExhaustedError: "resource_exhausted",
 }
 
 

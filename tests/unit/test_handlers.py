@@ -66,7 +66,8 @@ def test_rpc_marks_without_wrapping() -> None:
 
     assert rpc(f) is f
     assert rpc(idempotent=True)(f) is f
-    assert f.__meshkit_rpc__ == {"name": "f", "idempotent": True}  # type: ignore[attr-defined]
+    mark = f.__meshkit_rpc__  # type: ignore[attr-defined]
+    assert mark["name"] == "f" and mark["idempotent"] is True
 
 
 @pytest.mark.parametrize("topics", [(), ("",), ("ok", ""), (b"bytes",), (None,)], ids=repr)

@@ -15,13 +15,14 @@ PACKAGE = ROOT / "meshkit"
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
-                    "programs", "tasks", "sections", "config", "decoder", "transport", "context")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "invoke", "answers", "quota",
-                    "cancels", "sequence")),
-    ("registry", ("storage", "registry", "registration", "rundir")),
-    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "server", "exchange")),
+                    "programs", "tasks", "sections", "config", "decoder", "transport", "context",
+                    "leases", "signature", "concurrency")),
+    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota", "cancels", "sequence")),
+    ("registry", ("storage", "registry", "registration", "rundir", "resources")),
+    ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "pushes", "limits", "invoke", "answers",
+               "server", "exchange", "observe")),
     ("service", ("service", "runner")),
-    ("roles", ("gateway", "haproxy", "stack", "testing")),
+    ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
 ]
 

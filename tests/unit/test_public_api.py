@@ -35,6 +35,7 @@ PUBLIC = [
     "RefusedError",
     "RegistryUnreachableError",
     "RemoteError",
+    "ResourceExhaustedError",
     "Service",
     "Settings",
     "UnknownConnectionError",

@@ -110,5 +110,5 @@ def test_a_subscriber_sees_its_stream_numbers_and_a_missed_push() -> None:
             publish.STREAMS.stamp(peer, MESSAGE)  # a number used up, never sent: a push lost on the way
             assert await h.publish("jobs.new", 3) == 1
             assert h.service.seen == [(1, 0, False), (2, 0, False), (4, 1, False)]
-            assert h.service._server is not None and h.service._server.sequences.missed == 1
+            assert h.service._server is not None and h.service._server.pushes.sequences.missed == 1
     asyncio.run(main())
