@@ -38,6 +38,7 @@ Contracts:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -111,9 +112,13 @@ class AsyncClient:
             await self.registry.start()
 
     async def close(self) -> None:
-        """Close every connection; waiting calls fail with :class:`ClientClosedError`."""
+        """Close every connection; waiting calls fail with :class:`ClientClosedError`.
+
+        Instances that hear CANCEL are told of every call still in flight first.
+        """
         if self.pool.closed:
             return
+        self.exchange.cancel_all()
         self.pool.close()
         if self._own_registry:
             await self.registry.close()
@@ -261,7 +266,11 @@ class AsyncClient:
             try:
                 future = self.exchange.start(peer, message, deadline)
                 sent = True
-                answer = await future
+                try:
+                    answer = await future
+                except asyncio.CancelledError:  # the caller gave up (its task, wait_for): tell the instance
+                    self.exchange.withdraw(peer, future)
+                    raise
             except NotDelivered:
                 reason = "not_delivered"  # it cannot have run: another instance may take it
             except LostInFlight:

@@ -6,6 +6,13 @@ connection id and client address). Calls and publishes made from inside a handle
 carry the deadline, the trace and the metadata to the next hop, so user code
 never passes them by hand. Plain handlers running in the thread pool see the
 same context (it is copied into the worker thread).
+
+Cancellation: when the caller stops waiting, its CANCEL cancels an async
+handler's task (the handler sees :class:`asyncio.CancelledError`, and the
+calls it is awaiting are cancelled in turn, hop by hop). A plain handler in
+a thread cannot be interrupted: it should check ``current_call().cancelled``
+between steps of long work and return early once it is true (whatever it
+returns then is not sent: nobody is waiting for it).
 """
 
 from __future__ import annotations
@@ -18,6 +25,16 @@ from dataclasses import dataclass, field
 from .trace import TraceContext
 
 _EMPTY: Mapping[str, str] = {}
+
+
+class CancelFlag:
+    """Set once, when the caller of the call being served gave up (read from any thread)."""
+
+    __slots__ = ("is_set", "reason")
+
+    def __init__(self) -> None:
+        self.is_set = False  # a bool store is atomic: no lock needed to set or read it
+        self.reason = ""  # why, once set: the CANCEL's reason (``wire.CANCELLED``, ``DEADLINE``, ``CLOSED``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +50,14 @@ class CallContext:
     trace: TraceContext
     deadline: float | None = None
     meta: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    flag: CancelFlag = field(default_factory=CancelFlag)
+    push_seq: int | None = None  # a push: its number in its publisher's stream (None: not numbered)
+    gap: int = 0  # a push: how many pushes of its stream this subscriber missed just before it
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the caller cancelled this call (CANCEL received): stop working, the answer is dropped."""
+        return self.flag.is_set
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (never negative), or ``None``."""

@@ -20,10 +20,17 @@ Settling removes the entry and cancels the timer; an answer that arrives
 later (or matches nothing, or comes from another peer than the one asked)
 is dropped and counted in :attr:`Exchange.dropped`, as is an answer that
 cannot be read. A request that could not be sent at all raises
-:class:`NotDelivered` from :meth:`~Exchange.start` itself. The waiter giving
-up (a cancelled call) settles nothing: the entry stays until its answer or
-deadline, which is also how long the instance is still working on it, so a
-peer's :meth:`~Exchange.load` keeps counting it.
+:class:`NotDelivered` from :meth:`~Exchange.start` itself.
+
+When the caller stops waiting, the instance is told with a CANCEL, if its
+record lists the ``cancel`` feature (``docs/protocol.md`` §4): the waiter
+being cancelled (its task, or ``asyncio.wait_for``) calls
+:meth:`~Exchange.withdraw`, which settles the entry and sends the CANCEL;
+a deadline passing sends one too; :meth:`~Exchange.cancel_all` sends one for
+everything in flight when the client closes. To an instance without the
+feature nothing is sent, and a withdrawn request stays in its table until
+its answer or deadline, which is how long that instance still works on it,
+so a peer's :meth:`~Exchange.load` keeps counting it.
 
 The three outcomes are internal: :mod:`meshkit.client` and
 :mod:`meshkit.publish` turn them into retries and
@@ -45,11 +52,16 @@ from . import wire
 from .clock import SYSTEM_CLOCK, Clock, TimerHandle
 from .codes import ErrorCode
 from .config import Settings
+from .context import current_call
 from .errors import ProtocolError
 from .peer import Peer
 from .untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.exchange")
+
+# How long a closing peer's socket may keep trying to deliver the CANCELs sent
+# just before it closed (a closing client's last word to the instance).
+_CANCEL_LINGER_MS = 200
 
 
 class NotDelivered(Exception):
@@ -107,6 +119,7 @@ class Exchange:
         self._on_idle = on_idle
         self._throttle = LogThrottle(log, settings.log_repeat_interval)
         self.dropped = 0  # answers that matched nothing or could not be read
+        self.cancels_sent = 0
 
     def load(self, peer: Peer) -> int:
         """How many requests are in flight on ``peer`` (what instance choice compares)."""
@@ -140,6 +153,42 @@ class Exchange:
             remaining, self._expire, peer, request_id)
         table[request_id] = _Entry(future, timer)
         return future
+
+    def withdraw(self, peer: Peer, future: asyncio.Future[wire.Answer]) -> None:
+        """The waiter of ``future`` (a request on ``peer``) gave up: CANCEL it there, if the peer can hear it."""
+        if wire.FEATURE_CANCEL not in peer.record.features:
+            return  # it keeps working: the entry counts in its load until the answer or the deadline
+        table = self._tables.get(peer)
+        if not table:
+            return
+        # A scan, not a second index: cancellations are rare, every call would pay for the index.
+        request_id = next((rid for rid, entry in table.items() if entry.future is future), None)
+        if request_id is not None:
+            self._settle(peer, request_id)
+            self._cancel(peer, request_id, self._why_withdrawn())
+
+    def cancel_all(self) -> None:
+        """CANCEL everything in flight on peers that can hear it (the client is closing; nothing is settled)."""
+        for peer, table in self._tables.items():
+            if table and wire.FEATURE_CANCEL in peer.record.features:
+                for request_id in table:
+                    self._cancel(peer, request_id, wire.CLOSED)
+                peer.close_linger_ms = _CANCEL_LINGER_MS
+
+    def _why_withdrawn(self) -> str:
+        """The reason a waiter gave up, passed down a chain: a handler cancelled for its deadline says so."""
+        ctx = current_call()  # the call being served by the task that made this request, if any
+        if ctx is None:
+            return wire.CANCELLED
+        if ctx.flag.is_set:
+            return ctx.flag.reason or wire.CANCELLED
+        if ctx.deadline is not None and self._now() >= ctx.deadline:
+            return wire.DEADLINE  # the handler's own deadline cancelled it
+        return wire.CANCELLED
+
+    def _cancel(self, peer: Peer, request_id: int, reason: str) -> None:
+        if peer.send(wire.encode_cancel(request_id, reason)):
+            self.cancels_sent += 1
 
     def forget(self, peer: Peer) -> None:
         """Drop ``peer``'s (empty) table: its owner closed it with nothing in flight."""
@@ -195,5 +244,9 @@ class Exchange:
 
     def _expire(self, peer: Peer, request_id: int) -> None:
         future = self._settle(peer, request_id)
-        if future is not None and not future.done():
-            future.set_exception(DeadlinePassed())
+        if future is not None:
+            if wire.FEATURE_CANCEL in peer.record.features:
+                # The instance stops at its own deadline too, but its clock started later than ours.
+                self._cancel(peer, request_id, wire.DEADLINE)
+            if not future.done():
+                future.set_exception(DeadlinePassed())

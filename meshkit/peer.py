@@ -74,6 +74,7 @@ class Peer:
         self.state = CONNECTING
         self.draining = not record.is_up  # also set when it answers "draining"
         self.lost = False  # failed while connected: what was in flight may have run
+        self.close_linger_ms = 0  # raised by the exchange to let last CANCELs out on close
         self.failed_at = 0.0
         self.reason = ""  # why it failed
         self._on_state = on_state
@@ -149,7 +150,7 @@ class Peer:
         self._monitor_pump.stop()
         if not self.sock.closed:
             self.sock.disable_monitor()
-            self.sock.close(linger=0)
+            self.sock.close(linger=self.close_linger_ms)
         if not self._monitor.closed:
             self._monitor.close(linger=0)
 

@@ -11,6 +11,13 @@ deadline; a live one still gets the message later, in order.
 one of its client connections) and reports that instance's answer. It goes
 through the same connection as :func:`publish`'s pushes to that instance, so
 the two keep their order.
+
+Each publisher→subscriber stream is numbered (:mod:`meshkit.sequence`), so a
+subscriber can tell that it missed a push. The guarantee is **at most once**
+per subscriber: a push is never sent twice, and an ACK means the handlers
+ran; a push lost with its connection, refused, or past its deadline is not
+resent. A subscriber that needs every message must get them from a source it
+can re-read (a Redis stream, a database) and treat a gap as its cue to catch up.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ from .exchange import DeadlinePassed, LostInFlight, NotDelivered
 from .peer import FAILED
 from .pool import PeerPool
 from .record import InstanceRecord
+from .sequence import PushStreams
 from .untrusted import clip
 
 log = logging.getLogger("meshkit.publish")
+
+# The numbered streams of this process's pushes, one per peer (kept as long as the peer).
+STREAMS = PushStreams()
 
 
 async def publish(
@@ -56,12 +67,13 @@ async def publish(
         peer = pool.peer_for(record)
         if peer is None or peer.state == FAILED:
             continue
+        stamped = STREAMS.stamp(peer, message)  # a number used up, sent or not: the subscriber missed it
         if record.max_message_size and size > record.max_message_size:
             log.warning("not pushing %s to %s: %d bytes exceed its limit of %d",
                         clip(topic), record.key, size, record.max_message_size)
             continue
         try:
-            waits.append(pool.exchange.start(peer, message, deadline))
+            waits.append(pool.exchange.start(peer, stamped, deadline))
         except (NotDelivered, DeadlinePassed):
             continue
     # Every wait settles by the deadline at the latest (the exchange's timers).
@@ -97,7 +109,7 @@ async def push_one(
     if peer is None or peer.state == FAILED:
         raise LostPeerError(f"instance {record.key} is not reachable")
     try:
-        answer = await pool.exchange.start(peer, message, deadline)
+        answer = await pool.exchange.start(peer, STREAMS.stamp(peer, message), deadline)
     except NotDelivered:
         raise LostPeerError(f"instance {record.key} is not reachable") from None
     except LostInFlight:

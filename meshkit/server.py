@@ -10,9 +10,14 @@ message it can attribute to a sender:
   still running at its deadline is cancelled; a plain one whose deadline has
   passed before a thread picks it up is not started.
 * a PUSH runs the topic's handlers; pushes from one sender are handled one
-  after another, in arrival order, and each is acknowledged when done.
+  after another, in arrival order, and each is acknowledged when done
+  (:mod:`meshkit.pushes`, which also numbers each publisher's stream).
 * what a handler returned or raised becomes the answer in :mod:`meshkit.answers`.
 * a PING is answered with the state and the number of requests held.
+* a CANCEL (never answered) cancels the sender's call of that id, if it is
+  still running (:mod:`meshkit.cancels`): an async handler's task is
+  cancelled, a plain handler's ``current_call().cancelled`` becomes true;
+  either way no answer is sent for it.
 * anything malformed gets an ERROR (``bad_request``, ``unsupported_version``,
   ...) and a log line; the server keeps serving everyone else.
 
@@ -42,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -52,20 +56,21 @@ import zmq
 from . import access, wire, zap
 from .answers import Answers
 from .budget import Budget, request_cost
+from .cancels import Running, RunningCalls
 from .clock import SYSTEM_CLOCK, Clock
-from .codes import ErrorCode, InstanceState
+from .codes import ErrorCode, InstanceState, LocalCode
 from .config import Settings
-from .context import CallContext, reset_current, set_current
+from .context import CallContext, set_current
 from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
-from .inbox import PushInbox
 from .invoke import invoke
 from .limits import CallLimits
 from .metrics import Metrics
 from .observe.introspect import Introspection
 from .observe.observer import Observer
+from .pushes import PushSide
 from .quota import CallQuota
-from .timing import wait_event
+from .timing import DeadlineCancel, wait_event
 from .trace import TraceContext
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
@@ -75,6 +80,7 @@ log = logging.getLogger("meshkit.server")
 # Method names under this prefix are the framework's, never a service's.
 RESERVED_PREFIX = "_mesh."
 
+_CANCELLED = LocalCode.CANCELLED
 _UP = InstanceState.UP  # read once per call: an enum attribute costs a lookup each time
 # The inflight gauge is sent at most this often (seconds), and whenever it is
 # zero: a datagram per call cost more than the gauge is worth (docs/performance.md).
@@ -118,12 +124,14 @@ class Server:
         self.quota = CallQuota(settings, self.held)  # what calls hold, per connection
         # Concurrency gates and resource leases, passed before each handler runs (docs/limits.md).
         self.limits = CallLimits(service, table, settings, clock=clock, metrics=metrics)
-        self._throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
-        self._answers = Answers(settings, self._throttle)
-        self._pushes = PushInbox(settings, self.held, self._throttle, self._run_push, self._spawn)
+        self.throttle = LogThrottle(log, settings.log_repeat_interval, clock=clock.now)
+        self.answers = Answers(settings, self.throttle)
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.running = RunningCalls()  # admitted calls, for CANCEL
+        self.pushes = PushSide(self)  # PUSH messages: their queues, numbered streams and handlers
+        self._pushes = self.pushes.inbox
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 2000)  # let the last replies out on close
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -224,25 +232,28 @@ class Server:
             header = wire.split_request(frames[1:], max_size=self.settings.max_header_size,
                                         max_name=self.settings.max_name_length)
         except ProtocolError as exc:
-            self._reject(identity, exc.id, exc.code, str(exc))
+            self.reject(identity, exc.id, exc.code, str(exc))
             return
         kind = header.kind
         if kind == wire.CALL:
             self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
-            self._on_push(identity, header, frames[1], frames[2])
+            self.pushes.receive(identity, header, frames[1], frames[2])
+        elif kind == wire.CANCEL:
+            if self.running.cancel(identity, header.id, wire.decode_cancel_reason(frames[2])):
+                self.metrics.incr("cancelled")
         elif kind == wire.PING:
             # What max_inflight bounds: calls being served and pushes queued or running.
-            self._send(identity, wire.encode_pong(header.id, self.state, self.held.count))
+            self.send(identity, wire.encode_pong(header.id, self.state, self.held.count))
         else:
             self._drop(f"unexpected {wire.KIND_NAMES[kind]}")
 
-    def _reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
+    def reject(self, identity: bytes, request_id: int, code: str, message: str) -> None:
         """Answer ``code``; ``message`` must already be short (remote values clipped)."""
         self.metrics.incr(f"rejected.{code}")
-        self._throttle.log(code, logging.WARNING, "rejected a message: %s: %s", code, message,
+        self.throttle.log(code, logging.WARNING, "rejected a message: %s: %s", code, message,
                            extra={"code": code})
-        self._send(identity, wire.encode_error(request_id, code, message))
+        self.send(identity, wire.encode_error(request_id, code, message))
 
     def _call_forbidden(self, identity: bytes, header: wire.Header) -> bool:
         """Answer ``forbidden`` and return True if the access policy refuses this call (meshkit.access).
@@ -255,15 +266,25 @@ class Server:
         why = self.guard.call_refusal(self.pump.user_id, header.name, header.meta)
         if why is None:
             return False
-        self._reject(identity, header.id, ErrorCode.FORBIDDEN, why)
+        self.reject(identity, header.id, ErrorCode.FORBIDDEN, why)
+        return True
+
+    def push_forbidden(self, identity: bytes, header: wire.Header) -> bool:
+        """Like :meth:`_call_forbidden`, for a PUSH to the topic ``header.name``."""
+        if self.guard is None:
+            return False
+        why = self.guard.push_refusal(self.pump.user_id, header.name)
+        if why is None:
+            return False
+        self.reject(identity, header.id, ErrorCode.FORBIDDEN, why)
         return True
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
         self.metrics.incr("dropped")
-        self._throttle.log("dropped", logging.WARNING, "dropping a message from a peer: %s", why)
+        self.throttle.log("dropped", logging.WARNING, "dropping a message from a peer: %s", why)
 
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+    def send(self, identity: bytes, frames: list[bytes]) -> None:
         frames.insert(0, identity)
         self.pump.send(frames)
 
@@ -272,7 +293,7 @@ class Server:
             return None
         return self.clock.now() + header.timeout_ms / 1000.0
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
         self.inflight += 1
         self._report_inflight()
@@ -294,34 +315,34 @@ class Server:
             self._inflight_reported = now
             self.metrics.inflight(self.inflight)
 
-    def _overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
+    def overloaded(self, identity: bytes, request_id: int, what: str, why: str) -> None:
         self.metrics.incr(f"rejected.{ErrorCode.OVERLOADED}")
-        self._send(identity, wire.encode_error(request_id, ErrorCode.OVERLOADED, f"{what} refused: {why}"))
+        self.send(identity, wire.encode_error(request_id, ErrorCode.OVERLOADED, f"{what} refused: {why}"))
 
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         self.last_call = self.clock.now()
         if header.target != self.service:
-            self._reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
+            self.reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
             return
         if self.reserved is not None and header.name in self.reserved.methods:
             # Before the draining check and the budgets: a busy or draining instance still answers
             # (but only a caller the access policy lets call it).
             if not self._call_forbidden(identity, header):
-                self.reserved.serve(identity, header, body, self._send)
+                self.reserved.serve(identity, header, body, self.send)
             return
         framework = header.name.startswith(RESERVED_PREFIX)
         handler = (self._framework if framework else self.table.methods).get(header.name)
         if handler is None:
-            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
+            self.reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
                          f"service {self.service!r} has no method {clip(header.name)!r}")
             return
         if self._call_forbidden(identity, header):
             return
         if self.state != _UP and not framework:
-            self._send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
+            self.send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
         # Refused before decoding when even the undecoded size does not fit.
         if not self._admit_call(identity, header.id, request_cost(header_frame, body, 0), take=False):
@@ -329,10 +350,10 @@ class Server:
         try:
             args, kwargs, containers = wire.decode_call(body, header.id, self.settings.max_body_containers)
         except ProtocolError as exc:
-            self._reject(identity, header.id, exc.code, str(exc))
+            self.reject(identity, header.id, exc.code, str(exc))
             return
         if header.timeout_ms == 0:
-            self._send(identity, wire.encode_error(header.id, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed"))
+            self.send(identity, wire.encode_error(header.id, ErrorCode.DEADLINE_EXCEEDED, "deadline already passed"))
             return
         # Charged once decoded: what a body takes in memory is only known then.
         cost = request_cost(header_frame, body, containers)
@@ -341,8 +362,10 @@ class Server:
         self.inflight += 1
         self._report_inflight()
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
-        self._tasks.add(asyncio.ensure_future(
-            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost)))
+        entry = self.running.add(identity, header.id, handler.is_async)
+        task = entry.task = asyncio.ensure_future(
+            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry))
+        self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
         """Charge a call to the quota (with ``take=False`` only check it fits), or answer ``overloaded``."""
@@ -351,12 +374,13 @@ class Server:
             if take:
                 self.quota.take(identity, cost)
             return True
-        self._throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
-        self._overloaded(identity, request_id, "call", why)
+        self.throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
+        self.overloaded(identity, request_id, "call", why)
         return False
 
-    def _release_call(self, identity: bytes, cost: int) -> None:
+    def _release_call(self, identity: bytes, cost: int, request_id: int, entry: Running) -> None:
         """A call ended: give back what it held and count it out of flight."""
+        self.running.remove(identity, request_id, entry)
         self._tasks.discard(asyncio.current_task())
         self.inflight -= 1
         self._report_inflight()
@@ -373,76 +397,44 @@ class Server:
         kwargs: dict[str, Any],
         deadline: float | None,
         cost: int,
+        entry: Running,
     ) -> None:
         """Serve one admitted call: the one place a served call starts and finishes.
 
         A task cancelled before it started (only :meth:`close` does that)
-        releases nothing: the server is going away.
+        releases nothing: the server is going away. A cancelled call (CANCEL)
+        is counted served with code ``cancelled`` and not answered.
         """
         started = self.clock.now()
+        flag = entry.flag
+        entry.started = True
         ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          deadline, header.meta or {})
+                          deadline, header.meta or {}, flag)
         set_current(ctx)  # this task runs in its own copy of the context
         seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
         try:
+            if flag.is_set:  # cancelled before it started
+                raise asyncio.CancelledError()
             try:
                 result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
                                       limits=self.limits, cost=cost)
-                code, frames = self._answers.reply(header, result)
+                code, frames = self.answers.reply(header, result)
             except Exception as exc:
-                code, frames = self._answers.failure(header, handler.name, exc)
+                code, frames = self.answers.failure(header, handler.name, exc)
+            if flag.is_set:
+                raise asyncio.CancelledError()  # a plain handler that finished after its CANCEL
             self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
             if seen is not None and self.observer is not None:
                 self.observer.finished(seen, code, frames, args)
-            self._send(identity, frames)
+            self.send(identity, frames)
+        except asyncio.CancelledError:
+            if not flag.is_set:
+                raise  # close(): the server is going away
+            code, frames = _CANCELLED, []
+            if flag.reason == wire.DEADLINE:  # the caller's deadline: as if ours had passed (logged alike)
+                code, frames = self.answers.failure(header, handler.name, DeadlineCancel())
+            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
+            if seen is not None and self.observer is not None:  # counted and drawn, never answered
+                self.observer.finished(seen, code, frames, args)
         finally:
-            self._release_call(identity, cost)
-
-    # -- pushes ---------------------------------------------------------------
-
-    def _on_push(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
-        if not self.table.topic_handlers(header.name):
-            self._reject(identity, header.id, ErrorCode.UNKNOWN_METHOD,
-                         f"service {self.service!r} has no handler for topic {clip(header.name)!r}")
-            return
-        if self.guard is not None:  # access control: the caller is the ZAP User-Id (meshkit.access)
-            why = self.guard.push_refusal(self.pump.user_id, header.name)
-            if why is not None:
-                self._reject(identity, header.id, ErrorCode.FORBIDDEN, why)
-                return
-        refused = self._pushes.refuse_early(identity, request_cost(header_frame, body, 0))
-        if refused is not None:
-            self._overloaded(identity, header.id, "push", refused)
-            return
-        try:
-            payload, containers = wire.unpack_body(body, self.settings.max_body_containers)
-        except ProtocolError as exc:
-            # Answered at once: it could never run, so it need not wait its turn.
-            self.metrics.push_received(header.name, 0.0, exc.code)
-            self._reject(identity, header.id, exc.code, f"push payload: {exc}")
-            return
-        refused = self._pushes.offer(identity, header, payload, request_cost(header_frame, body, containers))
-        if refused is not None:
-            self._overloaded(identity, header.id, "push", refused)
-
-    async def _run_push(self, identity: bytes, header: wire.Header, payload: Any, received: float) -> None:
-        ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          None, header.meta or {})
-        token = set_current(ctx)
-        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity, True) if self.observer else None
-        cause = "push"  # then the handler's pattern; never the topic, which the peer chose
-        try:
-            for handler in self.table.topic_handlers(header.name):
-                cause = handler.name  # the pattern, for prefix subscribers
-                await invoke(handler, [payload], {}, None, self.executor, self.clock)
-            code, frames = self._answers.ack(header)
-        except Exception as exc:
-            code, frames = self._answers.failure(header, cause, exc)
-        finally:
-            reset_current(token)
-        if seen is not None and self.observer is not None:
-            self.observer.finished(seen, code, frames, payload)
-        # ``received`` is stamped by the inbox on the system clock: a latency, not a deadline.
-        self.metrics.push_received(header.name, (time.monotonic() - received) * 1000, code)
-        self._send(identity, frames)
-
+            self._release_call(identity, cost, header.id, entry)

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 
 import zmq
 
-from . import names
+from . import names, wire
 from .client import AsyncClient, ServiceProxy
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
@@ -374,6 +374,7 @@ class Service:
             listeners=dict(self._listeners),
             max_message_size=self.settings.max_message_size,
             curve_key=self._server.door.public_key if self._server and self._server.door else "",  # CurveZMQ
+            features=wire.FEATURES,
         ).with_signatures({n: h.types.text() for n, h in self._table.methods.items() if h.types is not None})
 
     def _machine_name(self) -> str:

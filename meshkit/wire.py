@@ -7,7 +7,7 @@ The full specification, for implementers in other languages, is
 Every instance binds one ZeroMQ ``ROUTER``; peers talk to it through a
 ``DEALER``. Every message is exactly **two frames**, ``[header, body]``, both
 MessagePack (strings ``str``, binary ``bin``, maps may have non-string keys).
-The header is ``[version, kind, id]`` for answers and PING, and
+The header is ``[version, kind, id]`` for answers, PING and CANCEL, and
 ``[version, kind, id, target, name, timeout_ms, traceparent, meta]`` for
 requests: ``version`` 1; ``id`` an unsigned 64-bit int chosen by the
 requester, echoed in the answer, not reused while in flight; ``target`` the
@@ -26,6 +26,10 @@ kind  name   body
 5     ACK    nil.
 6     PING   nil. Answered by PONG.
 7     PONG   ``[state, inflight]``: ``"up"``/``"draining"``, requests being served.
+8     CANCEL nil or why: ``"cancelled"``, ``"deadline"``, ``"closed"``; ``id``
+             names a CALL the sender still has in flight. Never answered. Sent only to an instance whose record lists
+             ``"cancel"`` in ``features`` (version 1 peers without it answer
+             an unknown kind ``bad_request``, which the caller drops).
 ====  =====  ===============================================================
 
 Error codes are the stable strings of :class:`meshkit.codes.ErrorCode`; an
@@ -72,11 +76,21 @@ PUSH = 4
 ACK = 5
 PING = 6
 PONG = 7
+CANCEL = 8
+
+# What an instance's record lists in ``features`` when it understands CANCEL.
+FEATURE_CANCEL = "cancel"
+FEATURES = (FEATURE_CANCEL,)
+# Why a caller cancelled (a CANCEL's body; nil and anything unknown read as CANCELLED).
+CANCELLED = "cancelled"  # its waiting task was cancelled
+DEADLINE = "deadline"  # its deadline passed: the callee treats it as its own deadline
+CLOSED = "closed"  # its client (or the gateway connection it came through) closed
+_CANCEL_REASONS = frozenset((CANCELLED, DEADLINE, CLOSED))
 
 KIND_NAMES = {CALL: "CALL", REPLY: "REPLY", ERROR: "ERROR", PUSH: "PUSH", ACK: "ACK", PING: "PING",
-              PONG: "PONG"}
+              PONG: "PONG", CANCEL: "CANCEL"}
 _REQUEST_KINDS = frozenset((CALL, PUSH))
-_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG))  # the kinds with a 3-item header
+_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG, CANCEL))  # the kinds with a 3-item header
 _ANSWERS_TO_CLIENTS = frozenset((REPLY, ERROR, ACK, PONG))
 
 _NIL = b"\xc0"
@@ -225,6 +239,22 @@ def encode_ack(id: int) -> list[bytes]:
 def encode_ping(id: int) -> list[bytes]:
     """Frames of a PING."""
     return [pack([VERSION, PING, id]), _NIL]
+
+
+def encode_cancel(id: int, reason: str | None = None) -> list[bytes]:
+    """Frames of a CANCEL of the CALL ``id``, saying why (``reason``) or not (nil)."""
+    return [pack([VERSION, CANCEL, id]), _NIL if reason is None else pack(reason)]
+
+
+def decode_cancel_reason(frame: bytes) -> str:
+    """Why a CANCEL was sent: one of the known reasons, :data:`CANCELLED` for nil or anything else."""
+    if len(frame) > 16:  # no known reason is longer: not worth decoding
+        return CANCELLED
+    try:
+        reason = unpack(frame)
+    except ProtocolError:
+        return CANCELLED
+    return reason if reason in _CANCEL_REASONS else CANCELLED
 
 
 def encode_pong(id: int, state: str, inflight: int) -> list[bytes]:

@@ -250,7 +250,9 @@ class Connection(Session):
                         await asyncio.sleep(0)  # let other clients' work run
                         await self._writer.drain()  # and stop here while our answers pile up
         except (ConnectionError, OSError):
-            return  # the client reset the connection
+            # The client reset the connection: nobody can read an answer, so
+            # its requests in flight are cancelled (and CANCELs sent on) now.
+            self.close(abort=True)
 
     def _line_too_long(self) -> None:
         self._metrics.gateway_message("in")

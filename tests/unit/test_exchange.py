@@ -19,6 +19,7 @@ from meshkit import wire
 from meshkit.config import Settings
 from meshkit.exchange import DeadlinePassed, Exchange, LostInFlight, NotDelivered
 from meshkit.peer import Peer
+from meshkit.record import InstanceRecord
 from meshkit.testing import FakeClock
 
 T = TypeVar("T")
@@ -29,8 +30,9 @@ CALL = wire.CallMessage("cart", "add", wire.encode_call_body([1], {}), None, Non
 class FakePeer:
     """What the exchange uses of a peer: send, its key, and the two verbs."""
 
-    def __init__(self, key: str = "cart:a", accepts: bool = True) -> None:
+    def __init__(self, key: str = "cart:a", accepts: bool = True, features: tuple[str, ...] = ()) -> None:
         self.key = key
+        self.record = InstanceRecord("cart", "a", "tcp://127.0.0.1:1", "h", 1, features=features)
         self.accepts = accepts
         self.draining = False
         self.retired: list[str] = []
