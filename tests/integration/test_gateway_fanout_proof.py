@@ -28,8 +28,8 @@ pytestmark = pytest.mark.integration
 GATEWAY = "meshkit.gateway:Gateway"
 PROBE = "tests.integration.services.gwprobe:GatewayProbe"
 StartService = Callable[..., list[ServiceProcess]]
-CONNECTIONS = 3000
-PUSHES = 12
+CONNECTIONS = 5000  # about what each of two gateways held in the 10,000-connection run
+PUSHES = 6
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_pings_are_answered_promptly_and_pushes_stay_in_order_during_a_large_fan
     gw, address = start_gateway(start_service, topics="jobs.*", max_connections=CONNECTIONS + 10,
                                 max_output=4 * 1024 * 1024)
     assert gw.record is not None
-    blob = "x" * 2000
+    blob = "x" * 16000
 
     async def main() -> tuple[list[float], list[int]]:
         streams = await _open(address, CONNECTIONS)
@@ -110,6 +110,9 @@ def test_pings_are_answered_promptly_and_pushes_stay_in_order_during_a_large_fan
         pinger = Pinger(address)
         singles = [h["result"]["connection"] for h in hello]
         async with AsyncClient(mesh_settings) as mesh:
+            # Read as the pushes come (the gateway drops clients that do not read).
+            receiving = asyncio.gather(*(_pushes(s, PUSHES * (2 if i < 4 else 1))
+                                         for i, s in enumerate(streams)))
             pinger.start()
             reached: list[int] = []
             # Topic pushes and per-connection pushes, interleaved, from one sender.
@@ -117,8 +120,7 @@ def test_pings_are_answered_promptly_and_pushes_stay_in_order_during_a_large_fan
                 reached.append(await mesh.publish("jobs.notify", {"k": k, "blob": blob}, timeout=5))
                 for conn_id in singles:
                     assert await push_to_connection(mesh, conn_id, "jobs.single", {"k": k}, timeout=5)
-            received = await asyncio.gather(*(_pushes(s, PUSHES * (2 if i < 4 else 1))
-                                              for i, s in enumerate(streams)))
+            received = await receiving
             pinger.stop.set()
             await asyncio.to_thread(pinger.join, 10)
         for i, got in enumerate(received):
