@@ -15,8 +15,16 @@ The gateway calls four verbs; the keeper owns everything in between:
 * :meth:`StateKeeper.closed` when a connection has gone: delete its state in
   the background, after any create in flight has landed.
 * :meth:`StateKeeper.sweep` every ``ttl`` seconds: restore the lost state of
-  open connections; delete the state of dead gateways (missing from the
-  registry on two sweeps in a row) and of this gateway's closed connections.
+  open connections; delete the state of dead gateways and of this gateway's
+  closed connections.
+
+A gateway is dead when it has been missing from the registry for
+``dead_after`` seconds, measured on the clock from the first sweep that
+missed it (the gateway sets that well past the record TTL), not after a
+number of sweeps: an overloaded gateway whose heartbeat ran late loses its
+record for a moment, and its live connections must keep their state. A
+gateway that finds its own record missing says so in a log line and keeps
+(restores, every sweep) its connections' state, whoever deleted it.
 
 Every Redis operation is bounded in time and logged (throttled) on failure,
 never raised: a gateway keeps serving while Redis is away.
@@ -29,6 +37,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..untrusted import LogThrottle, clip
 from .session import Session
 from .state import ConnectionStore
@@ -43,8 +52,13 @@ class StateKeeper:
     """Creates, restores and deletes the Redis state of one gateway's connections (see the module doc)."""
 
     def __init__(self, store: ConnectionStore, instance_id: str, throttle: LogThrottle,
-                 live_gateways: Callable[[], Awaitable[set[str]]]) -> None:
+                 live_gateways: Callable[[], Awaitable[set[str]]], *, dead_after: float,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        if dead_after <= 0:
+            raise ValueError("dead_after must be positive")
         self.store = store
+        self.dead_after = dead_after
+        self._clock = clock
         self.instance_id = instance_id
         self._throttle = throttle
         self._live_gateways = live_gateways
@@ -52,7 +66,9 @@ class StateKeeper:
         # An entry means "this connection has state": closing deletes it, the
         # sweep restores it. Connections that never made a mesh call have none.
         self._opening: dict[str, asyncio.Task[bool]] = {}
-        self._suspects: set[str] = set()  # gateways missing from the registry at the last sweep
+        self._missing_since: dict[str, float] = {}  # gateway id -> when a sweep first missed it
+        self._own_record_missing = False
+        self._own_record_seen = False
         self._background: set[asyncio.Task[None]] = set()
 
     async def ensure(self, conn: Session) -> None:
@@ -95,18 +111,36 @@ class StateKeeper:
         """One sweep (see the module doc); returns how many connections' state was deleted."""
         await self._restore(connections)
         live = await self._live_gateways()
+        self._note_own_record(self.instance_id in live)
         live.add(self.instance_id)
         removed = 0
         missing = await self.store.gateways() - live
-        for gateway_id in missing & self._suspects:
+        now = self._clock.now()
+        # Forget gateways that came back; start the clock for newly missing ones.
+        self._missing_since = {g: self._missing_since.get(g, now) for g in missing}
+        for gateway_id, since in list(self._missing_since.items()):
+            if now - since < self.dead_after:
+                continue
             count = await self.store.drop_gateway(gateway_id)
             removed += count
-            log.info("removed state of %d connections of dead gateway %s", count, clip(gateway_id))
-        self._suspects = missing - self._suspects  # dropped ones are gone; the rest wait a sweep
+            del self._missing_since[gateway_id]
+            log.info("removed state of %d connections of gateway %s, missing from the registry "
+                     "for %.0fs", count, clip(gateway_id), now - since)
         # After the restore: a connection that closed meanwhile may have had
         # its state restored after its delete; this removes it again.
         removed += await self.store.reconcile(self.instance_id, connections)
         return removed
+
+    def _note_own_record(self, present: bool) -> None:
+        self._own_record_seen |= present
+        if not self._own_record_seen:
+            return  # not registered yet (the first sweep may run before the first heartbeat)
+        if not present and not self._own_record_missing:
+            log.warning("this gateway's registry record %s had lapsed (heartbeat late?); keeping "
+                        "its connections' state, restored every sweep", self.instance_id)
+        elif present and self._own_record_missing:
+            log.info("this gateway's registry record %s is back", self.instance_id)
+        self._own_record_missing = not present
 
     def _open(self, conn: Session) -> asyncio.Task[bool]:
         """Start creating ``conn``'s state (idempotent) and make that its latest task."""

@@ -9,7 +9,8 @@ listener's dialect, as a notification ``{"method": method, "params": params}``,
 and may first add topic subscriptions to the connection (``subscribe``:
 what a Stratum pool needs, since its clients never send ``mesh.subscribe``).
 
-Outcome: ``True`` once the gateway has queued the line for the client;
+Outcome: ``True`` once the gateway has accepted the line into its ordered
+push queue (:mod:`.fanout`; a full queue raises ``overloaded``);
 ``False`` when the connection is not open (closed, never existed, or its
 gateway is gone); the gateway answers that with
 :class:`~meshkit.errors.UnknownConnectionError` and logs nothing above
@@ -17,9 +18,10 @@ debug. A timeout or a gateway lost mid-push raises (the outcome is unknown).
 
 Order: the PUSH goes through the sender's one connection to that gateway,
 the same one its :meth:`~meshkit.Service.publish` pushes take, and the
-gateway handles one sender's pushes one after another, in arrival order.
-So a topic push and a per-connection push from one process reach the
-client in the order they were sent.
+gateway handles one sender's pushes one after another, in arrival order,
+and writes topic pushes and deliveries through one ordered queue. So a
+topic push and a per-connection push from one process reach the client in
+the order they were sent.
 
 The payload (``Delivery``) is ``{"conn": id, "method": str | None, "params":
 any, "subscribe": [topics]}``; anything else is refused with
@@ -118,8 +120,23 @@ async def push_to_connection(sender: Pusher, conn_id: str, method: str | None, p
 
 def deliver(payload: Any, connections: Mapping[str, Target], options: GatewayOptions,
             dialect: Dialect, gateway_id: str) -> None:
-    """The gateway's side: hand one received delivery to its connection.
+    """Hand one received delivery to its connection at once (:func:`prepare`, then send).
 
+    Raises only :class:`RefusedError`, as :func:`prepare` does, and
+    ``unknown_connection`` if the connection closed as the line was written.
+    """
+    prepared = prepare(payload, connections, options, dialect, gateway_id)
+    if prepared is not None and not prepared[0].send(prepared[1]):
+        raise UnknownConnectionError(f"connection {clip(str(payload.get('conn')))!r} closed")
+
+
+def prepare(payload: Any, connections: Mapping[str, Target], options: GatewayOptions,
+            dialect: Dialect, gateway_id: str) -> tuple[Target, bytes] | None:
+    """The gateway's side: check one received delivery, apply its ``subscribe``; the line to send.
+
+    Returns the connection and the line for it (None when ``method`` is None:
+    nothing to send). The gateway queues that line behind the pushes it has
+    already accepted (:mod:`.fanout`), so the sender's ack means "queued".
     Raises only :class:`RefusedError`, which the server answers to the
     sender with no log above debug: ``unknown_connection`` for a connection
     that is not open here, ``refused`` for a payload that is not a delivery,
@@ -139,10 +156,9 @@ def deliver(payload: Any, connections: Mapping[str, Target], options: GatewayOpt
         except RpcError as exc:
             raise RefusedError(exc.message) from None
     if delivery.method is None:
-        return
+        return None
     try:
         line = dialect.notification_line(delivery.method, delivery.params)
     except jsonrpc.UNENCODABLE as exc:
         raise RefusedError(f"cannot be sent as JSON: {clip(str(exc))}") from None
-    if not conn.send(line):
-        raise UnknownConnectionError(f"connection {clip(delivery.conn)!r} closed")
+    return conn, line

@@ -12,7 +12,10 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   with ``meshkit.current_call().connection_id``). While no instance of a known
   service is up, the call waits for one up to its deadline;
 * subscribes to the configured topics (the record lists them, so publishers
-  push here) and forwards each push to the clients subscribed to it;
+  push here) and forwards each push to the clients subscribed to it,
+  through one ordered queue bounded in bytes (:mod:`.fanout`): written in
+  slices, so health checks are answered mid-fan-out, and acknowledged to
+  the publisher once queued;
 * takes pushes addressed to one connection on topic ``gateway.deliver``
   (:mod:`meshkit.gateway.push`): the message goes to that connection alone,
   and an unknown or closed connection is answered with
@@ -68,11 +71,12 @@ from ..untrusted import LogThrottle, clip
 from . import dialect, jsonrpc, moving
 from .admission import Guard, banned_error
 from .bans import Ban, BanClientError, BanStore, BanSync, ClientFaultError
+from .fanout import Fanout
 from .jsonrpc import Request, RpcError
 from .keeper import StateKeeper
 from .listening import bind_host, candidate_ports
 from .options import GatewayOptions
-from .push import DELIVER_TOPIC, deliver
+from .push import DELIVER_TOPIC, prepare
 from .session import Session
 from .state import ConnectionGoneError, ConnectionStore
 from .tcp import TcpListener
@@ -84,6 +88,8 @@ log = logging.getLogger("meshkit.gateway")
 # process's reaction time) before it stops sending new connections here.
 # Closing the listener earlier would reset connections HAProxy already sent.
 _LISTEN_LINGER = 1.0
+# A gateway missing from the registry this many record TTLs is dead (see .keeper).
+DEAD_AFTER_TTLS = 3.0
 
 
 class Gateway(Service):
@@ -112,11 +118,16 @@ class Gateway(Service):
         # Log lines clients (or a Redis outage) can cause, once per cause per interval.
         self._throttle = LogThrottle(log)
         self.conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
-        self.keeper = StateKeeper(self.store, self.instance_id, self._throttle, self._live_gateways)
+        # Another gateway's state goes only once it has been missing well past
+        # its record's TTL (a heartbeat late under load is not death).
+        self.keeper = StateKeeper(self.store, self.instance_id, self._throttle, self._live_gateways,
+                                  dead_after=DEAD_AFTER_TTLS * self.settings.ttl)
         self.guard = Guard(self.options)
         self.bans = BanStore(self.store.redis, self.settings.namespace)
         self._ban_sync = BanSync(self.bans, self.guard.bans, self.options.ban_sync, self._banned)
         self._client_faults = set(self.options.client_faults)
+        # Topic pushes and deliveries, in one order, written in slices (see .fanout).
+        self.fanout = Fanout(lambda: self.connections.values(), self._throttle)
 
     # -- lifecycle hooks ----------------------------------------------------------
 
@@ -130,6 +141,7 @@ class Gateway(Service):
             supervise("gateway-idle", self._expire_idle, logger=log),
             supervise("gateway-state-sweep", self._sweep_state, logger=log),
             supervise("gateway-ban-sync", self._ban_sync.run, logger=log, max_backoff=2.0),
+            supervise("gateway-fanout", self.fanout.run, logger=log),
         ]
         if self.options.gone_after > 0:
             self._background.append(supervise("gateway-gone-watch", self._watch_gone, logger=log))
@@ -336,12 +348,15 @@ class Gateway(Service):
             self._throttle.log("push_unencodable", logging.WARNING,
                                "push to %s cannot be sent as JSON: %s", clip(topic), clip(str(exc)))
             return
-        for conn in list(self.connections.values()):
-            conn.push(topic, line)
+        # Acknowledged once queued (the fan-out may take longer than the
+        # publisher waits); a full queue answers ``overloaded``.
+        self.fanout.accept(line, topic=topic)
 
     async def _on_deliver(self, payload: Any) -> None:
-        """A push addressed to one connection: :func:`.push.deliver` (refusals go back to the sender)."""
-        deliver(payload, self.connections, self.options, self.dialect, self.instance_id)
+        """A push addressed to one connection: :func:`.push.prepare`, then queued behind earlier pushes."""
+        prepared = prepare(payload, self.connections, self.options, self.dialect, self.instance_id)
+        if prepared is not None:
+            self.fanout.accept(prepared[1], target=prepared[0])
 
     # -- background ---------------------------------------------------------------------
 

@@ -13,8 +13,8 @@ restores them should Redis lose them while the connection is open) and
 deletes them when the connection closes. State of a gateway that died
 without cleaning up is removed by any other gateway: each one sweeps on
 start and every ``ttl`` seconds, and deletes the connections of a gateway
-absent from the registry on two sweeps in a row (one sweep could race a
-gateway that is starting and not yet registered).
+absent from the registry for 3 record TTLs (:mod:`.keeper`: a late
+heartbeat, or a gateway starting and not yet registered, is not death).
 
 Backends use it like this (the connection id comes with every call a
 gateway makes, see :func:`meshkit.current_call`)::
