@@ -25,6 +25,7 @@ it against the classes, subpackages included)::
     │           ├── UnknownConnectionError  no open gateway connection has that id [unknown_connection]
     │           ├── ResourceExhaustedError  a cluster-wide resource limit is reached [resource_exhausted]
     │           ├── Overloaded           (limits) a concurrency gate and its queue are full [overloaded]
+    │           ├── FanoutFullError      (gateway) its ordered push queue is full [overloaded]
     │           ├── ClientFaultError     (gateway) a handler blames the gateway's client [client_fault]
     │           │   └── BanClientError       ... and asks for its address to be banned [ban_client]
     │           └── ConnectionGoneError  (gateway) the client connection closed [connection_gone]

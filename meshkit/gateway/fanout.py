@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import OVERLOADED, RefusedError
+from ..codes import ErrorCode
+from ..errors import RefusedError
 from ..untrusted import LogThrottle, clip
 
 log = logging.getLogger("meshkit.gateway")
@@ -51,7 +52,7 @@ class Sink(Protocol):
 class FanoutFullError(RefusedError):
     """The gateway's push queue is full: the push was not accepted."""
 
-    code = OVERLOADED
+    code = ErrorCode.OVERLOADED
 
 
 @dataclass(frozen=True)
