@@ -304,6 +304,8 @@ class AsyncClient:
             if pool.closed:
                 raise ClientClosedError("client closed while the call was in flight")
             tried.add(peer.key)
+            if overloaded is not None and not set(pool.instance_keys(service)) - tried:
+                return _result(overloaded, service, method)  # no other instance to ask: no retry drawn
             self._take_retry(peer, message, reason, answer if reason == "overloaded" else None)
 
     def _take_retry(self, peer: Peer, message: wire.CallMessage, reason: str,
