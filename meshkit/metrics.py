@@ -38,14 +38,18 @@ class Metrics(Statsd):
         pair = self._served.get(method)
         if pair is None:
             pair = self._served_names(method)
-        calls, latency = pair
+        errors = () if error_code is None else (self.name("rpc", method, "errors", error_code),
+                                                self.name("errors", error_code))
+        self._handled(*pair, ms, errors)
+
+    def _handled(self, count: str, latency: str, ms: float, errors: tuple[str, ...]) -> None:
+        """One call or push taken care of: counted, timed, and each of ``errors`` counted once."""
         with self._lock:
             tally = self._tally
-            tally.count(calls, 1)
+            tally.count(count, 1)
             tally.time(latency, ms)
-            if error_code is not None:
-                tally.count(self.name("rpc", method, "errors", error_code), 1)
-                tally.count(self.name("errors", error_code), 1)
+            for name in errors:
+                tally.count(name, 1)
         self._recorded()
 
     def _served_names(self, method: str) -> tuple[str, str]:
@@ -59,15 +63,9 @@ class Metrics(Statsd):
         """One call made: ``client.<service>.<method>.calls``, ``.latency``, ``.errors.<code>``."""
         if self._client is None:
             return
-        calls = self.name("client", service, method, "calls")
-        latency = self.name("client", service, method, "latency")
-        with self._lock:
-            tally = self._tally
-            tally.count(calls, 1)
-            tally.time(latency, ms)
-            if error_code is not None:
-                tally.count(self.name("client", service, method, "errors", error_code), 1)
-        self._recorded()
+        errors = () if error_code is None else (self.name("client", service, method, "errors", error_code),)
+        self._handled(self.name("client", service, method, "calls"),
+                      self.name("client", service, method, "latency"), ms, errors)
 
     def call_retried(self, service: str, reason: str, allowed: bool) -> None:
         """A retry of a call to ``service`` after ``reason``: ``client.<service>.retries.<reason>``
@@ -102,15 +100,9 @@ class Metrics(Statsd):
         """One push of ``topic`` handled: ``push.<topic>.received``, ``.latency``, errors."""
         if self._client is None:
             return
-        received, latency = self.name("push", topic, "received"), self.name("push", topic, "latency")
-        with self._lock:
-            tally = self._tally
-            tally.count(received, 1)
-            tally.time(latency, ms)
-            if error_code is not None:
-                tally.count(self.name("push", topic, "errors", error_code), 1)
-                tally.count(self.name("errors", error_code), 1)
-        self._recorded()
+        errors = () if error_code is None else (self.name("push", topic, "errors", error_code),
+                                                self.name("errors", error_code))
+        self._handled(self.name("push", topic, "received"), self.name("push", topic, "latency"), ms, errors)
 
     def gateway_clients(self, n: int) -> None:
         """Gauge ``gateway.clients``: client connections this gateway holds."""
@@ -130,10 +122,7 @@ class Metrics(Statsd):
 
     def resource_used(self, resource: str, units: int) -> None:
         """Count ``units`` of a named resource spent by a call: ``resource.<name>.used`` (docs/limits.md)."""
-        if self._client is not None:
-            with self._lock:
-                self._tally.count(self.name("resource", resource, "used"), units)
-            self._recorded()
+        self._count(("resource", resource, "used"), units)
 
     def resource_event(self, resource: str, event: str) -> None:
         """Count one ``waited``, ``exhausted``, ``lease`` or ``lease_error``: ``resource.<name>.<event>``."""

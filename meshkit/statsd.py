@@ -242,10 +242,7 @@ class Statsd:
     def incr(self, name: str, count: int = 1) -> None:
         """Add ``count`` to counter ``name`` (dotted, relative to the service prefix)."""
         if self._client is not None:
-            full = self._dotted(name)
-            with self._lock:
-                self._tally.count(full, count)
-            self._recorded()
+            self._add(self._dotted(name), count)
 
     def timing(self, name: str, ms: float) -> None:
         """Record a duration of ``ms`` milliseconds in timer ``name``."""
@@ -258,29 +255,29 @@ class Statsd:
     def gauge(self, name: str, value: float) -> None:
         """Set gauge ``name`` to ``value`` (the last value set in an interval is sent)."""
         if self._client is not None:
-            full = self._dotted(name)
-            with self._lock:
-                self._tally.gauge(full, value)
-            self._recorded()
+            self._set(self._dotted(name), value)
 
     def gauge_delta(self, name: str, delta: float) -> None:
         """Move gauge ``name`` by ``delta`` (positive or negative; an interval's deltas are summed)."""
         if self._client is not None:
-            full = self._dotted(name)
-            with self._lock:
-                self._tally.gauge(full, delta, delta=True)
-            self._recorded()
+            self._set(self._dotted(name), delta, delta=True)
 
-    def _count(self, parts: tuple[str, ...]) -> None:
+    def _count(self, parts: tuple[str, ...], count: int = 1) -> None:
+        """Add ``count`` to the counter named by ``parts`` (each sanitised: see :meth:`name`)."""
         if self._client is not None:
-            full = self.name(*parts)
-            with self._lock:
-                self._tally.count(full, 1)
-            self._recorded()
+            self._add(self.name(*parts), count)
 
     def _gauge(self, parts: tuple[str, ...], value: float) -> None:
+        """Set the gauge named by ``parts`` (each sanitised: see :meth:`name`)."""
         if self._client is not None:
-            full = self.name(*parts)
-            with self._lock:
-                self._tally.gauge(full, value)
-            self._recorded()
+            self._set(self.name(*parts), value)
+
+    def _add(self, full: str, count: int) -> None:
+        with self._lock:
+            self._tally.count(full, count)
+        self._recorded()
+
+    def _set(self, full: str, value: float, *, delta: bool = False) -> None:
+        with self._lock:
+            self._tally.gauge(full, value, delta=delta)
+        self._recorded()
