@@ -65,9 +65,10 @@ from . import names, wire
 from .client import AsyncClient, ServiceProxy
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Settings
-from .context import current_call, set_current
-from .errors import ClientClosedError, ConfigError
-from .handlers import Handler, HandlerTable, Periodic
+from .errors import ConfigError
+from .handlers import Handler, HandlerTable
+from .jobs import PeriodicJobs
+from .loopbridge import run_from_thread
 from .metrics import Metrics
 from .observe.introspect import Introspection, describe
 from .observe.observer import Observer
@@ -78,10 +79,7 @@ from .record import DRAINING, UP, InstanceRecord
 from .registration import Registration
 from .registry import Registry
 from .server import Server
-from .tasks import Supervised, supervise
-from .untrusted import LogThrottle, clip
-
-PERIODIC_LOG_INTERVAL = 60.0  # seconds between two log lines about the same periodic failure
+from .tasks import Supervised
 
 
 class Service:
@@ -139,8 +137,7 @@ class Service:
         self._server: Server | None = None
         self._registration: Registration | None = None
         self._periodic: list[Supervised] = []
-        self._periodic_log = LogThrottle(self.log, PERIODIC_LOG_INTERVAL)
-        self.periodic_failures = 0  # runs of @periodic tasks that raised
+        self._periodic_jobs = PeriodicJobs(self.log, clock, self._executor, self.observer)
         self._record_updates: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
@@ -197,35 +194,12 @@ class Service:
                       kwargs: Mapping[str, Any] | None = None, *, timeout: float | None = None,
                       wait: bool = False) -> Any:
         """:meth:`call` for plain handlers running in the thread pool."""
-        return self._from_thread(self.client.call(service, method, args, kwargs,
-                                                  timeout=timeout, wait=wait))
+        return run_from_thread(self._loop, self.client.call(service, method, args, kwargs,
+                                                            timeout=timeout, wait=wait))
 
     def publish_blocking(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """:meth:`publish` for plain handlers running in the thread pool."""
-        return int(self._from_thread(self.client.publish(topic, payload, timeout=timeout)))
-
-    def _from_thread(self, coro: Any) -> Any:
-        loop = self._loop
-        if loop is None:
-            coro.close()
-            raise ClientClosedError("service is not running")
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            # Blocking the loop's own thread on the loop would never return.
-            coro.close()
-            raise RuntimeError("call_blocking/publish_blocking are for plain handlers; "
-                               "an async handler should await self.call/self.publish")
-        ctx = current_call()
-
-        async def with_context() -> Any:
-            # The worker thread's call context must follow the call into the loop.
-            set_current(ctx)
-            return await coro
-
-        return asyncio.run_coroutine_threadsafe(with_context(), loop).result()
+        return int(run_from_thread(self._loop, self.client.publish(topic, payload, timeout=timeout)))
 
     def add_subscription(self, topic: str, handler: Callable[[Any], Any]) -> None:
         """Handle pushes to ``topic`` (or a ``prefix.*`` pattern) with ``handler``.
@@ -257,6 +231,11 @@ class Service:
             # Keep a reference until it is done (the loop holds tasks only weakly).
             self._record_updates.add(task)
             task.add_done_callback(self._record_updates.discard)
+
+    @property
+    def periodic_failures(self) -> int:
+        """How many runs of this instance's ``@periodic`` tasks raised."""
+        return self._periodic_jobs.failures
 
     @property
     def endpoint(self) -> str:
@@ -293,9 +272,7 @@ class Service:
         self.state = "up"
         self._registration = self.registry.registration(self._record(UP), self.metrics.registry_error)
         await self._registration.start()
-        self._periodic = [supervise(f"periodic-{p.name}", functools.partial(self._run_periodic, p),
-                                    logger=self.log, clock=self.clock.now, sleep=self.clock.sleep)
-                          for p in self._table.periodic]
+        self._periodic = self._periodic_jobs.start(self._table.periodic)
         self.log.info("started %s at %s", self.instance_id, self.endpoint,
                       extra={"endpoint": self.endpoint, "pid": os.getpid()})
 
@@ -389,33 +366,3 @@ class Service:
 
     def _count_rejected(self) -> None:
         self.metrics.incr("registry.rejected")
-
-    async def _run_periodic(self, job: Periodic) -> None:
-        """Run ``job`` every ``job.interval`` seconds until cancelled (supervised: see :meth:`start`)."""
-        clock = self.clock
-        next_run = clock.now() + job.interval
-        while True:
-            await clock.sleep(max(0.0, next_run - clock.now()))
-            next_run += job.interval
-            await self._run_job(job)
-            if clock.now() > next_run:
-                next_run = clock.now() + job.interval  # do not stack up missed runs
-
-    async def _run_job(self, job: Periodic) -> bool:
-        """Run ``job`` once; a failure is logged once per cause and interval, counted, and not raised."""
-        try:
-            if job.is_async:
-                await job.fn()
-            else:
-                await asyncio.get_running_loop().run_in_executor(self._executor, job.fn)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the next run comes anyway: one bad tick must not end the task
-            self.periodic_failures += 1
-            self.observer.periodic_failed(job.name, exc)
-            self._periodic_log.log(f"{job.name}:{type(exc).__name__}", logging.ERROR,
-                                   "periodic task %s failed (it keeps running): %s: %s", job.name,
-                                   type(exc).__name__, clip(str(exc)), exc_info=exc,
-                                   extra={"task": job.name})
-            return False
-        return True

@@ -42,6 +42,8 @@ CLOSED_KEPT = 64  # ids of closed taps remembered, so a late poll says "closed" 
 MAX_META_KEYS = 16
 MAX_META_TEXT = 128
 MAX_ARGS_TEXT = 256
+#: The members a tap filter may have (the fields of :class:`TapFilter`).
+FILTER_KEYS = frozenset({"service", "method", "where", "errors_only", "min_latency_ms"})
 
 
 class TapError(ValueError):
@@ -65,7 +67,7 @@ class TapFilter:
             return cls()
         if not isinstance(raw, dict):
             raise TapError("a tap filter must be a map")
-        unknown = set(raw) - {"service", "method", "where", "errors_only", "min_latency_ms"}
+        unknown = set(raw) - FILTER_KEYS
         if unknown:
             raise TapError(f"unknown tap filter keys {clip(sorted(map(str, unknown)))}")
         where = raw.get("where") or {}

@@ -12,7 +12,6 @@ the panel calls it in a thread) and the watchers flap control stopped
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ..stack.flap import read_flapped
+from ..stack.flap import read_flapped, watcher_event
 from ..untrusted import clip
 
 log = logging.getLogger("meshkit.panel.circus")
@@ -132,13 +131,8 @@ async def follow_events(endpoint: str, counter: RestartCounter, ctx: zmq.asyncio
     sub.connect(endpoint)
     try:
         while True:
-            frames = await sub.recv_multipart()
-            if len(frames) != 2:
-                continue
-            try:
-                data = json.loads(frames[1])
-            except ValueError:
-                continue
-            counter.handle(frames[0].decode(errors="replace"), data if isinstance(data, dict) else {})
+            event = watcher_event(await sub.recv_multipart())
+            if event is not None:
+                counter.handle(*event)
     finally:
         sub.close()

@@ -24,10 +24,12 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import names
+from ..observe.tap import FILTER_KEYS
+from ..observe.tap import TapFilter as InstanceTapFilter
 from ..record import InstanceRecord
 from ..untrusted import clip
 from .mesh import MeshReader
@@ -41,15 +43,8 @@ MAX_VALUE = 200  # characters of one metadata value
 MAX_LATENCY_MS = 3_600_000.0
 
 
-@dataclass(frozen=True)
-class TapFilter:
-    """Which calls and pushes a tap reports (empty: all of them)."""
-
-    service: str | None = None
-    method: str | None = None
-    where: Mapping[str, str] = field(default_factory=dict)
-    errors_only: bool = False
-    min_latency_ms: float = 0.0
+class TapFilter(InstanceTapFilter):
+    """Which calls and pushes a tap reports (empty: all of them): the instance's filter, as a browser sends it."""
 
     @classmethod
     def from_json(cls, raw: Any) -> TapFilter:
@@ -58,7 +53,7 @@ class TapFilter:
             return cls()
         if not isinstance(raw, Mapping):
             raise ValueError(f"a filter is an object, got {clip(raw)}")
-        unknown = set(raw) - {"service", "method", "where", "errors_only", "min_latency_ms"}
+        unknown = set(raw) - FILTER_KEYS
         if unknown:
             raise ValueError(f"unknown filter fields: {clip(sorted(map(str, unknown)))}")
         service = raw.get("service") or None

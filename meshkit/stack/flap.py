@@ -134,6 +134,20 @@ def read_flapped(run_dir: str) -> dict[str, Any]:
         return {}
 
 
+def watcher_event(frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
+    """One circusd pub/sub message as ``(topic, event)``; ``None`` for one that is not two frames of JSON.
+
+    An event that is JSON but not an object becomes ``{}`` (the topic alone still counts).
+    """
+    if len(frames) != 2:
+        return None
+    try:
+        data = json.loads(frames[1])
+    except ValueError:
+        return None
+    return frames[0].decode(errors="replace"), data if isinstance(data, dict) else {}
+
+
 def write_flapped(run_dir: str, data: Mapping[str, Any]) -> None:
     tmp = flapped_path(run_dir) + ".tmp"
     with open(tmp, "w") as f:
@@ -211,14 +225,9 @@ class FlapGuard:
             while self._running:
                 if not sub.poll(500):
                     continue
-                frames = sub.recv_multipart()
-                if len(frames) != 2:
-                    continue
-                try:
-                    data = json.loads(frames[1])
-                except ValueError:
-                    continue
-                self.handle_event(frames[0].decode(errors="replace"), data if isinstance(data, dict) else {})
+                event = watcher_event(sub.recv_multipart())
+                if event is not None:
+                    self.handle_event(*event)
         finally:
             sub.close()
             ctx.term()

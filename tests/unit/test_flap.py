@@ -11,7 +11,7 @@ from meshkit.config import Settings
 from meshkit.errors import ConfigError
 from meshkit.metrics import Metrics
 from meshkit.stack.control import CircusControl, StackError
-from meshkit.stack.flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped
+from meshkit.stack.flap import FlapGuard, FlapLimit, FlapPolicy, read_flapped, watcher_event
 
 
 def test_trips_after_more_than_max_abnormal_exits_within_window() -> None:
@@ -116,3 +116,16 @@ def test_limits_from_the_environment_seen_by_settings_load() -> None:
     settings = Settings.load(env={"MESHKIT_SHARES_FLAP_WINDOW": "4.5"},
                              service_overrides={"shares": {"flap_max_restarts": 2}})
     assert FlapPolicy.from_settings(settings).limit("shares") == FlapLimit(2, 4.5)
+
+
+@pytest.mark.parametrize(("frames", "event"), [
+    ([b"watcher.shares.reap", b'{"exit_code": 1}'], ("watcher.shares.reap", {"exit_code": 1})),
+    ([b"watcher.shares.spawn", b"[1, 2]"], ("watcher.shares.spawn", {})),  # JSON, not an object
+    ([b"watcher.\xff", b"{}"], ("watcher.\ufffd", {})),
+    ([b"watcher.shares.reap", b"{not json"], None),
+    ([b"watcher.shares.reap"], None),
+    ([b"a", b"{}", b"{}"], None),
+])
+def test_a_circus_message_is_read_as_topic_and_event_or_skipped(
+        frames: list[bytes], event: tuple[str, dict[str, Any]] | None) -> None:
+    assert watcher_event(frames) == event

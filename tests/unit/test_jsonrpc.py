@@ -17,7 +17,7 @@ from meshkit.errors import (
     RemoteError,
     UnknownMethodError,
 )
-from meshkit.gateway import jsonrpc
+from meshkit.gateway import jsonrpc, rpcerrors
 from meshkit.gateway.jsonrpc import Invalid, Request, parse_line, parse_request
 
 
@@ -38,7 +38,7 @@ def test_codes_are_the_documented_ones() -> None:
     assert server_codes == list(range(-32000, -32014, -1))
     assert set(jsonrpc.REASONS) == {-32700, -32600, -32601, -32602, -32603, *server_codes}
     for code, reason in jsonrpc.REASONS.items():
-        assert f"{code}  {reason}" in (jsonrpc.__doc__ or ""), reason
+        assert f"{code}  {reason}" in (rpcerrors.__doc__ or ""), reason
 
 
 def test_a_request_with_positional_params() -> None:

@@ -16,12 +16,13 @@ PACKAGE = ROOT / "meshkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context",
-                    "leases", "signature", "concurrency", "tally", "datagrams", "redisconn")),
-    ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota", "curve", "zap", "access")),
+                    "leases", "signature", "concurrency", "tally", "datagrams", "redisconn", "loopbridge")),
+    ("vocabulary", ("wire", "record", "budget", "statsd", "metrics", "logs", "handlers", "quota", "curve", "zap",
+                    "access")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
                "exchange", "observe", "ejection", "retrybudget", "cancels", "sequence", "pushes")),
-    ("service", ("service", "runner")),
+    ("service", ("service", "jobs", "runner")),
     ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py
 ]

@@ -43,9 +43,9 @@ def test_a_failing_periodic_task_is_logged_once_per_cause_and_keeps_running(
     (job,) = ticker._table.periodic
 
     async def main() -> list[bool]:
-        results = [await ticker._run_job(job) for _ in range(5)]
+        results = [await ticker._periodic_jobs.run_once(job) for _ in range(5)]
         ticker.error = KeyError("other cause")
-        results += [await ticker._run_job(job) for _ in range(3)]
+        results += [await ticker._periodic_jobs.run_once(job) for _ in range(3)]
         return results
 
     assert asyncio.run(main()) == [False] * 8
