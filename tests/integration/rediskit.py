@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from meshkit.redisconn import sync_client
-from meshkit.testing import HostNetwork, HostProcess, find_program, wait_until
+from meshkit.testing import HostNetwork, HostProcess, ProcessExitedError, find_program, wait_until
 from meshkit.testing.hosts import Host
 
 REDIS_PORT = 6390
@@ -48,8 +48,9 @@ class HostRedis:
 
 
 def running(proc: HostProcess) -> bool:
+    """True while ``proc`` runs; once it has exited, ``ProcessExitedError`` with its log, which ends a wait."""
     if not proc.running():
-        raise AssertionError(f"{proc.argv[0]} on {proc.host} exited: {proc.tail()}")
+        raise ProcessExitedError(f"{proc.argv[0]} on {proc.host} exited: {proc.tail()}")
     return True
 
 

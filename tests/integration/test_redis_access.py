@@ -19,7 +19,7 @@ import redis
 from redis.exceptions import NoPermissionError
 from rediskit import REDIS_PORT, make_certificates, probe, running, start_redis
 
-from meshkit import Client
+from meshkit import Client, curve
 from meshkit.record import InstanceRecord
 from meshkit.redisconn import sync_client
 from meshkit.registration import Registration
@@ -59,7 +59,10 @@ def test_rediss_with_a_ca_and_client_certificates(host_network: MakeHosts, tmp_p
     assert "error" in plain, plain
 
     # A service on host 2 registers over TLS, and a caller on host 2 finds and calls it.
-    settings = test_settings(url)
+    keys = tmp_path / "keys"  # CurveZMQ is on off loopback (meshkit.curve): a keypair for each role
+    for name in ("echo", "client"):
+        curve.generate(keys, name)
+    settings = test_settings(url, key_dir=str(keys))
     unix = settings.replace(redis_url=server.unix_url)
     env = settings_env(settings) | {"MESHKIT_BIND_HOST": net[2].address, "MESHKIT_ADVERTISE_HOST": net[2].address}
     echo = net[2].run([sys.executable, "-m", "meshkit", "run", "services.echo:Echo"], env=env, label="echo")
