@@ -30,7 +30,7 @@ import pytest
 from rediskit import REDIS_PORT, SENTINEL_PORT, HostRedis, running, start_redis, start_sentinel
 from test_hosts import Call, bad_calls, read_calls
 
-from meshkit import Settings
+from meshkit import Settings, curve
 from meshkit.testing import HostNetwork, MakeHosts, read_records, settings_env, test_settings, wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,10 @@ def test_losing_the_primary_under_load_fails_over_with_no_failed_call(
     wait_until(lambda: all(_knows_everyone(s) for s in sentinels), 20.0, "the Sentinels to find each other")
 
     url = "redis+sentinel://" + ",".join(f"{h.address}:{SENTINEL_PORT}" for h in net.hosts) + f"/{MASTER}"
-    settings = test_settings(url, ttl=TTL, heartbeat_interval=HEARTBEAT, call_timeout=3.0)
+    keys = tmp_path / "keys"  # CurveZMQ is on across hosts (meshkit.curve): a keypair for each role
+    for name in ("echo", "client"):
+        curve.generate(keys, name)
+    settings = test_settings(url, ttl=TTL, heartbeat_interval=HEARTBEAT, call_timeout=3.0, key_dir=str(keys))
     echo2 = _start_echo(net, 2, settings, primary)
     echo3 = _start_echo(net, 3, settings, primary)
     out, stop = tmp_path / "calls.jsonl", tmp_path / "stop"
