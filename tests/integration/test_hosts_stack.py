@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from rediskit import REDIS_PORT, SENTINEL_PORT, HostRedis, running, start_redis, start_sentinel
 
+from meshkit import curve
 from meshkit.testing import HostNetwork, MakeHosts, read_records, settings_env, test_settings, wait_until
 from meshkit.testing.hosts import HostProcess
 
@@ -82,7 +83,11 @@ def read_events(path: Path) -> list[Event]:
 
 def start_stacks(net: HostNetwork, tmp_path: Path, redis_url: str) -> tuple[dict[int, Path], Any]:
     """``meshkit up --daemon`` on hosts 1-3 at once; their run directories and the settings."""
-    settings = test_settings(redis_url, ttl=TTL, heartbeat_interval=0.5, resync_interval=1.0, drain_grace=3.0)
+    keys = tmp_path / "keys"  # CurveZMQ is on across hosts (meshkit.curve): a keypair for each role
+    for name in ("gateway", "mining", "jobs", "client"):
+        curve.generate(keys, name)
+    settings = test_settings(redis_url, ttl=TTL, heartbeat_interval=0.5, resync_interval=1.0, drain_grace=3.0,
+                             key_dir=str(keys))
     config = tmp_path / "meshkit.toml"
     shipped = (ROOT / "configs" / "meshkit.toml").read_text()
     assert "\njob_interval = 5.0" in shipped
