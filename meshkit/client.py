@@ -66,6 +66,7 @@ from .pool import PeerPool
 from .publish import publish, push_one
 from .record import InstanceRecord
 from .registry import Registry
+from .streams import DEFAULT_WINDOW, STREAM_META, Stream
 from .trace import TraceContext
 from .untrusted import clip
 
@@ -165,6 +166,23 @@ class AsyncClient:
         outside any handler (``meshkit trace`` finds it afterwards).
         """
         return await self._call(service, method, args, kwargs, timeout, wait, meta, None, traceparent)
+
+    def stream(self, service: str, method: str, *args: Any, timeout: float | None = None,
+               window: int = DEFAULT_WINDOW, **kwargs: Any) -> Stream:
+        """``async for item in client.stream(service, method, *args)``: a streamed call (:mod:`meshkit.streams`).
+
+        ``timeout`` bounds the whole stream (:class:`CallTimeoutError` when it
+        passes); at most ``window`` items are buffered here, and the instance
+        makes no more until they are consumed. Stopping early cancels it.
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        _check_name("service", service, self.settings.max_name_length)
+        _check_name("method", method, self.settings.max_name_length)
+        deadline, trace, meta = self._outgoing(timeout, None)
+        marked = {**(meta or {}), STREAM_META: str(window)}
+        message = wire.CallMessage(service, method, wire.encode_call_body(args, kwargs), trace.traceparent(), marked)
+        return Stream(self.pool, message, deadline, window)
 
     async def call_instance(self, instance_id: str, method: str, *args: Any,
                             timeout: float | None = None, **kwargs: Any) -> Any:

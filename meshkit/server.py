@@ -70,6 +70,7 @@ from .observe.introspect import Introspection
 from .observe.observer import Observer
 from .pushes import PushSide
 from .quota import CallQuota
+from .streams import ServerStreams
 from .timing import DeadlineCancel, wait_event
 from .trace import TraceContext
 from .transport import SocketPump
@@ -130,6 +131,7 @@ class Server:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.running = RunningCalls()  # admitted calls, for CANCEL
+        self.streams = ServerStreams(self.send, settings.max_message_size, clock)  # streamed calls, their credit
         self.pushes = PushSide(self)  # PUSH messages: their queues, numbered streams and handlers
         self._pushes = self.pushes.inbox
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
@@ -239,6 +241,9 @@ class Server:
             self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
             self.pushes.receive(identity, header, frames[1], frames[2])
+        elif kind == wire.CREDIT:
+            if not self.streams.credit(identity, header.id, frames[2]):
+                self._drop("CREDIT for no stream, or unreadable")
         elif kind == wire.CANCEL:
             if self.running.cancel(identity, header.id, wire.decode_cancel_reason(frames[2])):
                 self.metrics.incr("cancelled")
@@ -341,6 +346,10 @@ class Server:
             return
         if self._call_forbidden(identity, header):
             return
+        why, window = self.streams.admit(handler, header) if header.meta or handler.is_stream else (None, 0)
+        if why is not None:
+            self.reject(identity, header.id, ErrorCode.BAD_REQUEST, why)
+            return
         if self.state != _UP and not framework:
             self.send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
@@ -364,7 +373,7 @@ class Server:
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
         entry = self.running.add(identity, header.id, handler.is_async)
         task = entry.task = asyncio.ensure_future(
-            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry))
+            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry, window))
         self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
@@ -398,6 +407,7 @@ class Server:
         deadline: float | None,
         cost: int,
         entry: Running,
+        window: int = 0,
     ) -> None:
         """Serve one admitted call: the one place a served call starts and finishes.
 
@@ -416,8 +426,13 @@ class Server:
             if flag.is_set:  # cancelled before it started
                 raise asyncio.CancelledError()
             try:
-                result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
-                                      limits=self.limits, cost=cost)
+                result = None
+                if window:  # a streamed call: its items go out as ITEMs, its REPLY is nil
+                    await self.streams.run(identity, header, handler, window, args, kwargs, deadline,
+                                           self.limits, cost)
+                else:
+                    result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
+                                          limits=self.limits, cost=cost)
                 code, frames = self.answers.reply(header, result)
             except Exception as exc:
                 code, frames = self.answers.failure(header, handler.name, exc)
