@@ -168,7 +168,7 @@ class AsyncClient:
         return await self._call(service, method, args, kwargs, timeout, wait, meta, None, traceparent)
 
     def stream(self, service: str, method: str, *args: Any, timeout: float | None = None,
-               window: int = DEFAULT_WINDOW, **kwargs: Any) -> Stream:
+               window: int = DEFAULT_WINDOW, meta: Mapping[str, str] | None = None, **kwargs: Any) -> Stream:
         """``async for item in client.stream(service, method, *args)``: a streamed call (:mod:`meshkit.streams`).
 
         ``timeout`` bounds the whole stream (:class:`CallTimeoutError` when it
@@ -179,8 +179,8 @@ class AsyncClient:
             raise ClientClosedError("client is closed")
         _check_name("service", service, self.settings.max_name_length)
         _check_name("method", method, self.settings.max_name_length)
-        deadline, trace, meta = self._outgoing(timeout, None)
-        marked = {**(meta or {}), STREAM_META: str(window)}
+        deadline, trace, merged = self._outgoing(timeout, meta)
+        marked = {**(merged or {}), STREAM_META: str(window)}
         message = wire.CallMessage(service, method, wire.encode_call_body(args, kwargs), trace.traceparent(), marked)
         return Stream(self.pool, message, deadline, window)
 
