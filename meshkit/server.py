@@ -56,14 +56,13 @@ import zmq
 from . import access, wire, zap
 from .answers import Answers
 from .budget import Budget, request_cost
-from .cancels import Running, RunningCalls
+from .calls import run_call
+from .cancels import RunningCalls
 from .clock import SYSTEM_CLOCK, Clock
 from .codes import ErrorCode, InstanceState, LocalCode
 from .config import Settings
-from .context import CallContext, set_current
 from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
-from .invoke import invoke
 from .limits import CallLimits
 from .metrics import Metrics
 from .observe.introspect import Introspection
@@ -71,8 +70,7 @@ from .observe.observer import Observer
 from .pushes import PushSide
 from .quota import CallQuota
 from .streams import ServerStreams
-from .timing import DeadlineCancel, wait_event
-from .trace import TraceContext
+from .timing import wait_event
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
@@ -314,6 +312,14 @@ class Server:
         if not self.inflight and not self._pushes.busy:
             self._idle.set()
 
+    def call_ended(self, task: asyncio.Task[Any] | None) -> None:
+        """A call's task ended (:mod:`meshkit.calls`): count it out of flight."""
+        self._tasks.discard(task)
+        self.inflight -= 1
+        self._report_inflight()
+        if not self.inflight and not self._pushes.busy:
+            self._idle.set()
+
     def _report_inflight(self) -> None:
         now = self.clock.now()
         if not self.inflight or now - self._inflight_reported >= INFLIGHT_REPORT_INTERVAL:
@@ -373,7 +379,7 @@ class Server:
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
         entry = self.running.add(identity, header.id, handler.is_async)
         task = entry.task = asyncio.ensure_future(
-            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry, window))
+            run_call(self, identity, header, handler, args, kwargs, self._deadline(header), cost, entry, window))
         self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
@@ -386,70 +392,3 @@ class Server:
         self.throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
         self.overloaded(identity, request_id, "call", why)
         return False
-
-    def _release_call(self, identity: bytes, cost: int, request_id: int, entry: Running) -> None:
-        """A call ended: give back what it held and count it out of flight."""
-        self.running.remove(identity, request_id, entry)
-        self._tasks.discard(asyncio.current_task())
-        self.inflight -= 1
-        self._report_inflight()
-        if not self.inflight and not self._pushes.busy:
-            self._idle.set()
-        self.quota.give(identity, cost)
-
-    async def _run_call(
-        self,
-        identity: bytes,
-        header: wire.Header,
-        handler: Handler,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        deadline: float | None,
-        cost: int,
-        entry: Running,
-        window: int = 0,
-    ) -> None:
-        """Serve one admitted call: the one place a served call starts and finishes.
-
-        A task cancelled before it started (only :meth:`close` does that)
-        releases nothing: the server is going away. A cancelled call (CANCEL)
-        is counted served with code ``cancelled`` and not answered.
-        """
-        started = self.clock.now()
-        flag = entry.flag
-        entry.started = True
-        ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          deadline, header.meta or {}, flag)
-        set_current(ctx)  # this task runs in its own copy of the context
-        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
-        try:
-            if flag.is_set:  # cancelled before it started
-                raise asyncio.CancelledError()
-            try:
-                result = None
-                if window:  # a streamed call: its items go out as ITEMs, its REPLY is nil
-                    await self.streams.run(identity, header, handler, window, args, kwargs, deadline,
-                                           self.limits, cost)
-                else:
-                    result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
-                                          limits=self.limits, cost=cost)
-                code, frames = self.answers.reply(header, result)
-            except Exception as exc:
-                code, frames = self.answers.failure(header, handler.name, exc)
-            if flag.is_set:
-                raise asyncio.CancelledError()  # a plain handler that finished after its CANCEL
-            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
-            if seen is not None and self.observer is not None:
-                self.observer.finished(seen, code, frames, args)
-            self.send(identity, frames)
-        except asyncio.CancelledError:
-            if not flag.is_set:
-                raise  # close(): the server is going away
-            code, frames = _CANCELLED, []
-            if flag.reason == wire.DEADLINE:  # the caller's deadline: as if ours had passed (logged alike)
-                code, frames = self.answers.failure(header, handler.name, DeadlineCancel())
-            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
-            if seen is not None and self.observer is not None:  # counted and drawn, never answered
-                self.observer.finished(seen, code, frames, args)
-        finally:
-            self._release_call(identity, cost, header.id, entry)
