@@ -7,6 +7,7 @@ server runs in-process behind its real router (:class:`ServiceHarness`).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,9 @@ import pytest
 import meshkit
 from meshkit import wire
 from meshkit.errors import BadRequestError, CallTimeoutError, ProtocolError
+from meshkit.gateway.options import GatewayOptions
+from meshkit.gateway.session import Session
+from meshkit.metrics import Metrics
 from meshkit.record import InstanceRecord
 from meshkit.streams import MAX_WINDOW, STREAM_META, Credit, Window, decode_credit, encode_credit, encode_item
 from meshkit.testing import ServiceHarness
@@ -170,6 +174,7 @@ def test_a_consumer_that_stops_reading_stops_the_producer_within_its_window() ->
             stream = h.client.stream("counter", "count", 1000, window=8)
             assert await stream.__anext__() == 0
             server = h.service._server
+            assert server is not None
             # Positive signal: the instance has sent all the credit allows (8), and holds no more.
             for _ in range(500):
                 if server.streams.items_sent >= 8:
@@ -208,3 +213,65 @@ def test_the_callers_deadline_ends_the_stream_with_a_timeout() -> None:
                     await stream.__anext__()
             await asyncio.wait_for(h.service.closed.wait(), _WAIT)
     asyncio.run(main())
+
+
+# -- the gateway's relay ---------------------------------------------------------
+
+
+class _Lines(Session):
+    """A session that keeps the lines it sends (and can be closed)."""
+
+    def __init__(self, stateful: bool = True) -> None:
+        async def call(session: Session, request: Any) -> Any:
+            raise AssertionError("not called")
+        super().__init__("c1", options=GatewayOptions(), call=call, metrics=Metrics("", "", ""))
+        self.stateful = stateful
+        self.lines: list[dict[str, Any]] = []
+        self.open = True
+
+    def send(self, line: bytes) -> bool:
+        if not self.open:
+            return False
+        self.lines.append(json.loads(line))
+        return True
+
+
+def test_the_gateway_relays_items_as_notifications_tied_to_the_request_then_answers_null() -> None:
+    async def items() -> AsyncIterator[Any]:
+        for x in (1, "two", {"three": 3}):
+            yield x
+
+    async def main() -> None:
+        session = _Lines()
+        assert await session.relay_stream(7, items()) is None
+        assert session.lines == [{"jsonrpc": "2.0", "method": "mesh.stream", "params": {"id": 7, "item": item}}
+                                 for item in (1, "two", {"three": 3})]
+        one_request = _Lines(stateful=False)  # HTTP: nothing can go out before the answer
+        assert await one_request.relay_stream("r", items()) == [1, "two", {"three": 3}]
+        assert one_request.lines == []
+    asyncio.run(main())
+
+
+def test_the_gateway_stops_reading_a_stream_when_its_client_is_gone() -> None:
+    pulled = 0
+
+    async def items() -> AsyncIterator[int]:
+        nonlocal pulled
+        for x in range(100):
+            pulled += 1
+            yield x
+
+    async def main() -> None:
+        session = _Lines()
+        session.open = False
+        assert await session.relay_stream(1, items()) is None
+        assert pulled == 1 and session.lines == []
+    asyncio.run(main())
+
+
+def test_a_record_lists_the_methods_that_stream() -> None:
+    record = InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=wire.FEATURES, streams=("count",))
+    assert InstanceRecord.from_json(record.to_json()).streams == ("count",)
+    assert "streams" not in InstanceRecord("s", "i", "tcp://h:1", "h", 1).to_json()  # absent when none
+    with pytest.raises(ValueError, match="streams"):
+        InstanceRecord.from_dict({**json.loads(record.to_json()), "streams": "count"})
