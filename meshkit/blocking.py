@@ -124,7 +124,7 @@ class Client:
 
     def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
         """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
-        return ServiceProxy(self.call, name, timeout, wait)
+        return ServiceProxy(self.call, name, timeout, wait, self.stream)
 
     @property
     def in_flight(self) -> int:

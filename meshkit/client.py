@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -61,6 +61,7 @@ from .metrics import Metrics
 from .observe.observer import Observer
 from .peer import CONNECTING
 from .pool import PeerPool
+from .proxy import ServiceProxy as ServiceProxy  # re-exported: where callers have always found it
 from .publish import publish, push_one
 from .record import InstanceRecord
 from .registry import Registry
@@ -137,7 +138,7 @@ class AsyncClient:
 
             total = await client.service("cart").add(item, qty=2)
         """
-        return ServiceProxy(self.call, name, timeout, wait)
+        return ServiceProxy(self.call, name, timeout, wait, self.stream)
 
     # -- calls --------------------------------------------------------------
 
@@ -372,27 +373,3 @@ def _check_name(what: str, name: str, limit: int) -> None:
     # Receivers refuse longer names (bad_request); a publish would fail silently.
     if len(name) > limit:
         raise ValueError(f"{what} name of {len(name)} characters exceeds max_name_length {limit}: {clip(name)!r}")
-
-
-class ServiceProxy:
-    """Attribute access names a method; calling it calls the service.
-
-    Made by :meth:`AsyncClient.service` (awaitable results) and
-    :meth:`meshkit.Client.service` (blocking results).
-    """
-
-    def __init__(self, call: Callable[..., Any], service: str, timeout: float | None, wait: bool) -> None:
-        self._call = call
-        self._service = service
-        self._timeout = timeout
-        self._wait = wait
-
-    def __getattr__(self, method: str) -> Callable[..., Any]:
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        def invoke(*args: Any, **kwargs: Any) -> Any:
-            return self._call(self._service, method, args, kwargs, timeout=self._timeout, wait=self._wait)
-
-        invoke.__name__ = method
-        return invoke

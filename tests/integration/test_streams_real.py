@@ -78,6 +78,7 @@ def test_the_blocking_client_iterates_a_stream(stream_log: Path, mesh_settings: 
     with Client(mesh_settings) as client:
         tag = uuid.uuid4().hex[:8]
         assert list(client.stream("streamer", "count", tag, 40, window=4, timeout=10)) == list(range(40))
+        assert list(client.service("streamer", timeout=10).count.stream(tag + "p", 5)) == list(range(5))
         for x in client.stream("streamer", "count", tag + "b", 10**6, window=4, timeout=10):
             if x == 3:
                 break

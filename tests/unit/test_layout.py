@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vocabulary", ("wire", "record", "budget", "metrics", "logs", "handlers", "quota", "curve", "zap", "access")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
-               "exchange", "observe", "ejection", "retrybudget", "cancels", "sequence", "pushes", "streams", "calls",
-               "attempts")),
+               "exchange", "observe", "ejection", "retrybudget", "cancels", "sequence", "pushes", "streams",
+               "calls", "proxy", "attempts")),
     ("service", ("service", "runner")),
     ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py

@@ -275,3 +275,13 @@ def test_a_record_lists_the_methods_that_stream() -> None:
     assert "streams" not in InstanceRecord("s", "i", "tcp://h:1", "h", 1).to_json()  # absent when none
     with pytest.raises(ValueError, match="streams"):
         InstanceRecord.from_dict({**json.loads(record.to_json()), "streams": "count"})
+
+
+def test_a_proxys_method_streams_and_still_calls() -> None:
+    async def main() -> None:
+        async with ServiceHarness(Counter) as h:
+            counter = h.client.service("counter", timeout=5)
+            assert [x async for x in counter.count.stream(4)] == [0, 1, 2, 3]
+            assert await counter.plain() == 1
+            assert counter.plain.__name__ == "plain"
+    asyncio.run(main())
