@@ -7,7 +7,7 @@ The full specification, for implementers in other languages, is
 Every instance binds one ZeroMQ ``ROUTER``; peers talk to it through a
 ``DEALER``. Every message is exactly **two frames**, ``[header, body]``, both
 MessagePack (strings ``str``, binary ``bin``, maps may have non-string keys).
-The header is ``[version, kind, id]`` for answers, PING and CANCEL, and
+The header is ``[version, kind, id]`` for answers, PING, CANCEL, ITEM and CREDIT, and
 ``[version, kind, id, target, name, timeout_ms, traceparent, meta]`` for
 requests: ``version`` 1; ``id`` an unsigned 64-bit int chosen by the
 requester, echoed in the answer, not reused while in flight; ``target`` the
