@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from . import loops
@@ -24,6 +24,7 @@ from .client import AsyncClient, ServiceProxy
 from .config import Settings
 from .errors import ClientClosedError
 from .record import InstanceRecord
+from .streams import DEFAULT_WINDOW, Stream
 
 T = TypeVar("T")
 
@@ -107,13 +108,23 @@ class Client:
         """Call ``method`` on exactly the instance ``instance_id``; see :meth:`AsyncClient.call_instance`."""
         return self._run(self._client.call_instance(instance_id, method, *args, timeout=timeout, **kwargs))
 
+    def stream(self, service: str, method: str, *args: Any, timeout: float | None = None,
+               window: int = DEFAULT_WINDOW, **kwargs: Any) -> Iterator[Any]:
+        """``for item in client.stream(service, method, *args)``; see :meth:`AsyncClient.stream`."""
+        client = self._client
+
+        async def make() -> Stream:
+            return client.stream(service, method, *args, timeout=timeout, window=window, **kwargs)
+
+        return _BlockingStream(self, self._run(make()))
+
     def publish(self, topic: str, payload: Any, *, timeout: float | None = None) -> int:
         """Push to every subscriber of ``topic``; see :meth:`AsyncClient.publish`."""
         return self._run(self._client.publish(topic, payload, timeout=timeout))
 
     def service(self, name: str, *, timeout: float | None = None, wait: bool = False) -> ServiceProxy:
         """A proxy: ``client.service("echo").echo(42)`` blocks and returns the result."""
-        return ServiceProxy(self.call, name, timeout, wait)
+        return ServiceProxy(self.call, name, timeout, wait, self.stream)
 
     @property
     def in_flight(self) -> int:
@@ -144,3 +155,42 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _BlockingStream:
+    """A :class:`~meshkit.streams.Stream` iterated from a blocking thread; dropping or closing it cancels it."""
+
+    def __init__(self, owner: Client, stream: Stream) -> None:
+        self._owner = owner
+        self._stream: Stream | None = stream
+
+    def __iter__(self) -> _BlockingStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._stream is None:
+            raise StopIteration
+        try:
+            return self._owner._run(self._stream.__anext__())
+        except StopAsyncIteration:
+            self._stream = None
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop the stream (the instance is told); idempotent."""
+        stream, self._stream = self._stream, None
+        if stream is not None and not self._owner._closed:
+            # Its socket belongs to the loop's thread: the withdrawal runs there (the callback holds it).
+            self._owner._loop.call_soon_threadsafe(stream._withdraw)
+
+    def __enter__(self) -> _BlockingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except RuntimeError:  # the loop is already closed: nothing is left to tell
+            pass

@@ -41,12 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import zmq
 
 from . import wire
+from .attempts import Attempts, result_of
 from .codes import ErrorCode, LocalCode
 from .config import Settings
 from .context import current_call
@@ -54,18 +55,17 @@ from .errors import (
     CallTimeoutError,
     ClientClosedError,
     LostPeerError,
-    MessageTooLargeError,
-    NoInstanceError,
-    error_from_wire,
 )
 from .exchange import DeadlinePassed, LostInFlight, NotDelivered
 from .metrics import Metrics
 from .observe.observer import Observer
-from .peer import CONNECTING, FAILED, Peer
+from .peer import CONNECTING
 from .pool import PeerPool
+from .proxy import ServiceProxy as ServiceProxy  # re-exported: where callers have always found it
 from .publish import publish, push_one
 from .record import InstanceRecord
 from .registry import Registry
+from .streams import DEFAULT_WINDOW, STREAM_META, Stream
 from .trace import TraceContext
 from .untrusted import clip
 
@@ -99,6 +99,7 @@ class AsyncClient:
         self.pool = pool or PeerPool(settings, self.registry, self._ctx)
         self.exchange = self.pool.exchange
         self.clock = self.pool.clock
+        self.attempts = Attempts(settings, self.pool, self.registry, self.metrics, self.clock)
         self._started = False
         self.observer: Observer | None = None  # set by a Service: client spans go to its buffer
 
@@ -137,7 +138,7 @@ class AsyncClient:
 
             total = await client.service("cart").add(item, qty=2)
         """
-        return ServiceProxy(self.call, name, timeout, wait)
+        return ServiceProxy(self.call, name, timeout, wait, self.stream)
 
     # -- calls --------------------------------------------------------------
 
@@ -166,6 +167,23 @@ class AsyncClient:
         """
         return await self._call(service, method, args, kwargs, timeout, wait, meta, None, traceparent)
 
+    def stream(self, service: str, method: str, *args: Any, timeout: float | None = None,
+               window: int = DEFAULT_WINDOW, meta: Mapping[str, str] | None = None, **kwargs: Any) -> Stream:
+        """``async for item in client.stream(service, method, *args)``: a streamed call (:mod:`meshkit.streams`).
+
+        ``timeout`` bounds the whole stream (:class:`CallTimeoutError` when it
+        passes); at most ``window`` items are buffered here, and the instance
+        makes no more until they are consumed. Stopping early cancels it.
+        """
+        if self.pool.closed:
+            raise ClientClosedError("client is closed")
+        _check_name("service", service, self.settings.max_name_length)
+        _check_name("method", method, self.settings.max_name_length)
+        deadline, trace, merged = self._outgoing(timeout, meta)
+        marked = {**(merged or {}), STREAM_META: str(window)}
+        message = wire.CallMessage(service, method, wire.encode_call_body(args, kwargs), trace.traceparent(), marked)
+        return Stream(self.pool, message, deadline, window)
+
     async def call_instance(self, instance_id: str, method: str, *args: Any,
                             timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method(*args, **kwargs)`` on the one instance ``instance_id``; return its result.
@@ -180,27 +198,8 @@ class AsyncClient:
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
-        record = self._record_of(instance_id)
+        record = self.attempts.record_of(instance_id)
         return await self._call(record.service, method, args, kwargs, timeout, False, None, record)
-
-    def _record_of(self, instance_id: str) -> InstanceRecord:
-        record = next((r for r in self.registry.instances() if r.instance_id == instance_id), None)
-        if record is None:
-            raise NoInstanceError(f"no live instance {clip(instance_id)!r}")
-        return record
-
-    def _choose(self, service: str, tried: set[str], only: InstanceRecord | None, method: str = "") -> Peer | None:
-        """The next instance to try: the pool's choice, or ``only`` (once, if it can take work)."""
-        if only is None:
-            return self.pool.pick(service, tried)
-        if tried:
-            raise NoInstanceError(f"instance {only.instance_id} did not take the call",
-                                  service=service)
-        peer = self.pool.peer_for(only)
-        # A draining instance still answers the framework's _mesh.* methods (introspection).
-        if peer is None or not (peer.available or (method.startswith("_mesh.") and peer.state != FAILED)):
-            raise NoInstanceError(f"instance {only.instance_id} is not available", service=service)
-        return peer
 
     async def _call(
         self,
@@ -249,17 +248,17 @@ class AsyncClient:
         tried: set[str] = set()
         overloaded: wire.Answer | None = None  # the last instance's refusal, while no other has been tried
         while True:
-            peer = self._choose(service, tried, only, method)
+            peer = self.attempts.choose(service, tried, only, method)
             if peer is None:
                 if overloaded is not None:  # every instance refused before running it: say so now
-                    return _result(overloaded, service, method)
-                await self._wait_for_instance(service, method, deadline, wait, bool(tried))
+                    return result_of(overloaded, service, method)
+                await self.attempts.wait_for_instance(service, method, deadline, wait, bool(tried))
                 tried.clear()
                 continue
             if peer.state == CONNECTING and only is None and pool.racing(service, tried):
-                await self._wait_for_handshake(service, method, deadline)
+                await self.attempts.wait_for_handshake(service, method, deadline)
                 continue
-            self._check_size(peer, message)
+            self.attempts.check_size(peer, message)
             if watched:
                 ejector.sent(peer.key)
             sent = False
@@ -275,7 +274,7 @@ class AsyncClient:
                 reason = "not_delivered"  # it cannot have run: another instance may take it
             except LostInFlight:
                 # It may have run: again elsewhere only if the method says that is safe.
-                self._instance_failed(peer)
+                self.attempts.instance_failed(peer)
                 if pool.closed or only is not None or method not in peer.record.idempotent:
                     if pool.closed:
                         raise ClientClosedError("client closed while the call was in flight") from None
@@ -284,7 +283,7 @@ class AsyncClient:
                 reason = "lost_peer"
             except DeadlinePassed:
                 if sent:  # late before it was sent is no fault of the instance
-                    self._instance_failed(peer)
+                    self.attempts.instance_failed(peer)
                 raise CallTimeoutError(f"{service}.{method} got no reply within its deadline",
                                        service=service, method=method) from None
             else:
@@ -292,90 +291,21 @@ class AsyncClient:
                 if error is None:
                     if watched:
                         ejector.succeeded(peer.key)
-                    return _result(answer, service, method)
+                    return result_of(answer, service, method)
                 if error.code != ErrorCode.OVERLOADED or only is not None:
                     if error.code in ejector.codes:
-                        self._instance_failed(peer)
+                        self.attempts.instance_failed(peer)
                     else:
                         ejector.succeeded(peer.key)
-                    return _result(answer, service, method)
+                    return result_of(answer, service, method)
                 reason = "overloaded"  # refused before it ran: like draining, try another instance
                 overloaded = answer
             if pool.closed:
                 raise ClientClosedError("client closed while the call was in flight")
             tried.add(peer.key)
             if overloaded is not None and not set(pool.instance_keys(service)) - tried:
-                return _result(overloaded, service, method)  # no other instance to ask: no retry drawn
-            self._take_retry(peer, message, reason, answer if reason == "overloaded" else None)
-
-    def _take_retry(self, peer: Peer, message: wire.CallMessage, reason: str,
-                    answer: wire.Answer | None) -> None:
-        """Draw a retry from the budget; if it is spent, raise what the last attempt came to."""
-        allowed = self.pool.retry_budget.allows()
-        self.metrics.call_retried(message.service, reason, allowed)
-        if allowed:
-            return
-        service, method = message.service, message.method
-        if answer is not None:
-            _result(answer, service, method)  # raises the overloaded error
-        if reason == "lost_peer":
-            raise LostPeerError(f"instance {peer.key} was lost with {service}.{method} in flight "
-                                "and the retry budget is spent", service=service, method=method)
-        raise NoInstanceError(f"instance {peer.key} did not take {service}.{method} "
-                              "and the retry budget is spent", service=service, method=method)
-
-    def _instance_failed(self, peer: Peer) -> None:
-        """Count a failure of ``peer``'s instance towards its ejection (see :mod:`meshkit.ejection`)."""
-        service = peer.record.service
-        ejector = self.pool.ejector
-        if ejector.failed(peer.key, service, self.pool.instance_keys(service)):
-            log.warning("ejected instance %s of %s after failures in a row (ejection %d)", peer.key,
-                        service, next((s.ejections for s in ejector.snapshot() if s.key == peer.key), 0))
-            self.metrics.instance_ejected(service, ejector.ejected(service))
-
-    async def _wait_for_handshake(self, service: str, method: str, deadline: float) -> None:
-        """Several instances are connecting and none is connected: wait for the first to finish (or fail)."""
-        remaining = deadline - self.clock.now()
-        if remaining <= 0:
-            raise CallTimeoutError(f"no instance of {service!r} connected for {method} within its deadline",
-                                   service=service, method=method)
-        await self.pool.wait_changed(min(remaining, self.settings.dead_after))
-        if self.pool.closed:
-            raise ClientClosedError("client is closed")
-
-    def _check_size(self, peer: Peer, message: wire.CallMessage) -> None:
-        limit = min(self.settings.max_message_size,
-                    peer.record.max_message_size or self.settings.max_message_size)
-        if len(message.body) > limit:
-            raise MessageTooLargeError(
-                f"request of {len(message.body)} bytes exceeds {message.service}'s max_message_size {limit}",
-                service=message.service, method=message.method)
-
-    async def _wait_for_instance(
-        self, service: str, method: str, deadline: float, wait: bool, tried_some: bool
-    ) -> None:
-        if not wait and not tried_some:
-            raise NoInstanceError(f"no live instance of service {service!r}", service=service, method=method)
-        now = self.clock.now()
-        if not wait:
-            # Every instance refused (draining, unreachable): give the mesh a
-            # moment to settle rather than failing a call nobody ran.
-            remaining = min(deadline - now, 0.05)
-        else:
-            remaining = deadline - now
-            # Nothing announces the end of a failed instance's time-out: wake for it.
-            retry_at = self.pool.next_retry(service)
-            if retry_at is not None:
-                remaining = min(remaining, max(0.01, retry_at - now))
-        if deadline - now <= 0:
-            raise CallTimeoutError(f"no instance of {service!r} answered {method} within its deadline",
-                                   service=service, method=method)
-        if not await self.pool.wait_changed(remaining):
-            if not wait and self.pool.pick(service, set()) is None:
-                raise NoInstanceError(f"no live instance of service {service!r}",
-                                      service=service, method=method) from None
-        if self.pool.closed:
-            raise ClientClosedError("client is closed")
+                return result_of(overloaded, service, method)  # no other instance to ask: no retry drawn
+            self.attempts.take_retry(peer, message, reason, answer if reason == "overloaded" else None)
 
     def _outgoing(
         self, timeout: float | None, meta: Mapping[str, str] | None, traceparent: str | None = None
@@ -435,7 +365,7 @@ class AsyncClient:
         """
         if self.pool.closed:
             raise ClientClosedError("client is closed")
-        record = self._record_of(instance_id)
+        record = self.attempts.record_of(instance_id)
         bound = self.settings.publish_timeout if timeout is None else timeout
         deadline, trace, meta = self._outgoing(bound, None)
         await push_one(self.pool, record, topic, payload, deadline, trace.traceparent(), meta)
@@ -445,37 +375,3 @@ def _check_name(what: str, name: str, limit: int) -> None:
     # Receivers refuse longer names (bad_request); a publish would fail silently.
     if len(name) > limit:
         raise ValueError(f"{what} name of {len(name)} characters exceeds max_name_length {limit}: {clip(name)!r}")
-
-
-def _result(answer: wire.Answer, service: str, method: str) -> Any:
-    """The value of a CALL's answer, or the error it carries, raised."""
-    if answer.kind == wire.REPLY:
-        return answer.value
-    err = answer.error or wire.ErrorBody(ErrorCode.BAD_REQUEST,
-                                         f"a CALL answered by {wire.KIND_NAMES[answer.kind]}")
-    raise error_from_wire(err.code, err.message, service=service, method=method,
-                          remote_type=err.type, remote_traceback=err.traceback)
-
-
-class ServiceProxy:
-    """Attribute access names a method; calling it calls the service.
-
-    Made by :meth:`AsyncClient.service` (awaitable results) and
-    :meth:`meshkit.Client.service` (blocking results).
-    """
-
-    def __init__(self, call: Callable[..., Any], service: str, timeout: float | None, wait: bool) -> None:
-        self._call = call
-        self._service = service
-        self._timeout = timeout
-        self._wait = wait
-
-    def __getattr__(self, method: str) -> Callable[..., Any]:
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        def invoke(*args: Any, **kwargs: Any) -> Any:
-            return self._call(self._service, method, args, kwargs, timeout=self._timeout, wait=self._wait)
-
-        invoke.__name__ = method
-        return invoke

@@ -46,7 +46,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import wire
 from .clock import SYSTEM_CLOCK, Clock, TimerHandle
@@ -87,6 +87,7 @@ class Outgoing(Protocol):
 class _Entry:
     future: asyncio.Future[wire.Answer]
     timer: TimerHandle
+    on_item: Callable[[Any], None] | None = None  # a streamed call's ITEMs go here (meshkit.streams)
 
 
 def _nothing(peer: Peer) -> None:
@@ -138,6 +139,19 @@ class Exchange:
         if it has passed already and :class:`NotDelivered` if the peer cannot
         take the frames; in both cases nothing was sent.
         """
+        return self._start(peer, message, deadline, None)[1]
+
+    def start_stream(self, peer: Peer, message: Outgoing, deadline: float,
+                     on_item: Callable[[Any], None]) -> tuple[int, asyncio.Future[wire.Answer]]:
+        """Like :meth:`start`, for a streamed call: each ITEM's value goes to ``on_item``; returns ``(id, future)``.
+
+        The future settles on the stream's end (REPLY or ERROR) like any
+        other request's; the deadline bounds the whole stream.
+        """
+        return self._start(peer, message, deadline, on_item)
+
+    def _start(self, peer: Peer, message: Outgoing, deadline: float,
+               on_item: Callable[[Any], None] | None) -> tuple[int, asyncio.Future[wire.Answer]]:
         remaining = deadline - self._now()
         if remaining <= 0:
             raise DeadlinePassed()
@@ -151,8 +165,8 @@ class Exchange:
             table = self._tables[peer] = {}
         timer = (loop.call_later if self._system else self._clock.call_later)(
             remaining, self._expire, peer, request_id)
-        table[request_id] = _Entry(future, timer)
-        return future
+        table[request_id] = _Entry(future, timer, on_item)
+        return request_id, future
 
     def withdraw(self, peer: Peer, future: asyncio.Future[wire.Answer]) -> None:
         """The waiter of ``future`` (a request on ``peer``) gave up: CANCEL it there, if the peer can hear it."""
@@ -203,6 +217,9 @@ class Exchange:
             self.dropped += 1
             self._throttle.log(exc.code, logging.WARNING, "dropping an unreadable answer from %s: %s", peer.key, exc)
             return
+        if answer.kind == wire.ITEM:
+            self._item(peer, answer)
+            return
         future = self._settle(peer, answer.id)
         if future is None:
             self.dropped += 1  # late (after its deadline), or never asked of this peer
@@ -221,6 +238,15 @@ class Exchange:
             peer.retire(f"serves another service now ({clip(error.message)})")
         else:
             future.set_result(answer)
+
+    def _item(self, peer: Peer, answer: wire.Answer) -> None:
+        """An ITEM: hand it to its stream, which stays in flight (one for no stream is dropped)."""
+        table = self._tables.get(peer)
+        entry = table.get(answer.id) if table else None
+        if entry is None or entry.on_item is None or entry.future.done():
+            self.dropped += 1
+            return
+        entry.on_item(answer.value)
 
     def abandon(self, peer: Peer, *, lost: bool) -> None:
         """Settle everything in flight on ``peer``, which failed: lost if ``lost``, else not delivered."""

@@ -56,6 +56,7 @@ class Handler:
     wait_for_resources: bool = True  # wait up to the deadline for resource units, or refuse at once
     params: inspect.Signature | None = field(default=None, compare=False, repr=False)
     types: ArgumentTypes | None = field(default=None, compare=False, repr=False)
+    is_stream: bool = False  # an async generator: its items are streamed (meshkit.streams)
 
     def __post_init__(self) -> None:
         # Computed once: inspect.signature costs several times the bind itself.
@@ -176,11 +177,13 @@ class HandlerTable:
                 if not any(m is not None for m in marks):
                     continue
                 bound = getattr(instance, attr)
-                is_async = inspect.iscoroutinefunction(value)
+                is_stream = inspect.isasyncgenfunction(value)
+                is_async = is_stream or inspect.iscoroutinefunction(value)
                 rpc_mark, topic_mark, every = marks
                 if rpc_mark is not None:
                     options = {k: v for k, v in rpc_mark.items() if k != "name"}
-                    methods[rpc_mark["name"]] = Handler(rpc_mark["name"], bound, is_async, **options)
+                    methods[rpc_mark["name"]] = Handler(rpc_mark["name"], bound, is_async, **options,
+                                                        is_stream=is_stream)
                 if topic_mark is not None:
                     for topic in topic_mark:
                         topics.setdefault(topic, []).append(Handler(topic, bound, is_async))

@@ -66,6 +66,7 @@ class InstanceRecord:
     max_message_size: int = 0  # the largest request it accepts, in bytes; 0: not advertised
     curve_key: str = ""  # its router's CurveZMQ public key (Z85); "": it serves without CURVE
     features: tuple[str, ...] = ()  # optional protocol features it speaks (``wire.FEATURES``: "cancel")
+    streams: tuple[str, ...] = ()  # methods that stream their answer (async generators, meshkit.streams)
     # method -> its signature in one line ("(n: int, s: str) -> str", meshkit.signature), when it fits
     signatures: Mapping[str, str] = field(default_factory=dict)
 
@@ -110,6 +111,8 @@ class InstanceRecord:
         # Optional fields are written only when set: a record without them reads as before.
         if self.features:
             fields["features"] = list(self.features)
+        if self.streams:
+            fields["streams"] = list(self.streams)
         if self.signatures:
             fields["signatures"] = dict(self.signatures)
         if self.curve_key:
@@ -137,7 +140,7 @@ class InstanceRecord:
     def from_dict(cls, raw: Any) -> InstanceRecord:
         """Build a record from decoded JSON; raise ``ValueError`` as :meth:`from_json` does."""
         try:
-            for name in ("methods", "idempotent", "topics", "features"):
+            for name in ("methods", "idempotent", "topics", "features", "streams"):
                 if not isinstance(raw.get(name, []), list):
                     raise TypeError(f"{name} must be a list")
             listeners = raw.get("listeners", {})
@@ -162,6 +165,7 @@ class InstanceRecord:
                 max_message_size=_integer(raw.get("max_message_size", 0)),
                 curve_key=str(raw.get("curve_key", "")),
                 features=_strings(raw.get("features", ())),
+                streams=_strings(raw.get("streams", ())),
                 signatures={str(k): v for k, v in signatures.items()},
             )
             record.check()
@@ -180,7 +184,7 @@ class InstanceRecord:
             raise ValueError(f"pid out of range: {clip(self.pid)}")
         if VERSION.fullmatch(self.version) is None:
             raise ValueError(f"version must be 0-64 printable characters, got {clip(self.version)!r}")
-        for field_name in ("methods", "idempotent", "topics", "features"):
+        for field_name in ("methods", "idempotent", "topics", "features", "streams"):
             items = getattr(self, field_name)
             if len(items) > MAX_ITEMS:
                 raise ValueError(f"{field_name}: {len(items)} entries, more than {MAX_ITEMS}")

@@ -56,22 +56,21 @@ import zmq
 from . import access, wire, zap
 from .answers import Answers
 from .budget import Budget, request_cost
-from .cancels import Running, RunningCalls
+from .calls import run_call
+from .cancels import RunningCalls
 from .clock import SYSTEM_CLOCK, Clock
 from .codes import ErrorCode, InstanceState, LocalCode
 from .config import Settings
-from .context import CallContext, set_current
 from .errors import ConfigError, ProtocolError
 from .handlers import Handler, HandlerTable
-from .invoke import invoke
 from .limits import CallLimits
 from .metrics import Metrics
 from .observe.introspect import Introspection
 from .observe.observer import Observer
 from .pushes import PushSide
 from .quota import CallQuota
-from .timing import DeadlineCancel, wait_event
-from .trace import TraceContext
+from .streams import ServerStreams
+from .timing import wait_event
 from .transport import SocketPump
 from .untrusted import LogThrottle, clip
 
@@ -130,6 +129,7 @@ class Server:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.running = RunningCalls()  # admitted calls, for CANCEL
+        self.streams = ServerStreams(self.send, settings.max_message_size, clock)  # streamed calls, their credit
         self.pushes = PushSide(self)  # PUSH messages: their queues, numbered streams and handlers
         self._pushes = self.pushes.inbox
         sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
@@ -239,6 +239,9 @@ class Server:
             self._on_call(identity, header, frames[1], frames[2])
         elif kind == wire.PUSH:
             self.pushes.receive(identity, header, frames[1], frames[2])
+        elif kind == wire.CREDIT:
+            if not self.streams.credit(identity, header.id, frames[2]):
+                self._drop("CREDIT for no stream, or unreadable")
         elif kind == wire.CANCEL:
             if self.running.cancel(identity, header.id, wire.decode_cancel_reason(frames[2])):
                 self.metrics.incr("cancelled")
@@ -309,6 +312,14 @@ class Server:
         if not self.inflight and not self._pushes.busy:
             self._idle.set()
 
+    def call_ended(self, task: asyncio.Task[Any] | None) -> None:
+        """A call's task ended (:mod:`meshkit.calls`): count it out of flight."""
+        self._tasks.discard(task)
+        self.inflight -= 1
+        self._report_inflight()
+        if not self.inflight and not self._pushes.busy:
+            self._idle.set()
+
     def _report_inflight(self) -> None:
         now = self.clock.now()
         if not self.inflight or now - self._inflight_reported >= INFLIGHT_REPORT_INTERVAL:
@@ -341,6 +352,10 @@ class Server:
             return
         if self._call_forbidden(identity, header):
             return
+        why, window = self.streams.admit(handler, header) if header.meta or handler.is_stream else (None, 0)
+        if why is not None:
+            self.reject(identity, header.id, ErrorCode.BAD_REQUEST, why)
+            return
         if self.state != _UP and not framework:
             self.send(identity, wire.encode_error(header.id, ErrorCode.DRAINING, "instance is draining"))
             return
@@ -364,7 +379,7 @@ class Server:
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
         entry = self.running.add(identity, header.id, handler.is_async)
         task = entry.task = asyncio.ensure_future(
-            self._run_call(identity, header, handler, args, kwargs, self._deadline(header), cost, entry))
+            run_call(self, identity, header, handler, args, kwargs, self._deadline(header), cost, entry, window))
         self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:
@@ -377,64 +392,3 @@ class Server:
         self.throttle.log("overloaded.call", logging.WARNING, "refusing calls: %s", why)
         self.overloaded(identity, request_id, "call", why)
         return False
-
-    def _release_call(self, identity: bytes, cost: int, request_id: int, entry: Running) -> None:
-        """A call ended: give back what it held and count it out of flight."""
-        self.running.remove(identity, request_id, entry)
-        self._tasks.discard(asyncio.current_task())
-        self.inflight -= 1
-        self._report_inflight()
-        if not self.inflight and not self._pushes.busy:
-            self._idle.set()
-        self.quota.give(identity, cost)
-
-    async def _run_call(
-        self,
-        identity: bytes,
-        header: wire.Header,
-        handler: Handler,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        deadline: float | None,
-        cost: int,
-        entry: Running,
-    ) -> None:
-        """Serve one admitted call: the one place a served call starts and finishes.
-
-        A task cancelled before it started (only :meth:`close` does that)
-        releases nothing: the server is going away. A cancelled call (CANCEL)
-        is counted served with code ``cancelled`` and not answered.
-        """
-        started = self.clock.now()
-        flag = entry.flag
-        entry.started = True
-        ctx = CallContext(self.service, header.name, TraceContext.from_traceparent(header.traceparent),
-                          deadline, header.meta or {}, flag)
-        set_current(ctx)  # this task runs in its own copy of the context
-        seen = self.observer.started(header.name, ctx.trace, ctx.meta, identity) if self.observer else None
-        try:
-            if flag.is_set:  # cancelled before it started
-                raise asyncio.CancelledError()
-            try:
-                result = await invoke(handler, args, kwargs, deadline, self.executor, self.clock,
-                                      limits=self.limits, cost=cost)
-                code, frames = self.answers.reply(header, result)
-            except Exception as exc:
-                code, frames = self.answers.failure(header, handler.name, exc)
-            if flag.is_set:
-                raise asyncio.CancelledError()  # a plain handler that finished after its CANCEL
-            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
-            if seen is not None and self.observer is not None:
-                self.observer.finished(seen, code, frames, args)
-            self.send(identity, frames)
-        except asyncio.CancelledError:
-            if not flag.is_set:
-                raise  # close(): the server is going away
-            code, frames = _CANCELLED, []
-            if flag.reason == wire.DEADLINE:  # the caller's deadline: as if ours had passed (logged alike)
-                code, frames = self.answers.failure(header, handler.name, DeadlineCancel())
-            self.metrics.call_served(header.name, (self.clock.now() - started) * 1000, code)
-            if seen is not None and self.observer is not None:  # counted and drawn, never answered
-                self.observer.finished(seen, code, frames, args)
-        finally:
-            self._release_call(identity, cost, header.id, entry)

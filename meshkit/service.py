@@ -345,6 +345,7 @@ class Service:
             version=self.version,
             methods=tuple(sorted(self._table.methods)),
             idempotent=tuple(sorted(n for n, h in self._table.methods.items() if h.idempotent)),
+            streams=tuple(sorted(n for n, h in self._table.methods.items() if h.is_stream)),
             topics=tuple(sorted(self._table.topics)),
             state=state,
             started_at=self.started_at,

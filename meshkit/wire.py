@@ -7,7 +7,7 @@ The full specification, for implementers in other languages, is
 Every instance binds one ZeroMQ ``ROUTER``; peers talk to it through a
 ``DEALER``. Every message is exactly **two frames**, ``[header, body]``, both
 MessagePack (strings ``str``, binary ``bin``, maps may have non-string keys).
-The header is ``[version, kind, id]`` for answers, PING and CANCEL, and
+The header is ``[version, kind, id]`` for answers, PING, CANCEL, ITEM and CREDIT, and
 ``[version, kind, id, target, name, timeout_ms, traceparent, meta]`` for
 requests: ``version`` 1; ``id`` an unsigned 64-bit int chosen by the
 requester, echoed in the answer, not reused while in flight; ``target`` the
@@ -30,6 +30,8 @@ kind  name   body
              names a CALL the sender still has in flight. Never answered. Sent only to an instance whose record lists
              ``"cancel"`` in ``features`` (version 1 peers without it answer
              an unknown kind ``bad_request``, which the caller drops).
+9     ITEM   one item of a streamed CALL's answer; then REPLY nil or ERROR.
+10    CREDIT the number of further ITEMs the caller can take (section 4, "Streams").
 ====  =====  ===============================================================
 
 Error codes are the stable strings of :class:`meshkit.codes.ErrorCode`; an
@@ -77,10 +79,14 @@ ACK = 5
 PING = 6
 PONG = 7
 CANCEL = 8
+ITEM = 9  # one item of a streamed call's answer (meshkit.streams)
+CREDIT = 10  # a streaming caller can take this many more ITEMs
 
 # What an instance's record lists in ``features`` when it understands CANCEL.
 FEATURE_CANCEL = "cancel"
-FEATURES = (FEATURE_CANCEL,)
+# ... and when it streams the items of async generator methods (ITEM, CREDIT; meshkit.streams).
+FEATURE_STREAM = "stream"
+FEATURES = (FEATURE_CANCEL, FEATURE_STREAM)
 # Why a caller cancelled (a CANCEL's body; nil and anything unknown read as CANCELLED).
 CANCELLED = "cancelled"  # its waiting task was cancelled
 DEADLINE = "deadline"  # its deadline passed: the callee treats it as its own deadline
@@ -88,10 +94,10 @@ CLOSED = "closed"  # its client (or the gateway connection it came through) clos
 _CANCEL_REASONS = frozenset((CANCELLED, DEADLINE, CLOSED))
 
 KIND_NAMES = {CALL: "CALL", REPLY: "REPLY", ERROR: "ERROR", PUSH: "PUSH", ACK: "ACK", PING: "PING",
-              PONG: "PONG", CANCEL: "CANCEL"}
+              PONG: "PONG", CANCEL: "CANCEL", ITEM: "ITEM", CREDIT: "CREDIT"}
 _REQUEST_KINDS = frozenset((CALL, PUSH))
-_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG, CANCEL))  # the kinds with a 3-item header
-_ANSWERS_TO_CLIENTS = frozenset((REPLY, ERROR, ACK, PONG))
+_ANSWER_KINDS = frozenset((REPLY, ERROR, ACK, PING, PONG, CANCEL, ITEM, CREDIT))  # the kinds with a 3-item header
+_ANSWERS_TO_CLIENTS = frozenset((REPLY, ERROR, ACK, PONG, ITEM))
 
 _NIL = b"\xc0"
 _packers = threading.local()
@@ -368,7 +374,7 @@ def decode_answer(frames: list[bytes]) -> Answer:
     if kind not in _ANSWERS_TO_CLIENTS:
         raise _bad(header.id, f"a client is not sent a {KIND_NAMES[kind]}")
     try:
-        if kind == REPLY or kind == PONG:
+        if kind == REPLY or kind == PONG or kind == ITEM:
             return Answer(header.id, kind, unpack(frames[1]))
         if kind == ERROR:
             return Answer(header.id, kind, None, decode_error_body(frames[1]))

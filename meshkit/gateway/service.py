@@ -269,9 +269,13 @@ class Gateway(Service):
         span = self.span(request.method, traceparent=request.traceparent, kind="server", conn=conn.id)
         try:
             with span:
-                result = await self.client.call(service, method, args, kwargs,
-                                                timeout=self.options.request_timeout, wait=True,
-                                                meta={"conn": conn.id, "client": conn.peer})
+                meta = {"conn": conn.id, "client": conn.peer}
+                if any(method in r.streams for r in self.registry.instances(service)):  # items as notifications
+                    result = await conn.relay_stream(request.id, self.client.stream(
+                        service, method, *args, timeout=self.options.request_timeout, meta=meta, **kwargs))
+                else:
+                    result = await self.client.call(service, method, args, kwargs,
+                                                    timeout=self.options.request_timeout, wait=True, meta=meta)
         except CallError as exc:
             span.set_status(exc.code)
             # Told apart by wire code (the classes register theirs), never by class name.

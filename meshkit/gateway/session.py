@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ..metrics import Metrics
@@ -55,6 +55,7 @@ CallFunction = Callable[["Session", Request], Awaitable[Any]]
 JudgeFunction = Callable[["Session", str], None]
 Reply = Callable[[bytes | None], object]
 Doc = dict[str, Any] | None  # a response object, or None for a notification
+STREAM_NOTIFICATION = "mesh.stream"  # the method of the notifications that carry a streamed call's items
 
 
 class Session:
@@ -138,6 +139,22 @@ class Session:
         if self.closed or not topic_matches(self.subscriptions, topic):
             return False
         return self.send(line)
+
+    async def relay_stream(self, request_id: Any, items: AsyncIterator[Any]) -> Any:
+        """Send each item of a streamed call as a ``mesh.stream`` notification; return the final result (null).
+
+        ``{"method": "mesh.stream", "params": {"id": <request id>, "item": <item>}}``
+        in this session's dialect, in order, then the request's answer. A
+        session that cannot send before its answer (one HTTP request) gets the
+        items as the answer's result, an array. Stops (and so cancels the
+        stream) when the client is gone.
+        """
+        if not self.stateful:
+            return [item async for item in items]
+        async for item in items:
+            if not self.send(self.dialect.notification_line(STREAM_NOTIFICATION, {"id": request_id, "item": item})):
+                break  # closed: leaving the loop cancels the stream on the instance
+        return None
 
     def cancel_work(self) -> None:
         """Cancel every request in flight (on close)."""

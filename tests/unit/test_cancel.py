@@ -62,7 +62,7 @@ def test_the_record_says_whether_an_instance_hears_cancel() -> None:
     plain = InstanceRecord("s", "i", "tcp://h:1", "h", 1)
     assert "features" not in plain.to_json()  # a record without features is written as before
     hears = InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=wire.FEATURES)
-    assert InstanceRecord.from_json(hears.to_json()).features == ("cancel",)
+    assert InstanceRecord.from_json(hears.to_json()).features == ("cancel", "stream")
     with pytest.raises(ValueError, match="features entries"):
         InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=("has space",)).check()
 

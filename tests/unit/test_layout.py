@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "access")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),
     ("calls", ("peer", "pool", "publish", "client", "blocking", "inbox", "limits", "invoke", "answers", "server",
-               "exchange", "observe", "ejection", "retrybudget", "cancels", "sequence", "pushes")),
+               "exchange", "observe", "ejection", "retrybudget", "cancels", "sequence", "pushes", "streams", "calls",
+               "proxy", "attempts")),
     ("service", ("service", "jobs", "runner")),
     ("roles", ("gateway", "haproxy", "stack", "testing", "panel")),
     ("commands", ("cli", "__main__", "")),  # "" is the package itself: meshkit/__init__.py

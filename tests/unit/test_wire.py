@@ -74,10 +74,12 @@ def test_vectors_are_printed_in_the_protocol_doc() -> None:
 def test_constants() -> None:
     assert wire.VERSION == 1
     assert wire.SUPPORTED_VERSIONS == (1,)
-    kinds = (wire.CALL, wire.REPLY, wire.ERROR, wire.PUSH, wire.ACK, wire.PING, wire.PONG, wire.CANCEL)
-    assert kinds == (1, 2, 3, 4, 5, 6, 7, 8)
+    kinds = (wire.CALL, wire.REPLY, wire.ERROR, wire.PUSH, wire.ACK, wire.PING, wire.PONG, wire.CANCEL,
+             wire.ITEM, wire.CREDIT)
+    assert kinds == (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     assert wire.KIND_NAMES == {
         1: "CALL", 2: "REPLY", 3: "ERROR", 4: "PUSH", 5: "ACK", 6: "PING", 7: "PONG", 8: "CANCEL",
+        9: "ITEM", 10: "CREDIT",
     }
 
 
@@ -284,7 +286,7 @@ def test_zero_id_is_valid() -> None:
     assert wire.decode_header(_header([1, wire.PING, 0])).id == 0
 
 
-@pytest.mark.parametrize("kind", [0, 9, 99, -1, "CALL", None])
+@pytest.mark.parametrize("kind", [0, 11, 99, -1, "CALL", None])
 def test_unknown_kind(kind: Any) -> None:
     exc = _decode_error(_header([1, kind, 5]))
     assert exc.code == "bad_request"
