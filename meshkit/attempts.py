@@ -66,12 +66,16 @@ class Attempts:
         return peer
 
     def take_retry(self, peer: Peer, message: wire.CallMessage, reason: str,
-                    answer: wire.Answer | None) -> None:
-        """Draw a retry from the budget; if it is spent, raise what the last attempt came to."""
+                   answer: wire.Answer | None, wait: bool = False) -> bool:
+        """Draw a retry from the budget: True to send again at once. If it is spent, raise what
+        the last attempt came to, except for a request no instance took when the caller waits
+        (``wait=True``): then False, and the call waits for an instance as if there were none."""
         allowed = self.pool.retry_budget.allows()
         self.metrics.call_retried(message.service, reason, allowed)
         if allowed:
-            return
+            return True
+        if wait and reason == "not_delivered":
+            return False
         service, method = message.service, message.method
         if answer is not None:
             result_of(answer, service, method)  # raises the overloaded error

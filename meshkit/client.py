@@ -17,7 +17,11 @@ Contracts:
   :class:`LostPeerError`. Every retry is drawn from the pool's retry budget
   (:mod:`meshkit.retrybudget`); when it is spent the call fails with what
   its last attempt came to (``overloaded``, :class:`LostPeerError`, or
-  :class:`NoInstanceError` for a request no instance took).
+  :class:`NoInstanceError` for a request no instance took) -- except that a
+  call made with ``wait=True`` whose request no instance took waits for an
+  instance up to its deadline, as one with no instance does (instances all
+  restarting at once is the case ``wait`` is for; its next attempt waits for
+  a change in the instances, so it cannot storm).
 * **Fail over at once**: while several instances are still connecting and
   none is connected (a fresh client), a call waits for the first handshake
   rather than queue behind one that may never complete; a refused
@@ -305,7 +309,9 @@ class AsyncClient:
             tried.add(peer.key)
             if overloaded is not None and not set(pool.instance_keys(service)) - tried:
                 return result_of(overloaded, service, method)  # no other instance to ask: no retry drawn
-            self.attempts.take_retry(peer, message, reason, answer if reason == "overloaded" else None)
+            if not self.attempts.take_retry(peer, message, reason, answer if reason == "overloaded" else None, wait):
+                # Nothing ran it and the caller waits: no attempt until the instances change.
+                await self.attempts.wait_for_instance(service, method, deadline, True, True)
 
     def _outgoing(
         self, timeout: float | None, meta: Mapping[str, str] | None, traceparent: str | None = None

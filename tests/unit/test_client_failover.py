@@ -16,7 +16,7 @@ from test_client_pick import mesh as mesh  # the fixture
 from meshkit import wire
 from meshkit.config import Settings
 from meshkit.ejection import Health
-from meshkit.errors import HandlerError, LostPeerError, RemoteError
+from meshkit.errors import HandlerError, LostPeerError, NoInstanceError, RemoteError
 from meshkit.peer import CONNECTED, CONNECTING
 from meshkit.retrybudget import RetryBudget
 
@@ -197,3 +197,44 @@ def test_timeouts_count_against_the_instance_only_once_sent(mesh: Mesh) -> None:
     asyncio.run(main())
     (state,) = mesh.pool.ejector.snapshot()
     assert state.failures == 1
+
+
+def _refuse(peer: FakePeer, frames: list[bytes]) -> None:
+    peer.fail(False, "connection refused")  # never reached: the request settles NotDelivered
+
+
+def test_a_waiting_call_with_the_budget_spent_waits_for_an_instance_not_fails(mesh: Mesh) -> None:
+    dead = mesh.add("dead")
+    no_budget(mesh)
+
+    async def main() -> Any:
+        mesh.connect(dead)
+        mesh.peer(dead).on_send = _refuse
+        call = asyncio.ensure_future(mesh.client.call("cart", "add", timeout=2.0, wait=True))
+        for _ in range(10):  # the attempt on "dead", its refusal, the budget's answer
+            await asyncio.sleep(0)
+        assert mesh.peer(dead).sent and not call.done(), "it waits: nothing ran it, its deadline is ahead"
+        fresh = mesh.add("fresh")  # the instance it waits for appears
+        mesh.connect(fresh)
+        mesh.peer(fresh).on_send = _reply("ok")
+        mesh.pool.notify()
+        return await call
+
+    assert asyncio.run(main()) == "ok"
+    assert mesh.pool.retry_budget.refused == 1 and mesh.pool.retry_budget.retried == 0
+
+
+def test_a_call_that_does_not_wait_fails_at_once_when_the_budget_is_spent(mesh: Mesh) -> None:
+    dead = mesh.add("dead")
+    other = mesh.add("other", load=5)
+    no_budget(mesh)
+
+    async def main() -> Any:
+        mesh.connect(dead, other)
+        mesh.peer(dead).on_send = _refuse
+        mesh.peer(other).on_send = _reply("ok")
+        return await mesh.client.call("cart", "add", timeout=2.0)
+
+    with pytest.raises(NoInstanceError, match="retry budget"):
+        asyncio.run(main())
+    assert mesh.peer(other).sent == []
