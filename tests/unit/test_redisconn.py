@@ -11,6 +11,8 @@ import redis.asyncio.sentinel as aiosentinel
 from meshkit.config import Settings
 from meshkit.errors import ConfigError
 from meshkit.redisconn import (
+    DEFAULT_PORT,
+    DEFAULT_SENTINEL_PORT,
     AsyncMajoritySentinel,
     AsyncSSLConnection,
     AsyncUnixConnection,
@@ -27,12 +29,12 @@ def test_plain_tls_unix_and_sentinel_urls_parse() -> None:
     assert (plain.scheme, plain.hosts, plain.db, plain.username, plain.password) == (
         "redis", (("db.example", 6380),), 2, "reg", "s3cret")
     tls = parse_redis_url("rediss://db.example/0?ca_file=/etc/ca.pem&cert_file=/c.pem&key_file=/k.pem")
-    assert tls.tls and tls.hosts == (("db.example", 6379),)
+    assert tls.tls and tls.hosts == (("db.example", DEFAULT_PORT),)  # a URL without a port
     assert (tls.ca_file, tls.cert_file, tls.key_file) == ("/etc/ca.pem", "/c.pem", "/k.pem")
     unix = parse_redis_url("unix:///run/redis.sock?db=3&password=pw")
     assert (unix.path, unix.db, unix.password) == ("/run/redis.sock", 3, "pw")
     sentinel = parse_redis_url("redis+sentinel://reg:pw@10.0.0.1:26380,10.0.0.2,[fd00::3]:5000/main/1")
-    assert sentinel.hosts == (("10.0.0.1", 26380), ("10.0.0.2", 26379), ("fd00::3", 5000))
+    assert sentinel.hosts == (("10.0.0.1", 26380), ("10.0.0.2", DEFAULT_SENTINEL_PORT), ("fd00::3", 5000))
     assert (sentinel.master, sentinel.db, sentinel.username) == ("main", 1, "reg")
 
 
@@ -61,7 +63,7 @@ def test_bad_urls_are_refused_with_the_reason_and_the_password_masked(url: str, 
 
 
 def test_settings_take_every_form_and_refuse_the_rest() -> None:
-    Settings(redis_url="redis+sentinel://a:26379,b:26379,c:26379/main")
+    Settings(redis_url="redis+sentinel://a:26390,b:26390,c:26390/main")
     with pytest.raises(ConfigError, match="must be redis://"):
         Settings(redis_url="memcached://db")
 
@@ -101,7 +103,7 @@ async def _make_clients() -> None:
     unix = async_client("unix:///run/redis.sock")
     assert unix.connection_pool.connection_class is AsyncUnixConnection
     await unix.aclose()
-    sentinel = async_client("redis+sentinel://a:26379,b:26379/main")
+    sentinel = async_client("redis+sentinel://a:26390,b:26390/main")
     # redis-py's own Sentinel connection already turns READONLY into a reconnect.
     assert sentinel.connection_pool.connection_class is aiosentinel.SentinelManagedConnection
     assert sentinel.connection_pool.service_name == "main"
@@ -121,7 +123,7 @@ def test_a_url_that_cannot_be_read_names_no_secret() -> None:
 
 
 def _master(ip: str, ok: bool = True) -> dict[str, object]:
-    return {"main": {"ip": ip, "port": 6379, "is_master": ok}}
+    return {"main": {"ip": ip, "port": 7000, "is_master": ok}}
 
 
 def test_the_primary_is_the_one_a_majority_of_sentinels_names() -> None:
@@ -134,9 +136,9 @@ def test_the_primary_is_the_one_a_majority_of_sentinels_names() -> None:
 
     # A Sentinel back from a partition still names the old primary: outvoted.
     assert _majority([_master("10.0.0.2"), _master("10.0.0.1"), _master("10.0.0.2")], "main", check, 3) == (
-        "10.0.0.2", 6379)
+        "10.0.0.2", 7000)
     assert _majority([_master("10.0.0.2"), OSError("cut off"), _master("10.0.0.2")], "main", check, 3) == (
-        "10.0.0.2", 6379)
+        "10.0.0.2", 7000)
     # One answer of three, or a split, or a primary its Sentinels see as down: no primary at all.
     for answers in ([_master("10.0.0.2"), OSError(), OSError()],
                     [_master("10.0.0.1"), _master("10.0.0.2"), OSError()],
