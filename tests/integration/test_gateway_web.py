@@ -159,10 +159,15 @@ def test_http_bad_input_gets_json_rpc_errors_or_http_statuses(
                     "Origin": "https://pool.example", "Access-Control-Request-Method": "POST"}) as r:
                 assert r.status == 204 and "POST" in r.headers["Access-Control-Allow-Methods"]
             # A flood from one address: past its rate, 429 with Retry-After; nothing is lost.
+            began = time.monotonic()
             results = await asyncio.gather(*(post(session, haproxy.url, rpc("webprobe.echo", [i], i))
                                              for i in range(40)))
+            took = time.monotonic() - began
             statuses = [s for s, _, _ in results]
-            assert statuses.count(200) >= 3 and statuses.count(429) >= 20  # burst 10, 5 per second
+            # Burst 10, then 5 per second: however long a loaded machine took to send the flood,
+            # no more were let through than the bucket held and refilled meanwhile.
+            assert statuses.count(200) >= 3 and statuses.count(429) >= 1
+            assert statuses.count(200) <= 10 + 5 * took + 1, (statuses.count(200), took)
             assert set(statuses) <= {200, 429}
             limited = next(h for s, _, h in results if s == 429)
             assert int(limited["Retry-After"]) >= 1
