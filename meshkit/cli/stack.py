@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..panel.location import read_url
+from ..panelurl import read_url
 from ..registry import read_records
 from ..stack.console import say
 from ..stack.control import StackError

@@ -2,7 +2,7 @@
 
 The layers, lowest first (each imports only those before it):
 
-* :mod:`~meshkit.panel.location` — the URL file in the run directory (no web library imported)
+* :mod:`~meshkit.panelurl` — the URL file in the run directory (outside the package: the stack reads it)
 * :mod:`~meshkit.panel.feed` — one tab's outgoing frames, bounded in bytes (drop, count, say so)
 * :mod:`~meshkit.panel.figures` — rates, p50/p99, the call graph and the topology, as pure functions
 * :mod:`~meshkit.panel.mesh` — the ``_mesh.*`` methods of one instance behind one interface

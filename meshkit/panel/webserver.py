@@ -24,12 +24,12 @@ from aiohttp import web
 from ..client import AsyncClient
 from ..config import Settings
 from ..errors import ConfigError
+from ..panelurl import remove_url, write_url
 from ..stack.control import CircusControl
 from ..tasks import Supervised, supervise
 from .app import make_app
 from .circus import CircusView, RestartCounter, follow_events
 from .feed import DEFAULT_MAX_BYTES
-from .location import remove_url, write_url
 from .mesh import ObserveReader
 from .panel import Panel
 from .servers import ServersView

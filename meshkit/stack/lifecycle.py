@@ -29,7 +29,7 @@ import psutil
 
 from ..config import Settings
 from ..haproxy.process import stop_haproxy
-from ..panel.location import wait_for_url
+from ..panelurl import wait_for_url
 from ..registry import read_records
 from ..untrusted import clip
 from .circusd import startup_failure

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from meshkit import Settings
-from meshkit.panel.location import read_url
+from meshkit.panelurl import read_url
 from meshkit.testing import ProcessExitedError, settings_env, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

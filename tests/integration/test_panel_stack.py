@@ -15,7 +15,7 @@ import psutil
 import pytest
 from test_stack import CRASHER, meshkit, stack_files
 
-from meshkit.panel.location import read_url
+from meshkit.panelurl import read_url
 from meshkit.stack.control import CircusControl
 from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import find_program, wait_until

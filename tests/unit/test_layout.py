@@ -16,7 +16,7 @@ PACKAGE = ROOT / "meshkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
                     "programs", "tasks", "sections", "config", "decoder", "transport", "context",
-                    "leases", "signature", "concurrency", "tally", "datagrams", "redisconn", "loopbridge")),
+                    "leases", "signature", "concurrency", "tally", "datagrams", "redisconn", "loopbridge", "panelurl")),
     ("vocabulary", ("wire", "record", "budget", "statsd", "metrics", "logs", "handlers", "quota", "curve", "zap",
                     "access")),
     ("registry", ("storage", "registry", "registration", "rundir", "resources")),

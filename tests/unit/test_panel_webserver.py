@@ -8,8 +8,8 @@ import pytest
 
 from meshkit.config import Settings
 from meshkit.errors import ConfigError
-from meshkit.panel.location import read_url, remove_url, write_url
 from meshkit.panel.webserver import PanelOptions
+from meshkit.panelurl import read_url, remove_url, write_url
 
 
 def test_options_come_from_the_environment_and_default_to_loopback_and_port_0() -> None:
