@@ -98,7 +98,8 @@ class Connection(Session):
         self._oversize = 0  # the largest line over max_output that may still be waiting to go out
         # Pausing reads must start well before the slow-consumer limit, or a
         # client that pipelines requests would be dropped instead of slowed.
-        writer.transport.set_write_buffer_limits(high=min(_HIGH_WATER, options.max_output // 2))
+        if not writer.transport.is_closing():  # a client gone before the accept ran just ends (uvloop raises)
+            writer.transport.set_write_buffer_limits(high=min(_HIGH_WATER, options.max_output // 2))
 
     # -- life cycle -----------------------------------------------------------
 

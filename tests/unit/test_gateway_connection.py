@@ -774,3 +774,22 @@ def test_options_read_the_environment_only_through_settings_load(monkeypatch: py
     monkeypatch.setenv("MESHKIT_GATEWAY_MAX_LINE", "4096")
     assert GatewayOptions.from_settings(Settings.load(env={})).max_line == GatewayOptions().max_line
     assert GatewayOptions.from_settings(Settings.load()).max_line == 4096
+
+
+def test_a_connection_whose_socket_closed_before_it_was_made_ends_quietly() -> None:
+    """uvloop refuses settings on a closed transport: a client gone before the accept ran (seen
+    under load in the restart proof) must not raise from the constructor, only end."""
+    import uvloop
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        writer.transport.abort()  # gone before the gateway made its Connection
+        await writer.wait_closed()
+        b.close()
+        conn = Connection("gw1-1", reader, writer, options=GatewayOptions(), call=echo_call,
+                          metrics=Metrics("", "", "gateway"), gateway_id="gw1", peer="127.0.0.1:1")
+        await asyncio.wait_for(conn.serve(), 5)
+        assert conn.closed
+
+    uvloop.run(main())
