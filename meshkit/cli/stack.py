@@ -31,6 +31,7 @@ from ..panelurl import read_url
 from ..registry import read_records
 from ..stack.console import say
 from ..stack.control import StackError
+from ..stack.exits import ExitWatch, failure_report
 from ..stack.flap import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_WINDOW,
@@ -39,8 +40,9 @@ from ..stack.flap import (
     FlapPolicy,
     read_flapped,
 )
-from ..stack.lifecycle import down_leftovers, run_up, service_watchers, stop
+from ..stack.lifecycle import down_leftovers, run_up, stop
 from ..stack.processes import stack_processes
+from ..stack.readiness import service_watchers
 from ..stack.rolling import RollingRestart
 from ..stack.stack import Stack, stack_env
 from .output import format_table
@@ -206,10 +208,17 @@ def cmd_restart(args: argparse.Namespace) -> int:
     def registered() -> set[int]:
         return {r.pid for r in read_records(settings) if r.is_up}
 
-    restart = RollingRestart(stack.control, args.service, registered, batch=args.batch,
-                             register_timeout=args.register_timeout,
-                             report=lambda text: say(text, sys.stdout))
-    steps = restart.run(time.monotonic() + args.timeout)
+    # Subscribed before the first new process starts: a replacement that dies
+    # at once is reported with its exit status and the end of its log.
+    with ExitWatch(stack.pubsub_endpoint, args.service) as exits:
+        def explain(pids: list[int]) -> str:
+            gone = exits.of(pids, timeout=1.0)
+            return failure_report(gone, stack.watcher_log, "failed as it started") if gone else ""
+
+        restart = RollingRestart(stack.control, args.service, registered, batch=args.batch,
+                                 register_timeout=args.register_timeout,
+                                 report=lambda text: say(text, sys.stdout), explain=explain)
+        steps = restart.run(time.monotonic() + args.timeout)
     replaced = sum(len(step.stopped) for step in steps)
     say(f"{args.service}: restarted, {replaced} processes replaced in {len(steps)} steps", sys.stdout)
     return 0
@@ -223,7 +232,7 @@ def cmd_flapguard(args: argparse.Namespace) -> int:
     stack = Stack(settings, args.run_dir)
     configure_logging(settings, "flapguard", str(os.getpid()))
     policy = FlapPolicy.from_settings(settings, FlapLimit(args.max_restarts, args.window))
-    guard = FlapGuard(stack.control, f"ipc://{stack.run_dir}/circus-pubsub.sock", policy,
+    guard = FlapGuard(stack.control, stack.pubsub_endpoint, policy,
                       stack.run_dir, Metrics.from_settings(settings, "flapguard"))
     guard.run()
     return 0

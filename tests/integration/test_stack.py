@@ -18,12 +18,12 @@ import sys
 import termios
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from stackkit import ROOT, meshkit, stack_files
 
 from meshkit.config import Settings
 from meshkit.registry import read_records
@@ -32,8 +32,6 @@ from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import wait_until
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 CRASHER = """
 [watcher:crasher]
@@ -50,11 +48,6 @@ priority = 10
 graceful_timeout = 3
 copy_env = True
 """
-
-
-def meshkit(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshkit", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 class JsonRpcClient:
@@ -80,32 +73,6 @@ class JsonRpcClient:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
-
-
-def stack_files(tmp_path: Path, extra: str = "") -> tuple[dict[str, str], Path, Path]:
-    """Environment, run directory and ini for a stack in ``tmp_path`` (kernel-chosen public port)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    ini = tmp_path / "circus.ini"
-    ini.write_text((ROOT / "circus.ini").read_text() + extra)
-    config = tmp_path / "meshkit.toml"
-    config.write_text((ROOT / "configs" / "meshkit.toml").read_text()
-                      + "\n[services.crasher]\nflap_max_restarts = 3\nflap_window = 30.0\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
-    env.update({
-        "MESHKIT_RUN_DIR": str(run_dir),
-        "MESHKIT_HOME": str(ROOT),
-        "MESHKIT_CONFIG": str(config),
-        "MESHKIT_NAMESPACE": "stack" + uuid.uuid4().hex[:8],
-        "MESHKIT_STRATUM_HOST": "127.0.0.1",
-        "MESHKIT_STRATUM_PORT": "0",
-        "MESHKIT_HEARTBEAT_INTERVAL": "0.3",
-        "MESHKIT_TTL": "2",
-        "MESHKIT_RESYNC_INTERVAL": "0.5",
-        "MESHKIT_DRAIN_GRACE": "3",
-        "MESHKIT_GATEWAY_DRAIN_GRACE": "2",
-    })
-    return env, run_dir, ini
 
 
 @pytest.fixture
