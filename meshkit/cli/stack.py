@@ -6,8 +6,10 @@
             ``--daemon``, returns (:mod:`meshkit.stack.lifecycle`).
 ``down``    stops every watcher in dependency order (:mod:`meshkit.stack.order`), then
             circusd, and waits.
-``status``  one table: Circus's processes joined with the registry's
-            instances by pid, plus flap-control stops and public sockets.
+``status``  one table: Circus's processes (with how long each has run)
+            joined with the registry's instances by pid (a service's
+            process without a record is ``unregistered``), plus flap-control
+            stops, public sockets, HAProxy's master and the panel's URL.
 ``scale``   sets a watcher's number of processes.
 ``start`` / ``stop``  a watcher (``start`` also clears a flap-control stop).
 ``restart`` a rolling, graceful restart of a service watcher (:mod:`meshkit.stack.rolling`).
@@ -26,7 +28,10 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from ..config import Settings
+from ..haproxy.process import haproxy_master
 from ..panelurl import read_url
 from ..registry import read_records
 from ..stack.console import say
@@ -45,7 +50,7 @@ from ..stack.processes import stack_processes
 from ..stack.readiness import service_watchers
 from ..stack.rolling import RollingRestart
 from ..stack.stack import Stack, stack_env
-from .output import format_table
+from .output import age, format_table
 
 
 def add_commands(sub: Any) -> None:
@@ -134,8 +139,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if pid is None:
         return down_leftovers(stack)
     stack.control.timeout = args.timeout
-    stop(stack, pid, [], graceful=True, timeout=args.timeout)
-    say("stack stopped", sys.stdout)
+    began = time.monotonic()
+    stop(stack, pid, [], graceful=True, timeout=args.timeout, report=say)
+    say(f"stack stopped ({time.monotonic() - began:.1f}s)", sys.stdout)
     return 0
 
 
@@ -148,30 +154,44 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"registry unreachable: {exc}", file=sys.stderr)
         records = {}
     flapped = read_flapped(stack.run_dir)
-    rows = [("WATCHER", "STATUS", "PID", "SERVICE", "INSTANCE", "ENDPOINT", "STATE", "LISTENERS")]
+    services = service_watchers(stack)
+    rows = [("WATCHER", "STATUS", "PID", "UP", "SERVICE", "INSTANCE", "ENDPOINT", "STATE", "LISTENERS")]
     now = time.time()
     for watcher, state in sorted(stack.control.status().items()):
         if watcher in flapped:
             state = f"stopped (flapping, {now - float(flapped[watcher]['at']):.0f}s ago)"
         pids = stack.control.pids(watcher) if state == "active" else []
         if not pids:
-            rows.append((watcher, state, "-", "-", "-", "-", "-", "-"))
+            rows.append((watcher, state, "-", "-", "-", "-", "-", "-", "-"))
         for pid in pids:
             rec = records.get(pid)
             if rec is None:
-                rows.append((watcher, state, str(pid), "-", "-", "-", "-", "-"))
+                # A service's process with no record is starting, or cannot reach the registry.
+                registered = "unregistered" if watcher in services and records else "-"
+                rows.append((watcher, state, str(pid), _uptime(pid, now), "-", "-", "-", registered, "-"))
             else:
                 listeners = ",".join(f"{k}={v}" for k, v in rec.listeners.items()) or "-"
-                rows.append((watcher, state, str(pid), rec.service, rec.instance_id, rec.endpoint,
-                             rec.state, listeners))
+                rows.append((watcher, state, str(pid), _uptime(pid, now), rec.service, rec.instance_id,
+                             rec.endpoint, rec.state, listeners))
     print(format_table(rows))
     sockets = stack.control.sockets()
     if sockets:
         print("\npublic sockets: " + ", ".join(f"{k}={v}" for k, v in sorted(sockets.items())))
+    master = haproxy_master(stack.run_dir)
+    print(f"haproxy: master pid {master}" if master is not None else
+          f"haproxy: not running (see {stack.run_dir}/haproxy-sync.log and haproxy.log)")
     panel = read_url(stack.run_dir)
     if panel:
         print(f"control panel: {panel}")
     return 0
+
+
+def _uptime(pid: int, now: float) -> str:
+    """How long process ``pid`` has run (``42s``, ``17m``); ``-`` if it is gone."""
+    try:
+        return age(now - psutil.Process(pid).create_time())
+    except psutil.Error:
+        return "-"
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -74,22 +75,26 @@ def run_up(stack: Stack, settings: Settings, ini: str, env: dict[str, str], home
         time.sleep(0.2)
     if proc.poll() is None:
         say("\nstopping the stack gracefully (Ctrl-C again to force)...")
-        stop(stack, proc.pid, stops, graceful=True)
+        stop(stack, proc.pid, stops, graceful=True, report=say)
         say("stack stopped")
     return 0
 
 
-def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0) -> None:
+def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0,
+         report: Callable[[str], object] | None = None) -> None:
     """Stop the stack: in order through circusd, or (forced, or if that fails) kill every process of it.
 
     A signal arriving in ``stops`` after the graceful stop began forces it.
+    ``report(line)``, if given, hears of each watcher as it begins to stop,
+    and of how long it took if that was a second or more (a gateway's drain
+    can take most of a minute: the operator sees what is being waited for).
     Raises :class:`StackError` only if processes survive even SIGKILL.
     """
     tree = stack_processes(stack.run_dir, circusd_pid)
     if graceful and circusd_pid is not None:
         seen = len(stops)
         failures: list[str] = []
-        stopping = threading.Thread(target=_stop_in_order, args=(stack, timeout, failures), daemon=True)
+        stopping = threading.Thread(target=_stop_in_order, args=(stack, timeout, failures, report), daemon=True)
         stopping.start()
         deadline = time.monotonic() + timeout + 5
         while (_running(circusd_pid) and stopping.is_alive() and len(stops) == seen
@@ -112,13 +117,24 @@ def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool
         raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
 
 
-def _stop_in_order(stack: Stack, timeout: float, failures: list[str]) -> None:
+def _stop_in_order(stack: Stack, timeout: float, failures: list[str],
+                   report: Callable[[str], object] | None) -> None:
+    began: dict[str, float] = {}
+
+    def on_stop(watcher: str) -> None:
+        began[watcher] = time.monotonic()
+        if report is not None:
+            report(f"  stopping {watcher}")
+
     def after_stop(watcher: str) -> None:
         if watcher == "haproxy":
             stop_proxy(stack)
+        took = time.monotonic() - began.get(watcher, time.monotonic())
+        if report is not None and took >= 1.0:  # a quick stop needs no second line
+            report(f"  {watcher} stopped after {took:.1f}s")
 
     try:
-        stop_in_order(stack.control, time.monotonic() + timeout, after_stop=after_stop)
+        stop_in_order(stack.control, time.monotonic() + timeout, on_stop=on_stop, after_stop=after_stop)
     except StackError as exc:
         failures.append(str(exc))
 
@@ -161,7 +177,9 @@ def welcome(stack: Stack, settings: Settings) -> None:
         '    {"id":2,"method":"mining.authorize","params":["alice","x"]}\n'
         '    {"id":3,"method":"mining.stats","params":[]}\n'
         "  In another shell, from this directory, any of:\n"
-        "    .venv/bin/meshkit status\n"
+        + ("" if stack.run_dir == os.path.abspath(".run") else
+           f"    export MESHKIT_RUN_DIR={stack.run_dir}   (first: the commands look in ./.run otherwise)\n")
+        + "    .venv/bin/meshkit status\n"
         "    .venv/bin/meshkit ls\n"
         "    .venv/bin/meshkit scale mining 4\n"
         "    .venv/bin/meshkit restart mining\n"

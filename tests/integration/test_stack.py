@@ -82,6 +82,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
     pid_file = run_dir / "circusd.pid"
     try:
         assert result.returncode == 0, result.stdout + result.stderr
+        # The run directory is not ./.run: the welcome text says how the other commands find it.
+        assert f"export MESHKIT_RUN_DIR={run_dir}" in result.stdout, result.stdout
         env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
         circusd = psutil.Process(int(pid_file.read_text()))
         yield {"env": env, "run_dir": run_dir, "circusd": circusd}
@@ -117,6 +119,8 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
     status = meshkit("status", "--run-dir", str(run_dir), env=env)
     assert status.returncode == 0, status.stderr
     assert "gateway" in status.stdout and "mining" in status.stdout and "up" in status.stdout
+    assert status.stdout.split()[:4] == ["WATCHER", "STATUS", "PID", "UP"], status.stdout
+    assert re.search(r"^haproxy: master pid \d+$", status.stdout, re.M), status.stdout
 
     client = JsonRpcClient((host, int(port)))
     try:
@@ -438,6 +442,9 @@ def test_down_stops_in_order_and_leaves_clean_logs(tmp_path: Path) -> None:
         reader.join(10)
         assert not reader.is_alive(), "the gateway did not close its client's connection"
         assert down.returncode == 0, down.stdout + down.stderr
+        # Each watcher as it begins to stop, in order: what a long drain is waiting for.
+        said = re.findall(r"^  stopping (\S+)$", down.stderr, re.M)
+        assert said[:3] == ["flapguard", "gateway", "haproxy"] and said[-1] == "redis", down.stderr
         _, alive = psutil.wait_procs(tree, timeout=15)
         assert not alive
         noise = []
