@@ -50,6 +50,7 @@ from ..stack.processes import stack_processes
 from ..stack.readiness import service_watchers
 from ..stack.rolling import RollingRestart
 from ..stack.stack import Stack, stack_env
+from ..untrusted import clip
 from .output import age, format_table
 
 
@@ -109,6 +110,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _running_stack(args: argparse.Namespace) -> Stack:
     stack = Stack(_settings(args), args.run_dir)
     stack.require_running()
+    return stack
+
+
+def _stack_with_watcher(args: argparse.Namespace) -> Stack:
+    """The running stack, once it is known to have a watcher named ``args.service`` (else :class:`StackError`)."""
+    stack = _running_stack(args)
+    if args.service not in stack.control.watchers():
+        raise StackError(f"no watcher named {clip(args.service, 80)!r} (see `meshkit status`)")
     return stack
 
 
@@ -197,28 +206,26 @@ def _uptime(pid: int, now: float) -> str:
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.count < 0:
         raise StackError("count must be >= 0")
-    stack = _running_stack(args)
+    stack = _stack_with_watcher(args)
     stack.control.scale(args.service, args.count)
     print(f"{args.service}: {stack.control.numprocesses(args.service)} processes")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    _running_stack(args).control.start(args.service)
+    _stack_with_watcher(args).control.start(args.service)
     print(f"{args.service} started")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    _running_stack(args).control.stop(args.service)
+    _stack_with_watcher(args).control.stop(args.service)
     print(f"{args.service} stopped")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    stack = _running_stack(args)
-    if args.service not in stack.control.watchers():
-        raise StackError(f"no watcher named {args.service!r} (see `meshkit status`)")
+    stack = _stack_with_watcher(args)
     if args.service not in service_watchers(stack):
         raise StackError(f"{args.service} is not a meshkit service (its processes do not register), so it "
                          f"cannot be restarted one process at a time; use `meshkit stop {args.service}` "

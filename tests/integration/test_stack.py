@@ -157,6 +157,9 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         assert "result" in client.request("mining.stats", [])
         refused = meshkit("restart", "flapguard", "--run-dir", str(run_dir), env=env)
         assert refused.returncode != 0 and "not a meshkit service" in refused.stderr, refused.stderr
+        for command in (["scale", "nosuch", "3"], ["stop", "nosuch"], ["start", "nosuch"], ["restart", "nosuch"]):
+            unknown = meshkit(*command, "--run-dir", str(run_dir), env=env)
+            assert unknown.returncode != 0 and "no watcher named 'nosuch'" in unknown.stderr, unknown.stderr
 
         # Kill a backend: calls are routed around it, Circus replaces it.
         victim = control.pids("mining")[0]
