@@ -1,9 +1,11 @@
 """Operator commands for the Circus stack: ``meshkit up|down|status|scale|start|stop|restart``.
 
 ``up``      starts ``circusd`` on ``circus.ini`` with the run directory and
-            variables the file expects, waits until the stack answers, and
-            either stays in the foreground (Ctrl-C stops everything) or, with
-            ``--daemon``, returns (:mod:`meshkit.stack.lifecycle`).
+            variables the file expects, waits until the stack is up
+            (:mod:`meshkit.stack.readiness`: a process that exits meanwhile
+            fails it at once), and either stays in the foreground (Ctrl-C
+            stops everything) or, with ``--daemon``, returns
+            (:mod:`meshkit.stack.lifecycle`).
 ``down``    stops every watcher in dependency order (:mod:`meshkit.stack.order`), then
             circusd, and waits.
 ``status``  one table: Circus's processes (with how long each has run)
