@@ -18,7 +18,8 @@ Settings come from ``MESHKIT_*`` variables and the file named by
 ``MESHKIT_CONFIG`` or ``--config``. Without ``MESHKIT_REDIS_URL``, the mesh
 commands read the Redis of the stack or of ``meshkit redis start`` running
 from this directory, and say so (:mod:`meshkit.rundir`). Errors print one
-line to stderr; exit statuses are listed in :mod:`.output` (0 done, 1
+line to stderr (a failed ``up`` or ``restart`` adds the end of the log of the
+process that exited); exit statuses are listed in :mod:`.output` (0 done, 1
 failed, 2 bad command line or settings).
 
 Every argparse verb lives in this package, and nothing below it imports it.

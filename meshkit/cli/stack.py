@@ -1,13 +1,17 @@
 """Operator commands for the Circus stack: ``meshkit up|down|status|scale|start|stop|restart``.
 
 ``up``      starts ``circusd`` on ``circus.ini`` with the run directory and
-            variables the file expects, waits until the stack answers, and
-            either stays in the foreground (Ctrl-C stops everything) or, with
-            ``--daemon``, returns (:mod:`meshkit.stack.lifecycle`).
+            variables the file expects, waits until the stack is up
+            (:mod:`meshkit.stack.readiness`: a process that exits meanwhile
+            fails it at once), and either stays in the foreground (Ctrl-C
+            stops everything) or, with ``--daemon``, returns
+            (:mod:`meshkit.stack.lifecycle`).
 ``down``    stops every watcher in dependency order (:mod:`meshkit.stack.order`), then
             circusd, and waits.
-``status``  one table: Circus's processes joined with the registry's
-            instances by pid, plus flap-control stops and public sockets.
+``status``  one table: Circus's processes (with how long each has run)
+            joined with the registry's instances by pid (a service's
+            process without a record is ``unregistered``), plus flap-control
+            stops, public sockets, HAProxy's master and the panel's URL.
 ``scale``   sets a watcher's number of processes.
 ``start`` / ``stop``  a watcher (``start`` also clears a flap-control stop).
 ``restart`` a rolling, graceful restart of a service watcher (:mod:`meshkit.stack.rolling`).
@@ -26,11 +30,15 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from ..config import Settings
+from ..haproxy.process import haproxy_master
 from ..panelurl import read_url
 from ..registry import read_records
 from ..stack.console import say
 from ..stack.control import StackError
+from ..stack.exits import ExitWatch, failure_report
 from ..stack.flap import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_WINDOW,
@@ -39,11 +47,13 @@ from ..stack.flap import (
     FlapPolicy,
     read_flapped,
 )
-from ..stack.lifecycle import down_leftovers, run_up, service_watchers, stop
+from ..stack.lifecycle import down_leftovers, run_up, stop
 from ..stack.processes import stack_processes
+from ..stack.readiness import service_watchers
 from ..stack.rolling import RollingRestart
 from ..stack.stack import Stack, stack_env
-from .output import format_table
+from ..untrusted import clip
+from .output import age, format_table
 
 
 def add_commands(sub: Any) -> None:
@@ -105,6 +115,14 @@ def _running_stack(args: argparse.Namespace) -> Stack:
     return stack
 
 
+def _stack_with_watcher(args: argparse.Namespace) -> Stack:
+    """The running stack, once it is known to have a watcher named ``args.service`` (else :class:`StackError`)."""
+    stack = _running_stack(args)
+    if args.service not in stack.control.watchers():
+        raise StackError(f"no watcher named {clip(args.service, 80)!r} (see `meshkit status`)")
+    return stack
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     ini = os.path.abspath(args.circus_ini)
     if not os.path.exists(ini):
@@ -132,8 +150,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if pid is None:
         return down_leftovers(stack)
     stack.control.timeout = args.timeout
-    stop(stack, pid, [], graceful=True, timeout=args.timeout)
-    say("stack stopped", sys.stdout)
+    began = time.monotonic()
+    stop(stack, pid, [], graceful=True, timeout=args.timeout, report=say)
+    say(f"stack stopped ({time.monotonic() - began:.1f}s)", sys.stdout)
     return 0
 
 
@@ -146,57 +165,69 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"registry unreachable: {exc}", file=sys.stderr)
         records = {}
     flapped = read_flapped(stack.run_dir)
-    rows = [("WATCHER", "STATUS", "PID", "SERVICE", "INSTANCE", "ENDPOINT", "STATE", "LISTENERS")]
+    services = service_watchers(stack)
+    rows = [("WATCHER", "STATUS", "PID", "UP", "SERVICE", "INSTANCE", "ENDPOINT", "STATE", "LISTENERS")]
     now = time.time()
     for watcher, state in sorted(stack.control.status().items()):
         if watcher in flapped:
             state = f"stopped (flapping, {now - float(flapped[watcher]['at']):.0f}s ago)"
         pids = stack.control.pids(watcher) if state == "active" else []
         if not pids:
-            rows.append((watcher, state, "-", "-", "-", "-", "-", "-"))
+            rows.append((watcher, state, "-", "-", "-", "-", "-", "-", "-"))
         for pid in pids:
             rec = records.get(pid)
             if rec is None:
-                rows.append((watcher, state, str(pid), "-", "-", "-", "-", "-"))
+                # A service's process with no record is starting, or cannot reach the registry.
+                registered = "unregistered" if watcher in services and records else "-"
+                rows.append((watcher, state, str(pid), _uptime(pid, now), "-", "-", "-", registered, "-"))
             else:
                 listeners = ",".join(f"{k}={v}" for k, v in rec.listeners.items()) or "-"
-                rows.append((watcher, state, str(pid), rec.service, rec.instance_id, rec.endpoint,
-                             rec.state, listeners))
+                rows.append((watcher, state, str(pid), _uptime(pid, now), rec.service, rec.instance_id,
+                             rec.endpoint, rec.state, listeners))
     print(format_table(rows))
     sockets = stack.control.sockets()
     if sockets:
         print("\npublic sockets: " + ", ".join(f"{k}={v}" for k, v in sorted(sockets.items())))
+    master = haproxy_master(stack.run_dir)
+    print(f"haproxy: master pid {master}" if master is not None else
+          f"haproxy: not running (see {stack.run_dir}/haproxy-sync.log and haproxy.log)")
     panel = read_url(stack.run_dir)
     if panel:
         print(f"control panel: {panel}")
     return 0
 
 
+def _uptime(pid: int, now: float) -> str:
+    """How long process ``pid`` has run (``42s``, ``17m``); ``-`` if it is gone."""
+    try:
+        return age(now - psutil.Process(pid).create_time())
+    except psutil.Error:
+        return "-"
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.count < 0:
         raise StackError("count must be >= 0")
-    stack = _running_stack(args)
+    stack = _stack_with_watcher(args)
     stack.control.scale(args.service, args.count)
     print(f"{args.service}: {stack.control.numprocesses(args.service)} processes")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    _running_stack(args).control.start(args.service)
+    _stack_with_watcher(args).control.start(args.service)
     print(f"{args.service} started")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    _running_stack(args).control.stop(args.service)
+    _stack_with_watcher(args).control.stop(args.service)
     print(f"{args.service} stopped")
     return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    stack = _running_stack(args)
-    if args.service not in stack.control.watchers():
-        raise StackError(f"no watcher named {args.service!r} (see `meshkit status`)")
+    stack = _stack_with_watcher(args)
     if args.service not in service_watchers(stack):
         raise StackError(f"{args.service} is not a meshkit service (its processes do not register), so it "
                          f"cannot be restarted one process at a time; use `meshkit stop {args.service}` "
@@ -206,10 +237,17 @@ def cmd_restart(args: argparse.Namespace) -> int:
     def registered() -> set[int]:
         return {r.pid for r in read_records(settings) if r.is_up}
 
-    restart = RollingRestart(stack.control, args.service, registered, batch=args.batch,
-                             register_timeout=args.register_timeout,
-                             report=lambda text: say(text, sys.stdout))
-    steps = restart.run(time.monotonic() + args.timeout)
+    # Subscribed before the first new process starts: a replacement that dies
+    # at once is reported with its exit status and the end of its log.
+    with ExitWatch(stack.pubsub_endpoint, args.service) as exits:
+        def explain(pids: list[int]) -> str:
+            gone = exits.of(pids, timeout=1.0)
+            return failure_report(gone, stack.watcher_log, "failed as it started") if gone else ""
+
+        restart = RollingRestart(stack.control, args.service, registered, batch=args.batch,
+                                 register_timeout=args.register_timeout,
+                                 report=lambda text: say(text, sys.stdout), explain=explain)
+        steps = restart.run(time.monotonic() + args.timeout)
     replaced = sum(len(step.stopped) for step in steps)
     say(f"{args.service}: restarted, {replaced} processes replaced in {len(steps)} steps", sys.stdout)
     return 0
@@ -223,7 +261,7 @@ def cmd_flapguard(args: argparse.Namespace) -> int:
     stack = Stack(settings, args.run_dir)
     configure_logging(settings, "flapguard", str(os.getpid()))
     policy = FlapPolicy.from_settings(settings, FlapLimit(args.max_restarts, args.window))
-    guard = FlapGuard(stack.control, f"ipc://{stack.run_dir}/circus-pubsub.sock", policy,
+    guard = FlapGuard(stack.control, stack.pubsub_endpoint, policy,
                       stack.run_dir, Metrics.from_settings(settings, "flapguard"))
     guard.run()
     return 0

@@ -10,6 +10,7 @@ The layers, lowest first (each imports only those before it):
 * :mod:`~meshkit.haproxy.render` — the Jinja2 templates in ``haproxy/``, and ``haproxy -c``
 * :mod:`~meshkit.haproxy.runtime` — runtime API and master CLI clients
 * :mod:`~meshkit.haproxy.reconcile` — the commands that make HAProxy's servers match a model
+* :mod:`~meshkit.haproxy.keeper` — a master that can serve the model, running its structure (start, take over, reload)
 * :mod:`~meshkit.haproxy.sync` — the long-running sync process
 
 The ``meshkit haproxy render|sync|stop`` verbs are :mod:`meshkit.cli.haproxy`.

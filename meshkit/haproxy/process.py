@@ -264,6 +264,12 @@ class HAProxyMaster:
                 os.kill(pid, signal.SIGUSR1)
 
 
+def haproxy_master(run_dir: str | os.PathLike[str]) -> int | None:
+    """The pid of the live HAProxy master of ``run_dir`` (running its ``haproxy.cfg``); None if none runs."""
+    base = Path(run_dir).absolute()
+    return find_master(base / CONFIG_NAME, base / PID_NAME)
+
+
 def stop_haproxy(run_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT) -> str:
     """Stop the HAProxy of ``run_dir`` (the master running its ``haproxy.cfg``) and its workers; return how.
 

@@ -4,6 +4,9 @@
 and, in rounds, makes HAProxy match the :class:`~meshkit.haproxy.model.Model`
 built from it:
 
+Steps 1 and 2 are :class:`~meshkit.haproxy.keeper.MasterKeeper`'s; step 3
+and the loop of rounds are this module's.
+
 1. **Attach, or start one.** By default it drives the HAProxy master of its
    run directory (see :mod:`meshkit.haproxy.process`, which it outlives): the
    one running there (left by an earlier sync), else one it starts from a
@@ -44,8 +47,6 @@ reload, a start, a lookup: none is waited for, a cancelled one gets
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,18 +59,18 @@ from ..tasks import Supervised, supervise
 from ..timing import wait_event
 from ..untrusted import LogThrottle, clip
 from .config import ProxyConfig
-from .errors import ConfigCheckError, HAProxyError, HAProxyUnreachableError, ReloadError, RuntimeCommandError
-from .hosts import HostCache, detached
+from .errors import HAProxyError, HAProxyUnreachableError, RuntimeCommandError
+from .hosts import HostCache
+from .keeper import MasterKeeper
 from .model import Model, build_model, listener_hosts
-from .process import HAProxyMaster, alive, find_haproxy
+from .process import HAProxyMaster, find_haproxy
 from .reconcile import REMOVE, Step, plan
-from .render import RuntimePaths, check_config, fingerprint_of, render, structure_fingerprint, write_config
-from .runtime import MasterCLI, RuntimeAPI, wait_for_worker
+from .render import RuntimePaths
+from .runtime import MasterCLI, RuntimeAPI
 
 log = logging.getLogger("meshkit.haproxy.sync")
 
 DEBOUNCE = 0.05  # seconds to gather a burst of registry changes into one round
-READY_TIMEOUT = 10.0  # seconds a new worker may take to answer on the stats socket
 CANCEL_WAIT = 1.0  # seconds a cancelled round may take to end before the stop goes on without it
 REGISTRY_CLOSE_TIMEOUT = 2.0  # seconds closing the registry may take at stop
 ERROR_LOG_INTERVAL = 30.0  # seconds between two log lines for the same kind of failed round
@@ -94,6 +95,7 @@ class HAProxySync:
         attach: bool = False,
         haproxy: str | None = None,
         source: str = "configs/haproxy.toml",
+        runtime: RuntimeAPI | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -106,20 +108,13 @@ class HAProxySync:
         self.clock = clock
         self.sleep = sleep
         self.registry = Registry(settings)
-        self.runtime = RuntimeAPI(paths.stats_socket)
+        self.runtime = runtime or RuntimeAPI(paths.stats_socket)
         self.master = MasterCLI(paths.master_socket)
-        self.process: HAProxyMaster | None = None
-        if not attach:
-            self.process = HAProxyMaster(paths.config_file, paths.master_socket, paths.pid_file,
-                                         paths.stats_socket, self.haproxy, config.inherited_fds)
+        self.keeper = MasterKeeper(config, paths, self.runtime, self.master, self.haproxy, source, attach,
+                                   clock, lambda: self._stopping)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
-        self._loaded: str | None = None  # structure fingerprint of the configuration HAProxy runs
-        self._rejected: str | None = None  # structure fingerprint haproxy -c refused (not retried)
-        self._retry_after = 0.0  # clock time before which no launch / reload is tried again
-        self._launch_backoff = 0.5
-        self._retiring: set[int] = set()  # older masters soft-stopped after a takeover, until gone
         self._problems: set[str] = set()
         self._failing: dict[str, str] = {}  # step -> HAProxy's last refusal, to log each refusal once
         self._unreachable_since: float | None = None
@@ -127,6 +122,11 @@ class HAProxySync:
         self.hosts = HostCache(clock)
         self.loop: Supervised | None = None  # the supervised loop of rounds, while running
         self.rounds = 0  # completed rounds (for tests and status)
+
+    @property
+    def process(self) -> HAProxyMaster | None:
+        """The HAProxy master this sync drives (None with ``attach=True``)."""
+        return self.keeper.process
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class HAProxySync:
         closed before it returns; HAProxy is left running.
         """
         try:
-            self._loaded = self._running_fingerprint() if self.attach else None
+            self.keeper.loaded = self.keeper.running_fingerprint() if self.attach else None
             await self._unless_stopped(self.registry.start())
             self.registry.add_listener(self.wake)
             self.loop = supervise("haproxy-sync", self.follow, logger=log, clock=self.clock, sleep=self.sleep)
@@ -203,10 +203,8 @@ class HAProxySync:
 
     def set_config(self, config: ProxyConfig) -> None:
         """Use a new configuration from the next round on (a reload follows if the structure changed)."""
-        if self.process is not None:
-            self.process.pass_fds = config.inherited_fds
+        self.keeper.set_config(config)
         self.config = config
-        self._rejected = None
         self.wake()
 
     # -- one round --------------------------------------------------------------
@@ -217,9 +215,9 @@ class HAProxySync:
             records = self.registry.instances()
             await self.hosts.refresh(listener_hosts(self.config, records))
             model = self.model(records)
-            if self.process is not None and not await self._master_ready(model):
+            if self.process is not None and not await self.keeper.ensure_master(model):
                 return  # waiting to try again (backoff)
-            await self._reload_if_needed(model)
+            await self.keeper.reload_if_needed(model)
             await self._reconcile(model)
         except HAProxyUnreachableError as exc:
             self._note_unreachable(exc)
@@ -249,122 +247,6 @@ class HAProxySync:
             log.warning("cannot route to %s", clip(problem, 300))
         self._problems = set(model.problems)
         return model
-
-    async def _master_ready(self, model: Model) -> bool:
-        """Make sure a master that can serve ``model`` runs: keep ours, attach to one, or start one.
-
-        Returns whether one runs (False while a launch waits for its back-off).
-        """
-        assert self.process is not None
-        for pid in [p for p in self._retiring if not alive(p)]:
-            self._retiring.discard(pid)
-        for pid in self._retiring:
-            self.process.retire(pid)  # again: a master re-executing itself drops the signal
-        if self.process.running():
-            assert self.process.pid is not None
-            if self.process.can_adopt(self.process.pid):
-                return True
-            log.warning("haproxy master %d lacks a listening socket the configuration binds; replacing it",
-                        self.process.pid)
-            await self._launch(model, previous=self.process.pid)
-            return self.process.running()
-        worker = None
-        with contextlib.suppress(HAProxyUnreachableError):
-            worker = await self.runtime.worker_pid()
-        found = self.process.choose(worker)
-        if found is not None and self.process.can_adopt(found):
-            self.process.adopt(found)
-            self._loaded = self._running_fingerprint()
-            log.info("attached to the running haproxy master (pid %d)", found)
-            for stale in self.process.others():  # a takeover cut short leaves a second one
-                self._retiring.add(stale)
-                self.process.retire(stale)
-            return True
-        await self._launch(model, previous=found)
-        return self.process.running()
-
-    def _running_fingerprint(self) -> str | None:
-        """The structure fingerprint of what HAProxy runs (see :meth:`HAProxyMaster.loaded_structure`).
-
-        An HAProxy someone else started (``attach=True``) has only its configuration file's.
-        """
-        if self.process is not None:
-            return self.process.loaded_structure()
-        with contextlib.suppress(OSError):
-            return fingerprint_of(self.paths.config_file.read_text())
-        return None
-
-    def _note_loaded(self, fingerprint: str) -> None:
-        self._loaded = fingerprint
-        if self.process is not None:
-            self.process.note_loaded(fingerprint)
-
-    async def _launch(self, model: Model, previous: int | None) -> None:
-        """Start a master with every server; taking the listeners over from master ``previous`` if given."""
-        assert self.process is not None
-        if self._stopping or self.clock() < self._retry_after:
-            return
-        if self.process.died is not None:
-            log.error("haproxy master %d is gone; starting a new one with every server", self.process.died)
-            self.process.died = None
-        self._loaded = None
-        self._retry_after = self.clock() + self._launch_backoff
-        self._launch_backoff = min(self._launch_backoff * 2, 10.0)
-        fingerprint = await self._write(model)
-        # -x only from a worker that answers: a stale socket would fail the start.
-        takeover = previous is not None and await self.runtime.answers()
-        try:
-            await self.process.start(takeover=takeover)
-            await self._wait_worker(None)
-        except BaseException:
-            if previous is not None and alive(previous):
-                self.process.fall_back(previous)  # it keeps serving; a later round tries again
-            raise
-        if previous is not None:
-            self._retiring.add(previous)
-            self.process.retire(previous)
-        self._note_loaded(fingerprint)
-        self._retry_after, self._launch_backoff = 0.0, 0.5
-        log.info("haproxy is up with %d server(s)", sum(len(b.servers) for b in model.backends))
-
-    async def _reload_if_needed(self, model: Model) -> None:
-        fingerprint = structure_fingerprint(model, self.paths)
-        if fingerprint in (self._loaded, self._rejected) or self.clock() < self._retry_after:
-            return
-        log.info("frontends or backends changed: reloading haproxy")
-        await self._write(model)
-        try:
-            table = await self.master.reload()
-            await self._wait_worker(table.workers)
-        except ReloadError:
-            self._retry_after = self.clock() + 5.0  # HAProxy keeps its old worker meanwhile
-            raise
-        self._note_loaded(fingerprint)
-        log.info("haproxy reloaded (worker %s)", ", ".join(map(str, table.workers)))
-
-    async def _write(self, model: Model) -> str:
-        """Render ``model`` (every known server included), check it, and write it; return its fingerprint."""
-        text = render(model, self.paths, self.source)
-        fingerprint = fingerprint_of(text) or ""
-        try:
-            # Detached: a stop cancels this round without waiting for haproxy -c.
-            await detached(functools.partial(check_config, text, model, self.haproxy))
-        except ConfigCheckError:
-            self._rejected = fingerprint
-            raise
-        write_config(self.paths.config_file, text)
-        return fingerprint
-
-    async def _wait_worker(self, workers: tuple[int, ...] | None) -> None:
-        """Wait until the stats socket is answered by one of ``workers`` (by the new master's worker if None)."""
-        master = self.process
-
-        def check_alive() -> None:
-            if master is not None and not master.running():
-                raise HAProxyError(f"haproxy master {master.died} exited while starting (see {master.log_file})")
-
-        await wait_for_worker(self.master, self.runtime, workers, master.pid if master else None,
-                              check_alive, READY_TIMEOUT)
 
     async def _reconcile(self, model: Model) -> None:
         actual = await self.runtime.servers()

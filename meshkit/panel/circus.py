@@ -23,7 +23,8 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from ..stack.flap import read_flapped, watcher_event
+from ..stack.exits import watcher_event
+from ..stack.flap import read_flapped
 from ..untrusted import clip
 
 log = logging.getLogger("meshkit.panel.circus")

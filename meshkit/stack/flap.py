@@ -37,6 +37,7 @@ from ..metrics import Metrics
 from ..sections import read_section
 from ..untrusted import clip
 from .control import CircusControl, StackError
+from .exits import watcher_event
 
 log = logging.getLogger("meshkit.flap")
 
@@ -132,20 +133,6 @@ def read_flapped(run_dir: str) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def watcher_event(frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
-    """One circusd pub/sub message as ``(topic, event)``; ``None`` for one that is not two frames of JSON.
-
-    An event that is JSON but not an object becomes ``{}`` (the topic alone still counts).
-    """
-    if len(frames) != 2:
-        return None
-    try:
-        data = json.loads(frames[1])
-    except ValueError:
-        return None
-    return frames[0].decode(errors="replace"), data if isinstance(data, dict) else {}
 
 
 def write_flapped(run_dir: str, data: Mapping[str, Any]) -> None:

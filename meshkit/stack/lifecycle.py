@@ -3,8 +3,9 @@
 ``up`` starts circusd (:mod:`.circusd`) on ``circus.ini`` in a session of its
 own, with no terminal: its stdin is ``/dev/null`` and its output goes to
 ``<run_dir>/circusd.out``, so nothing in the stack depends on the terminal or
-pipe that ``meshkit up`` writes to. It waits until the stack answers and
-either returns (``--daemon``) or stays in the foreground until Ctrl-C,
+pipe that ``meshkit up`` writes to. It waits until the stack is up
+(:mod:`.readiness`; a service that exits meanwhile fails the start at once,
+and the stack is stopped again) and either returns (``--daemon``) or stays in the foreground until Ctrl-C,
 SIGTERM or SIGHUP, then stops the stack. Stopping never depends on being
 able to print (:mod:`.console`): a reader that went away or a closed terminal
 cannot keep the stack running.
@@ -19,24 +20,24 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
 from ..config import Settings
 from ..haproxy.process import stop_haproxy
 from ..panelurl import wait_for_url
-from ..registry import read_records
 from ..untrusted import clip
-from .circusd import startup_failure
 from .console import say
 from .control import StackError
+from .exits import ExitWatch
 from .order import stop_in_order
 from .processes import stack_processes, terminate
+from .readiness import wait_ready
 from .stack import Stack
 
 
@@ -59,35 +60,41 @@ def run_up(stack: Stack, settings: Settings, ini: str, env: dict[str, str], home
     stops: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: stops.append(signum))
-    proc, log_offset = launch(stack, ini, env, home)
-    try:
-        wait_ready(stack, settings, proc, timeout, stops, log_offset)
-        welcome(stack, settings)
-    except BaseException:
-        stop(stack, proc.pid, stops, graceful=not stops)
-        raise
+    # Subscribed before circusd starts, so the first exit of a failing service is heard.
+    with ExitWatch(stack.pubsub_endpoint) as exits:
+        proc, log_offset = launch(stack, ini, env, home)
+        try:
+            wait_ready(stack, settings, proc, timeout, stops, log_offset, exits)
+            welcome(stack, settings)
+        except BaseException:
+            stop(stack, proc.pid, stops, graceful=not stops)
+            raise
     if daemon:
         return 0
     while proc.poll() is None and not stops:
         time.sleep(0.2)
     if proc.poll() is None:
         say("\nstopping the stack gracefully (Ctrl-C again to force)...")
-        stop(stack, proc.pid, stops, graceful=True)
+        stop(stack, proc.pid, stops, graceful=True, report=say)
         say("stack stopped")
     return 0
 
 
-def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0) -> None:
+def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool, timeout: float = 120.0,
+         report: Callable[[str], object] | None = None) -> None:
     """Stop the stack: in order through circusd, or (forced, or if that fails) kill every process of it.
 
     A signal arriving in ``stops`` after the graceful stop began forces it.
+    ``report(line)``, if given, hears of each watcher as it begins to stop,
+    and of how long it took if that was a second or more (a gateway's drain
+    can take most of a minute: the operator sees what is being waited for).
     Raises :class:`StackError` only if processes survive even SIGKILL.
     """
     tree = stack_processes(stack.run_dir, circusd_pid)
     if graceful and circusd_pid is not None:
         seen = len(stops)
         failures: list[str] = []
-        stopping = threading.Thread(target=_stop_in_order, args=(stack, timeout, failures), daemon=True)
+        stopping = threading.Thread(target=_stop_in_order, args=(stack, timeout, failures, report), daemon=True)
         stopping.start()
         deadline = time.monotonic() + timeout + 5
         while (_running(circusd_pid) and stopping.is_alive() and len(stops) == seen
@@ -110,13 +117,24 @@ def stop(stack: Stack, circusd_pid: int | None, stops: list[int], graceful: bool
         raise StackError(f"could not stop {len(survivors)} processes: {[p.pid for p in survivors]}")
 
 
-def _stop_in_order(stack: Stack, timeout: float, failures: list[str]) -> None:
+def _stop_in_order(stack: Stack, timeout: float, failures: list[str],
+                   report: Callable[[str], object] | None) -> None:
+    began: dict[str, float] = {}
+
+    def on_stop(watcher: str) -> None:
+        began[watcher] = time.monotonic()
+        if report is not None:
+            report(f"  stopping {watcher}")
+
     def after_stop(watcher: str) -> None:
         if watcher == "haproxy":
             stop_proxy(stack)
+        took = time.monotonic() - began.get(watcher, time.monotonic())
+        if report is not None and took >= 1.0:  # a quick stop needs no second line
+            report(f"  {watcher} stopped after {took:.1f}s")
 
     try:
-        stop_in_order(stack.control, time.monotonic() + timeout, after_stop=after_stop)
+        stop_in_order(stack.control, time.monotonic() + timeout, on_stop=on_stop, after_stop=after_stop)
     except StackError as exc:
         failures.append(str(exc))
 
@@ -143,103 +161,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def wait_ready(stack: Stack, settings: Settings, proc: subprocess.Popen[bytes], timeout: float,
-               stops: list[int], log_offset: int = 0) -> None:
-    """Wait until circusd answers, HAProxy answers, and every active watcher's processes registered.
-
-    If circusd exits meanwhile, the error says why, from what it logged.
-    """
-    deadline = time.monotonic() + timeout
-    last = "circusd to answer"
-    while time.monotonic() < deadline:
-        if stops:
-            raise StackError("interrupted while starting")
-        if proc.poll() is not None:
-            raise StackError(_exit_reason(stack, proc.returncode, log_offset))
-        if stack.control.reachable():
-            try:
-                missing = _unregistered(stack, settings)
-            except Exception as exc:  # Redis not up yet
-                missing = [f"registry ({exc})"]
-            if not missing and stack.control.status().get("haproxy") == "active" and not _haproxy_answers(stack):
-                missing = [f"HAProxy (see {stack.run_dir}/haproxy-sync.log)"]
-            if not missing:
-                return
-            last = "registration of " + ", ".join(missing)
-        time.sleep(0.2)
-    raise StackError(f"stack not ready after {timeout:.0f}s: waiting for {last}")
-
-
-def _exit_reason(stack: Stack, code: int | None, log_offset: int) -> str:
-    log = os.path.join(stack.run_dir, "circusd.log")
-    try:
-        with open(log, "rb") as f:
-            f.seek(log_offset)
-            text = f.read(1 << 20).decode(errors="replace")
-    except OSError:
-        text = ""
-    reason = startup_failure(text)
-    if reason is None:
-        return f"circusd exited with {code}; see {log} and {stack.run_dir}/circusd.out"
-    return f"circusd could not start the stack: {reason}; see {log}"
-
-
-def _haproxy_answers(stack: Stack) -> bool:
-    """Whether HAProxy's stats socket in the run directory answers and every backend has a server up.
-
-    ``meshkit up`` returns only then: a client connecting a moment earlier,
-    while the sync was still adding the gateways (or their first health
-    check was running), found no server and was closed.
-    """
-    path = os.path.join(stack.run_dir, "haproxy.sock")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(path)
-            sock.sendall(b"show stat\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-    except OSError:
-        return False
-    return backends_up(b"".join(chunks).decode(errors="replace"))
-
-
-def backends_up(stat_csv: str) -> bool:
-    """Whether ``show stat`` output lists at least one backend and every one is ``UP``."""
-    lines = stat_csv.splitlines()
-    if not lines or not lines[0].startswith("# "):
-        return False
-    header = lines[0][2:].split(",")
-    try:
-        sv, status = header.index("svname"), header.index("status")
-    except ValueError:
-        return False
-    rows = [line.split(",") for line in lines[1:] if line]
-    backends = [row for row in rows if len(row) > max(sv, status) and row[sv] == "BACKEND"]
-    return bool(backends) and all(row[status] == "UP" for row in backends)
-
-
-def _unregistered(stack: Stack, settings: Settings) -> list[str]:
-    records = read_records(settings)
-    registered = {r.pid for r in records}
-    missing = []
-    statuses = stack.control.status()
-    services = service_watchers(stack)
-    for watcher in statuses:
-        if statuses[watcher] != "active" or watcher not in services:
-            continue
-        pids = stack.control.pids(watcher)
-        if not pids or any(p not in registered for p in pids):
-            missing.append(watcher)
-    return missing
-
-
-def service_watchers(stack: Stack) -> set[str]:
-    """Watchers whose processes are meshkit services (they run ``meshkit run``)."""
-    return {w for w in stack.control.watchers() if "meshkit run " in stack.control.command_line(w)}
-
-
 def welcome(stack: Stack, settings: Settings) -> None:
     """What the operator needs to start using the stack (never raises)."""
     sockets = stack.control.sockets()
@@ -256,7 +177,9 @@ def welcome(stack: Stack, settings: Settings) -> None:
         '    {"id":2,"method":"mining.authorize","params":["alice","x"]}\n'
         '    {"id":3,"method":"mining.stats","params":[]}\n'
         "  In another shell, from this directory, any of:\n"
-        "    .venv/bin/meshkit status\n"
+        + ("" if stack.run_dir == os.path.abspath(".run") else
+           f"    export MESHKIT_RUN_DIR={stack.run_dir}   (first: the commands look in ./.run otherwise)\n")
+        + "    .venv/bin/meshkit status\n"
         "    .venv/bin/meshkit ls\n"
         "    .venv/bin/meshkit scale mining 4\n"
         "    .venv/bin/meshkit restart mining\n"

@@ -18,12 +18,15 @@ whole restart holds the control lock, so no other meshkit command changes
 the watcher meanwhile.
 
 If a new process exits or does not register within ``register_timeout``, the
-restart stops there: the new processes of that step are stopped (Circus
-``kill`` of their pids) and the watcher is set back to its number of
-processes; the old processes keep serving. :class:`RestartFailed` says what
-happened and which processes run now. (Between that ``kill`` and the
-``decr`` Circus may already have started a fresh copy of the failing process;
-the ``decr`` then stops the oldest process instead, which the error reports.)
+restart stops there: every process that is not an old one is stopped (Circus
+``kill`` of their pids: the new ones of that step and the copies Circus
+started in place of those that crashed) and at once the watcher is set back
+to its number of processes; the old processes keep serving.
+:class:`RestartFailed` says what happened (with the exit status and the end
+of the log of a process that crashed, as the caller's ``explain`` words it)
+and which processes run now. (Should Circus's periodic check start yet
+another copy between that ``kill`` and the ``decr``, the ``decr`` stops the
+oldest process instead, which the error reports.)
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ from .control import CircusControl, StackError
 
 
 class RestartFailed(StackError):
-    """A rolling restart stopped before every process was replaced (the old ones that remain still serve)."""
+    """A rolling restart stopped before every process was replaced (the old ones that remain still serve).
+
+    ``gone``: the new processes that exited before they registered (``[]``:
+    one that exited before it could be listed; None: none exited).
+    """
+
+    def __init__(self, message: str, gone: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.gone = gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +63,16 @@ class RollingRestart:
     """Replaces every process of ``watcher``, ``batch`` at a time (see the module doc).
 
     ``registered()`` returns the pids that have an ``up`` registry record now.
-    ``report(text)`` hears of each step as it happens.
+    ``report(text)`` hears of each step as it happens. ``explain(pids)``
+    words why new processes exited before they registered (their exit
+    status, the end of their log; ``[]``: a new process nobody saw), added to
+    the :class:`RestartFailed` message; empty if it cannot tell.
     """
 
     def __init__(self, control: CircusControl, watcher: str, registered: Callable[[], set[int]],
                  batch: int = 1, register_timeout: float = 30.0,
                  report: Callable[[str], object] = lambda text: None,
+                 explain: Callable[[list[int]], str] = lambda pids: "",
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         if batch < 1:
@@ -68,6 +83,7 @@ class RollingRestart:
         self.batch = batch
         self.register_timeout = register_timeout
         self.report = report
+        self.explain = explain
         self.clock = clock
         self.sleep = sleep
 
@@ -96,10 +112,12 @@ class RollingRestart:
         began = self.clock()
         try:
             if len(started) < count:  # gone before we could even list it
-                raise RestartFailed(f"{w}: a new process exited at once (see its log)")
+                raise RestartFailed(f"{w}: a new process exited at once (see its log)", [])
             self._wait_registered(started, min(deadline, began + self.register_timeout))
         except RestartFailed as exc:
-            raise RestartFailed(f"{exc}; {self._undo(started, before, deadline)}") from None
+            why = self.explain(exc.gone) if exc.gone is not None else ""
+            undone = self._undo(started, before, deadline)
+            raise RestartFailed(f"{exc}; {undone}" + (f"\n{why}" if why else "")) from None
         registered_after = self.clock() - began
         self.control.decr(w, count, deadline)
         stopped = sorted(before - set(self.control.pids(w)))
@@ -117,7 +135,7 @@ class RollingRestart:
             gone = [pid for pid in pids if pid not in running]
             if gone:
                 raise RestartFailed(f"{w}: new process {_pids(gone)} exited before it registered "
-                                    f"(see its log)")
+                                    f"(see its log)", gone)
             if set(pids) <= self.registered():
                 return
             if self.clock() > until:
@@ -130,8 +148,14 @@ class RollingRestart:
         """Stop the new processes of a failed step and restore the number of processes; say what runs now."""
         w = self.watcher
         try:
-            for pid in started:
+            # Every process that is not an old one: a new process that crashed has
+            # already been replaced by Circus (it reaps and respawns in one
+            # check), and a live replacement would outlive the decr, which keeps
+            # the newest processes and so would stop an old one instead.
+            for pid in sorted(set(self.control.pids(w)) - before):
                 self.control.call("kill", deadline, name=w, pid=pid, waiting=True)
+            # Right away: a killed process stays listed, dead, until Circus's next
+            # check, which then drops it, and after the decr starts none in its place.
             self.control.decr(w, len(started), deadline)
         except StackError as exc:
             return f"undoing the step failed too ({exc}); check `meshkit status`"

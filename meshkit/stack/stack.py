@@ -30,6 +30,7 @@ class Stack:
         self.settings = settings
         self.run_dir = os.path.abspath(run_dir or settings.run_dir)
         self.endpoint = f"ipc://{self.run_dir}/circus.sock"
+        self.pubsub_endpoint = f"ipc://{self.run_dir}/circus-pubsub.sock"  # as circus.ini names it
         self.pidfile = os.path.join(self.run_dir, "circusd.pid")
         self.control = CircusControl(self.endpoint, os.path.join(self.run_dir, "control.lock"))
 
@@ -59,6 +60,18 @@ class Stack:
         env = stack_environment(self.run_dir)
         return Settings.load(env=env) if env is not None else self.settings
 
+    def watcher_log(self, watcher: str) -> str | None:
+        """The file a watcher's output goes to, as circusd says (stderr's stream first); None if none."""
+        try:
+            reply = self.control.call("get", name=watcher, keys=["stderr_stream_conf", "stdout_stream_conf"])
+        except StackError:
+            return None
+        options = reply.get("options", {})
+        for key in ("stderr_stream_conf", "stdout_stream_conf"):
+            conf = options.get(key) if isinstance(options, dict) else None
+            if isinstance(conf, dict) and isinstance(conf.get("filename"), str):
+                return str(conf["filename"])
+        return None
 
 
 def stack_env(settings: Settings, run_dir: str, home: str, environ: dict[str, str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ Nothing uses a fixed port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -221,15 +223,9 @@ def alive(pid: int) -> bool:
 
 def greeting(port: int, timeout: float = 3.0) -> str:
     """Connect through HAProxy and return the name of the gateway that answered ("" if none did)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode().strip()
+    sock, name = held(port, timeout)
+    sock.close()
+    return name
 
 
 def held(port: int, timeout: float = 3.0) -> tuple[socket.socket, str]:
@@ -255,6 +251,19 @@ def kill_haproxy(paths: RuntimePaths) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@contextlib.contextmanager
+def running_sync(settings: Settings, directory: Path) -> Iterator[Sync]:
+    """A :class:`Sync` on a public listener of its own; stopped, its HAProxy killed and the listener closed after."""
+    public = tcp_listener()
+    runner = Sync(settings, directory, public)
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        kill_haproxy(runner.paths)
+        public.close()
 
 
 def reserve_port(host: str = "127.0.0.1") -> socket.socket:

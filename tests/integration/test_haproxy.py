@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from haproxykit import REPO, WAIT, FakeRegistry, Gateway, Sync, alive, greeting, held, kill_haproxy
+from haproxykit import REPO, WAIT, FakeRegistry, Gateway, Sync, alive, greeting, held, running_sync
 
 from meshkit import Settings
 from meshkit.haproxy.process import REAP_TIMEOUT, stop_haproxy
@@ -34,12 +34,8 @@ SYNC_STOP_BUDGET = CANCEL_WAIT + REGISTRY_CLOSE_TIMEOUT + 2.0
 
 @pytest.fixture
 def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
-    public = tcp_listener()
-    runner = Sync(mesh_settings, tmp_path, public)
-    yield runner
-    runner.stop()
-    kill_haproxy(runner.paths)
-    public.close()
+    with running_sync(mesh_settings, tmp_path) as runner:
+        yield runner
 
 
 def test_render_check_passes_with_servers(

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from haproxykit import Sync, kill_haproxy
+from haproxykit import Sync, running_sync
 from lineclient import LineClient, line_clients
 from panelkit import PanelProcess, taps_open
 
 from meshkit import Settings
-from meshkit.testing import ServiceProcess, StartService, find_program, tcp_listener, wait_until
+from meshkit.testing import ServiceProcess, StartService, find_program, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,8 @@ def clients() -> Iterator[Callable[[str], LineClient]]:
 
 @pytest.fixture
 def haproxy(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
-    public = tcp_listener()
-    runner = Sync(mesh_settings, tmp_path, public)
-    yield runner
-    runner.stop()
-    kill_haproxy(runner.paths)
-    public.close()
+    with running_sync(mesh_settings, tmp_path) as runner:
+        yield runner
 
 
 def test_the_panel_in_a_browser_shows_the_mesh_the_live_flow_filtered_and_a_waterfall(

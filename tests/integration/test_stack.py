@@ -18,12 +18,12 @@ import sys
 import termios
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from stackkit import ROOT, meshkit, stack_files
 
 from meshkit.config import Settings
 from meshkit.registry import read_records
@@ -32,8 +32,6 @@ from meshkit.stack.processes import stack_processes, terminate
 from meshkit.testing import wait_until
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 CRASHER = """
 [watcher:crasher]
@@ -50,11 +48,6 @@ priority = 10
 graceful_timeout = 3
 copy_env = True
 """
-
-
-def meshkit(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshkit", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 class JsonRpcClient:
@@ -82,32 +75,6 @@ class JsonRpcClient:
         self.sock.close()
 
 
-def stack_files(tmp_path: Path, extra: str = "") -> tuple[dict[str, str], Path, Path]:
-    """Environment, run directory and ini for a stack in ``tmp_path`` (kernel-chosen public port)."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    ini = tmp_path / "circus.ini"
-    ini.write_text((ROOT / "circus.ini").read_text() + extra)
-    config = tmp_path / "meshkit.toml"
-    config.write_text((ROOT / "configs" / "meshkit.toml").read_text()
-                      + "\n[services.crasher]\nflap_max_restarts = 3\nflap_window = 30.0\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHKIT_")}
-    env.update({
-        "MESHKIT_RUN_DIR": str(run_dir),
-        "MESHKIT_HOME": str(ROOT),
-        "MESHKIT_CONFIG": str(config),
-        "MESHKIT_NAMESPACE": "stack" + uuid.uuid4().hex[:8],
-        "MESHKIT_STRATUM_HOST": "127.0.0.1",
-        "MESHKIT_STRATUM_PORT": "0",
-        "MESHKIT_HEARTBEAT_INTERVAL": "0.3",
-        "MESHKIT_TTL": "2",
-        "MESHKIT_RESYNC_INTERVAL": "0.5",
-        "MESHKIT_DRAIN_GRACE": "3",
-        "MESHKIT_GATEWAY_DRAIN_GRACE": "2",
-    })
-    return env, run_dir, ini
-
-
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
     env, run_dir, ini = stack_files(tmp_path, CRASHER)
@@ -115,6 +82,8 @@ def stack(tmp_path: Path) -> Iterator[dict[str, object]]:
     pid_file = run_dir / "circusd.pid"
     try:
         assert result.returncode == 0, result.stdout + result.stderr
+        # The run directory is not ./.run: the welcome text says how the other commands find it.
+        assert f"export MESHKIT_RUN_DIR={run_dir}" in result.stdout, result.stdout
         env["MESHKIT_REDIS_URL"] = f"unix://{run_dir}/redis.sock"
         circusd = psutil.Process(int(pid_file.read_text()))
         yield {"env": env, "run_dir": run_dir, "circusd": circusd}
@@ -150,6 +119,8 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
     status = meshkit("status", "--run-dir", str(run_dir), env=env)
     assert status.returncode == 0, status.stderr
     assert "gateway" in status.stdout and "mining" in status.stdout and "up" in status.stdout
+    assert status.stdout.split()[:4] == ["WATCHER", "STATUS", "PID", "UP"], status.stdout
+    assert re.search(r"^haproxy: master pid \d+$", status.stdout, re.M), status.stdout
 
     client = JsonRpcClient((host, int(port)))
     try:
@@ -186,6 +157,9 @@ def test_stack_lifecycle(stack: dict[str, object]) -> None:
         assert "result" in client.request("mining.stats", [])
         refused = meshkit("restart", "flapguard", "--run-dir", str(run_dir), env=env)
         assert refused.returncode != 0 and "not a meshkit service" in refused.stderr, refused.stderr
+        for command in (["scale", "nosuch", "3"], ["stop", "nosuch"], ["start", "nosuch"], ["restart", "nosuch"]):
+            unknown = meshkit(*command, "--run-dir", str(run_dir), env=env)
+            assert unknown.returncode != 0 and "no watcher named 'nosuch'" in unknown.stderr, unknown.stderr
 
         # Kill a backend: calls are routed around it, Circus replaces it.
         victim = control.pids("mining")[0]
@@ -471,6 +445,9 @@ def test_down_stops_in_order_and_leaves_clean_logs(tmp_path: Path) -> None:
         reader.join(10)
         assert not reader.is_alive(), "the gateway did not close its client's connection"
         assert down.returncode == 0, down.stdout + down.stderr
+        # Each watcher as it begins to stop, in order: what a long drain is waiting for.
+        said = re.findall(r"^  stopping (\S+)$", down.stderr, re.M)
+        assert said[:3] == ["flapguard", "gateway", "haproxy"] and said[-1] == "redis", down.stderr
         _, alive = psutil.wait_procs(tree, timeout=15)
         assert not alive
         noise = []

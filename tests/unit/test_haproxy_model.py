@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_haproxy_config import config
 
 from meshkit.errors import ConfigError
-from meshkit.haproxy.config import ProxyConfig, parse_proxy_config
 from meshkit.haproxy.hosts import HostCache, detached
 from meshkit.haproxy.model import (
     Server,
@@ -28,21 +28,7 @@ from meshkit.haproxy.render import RuntimePaths, fingerprint_of, render, structu
 from meshkit.haproxy.runtime import RuntimeAPI, ServerState, parse_servers_state, parse_show_proc
 from meshkit.record import DRAINING, InstanceRecord
 
-REPO = Path(__file__).resolve().parents[2]
 PATHS = RuntimePaths.in_dir("/run/meshkit")
-
-
-def config(**haproxy: Any) -> ProxyConfig:
-    data: dict[str, Any] = {
-        "haproxy": haproxy,
-        "frontend": [
-            {"name": "stratum", "bind": "fd@5", "service": "gateway", "listener": "stratum"},
-            {"name": "stratum-alt", "bind": "127.0.0.1:3334", "service": "gateway", "listener": "stratum"},
-            {"name": "api", "bind": "*:8080", "mode": "http", "service": "gateway", "listener": "http",
-             "balance": "roundrobin", "http_check": "GET /health"},
-        ],
-    }
-    return parse_proxy_config(data, base=REPO / "configs")
 
 
 def gateway(instance: str, stratum: str = "10.0.0.1:4000", state: str = "up", **listeners: str) -> InstanceRecord:

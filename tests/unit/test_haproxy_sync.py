@@ -94,13 +94,13 @@ def make_sync(records: list[InstanceRecord]) -> tuple[HAProxySync, FakeRegistry,
     async def no_sleep(seconds: float) -> None:
         await asyncio.sleep(0)
 
-    sync = HAProxySync(Settings(), config(), RuntimePaths.in_dir("/nonexistent/run"), attach=True,
-                       haproxy="/bin/false", clock=clock, sleep=no_sleep)
     registry, runtime = FakeRegistry(records), FakeRuntime()
+    sync = HAProxySync(Settings(), config(), RuntimePaths.in_dir("/nonexistent/run"), attach=True,
+                       haproxy="/bin/false", runtime=runtime,  # type: ignore[arg-type]
+                       clock=clock, sleep=no_sleep)
     sync.registry = registry  # type: ignore[assignment]
-    sync.runtime = runtime  # type: ignore[assignment]
     # The structure HAProxy runs is the configured one: no reload (and no haproxy -c) in these tests.
-    sync._loaded = structure_fingerprint(sync.model(records), sync.paths)
+    sync.keeper.loaded = structure_fingerprint(sync.model(records), sync.paths)
     return sync, registry, runtime, clock
 
 

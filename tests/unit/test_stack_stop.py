@@ -134,6 +134,30 @@ def test_a_new_process_that_exits_while_starting_stops_the_restart() -> None:
     assert "stop 1" not in circus.events and circus.pids("shares") == [1, 2]
 
 
+def test_a_crashed_new_process_replaced_by_circus_leaves_the_old_ones_serving() -> None:
+    """Circus reaps a crashed process and starts a copy in one check: the copy must go too, not an old one."""
+    circus = FakeCircus([1])
+    heard: list[list[int]] = []
+
+    def registered() -> set[int]:
+        if 1001 in circus.processes:  # it crashes; Circus starts pid 1002 in its place, which never registers
+            circus.processes.remove(1001)
+            circus.processes.append(1002)
+        return {1}
+
+    def explain(pids: list[int]) -> str:
+        heard.append(pids)
+        return "pid 1001 exited with status 2"
+
+    restart = RollingRestart(circus, "shares", registered, sleep=lambda s: None, explain=explain)
+    with pytest.raises(RestartFailed, match=r"(?s)pid 1001 exited before it registered.*runs pid 1\n"
+                                            r"pid 1001 exited with status 2"):
+        restart.run(deadline=float("inf"))
+    assert heard == [[1001]]
+    assert "kill 1002" in circus.events and "stop 1" not in circus.events
+    assert circus.pids("shares") == [1]
+
+
 def test_a_new_process_that_never_registers_times_out() -> None:
     circus = FakeCircus([1])
     clock = iter(range(100))
@@ -189,7 +213,7 @@ def test_only_the_refused_periodic_check_is_filtered() -> None:
 
 
 def test_backends_up_needs_every_backend_up() -> None:
-    from meshkit.stack.lifecycle import backends_up
+    from meshkit.stack.readiness import backends_up
 
     head = "# pxname,svname,qcur,status\n"
     assert backends_up(head + "stratum,FRONTEND,,OPEN\ngateway.stratum,gw1,0,UP\ngateway.stratum,BACKEND,0,UP\n")

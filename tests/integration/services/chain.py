@@ -11,19 +11,26 @@ its own readings.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
+from collections.abc import Awaitable, Callable
 
 import meshkit
 
+from .marks import append_mark
+
 
 def mark(tag: str, hop: str, event: str) -> None:
-    """One line, one ``write`` on an ``O_APPEND`` file: lines of several processes never interleave."""
-    fd = os.open(os.environ["CHAIN_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    append_mark("CHAIN_LOG", tag, hop, event)
+
+
+async def marked(tag: str, hop: str, call: Callable[[], Awaitable[object]]) -> str:
+    """``call()``'s result as text, with this hop's ``started`` mark before and ``cancelled`` if cancelled."""
+    mark(tag, hop, "started")
     try:
-        os.write(fd, f"{tag} {hop} {event} {time.monotonic():.6f}\n".encode())
-    finally:
-        os.close(fd)
+        return str(await call())
+    except asyncio.CancelledError:
+        mark(tag, hop, "cancelled")
+        raise
 
 
 class ChainA(meshkit.Service):
@@ -31,12 +38,7 @@ class ChainA(meshkit.Service):
 
     @meshkit.rpc
     async def begin(self, tag: str, leaf: str) -> str:
-        mark(tag, "a", "started")
-        try:
-            return str(await self.service("chain-b").relay(tag, leaf))
-        except asyncio.CancelledError:
-            mark(tag, "a", "cancelled")
-            raise
+        return await marked(tag, "a", lambda: self.service("chain-b").relay(tag, leaf))
 
 
 class ChainB(meshkit.Service):
@@ -44,12 +46,7 @@ class ChainB(meshkit.Service):
 
     @meshkit.rpc
     async def relay(self, tag: str, leaf: str) -> str:
-        mark(tag, "b", "started")
-        try:
-            return str(await self.client.call("chain-c", leaf, [tag]))
-        except asyncio.CancelledError:
-            mark(tag, "b", "cancelled")
-            raise
+        return await marked(tag, "b", lambda: self.client.call("chain-c", leaf, [tag]))
 
 
 class ChainC(meshkit.Service):

@@ -9,20 +9,15 @@ named by ``$STREAM_LOG``; ``time.monotonic`` is the machine's one
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import AsyncIterator
 
 import meshkit
 
+from .marks import append_mark
+
 
 def mark(tag: str, event: str, n: int) -> None:
-    """One line, one ``write`` on an ``O_APPEND`` file."""
-    fd = os.open(os.environ["STREAM_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{tag} {event} {n} {time.monotonic():.6f}\n".encode())
-    finally:
-        os.close(fd)
+    append_mark("STREAM_LOG", tag, event, n)
 
 
 class Streamer(meshkit.Service):
