@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from meshkit.config import Settings
 from meshkit.gateway import pooled_redis
 from meshkit.gateway.state import POOL_WAIT
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_command_waits_past_two_seconds_for_a_free_connection(mesh_settings: Settings) -> None:
