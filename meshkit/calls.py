@@ -96,7 +96,7 @@ async def run_call(
                                        server.limits, cost)
             else:
                 result = await invoke(handler, args, kwargs, deadline, server.executor, server.clock,
-                                      limits=server.limits, cost=cost)
+                                      limits=server.limits, cost=cost, running=entry)
             code, frames = server.answers.reply(header, result)
         except Exception as exc:
             code, frames = server.answers.failure(header, handler.name, exc)
