@@ -36,7 +36,7 @@ class Running:
     __slots__ = ("flag", "is_async", "started", "task", "thread")
 
     def __init__(self, is_async: bool) -> None:
-        self.task: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.flag = CancelFlag()
         self.is_async = is_async
         self.started = False
