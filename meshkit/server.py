@@ -214,6 +214,7 @@ class Server:
 
     def close(self) -> None:
         """Close the socket; answers already queued are flushed for up to 2 s."""
+        self.pump.flush()  # answers queued in this loop turn
         self.pump.stop()
         for task in self._tasks:
             task.cancel()
@@ -289,7 +290,7 @@ class Server:
 
     def send(self, identity: bytes, frames: list[bytes]) -> None:
         frames.insert(0, identity)
-        self.pump.send(frames)
+        self.pump.send_soon(frames)  # with the rest of this loop turn's answers (meshkit.transport)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
