@@ -290,7 +290,9 @@ class Server:
 
     def send(self, identity: bytes, frames: list[bytes]) -> None:
         frames.insert(0, identity)
-        self.pump.send_soon(frames)  # with the rest of this loop turn's answers (meshkit.transport)
+        # With the rest of this loop turn's answers (meshkit.transport), unless no other call is being
+        # served (the call answered is still counted): then nothing else is coming, and it goes at once.
+        self.pump.send_soon(frames, self.inflight > 1)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""

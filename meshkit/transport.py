@@ -119,7 +119,7 @@ class SocketPump:
             self.kick()
         return True
 
-    def send_soon(self, frames: list[bytes]) -> None:
+    def send_soon(self, frames: list[bytes], batch: bool = True) -> None:
         """Queue a message to be sent at the end of this loop turn, with every other one queued in it.
 
         For a socket whose sends never block or fail (a ROUTER below
@@ -127,9 +127,16 @@ class SocketPump:
         at a time, between handlers, each answer found libzmq's I/O thread
         idle and woke it (a write to its mailbox, a thread switch): py-spy
         put 41% of a pipelined server's loop thread in ``send``. Sent as a
-        burst, one wake-up carries the turn's answers. Messages keep their
-        order, and :meth:`flush` sends what is queued at once.
+        burst, one wake-up carries the turn's answers (3 us less server CPU
+        per call pipelined). But waiting for the turn's end cost a lone call
+        latency (sequential p50 up by a quarter), so with ``batch`` false
+        (the sender knows no other message is coming) the message goes at
+        once unless others are queued. Messages keep their order, and
+        :meth:`flush` sends what is queued at once.
         """
+        if not batch and not self._outbox:
+            self.send(frames)
+            return
         self._outbox.append(frames)
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True

@@ -173,3 +173,25 @@ def test_send_soon_sends_a_turns_messages_together_and_in_order() -> None:
     finally:
         _close(ctx, a, b)
     assert pump.unsent == 0
+
+
+def test_send_soon_without_batch_sends_at_once_unless_others_wait() -> None:
+    ctx, a, b = _pair("soon-now")
+
+    async def main() -> None:
+        pump = SocketPump(a, lambda frames: None)
+        pump.start()
+        pump.send_soon([b"alone"], batch=False)
+        assert b.recv_multipart(zmq.NOBLOCK) == [b"alone"]  # nothing else was queued: sent at once
+        pump.send_soon([b"first"])
+        pump.send_soon([b"second"], batch=False)  # queued behind the first: order is kept
+        with pytest.raises(zmq.Again):
+            b.recv(zmq.NOBLOCK)
+        await asyncio.sleep(0)
+        assert [b.recv_multipart(), b.recv_multipart()] == [[b"first"], [b"second"]]
+        pump.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
