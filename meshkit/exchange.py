@@ -40,7 +40,6 @@ The three outcomes are internal: :mod:`meshkit.client` and
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import random
@@ -118,7 +117,6 @@ class Exchange:
         self._now = time.monotonic if self._system else clock.now
         self._ids = itertools.count((rng or random.Random()).getrandbits(32) + 1)
         self._tables: dict[Peer, dict[int, _Entry]] = {}
-        self._refusals: set[int] = set()  # ids refused while _start was sending them (at most one)
         self._on_idle = on_idle
         self._throttle = LogThrottle(log, settings.log_repeat_interval)
         self.dropped = 0  # answers that matched nothing or could not be read
@@ -158,31 +156,17 @@ class Exchange:
         if remaining <= 0:
             raise DeadlinePassed()
         request_id = next(self._ids)
-        table = self._tables.get(peer)
-        # Sent with the loop turn's other requests to this peer when some are in flight there
-        # (one wake-up of libzmq's I/O thread for the burst: meshkit.transport), at once otherwise.
-        if not peer.send_soon(message.frames(request_id, int(remaining * 1000)),  # wire.timeout_ms, inlined
-                              bool(table), functools.partial(self._refused, peer, request_id)):
-            raise NotDelivered(f"{peer.key} could not take the request")
-        if request_id in self._refusals:  # refused at once: nothing was sent
-            self._refusals.discard(request_id)
+        if not peer.send(message.frames(request_id, int(remaining * 1000))):  # wire.timeout_ms, inlined
             raise NotDelivered(f"{peer.key} could not take the request")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[wire.Answer] = loop.create_future()
+        table = self._tables.get(peer)
         if table is None:
             table = self._tables[peer] = {}
         timer = (loop.call_later if self._system else self._clock.call_later)(
             remaining, self._expire, peer, request_id)
         table[request_id] = _Entry(future, timer, on_item)
         return request_id, future
-
-    def _refused(self, peer: Peer, request_id: int) -> None:
-        """ZeroMQ refused the request ``request_id`` as it went (queued by :meth:`_start`): not delivered."""
-        future = self._settle(peer, request_id)
-        if future is None:
-            self._refusals.add(request_id)  # refused within _start itself, which raises
-        elif not future.done():
-            future.set_exception(NotDelivered(f"{peer.key} could not take the request"))
 
     def withdraw(self, peer: Peer, future: asyncio.Future[wire.Answer]) -> None:
         """The waiter of ``future`` (a request on ``peer``) gave up: CANCEL it there, if the peer can hear it."""

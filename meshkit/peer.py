@@ -112,17 +112,6 @@ class Peer:
             return False
         return self.pump.send(frames)
 
-    def send_soon(self, frames: list[bytes], batch: bool, on_refused: Callable[[], None]) -> bool:
-        """Send frames at the end of this loop turn (at once unless ``batch``): :meth:`SocketPump.send_soon`.
-
-        False if the peer has failed (nothing queued); ``on_refused`` is
-        called if ZeroMQ refuses them when they go.
-        """
-        if self.state == FAILED:
-            return False
-        self.pump.send_soon(frames, batch, on_refused)
-        return True
-
     def update(self, record: InstanceRecord) -> None:
         """Take the instance's newer record (its state decides :attr:`draining`)."""
         self.record = record

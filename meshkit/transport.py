@@ -83,7 +83,7 @@ class SocketPump:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._fd = -1
-        self._outbox: list[tuple[list[bytes], Callable[[], None] | None]] = []  # send_soon's, sent by flush
+        self._outbox: list[list[bytes]] = []  # send_soon's messages, sent by flush
         self._flush_scheduled = False
         self.unsent = 0  # send_soon's messages ZeroMQ refused
 
@@ -101,15 +101,7 @@ class SocketPump:
             self._fd = -1
 
     def send(self, frames: list[bytes]) -> bool:
-        """Send without blocking; False if ZeroMQ would block (peer unreachable or full).
-
-        Whatever :meth:`send_soon` queued goes first: messages keep their order.
-        """
-        if self._outbox:
-            self.flush()
-        return self._send(frames)
-
-    def _send(self, frames: list[bytes]) -> bool:
+        """Send without blocking; False if ZeroMQ would block (peer unreachable or full)."""
         sock = self.sock
         last = len(frames) - 1
         try:
@@ -127,15 +119,11 @@ class SocketPump:
             self.kick()
         return True
 
-    def send_soon(self, frames: list[bytes], batch: bool = True,
-                  on_refused: Callable[[], None] | None = None) -> None:
+    def send_soon(self, frames: list[bytes], batch: bool = True) -> None:
         """Queue a message to be sent at the end of this loop turn, with every other one queued in it.
 
-        If ZeroMQ refuses it then (it would block), ``on_refused`` is called
-        (else it is counted in :attr:`unsent`): a sender that must know uses
-        it, as the client's requests do (a DEALER with a high-water mark of
-        100,000 messages practically never refuses). The server's answers and
-        the client's requests go this way. Sent one
+        For a socket whose sends never block or fail (a ROUTER below
+        ``ROUTER_MANDATORY`` drops instead): the server's answers. Sent one
         at a time, between handlers, each answer found libzmq's I/O thread
         idle and woke it (a write to its mailbox, a thread switch): py-spy
         put 41% of a pipelined server's loop thread in ``send``. Sent as a
@@ -147,32 +135,22 @@ class SocketPump:
         :meth:`flush` sends what is queued at once.
         """
         if not batch and not self._outbox:
-            if not self._send(frames):
-                if on_refused is None:
-                    self.unsent += 1
-                else:
-                    on_refused()
+            self.send(frames)
             return
-        self._outbox.append((frames, on_refused))
+        self._outbox.append(frames)
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Send every message :meth:`send_soon` queued (see there for those ZeroMQ refuses).
-
-        On a closed socket the queue is dropped: its owner settles what it sent on it.
-        """
+        """Send every message :meth:`send_soon` queued (those ZeroMQ refuses are dropped, counted)."""
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, []
         if self.sock.closed:
             return
-        for frames, on_refused in outbox:
-            if not self._send(frames):
-                if on_refused is None:
-                    self.unsent += 1
-                else:
-                    on_refused()
+        for frames in outbox:
+            if not self.send(frames):
+                self.unsent += 1
 
     def kick(self) -> None:
         """Schedule a read pass (needed after any send: see the module doc)."""

@@ -82,12 +82,6 @@ class FakePeer:
         self.sent.append(frames)
         return True
 
-    def send_soon(self, frames: list[bytes], batch: bool, on_refused: Callable[[], None]) -> bool:
-        # As a real peer's: sent at once here; a refusal is reported through on_refused.
-        if not self.send(frames):
-            on_refused()
-        return True
-
     def kinds(self) -> list[tuple[int, int]]:
         return [(h.kind, h.id) for h in (wire.decode_header(f[0]) for f in self.sent)]
 

@@ -64,9 +64,6 @@ class FakePeer:
             asyncio.get_running_loop().call_soon(self.on_send, self, frames)
         return True
 
-    def send_soon(self, frames: list[bytes], batch: bool, on_refused: Callable[[], None]) -> bool:
-        return self.send(frames)  # as a real peer's: False only when failed; sent at once here
-
     def update(self, record: InstanceRecord) -> None:
         self.record = record
         self.draining = not record.is_up

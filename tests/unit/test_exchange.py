@@ -43,12 +43,6 @@ class FakePeer:
             self.sent.append(frames)
         return self.accepts
 
-    def send_soon(self, frames: list[bytes], batch: bool, on_refused: Callable[[], None]) -> bool:
-        # As a real peer's: sent at once here; a refusal is reported through on_refused.
-        if not self.send(frames):
-            on_refused()
-        return True
-
     def mark_draining(self) -> None:
         self.draining = True
 
@@ -266,35 +260,5 @@ def test_forgetting_a_closed_peer_never_loses_a_request_in_flight() -> None:
         rig.exchange.abandon(busy, lost=True)  # type: ignore[arg-type]
         with pytest.raises(LostInFlight):
             await waiting
-
-    run(test)
-
-
-class QueuingPeer(FakePeer):
-    """Keeps what send_soon queues, as a real peer's pump does until the loop turn ends."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queued: list[tuple[list[bytes], bool, Callable[[], None]]] = []
-
-    def send_soon(self, frames: list[bytes], batch: bool, on_refused: Callable[[], None]) -> bool:
-        self.queued.append((frames, batch, on_refused))
-        return True
-
-
-def test_requests_batch_while_others_are_in_flight_and_a_late_refusal_is_not_delivered() -> None:
-    async def test(rig: Rig) -> None:
-        peer = QueuingPeer()
-        first, second = rig.start(peer), rig.start(peer)  # type: ignore[arg-type]
-        # The first goes at once (nothing in flight there), the second with the turn's others.
-        assert [batch for _, batch, _ in peer.queued] == [False, True]
-        assert rig.load(peer) == 2
-        peer.queued[1][2]()  # ZeroMQ refused the second as the turn's burst went out
-        with pytest.raises(NotDelivered):
-            await second
-        assert rig.load(peer) == 1 and rig.clock.pending == 1  # settled: its timer is gone too
-        first_id = wire.decode_header(peer.queued[0][0][0]).id
-        rig.answer(peer, wire.encode_reply(first_id, "ok"))
-        assert (await first).value == "ok" and rig.exchange.dropped == 0
 
     run(test)
