@@ -5,17 +5,21 @@ It runs an :class:`AsyncClient` on an event loop (meshkit's, see
 on each call, so the caller writes no asyncio. It is safe to share between
 threads. Results and errors are exactly those of :class:`AsyncClient`.
 
-A call is handed to the loop with one ``call_soon_threadsafe`` and waited
-for on a plain lock that the call's task releases as it finishes: no
+A call is handed to the loop through a queue and waited for on a plain
+lock that the call's task releases as it finishes: no
 ``concurrent.futures.Future`` and no done-callback hop, which is most of
 what ``asyncio.run_coroutine_threadsafe`` costs per call (measured in
-``docs/performance.md``).
+``docs/performance.md``). Calls handed over while the loop has not yet
+taken the last ones share one ``call_soon_threadsafe`` (one write to the
+loop's wake-up pipe, one wake-up): with many threads sharing a client, a
+burst of calls costs one loop wake-up, not one each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -61,6 +65,10 @@ class Client:
         self._thread.start()
         self._async: AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Calls handed over, not yet started by the loop; _wake_pending: a _start_handed is scheduled.
+        # Both are read and written under the GIL only (deque.append and popleft are atomic).
+        self._handed: deque[tuple[Coroutine[Any, Any, Any], _Waiter]] = deque()
+        self._wake_pending = False
         self._closed = False
         try:
             self._async = self._run(self._make())
@@ -78,16 +86,29 @@ class Client:
             coro.close()
             raise ClientClosedError("client is closed")
         waiter = _Waiter()
-        self._loop.call_soon_threadsafe(self._start, coro, waiter)
+        self._handed.append((coro, waiter))
+        # Appended before the flag is read; the loop clears the flag before it drains the
+        # queue: so either the pending wake-up sees this call, or this thread schedules one.
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._start_handed)
+            except RuntimeError:  # the loop is closed: nothing will take the queue
+                self._wake_pending = False
+                raise
         if not waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
             raise TimeoutError(f"the client's loop did not finish within {timeout} s")
         if waiter.error is not None:
             raise waiter.error
         return waiter.value  # type: ignore[no-any-return]
 
-    def _start(self, coro: Coroutine[Any, Any, Any], waiter: _Waiter) -> None:
+    def _start_handed(self) -> None:
         # In the loop's thread. The set holds each task until it ends (the loop keeps only weak references).
-        self._tasks.add(self._loop.create_task(_drive(coro, waiter, self._tasks)))
+        self._wake_pending = False
+        handed, tasks, create_task = self._handed, self._tasks, self._loop.create_task
+        while handed:
+            coro, waiter = handed.popleft()
+            tasks.add(create_task(_drive(coro, waiter, tasks)))
 
     @property
     def _client(self) -> AsyncClient:

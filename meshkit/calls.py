@@ -57,7 +57,7 @@ _CANCELLED = LocalCode.CANCELLED
 def release_call(server: CallHost, identity: bytes, cost: int, request_id: int, entry: Running) -> None:
     """A call ended: give back what it held and count it out of flight."""
     server.running.remove(identity, request_id, entry)
-    server.call_ended(asyncio.current_task())
+    server.call_ended(entry.task)  # the call's own task (set by the server as it made it)
     server.quota.give(identity, cost)
 
 
@@ -96,7 +96,7 @@ async def run_call(
                                        server.limits, cost)
             else:
                 result = await invoke(handler, args, kwargs, deadline, server.executor, server.clock,
-                                      limits=server.limits, cost=cost)
+                                      limits=server.limits, cost=cost, running=entry)
             code, frames = server.answers.reply(header, result)
         except Exception as exc:
             code, frames = server.answers.failure(header, handler.name, exc)

@@ -9,11 +9,20 @@ reads) and, for an async handler whose task has started, cancels that task;
 a task that has not started yet sees the flag as its first step and ends
 without running the handler (cancelling an unstarted task would skip the
 bookkeeping in its ``finally``).
+
+A plain handler's task is cancelled too while no thread runs the handler:
+while it waits at its concurrency gates or for resources (no work handed to
+the executor yet), or when its work is still queued in the executor and
+withdrawing it succeeds (``concurrent.futures.Future.cancel`` fails once a
+thread has taken it, atomically, so it then never runs). Once a thread runs
+it, only the flag is set: a thread cannot be interrupted, and the call's
+limits stay held until it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 from .context import CancelFlag
 
@@ -21,15 +30,17 @@ __all__ = ["Running", "RunningCalls"]
 
 
 class Running:
-    """One call being served: its task, its cancellation flag, and whether the task has started."""
+    """One call being served: its task, its cancellation flag, whether the task has started,
+    and (a plain handler) the work handed to the executor, once it is."""
 
-    __slots__ = ("flag", "is_async", "started", "task")
+    __slots__ = ("flag", "is_async", "started", "task", "thread")
 
     def __init__(self, is_async: bool) -> None:
-        self.task: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.flag = CancelFlag()
         self.is_async = is_async
         self.started = False
+        self.thread: concurrent.futures.Future[object] | None = None
 
 
 class RunningCalls:
@@ -63,6 +74,7 @@ class RunningCalls:
         self.cancelled += 1
         entry.flag.reason = reason
         entry.flag.is_set = True
-        if entry.is_async and entry.started and entry.task is not None:
+        if entry.started and entry.task is not None and (
+                entry.is_async or entry.thread is None or entry.thread.cancel()):
             entry.task.cancel()
         return True

@@ -11,6 +11,11 @@ up to its deadline. Then an ``async`` handler runs in the current task
 (cancelled at the deadline, raising :class:`~meshkit.timing.DeadlineCancel`)
 and a plain one in the executor (not started if its deadline passed while it
 waited for a thread). Whatever the limits gave is given back when it ends.
+
+Given the call's :class:`~meshkit.cancels.Running` entry, a plain handler's
+work handed to the executor is recorded in it (:attr:`Running.thread`), so
+that a CANCEL arriving before a thread picks the work up can withdraw it
+(it then never runs) and end the call's wait at once.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+from .cancels import Running
 from .clock import SYSTEM_CLOCK, Clock
 from .handlers import Handler
 from .limits import CallLimits
@@ -40,7 +46,7 @@ class BadArguments(Exception):
 
 async def invoke(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadline: float | None,
                  executor: Executor, clock: Clock = SYSTEM_CLOCK, *, limits: CallLimits | None = None,
-                 cost: int = 0) -> Any:
+                 cost: int = 0, running: Running | None = None) -> Any:
     """Run ``handler(*args, **kwargs)`` and return its result (see the module doc).
 
     ``deadline`` is in ``clock`` time; ``cost`` is what the call holds in
@@ -53,16 +59,16 @@ async def invoke(handler: Handler, args: list[Any], kwargs: dict[str, Any], dead
         except ArgumentTypeError as exc:
             raise BadArguments(clip(str(exc), _PROBLEM_LIMIT)) from None
     if limits is None:
-        return await _run(handler, args, kwargs, deadline, executor, clock)
+        return await _run(handler, args, kwargs, deadline, executor, clock, running)
     await limits.enter(handler, cost, deadline)
     try:
-        return await _run(handler, args, kwargs, deadline, executor, clock)
+        return await _run(handler, args, kwargs, deadline, executor, clock, running)
     finally:
         limits.leave(handler)
 
 
 async def _run(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadline: float | None,
-               executor: Executor, clock: Clock) -> Any:
+               executor: Executor, clock: Clock, running: Running | None) -> Any:
     if handler.is_async:
         try:
             coro = handler.fn(*args, **kwargs)
@@ -76,10 +82,11 @@ async def _run(handler: Handler, args: list[Any], kwargs: dict[str, Any], deadli
     problem = handler.check_arguments(args, kwargs)
     if problem is not None:
         raise BadArguments(clip(problem, _PROBLEM_LIMIT))
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        executor, contextvars.copy_context().run, _run_plain, handler.fn, args, kwargs, deadline, clock
-    )
+    # What loop.run_in_executor does, keeping the executor's future: a CANCEL may withdraw it.
+    work = executor.submit(contextvars.copy_context().run, _run_plain, handler.fn, args, kwargs, deadline, clock)
+    if running is not None:
+        running.thread = work
+    return await asyncio.wrap_future(work)
 
 
 def _run_plain(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], deadline: float | None,

@@ -214,6 +214,7 @@ class Server:
 
     def close(self) -> None:
         """Close the socket; answers already queued are flushed for up to 2 s."""
+        self.pump.flush()  # answers queued in this loop turn
         self.pump.stop()
         for task in self._tasks:
             task.cancel()
@@ -289,12 +290,9 @@ class Server:
 
     def send(self, identity: bytes, frames: list[bytes]) -> None:
         frames.insert(0, identity)
-        self.pump.send(frames)
-
-    def _deadline(self, header: wire.Header) -> float | None:
-        if header.timeout_ms is None:
-            return None
-        return self.clock.now() + header.timeout_ms / 1000.0
+        # With the rest of this loop turn's answers (meshkit.transport), unless no other call is being
+        # served (the call answered is still counted): then nothing else is coming, and it goes at once.
+        self.pump.send_soon(frames, self.inflight > 1)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""
@@ -321,6 +319,8 @@ class Server:
             self._idle.set()
 
     def _report_inflight(self) -> None:
+        if not self.metrics.enabled:
+            return  # metrics off (the default): not even a clock read per call
         now = self.clock.now()
         if not self.inflight or now - self._inflight_reported >= INFLIGHT_REPORT_INTERVAL:
             self._inflight_reported = now
@@ -333,7 +333,7 @@ class Server:
     # -- calls ----------------------------------------------------------------
 
     def _on_call(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
-        self.last_call = self.clock.now()
+        self.last_call = now = self.clock.now()
         if header.target != self.service:
             self.reject(identity, header.id, ErrorCode.UNKNOWN_SERVICE,
                          f"this instance serves {self.service!r}, not {clip(header.target)!r}")
@@ -376,10 +376,12 @@ class Server:
             return
         self.inflight += 1
         self._report_inflight()
+        deadline = None if header.timeout_ms is None else now + header.timeout_ms / 1000.0
         # Its own bookkeeping runs at its end (no done-callback: one loop turn less per call).
+        # loop.create_task, not asyncio.ensure_future: the latter's checks cost 0.8 us a call.
         entry = self.running.add(identity, header.id, handler.is_async)
-        task = entry.task = asyncio.ensure_future(
-            run_call(self, identity, header, handler, args, kwargs, self._deadline(header), cost, entry, window))
+        task = entry.task = asyncio.get_running_loop().create_task(
+            run_call(self, identity, header, handler, args, kwargs, deadline, cost, entry, window))
         self._tasks.add(task)
 
     def _admit_call(self, identity: bytes, request_id: int, cost: int, take: bool = True) -> bool:

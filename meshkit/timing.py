@@ -11,6 +11,7 @@ unit test drives their time-outs with :class:`meshkit.testing.FakeClock`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Generator
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -60,13 +61,21 @@ async def run_with_deadline(coro: Any, deadline: float, clock: Clock = SYSTEM_CL
 
     The serving task itself is cancelled rather than a task made for the
     handler: one task and two loop iterations less per call (profiled).
+    The coroutine's first step runs before any timer is armed: a handler
+    that returns without suspending (nothing could have cancelled it)
+    costs no timer at all; one that suspends gets its timer then, for the
+    same ``deadline``.
     """
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
     task = asyncio.current_task()
     assert task is not None
     expiry = _Expiry(task)
     timer = clock.call_later(deadline - clock.now(), expiry)
     try:
-        return await coro
+        return await _Resumed(coro, first)
     except asyncio.CancelledError:
         if expiry.fired:
             if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
@@ -75,3 +84,33 @@ async def run_with_deadline(coro: Any, deadline: float, clock: Clock = SYSTEM_CL
         raise
     finally:
         timer.cancel()
+
+
+class _Resumed:
+    """Awaiting it goes on with a coroutine already stepped once, which yielded ``first``: ``await coro``'s rest."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.first
+        self.first = None
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation): the coroutine's to handle
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value

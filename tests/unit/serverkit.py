@@ -63,6 +63,12 @@ class FakePump:
         self.sent.append(frames)
         return True
 
+    def send_soon(self, frames: list[bytes], batch: bool = True) -> None:
+        self.sent.append(frames)  # recorded at once: the tests read answers as they are made
+
+    def flush(self) -> None:
+        pass
+
     def start(self) -> None:
         pass
 

@@ -286,3 +286,73 @@ def test_a_plain_handler_sees_the_flag_and_its_answer_is_not_sent() -> None:
             assert server.inflight == 0
             assert h.client.exchange.dropped == 0  # nothing came back for the cancelled call
     asyncio.run(main())
+
+
+class Gated(meshkit.Service):
+    """A plain handler one call at a time: a second call waits at its gate (or for the one thread)."""
+
+    name = "gated"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.ran: list[str] = []
+
+    @meshkit.rpc(max_concurrency=1)
+    def hold(self, tag: str) -> str:
+        self.ran.append(tag)
+        self.entered.set()
+        self.release.wait(_WAIT)
+        return tag
+
+    @meshkit.rpc
+    def free(self, tag: str) -> str:
+        return self.hold(tag)
+
+
+async def until(check: Callable[[], bool], what: str, wait: float = 2.0) -> None:
+    """Poll ``check`` on the loop until it holds, or fail naming ``what`` (a positive signal, not a sleep)."""
+    end = time.monotonic() + wait
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} did not happen within {wait}s")
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("waits_for", ["gate", "thread"])
+def test_a_cancel_ends_a_plain_calls_wait_before_its_thread_runs_it(waits_for: str) -> None:
+    # "gate": the second call waits at the method's concurrency gate, in its task;
+    # "thread": the only handler thread is busy, so it waits in the executor's queue.
+    # Either way a CANCEL ends the wait at once, and the handler never runs it.
+    method = "hold" if waits_for == "gate" else "free"
+    settings = Settings(handler_threads=1) if waits_for == "thread" else Settings()
+
+    async def main() -> None:
+        async with ServiceHarness(Gated, settings=settings) as h:
+            try:
+                await _cancel_a_waiting_plain_call(h, method, waits_for)
+            finally:
+                h.service.release.set()  # never leave the handler's thread waiting
+    asyncio.run(main())
+
+
+async def _cancel_a_waiting_plain_call(h: ServiceHarness[Gated], method: str, waits_for: str) -> None:
+    server = h.service._server
+    assert server is not None
+    loop = asyncio.get_running_loop()
+    first = asyncio.create_task(h.call(method, "first", timeout=_WAIT))
+    assert await loop.run_in_executor(None, h.service.entered.wait, _WAIT)
+    second = asyncio.create_task(h.call(method, "second", timeout=_WAIT))
+    await until(lambda: server.inflight == 2, "the second call's admission")
+    if waits_for == "gate":
+        await until(lambda: server.limits.methods["hold"].queued == 1, "the second call queueing")
+    second.cancel()
+    await until(lambda: server.inflight == 1 and len(server.running) == 1, "the cancelled wait ending")
+    counter = h.service.observer.stats.counter(False, method)
+    assert counter.errors == {"cancelled": 1}
+    h.service.release.set()
+    assert await first == "first"
+    await until(lambda: server.inflight == 0, "the first call ending")
+    assert h.service.ran == ["first"]  # the cancelled call never ran
+    assert h.client.exchange.dropped == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -117,5 +118,93 @@ def test_run_with_deadline_lets_an_outside_cancellation_through() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert clock.pending == 0
+
+    asyncio.run(main())
+
+
+def test_run_with_deadline_arms_no_timer_for_work_that_never_suspends() -> None:
+    armed: list[float] = []
+
+    class Watching(FakeClock):
+        def call_later(self, delay: float, callback: Any, *args: Any) -> Any:
+            armed.append(delay)
+            return super().call_later(delay, callback, *args)
+
+    async def quick() -> int:
+        return 7
+
+    async def fails() -> None:
+        raise KeyError("k")
+
+    async def main() -> None:
+        clock = Watching(0.0)
+        assert await run_with_deadline(quick(), 1.0, clock) == 7
+        with pytest.raises(KeyError):
+            await run_with_deadline(fails(), 1.0, clock)
+        assert armed == []
+        clock.advance(0.25)
+
+        async def slow() -> str:
+            await asyncio.sleep(0)  # yields to the loop (None), then waits on futures
+            await asyncio.sleep(0)
+            return "late"
+
+        assert await run_with_deadline(slow(), 1.0, clock) == "late"
+        assert armed == [0.75] and clock.pending == 0  # armed for the same deadline, then cancelled
+
+    asyncio.run(main())
+
+
+def test_run_with_deadline_passes_values_and_errors_through_every_suspension() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+
+        async def work() -> list[Any]:
+            got = [await futures[0]]
+            try:
+                await futures[1]
+            except ValueError as exc:
+                got.append(str(exc))
+            got.append(await futures[2])
+            return got
+
+        task = asyncio.ensure_future(run_with_deadline(work(), 5.0, clock))
+        await asyncio.sleep(0)
+        futures[0].set_result("a")
+        await asyncio.sleep(0)
+        futures[1].set_exception(ValueError("b"))
+        await asyncio.sleep(0)
+        futures[2].set_result("c")
+        assert await task == ["a", "b", "c"]
+        assert clock.pending == 0
+
+    asyncio.run(main())
+
+
+def test_run_with_deadline_cancels_work_that_suspended_after_a_first_step() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        seen: list[str] = []
+
+        async def steps() -> None:
+            seen.append("first")
+            await asyncio.sleep(0)
+            seen.append("second")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        task = asyncio.ensure_future(run_with_deadline(steps(), 2.0, clock))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert seen == ["first", "second"] and clock.pending == 1
+        clock.advance(2.0)
+        with pytest.raises(DeadlineCancel):
+            await task
+        assert seen == ["first", "second", "cancelled"]
 
     asyncio.run(main())

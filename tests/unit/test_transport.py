@@ -144,3 +144,54 @@ def test_a_stopped_pump_delivers_nothing_more() -> None:
     finally:
         _close(ctx, a, b)
     assert got == []
+
+
+def test_send_soon_sends_a_turns_messages_together_and_in_order() -> None:
+    ctx, a, b = _pair("soon")
+
+    async def main() -> SocketPump:
+        pump = SocketPump(a, lambda frames: None)
+        pump.start()
+        for i in range(5):
+            pump.send_soon([b"m", b"%d" % i])
+        with pytest.raises(zmq.Again):  # nothing left before the loop's turn ends
+            b.recv(zmq.NOBLOCK)
+        await asyncio.sleep(0)
+        got = [b.recv_multipart() for _ in range(5)]
+        assert got == [[b"m", b"%d" % i] for i in range(5)]
+        pump.send_soon([b"late"])
+        pump.flush()  # at once (what closing the server does)
+        assert b.recv_multipart() == [b"late"]
+        await asyncio.sleep(0)  # the scheduled flush finds nothing more to send
+        with pytest.raises(zmq.Again):
+            b.recv(zmq.NOBLOCK)
+        pump.stop()
+        return pump
+
+    try:
+        pump = asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
+    assert pump.unsent == 0
+
+
+def test_send_soon_without_batch_sends_at_once_unless_others_wait() -> None:
+    ctx, a, b = _pair("soon-now")
+
+    async def main() -> None:
+        pump = SocketPump(a, lambda frames: None)
+        pump.start()
+        pump.send_soon([b"alone"], batch=False)
+        assert b.recv_multipart(zmq.NOBLOCK) == [b"alone"]  # nothing else was queued: sent at once
+        pump.send_soon([b"first"])
+        pump.send_soon([b"second"], batch=False)  # queued behind the first: order is kept
+        with pytest.raises(zmq.Again):
+            b.recv(zmq.NOBLOCK)
+        await asyncio.sleep(0)
+        assert [b.recv_multipart(), b.recv_multipart()] == [[b"first"], [b"second"]]
+        pump.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
