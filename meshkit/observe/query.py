@@ -23,12 +23,29 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from ..client import AsyncClient
 from ..errors import CallError
 from ..record import InstanceRecord
 from .stats import quantile
+
+
+class _InstanceView(Protocol):
+    def instances(self, service: str | None = None) -> list[InstanceRecord]: ...
+
+
+class AsyncClient(Protocol):
+    """What these queries use of a started :class:`meshkit.AsyncClient`.
+
+    A protocol rather than the class, so this package (which the client
+    imports for its observer) does not import the client back.
+    """
+
+    @property
+    def registry(self) -> _InstanceView: ...
+
+    async def call_instance(self, instance_id: str, method: str, *args: Any,
+                            timeout: float | None = None, **kwargs: Any) -> Any: ...
 
 ASK_TIMEOUT = 2.0  # seconds one instance may take to answer a reserved method
 
