@@ -51,7 +51,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,10 +93,23 @@ class EdgeBench:
         self.baseline = baseline
         assert stack.settings is not None
         self.env = settings_env(stack.settings) | stack.env
+        self._spied = 0
 
     def groups(self, system: str) -> Groups:
         """The server-side process groups of ``system`` (``meshkit`` or ``baseline``)."""
         return self.stack.groups() if system == "meshkit" else self.baseline.groups()
+
+    def spy(self, system: str, what: str) -> list[subprocess.Popen[bytes]]:
+        """With ``--profile DIR``: py-spy sampling each gateway until stopped (collapsed stacks in DIR)."""
+        if not self.args.profile or system != "meshkit":
+            return []
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        self._spied += 1
+        return [subprocess.Popen([self.args.py_spy, "record", "--nonblocking", "--format", "raw", "--rate", "200",
+                                  "--pid", str(pid), "--output", str(out / f"{self._spied:02d}-{what}-gw{i}.txt")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for i, pid in enumerate(self.stack.groups()["gateways"])]
 
     def addrs(self, path: str) -> list[str]:
         if path == "gateway":
@@ -115,10 +130,12 @@ class EdgeBench:
             await proc.wait_ready(timeout)
         groups = {**self.groups(system), "clients": [p.pid for p in procs]}
         before = cpu_of(groups)
+        spies = self.spy(system, specs[0][0])
         for proc in procs:
             proc.send("go")
         results = [await proc.result(timeout) for proc in procs]
         after = cpu_of(groups)
+        await _stop_spies(spies)
         for proc in procs:
             await proc.close()
         return results, before, after
@@ -157,6 +174,7 @@ class EdgeBench:
             await proc.wait_ready(300)
         rss_after = rss_of(server)
         groups = {**server, "publisher": [os.getpid()], "clients": [p.pid for p in procs]}
+        spies = self.spy(system, f"fanout{clients}")
         for proc in procs:
             proc.send("go")
         loop = asyncio.get_running_loop()
@@ -170,6 +188,7 @@ class EdgeBench:
             if None not in lasts:
                 times.append(max(x for x in lasts if x is not None) - started)
         after = cpu_of(groups)
+        await _stop_spies(spies)
         for proc in procs:
             proc.send("done")
         results = [await proc.result(60) for proc in procs]
@@ -221,6 +240,15 @@ class EdgeBench:
             await mesh.close()
             base.writer.close()
         return runs
+
+
+async def _stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    """Stop py-spy processes (SIGINT: each writes its profile) and wait for them."""
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        while spy.poll() is None:
+            await asyncio.sleep(0.05)  # a child's exit, polled: nothing else to wait on here
 
 
 def _alternate(items: tuple[str, ...], run: int) -> tuple[str, ...]:
@@ -317,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fanout", default="100,1000,5000", help="fan-out sizes, comma-separated")
     add("--publishes", type=int, default=20, help="pushes per fan-out size (20)")
     add("--push-timeout", type=float, default=20.0, help="seconds a push may take to reach all")
+    add("--profile", metavar="DIR", help="sample each gateway with py-spy during each measured part "
+        "(collapsed stacks in DIR; CPU figures then include its cost)")
+    add("--py-spy", default="py-spy", help="the py-spy executable (for --profile)")
     add("--scale", type=int, default=0, metavar="N",
         help="instead: N clients held through two HAProxy processes (edge_scale.py; its options follow)")
     add("--web", action="store_true", help="HTTP and WebSocket beside TCP per request instead (bench/edge_http.py)")

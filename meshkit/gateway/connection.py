@@ -93,7 +93,6 @@ class Connection(Session):
         self._initial = initial
         self._reader = reader
         self._writer = writer
-        self._read_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._oversize = 0  # the largest line over max_output that may still be waiting to go out
         # Pausing reads must start well before the slow-consumer limit, or a
@@ -104,11 +103,11 @@ class Connection(Session):
 
     async def serve(self) -> None:
         """Read and serve until the client closes (or :meth:`finish`/:meth:`close`)."""
-        self._read_task = asyncio.create_task(self._read_loop(), name=f"gateway-read-{self.id}")
+        self._reading = asyncio.create_task(self._read_loop(), name=f"gateway-read-{self.id}")
         try:
-            await self._read_task
+            await self._reading
         except asyncio.CancelledError:
-            if not self._read_task.cancelled():
+            if not self._reading.cancelled():
                 raise  # serve() itself was cancelled
         finally:
             if not self.closed:
@@ -117,27 +116,6 @@ class Connection(Session):
                 self.close()
             await self.wait_closed()
             self.done.set()
-
-    async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
-        """Close from the gateway's side without losing a request; return once closed.
-
-        The client first gets an error with ``id`` null and ``code`` (for
-        example ``shutting_down``): its cue to stop sending here and
-        reconnect. Requests that were already on their way are still read for
-        ``linger`` seconds (or until the client closes), and everything read
-        is answered (waiting up to ``wait`` s); then the connection closes.
-        """
-        if self.closed:
-            await self.done.wait()
-            return
-        self.send(self.dialect.error_line(None, code, message))
-        read_task = self._read_task
-        if read_task is not None and not read_task.done():
-            await asyncio.wait({read_task}, timeout=linger)
-            read_task.cancel()
-        await self.wait_quiet(wait)
-        self.close()
-        await self.done.wait()
 
     def close(self, code: int | None = None, message: str = "", *, abort: bool = False) -> None:
         """Stop reading and running requests now; with ``code``, send that error (``id`` null) first.
@@ -153,8 +131,8 @@ class Connection(Session):
             if self.closed:
                 return
         self.closed = True
-        if self._read_task is not None:
-            self._read_task.cancel()
+        if self._reading is not None:
+            self._reading.cancel()
         self.cancel_work()
         self._closer = asyncio.ensure_future(self._shut(abort))
 
