@@ -377,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="meshkit-edge-"))
+    # Out of any source tree: `python -m meshkit` (every server process) puts its working
+    # directory first on sys.path, so started from a tree it would run that tree's code
+    # whatever PYTHONPATH says, and a before/after comparison would compare nothing.
+    os.chdir(workdir)
     stack, baseline = EdgeStack(default_config(), workdir), Baseline()
     try:
         stack.start()
@@ -388,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     machine: dict[str, Any] = {"nproc": os.cpu_count(), "open_files": [old, new], "loadavg_at_start": load_start,
                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-               "seconds": round(time.monotonic() - started, 1), "payload": PAYLOAD}
+               "seconds": round(time.monotonic() - started, 1), "payload": PAYLOAD,
+               "meshkit": str(Path(meshkit.__file__).parent)}
     config = {k: getattr(args, k) for k in ("repeat", "fanout_repeat", "calls", "pipelined_calls",
                                              "conns", "inflight", "fanout", "publishes", "quick")}
     if args.json:
