@@ -46,6 +46,10 @@ class Host(Protocol):
 
     async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None: ...
 
+    def open_session(self, conn: Session) -> None: ...
+
+    def close_session(self, conn: Session) -> None: ...
+
 
 def bind_host(settings: Settings) -> str:
     """The address listeners bind (``""`` and ``"*"`` mean every IPv4 address)."""

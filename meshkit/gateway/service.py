@@ -221,17 +221,25 @@ class Gateway(Service):
 
     async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None:
         """Count ``conn`` among the connections (pushes reach it) while ``serving`` runs."""
-        self.connections[conn.id] = conn
-        self._no_connections.clear()
-        self.metrics.gateway_clients(len(self.connections))
+        self.open_session(conn)
         try:
             await serving
         finally:
-            del self.connections[conn.id]
-            if not self.connections:
-                self._no_connections.set()
-            self.metrics.gateway_clients(len(self.connections))
-            self.keeper.closed(conn.id)
+            self.close_session(conn)
+
+    def open_session(self, conn: Session) -> None:
+        """Count ``conn`` among the connections (pushes reach it) until :meth:`close_session`."""
+        self.connections[conn.id] = conn
+        self._no_connections.clear()
+        self.metrics.gateway_clients(len(self.connections))
+
+    def close_session(self, conn: Session) -> None:
+        """``conn`` is gone (its socket closed): uncount it and delete its state."""
+        del self.connections[conn.id]
+        if not self.connections:
+            self._no_connections.set()
+        self.metrics.gateway_clients(len(self.connections))
+        self.keeper.closed(conn.id)
 
     # -- requests ---------------------------------------------------------------------
 

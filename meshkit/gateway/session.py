@@ -175,13 +175,17 @@ class Session:
             await self.done.wait()
             return
         self.send(self.dialect.error_line(None, code, message))
-        reading = self._reading
-        if reading is not None and not reading.done():
-            await asyncio.wait({reading}, timeout=linger)
-            self.stop_reading()
+        await self._wait_reading(linger)
+        self.stop_reading()
         await self.wait_quiet(wait)
         self.close_finished(code)
         await self.done.wait()
+
+    async def _wait_reading(self, timeout: float) -> None:
+        """Return once the client sends no more (its EOF), or after ``timeout`` s."""
+        reading = self._reading
+        if reading is not None and not reading.done():
+            await asyncio.wait({reading}, timeout=timeout)
 
     def stop_reading(self) -> None:
         """Read no more from the client (the carrier's reading, :attr:`_reading`, ends)."""

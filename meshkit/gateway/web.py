@@ -118,7 +118,7 @@ class WebListener:
         for port in ports:
             try:
                 self._server = await loop.create_server(
-                    lambda: ProxyFront(factory, self.clients, self.options.proxy_protocol,
+                    lambda: ProxyFront(lambda _client: factory(), self.clients, self.options.proxy_protocol,
                                        self.options.proxy_timeout, self._proxy_refused),
                     host, port, family=socket.AF_INET if ":" not in host else 0,
                     backlog=1024, reuse_address=True)

@@ -76,12 +76,12 @@ async def pair(call: Call = echo_call, clock: Callable[[], float] | None = None,
                metrics: Metrics | None = None,
                **options: Any) -> tuple[Connection, Client, asyncio.Task[None]]:
     a, b = socket.socketpair()
-    reader, writer = await asyncio.open_connection(sock=a)
     # The client reads lines up to 4 MiB (asyncio's default limit is 64 KiB).
     client = Client(*await asyncio.open_connection(sock=b, limit=4 * 1024 * 1024))
     kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-    conn = Connection("gw1-1", reader, writer, options=GatewayOptions(**options), call=call,
+    conn = Connection("gw1-1", options=GatewayOptions(**options), call=call,
                       metrics=metrics or Metrics("", "", "gateway"), gateway_id="gw1", **kwargs)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=a)
     return conn, client, asyncio.create_task(conn.serve())
 
 
@@ -582,7 +582,8 @@ def test_a_batch_answer_larger_than_max_output_is_cut_to_fit() -> None:
 def test_a_close_that_cannot_flush_resets_within_close_timeout_and_counts_until_then() -> None:
     async def main() -> None:
         conn, client, task = await pair(close_timeout=0.3, max_output=64 * 1024 * 1024)
-        sock = conn._writer.transport.get_extra_info("socket")
+        assert conn._transport is not None
+        sock = conn._transport.get_extra_info("socket")
         conn.send(b"x" * (8 * 1024 * 1024) + b"\n")  # the client reads none of it
         conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
         await asyncio.sleep(0)
