@@ -6,10 +6,10 @@ address exactly as the TCP listener does, and trusts no ``X-Forwarded-For``
 header (which any client can write). :class:`ProxyFront` is the
 :class:`asyncio.Protocol` a listening socket starts each connection with:
 
-* it reads the header under the gateway's ``proxy_protocol`` mode (as
-  :func:`~meshkit.gateway.admission.read_proxy_header`: ``require``,
-  ``accept``, ``off``), bounded in bytes (:data:`~.admission.MAX_HEADER`) and
-  in time (``proxy_timeout``);
+* it reads the header under the gateway's ``proxy_protocol`` mode
+  (``require``, ``accept``, ``off``: :mod:`~meshkit.gateway.admission` says
+  what each does), bounded in bytes (:data:`~.admission.MAX_HEADER`) and in
+  time (``proxy_timeout``);
 * then hands the transport to the protocol ``factory(client)`` makes for
   the client's ``(peer text, address)`` (the HTTP server's, or a TCP
   :class:`~meshkit.gateway.connection.Connection`), replaying the bytes read
