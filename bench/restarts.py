@@ -433,6 +433,7 @@ def run_proof(config: ProofConfig, workdir: str | None = None) -> dict[str, Any]
     with contextlib.ExitStack() as cleanup:
         if workdir is None:
             workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="meshkit-proof-"))
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # --workdir may name a folder not made yet
         stack = Stack(config, Path(workdir))
         cleanup.callback(stack.stop)
         stack.start()

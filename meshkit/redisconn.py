@@ -340,12 +340,14 @@ def _sentinel_kwargs(timeout: float, no_retry: object) -> dict[str, Any]:
 
 
 def async_client(url: str, *, timeout: float = 1.0, max_connections: int | None = None,
-                 blocking: bool = False) -> aioredis.Redis:
+                 blocking: bool = False, wait: float | None = None) -> aioredis.Redis:
     """An asyncio client for ``url`` (bytes replies; see the module doc for READONLY and retries).
 
-    ``max_connections`` bounds the pool; with ``blocking`` a command waits up
-    to ``timeout`` for a free connection instead of failing at once (Sentinel
-    pools do not block: they fail when full). Raises ``ConfigError`` for a bad URL.
+    ``timeout`` bounds each connect and each reply. ``max_connections`` bounds
+    the pool; with ``blocking`` a command waits up to ``wait`` seconds
+    (``timeout`` unless told) for a free connection instead of failing at once
+    (Sentinel pools do not block: they fail when full). Raises ``ConfigError``
+    for a bad URL.
     """
     target = parse_redis_url(url)
     kwargs = connection_kwargs(target, timeout)
@@ -366,7 +368,7 @@ def async_client(url: str, *, timeout: float = 1.0, max_connections: int | None 
     if max_connections is not None:
         pool_kwargs["max_connections"] = max_connections
     if blocking:
-        pool_kwargs["timeout"] = timeout
+        pool_kwargs["timeout"] = timeout if wait is None else wait
     return aioredis.Redis.from_pool(pool_cls(**pool_kwargs))
 
 

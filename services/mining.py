@@ -49,6 +49,7 @@ has not heard of.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -59,13 +60,19 @@ from meshkit.untrusted import clip
 from services.stratum import messages, session
 from services.stratum.jobbook import JobBook
 from services.stratum.messages import Method
-from services.stratum.shares import MAX_WORKER, ShareResult, Verdict, judge
+from services.stratum.shares import MAX_WORKER, JobLookup, ShareResult, Verdict, judge
 from services.stratum.vardiff import Vardiff, VardiffConfig
 
 NOTIFY_TOPIC = "mining.notify"  # the announcer's jobs, forwarded by gateways to subscribed miners
 JOB_TOPIC = "pool.job"  # the announcer's jobs, for mining instances
 EXTRANONCE2_SIZE = 4
 START_LOAD_WAIT = 3.0  # seconds a starting instance waits for the announcer's recent jobs
+# A share for a job newer than any this instance knows (pushed while it was starting, before the
+# announcer's view had it) waits up to CATCH_UP_WAIT s for the announcer's recent jobs; one such
+# call at a time and at most one per CATCH_UP_EVERY s, so a miner naming made-up jobs cannot make
+# one per share.
+CATCH_UP_WAIT = 1.0
+CATCH_UP_EVERY = 0.5
 ACCEPTED_KEEP = 600  # seconds the pool remembers a job's accepted hashes (jobs live far shorter)
 
 
@@ -86,8 +93,8 @@ class Mining(meshkit.Service):
     name = "mining"
     version = "1"
 
-    def __init__(self, settings: meshkit.Settings | None = None) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: meshkit.Settings | None = None, **parts: Any) -> None:
+        super().__init__(settings, **parts)  # parts: meshkit.Service's keyword arguments
         self.connections = ConnectionStore(self.settings)
         self.redis = pooled_redis(self.settings)
         self.vardiff = vardiff_config(self.settings, self.name)
@@ -96,6 +103,8 @@ class Mining(meshkit.Service):
         self.book = JobBook(keep=16)
         self._prefix = f"{self.settings.namespace}:stratum"
         self._loading: asyncio.Task[None] | None = None
+        self._catch_up: asyncio.Future[None] | None = None
+        self._caught_up_at = -CATCH_UP_EVERY
         self._sends: set[asyncio.Task[None]] = set()
 
     async def on_start(self) -> None:
@@ -128,6 +137,34 @@ class Mining(meshkit.Service):
         for data in await self.call("jobs", "recent", timeout=5.0, wait=True):
             if self.book.lookup(str(data.get("job_id"))).job is None:
                 self.book.add(session.job_from_wire(data))
+
+    async def lookup_job(self, job_id: str) -> JobLookup:
+        """The job a share names, fetched from the announcer first if it is newer than any known.
+
+        Only a hex id above the current job's asks (see ``CATCH_UP_*``); every
+        share waiting meanwhile shares the one call. Never raises: an announcer
+        that does not answer leaves the job unknown (the share is stale).
+        """
+        found = self.book.lookup(job_id)
+        current = self.book.current
+        if found.job is not None or (current is not None and
+                                     session.job_seq(job_id) <= session.job_seq(current.job_id)):
+            return found
+        if self._catch_up is None:
+            now = time.monotonic()
+            if now - self._caught_up_at < CATCH_UP_EVERY:
+                return found
+            self._caught_up_at = now
+            self._catch_up = asyncio.ensure_future(self._load_once())
+            self._catch_up.add_done_callback(self._caught_up)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._catch_up), CATCH_UP_WAIT)
+        return self.book.lookup(job_id)
+
+    def _caught_up(self, done: asyncio.Future[None]) -> None:
+        self._catch_up = None
+        if not done.cancelled() and done.exception() is not None:
+            self.log.info("no recent jobs from the announcer for a newer job: %s", clip(str(done.exception())))
 
     @meshkit.subscribe(JOB_TOPIC)
     async def on_job(self, payload: Any) -> None:
@@ -178,7 +215,7 @@ class Mining(meshkit.Service):
         state, conn_id = self._caller()
         fields = await state.all()
         job_id = params[1] if len(params) == 5 and isinstance(params[1], str) else ""
-        result = judge(list(params), session.share_context(fields, job_id), self.book.lookup(job_id),
+        result = judge(list(params), session.share_context(fields, job_id), await self.lookup_job(job_id),
                        now=time.time())
         if result.verdict.ok:
             result = await self._remember(job_id, result)

@@ -128,6 +128,11 @@ class Connection(Session, asyncio.Protocol):
         if not self.peer:
             raw = transport.get_extra_info("peername")
             self.peer = f"{raw[0]}:{raw[1]}" if isinstance(raw, tuple) else str(raw or "")
+        if self._transport.is_closing():
+            # A client gone before it was handed over just ends (uvloop refuses
+            # settings on a closed transport, and no connection_lost may follow).
+            self.close(abort=True)
+            return
         # Pausing reads must start well before the slow-consumer limit, or a
         # client that pipelines requests would be dropped instead of slowed.
         self._transport.set_write_buffer_limits(high=min(_HIGH_WATER, self.options.max_output // 2))

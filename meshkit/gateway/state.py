@@ -95,16 +95,22 @@ class NoConnectionError(MeshError):
     """The call being served did not come through a gateway, so it has no connection."""
 
 
+# Seconds a command may wait for a free pooled connection: a burst of held calls after a gap with no
+# backend (the restart proof's kill-all) kept all 64 busy for over the 2 s socket timeout.
+POOL_WAIT = 5.0
+
+
 def pooled_redis(settings: Settings, max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client whose pool makes callers wait for a free connection.
 
     redis-py's default asyncio pool *fails* a command (``MaxConnectionsError``)
     once 100 are in use, which is exactly what a burst of requests does after
-    a gap with no backend. Here the 65th concurrent command waits its turn
-    (up to 5 s) instead.
+    a gap with no backend. Here the 65th concurrent command waits its turn, up
+    to :data:`POOL_WAIT` seconds (each reply still within the 2 s socket timeout).
     """
     # Made by meshkit.redisconn like every Redis client (TLS, ACL user, Sentinel, READONLY).
-    return async_client(settings.redis_url, timeout=2.0, max_connections=max_connections, blocking=True)
+    return async_client(settings.redis_url, timeout=2.0, max_connections=max_connections, blocking=True,
+                        wait=POOL_WAIT)
 
 
 class ConnectionStore:

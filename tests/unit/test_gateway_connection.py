@@ -775,3 +775,23 @@ def test_options_read_the_environment_only_through_settings_load(monkeypatch: py
     monkeypatch.setenv("MESHKIT_GATEWAY_MAX_LINE", "4096")
     assert GatewayOptions.from_settings(Settings.load(env={})).max_line == GatewayOptions().max_line
     assert GatewayOptions.from_settings(Settings.load()).max_line == 4096
+
+
+def test_a_connection_whose_socket_closed_before_it_was_made_ends_quietly() -> None:
+    """uvloop refuses settings on a closed transport: a client gone before the accept ran (seen
+    under load in the restart proof) must not raise from the constructor, only end."""
+    import uvloop
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, sock=a)
+        transport.abort()  # gone before the gateway handed it to its Connection
+        b.close()
+        await asyncio.sleep(0)
+        conn = Connection("gw1-1", options=GatewayOptions(), call=echo_call,
+                          metrics=Metrics("", "", "gateway"), gateway_id="gw1", peer="127.0.0.1:1")
+        conn.connection_made(transport)
+        await asyncio.wait_for(conn.serve(), 5)
+        assert conn.closed
+
+    uvloop.run(main())
