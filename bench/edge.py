@@ -6,6 +6,11 @@ Usage (from the project root)::
     .venv/bin/python bench/edge.py --quick      # a smoke run: small N, well under a minute
     .venv/bin/python bench/edge.py --json       # one JSON object on stdout
     .venv/bin/python bench/edge.py --scale 10000  # N held clients, two HAProxy (edge_scale.py)
+    .venv/bin/python bench/edge.py --profile /tmp/prof  # py-spy on each gateway, per measured part
+
+The server processes run from a temporary directory, so ``PYTHONPATH``
+alone chooses the code they run (``"meshkit"`` in the JSON's ``machine``
+says which): ``PYTHONPATH=/path/to/other/tree`` compares two trees.
 
 It starts, in one run and on one machine, the meshkit stack (a private
 ``redis-server`` on a unix socket, 2 ``echo`` backends, 2 gateways and
