@@ -56,7 +56,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,8 @@ from edge_stack import (
     per_item_us,
     raise_open_files,
     rss_of,
+    start_spies,
+    stop_spies,
 )
 
 import meshkit
@@ -105,16 +106,12 @@ class EdgeBench:
         return self.stack.groups() if system == "meshkit" else self.baseline.groups()
 
     def spy(self, system: str, what: str) -> list[subprocess.Popen[bytes]]:
-        """With ``--profile DIR``: py-spy sampling each gateway until stopped (collapsed stacks in DIR)."""
+        """With ``--profile DIR``: py-spy on each gateway until :func:`stop_spies` (files in DIR)."""
         if not self.args.profile or system != "meshkit":
             return []
-        out = Path(self.args.profile)
-        out.mkdir(parents=True, exist_ok=True)
         self._spied += 1
-        return [subprocess.Popen([self.args.py_spy, "record", "--nonblocking", "--format", "raw", "--rate", "200",
-                                  "--pid", str(pid), "--output", str(out / f"{self._spied:02d}-{what}-gw{i}.txt")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for i, pid in enumerate(self.stack.groups()["gateways"])]
+        return start_spies(self.args.py_spy, self.stack.groups()["gateways"], Path(self.args.profile),
+                           f"{self._spied:02d}-{what}")
 
     def addrs(self, path: str) -> list[str]:
         if path == "gateway":
@@ -140,7 +137,7 @@ class EdgeBench:
             proc.send("go")
         results = [await proc.result(timeout) for proc in procs]
         after = cpu_of(groups)
-        await _stop_spies(spies)
+        await stop_spies(spies)
         for proc in procs:
             await proc.close()
         return results, before, after
@@ -193,7 +190,7 @@ class EdgeBench:
             if None not in lasts:
                 times.append(max(x for x in lasts if x is not None) - started)
         after = cpu_of(groups)
-        await _stop_spies(spies)
+        await stop_spies(spies)
         for proc in procs:
             proc.send("done")
         results = [await proc.result(60) for proc in procs]
@@ -245,15 +242,6 @@ class EdgeBench:
             await mesh.close()
             base.writer.close()
         return runs
-
-
-async def _stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
-    """Stop py-spy processes (SIGINT: each writes its profile) and wait for them."""
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)
-    for spy in spies:
-        while spy.poll() is None:
-            await asyncio.sleep(0.05)  # a child's exit, polled: nothing else to wait on here
 
 
 def _alternate(items: tuple[str, ...], run: int) -> tuple[str, ...]:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable
 from typing import Protocol
 
 from ..config import Settings
@@ -43,8 +42,6 @@ class Host(Protocol):
     def judge_address(self, address: str | None, kind: str) -> None: ...
 
     def note_refusal(self, reason: str, message: str) -> None: ...
-
-    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None: ...
 
     def open_session(self, conn: Session) -> None: ...
 

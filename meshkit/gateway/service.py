@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from ..config import Settings
@@ -218,14 +217,6 @@ class Gateway(Service):
     def note_refusal(self, reason: str, message: str) -> None:
         """Log (throttled per ``reason``) why a client was refused."""
         self._throttle.log(reason, logging.WARNING, "%s", clip(message))
-
-    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None:
-        """Count ``conn`` among the connections (pushes reach it) while ``serving`` runs."""
-        self.open_session(conn)
-        try:
-            await serving
-        finally:
-            self.close_session(conn)
 
     def open_session(self, conn: Session) -> None:
         """Count ``conn`` among the connections (pushes reach it) until :meth:`close_session`."""

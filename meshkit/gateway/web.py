@@ -307,7 +307,11 @@ class WebListener:
                                 peer=peer, address=address,
                                 request_bucket=gateway.guard.request_bucket(address),
                                 judge=gateway.judge)
-            await gateway.serve_session(conn, conn.serve())
+            gateway.open_session(conn)
+            try:
+                await conn.serve()
+            finally:
+                gateway.close_session(conn)
         finally:
             gateway.guard.release(address)
         return ws
