@@ -6,6 +6,11 @@ Usage (from the project root)::
     .venv/bin/python bench/edge.py --quick      # a smoke run: small N, well under a minute
     .venv/bin/python bench/edge.py --json       # one JSON object on stdout
     .venv/bin/python bench/edge.py --scale 10000  # N held clients, two HAProxy (edge_scale.py)
+    .venv/bin/python bench/edge.py --profile /tmp/prof  # py-spy on each gateway, per measured part
+
+The server processes run from a temporary directory, so ``PYTHONPATH``
+alone chooses the code they run (``"meshkit"`` in the JSON's ``machine``
+says which): ``PYTHONPATH=/path/to/other/tree`` compares two trees.
 
 It starts, in one run and on one machine, the meshkit stack (a private
 ``redis-server`` on a unix socket, 2 ``echo`` backends, 2 gateways and
@@ -52,6 +57,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +77,8 @@ from edge_stack import (
     per_item_us,
     raise_open_files,
     rss_of,
+    start_spies,
+    stop_spies,
 )
 
 import meshkit
@@ -91,10 +99,19 @@ class EdgeBench:
         self.baseline = baseline
         assert stack.settings is not None
         self.env = settings_env(stack.settings) | stack.env
+        self._spied = 0
 
     def groups(self, system: str) -> Groups:
         """The server-side process groups of ``system`` (``meshkit`` or ``baseline``)."""
         return self.stack.groups() if system == "meshkit" else self.baseline.groups()
+
+    def spy(self, system: str, what: str) -> list[subprocess.Popen[bytes]]:
+        """With ``--profile DIR``: py-spy on each gateway until :func:`stop_spies` (files in DIR)."""
+        if not self.args.profile or system != "meshkit":
+            return []
+        self._spied += 1
+        return start_spies(self.args.py_spy, self.stack.groups()["gateways"], Path(self.args.profile),
+                           f"{self._spied:02d}-{what}")
 
     def addrs(self, path: str) -> list[str]:
         if path == "gateway":
@@ -115,10 +132,12 @@ class EdgeBench:
             await proc.wait_ready(timeout)
         groups = {**self.groups(system), "clients": [p.pid for p in procs]}
         before = cpu_of(groups)
+        spies = self.spy(system, specs[0][0])
         for proc in procs:
             proc.send("go")
         results = [await proc.result(timeout) for proc in procs]
         after = cpu_of(groups)
+        await stop_spies(spies)
         for proc in procs:
             await proc.close()
         return results, before, after
@@ -157,6 +176,7 @@ class EdgeBench:
             await proc.wait_ready(300)
         rss_after = rss_of(server)
         groups = {**server, "publisher": [os.getpid()], "clients": [p.pid for p in procs]}
+        spies = self.spy(system, f"fanout{clients}")
         for proc in procs:
             proc.send("go")
         loop = asyncio.get_running_loop()
@@ -170,6 +190,7 @@ class EdgeBench:
             if None not in lasts:
                 times.append(max(x for x in lasts if x is not None) - started)
         after = cpu_of(groups)
+        await stop_spies(spies)
         for proc in procs:
             proc.send("done")
         results = [await proc.result(60) for proc in procs]
@@ -317,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fanout", default="100,1000,5000", help="fan-out sizes, comma-separated")
     add("--publishes", type=int, default=20, help="pushes per fan-out size (20)")
     add("--push-timeout", type=float, default=20.0, help="seconds a push may take to reach all")
+    add("--profile", metavar="DIR", help="sample each gateway with py-spy during each measured part "
+        "(collapsed stacks in DIR; CPU figures then include its cost)")
+    add("--py-spy", default="py-spy", help="the py-spy executable (for --profile)")
     add("--scale", type=int, default=0, metavar="N",
         help="instead: N clients held through two HAProxy processes (edge_scale.py; its options follow)")
     add("--web", action="store_true", help="HTTP and WebSocket beside TCP per request instead (bench/edge_http.py)")
@@ -346,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="meshkit-edge-"))
+    # Out of any source tree: `python -m meshkit` (every server process) puts its working
+    # directory first on sys.path, so started from a tree it would run that tree's code
+    # whatever PYTHONPATH says, and a before/after comparison would compare nothing.
+    os.chdir(workdir)
     stack, baseline = EdgeStack(default_config(), workdir), Baseline()
     try:
         stack.start()
@@ -357,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     machine: dict[str, Any] = {"nproc": os.cpu_count(), "open_files": [old, new], "loadavg_at_start": load_start,
                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-               "seconds": round(time.monotonic() - started, 1), "payload": PAYLOAD}
+               "seconds": round(time.monotonic() - started, 1), "payload": PAYLOAD,
+               "meshkit": str(Path(meshkit.__file__).parent)}
     config = {k: getattr(args, k) for k in ("repeat", "fanout_repeat", "calls", "pipelined_calls",
                                              "conns", "inflight", "fanout", "publishes", "quick")}
     if args.json:

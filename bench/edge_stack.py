@@ -85,6 +85,24 @@ def rss_of(groups: Groups) -> dict[str, int]:
     return {name: sum(rss_bytes(p) for p in pids) for name, pids in groups.items()}
 
 
+def start_spies(py_spy: str, pids: list[int], out: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy sampling each of ``pids`` (200 Hz, without pausing it) into ``out/LABEL-gwN.txt``, collapsed stacks."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([py_spy, "record", "--nonblocking", "--format", "raw", "--rate", "200", "--pid",
+                              str(pid), "--output", str(out / f"{label}-gw{i}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i, pid in enumerate(pids)]
+
+
+async def stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    """Stop py-spy processes (SIGINT: each writes its profile) and wait for them."""
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        while spy.poll() is None:
+            await asyncio.sleep(0.05)  # a child's exit, polled: nothing else to wait on here
+
+
 def per_item_us(before: dict[str, float], after: dict[str, float], items: int) -> dict[str, float]:
     """CPU microseconds per item of each group between two :func:`cpu_of` readings."""
     return {k: round((after[k] - before[k]) / max(items, 1) * 1e6, 1) for k in after}

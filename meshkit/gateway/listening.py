@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable
 from typing import Protocol
 
 from ..config import Settings
@@ -44,7 +43,9 @@ class Host(Protocol):
 
     def note_refusal(self, reason: str, message: str) -> None: ...
 
-    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None: ...
+    def open_session(self, conn: Session) -> None: ...
+
+    def close_session(self, conn: Session) -> None: ...
 
 
 def bind_host(settings: Settings) -> str:

@@ -1,4 +1,4 @@
-"""The PROXY header in front of an HTTP connection, read before the HTTP server sees a byte.
+"""The PROXY header in front of a connection, read before its protocol (HTTP, or a TCP line client) sees a byte.
 
 HAProxy sends every gateway connection, HTTP ones included, a PROXY v2
 header (``send-proxy-v2``): the web listener learns each client's real
@@ -6,14 +6,15 @@ address exactly as the TCP listener does, and trusts no ``X-Forwarded-For``
 header (which any client can write). :class:`ProxyFront` is the
 :class:`asyncio.Protocol` a listening socket starts each connection with:
 
-* it reads the header under the gateway's ``proxy_protocol`` mode (as
-  :func:`~meshkit.gateway.admission.read_proxy_header`: ``require``,
-  ``accept``, ``off``), bounded in bytes (:data:`~.admission.MAX_HEADER`) and
-  in time (``proxy_timeout``);
-* then hands the transport to the HTTP server's protocol (``factory()``),
-  replaying the bytes read after the header, and records the client's
-  ``(peer text, address)`` in ``clients`` under the transport, where request
-  handlers find it (:func:`client_for`);
+* it reads the header under the gateway's ``proxy_protocol`` mode
+  (``require``, ``accept``, ``off``: :mod:`~meshkit.gateway.admission` says
+  what each does), bounded in bytes (:data:`~.admission.MAX_HEADER`) and in
+  time (``proxy_timeout``);
+* then hands the transport to the protocol ``factory(client)`` makes for
+  the client's ``(peer text, address)`` (the HTTP server's, or a TCP
+  :class:`~meshkit.gateway.connection.Connection`), replaying the bytes read
+  after the header, and, given ``clients``, records the client there under
+  the transport, where HTTP request handlers find it (:func:`client_for`);
 * a connection without a valid header when one is required is reset and
   counted (``on_refused``).
 """
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .admission import MAX_HEADER, client_of
+from .linger import reset
 from .proxy_protocol import V1_PREFIX, V2_SIGNATURE, ProxyHeader, ProxyHeaderError, parse
 
 Client = tuple[str, "str | None"]
@@ -41,7 +43,7 @@ def _may_be_header(buf: bytes | bytearray) -> bool:
 class ProxyFront(asyncio.Protocol):
     """Reads one connection's PROXY header, then passes the connection on (see the module doc)."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], clients: Clients, mode: str,
+    def __init__(self, factory: Callable[[Client], asyncio.Protocol], clients: Clients | None, mode: str,
                  timeout: float, on_refused: Callable[[str], None]) -> None:
         self._factory = factory
         self._clients = clients
@@ -80,8 +82,12 @@ class ProxyFront(asyncio.Protocol):
             self._refuse(f"no PROXY header in the first {MAX_HEADER} bytes")
 
     def eof_received(self) -> bool | None:
-        if not self._handed:
-            self._refuse("connection closed before a complete PROXY header")
+        if self._handed:
+            return None
+        if self._mode == "accept" and not self._buf:
+            # Connected and left without a byte: no header, and its protocol sees the EOF itself.
+            return self._hand_over(None, b"").eof_received()
+        self._refuse("connection closed before a complete PROXY header")
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -102,20 +108,23 @@ class ProxyFront(asyncio.Protocol):
             self._timer.cancel()
         self._on_refused(reason)
         if self._transport is not None:
-            self._transport.abort()  # a reset: it never spoke our protocol
+            reset(self._transport)  # a reset: it never spoke our protocol
 
-    def _hand_over(self, header: ProxyHeader | None, rest: bytes) -> None:
+    def _hand_over(self, header: ProxyHeader | None, rest: bytes) -> asyncio.Protocol:
         self._handed = True
         if self._timer is not None:
             self._timer.cancel()
         transport = self._transport
         assert transport is not None
-        self._clients[transport] = client_of(header, transport.get_extra_info("peername"))
-        protocol = self._factory()
+        client = client_of(header, transport.get_extra_info("peername"))
+        if self._clients is not None:
+            self._clients[transport] = client
+        protocol = self._factory(client)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if rest:
             protocol.data_received(rest)
+        return protocol
 
 
 def client_for(clients: Clients, transport: Any) -> Client:

@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from ..config import Settings
@@ -219,19 +218,19 @@ class Gateway(Service):
         """Log (throttled per ``reason``) why a client was refused."""
         self._throttle.log(reason, logging.WARNING, "%s", clip(message))
 
-    async def serve_session(self, conn: Session, serving: Awaitable[None]) -> None:
-        """Count ``conn`` among the connections (pushes reach it) while ``serving`` runs."""
+    def open_session(self, conn: Session) -> None:
+        """Count ``conn`` among the connections (pushes reach it) until :meth:`close_session`."""
         self.connections[conn.id] = conn
         self._no_connections.clear()
         self.metrics.gateway_clients(len(self.connections))
-        try:
-            await serving
-        finally:
-            del self.connections[conn.id]
-            if not self.connections:
-                self._no_connections.set()
-            self.metrics.gateway_clients(len(self.connections))
-            self.keeper.closed(conn.id)
+
+    def close_session(self, conn: Session) -> None:
+        """``conn`` is gone (its socket closed): uncount it and delete its state."""
+        del self.connections[conn.id]
+        if not self.connections:
+            self._no_connections.set()
+        self.metrics.gateway_clients(len(self.connections))
+        self.keeper.closed(conn.id)
 
     # -- requests ---------------------------------------------------------------------
 

@@ -58,6 +58,44 @@ Doc = dict[str, Any] | None  # a response object, or None for a notification
 STREAM_NOTIFICATION = "mesh.stream"  # the method of the notifications that carry a streamed call's items
 
 
+class Flag:
+    """:class:`asyncio.Event`'s ``set``/``clear``/``is_set``/``wait``, with no deque until someone waits.
+
+    An Event holds a deque of waiters from birth (~1.1 KB with the Event);
+    every session has two, which nobody waits on until it closes, and a
+    gateway holds thousands of sessions. Waiters share one future, shielded,
+    so one waiter cancelled does not cancel the others.
+    """
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Set it and wake every waiter."""
+        self._set = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        """Return (True) once it is set; at once if it is."""
+        if self._set:
+            return True
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._waiter)
+        return True
+
+
 class Session:
     """One client's requests, answers and subscriptions (see the module doc)."""
 
@@ -99,10 +137,11 @@ class Session:
         self._throttle = throttle or LogThrottle(log)
         self.last_active = clock()
         self.closed = False
-        self.done = asyncio.Event()
-        self._quiet = asyncio.Event()  # set while nothing is in flight
-        self._quiet.set()
+        self.done = Flag()  # set once the client's transport is gone
+        self._quiet = Flag(True)  # set while nothing is in flight
         self._tasks: set[asyncio.Future[Any]] = set()
+        #: What reads the client's messages while it is open (a carrier sets it); :meth:`finish` waits for it.
+        self._reading: asyncio.Future[Any] | None = None
 
     # -- what a carrier provides ------------------------------------------------
 
@@ -123,8 +162,39 @@ class Session:
         self.close()
 
     async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
-        """Close from the gateway's side without losing a request: tell, answer what came, close."""
-        raise NotImplementedError
+        """Close from the gateway's side without losing a request; return once closed.
+
+        The client first gets an error with ``id`` null and ``code`` (for
+        example ``shutting_down``): its cue to stop sending here and
+        reconnect. Requests that were already on their way are still read for
+        ``linger`` seconds (or until the client closes), and everything read
+        is answered (waiting up to ``wait`` s); then the connection closes
+        (:meth:`close_finished`) and :attr:`done` is awaited.
+        """
+        if self.closed:
+            await self.done.wait()
+            return
+        self.send(self.dialect.error_line(None, code, message))
+        await self._wait_reading(linger)
+        self.stop_reading()
+        await self.wait_quiet(wait)
+        self.close_finished(code)
+        await self.done.wait()
+
+    async def _wait_reading(self, timeout: float) -> None:
+        """Return once the client sends no more (its EOF), or after ``timeout`` s."""
+        reading = self._reading
+        if reading is not None and not reading.done():
+            await asyncio.wait({reading}, timeout=timeout)
+
+    def stop_reading(self) -> None:
+        """Read no more from the client (the carrier's reading, :attr:`_reading`, ends)."""
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def close_finished(self, code: int) -> None:
+        """How :meth:`finish` closes once everything read is answered (the error ``code`` was sent)."""
+        self.close()
 
     # -- shared by every carrier --------------------------------------------------
 
@@ -180,6 +250,11 @@ class Session:
         if not running:
             answer(self._answer(parsed.batch, immediate))
             return len(parsed.items)
+        if not parsed.batch:
+            # One request: one task runs it and sends its answer (no second
+            # task to gather a single result).
+            self._track(asyncio.ensure_future(self._complete_one(running[0], answer)))
+            return 1
         # Tasks at once (not coroutines for later) so every request starts now
         # and each is cancelled on close even if the answer is never sent.
         calls = [self._track(asyncio.ensure_future(c)) for c in running]
@@ -263,6 +338,9 @@ class Session:
                 self.last_active = self._clock()
                 self._quiet.set()
         return None if request.notification else doc
+
+    async def _complete_one(self, call: Awaitable[Doc], answer: Reply) -> None:
+        answer(self._answer(False, [await call]))
 
     async def _complete(self, batch: bool, immediate: list[dict[str, Any] | None],
                         calls: list[asyncio.Future[Any]], answer: Reply) -> None:

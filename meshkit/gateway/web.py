@@ -118,7 +118,7 @@ class WebListener:
         for port in ports:
             try:
                 self._server = await loop.create_server(
-                    lambda: ProxyFront(factory, self.clients, self.options.proxy_protocol,
+                    lambda: ProxyFront(lambda _client: factory(), self.clients, self.options.proxy_protocol,
                                        self.options.proxy_timeout, self._proxy_refused),
                     host, port, family=socket.AF_INET if ":" not in host else 0,
                     backlog=1024, reuse_address=True)
@@ -307,7 +307,11 @@ class WebListener:
                                 peer=peer, address=address,
                                 request_bucket=gateway.guard.request_bucket(address),
                                 judge=gateway.judge)
-            await gateway.serve_session(conn, conn.serve())
+            gateway.open_session(conn)
+            try:
+                await conn.serve()
+            finally:
+                gateway.close_session(conn)
         finally:
             gateway.guard.release(address)
         return ws

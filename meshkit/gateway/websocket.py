@@ -78,7 +78,6 @@ class WsConnection(Session):
         self._drained = asyncio.Event()
         self._drained.set()
         self._high = self.options.max_output // 2
-        self._read_task: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
 
@@ -87,11 +86,11 @@ class WsConnection(Session):
     async def serve(self) -> None:
         """Read and serve until the client closes (or :meth:`finish`/:meth:`close`)."""
         self._writer = asyncio.create_task(self._write_loop(), name=f"gateway-ws-write-{self.id}")
-        self._read_task = asyncio.create_task(self._read_loop(), name=f"gateway-ws-read-{self.id}")
+        self._reading = asyncio.create_task(self._read_loop(), name=f"gateway-ws-read-{self.id}")
         try:
-            await self._read_task
+            await self._reading
         except asyncio.CancelledError:
-            if not self._read_task.cancelled():
+            if not self._reading.cancelled():
                 raise
         finally:
             if not self.closed:
@@ -100,19 +99,9 @@ class WsConnection(Session):
             await self.wait_closed()
             self.done.set()
 
-    async def finish(self, code: int, message: str, wait: float, linger: float = 1.0) -> None:
-        """As :meth:`Connection.finish <meshkit.gateway.connection.Connection.finish>`."""
-        if self.closed:
-            await self.done.wait()
-            return
-        self.send(self.dialect.error_line(None, code, message))
-        read_task = self._read_task
-        if read_task is not None and not read_task.done():
-            await asyncio.wait({read_task}, timeout=linger)
-            read_task.cancel()
-        await self.wait_quiet(wait)
+    def close_finished(self, code: int) -> None:
+        """Close with :func:`close_code` of ``code`` once :meth:`finish` has answered everything."""
         self.close(close_as=close_code(code), reason=jsonrpc.REASONS.get(code, ""))
-        await self.done.wait()
 
     def close(self, code: int | None = None, message: str = "", *, abort: bool = False,
               close_as: int | None = None, reason: str = "") -> None:
@@ -128,8 +117,8 @@ class WsConnection(Session):
             if self.closed:
                 return
         self.closed = True
-        if self._read_task is not None:
-            self._read_task.cancel()
+        if self._reading is not None:
+            self._reading.cancel()
         self.cancel_work()
         ws_code = close_as if close_as is not None else close_code(code)
         why = reason or (jsonrpc.REASONS.get(code, "") if code is not None else "")

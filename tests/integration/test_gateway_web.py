@@ -167,7 +167,9 @@ def test_http_bad_input_gets_json_rpc_errors_or_http_statuses(
             # Burst 10, then 5 per second: however long a loaded machine took to send the flood,
             # no more were let through than the bucket held and refilled meanwhile.
             assert statuses.count(200) >= 3 and statuses.count(429) >= 1
-            assert statuses.count(200) <= 10 + 5 * took + 1, (statuses.count(200), took)
+            # Counted by the requests that ran: a 200 may also carry rate_limited (below).
+            ran = sum(1 for i, (s, d, _) in enumerate(results) if s == 200 and d.get("result") == i)
+            assert ran <= 10 + 5 * took + 1, (ran, statuses.count(200), took)
             assert set(statuses) <= {200, 429}
             limited = next(h for s, _, h in results if s == 429)
             assert int(limited["Retry-After"]) >= 1

@@ -76,12 +76,12 @@ async def pair(call: Call = echo_call, clock: Callable[[], float] | None = None,
                metrics: Metrics | None = None,
                **options: Any) -> tuple[Connection, Client, asyncio.Task[None]]:
     a, b = socket.socketpair()
-    reader, writer = await asyncio.open_connection(sock=a)
     # The client reads lines up to 4 MiB (asyncio's default limit is 64 KiB).
     client = Client(*await asyncio.open_connection(sock=b, limit=4 * 1024 * 1024))
     kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-    conn = Connection("gw1-1", reader, writer, options=GatewayOptions(**options), call=call,
+    conn = Connection("gw1-1", options=GatewayOptions(**options), call=call,
                       metrics=metrics or Metrics("", "", "gateway"), gateway_id="gw1", **kwargs)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock=a)
     return conn, client, asyncio.create_task(conn.serve())
 
 
@@ -582,7 +582,8 @@ def test_a_batch_answer_larger_than_max_output_is_cut_to_fit() -> None:
 def test_a_close_that_cannot_flush_resets_within_close_timeout_and_counts_until_then() -> None:
     async def main() -> None:
         conn, client, task = await pair(close_timeout=0.3, max_output=64 * 1024 * 1024)
-        sock = conn._writer.transport.get_extra_info("socket")
+        assert conn._transport is not None
+        sock = conn._transport.get_extra_info("socket")
         conn.send(b"x" * (8 * 1024 * 1024) + b"\n")  # the client reads none of it
         conn.close(jsonrpc.IDLE_TIMEOUT, "idle")
         await asyncio.sleep(0)
@@ -783,12 +784,13 @@ def test_a_connection_whose_socket_closed_before_it_was_made_ends_quietly() -> N
 
     async def main() -> None:
         a, b = socket.socketpair()
-        reader, writer = await asyncio.open_connection(sock=a)
-        writer.transport.abort()  # gone before the gateway made its Connection
-        await writer.wait_closed()
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, sock=a)
+        transport.abort()  # gone before the gateway handed it to its Connection
         b.close()
-        conn = Connection("gw1-1", reader, writer, options=GatewayOptions(), call=echo_call,
+        await asyncio.sleep(0)
+        conn = Connection("gw1-1", options=GatewayOptions(), call=echo_call,
                           metrics=Metrics("", "", "gateway"), gateway_id="gw1", peer="127.0.0.1:1")
+        conn.connection_made(transport)
         await asyncio.wait_for(conn.serve(), 5)
         assert conn.closed
 

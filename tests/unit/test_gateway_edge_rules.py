@@ -10,11 +10,12 @@ import pytest
 
 from meshkit.errors import ConfigError
 from meshkit.gateway import jsonrpc, waves
-from meshkit.gateway.admission import Guard, client_of, read_proxy_header
+from meshkit.gateway.admission import Guard, client_of
 from meshkit.gateway.bans import Ban, BanList, BanPolicy, change, normalize_address
 from meshkit.gateway.limits import ADDRESS_LIMIT, CONNECT_RATE, AddressLimits, Exemptions, TokenBucket
 from meshkit.gateway.moving import GoneWatch, reconnect_line
 from meshkit.gateway.options import GatewayOptions
+from meshkit.gateway.proxy_front import Client, ProxyFront
 from meshkit.gateway.proxy_protocol import ProxyHeaderError
 
 
@@ -187,12 +188,55 @@ def test_reconnect_notifications() -> None:
 # -- PROXY headers ---------------------------------------------------------------------------
 
 
-def read(data: bytes, mode: str) -> tuple[object, bytes]:
-    async def main() -> tuple[object, bytes]:
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        return await read_proxy_header(reader, mode, timeout=5.0)
+class _Socket(asyncio.Transport):
+    """A transport that only names its peer and records what the front did to it."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
+        self.peer = peer
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def abort(self) -> None:
+        pass
+
+
+class _Inner(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+def read(data: bytes, mode: str, peer: tuple[str, int] = ("127.0.0.1", 9)) -> tuple[Client, bytes]:
+    """Feed ``data`` then an EOF to the front every TCP and HTTP connection starts with.
+
+    Returns the client it handed the connection on for and the client bytes
+    after the header; raises ProxyHeaderError if it refused the connection.
+    """
+    async def main() -> tuple[Client, bytes]:
+        handed: list[Client] = []
+        refused: list[str] = []
+        inner = _Inner()
+
+        def factory(client: Client) -> asyncio.Protocol:
+            handed.append(client)
+            return inner
+
+        front = ProxyFront(factory, None, mode, 5.0, refused.append)
+        front.connection_made(_Socket(peer))
+        if data:
+            front.data_received(data)
+        front.eof_received()
+        if refused:
+            raise ProxyHeaderError(refused[0])
+        return handed[0], inner.data
     return asyncio.run(main())
 
 
@@ -201,11 +245,11 @@ V2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([203, 0, 113, 7, 127, 0,
 
 
 def test_the_header_is_read_and_the_client_bytes_after_it_are_kept() -> None:
-    header, rest = read(V2 + b'{"id":1}\n', "require")
-    assert client_of(header, ("127.0.0.1", 9)) == ("203.0.113.7:5555", "203.0.113.7")  # type: ignore[arg-type]
+    client, rest = read(V2 + b'{"id":1}\n', "require")
+    assert client == ("203.0.113.7:5555", "203.0.113.7")
     assert rest == b'{"id":1}\n'
-    header, rest = read(b"PROXY TCP6 2001:db8::5 ::1 7 3333\r\nhello", "accept")
-    assert client_of(header, None) == ("[2001:db8::5]:7", "2001:db8::5")  # type: ignore[arg-type]
+    client, rest = read(b"PROXY TCP6 2001:db8::5 ::1 7 3333\r\nhello", "accept")
+    assert client == ("[2001:db8::5]:7", "2001:db8::5")
     assert rest == b"hello"
 
 
@@ -213,19 +257,20 @@ def test_require_refuses_what_accept_passes_through() -> None:
     line = b'{"jsonrpc":"2.0","method":"mesh.ping","id":1}\n'
     with pytest.raises(ProxyHeaderError):
         read(line, "require")
-    assert read(line, "accept") == (None, line)
-    assert read(line, "off") == (None, b"")  # nothing read: the connection reads it itself
+    peer = ("127.0.0.1:9", "127.0.0.1")  # no header: the socket's own peer
+    assert read(line, "accept") == (peer, line)
+    assert read(line, "off") == (peer, b"")  # nothing read: the connection reads it itself
     with pytest.raises(ProxyHeaderError):
         read(b"PROXY TCP4 300.0.0.1 127.0.0.1 1 2\r\n", "accept")  # an invalid header is never served
     with pytest.raises(ProxyHeaderError, match="closed before"):
         read(V2[:20], "require")
-    assert read(b"", "accept") == (None, b"")
+    assert read(b"", "accept") == (peer, b"")  # connected and left: not refused, its EOF is its own
 
 
 def test_a_local_header_is_the_proxys_own_connection() -> None:
     local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"  # HAProxy's health check
-    header, _ = read(local, "require")
-    assert client_of(header, ("127.0.0.1", 4242)) == ("127.0.0.1:4242", None)  # type: ignore[arg-type]
+    client, _ = read(local, "require", peer=("127.0.0.1", 4242))
+    assert client == ("127.0.0.1:4242", None)
     assert client_of(None, ("::ffff:192.0.2.1", 80)) == ("[::ffff:192.0.2.1]:80", "192.0.2.1")
 
 

@@ -59,7 +59,7 @@ def front(mode: str, timeout: float = 5.0) -> tuple[ProxyFront, FakeTransport, R
     inner = Recorder()
     clients: Clients = weakref.WeakKeyDictionary()
     refused: list[str] = []
-    proto = ProxyFront(lambda: inner, clients, mode, timeout, refused.append)
+    proto = ProxyFront(lambda _client: inner, clients, mode, timeout, refused.append)
     transport = FakeTransport()
     proto.connection_made(transport)
     return proto, transport, inner, clients, refused
@@ -95,7 +95,7 @@ def test_require_mode_resets_a_connection_without_a_valid_header() -> None:
             proto.data_received(data)
             assert transport.aborted and not inner.made and len(refused) == 1
         timed_out: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        proto = ProxyFront(Recorder, weakref.WeakKeyDictionary(), "require", 0.01,
+        proto = ProxyFront(lambda _client: Recorder(), weakref.WeakKeyDictionary(), "require", 0.01,
                            timed_out.set_result)
         transport = FakeTransport()
         proto.connection_made(transport)
@@ -127,7 +127,8 @@ def test_the_front_hands_a_real_connection_over_on_meshkits_loop() -> None:
                     got.set_result(inner.data)
 
         server = await loop.create_server(
-            lambda: ProxyFront(Inner, clients, "require", 5.0, got.set_exception), "127.0.0.1", 0)
+            lambda: ProxyFront(lambda _client: Inner(), clients, "require", 5.0, got.set_exception),
+            "127.0.0.1", 0)
         try:
             port = server.sockets[0].getsockname()[1]
             _, writer = await asyncio.open_connection("127.0.0.1", port)
