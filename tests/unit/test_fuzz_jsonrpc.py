@@ -34,10 +34,20 @@ _PER_ITEM = 600
 
 
 class FakeTransport:
-    """Enough of an asyncio transport for a connection that is never flushed."""
+    """Enough of an asyncio transport for a connection: collects what it writes."""
 
     def __init__(self) -> None:
         self.closing = False
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -58,26 +68,6 @@ class FakeTransport:
         self.closing = True
 
 
-class FakeWriter:
-    """Collects what the connection writes."""
-
-    def __init__(self) -> None:
-        self.transport = FakeTransport()
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    async def wait_closed(self) -> None:
-        pass
-
-    async def drain(self) -> None:
-        pass
-
-
 async def route(conn: Connection, request: Request) -> Any:
     """What the gateway's router does with a request, minus the mesh: echo, or the same errors."""
     target = jsonrpc.split_method(request.method)
@@ -90,13 +80,18 @@ def handle(line: bytes) -> tuple[bytes, jsonrpc.Line | None, float]:
     """Feed ``line`` to a fresh connection; return what it wrote, the parse, and the time taken."""
 
     async def main() -> bytes:
-        writer = FakeWriter()
-        conn = Connection("gw-1", asyncio.StreamReader(), writer,  # type: ignore[arg-type]
-                          options=OPTIONS, call=route, metrics=Metrics("", "", "gateway"))
+        transport = FakeTransport()
+        conn = Connection("gw-1", options=OPTIONS, call=route, metrics=Metrics("", "", "gateway"),
+                          peer="127.0.0.1:1")
+        conn.connection_made(transport)  # type: ignore[arg-type]
         conn.handle_line(line)
         while conn._tasks:
             await asyncio.wait(set(conn._tasks), timeout=2.0)
-        return bytes(writer.data)
+        for _ in range(100):  # answers finished in one turn go out at the next (one write)
+            if not conn._pending:
+                break
+            await asyncio.sleep(0)
+        return bytes(transport.data)
 
     started = time.monotonic()
     out = asyncio.run(main())
