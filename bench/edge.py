@@ -10,7 +10,8 @@ Usage (from the project root)::
 
 The server processes run from a temporary directory, so ``PYTHONPATH``
 alone chooses the code they run (``"meshkit"`` in the JSON's ``machine``
-says which): ``PYTHONPATH=/path/to/other/tree`` compares two trees.
+says which): ``PYTHONPATH=/path/to/other/tree`` compares two trees; without
+it they run the tree this file is in.
 
 It starts, in one run and on one machine, the meshkit stack (a private
 ``redis-server`` on a unix socket, 2 ``echo`` backends, 2 gateways and
@@ -373,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     # Out of any source tree: `python -m meshkit` (every server process) puts its working
     # directory first on sys.path, so started from a tree it would run that tree's code
     # whatever PYTHONPATH says, and a before/after comparison would compare nothing.
+    # Without PYTHONPATH the servers run this tree's code (meshkit and services/), as they would
+    # have from here.
+    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     os.chdir(workdir)
     stack, baseline = EdgeStack(default_config(), workdir), Baseline()
     try:
