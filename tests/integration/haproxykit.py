@@ -244,13 +244,23 @@ def kill_haproxy(paths: RuntimePaths) -> None:
     """SIGKILL every process naming the run directory of ``paths`` (HAProxy masters, workers, syncs left behind).
 
     Test teardown: HAProxy outlives the sync, and a failed test may leave a
-    sync or an old master running too.
+    sync or an old master running too. A test's sync is not started by
+    ``meshkit up``, so its HAProxy carries no stack marker: processes are
+    also found by their command line (HAProxy's ``-f``/``-p``/``-S`` name
+    files in the run directory). Returns once they are gone (bounded).
     """
-    for proc in stack_processes(str(paths.config_file.parent)):
+    run_dir = str(paths.config_file.parent)
+    found = {proc.pid: proc for proc in stack_processes(run_dir)}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.pid != os.getpid() and any(run_dir + os.sep in arg for arg in cmdline):
+            found.setdefault(proc.pid, proc)
+    for proc in found.values():
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(list(found.values()), timeout=WAIT)
 
 
 @contextlib.contextmanager

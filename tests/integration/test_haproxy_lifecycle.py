@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from haproxykit import (
     REPO,
@@ -395,3 +396,22 @@ def test_circus_restarting_or_losing_the_sync_watcher_cuts_no_client(
     down = meshkit("down", "--run-dir", str(run_dir), env=env)
     assert down.returncode == 0, down.stderr
     assert master is not None and not alive(master)
+
+
+def test_the_test_kits_teardown_leaves_no_haproxy_behind(syncs: Callable[..., Sync]) -> None:
+    """``kill_haproxy`` finds the HAProxy a test's sync started (it outlives the sync by design),
+    so a suite leaves none running: before, only processes carrying the stack's marker were found,
+    and every test-made HAProxy stayed."""
+    sync = syncs().start()
+    master = sync.master_pid()
+    assert master is not None and alive(master)
+    sync.stop()
+    assert alive(master)  # HAProxy outlives its sync
+    kill_haproxy(sync.paths)
+    run_dir = str(sync.paths.config_file.parent)
+    deadline = time.monotonic() + WAIT
+    while masters_running(sync.paths.config_file) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(master)
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if any(run_dir in arg for arg in (p.info["cmdline"] or []))]
