@@ -112,8 +112,17 @@ class SocketPump:
             self._loop.remove_reader(self._fd)
             self._fd = -1
 
-    def send(self, frames: list[bytes]) -> bool:
-        """Send without blocking; False if ZeroMQ would block (peer unreachable or full)."""
+    def send(self, frames: list[bytes], alone: bool = False) -> bool:
+        """Send without blocking; False if ZeroMQ would block (peer unreachable or full).
+
+        ``alone`` says the sender expects no other send this loop turn (a
+        sequential caller's request, a lone answer): the read pass that
+        follows a send is then replaced by asking ``ZMQ_EVENTS`` at once, and
+        scheduled only if a message waits. Either way nothing that arrived is
+        left unread; ``alone`` only picks the cheaper check (one EVENTS read
+        instead of a loop callback and a pass, for one send; one pass, for a
+        turn's many).
+        """
         sock = self.sock
         last = len(frames) - 1
         try:
@@ -128,6 +137,8 @@ class SocketPump:
         # (the FD signals only arrivals after that). Coalesced per loop turn:
         # 64 replies sent in one turn cost one read pass, not 64.
         if not self._scheduled:
+            if alone and not _get(sock, _EVENTS) & _POLLIN:
+                return True  # EVENTS processed ZeroMQ's commands: a later arrival signals the FD
             self.kick()
         return True
 
@@ -147,7 +158,7 @@ class SocketPump:
         :meth:`flush` sends what is queued at once.
         """
         if not batch and not self._outbox:
-            self.send(frames)
+            self.send(frames, alone=True)
             return
         self._outbox.append(frames)
         if not self._flush_scheduled and self._loop is not None:
