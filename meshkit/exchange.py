@@ -156,11 +156,12 @@ class Exchange:
         if remaining <= 0:
             raise DeadlinePassed()
         request_id = next(self._ids)
-        if not peer.send(message.frames(request_id, int(remaining * 1000))):  # wire.timeout_ms, inlined
+        table = self._tables.get(peer)
+        # Alone on the peer (a sequential caller): the transport checks for arrivals at once, not next turn.
+        if not peer.send(message.frames(request_id, int(remaining * 1000)), not table):  # wire.timeout_ms, inlined
             raise NotDelivered(f"{peer.key} could not take the request")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[wire.Answer] = loop.create_future()
-        table = self._tables.get(peer)
         if table is None:
             table = self._tables[peer] = {}
         timer = (loop.call_later if self._system else self._clock.call_later)(

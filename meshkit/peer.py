@@ -106,11 +106,15 @@ class Peer:
         """Whether new work may be sent here."""
         return self.state != FAILED and not self.draining
 
-    def send(self, frames: list[bytes]) -> bool:
-        """Queue frames for the peer; False if it cannot take them (not sent)."""
+    def send(self, frames: list[bytes], alone: bool = False) -> bool:
+        """Queue frames for the peer; False if it cannot take them (not sent).
+
+        ``alone``: nothing else is in flight to this peer, so no other send is
+        expected this turn (see :meth:`meshkit.transport.SocketPump.send`).
+        """
         if self.state == FAILED:
             return False
-        return self.pump.send(frames)
+        return self.pump.send(frames, alone)
 
     def update(self, record: InstanceRecord) -> None:
         """Take the instance's newer record (its state decides :attr:`draining`)."""

@@ -78,7 +78,7 @@ class FakePeer:
         self.sent: list[list[bytes]] = []
         self.close_linger_ms = 0
 
-    def send(self, frames: list[bytes]) -> bool:
+    def send(self, frames: list[bytes], alone: bool = False) -> bool:
         self.sent.append(frames)
         return True
 

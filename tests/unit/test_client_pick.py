@@ -55,7 +55,7 @@ class FakePeer:
     def available(self) -> bool:
         return self.state != FAILED and not self.draining
 
-    def send(self, frames: list[bytes]) -> bool:
+    def send(self, frames: list[bytes], alone: bool = False) -> bool:
         if self.state == FAILED:
             return False
         if self.recording:

@@ -38,7 +38,7 @@ class FakePeer:
         self.retired: list[str] = []
         self.sent: list[list[bytes]] = []
 
-    def send(self, frames: list[bytes]) -> bool:
+    def send(self, frames: list[bytes], alone: bool = False) -> bool:
         if self.accepts:
             self.sent.append(frames)
         return self.accepts

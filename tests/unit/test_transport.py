@@ -195,3 +195,65 @@ def test_send_soon_without_batch_sends_at_once_unless_others_wait() -> None:
         asyncio.run(main())
     finally:
         _close(ctx, a, b)
+
+
+def test_sends_alone_lose_no_arrival_in_a_sequential_exchange() -> None:
+    # Each side answers with alone=True (an EVENTS check instead of a read pass): if that check
+    # ever left an arrival unread, the exchange would stall and the wait below would time out.
+    ctx, a, b = _pair("alone")
+    rounds = 2000
+    got: list[int] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        def on_b(frames: list[bytes]) -> None:
+            assert pump_b.send([b"re", frames[1]], alone=True)
+
+        def on_a(frames: list[bytes]) -> None:
+            got.append(int(frames[1]))
+            if len(got) == rounds:
+                done.set()
+            else:
+                assert pump_a.send([b"req", b"%d" % len(got)], alone=True)
+
+        pump_a, pump_b = SocketPump(a, on_a), SocketPump(b, on_b)
+        pump_a.start()
+        pump_b.start()
+        assert pump_a.send([b"req", b"0"], alone=True)
+        await asyncio.wait_for(done.wait(), 10.0)
+        pump_a.stop()
+        pump_b.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
+    assert got == list(range(rounds))
+
+
+def test_a_send_alone_schedules_a_read_pass_only_when_a_message_waits() -> None:
+    ctx, a, b = _pair("alone-pass")
+    got: list[list[bytes]] = []
+
+    async def main() -> None:
+        pump = SocketPump(a, got.append)
+        pump.start()
+        await asyncio.sleep(0)  # the start's own pass
+        assert pump.send([b"one"], alone=True)
+        assert not pump._scheduled  # nothing waits: no pass
+        b.send(b"back")
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while not a.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the message reached a's queue
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        assert pump.send([b"two"], alone=True)
+        assert pump._scheduled  # a message waits: read in this turn's pass
+        await asyncio.sleep(0)
+        assert got == [[b"back"]]
+        pump.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        _close(ctx, a, b)
