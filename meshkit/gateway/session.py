@@ -44,7 +44,7 @@ from typing import Any
 from ..metrics import Metrics
 from ..topics import topic_matches
 from ..untrusted import LogThrottle, clip
-from . import builtin, dialect, jsonrpc
+from . import builtin, dialect, eager, jsonrpc
 from .jsonrpc import Invalid, Request, RpcError
 from .limits import TokenBucket
 from .options import GatewayOptions
@@ -252,8 +252,13 @@ class Session:
             return len(parsed.items)
         if not parsed.batch:
             # One request: one task runs it and sends its answer (no second
-            # task to gather a single result).
-            self._track(asyncio.ensure_future(self._complete_one(running[0], answer)))
+            # task to gather a single result), started now: its mesh call is
+            # sent in this turn of the loop, not the next.
+            task = eager.start(self._complete_one(running[0], answer))
+            if task is not None:
+                self._track(task)
+                if self.closed:  # it closed the session itself (an answer to a slow consumer)
+                    task.cancel()
             return 1
         # Tasks at once (not coroutines for later) so every request starts now
         # and each is cancelled on close even if the answer is never sent.

@@ -1,9 +1,10 @@
-"""How a TCP connection groups its answers into writes (no network, no sleeps).
+"""The loop turns of a TCP connection's requests, and its writes (no network, no sleeps).
 
-A lone answer goes out within the step that produced it (a loop turn of
-latency saved for a client with one request in flight); answers that finish
-in one turn while others are in flight, and the answers to one chunk of
-lines, go out in one write.
+A request's call starts in the turn that read it, and a lone answer goes
+out within the step that produced it (each a loop turn of latency saved for
+a client with one request in flight); answers that finish in one turn while
+others are in flight, and the answers to one chunk of lines, go out in one
+write.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ class RecordingTransport:
         self.closing = True
 
 
-def connect(gate: asyncio.Future[None] | None = None) -> tuple[Connection, RecordingTransport]:
-    """A connection whose mesh calls echo their params, each once ``gate`` (if any) is done."""
+def connect(gate: asyncio.Future[None] | None = None,
+            started: list[Any] | None = None) -> tuple[Connection, RecordingTransport]:
+    """A connection whose mesh calls echo their params, each once ``gate`` (if any) is done.
+
+    Each call's id goes into ``started`` (if given) as the call starts.
+    """
 
     async def call(conn: Connection, request: Request) -> Any:
+        if started is not None:
+            started.append(request.id)
         if gate is not None:
             await gate
         return request.params
@@ -90,14 +97,27 @@ def test_a_lone_answer_is_written_by_the_request_that_produced_it() -> None:
         gate = asyncio.get_running_loop().create_future()
         conn, transport = connect(gate)
         conn.data_received(line(1))
-        (task,) = conn._tasks
-        await asyncio.sleep(0)  # the request starts and waits for its mesh call
+        (task,) = conn._tasks  # started at once, now waiting for its mesh call
         gate.set_result(None)
         await settle(conn)
         assert len(transport.writes) == 1
         data, writer = transport.writes[0]
         assert ids(data) == [1]
         assert writer is task, "the answer waited for a later turn of the loop"
+
+    asyncio.run(main())
+
+
+def test_a_request_is_sent_on_in_the_turn_that_read_it() -> None:
+    async def main() -> None:
+        gate = asyncio.get_running_loop().create_future()
+        started: list[Any] = []
+        conn, transport = connect(gate, started)
+        conn.data_received(line(1) + line(2))
+        assert started == [1, 2], "the calls waited for a later turn of the loop"
+        gate.set_result(None)
+        await settle(conn)
+        assert sorted(i for data, _ in transport.writes for i in ids(data)) == [1, 2]
 
     asyncio.run(main())
 
