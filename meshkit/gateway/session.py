@@ -256,7 +256,7 @@ class Session:
             # sent in this turn of the loop, not the next.
             task = eager.start(self._complete_one(running[0], answer))
             if task is not None:
-                self._track(task)
+                self._tasks.add(task)  # it leaves the set itself (_complete_one)
                 if self.closed:  # it closed the session itself (an answer to a slow consumer)
                     task.cancel()
             return 1
@@ -345,7 +345,15 @@ class Session:
         return None if request.notification else doc
 
     async def _complete_one(self, call: Awaitable[Doc], answer: Reply) -> None:
-        answer(self._answer(False, [await call]))
+        try:
+            answer(self._answer(False, [await call]))
+        finally:
+            # Itself, not by a done callback: that callback is one more turn of
+            # the loop per request, which a lone request pays for alone. (A task
+            # cancelled before it starts ends with its session, never counted again.)
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _complete(self, batch: bool, immediate: list[dict[str, Any] | None],
                         calls: list[asyncio.Future[Any]], answer: Reply) -> None:

@@ -147,3 +147,25 @@ def test_the_answers_to_one_chunk_of_lines_go_out_in_one_write() -> None:
         assert len(transport.writes) == 1
 
     asyncio.run(main())
+
+
+def test_a_finished_request_costs_no_callback_on_the_loop_to_be_forgotten() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        scheduled: list[Any] = []
+        call_soon = loop.call_soon
+
+        def counting_call_soon(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+            scheduled.append(callback)
+            return call_soon(callback, *args, **kwargs)
+
+        loop.call_soon = counting_call_soon  # type: ignore[method-assign]
+        gate = loop.create_future()
+        conn, transport = connect(gate)
+        conn.data_received(line(1))
+        gate.set_result(None)
+        await settle(conn)
+        assert ids(transport.writes[0][0]) == [1]
+        assert not [c for c in scheduled if getattr(c, "__self__", None) is conn._tasks]
+
+    asyncio.run(main())
