@@ -255,7 +255,7 @@ class Session:
             # task to gather a single result), started now: its mesh call is
             # sent in this turn of the loop, not the next.
             task = eager.start(self._complete_one(running[0], answer))
-            if task is not None:
+            if task is not None and not task.done():  # done: it failed (asyncio logs that)
                 self._tasks.add(task)  # it leaves the set itself (_complete_one)
                 if self.closed:  # it closed the session itself (an answer to a slow consumer)
                     task.cancel()
