@@ -2,8 +2,7 @@
 
 ``asyncio.ensure_future(coro)`` runs nothing of ``coro`` before the loop's
 next turn (Python 3.12's eager tasks change that; meshkit runs on 3.10 and
-3.11 too).
-A client's request does everything up to its mesh call's send before it
+3.11 too). A client's request does everything up to its mesh call's send before it
 first waits (parse, route, encode, send), so starting it at once sends the
 call a loop turn sooner; with one request in flight, that turn was all
 latency (measured in the gateway's sequential benchmark, ``bench/edge.py``).
@@ -20,8 +19,10 @@ Contract of :func:`start`:
   is the caller's (None in a protocol callback). Code that needs its own task
   there (``asyncio.timeout``) must not be started this way.
 * If ``coro`` finishes without waiting, :func:`start` returns None (the
-  result is dropped: start only coroutines run for their effects); if it
-  raises, a done future holding the exception, as a task would have.
+  result is dropped: start only coroutines that run for their effects); if
+  it raises, a done future holding the exception (cancelled, for a
+  cancellation), as a task would have. ``KeyboardInterrupt`` and
+  ``SystemExit`` propagate.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any] | None:
         waiting = context.run(coro.send, None)
     except StopIteration:
         return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException as exc:  # what a task would hold: whoever tracks it sees it (or asyncio logs it)
         failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        failed.set_exception(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            failed.cancel()
+        else:
+            failed.set_exception(exc)
         return failed
     if getattr(waiting, "_asyncio_future_blocking", False):
         # What a task does as it takes the future: until then no other coroutine
