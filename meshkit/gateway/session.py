@@ -252,9 +252,13 @@ class Session:
             return len(parsed.items)
         if not parsed.batch:
             # One request: one task runs it and sends its answer (no second
-            # task to gather a single result), started now: its mesh call is
-            # sent in this turn of the loop, not the next.
-            task = eager.start(self._complete_one(running[0], answer))
+            # task to gather a single result). A lone one (nothing else in
+            # flight here) starts now: its mesh call is sent in this turn of the
+            # loop, not the next. Others start at the next turn, all together:
+            # their sends in one burst wake libzmq's I/O thread once (started
+            # at once, pipelined requests cost ~8% more gateway CPU each).
+            work = self._complete_one(running[0], answer)
+            task = eager.start(work) if self.inflight == 1 else asyncio.ensure_future(work)
             if task is not None and not task.done():  # done: it failed (asyncio logs that)
                 self._tasks.add(task)  # it leaves the set itself (_complete_one)
                 if self.closed:  # it closed the session itself (an answer to a slow consumer)
