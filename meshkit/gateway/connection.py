@@ -347,10 +347,11 @@ class Connection(Session, asyncio.Protocol):
         buf = self._buf
         max_line = self.options.max_line
         done = 0  # bytes of buf handled (deleted once, at the end: not per line)
+        following = -1  # the end of the line after this one, once looked for
         nested, self._handling = self._handling, True
         try:
             while not self.closed and not self._output_full and not self._read_end.is_set():
-                newline = buf.find(b"\n", max(done, self._scanned))
+                newline = following if following >= 0 else buf.find(b"\n", max(done, self._scanned))
                 if newline < 0:
                     if len(buf) - done > max_line:
                         if not self._skipping:
@@ -361,13 +362,15 @@ class Connection(Session, asyncio.Protocol):
                     break
                 line = bytes(buf[done:newline])
                 done = newline + 1
+                following = buf.find(b"\n", done)
                 cost = 1
                 if self._skipping:
                     self._skipping = False  # the end of the over-long line: skipped
                 elif len(line) > max_line:
                     self._line_too_long()
                 else:
-                    cost = max(self.handle_line(line), len(line) // _BYTES_PER_UNIT)
+                    # A line with more behind it starts with them (more=True), not alone.
+                    cost = max(self.handle_line(line, more=following >= 0), len(line) // _BYTES_PER_UNIT)
                 self._budget -= cost
                 if self._budget <= 0:
                     # Let other clients' work run; the rest of buf waits for the next turn.

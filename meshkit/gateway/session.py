@@ -231,8 +231,12 @@ class Session:
         for task in self._tasks:
             task.cancel()
 
-    def handle_line(self, line: bytes, reply: Reply | None = None) -> int:
-        """Handle one message; return how many items it held (at least 1), its cost in turns."""
+    def handle_line(self, line: bytes, reply: Reply | None = None, *, more: bool = False) -> int:
+        """Handle one message; return how many items it held (at least 1), its cost in turns.
+
+        ``more``: other messages are being handled right after it (a chunk of
+        lines), so its call starts with theirs, not at once on its own.
+        """
         self._metrics.gateway_message("in")
         answer = reply or self._send_answer
         parsed = jsonrpc.parse_line(line, self.options.max_batch)
@@ -253,13 +257,14 @@ class Session:
         if not parsed.batch:
             # One request: one task runs it and sends its answer (no second
             # task to gather a single result). A lone one (nothing else in
-            # flight here) starts now: its mesh call is sent in this turn of the
-            # loop, not the next. Others start at the next turn, all together:
-            # their sends in one burst wake libzmq's I/O thread once (all started
-            # at once, pipelined requests cost 85 us of gateway CPU each against
-            # 74, in one A/B of bench/edge.py: medians of 3 runs).
+            # flight here, no message behind it) starts now: its mesh call is
+            # sent in this turn of the loop, not the next. Others start at the
+            # next turn, all together: their sends in one burst wake libzmq's
+            # I/O thread once (all started at once, pipelined requests cost 85
+            # us of gateway CPU each against 74, in one A/B of bench/edge.py:
+            # medians of 3 runs).
             work = self._complete_one(running[0], answer)
-            task = eager.start(work) if self.inflight == 1 else asyncio.ensure_future(work)
+            task = eager.start(work) if self.inflight == 1 and not more else asyncio.ensure_future(work)
             if task is not None and not task.done():  # done: it failed (asyncio logs that)
                 self._tasks.add(task)  # it leaves the set itself (_complete_one)
                 if self.closed:  # it closed the session itself (an answer to a slow consumer)

@@ -2,8 +2,8 @@
 
 A lone request's call starts in the turn that read it, and a lone answer
 goes out within the step that produced it (each a loop turn of latency saved
-for a client with one request in flight); requests beside others in flight
-start together at the next turn, and answers that finish in one turn while
+for a client with one request in flight); requests beside others in flight,
+or in a chunk of several lines, start together at the next turn, and answers that finish in one turn while
 others are in flight, and the answers to one chunk of lines, go out in one
 write.
 """
@@ -109,18 +109,21 @@ def test_a_lone_answer_is_written_by_the_request_that_produced_it() -> None:
     asyncio.run(main())
 
 
-def test_a_lone_request_is_sent_on_in_the_turn_that_read_it_others_at_the_next() -> None:
+def test_a_lone_request_is_sent_on_in_the_turn_that_read_it_others_at_the_next_turn() -> None:
     async def main() -> None:
         gate = asyncio.get_running_loop().create_future()
         started: list[Any] = []
         conn, transport = connect(gate, started)
-        conn.data_received(line(1) + line(2))
+        conn.data_received(line(1))
         assert started == [1], "a lone call waited for a later turn of the loop"
+        conn.data_received(line(2))  # beside one in flight
+        conn.data_received(line(3) + line(4))  # a chunk of lines: together, even the first
+        assert started == [1]
         await asyncio.sleep(0)
-        assert started == [1, 2]  # in flight beside the first: with the others of its turn
+        assert started == [1, 2, 3, 4]
         gate.set_result(None)
         await settle(conn)
-        assert sorted(i for data, _ in transport.writes for i in ids(data)) == [1, 2]
+        assert sorted(i for data, _ in transport.writes for i in ids(data)) == [1, 2, 3, 4]
 
     asyncio.run(main())
 
