@@ -266,15 +266,13 @@ class Connection(Session, asyncio.Protocol):
     def _send_answer(self, line: bytes | None) -> None:
         """An answer goes out now if nothing can join it; else with the others of its turn, in one write.
 
-        Replies from the mesh arrive in bursts: the requests they answer
-        finish in the same turn, and one ``send()`` system call each was
-        8.5% of a gateway's CPU per request under pipelined load. So while
-        other requests are in flight an answer waits until the loop's next
-        turn (no longer), and answers given while a chunk of lines is being
-        handled wait for the end of that chunk (:meth:`_handle_lines`). A lone
-        answer (nothing else in flight: the sequential client) goes out at
-        once, with what waits before it: holding it would cost the client a
-        loop turn of latency and save no write.
+        Replies from the mesh arrive in bursts, and one ``send()`` system call
+        per answer was 8.5% of a gateway's CPU per request pipelined. So while
+        other requests are in flight an answer waits for the loop's next turn
+        (no longer), and answers given while a chunk of lines is handled wait
+        for its end (:meth:`_handle_lines`). A lone answer (the sequential
+        client's) goes out at once, with what waits before it: holding it
+        would cost a loop turn of latency and save no write.
         """
         transport = self._transport
         if line is None or self.closed or transport is None or transport.is_closing():
