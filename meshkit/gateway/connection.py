@@ -108,6 +108,7 @@ class Connection(Session, asyncio.Protocol):
         self._oversize = 0  # the largest line over max_output that may still be waiting to go out
         self._pending: list[bytes] = []  # answers waiting to go out in one write (_send_answer)
         self._pending_bytes = 0
+        self._flush_soon = False  # _flush_turn is scheduled for the loop's next turn
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf known to hold no newline
         self._skipping = False  # inside an over-long line, discarding up to its newline
@@ -266,13 +267,11 @@ class Connection(Session, asyncio.Protocol):
     def _send_answer(self, line: bytes | None) -> None:
         """An answer goes out now if nothing can join it; else with the others of its turn, in one write.
 
-        Replies from the mesh arrive in bursts, and one ``send()`` system call
-        per answer was 8.5% of a gateway's CPU per request pipelined. So while
-        other requests are in flight an answer waits for the loop's next turn
-        (no longer), and answers given while a chunk of lines is handled wait
-        for its end (:meth:`_handle_lines`). A lone answer (the sequential
-        client's) goes out at once, with what waits before it: holding it
-        would cost a loop turn of latency and save no write.
+        One ``send()`` per answer was 8.5% of a gateway's CPU pipelined. So
+        while other requests are in flight an answer waits for the loop's next
+        turn (no longer); one given while a chunk of lines is handled, for its
+        end. A lone answer (the sequential client's) goes out at once: holding
+        it would cost a loop turn of latency and save no write.
         """
         transport = self._transport
         if line is None or self.closed or transport is None or transport.is_closing():
@@ -280,13 +279,18 @@ class Connection(Session, asyncio.Protocol):
         self._pending.append(line)
         self._pending_bytes += len(line)
         backlog = transport.get_write_buffer_size() + self._pending_bytes
-        if self._handling:
-            pass  # _handle_lines flushes once its chunk is handled
+        if self._handling:  # _handle_lines flushes at the end of its chunk
+            pass
         elif not self.inflight:
             self._flush()
-        elif len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        elif not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_turn)
         self._sent(line, backlog)
+
+    def _flush_turn(self) -> None:
+        self._flush_soon = False
+        self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -380,7 +384,7 @@ class Connection(Session, asyncio.Protocol):
             del buf[:done]
             self._scanned = max(0, self._scanned - done)
             self._handling = nested
-            if not nested:
+            if not nested and not self._flush_soon:  # else with the turn's answers
                 self._flush()  # the chunk's answers (built-ins, errors) in one write
         transport = self._transport
         if self.closed or transport is None or transport.is_closing() or self._read_end.is_set():
