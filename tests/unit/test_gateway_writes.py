@@ -175,3 +175,33 @@ def test_a_finished_request_costs_no_callback_on_the_loop_to_be_forgotten() -> N
         assert not [c for c in scheduled if getattr(c, "__self__", None) is conn._tasks]
 
     asyncio.run(main())
+
+
+def test_a_chunks_answers_join_those_already_due_at_the_next_turn() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gates = {1: loop.create_future(), 2: loop.create_future()}
+
+        async def call(conn: Connection, request: Request) -> Any:
+            await gates[request.id]
+            return request.params
+
+        transport = RecordingTransport()
+        conn = Connection("gw-1", options=GatewayOptions(max_inflight=8), call=call,
+                          metrics=Metrics("", "", "gateway"), peer="127.0.0.1:1")
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(line(1))
+        conn.data_received(line(2))
+        await asyncio.sleep(0)
+        gates[1].set_result(None)
+        await asyncio.sleep(0)  # answer 1 given (2 still in flight): due at the next turn
+        assert conn._pending and not transport.writes
+        conn.data_received(b'{"jsonrpc": "2.0", "id": 9, "method": "mesh.ping"}\n')
+        assert not transport.writes, "the chunk's answer was written apart from the one due"
+        await asyncio.sleep(0)
+        assert [ids(data) for data, _ in transport.writes] == [[1, 9]]
+        gates[2].set_result(None)
+        await settle(conn)
+        assert [ids(data) for data, _ in transport.writes] == [[1, 9], [2]]
+
+    asyncio.run(main())
