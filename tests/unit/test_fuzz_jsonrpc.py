@@ -87,7 +87,7 @@ def handle(line: bytes) -> tuple[bytes, jsonrpc.Line | None, float]:
         conn.handle_line(line)
         while conn._tasks:
             await asyncio.wait(set(conn._tasks), timeout=2.0)
-        for _ in range(100):  # answers finished in one turn go out at the next (one write)
+        for _ in range(100):  # answers batched while others were in flight go out at the next turn
             if not conn._pending:
                 break
             await asyncio.sleep(0)
