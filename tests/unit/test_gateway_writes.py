@@ -14,45 +14,24 @@ import asyncio
 import json
 from typing import Any
 
+from test_fuzz_jsonrpc import FakeTransport
+
 from meshkit.gateway import GatewayOptions
 from meshkit.gateway.connection import Connection
 from meshkit.gateway.jsonrpc import Request
 from meshkit.metrics import Metrics
 
 
-class RecordingTransport:
-    """Enough of an asyncio transport for a connection: each write, and the task it came from."""
+class RecordingTransport(FakeTransport):
+    """The fuzz tests' fake transport, also noting each write and the task it came from."""
 
     def __init__(self) -> None:
-        self.closing = False
+        super().__init__()
         self.writes: list[tuple[bytes, asyncio.Task[Any] | None]] = []
 
     def write(self, data: bytes) -> None:
+        super().write(data)
         self.writes.append((bytes(data), asyncio.current_task()))
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
 
 
 def connect(gate: asyncio.Future[None] | None = None,
