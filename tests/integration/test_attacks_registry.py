@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis
+from haproxykit import running_sync
 from test_haproxy import WAIT, FakeRegistry, Gateway, Sync, greeting
 
 from meshkit import Client, NoInstanceError, Settings
@@ -37,7 +38,6 @@ from meshkit.testing import (
     RedisServer,
     ServiceProcess,
     find_program,
-    tcp_listener,
     test_settings,
     wait_until,
 )
@@ -59,11 +59,9 @@ def own_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def sync(mesh_settings: Settings, tmp_path: Path) -> Iterator[Sync]:
-    public = tcp_listener()
-    runner = Sync(mesh_settings, tmp_path, public)
-    yield runner
-    runner.stop()
-    public.close()
+    """A sync on a listener of its own; stopped after, and the HAProxy it started killed (it outlives the sync)."""
+    with running_sync(mesh_settings, tmp_path) as runner:
+        yield runner
 
 
 # -- defect 1: admin-command injection -----------------------------------------------
