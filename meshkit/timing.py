@@ -11,10 +11,10 @@ unit test drives their time-outs with :class:`meshkit.testing.FakeClock`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock
+from .stepped import Stepped
 
 
 class DeadlineCancel(Exception):
@@ -75,7 +75,7 @@ async def run_with_deadline(coro: Any, deadline: float, clock: Clock = SYSTEM_CL
     expiry = _Expiry(task)
     timer = clock.call_later(deadline - clock.now(), expiry)
     try:
-        return await _Resumed(coro, first)
+        return await Stepped(coro, first)
     except asyncio.CancelledError:
         if expiry.fired:
             if hasattr(task, "uncancel"):  # 3.11+: this cancellation is handled here
@@ -85,32 +85,3 @@ async def run_with_deadline(coro: Any, deadline: float, clock: Clock = SYSTEM_CL
     finally:
         timer.cancel()
 
-
-class _Resumed:
-    """Awaiting it goes on with a coroutine already stepped once, which yielded ``first``: ``await coro``'s rest."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Any, first: Any) -> None:
-        self.coro = coro
-        self.first = first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.first
-        self.first = None
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the task (a cancellation): the coroutine's to handle
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value

@@ -30,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any
+
+from ..stepped import Stepped
 
 __all__ = ["start"]
 
@@ -60,48 +62,5 @@ def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any] | None:
         waiting._asyncio_future_blocking = False
     # The same context, not a copy: a context variable set before the wait is reset after it
     # (a span's ``with``), and a token is valid only in the context that made it.
-    return asyncio.get_running_loop().create_task(_Rest(coro, waiting), context=context)
+    return asyncio.get_running_loop().create_task(Stepped(coro, waiting), context=context)
 
-
-class _Rest(Coroutine[Any, Any, Any]):
-    """The rest of a coroutine stepped once already, which yielded ``first``: as a coroutine a task runs.
-
-    The task's first step gets ``first`` back (the future the coroutine waits
-    on: the task waits on it); later steps go to the coroutine. Not a native
-    coroutine, because a task cancelled before its first step throws into it
-    and an unstarted ``async def`` would end without passing the
-    cancellation on: the started coroutine would be left at its ``await``,
-    its ``finally`` clauses unrun.
-    """
-
-    __slots__ = ("_coro", "_first", "_started")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-        self._started = False
-
-    def send(self, value: Any) -> Any:
-        if not self._started:
-            self._started = True
-            first, self._first = self._first, None
-            if getattr(first, "_asyncio_future_blocking", None) is False:
-                first._asyncio_future_blocking = True  # as it was when yielded (start cleared it)
-            return first
-        return self._coro.send(value)
-
-    def __next__(self) -> Any:  # what a task's step calls for send(None)
-        return self.send(None)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self._started = True
-        self._first = None
-        if val is None and tb is None:
-            return self._coro.throw(typ)
-        return self._coro.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self._coro.close()
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        return self  # type: ignore[return-value]  # an iterator with send and throw, as a generator is

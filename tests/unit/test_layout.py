@@ -14,8 +14,8 @@ PACKAGE = ROOT / "meshkit"
 
 # Lowest first. A module may import its own layer and those below, never above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "clock", "topics", "keys", "names",
-                    "programs", "tasks", "sections", "config", "decoder", "transport", "context",
+    ("foundation", ("codes", "loops", "errors", "untrusted", "trace", "timing", "stepped", "clock", "topics", "keys",
+                    "names", "programs", "tasks", "sections", "config", "decoder", "transport", "context",
                     "leases", "signature", "concurrency", "tally", "datagrams", "redisconn", "loopbridge", "panelurl")),
     ("vocabulary", ("wire", "record", "budget", "statsd", "metrics", "logs", "handlers", "quota", "curve", "zap",
                     "access")),
