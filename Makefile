@@ -55,10 +55,10 @@ bench: sysdeps bench-deps $(BIN)/meshkit
 	$(BIN)/python bench/restarts.py
 	$(BIN)/python bench/edge.py
 
-# What only the benchmarks need: nats-server from Debian's packages (when we
+# What only the benchmarks need: nats-server and valgrind from Debian's packages (when we
 # are root; otherwise it names what to install and stops) and the `bench`
 # extra in the virtualenv. `make test` needs none of it.
-BENCH_PROGRAMS := nats-server
+BENCH_PROGRAMS := nats-server valgrind  # valgrind: bench/instructions.py counts instructions per call
 
 bench-deps: $(BIN)/meshkit
 	@missing=""; for p in $(BENCH_PROGRAMS); do \
