@@ -32,6 +32,15 @@ feature nothing is sent, and a withdrawn request stays in its table until
 its answer or deadline, which is how long that instance still works on it,
 so a peer's :meth:`~Exchange.load` keeps counting it.
 
+To an instance whose record lists the ``batch`` feature
+(``docs/protocol.md``, "Batches"), a request started while others are in
+flight there is queued, not sent: the peer's queue goes as one batch when
+it holds :data:`~meshkit.wire.SEND_BATCH_PAIRS` requests, else at the end of
+the loop turn (a lone request still goes at once). A queued request settled
+before then (its deadline, a withdrawal, the client closing) is never sent
+and so never cancelled; one whose batch the peer cannot take is settled
+:class:`NotDelivered` through its future rather than from ``start``.
+
 The three outcomes are internal: :mod:`meshkit.client` and
 :mod:`meshkit.publish` turn them into retries and
 :class:`~meshkit.errors.CallError` subclasses.
