@@ -32,6 +32,15 @@ feature nothing is sent, and a withdrawn request stays in its table until
 its answer or deadline, which is how long that instance still works on it,
 so a peer's :meth:`~Exchange.load` keeps counting it.
 
+To an instance whose record lists the ``batch`` feature
+(``docs/protocol.md``, "Batches"), a request started while others are in
+flight there is queued, not sent: the peer's queue goes as one batch when
+it holds :data:`~meshkit.wire.SEND_BATCH_PAIRS` requests, else at the end of
+the loop turn (a lone request still goes at once). A queued request settled
+before then (its deadline, a withdrawal, the client closing) is never sent
+and so never cancelled; one whose batch the peer cannot take is settled
+:class:`NotDelivered` through its future rather than from ``start``.
+
 The three outcomes are internal: :mod:`meshkit.client` and
 :mod:`meshkit.publish` turn them into retries and
 :class:`~meshkit.errors.CallError` subclasses.
@@ -121,6 +130,9 @@ class Exchange:
         self._throttle = LogThrottle(log, settings.log_repeat_interval)
         self.dropped = 0  # answers that matched nothing or could not be read
         self.cancels_sent = 0
+        # Requests started this turn, sent at its end in batches (wire.FEATURE_BATCH): see _flush.
+        self._queued: dict[Peer, list[tuple[int, list[bytes]]]] = {}
+        self._flush_scheduled = False
 
     def load(self, peer: Peer) -> int:
         """How many requests are in flight on ``peer`` (what instance choice compares)."""
@@ -157,17 +169,60 @@ class Exchange:
             raise DeadlinePassed()
         request_id = next(self._ids)
         table = self._tables.get(peer)
-        # Alone on the peer (a sequential caller): the transport checks for arrivals at once, not next turn.
-        if not peer.send(message.frames(request_id, int(remaining * 1000)), not table):  # wire.timeout_ms, inlined
-            raise NotDelivered(f"{peer.key} could not take the request")
         loop = asyncio.get_running_loop()
+        frames = message.frames(request_id, int(remaining * 1000))  # wire.timeout_ms, inlined
+        # Others in flight there and it takes batches: more requests are likely this turn, sent with it.
+        batched = bool(table) and wire.FEATURE_BATCH in peer.record.features
+        # Alone on the peer (a sequential caller): the transport checks for arrivals at once, not next turn.
+        if not batched and not peer.send(frames, not table):
+            raise NotDelivered(f"{peer.key} could not take the request")
         future: asyncio.Future[wire.Answer] = loop.create_future()
         if table is None:
             table = self._tables[peer] = {}
         timer = (loop.call_later if self._system else self._clock.call_later)(
             remaining, self._expire, peer, request_id)
         table[request_id] = _Entry(future, timer, on_item)
+        if batched:
+            queued = self._queued.get(peer)
+            if queued is None:
+                queued = self._queued[peer] = []
+            queued.append((request_id, frames))
+            if len(queued) >= wire.SEND_BATCH_PAIRS:  # full: it goes now, while the turn makes the rest
+                del self._queued[peer]
+                self._send_queued(peer, queued)
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         return request_id, future
+
+    def _flush(self) -> None:
+        """Send the requests queued this turn, each peer's packed into batches (:func:`wire.pack_batches`).
+
+        Only those still in flight go: one settled meanwhile (its deadline,
+        its waiter withdrew it, its peer failed) is not sent. A batch the peer
+        cannot take settles each of its requests :class:`NotDelivered`.
+        """
+        self._flush_scheduled = False
+        queued, self._queued = self._queued, {}
+        for peer, requests in queued.items():
+            self._send_queued(peer, requests)
+
+    def _send_queued(self, peer: Peer, requests: list[tuple[int, list[bytes]]]) -> None:
+        table = self._tables.get(peer)
+        if not table:
+            return
+        live = [frames for request_id, frames in requests if request_id in table]
+        if not live:
+            return
+        for batch in wire.pack_batches(live):
+            if not peer.send(batch):
+                for i in range(0, len(batch), 2):
+                    self._undelivered(peer, batch[i])
+
+    def _undelivered(self, peer: Peer, header_frame: bytes) -> None:
+        future = self._settle(peer, wire.peek_id(header_frame))
+        if future is not None and not future.done():
+            future.set_exception(NotDelivered(f"{peer.key} could not take the request"))
 
     def withdraw(self, peer: Peer, future: asyncio.Future[wire.Answer]) -> None:
         """The waiter of ``future`` (a request on ``peer``) gave up: CANCEL it there, if the peer can hear it."""
@@ -180,14 +235,20 @@ class Exchange:
         request_id = next((rid for rid, entry in table.items() if entry.future is future), None)
         if request_id is not None:
             self._settle(peer, request_id)
-            self._cancel(peer, request_id, self._why_withdrawn())
+            if not self._is_queued(peer, request_id):  # else never sent: nothing to cancel
+                self._cancel(peer, request_id, self._why_withdrawn())
+
+    def _is_queued(self, peer: Peer, request_id: int) -> bool:
+        return any(rid == request_id for rid, _ in self._queued.get(peer, ()))
 
     def cancel_all(self) -> None:
         """CANCEL everything in flight on peers that can hear it (the client is closing; nothing is settled)."""
         for peer, table in self._tables.items():
+            unsent = {request_id for request_id, _ in self._queued.pop(peer, ())}  # never to be sent now
             if table and wire.FEATURE_CANCEL in peer.record.features:
                 for request_id in table:
-                    self._cancel(peer, request_id, wire.CLOSED)
+                    if request_id not in unsent:
+                        self._cancel(peer, request_id, wire.CLOSED)
                 peer.close_linger_ms = _CANCEL_LINGER_MS
 
     def _why_withdrawn(self) -> str:
@@ -211,7 +272,18 @@ class Exchange:
             self._tables.pop(peer, None)
 
     def receive(self, peer: Peer, frames: list[bytes]) -> None:
-        """Settle the request that the answer ``frames`` from ``peer`` is for (never raises)."""
+        """Settle the request that the answer ``frames`` from ``peer`` is for (never raises).
+
+        A batch (an even number of frames over two, ``wire.FEATURE_BATCH``)
+        is taken pair by pair, each as if it had come alone.
+        """
+        if len(frames) > 2 and not len(frames) % 2:
+            for pair in wire.pairs_of(frames):
+                self._receive(peer, pair)
+        else:
+            self._receive(peer, frames)
+
+    def _receive(self, peer: Peer, frames: list[bytes]) -> None:
         try:
             answer = wire.decode_answer(frames)
         except ProtocolError as exc:
@@ -272,7 +344,7 @@ class Exchange:
     def _expire(self, peer: Peer, request_id: int) -> None:
         future = self._settle(peer, request_id)
         if future is not None:
-            if wire.FEATURE_CANCEL in peer.record.features:
+            if wire.FEATURE_CANCEL in peer.record.features and not self._is_queued(peer, request_id):
                 # The instance stops at its own deadline too, but its clock started later than ours.
                 self._cancel(peer, request_id, wire.DEADLINE)
             if not future.done():

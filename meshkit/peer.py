@@ -112,7 +112,7 @@ class Peer:
         ``alone``: nothing else is in flight to this peer, so no other send is
         expected this turn (see :meth:`meshkit.transport.SocketPump.send`).
         """
-        if self.state == FAILED:
+        if self.state == FAILED or self.sock.closed:  # closed: by its owner, with requests still queued
             return False
         return self.pump.send(frames, alone)
 

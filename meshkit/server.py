@@ -84,6 +84,8 @@ _UP = InstanceState.UP  # read once per call: an enum attribute costs a lookup e
 # The inflight gauge is sent at most this often (seconds), and whenever it is
 # zero: a datagram per call cost more than the gauge is worth (docs/performance.md).
 INFLIGHT_REPORT_INTERVAL = 0.1
+# Connections remembered as taking batched answers (16 bytes or so each); one forgotten gets single answers.
+_MAX_BATCHERS = 4096
 
 
 class Server:
@@ -143,7 +145,10 @@ class Server:
         # CurveZMQ and access control (meshkit.zap, meshkit.access); both None when CURVE is off.
         self.door = zap.apply_server(sock, settings, ctx, lambda reason: metrics.incr(f"curve.refused.{reason}"))
         self.guard = access.guard_for(settings, service, self.door.trust if self.door else None)
-        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval, user_id=self.door is not None)
+        # Identities (connections) that sent a batch, so take batched answers; bounded, oldest forgotten.
+        self._batchers: dict[bytes, None] = {}
+        self.pump = SocketPump(sock, self._on_message, settings.log_repeat_interval, user_id=self.door is not None,
+                               packer=functools.partial(wire.pack_batches, routing=1), join_at=wire.SEND_BATCH_PAIRS)
         # Observability hooks (meshkit.observe), set by the Service: spans and stats of
         # what is served, and the reserved _mesh.* methods.
         self.observer: Observer | None = None
@@ -229,22 +234,56 @@ class Server:
             self._drop("empty message")
             return
         identity = frames[0]
-        try:
-            header = wire.split_request(frames[1:], max_size=self.settings.max_header_size,
-                                        max_name=self.settings.max_name_length)
-        except ProtocolError as exc:
-            self.reject(identity, exc.id, exc.code, str(exc))
-            return
+        n = len(frames)
+        if n == 3:
+            try:
+                header = wire.decode_header(frames[1], max_size=self.settings.max_header_size,
+                                            max_name=self.settings.max_name_length)
+            except ProtocolError as exc:
+                self.reject(identity, exc.id, exc.code, str(exc))
+                return
+            self._on_pair(identity, header, frames[1], frames[2])
+        elif n > 3 and n % 2:
+            self._on_batch(identity, frames)
+        else:
+            try:
+                wire.split_request(frames[1:], max_size=self.settings.max_header_size,
+                                   max_name=self.settings.max_name_length)
+            except ProtocolError as exc:  # always: the frame count is wrong
+                self.reject(identity, exc.id, exc.code, str(exc))
+
+    def _on_batch(self, identity: bytes, frames: list[bytes]) -> None:
+        """A batch (``wire.FEATURE_BATCH``): each pair served as if it came alone; the sender takes batches."""
+        batchers = self._batchers
+        if identity not in batchers:
+            if len(batchers) >= _MAX_BATCHERS:
+                del batchers[next(iter(batchers))]  # the oldest: it gets single answers again, no harm
+            batchers[identity] = None
+        max_size, max_name = self.settings.max_header_size, self.settings.max_name_length
+        last = min(len(frames), 1 + 2 * wire.MAX_BATCH_PAIRS)
+        for i in range(1, last, 2):
+            header_frame = frames[i]
+            try:
+                header = wire.decode_header(header_frame, max_size=max_size, max_name=max_name)
+            except ProtocolError as exc:
+                self.reject(identity, exc.id, exc.code, str(exc))
+                continue
+            self._on_pair(identity, header, header_frame, frames[i + 1])
+        for i in range(last, len(frames), 2):
+            self.reject(identity, wire.peek_id(frames[i]), ErrorCode.BAD_REQUEST,
+                        f"a batch holds at most {wire.MAX_BATCH_PAIRS} pairs")
+
+    def _on_pair(self, identity: bytes, header: wire.Header, header_frame: bytes, body: bytes) -> None:
         kind = header.kind
         if kind == wire.CALL:
-            self._on_call(identity, header, frames[1], frames[2])
+            self._on_call(identity, header, header_frame, body)
         elif kind == wire.PUSH:
-            self.pushes.receive(identity, header, frames[1], frames[2])
+            self.pushes.receive(identity, header, header_frame, body)
         elif kind == wire.CREDIT:
-            if not self.streams.credit(identity, header.id, frames[2]):
+            if not self.streams.credit(identity, header.id, body):
                 self._drop("CREDIT for no stream, or unreadable")
         elif kind == wire.CANCEL:
-            if self.running.cancel(identity, header.id, wire.decode_cancel_reason(frames[2])):
+            if self.running.cancel(identity, header.id, wire.decode_cancel_reason(body)):
                 self.metrics.incr("cancelled")
         elif kind == wire.PING:
             # What max_inflight bounds: calls being served and pushes queued or running.
@@ -292,7 +331,8 @@ class Server:
         frames.insert(0, identity)
         # With the rest of this loop turn's answers (meshkit.transport), unless no other call is being
         # served (the call answered is still counted): then nothing else is coming, and it goes at once.
-        self.pump.send_soon(frames, self.inflight > 1)
+        # To a peer that sent a batch, they go out batched too (wire.FEATURE_BATCH).
+        self.pump.send_soon(frames, self.inflight > 1, identity in self._batchers)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_done: Callable[[], None]) -> None:
         """Run ``coro`` as a task counted in flight; ``on_done`` runs when it ends, even unstarted."""

@@ -58,13 +58,16 @@ class FakePump:
 
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
+        self.joined: list[list[bytes]] = []  # those queued to be batched (wire.FEATURE_BATCH)
 
     def send(self, frames: list[bytes]) -> bool:
         self.sent.append(frames)
         return True
 
-    def send_soon(self, frames: list[bytes], batch: bool = True) -> None:
+    def send_soon(self, frames: list[bytes], batch: bool = True, join: bool = False) -> None:
         self.sent.append(frames)  # recorded at once: the tests read answers as they are made
+        if join:
+            self.joined.append(frames)
 
     def flush(self) -> None:
         pass

@@ -62,7 +62,7 @@ def test_the_record_says_whether_an_instance_hears_cancel() -> None:
     plain = InstanceRecord("s", "i", "tcp://h:1", "h", 1)
     assert "features" not in plain.to_json()  # a record without features is written as before
     hears = InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=wire.FEATURES)
-    assert InstanceRecord.from_json(hears.to_json()).features == ("cancel", "stream")
+    assert InstanceRecord.from_json(hears.to_json()).features == ("cancel", "stream", "batch")
     with pytest.raises(ValueError, match="features entries"):
         InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=("has space",)).check()
 
@@ -141,7 +141,7 @@ def test_a_deadline_passing_sends_a_cancel() -> None:
 
 def test_closing_cancels_everything_in_flight_and_lingers_to_deliver_it() -> None:
     async def test(exchange: Exchange, clock: FakeClock) -> None:
-        peer = FakePeer(wire.FEATURES)
+        peer = FakePeer((wire.FEATURE_CANCEL,))  # no batches: each call is sent at once (tests/unit/test_batch.py)
         for _ in range(3):
             exchange.start(peer, CALL, clock.now() + 5)  # type: ignore[arg-type]
         calls = [rid for _, rid in peer.kinds()]

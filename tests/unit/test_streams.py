@@ -56,7 +56,7 @@ def test_a_credit_is_an_integer_from_one_to_the_largest_window() -> None:
 
 def test_the_record_says_an_instance_streams() -> None:
     record = InstanceRecord("s", "i", "tcp://h:1", "h", 1, features=wire.FEATURES)
-    assert InstanceRecord.from_json(record.to_json()).features == ("cancel", "stream")
+    assert InstanceRecord.from_json(record.to_json()).features == ("cancel", "stream", "batch")
 
 
 # -- the credit arithmetic -------------------------------------------------------
