@@ -169,22 +169,26 @@ class SocketPump:
         wait, else at the turn's end. A burst still cost libzmq work per
         message (its pipe, its encoder); batches on both sides took a fifth
         off the CPU of a pipelined call (bench/rpc.py, 61 to 49 us client and
-        server together). All of one identity's messages must then be queued
-        with ``join``, or their order is not kept.
+        server together). One identity's messages keep their order whether
+        they were queued with ``join`` or not: a message for an identity with
+        joined messages waiting joins them, and unjoined messages queued
+        earlier leave before a batch does (a server may start or stop
+        batching to a peer within a turn).
         """
         if not batch and not self._outbox and not self._joins:
             self.send(frames, alone=True)
             return
-        if join and self._packer is not None:
-            queued = self._joins.get(frames[0])
-            if queued is None:
-                self._joins[frames[0]] = [frames]
-            else:
-                queued.append(frames)
-                if len(queued) >= self._join_at:  # a full batch goes now: the peer starts on it
-                    del self._joins[frames[0]]
-                    self._send_joined(self._packer(queued))
-                    return
+        queued = self._joins.get(frames[0]) if self._joins else None
+        if queued is not None:  # joined or not, behind what waits for the same identity: order kept
+            queued.append(frames)
+            if len(queued) >= self._join_at and self._packer is not None:  # a full batch goes now
+                del self._joins[frames[0]]
+                if self._outbox:  # older than it (this identity's before it took batches, too)
+                    self._send_outbox()
+                self._send_joined(self._packer(queued))
+                return
+        elif join and self._packer is not None:
+            self._joins[frames[0]] = [frames]
         else:
             self._outbox.append(frames)
         if not self._flush_scheduled and self._loop is not None:
@@ -198,12 +202,18 @@ class SocketPump:
         joins, self._joins = self._joins, {}
         if self.sock.closed:
             return
-        for frames in outbox:
-            if not self.send(frames):
-                self.unsent += 1
+        self._send_outbox(outbox)
         packer = self._packer
         for queued in joins.values():  # only with a packer (send_soon)
             self._send_joined(queued if len(queued) == 1 or packer is None else packer(queued))
+
+    def _send_outbox(self, outbox: list[list[bytes]] | None = None) -> None:
+        """Send ``outbox`` (default: the queued unjoined messages, taken from the queue)."""
+        if outbox is None:
+            outbox, self._outbox = self._outbox, []
+        for frames in outbox:
+            if not self.send(frames):
+                self.unsent += 1
 
     def _send_joined(self, messages: list[list[bytes]]) -> None:
         for frames in messages:

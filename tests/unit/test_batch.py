@@ -202,6 +202,46 @@ def test_a_lone_answer_goes_at_once_even_to_a_batching_peer() -> None:
         pump.sock.close(linger=0)
 
 
+def _ids_sent(sent: list[list[bytes]]) -> list[int]:
+    """The answer ids in ``sent`` (ROUTER messages, batched or not), in the order they left."""
+    return [wire.decode_answer(pair).id for frames in sent for pair in wire.pairs_of(frames[1:])]
+
+
+def test_one_peers_answers_keep_their_order_when_it_starts_or_stops_taking_batches() -> None:
+    """A stream's ITEMs and its REPLY must arrive in order, whichever queue each answer was put in."""
+    class Recording(SocketPump):
+        def __init__(self) -> None:
+            super().__init__(zmq.Context.instance().socket(zmq.ROUTER), lambda frames: None,
+                             packer=lambda messages: wire.pack_batches(messages, routing=1), join_at=3)
+            self.sent: list[list[bytes]] = []
+
+        def send(self, frames: list[bytes], alone: bool = False) -> bool:
+            self.sent.append(frames)
+            return True
+
+    async def main() -> None:
+        pump = Recording()
+        pump.start()
+        try:
+            # Forgotten as a batcher mid-turn (the server's bounded memory): joined, then not.
+            pump.send_soon([PEER, *wire.encode_reply(1, 1)], join=True)
+            pump.send_soon([PEER, *wire.encode_reply(2, 2)], join=True)
+            pump.send_soon([PEER, *wire.encode_reply(3, 3)])
+            await asyncio.sleep(0)
+            assert _ids_sent(pump.sent) == [1, 2, 3]
+            pump.sent.clear()
+            # Becoming one mid-turn: not joined, then joined until a full batch leaves at once.
+            pump.send_soon([PEER, *wire.encode_reply(4, 4)])
+            for i in (5, 6, 7):
+                pump.send_soon([PEER, *wire.encode_reply(i, i)], join=True)
+            await asyncio.sleep(0)
+            assert _ids_sent(pump.sent) == [4, 5, 6, 7]
+        finally:
+            pump.stop()
+            pump.sock.close(linger=0)
+    asyncio.run(main())
+
+
 # -- the caller's side -----------------------------------------------------------
 
 
