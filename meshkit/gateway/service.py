@@ -57,6 +57,7 @@ answered, and the connection is closed
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 from typing import Any
@@ -91,8 +92,45 @@ log = logging.getLogger("meshkit.gateway")
 _LISTEN_LINGER = 1.0
 # A gateway missing from the registry this many record TTLs is dead (see .keeper).
 DEAD_AFTER_TTLS = 3.0
+# The garbage collector's youngest-generation threshold while a gateway runs (see YoungGeneration).
+GC_YOUNG = 20_000
 # Methods whose "is it streamed?" answer is kept (Gateway._streams); past it, all are forgotten.
 _STREAMED_KEPT = 1024
+
+
+class YoungGeneration:
+    """The garbage collector's youngest-generation threshold, raised while a gateway runs.
+
+    CPython collects its youngest generation once 700 more container objects
+    are alive than at the last collection. A gateway under pipelined load has
+    more than that in flight at any moment (each request's task, coroutine,
+    futures, contexts and dicts), so every request still running is scanned by
+    young collections until it is promoted, and the promoted ones set off full
+    collections: measured with ``gc.callbacks`` and ``time.thread_time`` in a
+    gateway under ``bench/edge.py``'s pipelined load, 19% of its CPU (1.3 s of
+    6.9 s: full collections 0.78 s, young 0.30 s, middle 0.21 s). At 20,000
+    the young collections run when that many objects more are alive, which
+    requests that end do not add up to; reference cycles wait a little longer
+    to be freed. The threshold is the interpreter's: it is put back at stop.
+    """
+
+    __slots__ = ("_before",)
+
+    def __init__(self, before: tuple[int, int, int]) -> None:
+        self._before = before
+
+    @classmethod
+    def raise_to(cls, young: int) -> YoungGeneration | None:
+        """Raise the youngest generation's threshold to ``young`` (if higher); what restores it, or None."""
+        before = gc.get_threshold()
+        if young <= 0 or not gc.isenabled() or before[0] >= young:
+            return None
+        gc.set_threshold(young, before[1], before[2])
+        return cls(before)
+
+    def restore(self) -> None:
+        """Put the threshold back as it was."""
+        gc.set_threshold(*self._before)
 
 
 class Gateway(Service):
@@ -119,6 +157,7 @@ class Gateway(Service):
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         self._background: list[Supervised] = []
+        self._gc: YoungGeneration | None = None  # the collector's threshold while it runs (GC_YOUNG)
         # Log lines clients (or a Redis outage) can cause, once per cause per interval.
         self._throttle = LogThrottle(log)
         self.conn_throttle = LogThrottle(logging.getLogger("meshkit.gateway.connection"))
@@ -136,6 +175,7 @@ class Gateway(Service):
     # -- lifecycle hooks ----------------------------------------------------------
 
     async def on_start(self) -> None:
+        self._gc = YoungGeneration.raise_to(GC_YOUNG)
         port = await self.tcp.start(bind_host(self.settings), candidate_ports(self.settings))
         self.address = f"{self.settings.advertised_host}:{port}"
         self.advertise_listener(self.options.listener, self.address)
@@ -212,6 +252,9 @@ class Gateway(Service):
         await self.keeper.wait()
         self.tcp.close()
         await self.store.aclose()
+        if self._gc is not None:
+            self._gc.restore()
+            self._gc = None
 
     # -- accepting clients ------------------------------------------------------------
 
