@@ -330,7 +330,7 @@ class Gateway(Service):
         args = params if isinstance(params, list) else []
         kwargs = params if isinstance(params, dict) else {}
         # The request's span (docs/observability.md): a child of the client's traceparent, if sent.
-        # RequestSpan, not self.span(): the same span for a third of the CPU (see its doc).
+        # RequestSpan, not self.span(): the same span for less CPU (see its doc).
         span = RequestSpan(self.observer, request.method, {"conn": conn.id}, traceparent=request.traceparent)
         try:
             with span:
