@@ -43,7 +43,9 @@ Run it with ``meshkit run meshkit.gateway:Gateway``. Each instance
   over-limit addresses from memory, counts requests for the ban policy and
   shares its bans through Redis (:mod:`~meshkit.gateway.bans`);
 * with ``gone_after``, tells (and maybe closes) the clients of a service
-  that has had no instance for that long (:mod:`~meshkit.gateway.moving`).
+  that has had no instance for that long (:mod:`~meshkit.gateway.moving`);
+* while it runs, raises the interpreter's youngest garbage-collector
+  threshold to :data:`GC_YOUNG` (:class:`YoungGeneration`; put back at stop).
 
 Draining (SIGTERM): the record says ``draining``, so HAProxy sends no new
 connections; the listener closes a second later. Clients are asked to move
