@@ -131,10 +131,33 @@ class Observer:
     def span(self, trace: TraceContext, name: str, kind: str, start_unix: float, duration_s: float,
              status: str = OK, attrs: dict[str, Any] | None = None) -> None:
         """Record a span of this instance that ended now."""
-        if self.options.spans and trace.sampled:
-            self.record(Span(trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance,
-                             self.host, name, kind, int(start_unix * 1_000_000), int(duration_s * 1_000_000),
-                             status, attrs))
+        if self._spans_on and trace.sampled:
+            self.add_span(trace, name, kind, int(start_unix * 1_000_000), int(duration_s * 1_000_000), status,
+                          attrs)
+
+    def add_span(self, trace: TraceContext, name: str, kind: str, start_unix_us: int, duration_us: int,
+                 status: str = OK, attrs: dict[str, AttrValue] | None = None) -> None:
+        """Keep (and export) the span of ``trace`` as :meth:`record` would, without making a :class:`Span`.
+
+        ``attrs`` are span attributes already (:func:`~.spans.clean_attrs`).
+        The caller checks that spans are on and ``trace`` is sampled (as
+        :meth:`span` does): every client call and gateway request comes here.
+        """
+        row: Row = (trace.trace_id, trace.span_id, trace.parent_id, self.service, self.instance, self.host, name,
+                    kind, start_unix_us, duration_us, status, attrs,
+                    row_cost(name, attrs) if attrs else SPAN_OVERHEAD + len(name))
+        self.spans.add_row(row)
+        if self.exporter is not None:
+            self.exporter(Span.of(row))
+
+    @property
+    def spans_on(self) -> bool:
+        """Whether spans are kept (``ObserveOptions.spans``)."""
+        return self._spans_on
+
+    def unix_us(self, perf: float) -> int:
+        """The wall-clock time, in µs since the epoch, of ``perf`` (a :func:`time.perf_counter` reading)."""
+        return int((perf + self._unix_offset) * 1_000_000)
 
     def inflight(self) -> list[dict[str, Any]]:
         """The calls and pushes being served now, oldest first."""

@@ -12,6 +12,7 @@ what the chosen instance is sent and how its answers are handled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import random
 from collections.abc import Callable, Iterator
@@ -23,7 +24,8 @@ import zmq
 from meshkit import wire
 from meshkit.client import AsyncClient
 from meshkit.config import Settings
-from meshkit.errors import LostPeerError, NoInstanceError, UnknownMethodError
+from meshkit.ejection import Health
+from meshkit.errors import ClientClosedError, LostPeerError, NoInstanceError, UnknownMethodError
 from meshkit.peer import CONNECTED, CONNECTING, FAILED
 from meshkit.pool import RETRY_FAILED_AFTER, PeerPool
 from meshkit.record import DRAINING, InstanceRecord
@@ -257,13 +259,186 @@ def test_power_of_two_choices(mesh: Mesh, rng: random.Random) -> None:
     counts = dict.fromkeys(keys, 0)
     for _ in range(300):
         replica.setstate(rng.getstate())
-        a, b = replica.sample([mesh.peer(k) for k in keys], 2)
+        a, b = _two_of([mesh.peer(k) for k in keys], replica)
         expected = a if loads[a.key[5:]] <= loads[b.key[5:]] else b
         chosen = mesh.pick()
         assert chosen == expected.key
         counts[chosen] += 1
     assert counts["cart:l9"] == 0  # the most loaded never wins a draw
     assert counts["cart:l0"] > counts["cart:l3"] > counts["cart:l6"] > 0
+
+
+def _two_of(items: list[FakePeer], rng: random.Random) -> tuple[FakePeer, FakePeer]:
+    """The pair the pool draws from ``items`` with ``rng``: a first index, then one of the others."""
+    n = len(items)
+    i = int(rng.random() * n)
+    if n == 2:
+        return items[i], items[1 - i]
+    j = int(rng.random() * (n - 1))
+    return items[i], items[j + (j >= i)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_every_ordered_pair_is_drawn_equally_often(n: int) -> None:
+    """The draw is random.sample(candidates, 2)'s distribution: n * (n - 1) ordered pairs, each as likely."""
+    rng = random.Random(SEED)
+    items = list(range(n))
+    draws = 60_000
+    counts: dict[tuple[int, int], int] = {}
+    for _ in range(draws):
+        pair = _two_of(items, rng)  # type: ignore[arg-type]
+        counts[pair] = counts.get(pair, 0) + 1  # type: ignore[index]
+    pairs = n * (n - 1)
+    assert sorted(counts) == [(a, b) for a in items for b in items if a != b]
+    expected = draws / pairs
+    # Far outside 5 standard deviations of a binomial count is a biased draw.
+    assert all(abs(c - expected) < 5 * (expected * (1 - 1 / pairs)) ** 0.5 for c in counts.values()), counts
+
+
+@in_loop
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_equal_loads_share_the_picks_evenly(mesh: Mesh, n: int) -> None:
+    keys = [mesh.add(f"i{k}") for k in range(n)]
+    picks = 30_000
+    counts = dict.fromkeys(keys, 0)
+    for _ in range(picks):
+        chosen = mesh.pick()
+        assert chosen is not None
+        counts[chosen] += 1
+    # Ties go to the first of the pair drawn, and each is first equally often.
+    expected = picks / n
+    assert all(abs(c - expected) < 5 * (expected * (1 - 1 / n)) ** 0.5 for c in counts.values()), counts
+
+
+@in_loop
+def test_three_loads_win_by_the_pairs_they_are_in(mesh: Mesh) -> None:
+    """Of 3 instances the least loaded wins 4 of the 6 ordered pairs, the middle one 2, the busiest none."""
+    low, mid, high = mesh.add("low", load=0), mesh.add("mid", load=1), mesh.add("high", load=2)
+    picks = 30_000
+    counts = {low: 0, mid: 0, high: 0}
+    for _ in range(picks):
+        chosen = mesh.pick()
+        assert chosen is not None
+        counts[chosen] += 1
+    assert counts[high] == 0
+    assert abs(counts[low] / picks - 2 / 3) < 0.02 and abs(counts[mid] / picks - 1 / 3) < 0.02
+
+
+# -- the available peers, kept between changes ---------------------------------------
+
+
+def _count_connect_checks(mesh: Mesh) -> list[str]:
+    """Record every peer_for the pool makes (what building the candidate lists calls per record)."""
+    seen: list[str] = []
+    real = mesh.pool.peer_for
+
+    def peer_for(record: InstanceRecord) -> Any:
+        seen.append(record.key)
+        return real(record)
+
+    mesh.pool.peer_for = peer_for  # type: ignore[method-assign]
+    return seen
+
+
+@in_loop
+def test_candidates_are_kept_while_nothing_changes(mesh: Mesh) -> None:
+    a, b = mesh.add("a"), mesh.add("b")
+    seen = _count_connect_checks(mesh)
+    assert mesh.pick() in (a, b)
+    assert sorted(seen) == [a, b]
+    for _ in range(20):
+        assert mesh.pick() in (a, b)
+    assert sorted(seen) == [a, b], "picks between changes reuse the lists"
+    assert mesh.connects == [a, b]
+
+
+@in_loop
+def test_a_new_instance_in_the_registry_is_chosen(mesh: Mesh) -> None:
+    busy = mesh.add("busy", load=5)
+    assert mesh.pick() == busy
+    idle = mesh.add("idle", load=0)  # the registry's list of cart's records is a new one
+    assert mesh.pick() == idle
+
+
+@in_loop
+def test_an_instance_gone_from_the_registry_is_not_chosen(mesh: Mesh) -> None:
+    idle, busy = mesh.add("idle", load=0), mesh.add("busy", load=5)
+    assert mesh.pick() == idle
+    mesh.registry.apply(None, key=idle)
+    assert mesh.pick() == busy
+
+
+@in_loop
+def test_a_record_turned_draining_is_not_chosen(mesh: Mesh) -> None:
+    idle, busy = mesh.add("idle", load=0), mesh.add("busy", load=5)
+    assert mesh.pick() == idle
+    record = mesh.registry.get(idle)
+    assert record is not None
+    mesh.registry.apply(dataclasses.replace(record, state=DRAINING))
+    assert mesh.pick() == busy
+
+
+@in_loop
+def test_a_peer_that_answers_draining_is_not_chosen(mesh: Mesh) -> None:
+    idle, busy = mesh.add("idle", load=0), mesh.add("busy", load=5)
+    assert mesh.pick() == idle
+    mesh.peer(idle).mark_draining()  # reported to the pool, as a Peer does
+    assert mesh.pick() == busy
+
+
+@in_loop
+def test_a_peer_that_fails_is_not_chosen_then_comes_back_after_the_retry_interval(mesh: Mesh) -> None:
+    idle, busy = mesh.add("idle", load=0), mesh.add("busy", load=5)
+    assert mesh.pick() == idle
+    mesh.peer(idle).fail(False)
+    assert mesh.pick() == busy
+    mesh.clock.advance(RETRY_FAILED_AFTER - 0.01)
+    assert mesh.pick() == busy
+    assert mesh.connects == [idle, busy]
+    mesh.clock.advance(0.01)  # nothing else happens: the time alone brings it back
+    assert mesh.pick() == idle
+    assert mesh.connects == [idle, busy, idle]
+
+
+@in_loop
+def test_a_handshake_makes_a_peer_preferred(mesh: Mesh) -> None:
+    slow = mesh.add("slow", state=CONNECTING)
+    busy = mesh.add("busy", load=5)
+    assert mesh.pick() == busy  # connected beats connecting, whatever the load
+    peer = mesh.peer(slow)
+    peer.state = CONNECTED
+    mesh.pool.peer_changed(peer)  # type: ignore[arg-type]
+    assert mesh.pick() == slow
+
+
+@in_loop
+def test_an_ejected_instance_is_not_chosen(mesh: Mesh) -> None:
+    bad, good = mesh.add("bad", load=0), mesh.add("good", load=5)
+    assert mesh.pick() == bad
+    ejector = mesh.pool.ejector
+    for _ in range(mesh.settings.eject_after_failures):
+        ejector.failed(bad, "cart", [bad, good])
+    assert ejector.health(bad) == Health.EJECTED
+    assert mesh.pick() == good
+    mesh.clock.advance(mesh.settings.eject_base_time * 2)  # past the first ejection: probing
+    assert mesh.pick() == bad
+
+
+@in_loop
+def test_exclusions_do_not_touch_the_kept_lists(mesh: Mesh) -> None:
+    idle, busy = mesh.add("idle", load=0), mesh.add("busy", load=5)
+    assert mesh.pick() == idle
+    assert mesh.pick(exclude={idle}) == busy
+    assert mesh.pick() == idle
+
+
+@in_loop
+def test_a_closed_pool_picks_nothing(mesh: Mesh) -> None:
+    mesh.add("a")
+    assert mesh.pick() is not None
+    mesh.pool.close()
+    with pytest.raises(ClientClosedError):
+        mesh.pick()
 
 
 @in_loop

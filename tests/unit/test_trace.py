@@ -162,3 +162,13 @@ def test_current_call_is_per_task() -> None:
 
     assert asyncio.run(main()) == ["a", "b"]
     assert current_call() is None
+
+
+def test_made_ids_are_never_all_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    monkeypatch.setattr(random, "getrandbits", lambda bits: 0)
+    root = TraceContext.new_root()
+    assert (root.trace_id, root.span_id) == ("0" * 31 + "1", "0" * 15 + "1")
+    assert root.child().span_id == "0" * 15 + "1"
+    assert TraceContext.from_traceparent(TRACEPARENT).span_id == "0" * 15 + "1"
