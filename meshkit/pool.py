@@ -351,9 +351,12 @@ class PeerPool:
         """``peer`` connected, was marked draining, or failed (then it is forgotten and its requests settled)."""
         self._choices.clear()
         if peer.state == FAILED:
-            in_flight = self.exchange.load(peer)
-            log.log(logging.WARNING if in_flight else logging.INFO, "peer %s at %s %s (%d in flight)",
-                    peer.key, peer.record.endpoint, peer.reason, in_flight)
+            # A load-report PING (_ping_all) lost with its peer is nobody's request: no warning for it alone.
+            pinging = peer.key in self._pinging
+            in_flight = self.exchange.load(peer) - pinging
+            log.log(logging.WARNING if in_flight else logging.INFO, "peer %s at %s %s (%d in flight%s)",
+                    peer.key, peer.record.endpoint, peer.reason, in_flight,
+                    ", and a load-report PING" if pinging else "")
             if self._peers.get(peer.key) is peer:
                 del self._peers[peer.key]
             self._failed_at[peer.key] = peer.failed_at

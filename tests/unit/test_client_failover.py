@@ -238,3 +238,24 @@ def test_a_call_that_does_not_wait_fails_at_once_when_the_budget_is_spent(mesh: 
     with pytest.raises(NoInstanceError, match="retry budget"):
         asyncio.run(main())
     assert mesh.peer(other).sent == []
+
+
+def test_a_peer_lost_with_only_its_load_report_ping_out_is_not_a_warning(
+        mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """The WARNING says requests may be lost; a load-report PING lost with its peer is no request of anyone."""
+    key = mesh.add("a")
+
+    async def main() -> None:
+        mesh.connect(key)
+        mesh.peer(key).on_send = lambda peer, frames: None  # the PING stays out
+        mesh.pool.start()
+        mesh.clock.advance(mesh.settings.load_report_interval)
+        assert mesh.pool.exchange.load(mesh.peer(key)) == 1  # type: ignore[arg-type]
+        with caplog.at_level("INFO", logger="meshkit.pool"):
+            mesh.peer(key).fail(True, "disconnected")
+        mesh.pool.close()
+
+    asyncio.run(main())
+    [record] = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert record.levelname == "INFO", record.getMessage()
+    assert "(0 in flight, and a load-report PING)" in record.getMessage()
