@@ -36,8 +36,27 @@ from .spans import MAX_ATTR_TEXT, OK, AttrValue, clean_attrs
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UserSpan:
+class _OpenSpan:
+    """What a span's user may do while it is open (shared by :class:`UserSpan` and :class:`RequestSpan`)."""
+
+    __slots__ = ("status", "trace")  # set by each subclass's constructor
+    status: str | None
+    trace: TraceContext | None
+
+    def set_status(self, status: str) -> None:
+        """Mark the span failed with ``status`` (an error code), whatever happens after."""
+        self.status = status
+
+    @property
+    def trace_id(self) -> str:
+        """The trace this span belongs to (known once entered)."""
+        return self.trace.trace_id if self.trace is not None else ""
+
+
+class UserSpan(_OpenSpan):
     """A context manager (sync or async) that records one ``internal`` span on ``observer``."""
+
+    __slots__ = ("_parent", "_start", "_start_unix", "_token", "attrs", "kind", "name", "observer")
 
     def __init__(self, observer: Observer | None, name: str, attrs: dict[str, Any], *,
                  traceparent: str | None = None, kind: str = "internal") -> None:
@@ -55,15 +74,6 @@ class UserSpan:
     def set(self, key: str, value: Any) -> None:
         """Add or replace an attribute."""
         self.attrs[key] = value
-
-    def set_status(self, status: str) -> None:
-        """Mark the span failed with ``status`` (an error code), whatever happens after."""
-        self.status = status
-
-    @property
-    def trace_id(self) -> str:
-        """The trace this span belongs to (known once entered)."""
-        return self.trace.trace_id if self.trace is not None else ""
 
     def __enter__(self) -> UserSpan:
         ctx = current_call()
@@ -98,7 +108,7 @@ class UserSpan:
         self.__exit__(exc_type, exc, tb)
 
 
-class RequestSpan:
+class RequestSpan(_OpenSpan):
     """The span of one client request at a gateway: what :class:`UserSpan` records, for less.
 
     ``RequestSpan(observer, name, attrs, traceparent=tp)`` records the span
@@ -123,7 +133,7 @@ class RequestSpan:
     on an idle core.
     """
 
-    __slots__ = ("_observer", "_start", "_token", "_traceparent", "attrs", "kind", "name", "status", "trace")
+    __slots__ = ("_observer", "_start", "_token", "_traceparent", "attrs", "kind", "name")
 
     def __init__(self, observer: Observer, name: str, attrs: dict[str, AttrValue], *,
                  traceparent: str | None = None, kind: str = "server") -> None:
@@ -136,15 +146,6 @@ class RequestSpan:
         self.trace: TraceContext | None = None
         self._token: contextvars.Token[CallContext | None] | None = None
         self._start = 0.0
-
-    def set_status(self, status: str) -> None:
-        """Mark the span failed with ``status`` (an error code), if it has not ended yet."""
-        self.status = status
-
-    @property
-    def trace_id(self) -> str:
-        """The trace this span belongs to (known once entered)."""
-        return self.trace.trace_id if self.trace is not None else ""
 
     def __enter__(self) -> RequestSpan:
         ctx = current_call()
